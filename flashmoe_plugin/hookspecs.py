@@ -1,0 +1,41 @@
+"""The plugin contract (pluggy project "flashmoe"). Built-ins implement these hooks exactly like
+third-party plugins do; see plugins.py for how they are loaded."""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("flashmoe")
+hookimpl = pluggy.HookimplMarker("flashmoe")
+
+
+@hookspec
+def register_architectures(register):
+    """Call register(arch) for each models.base.Architecture this plugin provides."""
+
+
+@hookspec
+def register_backends(register):
+    """Call register(backend) for each kernels.base.Backend this plugin provides."""
+
+
+@hookspec
+def register_cache_policies(register):
+    """Call register(name, factory) for each pager cache policy; factory(capacity) -> Policy."""
+
+
+@hookspec
+def register_storage(register):
+    """Call register(name, reader_factory) for each way of reading expert records."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add click commands to the `flashmoe` group."""
+
+
+@hookspec
+def on_token(stats):
+    """Called after each generated token with a dict of pager/engine statistics."""
+
+
+@hookspec
+def on_generation_end(stats):
+    """Called once per generation with the totals."""

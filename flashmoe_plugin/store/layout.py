@@ -1,0 +1,74 @@
+"""Where each expert's weights sit inside its record (DESIGN.md section 6).
+
+A record holds one routed expert: `w13` (gate and up projections stacked, [2I, H], gate rows
+first) then `w2` ([H, I]); each part is laid out by quant.sections. Records are padded to
+RECORD_ALIGN so that record e of a layer file starts at e * size and O_DIRECT reads work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import quant
+
+RECORD_ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    offset: int
+    format: str
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return quant.part_nbytes(self.format, self.shape)
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    size: int
+    parts: tuple[Part, ...]
+    align: int = RECORD_ALIGN
+
+    @classmethod
+    def build(cls, fmt: str, hidden: int, intermediate: int) -> "RecordLayout":
+        parts, off = [], 0
+        for name, shape in (("w13", (2 * intermediate, hidden)), ("w2", (hidden, intermediate))):
+            p = Part(name, off, fmt, shape)
+            parts.append(p)
+            off = quant._align(off + p.nbytes)
+        return cls(size=quant._align(off, RECORD_ALIGN), parts=tuple(parts))
+
+    def part(self, name: str) -> Part:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(f"record has no part {name!r}")
+
+    @property
+    def format(self) -> str:
+        return self.parts[0].format
+
+    @property
+    def hidden(self) -> int:
+        return self.part("w2").shape[0]
+
+    @property
+    def intermediate(self) -> int:
+        return self.part("w2").shape[1]
+
+    def part_bytes(self, record, name: str):
+        """The slice of a uint8 record tensor holding one part."""
+        p = self.part(name)
+        return record[p.offset:p.offset + p.nbytes]
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "align": self.align,
+                "parts": [{"name": p.name, "offset": p.offset, "format": p.format, "shape": list(p.shape)}
+                          for p in self.parts]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RecordLayout":
+        parts = tuple(Part(p["name"], int(p["offset"]), p["format"], tuple(p["shape"])) for p in d["parts"])
+        return cls(size=int(d["size"]), parts=parts, align=int(d.get("align", RECORD_ALIGN)))
