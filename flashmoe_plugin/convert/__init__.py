@@ -1,0 +1,19 @@
+"""Sources -> expert store. Converters only write through store/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConvertError
+from .hf import QUANT_CHOICES, convert_hf
+
+
+def convert(src, dst, quant: str = "q4", force: bool = False, progress=None) -> Path:
+    src = Path(src)
+    if not src.exists():
+        raise ConvertError(f"{src}: does not exist")
+    if src.suffix == ".gguf":
+        raise ConvertError(f"{src}: GGUF sources are not supported yet (convert the HF checkpoint instead)")
+    return convert_hf(src, dst, quant=quant, force=force, progress=progress)
+
+
+__all__ = ["convert", "ConvertError", "QUANT_CHOICES"]

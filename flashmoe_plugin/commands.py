@@ -1,0 +1,159 @@
+"""The built-in CLI commands, registered through the same hook third-party plugins use."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .hookspecs import hookimpl
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e))
+
+
+def _progress(description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    transient=False, disable=not sys.stderr.isatty(), console=None)
+
+
+def engine_options(f):
+    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or mps")(f)
+    f = click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...); default: all, or half the free RAM")(f)
+    f = click.option("--policy", default="lru", show_default=True, help="expert cache policy")(f)
+    f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
+    f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
+    f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
+    return f
+
+
+def open_engine(store, device, ram_budget, policy, backend, n_ctx, no_verify):
+    from .runtime.engine import Engine
+    return Engine(store, device=device, ram_budget=ram_budget, policy=policy, backend=backend,
+                  n_ctx=n_ctx, verify=not no_verify)
+
+
+def stream_completion(engine, prompt: str, n: int, temp: float, seed, top_k=40, top_p=0.95, min_p=0.05,
+                      repeat_penalty=1.0, out=None):
+    """Print a completion as it is generated; returns (n_tokens, seconds, pager delta)."""
+    from .runtime.generate import complete
+    from .runtime.sampling import SamplingParams
+    out = out or sys.stdout
+    ids = engine.tokenizer.encode(prompt, add_bos=True, special=False)
+    before = engine.pager.stats.snapshot()
+    params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, seed=seed)
+    t0, count = time.perf_counter(), 0
+    for piece in complete(engine, ids, params, max_tokens=n):
+        count += len(piece.token_ids)
+        out.write(piece.text)
+        out.flush()
+    out.write("\n")
+    return count, time.perf_counter() - t0, engine.pager.stats.delta(before)
+
+
+def print_stats(engine, n_tokens: int, seconds: float, delta: dict, err=True):
+    from .sizes import format_size
+    p = engine.pager
+    click.echo(
+        f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tok/s | experts: "
+        f"{delta['hits']} hits, {delta['misses']} misses (hit rate {delta['hit_rate']:.1%}), "
+        f"{delta['evictions']} evictions, {format_size(delta['bytes_read'])} read in {delta['read_seconds'] * 1e3:.0f} ms | "
+        f"pool {p.capacity} records = {format_size(p.budget)}, policy {type(p.policy).__name__}, "
+        f"backend {engine.backend.name}]", err=err)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    @click.argument("src", type=click.Path(exists=True, path_type=Path))
+    @click.argument("dst", type=click.Path(path_type=Path))
+    @click.option("--quant", type=click.Choice(["none", "bf16", "q8", "q4", "q2"]), default="q4", show_default=True,
+                  help="expert format; none keeps the source dtype exactly")
+    @click.option("--force", is_flag=True, help="replace DST if it exists")
+    def convert(src, dst, quant, force):
+        """Convert an HF checkpoint folder into an expert store (atomic: DST appears only when complete)."""
+        from .convert import convert as run_convert
+        t0 = time.perf_counter()
+        with _progress(f"converting → {quant}") as bar:
+            task = bar.add_task("experts", total=None)
+            try:
+                out = run_convert(src, dst, quant=quant, force=force,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+            except (Exception,) as e:
+                _fail(e)
+        click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+
+    @cli.command()
+    @click.argument("store", type=click.Path(exists=True, path_type=Path))
+    @click.option("--verify", is_flag=True, help="check every record's checksum")
+    @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+    def inspect(store, verify, as_json):
+        """Show a store's config, sizes, quantization and checksum status."""
+        from .sizes import format_size
+        from .store.format import Store, StoreError
+        try:
+            s = Store.open(store)
+        except StoreError as e:
+            _fail(e)
+        dense = (s.path / "dense.safetensors").stat().st_size
+        info = {"path": str(s.path), "architecture": s.architecture, "quant": s.manifest["quant"],
+                "config": s.config.to_json(), "moe_layers": len(s.layers),
+                "experts_per_layer": s.config.num_experts, "record_bytes": s.layout.size,
+                "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source")}
+        if verify:
+            n = sum(l.experts for l in s.layers.values())
+            with _progress("verifying") as bar:
+                task = bar.add_task("records", total=n)
+                problems = s.verify(progress=lambda k: bar.advance(task, k))
+            info["verify"] = {"ok": not problems, "problems": problems}
+        if as_json:
+            click.echo(json.dumps(info, indent=1))
+        else:
+            c = s.config
+            click.echo(f"{s.path}: {s.architecture}, {c.num_layers} layers ({len(s.layers)} MoE), hidden {c.hidden_size}, "
+                       f"{c.num_experts} experts (top-{c.top_k}) of intermediate {c.moe_intermediate_size}")
+            click.echo(f"experts: {s.quant}, {format_size(s.layout.size)} per record, {format_size(s.expert_bytes)} in all; "
+                       f"dense part {format_size(dense)}")
+            if verify:
+                click.echo("checksums: all records intact" if not problems else "checksums: DAMAGED\n  " + "\n  ".join(problems))
+        if verify and problems:
+            sys.exit(1)
+
+    @cli.command()
+    @click.argument("store", type=click.Path(exists=True, path_type=Path))
+    @click.option("-p", "--prompt", required=True)
+    @click.option("-n", "--n-predict", "n", default=128, show_default=True, help="tokens to generate")
+    @click.option("--temp", default=0.8, show_default=True, help="temperature (0 = greedy)")
+    @click.option("--seed", default=None, type=int)
+    @click.option("--top-k", default=40, show_default=True)
+    @click.option("--top-p", default=0.95, show_default=True)
+    @click.option("--min-p", default=0.05, show_default=True)
+    @click.option("--repeat-penalty", default=1.0, show_default=True)
+    @engine_options
+    def run(store, prompt, n, temp, seed, top_k, top_p, min_p, repeat_penalty, **eng):
+        """Generate one completion of PROMPT, streamed, then the pager's figures."""
+        try:
+            engine = open_engine(store, **eng)
+            sys.stdout.write(prompt)
+            stats = stream_completion(engine, prompt, n, temp, seed, top_k, top_p, min_p, repeat_penalty)
+        except (ValueError, RuntimeError, OSError) as e:
+            _fail(e)
+        print_stats(engine, *stats)
+
+    @cli.command()
+    def plugins():
+        """List loaded plugins, architectures, kernel backends (and why one is missing) and policies."""
+        from .plugins import manager, registry
+        pm, r = manager(), registry()
+        click.echo("plugins: " + ", ".join(sorted(n for n, _ in pm.list_name_plugin())))
+        click.echo("architectures: " + ", ".join(sorted({a.name for a in r.architectures.values()})))
+        click.echo("kernel backends:")
+        for name, b in sorted(r.backends.items()):
+            ok, why = b.available()
+            click.echo(f"  {name:6s} {'available' if ok else 'unavailable: ' + why} (devices: {', '.join(b.devices)})")
+        click.echo("cache policies: " + ", ".join(sorted(r.policies)))

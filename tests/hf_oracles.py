@@ -1,0 +1,76 @@
+"""Small randomly initialised transformers MoE models with a real tokenizer: the oracles.
+
+Each family is saved with save_pretrained in fp32, exactly as a user's checkpoint would look."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEXT = (
+    "Once upon a time there was a small model that streamed its experts from a disk. "
+    "It read the weights it needed, kept the hot ones in memory and computed the rest. "
+    "The quick brown fox jumps over the lazy dog. Hello world, hello experts, hello cache. "
+) * 20
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+              tie_word_embeddings=False)
+
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=128, moe_intermediate_size=96, shared_expert_intermediate_size=80,
+                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+                       mlp_only_layers=[1], qkv_bias=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=128, moe_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, head_dim=32)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=96, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                   num_key_value_heads=4)),
+}
+
+
+def make_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_model(family: str, out: Path, seed: int = 0, **overrides):
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
+    model = getattr(transformers, model_name)(cfg).float().eval()
+    # Random init gives near-uniform routers and tiny weights; widen them so routing is decisive
+    # and logits are not all alike (a better test of top-k selection and of the numerics).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08 if p.dim() > 1 else 0.02)
+    model.save_pretrained(out, safe_serialization=True)
+    tok = make_tokenizer(out)
+    return model, tok
