@@ -123,13 +123,30 @@ def _fit_affine(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
     return best_s, best_b
 
 
+def _fit_symmetric(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-group scale for q = round(w / s) in [-qmax, qmax]: the best of a few clipped ranges,
+    then the least-squares scale for the chosen codes."""
+    amax = w.abs().max(dim=1).values.clamp_min(1e-12)
+    best_err, best_s = torch.full_like(amax, float("inf")), amax / qmax
+    for shrink in (1.0, 0.98, 0.96, 0.94, 0.92, 0.9):
+        s = amax * shrink / qmax
+        q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax)
+        qq = (q * q).sum(dim=1)
+        s = torch.where(qq > 0, (q * w).sum(dim=1) / qq.clamp_min(1e-12), s).clamp_min(1e-12)
+        s = s.half().float().clamp_min(2 ** -24)
+        q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax)
+        err = ((q * s[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+    return best_s
+
+
 def _quantize_rows(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     out, inp = w.shape
     g = w.reshape(-1, GROUP).float()
     if fmt == "q8":
-        s = (g.abs().max(dim=1).values / 127).half().float()
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.clamp(torch.round(g / safe[:, None]), -127, 127).to(torch.int8)
+        s = _fit_symmetric(g, 127)
+        q = torch.clamp(torch.round(g / s[:, None]), -127, 127).to(torch.int8)
         return {"q": q.view(out, inp), "scales": s.half().view(out, inp // GROUP)}
     levels = (1 << QUANT_BITS[fmt]) - 1
     s, b = _fit_affine(g, levels)

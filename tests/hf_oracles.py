@@ -21,21 +21,21 @@ TEXT = (
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-              tie_word_embeddings=False)
+              tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0)
 
 FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                dict(intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(intermediate_size=128, moe_intermediate_size=96, shared_expert_intermediate_size=80,
+                  dict(intermediate_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=80,
                        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
                        mlp_only_layers=[1], qkv_bias=True)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(intermediate_size=128, moe_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                  dict(intermediate_size=128, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
                        norm_topk_prob=True, head_dim=32)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
-              dict(intermediate_size=96, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+              dict(intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                    num_key_value_heads=4)),
 }
 
@@ -69,8 +69,10 @@ def make_model(family: str, out: Path, seed: int = 0, **overrides):
     # and logits are not all alike (a better test of top-k selection and of the numerics).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.08 if p.dim() > 1 else 0.02)
+            if name.endswith(".gate.weight"):  # routers: decisive, as trained ones are
+                p.normal_(0, 0.4)
+            elif "norm" not in name:
+                p.normal_(0, 0.04 if p.dim() > 1 else 0.02)
     model.save_pretrained(out, safe_serialization=True)
     tok = make_tokenizer(out)
     return model, tok

@@ -159,7 +159,11 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
         raise ConvertError(f"{cfg_path}: the model has no MoE layers")
     first = cfg.moe_layers[0]
     efmt = expert_format(quant, expert_weights(first, 0)[0].dtype)
-    layout = RecordLayout.build(efmt, H, I)
+    try:
+        layout = RecordLayout.build(efmt, H, I)
+    except ValueError as e:
+        raise ConvertError(f"{cfg_path}: experts of shape hidden {H} x intermediate {I} cannot be stored as "
+                           f"{efmt}: {e}; use --quant none or bf16") from None
     total = len(cfg.moe_layers) * E
     with StoreWriter(dst, layout, force=force) as w:
         done = 0

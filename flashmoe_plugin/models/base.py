@@ -100,7 +100,7 @@ class Architecture:
         if mm := re.match(rf"(?:{p}|mlp)\.experts\.(gate_up_proj|down_proj)$", rest):
             return ("fused", layer, "w13" if mm.group(1) == "gate_up_proj" else "w2")
         for pat, canon in _LAYER_RULES:
-            if mm := re.match(pat.replace("MOE", p), rest):
+            if mm := re.match(pat.replace("MOE", f"(?:{p}|mlp)"), rest):
                 return ("dense", f"layers.{layer}." + mm.expand(canon))
         return ("skip", None)
 
