@@ -146,6 +146,38 @@ def register_commands(cli):
         print_stats(engine, *stats)
 
     @cli.command()
+    @click.option("-p", "--prompt", default=None, help="prompt (default: a fixed one)")
+    @click.option("-n", "--n-predict", "n", default=64, show_default=True)
+    @click.option("--temp", default=0.7, show_default=True)
+    @click.option("--seed", default=1, show_default=True)
+    @click.option("--ram-budget", default="50%", show_default=True,
+                  help="expert RAM budget; a percentage of the experts' bytes, or a size")
+    @click.option("--device", default="cpu", show_default=True)
+    def demo(prompt, n, temp, seed, ram_budget, device):
+        """Run the embedded default model (no download, no arguments needed)."""
+        from .demo import DEMO_PROMPT, demo_model_path
+        from .runtime.engine import Engine
+        from .sizes import format_size
+        from .store.format import Store
+        path = demo_model_path()
+        store = Store.open(path)
+        from .sizes import parse_size
+        budget = (int(store.expert_bytes * float(ram_budget[:-1]) / 100) if ram_budget.endswith("%")
+                  else parse_size(ram_budget))
+        c = store.config
+        click.echo(f"flashmoe demo: the project's own small {store.architecture} MoE ({c.num_layers} layers, "
+                   f"{c.num_experts} experts of which {c.top_k} per token, {store.quant} experts, "
+                   f"{format_size(store.expert_bytes)} of them) from {path}; expert RAM budget {format_size(budget)}",
+                   err=True)
+        try:
+            engine = Engine(store, device=device, ram_budget=budget, n_ctx=512)
+        except (ValueError, RuntimeError) as e:
+            _fail(e)
+        prompt = prompt or DEMO_PROMPT
+        sys.stdout.write(prompt)
+        print_stats(engine, *stream_completion(engine, prompt, n, temp, seed))
+
+    @cli.command()
     def plugins():
         """List loaded plugins, architectures, kernel backends (and why one is missing) and policies."""
         from .plugins import manager, registry
