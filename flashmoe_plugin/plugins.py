@@ -20,6 +20,7 @@ BUILTINS = {
     "native_backends": "flashmoe_plugin.kernels.native_backends",
     "policies": "flashmoe_plugin.pager.policies",
     "core_commands": "flashmoe_plugin.commands",
+    "bench_commands": "flashmoe_plugin.bench.commands",
 }
 
 

@@ -114,7 +114,9 @@ def _fit_affine(w: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
             b = torch.where(ok, wm - s * qm, wm)
             s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
         s16, b16 = s.half().float(), b.half().float()
-        q = torch.clamp(torch.round((w - b16[:, None]) / s16[:, None]), 0, levels)
+        safe = torch.where(s16 != 0, s16, torch.ones_like(s16))
+        q = torch.clamp(torch.round((w - b16[:, None]) / safe[:, None]), 0, levels)
+        q = torch.where(s16[:, None] != 0, q, torch.zeros_like(q))
         err = ((q * s16[:, None] + b16[:, None] - w) ** 2).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -150,7 +152,9 @@ def _quantize_rows(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         return {"q": q.view(out, inp), "scales": s.half().view(out, inp // GROUP)}
     levels = (1 << QUANT_BITS[fmt]) - 1
     s, b = _fit_affine(g, levels)
-    q = torch.clamp(torch.round((g - b[:, None]) / s[:, None]), 0, levels).to(torch.uint8).view(out, inp)
+    safe = torch.where(s != 0, s, torch.ones_like(s))  # an fp16 scale of 0: all codes 0
+    q = torch.clamp(torch.round((g - b[:, None]) / safe[:, None]), 0, levels)
+    q = torch.where(s[:, None] != 0, q, torch.zeros_like(q)).to(torch.uint8).view(out, inp)
     per_byte = 8 // QUANT_BITS[fmt]
     bits = QUANT_BITS[fmt]
     packed = torch.zeros(out, inp // per_byte, dtype=torch.uint8)

@@ -7,12 +7,14 @@ checkpoints all produce byte-identical stores."""
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from .. import quant as Q
+from ..kernels.quantize import quantize
 from ..models.base import ConfigError
 from ..models.layers import required_names
 from ..plugins import registry
@@ -34,12 +36,16 @@ def find_architecture(hf: dict, where: Path):
     raise ConvertError(f"{where}: unknown architecture {keys[0] or keys[1:]!r}; supported: {', '.join(supported)}")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class Checkpoint:
-    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+    """The tensors of a (possibly sharded) safetensors checkpoint, read one at a time with pread
+    (not mmap), and dropped from the page cache after use, so memory stays at one tensor."""
 
     def __init__(self, src: Path):
-        from safetensors import safe_open
-
         index = src / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -49,46 +55,63 @@ class Checkpoint:
             weight_map = None
         if not files:
             raise ConvertError(f"{src}: no *.safetensors files")
-        self.handles, self.where = {}, {}
+        self.entries = {}  # name -> (path, dtype, shape, start, end)
         for f in files:
             path = src / f
             if not path.is_file():
                 raise ConvertError(f"{path}: listed in model.safetensors.index.json but missing")
-            try:
-                h = safe_open(str(path), framework="pt")
-                names = list(h.keys())
-            except Exception as e:
-                raise ConvertError(f"{path}: unreadable safetensors file ({e}); truncated or corrupt?") from None
-            self._check_size(path, h, names)
-            self.handles[f] = h
-            for n in names:
-                self.where[n] = f
+            for name, entry in self._header(path).items():
+                self.entries[name] = entry
         if weight_map is not None:
-            missing = [n for n, f in weight_map.items() if self.where.get(n) != f]
+            missing = [n for n, f in weight_map.items() if n not in self.entries or self.entries[n][0].name != f]
             if missing:
                 raise ConvertError(f"{src}: tensors in the index but not in their shard: {', '.join(missing[:3])}")
 
     @staticmethod
-    def _check_size(path: Path, h, names):
-        # safetensors checks the header, not that the data region is all there.
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if path.stat().st_size < 8 + header_len + end:
-            raise ConvertError(f"{path}: truncated ({path.stat().st_size} bytes, header promises {8 + header_len + end})")
+    def _header(path: Path) -> dict:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= min(size - 8, 100 << 20):
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{path}: not a safetensors file ({e})") from None
+        out, base = {}, 8 + n
+        for name, v in header.items():
+            if name == "__metadata__":
+                continue
+            if v.get("dtype") not in _DTYPES:
+                raise ConvertError(f"{path}: tensor {name}: unsupported dtype {v.get('dtype')!r}")
+            start, end = v["data_offsets"]
+            if base + end > size:
+                raise ConvertError(f"{path}: truncated ({size} bytes; tensor {name} ends at {base + end})")
+            out[name] = (path, _DTYPES[v["dtype"]], tuple(v["shape"]), base + start, base + end)
+        return out
 
     def names(self):
-        return self.where.keys()
+        return self.entries.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        path, dtype, shape, start, end = self.entries[name]
+        t = torch.empty(shape, dtype=dtype)
+        view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        if view.nbytes != end - start:
+            raise ConvertError(f"{path}: tensor {name}: {end - start} bytes for shape {shape} of {dtype}")
+        fd = os.open(path, os.O_RDONLY)
         try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except Exception as e:
-            raise ConvertError(f"{self.where[name]}: tensor {name}: cannot be read ({e})") from None
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype
+            got = 0
+            while got < view.nbytes:
+                n = os.preadv(fd, [view[got:]], start + got)
+                if n <= 0:
+                    raise ConvertError(f"{path}: tensor {name}: unexpected end of file")
+                got += n
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return t
 
 
 def expert_format(quant: str, src_dtype: torch.dtype) -> str:
@@ -189,5 +212,5 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
 def _record(layout: RecordLayout, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     rec = torch.zeros(layout.size, dtype=torch.uint8)
     for part, weight in zip(layout.parts, (w13, w2)):
-        rec[part.offset:part.offset + part.nbytes] = Q.quantize(weight, part.format)
+        rec[part.offset:part.offset + part.nbytes] = quantize(weight, part.format)
     return rec

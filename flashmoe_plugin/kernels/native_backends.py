@@ -7,13 +7,7 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_backends(register):
-    try:  # TEMP until the kernel modules land
-        from .cpu_backend import CpuBackend
-        register(CpuBackend())
-    except ModuleNotFoundError:
-        pass
-    try:
-        from .cuda_backend import CudaBackend
-        register(CudaBackend())
-    except ModuleNotFoundError:
-        pass
+    from .cpu_backend import CpuBackend
+    from .cuda_backend import CudaBackend
+    register(CpuBackend())
+    register(CudaBackend())
