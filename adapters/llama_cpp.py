@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
+from flashmoe_plugin.runtime.generate import stop_holdback, utf8_complete
+
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
 # llama.cpp's names for our architectures (GGUF `general.architecture`), so `metadata` reads the same.
@@ -95,30 +97,6 @@ def _engine_kwargs(engine_cls, wanted: dict) -> dict:
 
 def _llama_float(x: float) -> str:
     return f"{float(x):f}"  # std::to_string, as llama.cpp prints float metadata
-
-
-def _utf8_complete(buf: bytes, end: int) -> int:
-    """The largest cut <= end such that buf[:cut] does not end inside a UTF-8 character."""
-    for back in range(1, min(4, end) + 1):
-        b = buf[end - back]
-        if b & 0xC0 == 0x80:          # continuation byte: keep looking for the lead byte
-            continue
-        if b & 0x80 == 0:             # ASCII
-            return end
-        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
-        return end if back >= need else end - back
-    return end
-
-
-def _stop_holdback(buf: bytes, stops: list[bytes]) -> int:
-    """How many trailing bytes could still become the start of a stop sequence."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(buf)), 0, -1):
-            if buf.endswith(s[:k]):
-                best = max(best, k)
-                break
-    return best
 
 
 def _logprobs_of(logits: np.ndarray) -> np.ndarray:
@@ -633,7 +611,7 @@ class Llama:
                     buf, finish = buf[: min(hits)], "stop"
                     break
                 if stream:
-                    safe = _utf8_complete(buf, len(buf) - _stop_holdback(buf, stops))
+                    safe = utf8_complete(buf, len(buf) - stop_holdback(buf, stops))
                     text = buf[emitted:safe].decode("utf-8", errors="ignore")
                     if not text:  # special tokens or stray bytes: nothing to show yet
                         emitted = max(emitted, safe)

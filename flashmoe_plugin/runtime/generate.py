@@ -45,53 +45,51 @@ class Piece:
 def complete(engine, prompt: list[int], params: SamplingParams, max_tokens: int | None = 16,
              stop: list[str] | None = None, stop_ids: set[int] | None = None, on_token=None) -> Iterator[Piece]:
     """Stream text pieces; the last piece carries finish_reason 'stop' or 'length'."""
-    stop = [s for s in (stop or []) if s]
-    stop_ids = set(stop_ids if stop_ids is not None else ([engine.tokenizer.eos_id] if engine.tokenizer.eos_id is not None else []))
+    stops = [s.encode() for s in (stop or []) if s]
+    tok = engine.tokenizer
+    stop_ids = set(stop_ids if stop_ids is not None else ([tok.eos_id] if tok.eos_id is not None else []))
     room = engine.n_ctx - len(prompt)
     limit = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
-    pending, text_out, ids = b"", "", []
-    sampler = Sampler(params)
-    gen = tokens(engine, prompt, sampler, on_token) if limit > 0 else iter(())
-    reason = "length"
-    for n, tok in enumerate(gen, 1):
-        if tok in stop_ids:
+    buf, emitted, ids, reason = b"", 0, [], "length"
+    gen = tokens(engine, prompt, Sampler(params), on_token) if limit > 0 else iter(())
+    for n, t in enumerate(gen, 1):
+        if t in stop_ids:
             reason = "stop"
             break
-        ids.append(tok)
-        pending += engine.tokenizer.token_bytes(tok)
-        text, pending = _utf8_split(pending)
-        text_out += text
-        hit = min((i for i in (text_out.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:
-            text_out, reason = text_out[:hit], "stop"
+        ids.append(t)
+        buf += tok.token_bytes(t)
+        hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
+        if hits:
+            buf, reason = buf[:min(hits)], "stop"
             break
-        safe = len(text_out) - _held_back(text_out, stop)
-        if safe > 0:
-            yield Piece(text_out[:safe], ids)
-            text_out, ids = text_out[safe:], []
+        safe = utf8_complete(buf, len(buf) - stop_holdback(buf, stops))
+        if safe > emitted:
+            yield Piece(buf[emitted:safe].decode("utf-8", errors="ignore"), ids)
+            emitted, ids = safe, []
         if n >= limit:
             break
-    if reason == "length":
-        text_out += pending.decode("utf-8", errors="replace")
-    yield Piece(text_out, ids, reason)
+    yield Piece(buf[emitted:].decode("utf-8", errors="ignore"), ids, reason)
 
 
-def _utf8_split(buf: bytes) -> tuple[str, bytes]:
-    """Decode the longest prefix of complete UTF-8 characters; keep the incomplete tail."""
-    for cut in range(len(buf), max(len(buf) - 4, -1), -1):
-        try:
-            return buf[:cut].decode("utf-8"), buf[cut:]
-        except UnicodeDecodeError:
+def utf8_complete(buf: bytes, end: int) -> int:
+    """The largest cut <= end such that buf[:cut] does not end inside a UTF-8 character."""
+    for back in range(1, min(4, end) + 1):
+        b = buf[end - back]
+        if b & 0xC0 == 0x80:          # continuation byte: keep looking for the lead byte
             continue
-    return buf.decode("utf-8", errors="replace"), b""
+        if b & 0x80 == 0:             # ASCII
+            return end
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return end if back >= need else end - back
+    return end
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could be the start of a stop string."""
+def stop_holdback(buf: bytes, stops: list[bytes]) -> int:
+    """How many trailing bytes could still become the start of a stop sequence."""
     best = 0
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(buf)), 0, -1):
+            if buf.endswith(s[:k]):
                 best = max(best, k)
                 break
     return best

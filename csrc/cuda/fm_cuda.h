@@ -1,0 +1,109 @@
+/* flashmoe CUDA kernels: fused dequant GEMV and SwiGLU expert FFN over group-quantized weights.
+ *
+ * flashmoe_plugin/quant.py defines the format; every kernel is tested against its dequantize().
+ * A weight "part" W [rows, cols] holds sections, each 64-byte aligned inside the part:
+ *   FMC_Q8  int8 q [rows, cols], f16 scales [rows, cols/64]                    W = q*s
+ *   FMC_Q4  u8 [rows, cols/2] (element 2j = low nibble of byte j), f16 scales, f16 biases
+ *   FMC_Q2  u8 [rows, cols/4] (element 4j+k = bits 2k..2k+1 of byte j), f16 scales, biases
+ * (format codes match the CPU kernels' fm_format: 3 = q8, 4 = q4, 5 = q2.)
+ *
+ * How the products are computed (FMA form, the scale folded into x):
+ *   W[r]·x = sum_g s_g * (q_g · x_g) + b_g * sum(x_g)
+ * Each block keeps x in shared memory as 16-bit fixed point per group of 64
+ * (x_g = xs_g * xi, xi int16; for fp32 activations a second int16 limb carries the residual,
+ * so x is represented to ~2^-31 of its group maximum). q_g·xi is an exact int32 dot product
+ * (dp2a: int16 x int8), then fp32 accumulation over groups. The bias term uses sum(x_g) of the
+ * unquantized x. Weights are read once: each warp streams its rows through a ring of cp.async
+ * stages in shared memory (coalesced 16-byte copies); warp-shuffle reductions.
+ *
+ * The header is plain C (the stream is a void*), so Cython code includes it without the CUDA
+ * headers. Every device pointer is a raw address (torch.Tensor.data_ptr()). All functions
+ * return FMC_OK (0), a negative FMC_E* code, or a positive cudaError_t; fmc_strerror() says
+ * which. Launches are asynchronous on the given stream.
+ */
+#ifndef FM_CUDA_H
+#define FM_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum fmc_format { FMC_Q8 = 3, FMC_Q4 = 4, FMC_Q2 = 5 };
+enum fmc_dtype { FMC_F32 = 0, FMC_F16 = 1, FMC_BF16 = 2 };
+enum fmc_mode { FMC_MODE_AUTO = 0, FMC_MODE_COOP = 1, FMC_MODE_TWO_LAUNCH = 2 };
+
+#define FMC_OK 0
+#define FMC_EINVAL (-1)   /* bad format, shape, dtype or argument */
+#define FMC_ESMEM (-2)    /* the shape needs more shared memory than the device allows */
+#define FMC_EALIGN (-3)   /* a pointer is not aligned as required (16 bytes for weights) */
+#define FMC_EWORKSPACE (-4) /* workspace missing or too small */
+
+#define FMC_MAX_K 32      /* most experts in one fused call */
+#define FMC_MAX_NT 4      /* tokens per launch in the fused kernel (more are tiled) */
+
+const char *fmc_strerror(int code);
+int fmc_device_count(void);          /* < 0: -(cudaError_t) */
+int fmc_version(void);
+
+/* Section offsets (q, scales, biases; -1 where absent) and total bytes of one quantized part,
+ * exactly as quant.sections / quant.part_nbytes. Returns FMC_OK or FMC_EINVAL. */
+int fmc_part_sections(int fmt, int64_t rows, int64_t cols, int64_t offsets[3], int64_t *nbytes);
+
+/* Where the two parts sit inside one expert record (store.layout.RecordLayout):
+ * w13 [2*inter, hidden] (gate rows then up rows) at w13_off, w2 [hidden, inter] at w2_off,
+ * both of format fmt; hidden and inter multiples of 64. */
+typedef struct {
+    int fmt;
+    int64_t hidden, inter;
+    int64_t w13_off, w2_off;
+} fmc_layout;
+
+/* Tuning knobs (process-wide) and what the last launch used. fmc_tune(key, value) sets the knob
+ * when value >= 0 (the LAST_* keys are read-only) and returns the previous value.
+ *   FMC_TUNE_PREFETCH   bytes of weights each block asks the L2 to prefetch (cp.async.bulk
+ *                       prefetch, sm_90+) for phase B ahead of its first stages; 0 = off (default)
+ *   FMC_TUNE_MAX_BLOCKS_PER_SM   cap on resident blocks per SM (0 = occupancy limit)
+ *   FMC_TUNE_LAST_GRID / LAST_BPS / LAST_SMEM   grid, blocks per SM and shared bytes of the last launch */
+enum fmc_tune_key {
+    FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
+    FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_NKEYS = 5
+};
+int64_t fmc_tune(int key, int64_t value);
+
+/* Workspace bytes fmc_moe needs for k experts (any T). The workspace's first 256 bytes hold a
+ * grid barrier: allocate it zeroed once and reuse it on one stream at a time. */
+size_t fmc_moe_workspace_bytes(int k, int64_t inter);
+
+/* out[t] = sum_e w_e * w2_e · (silu(w1_e · x[t]) * (w3_e · x[t])) for t < T, all k experts.
+ * x [T, hidden] and out [T, hidden] contiguous, dtypes x_dtype/out_dtype (FMC_F32/F16/BF16),
+ * x 16-byte aligned.
+ * recs: k record base addresses (16-byte aligned); recs_on_device != 0: `recs` is itself a
+ * device array of k uint64 addresses, else a host array. Expert weights: w_dev, a device array
+ * of k values of w_dtype, or (w_dev == NULL) w_host, k host floats, or (both NULL) all 1.
+ * T = 1 with k experts is the decode step of one layer: one launch (mode COOP: gate/up +
+ * SwiGLU, grid barrier, down + weighted sum) or two (mode TWO_LAUNCH). AUTO picks COOP where
+ * the device supports cooperative launch. device: the CUDA device of the pointers.
+ * When k experts' phase-B inputs do not fit in shared memory (fp32 activations, very large
+ * inter), the experts run in groups, each accumulating into out. */
+int fmc_moe(const fmc_layout *layout, int k, const uint64_t *recs, int recs_on_device,
+            const void *w_dev, int w_dtype, const float *w_host,
+            const void *x, int x_dtype, int64_t T, void *out, int out_dtype,
+            void *workspace, size_t workspace_bytes, int mode, int device, void *stream);
+
+/* y[t] = W · x[t] for one quantized part W [N, K] at `part` (16-byte aligned); x [T, K] (16-byte aligned),
+ * y [T, N] contiguous. The GEMV (T = 1) and small batches (tiles of FMC_MAX_NT tokens). */
+int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, int x_dtype,
+               int64_t T, void *y, int y_dtype, int device, void *stream);
+
+/* out [N, K] (dtype out_dtype) = the dequantized matrix, bit-identical to quant.dequantize
+ * (fp32, then rounded to the output dtype). For prefill through cuBLAS. */
+int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int out_dtype,
+                int device, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,337 @@
+# distutils: sources = csrc/cuda/fm_kernels.cu
+# distutils: include_dirs = csrc/cuda
+# distutils: depends = csrc/cuda/fm_cuda.h
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""flashmoe_plugin._kernels_cuda: fused dequant kernels for NVIDIA GPUs (csrc/cuda/fm_kernels.cu).
+
+Built only where nvcc is found; links the CUDA toolkit's runtime, never libtorch. Tensors are
+passed by data_ptr() and checked here (dtype, device, shape, contiguity, alignment, and that
+every weight buffer is long enough for its format), so the kernels never read out of bounds.
+Every call is asynchronous on `stream` (a cudaStream_t as an int, e.g.
+torch.cuda.current_stream().cuda_stream; None means that current stream), and runs with the
+GIL released.
+
+    FORMATS                                  {"q8": 3, "q4": 4, "q2": 5}
+    device_count() -> int                    GPUs the CUDA runtime sees (0 when none / no driver)
+    part_nbytes(fmt, rows, cols) -> int      bytes of one part (as quant.part_nbytes)
+    workspace_bytes(k, inter) -> int         bytes of the workspace moe() needs (first 256 zeroed)
+    linear(part, fmt, rows, cols, x, out, stream=None)
+                                             out[T, rows] = x[T, cols] @ W.T   (GEMV at T = 1)
+    moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
+                                             out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
+        records: list of uint8 CUDA tensors (k <= 32), or an int64 CUDA tensor of k record addresses
+        layout: (fmt, hidden, inter, w13_offset, w2_offset, record_nbytes)
+        weights: None (all 1), a list/CPU tensor of k floats, or a CUDA tensor of k floats
+        mode: "auto" | "coop" (one launch, grid barrier) | "two" (two launches)
+    dequant(part, fmt, rows, cols, out, stream=None)   out[rows, cols] = the dequantized matrix
+    tune(key, value=None) -> int             tuning knobs / last launch figures (benchmarks)
+
+x and out are float32, bfloat16 or float16. With float32 activations the kernels keep x to
+~2^-31 of each group's maximum (two int16 limbs); with 16-bit activations one limb (2^-16).
+"""
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+
+import torch as _torch
+
+cdef extern from "fm_cuda.h" nogil:
+    enum:
+        FMC_Q8
+        FMC_Q4
+        FMC_Q2
+        FMC_F32
+        FMC_F16
+        FMC_BF16
+        FMC_MODE_AUTO
+        FMC_MODE_COOP
+        FMC_MODE_TWO_LAUNCH
+        FMC_MAX_K
+        FMC_MAX_NT
+    ctypedef struct fmc_layout:
+        int fmt
+        int64_t hidden
+        int64_t inter
+        int64_t w13_off
+        int64_t w2_off
+    const char *fmc_strerror(int code)
+    int fmc_device_count()
+    int fmc_version()
+    int fmc_part_sections(int fmt, int64_t rows, int64_t cols, int64_t *offsets, int64_t *nbytes)
+    size_t fmc_moe_workspace_bytes(int k, int64_t inter)
+    int64_t fmc_tune(int key, int64_t value)
+    int fmc_moe(const fmc_layout *layout, int k, const uint64_t *recs, int recs_on_device,
+                const void *w_dev, int w_dtype, const float *w_host,
+                const void *x, int x_dtype, int64_t T, void *out, int out_dtype,
+                void *workspace, size_t workspace_bytes, int mode, int device, void *stream)
+    int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, int x_dtype,
+                   int64_t T, void *y, int y_dtype, int device, void *stream)
+    int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int out_dtype,
+                    int device, void *stream)
+
+
+FORMATS = {"q8": FMC_Q8, "q4": FMC_Q4, "q2": FMC_Q2}
+MAX_K = FMC_MAX_K
+MAX_TOKENS_PER_LAUNCH = FMC_MAX_NT
+_MODES = {"auto": FMC_MODE_AUTO, "coop": FMC_MODE_COOP, "two": FMC_MODE_TWO_LAUNCH}
+_DTYPES = {_torch.float32: FMC_F32, _torch.float16: FMC_F16, _torch.bfloat16: FMC_BF16}
+
+
+class CudaKernelError(RuntimeError):
+    """A CUDA launch or runtime call failed (the message carries the CUDA error)."""
+
+
+def version():
+    return fmc_version()
+
+
+def device_count():
+    """GPUs the CUDA runtime sees; 0 when there is none or no usable driver."""
+    n = fmc_device_count()
+    return n if n > 0 else 0
+
+
+def device_error():
+    """Why the runtime sees no GPU ('' when it sees one)."""
+    n = fmc_device_count()
+    if n > 0:
+        return ""
+    if n == 0:
+        return "the CUDA runtime sees no device"
+    return fmc_strerror(-n).decode()
+
+
+cdef int _fmt(fmt) except -1:
+    try:
+        return FORMATS[fmt]
+    except (KeyError, TypeError):
+        raise ValueError(f"unsupported weight format {fmt!r} for the CUDA kernels; supported: "
+                         f"{', '.join(FORMATS)} (raw f32/f16/bf16 parts go through torch)") from None
+
+
+cdef int _check(int rc, what) except -1:
+    if rc == 0:
+        return 0
+    msg = fmc_strerror(rc).decode()
+    if rc > 0:
+        raise CudaKernelError(f"{what}: CUDA error {rc}: {msg}")
+    raise ValueError(f"{what}: {msg}")
+
+
+def part_nbytes(fmt, int64_t rows, int64_t cols):
+    cdef int64_t off[3]
+    cdef int64_t n = 0
+    if fmc_part_sections(_fmt(fmt), rows, cols, off, &n) != 0:
+        raise ValueError(f"format {fmt}: bad shape ({rows}, {cols}); cols must be a positive multiple of 64")
+    return n
+
+
+def workspace_bytes(int k, int64_t inter):
+    return fmc_moe_workspace_bytes(k, inter)
+
+
+_TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4}
+
+
+def tune(key, value=None):
+    """A tuning knob of the kernels (process-wide), for benchmarks; returns the previous value.
+    keys: prefetch (phase-B L2 prefetch window per block, bytes; 0 = off, the default), max_blocks_per_sm
+    (0: occupancy limit); read-only: last_grid,
+    last_blocks_per_sm, last_smem (what the last launch used). value None only reads."""
+    try:
+        k = _TUNE_KEYS[key]
+    except KeyError:
+        raise ValueError(f"unknown tuning key {key!r}; known: {', '.join(_TUNE_KEYS)}") from None
+    return fmc_tune(k, -1 if value is None else int(value))
+
+
+cdef int _device(t, name, device) except -2:
+    """The CUDA device index of tensor t (checked against `device` unless that is -1)."""
+    if not isinstance(t, _torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be on a CUDA device, got {t.device}")
+    cdef int d = t.device.index if t.device.index is not None else _torch.cuda.current_device()
+    if device >= 0 and d != device:
+        raise ValueError(f"{name} is on cuda:{d}, the other tensors on cuda:{device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return d
+
+
+cdef int _act_dtype(t, name) except -1:
+    try:
+        return _DTYPES[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}") from None
+
+
+cdef _check_part(part, name, int fmt, int64_t rows, int64_t cols, int64_t need, int device):
+    _device(part, name, device)
+    if part.dtype != _torch.uint8:
+        raise TypeError(f"{name} must be a uint8 tensor (packed weights), got {part.dtype}")
+    if part.numel() < need:
+        raise ValueError(f"{name} holds {part.numel()} bytes, the part needs {need}")
+    if part.data_ptr() % 16:
+        raise ValueError(f"{name} must start on a 16-byte boundary (data_ptr {part.data_ptr():#x})")
+
+
+cdef _stream(stream, int device):
+    if stream is None:
+        return _torch.cuda.current_stream(device).cuda_stream
+    return int(stream)
+
+
+cdef tuple _act2d(t, name, int64_t cols):
+    """(T, dtype code) of an activation matrix [T, cols] (or a vector [cols])."""
+    if t.dim() == 1:
+        if t.shape[0] != cols:
+            raise ValueError(f"{name} has {t.shape[0]} values, expected {cols}")
+        return 1, _act_dtype(t, name)
+    if t.dim() != 2 or t.shape[1] != cols:
+        raise ValueError(f"{name} must have shape [T, {cols}], got {tuple(t.shape)}")
+    if t.shape[0] < 1:
+        raise ValueError(f"{name} has no rows")
+    return t.shape[0], _act_dtype(t, name)
+
+
+def linear(part, fmt, int64_t rows, int64_t cols, x, out, stream=None):
+    """out[T, rows] = x[T, cols] @ W.T with W the quantized part [rows, cols] (fp32 accumulation)."""
+    cdef int f = _fmt(fmt)
+    need = part_nbytes(fmt, rows, cols)
+    cdef int dev = _device(x, "x", -1)
+    _check_part(part, "part", f, rows, cols, need, dev)
+    _device(out, "out", dev)
+    T, xd = _act2d(x, "x", cols)
+    T2, yd = _act2d(out, "out", rows)
+    if T2 != T:
+        raise ValueError(f"out has {T2} rows, x has {T}")
+    cdef uintptr_t pp = part.data_ptr(), xp = x.data_ptr(), yp = out.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int64_t t = T
+    cdef int xdt = xd, ydt = yd, rc
+    with nogil:
+        rc = fmc_linear(f, <const void *>pp, rows, cols, <const void *>xp, xdt, t, <void *>yp, ydt, dev,
+                        <void *>sp)
+    _check(rc, "linear")
+    return out
+
+
+def dequant(part, fmt, int64_t rows, int64_t cols, out, stream=None):
+    """out[rows, cols] = the dequantized part (as quant.dequantize, rounded to out's dtype)."""
+    cdef int f = _fmt(fmt)
+    need = part_nbytes(fmt, rows, cols)
+    cdef int dev = _device(out, "out", -1)
+    _check_part(part, "part", f, rows, cols, need, dev)
+    cdef int od = _act_dtype(out, "out")
+    if tuple(out.shape) != (rows, cols):
+        raise ValueError(f"out must have shape ({rows}, {cols}), got {tuple(out.shape)}")
+    if out.data_ptr() % 16:
+        raise ValueError("out must start on a 16-byte boundary")
+    cdef uintptr_t pp = part.data_ptr(), op = out.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int rc
+    with nogil:
+        rc = fmc_dequant(f, <const void *>pp, rows, cols, <void *>op, od, dev, <void *>sp)
+    _check(rc, "dequant")
+    return out
+
+
+def moe(records, layout, weights, x, out, workspace, stream=None, mode="auto"):
+    """out[T, H] = sum_e weights[e] * w2_e · (silu(w1_e · x) * (w3_e · x)) over the k records.
+
+    layout = (fmt, hidden, inter, w13_offset, w2_offset, record_nbytes)."""
+    fmt, hidden, inter, w13_off, w2_off, rec_nbytes = layout
+    cdef int f = _fmt(fmt)
+    cdef fmc_layout L
+    L.fmt = f
+    L.hidden = hidden
+    L.inter = inter
+    L.w13_off = w13_off
+    L.w2_off = w2_off
+    n13 = part_nbytes(fmt, 2 * inter, hidden)
+    n2 = part_nbytes(fmt, hidden, inter)
+    if w13_off < 0 or w2_off < 0 or w13_off + n13 > rec_nbytes or w2_off + n2 > rec_nbytes:
+        raise ValueError(f"layout {layout}: parts do not fit in a record of {rec_nbytes} bytes")
+    if w13_off % 16 or w2_off % 16:
+        raise ValueError(f"layout {layout}: part offsets must be multiples of 16")
+    cdef int dev = _device(x, "x", -1)
+    _device(out, "out", dev)
+    T, xd = _act2d(x, "x", hidden)
+    T2, od = _act2d(out, "out", hidden)
+    if T2 != T:
+        raise ValueError(f"out has {T2} rows, x has {T}")
+    try:
+        m = _MODES[mode]
+    except KeyError:
+        raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}") from None
+
+    cdef int k
+    cdef int on_dev = 0
+    cdef uint64_t *recs = NULL
+    cdef uintptr_t recs_dev = 0
+    if isinstance(records, _torch.Tensor):
+        _device(records, "records", dev)
+        if records.dtype != _torch.int64 or records.dim() != 1:
+            raise TypeError("records as a tensor must be a 1-D int64 CUDA tensor of record addresses")
+        k = records.shape[0]
+        on_dev = 1
+        recs_dev = records.data_ptr()
+    else:
+        records = list(records)
+        k = len(records)
+    if k < 1 or k > FMC_MAX_K:
+        raise ValueError(f"between 1 and {FMC_MAX_K} experts per call, got {k}")
+
+    cdef float wh[FMC_MAX_K]
+    cdef const float *wh_p = NULL
+    cdef uintptr_t wd = 0
+    cdef int wdt = FMC_F32
+    if weights is not None:
+        if isinstance(weights, _torch.Tensor) and weights.is_cuda:
+            _device(weights, "weights", dev)
+            wdt = _act_dtype(weights, "weights")
+            if weights.numel() != k:
+                raise ValueError(f"weights has {weights.numel()} values for {k} experts")
+            wd = weights.data_ptr()
+        else:
+            vals = weights.tolist() if isinstance(weights, _torch.Tensor) else list(weights)
+            vals = [float(v) for v in (vals if isinstance(vals, list) else [vals])]
+            if len(vals) != k:
+                raise ValueError(f"weights has {len(vals)} values for {k} experts")
+            for i in range(k):
+                wh[i] = vals[i]
+            wh_p = wh
+
+    _device(workspace, "workspace", dev)
+    if workspace.dtype != _torch.uint8:
+        raise TypeError("workspace must be a uint8 tensor")
+    cdef size_t wsb = workspace.numel()
+    if wsb < fmc_moe_workspace_bytes(k, inter):
+        raise ValueError(f"workspace holds {wsb} bytes, needs {fmc_moe_workspace_bytes(k, inter)} "
+                         f"(workspace_bytes(k, inter)); its first 256 bytes must start zeroed")
+
+    cdef uintptr_t xp = x.data_ptr(), yp = out.data_ptr(), wsp = workspace.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int64_t t = T
+    cdef int xdt = xd, odt = od, mm = m, rc
+    recs = <uint64_t *>malloc(k * sizeof(uint64_t))
+    if recs == NULL:
+        raise MemoryError()
+    try:
+        if on_dev:
+            pass
+        else:
+            for i in range(k):
+                _check_part(records[i], f"records[{i}]", f, 0, 0, rec_nbytes, dev)
+                recs[i] = <uint64_t>records[i].data_ptr()
+        with nogil:
+            if on_dev:
+                rc = fmc_moe(&L, k, <const uint64_t *>recs_dev, 1, <const void *>wd, wdt, wh_p,
+                             <const void *>xp, xdt, t, <void *>yp, odt, <void *>wsp, wsb, mm, dev, <void *>sp)
+            else:
+                rc = fmc_moe(&L, k, recs, 0, <const void *>wd, wdt, wh_p,
+                             <const void *>xp, xdt, t, <void *>yp, odt, <void *>wsp, wsb, mm, dev, <void *>sp)
+    finally:
+        free(recs)
+    _check(rc, "moe")
+    return out
