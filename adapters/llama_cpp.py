@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
-from flashmoe_plugin.runtime.generate import stop_holdback, utf8_complete
+from flashmoe_plugin.runtime.generate import common_prefix, stop_holdback, utf8_complete
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
@@ -726,45 +726,8 @@ class Llama:
             return chunks
         return next(chunks)
 
-    def __call__(
-        self,
-        prompt: Union[str, List[int]],
-        suffix: Optional[str] = None,
-        max_tokens: Optional[int] = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        logprobs: Optional[int] = None,
-        echo: bool = False,
-        stop: Optional[Union[str, List[str]]] = [],
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
-        stream: bool = False,
-        seed: Optional[int] = None,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: Optional[str] = None,
-        stopping_criteria: Optional[StoppingCriteriaList] = None,
-        logits_processor: Optional[LogitsProcessorList] = None,
-        grammar=None,
-        logit_bias: Optional[Dict[int, float]] = None,
-    ):
-        """Same as create_completion."""
-        return self.create_completion(
-            prompt=prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            min_p=min_p, typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop,
-            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-            repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed, tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
-            stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
-            logit_bias=logit_bias)
+    __call__ = create_completion  # llama-cpp-python's __call__ takes the same arguments
 
-    # ------------------------------------------------------------------ chat
     def create_chat_completion(
         self,
         messages: List[Dict[str, Any]],
@@ -836,14 +799,7 @@ class Llama:
         with np.errstate(divide="ignore"):
             return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
-    @staticmethod
-    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+    longest_token_prefix = staticmethod(common_prefix)
 
     def _check_open(self):
         if self._closed:
