@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -36,8 +35,13 @@ def register_commands(cli):
                   "store's files are evicted)")
     @click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")
     @click.option("--backend", default=None, help="kernel backend (default: best for the device)")
+    @click.option("--temp", default=1.0, show_default=True, help="decode sampling temperature (0 = greedy)")
+    @click.option("--seed", default=0, show_default=True, help="sampling seed (same seed, same tokens)")
+    @click.option("--save-trace", type=click.Path(path_type=Path), default=None,
+                  help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
+                  "belady replays it)")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, direct_io,
-              drop_caches, no_verify, backend):
+              drop_caches, no_verify, backend, temp, seed, save_trace):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
         if kernels:
@@ -51,7 +55,7 @@ def register_commands(cli):
         try:
             result = run_bench(store, device=device, ram_budget=ram_budget, policy=policy, tokens=tokens,
                                prompt_tokens=prompt_tokens, direct_io=_on_off(direct_io), drop_caches=drop_caches,
-                               verify=not no_verify, backend=backend)
+                               verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(result, indent=1) if as_json else _store_table(result))
@@ -88,14 +92,17 @@ def register_commands(cli):
                   help="where to write the routing trace (default: STORE/routing_trace.npz)")
     @click.option("--ram-budget", default=None, help="expert RAM budget while profiling")
     @click.option("--policy", default="lru", show_default=True)
+    @click.option("--temp", default=0.0, show_default=True, help="sampling temperature (0 = greedy)")
+    @click.option("--seed", default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-    def profile(store, prompts_file, n, trace_path, ram_budget, policy, as_json):
-        """Run prompts greedily; write STORE/routing_stats.json (per-layer expert frequencies, used
+    def profile(store, prompts_file, n, trace_path, ram_budget, policy, temp, seed, as_json):
+        """Run prompts (greedy by default); write STORE/routing_stats.json (per-layer expert frequencies, used
         by --policy static) and the routing trace (used by --policy belady and for grading)."""
         from .store import run_profile
         prompts = prompts_file.read_text().splitlines() if prompts_file else None
         try:
-            result = run_profile(store, prompts, n=n, ram_budget=ram_budget, policy=policy, trace_path=trace_path)
+            result = run_profile(store, prompts, n=n, ram_budget=ram_budget, policy=policy, trace_path=trace_path,
+                                 temp=temp, seed=seed)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
         if as_json:

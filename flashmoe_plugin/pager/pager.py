@@ -46,6 +46,25 @@ class ExpertPager:
         self.reader = Reader(nthreads=io_threads, direct=direct_io)
         self.fids = {layer: self.reader.open(str(store.layer_path(layer))) for layer in store.layers}
         self.stats = PagerStats(verify=verify)
+        self.trace = None  # a pager.trace.RoutingTrace while recording (Engine.record)
+        self._preload(self.policy.warm(store) if hasattr(self.policy, "warm") else [])
+
+    def _preload(self, keys):
+        """Load the keys a policy asks for at start (static: its pinned experts); not counted as
+        hits or misses."""
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:len(self.free)]
+        if not keys:
+            return
+        size, base, reqs = self.record_size, self.buffer.address, []
+        for (l, e) in keys:
+            slot = self.free.pop()
+            self.slot_of[(l, e)], self.key_of[slot] = slot, (l, e)
+            reqs.append((self.fids[l], e * size, size, base + slot * size,
+                         self.store.record_crcs[l][e] if self.verify else None))
+        self.reader.read(reqs)
+        for key in keys:
+            self.policy.insert(key)
+        self.stats.preloaded += len(keys)
 
     @property
     def budget(self) -> int:
@@ -69,6 +88,8 @@ class ExpertPager:
         valid until the next acquire."""
         if len(set(experts)) > self.capacity:
             raise BudgetError(f"{len(set(experts))} experts requested at once; the pool holds {self.capacity}")
+        if self.trace is not None:
+            self.trace.request(layer, experts)
         protected = {(layer, e) for e in experts}
         requests, targets = [], []
         size, base = self.record_size, self.buffer.address

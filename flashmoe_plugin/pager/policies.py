@@ -1,15 +1,32 @@
 """Cache replacement policies for the pager's slot pools. A policy sees only keys
-((layer, expert) pairs) and capacity: never architectures or bytes."""
+((layer, expert) pairs) and capacity: never architectures or bytes.
+
+    lru     least recently used
+    lfu     least frequently used over the run (counts survive eviction), LRU among ties
+    fwlru   frequency-weighted LRU (as in the CUDA port of Flash-MoE): a decayed use count
+    static  pins the hottest experts of the store's routing_stats.json; the rest runs LRU
+    belady  replays the store's recorded routing trace with Belady's MIN (grading only)
+"""
 from __future__ import annotations
 
+import heapq
+import math
+import warnings
+from bisect import bisect_left
 from collections import OrderedDict
 
 from ..hookspecs import hookimpl
 
+_FULL = "no evictable entry: every cached expert is in use by this step"
+
 
 class Policy:
     """touch(key) on every use, insert(key) when loaded, victim(protected) picks what to evict
-    (never a key in `protected`: the experts the current step needs), remove(key) after eviction."""
+    (never a key in `protected`: the experts the current step needs), remove(key) after eviction.
+    warm(store) may return keys the pager loads into the pool at start (in order; default none).
+    `note` says, in words, anything a user should know about how the policy runs (or "")."""
+
+    note = ""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -17,6 +34,10 @@ class Policy:
     def touch(self, key): ...
     def insert(self, key): ...
     def remove(self, key): ...
+
+    def warm(self, store) -> list:
+        return []
+
     def victim(self, protected: set):
         raise NotImplementedError
 
@@ -39,7 +60,7 @@ class LRU(Policy):
         for key in self.order:
             if key not in protected:
                 return key
-        raise RuntimeError("no evictable entry: every cached expert is in use by this step")
+        raise RuntimeError(_FULL)
 
 
 class LFU(Policy):
@@ -65,11 +86,177 @@ class LFU(Policy):
         rank = {k: i for i, k in enumerate(self.lru.order)}
         candidates = [k for k in self.lru.order if k not in protected]
         if not candidates:
-            raise RuntimeError("no evictable entry: every cached expert is in use by this step")
+            raise RuntimeError(_FULL)
         return min(candidates, key=lambda k: (self.count.get(k, 0), rank[k]))
+
+
+class FWLRU(Policy):
+    """Frequency-weighted LRU. Each key carries a use count that decays exponentially with the
+    number of accesses (touch or insert, over all keys) since its last use:
+
+        f(key) <- f(key) * 2^(-(t - t_last) / H) + 1          on each use at access time t
+        score(key, now) = f(key) * 2^(-(now - t_last) / H)     evict the lowest score
+
+    so an expert used often stays even if it was not the most recent, while one used once long
+    ago decays away: H -> 0 gives LRU, H -> inf gives LFU. H (the half-life, in accesses) is
+    `half_life` x capacity (default 1: a count halves while the pool turns over once). Counts
+    survive eviction. Since log score = ln f + (t_last - now) ln2/H, ranking by
+    r = ln f + t_last ln2/H needs no update as time passes: victims come from a heap."""
+
+    half_life = 1.0
+
+    def __init__(self, capacity):
+        super().__init__(capacity)
+        self.lam = math.log(2) / max(1.0, self.half_life * capacity)
+        self.t = 0
+        self.f: dict = {}        # key -> (count at t_last, t_last), kept after eviction
+        self.resident: set = set()
+        self.heap: list = []     # (rank, t_last, key); stale entries skipped lazily
+
+    def _use(self, key):
+        self.t += 1
+        f, last = self.f.get(key, (0.0, self.t))
+        f = f * math.exp(-self.lam * (self.t - last)) + 1.0
+        self.f[key] = (f, self.t)
+        heapq.heappush(self.heap, (math.log(f) + self.lam * self.t, self.t, key))
+        if len(self.heap) > 4 * len(self.resident) + 64:  # drop stale entries now and then
+            self.heap = [e for e in self.heap if e[2] in self.resident and self.f[e[2]][1] == e[1]]
+            heapq.heapify(self.heap)
+
+    def score(self, key) -> float:
+        f, last = self.f[key]
+        return f * math.exp(-self.lam * (self.t - last))
+
+    def touch(self, key):
+        self._use(key)
+
+    def insert(self, key):
+        self.resident.add(key)
+        self._use(key)
+
+    def remove(self, key):
+        self.resident.discard(key)
+
+    def victim(self, protected):
+        skipped, found = [], None
+        while self.heap:
+            entry = heapq.heappop(self.heap)
+            key = entry[2]
+            if key not in self.resident or self.f[key][1] != entry[1]:
+                continue  # stale
+            skipped.append(entry)
+            if key not in protected:
+                found = key
+                break
+        for e in skipped:
+            heapq.heappush(self.heap, e)
+        if found is None:
+            raise RuntimeError(_FULL)
+        return found
+
+
+class Static(LRU):
+    """Pins the hottest experts of the store's routing_stats.json (written by `flashmoe
+    profile`): the pager fills the pool with them at start and they stay; the other
+    `reserve` = max(top_k, lru_fraction x capacity) slots run LRU. A pinned expert is evicted
+    only when a step needs more unpinned slots than exist (a large prefill group); it is then
+    unpinned. Without routing stats the policy is plain LRU (and `note` says so)."""
+
+    lru_fraction = 0.25
+
+    def __init__(self, capacity):
+        super().__init__(capacity)
+        self.pinned: dict = {}  # key -> frequency
+
+    def warm(self, store):
+        from .trace import load_routing_stats
+        stats = load_routing_stats(store.path)
+        if stats is None:
+            self.note = f"static: {store.path}/routing_stats.json not found (run `flashmoe profile`); running as LRU"
+            warnings.warn(self.note)
+            return []
+        reserve = max(store.config.top_k, math.ceil(self.lru_fraction * self.capacity))
+        n = max(0, self.capacity - reserve)
+        ranked = sorted(((c, layer, e) for layer, counts in stats["counts"].items()
+                         if layer in store.layers for e, c in enumerate(counts) if c > 0), reverse=True)
+        self.pinned = {(layer, e): c for c, layer, e in ranked[:n]}
+        self.note = f"static: {len(self.pinned)} experts pinned from routing_stats.json, {self.capacity - len(self.pinned)} slots LRU"
+        return list(self.pinned)
+
+    def insert(self, key):
+        if key not in self.pinned:
+            super().insert(key)
+
+    def touch(self, key):
+        if key not in self.pinned:
+            super().touch(key)
+
+    def remove(self, key):
+        self.pinned.pop(key, None)
+        super().remove(key)
+
+    def victim(self, protected):
+        for key in self.order:
+            if key not in protected:
+                return key
+        cold = [k for k in self.pinned if k not in protected]
+        if not cold:
+            raise RuntimeError(_FULL)
+        return min(cold, key=self.pinned.get)
+
+
+class BeladyReplay(Policy):
+    """Belady's MIN replayed from the store's recorded routing trace (routing_trace.npz, written
+    by `flashmoe profile` or `flashmoe bench`): evicts the resident expert whose next use in the
+    trace is farthest. Optimal only when the run repeats the recorded one exactly (same prompt,
+    greedy); a run that diverges just loses optimality. For grading, never for serving."""
+
+    def __init__(self, capacity):
+        super().__init__(capacity)
+        self.pos: dict = {}
+        self.cursor = 0
+        self.resident: set = set()
+
+    def warm(self, store):
+        from .trace import TRACE_FILE, RoutingTrace
+        path = store.path / TRACE_FILE
+        if not path.is_file():
+            raise ValueError(f"policy 'belady' replays a recorded routing trace and {path} does not exist: "
+                             f"run `flashmoe profile {store.path}` first (belady is for grading only)")
+        for i, key in enumerate(k for req in RoutingTrace.load(path).request_keys() for k in req):
+            self.pos.setdefault(key, []).append(i)
+        self.note = f"belady: replaying {path} ({self.cursor_total()} accesses)"
+        return []
+
+    def cursor_total(self) -> int:
+        return sum(len(v) for v in self.pos.values())
+
+    def _next(self, key) -> float:
+        p = self.pos.get(key, ())
+        i = bisect_left(p, self.cursor)
+        return p[i] if i < len(p) else math.inf
+
+    def touch(self, key):
+        self.cursor += 1
+
+    def insert(self, key):
+        self.resident.add(key)
+        self.cursor += 1
+
+    def remove(self, key):
+        self.resident.discard(key)
+
+    def victim(self, protected):
+        cands = [k for k in self.resident if k not in protected]
+        if not cands:
+            raise RuntimeError(_FULL)
+        return max(cands, key=self._next)
 
 
 @hookimpl
 def register_cache_policies(register):
     register("lru", LRU)
     register("lfu", LFU)
+    register("fwlru", FWLRU)
+    register("static", Static)
+    register("belady", BeladyReplay)

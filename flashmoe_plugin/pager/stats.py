@@ -11,6 +11,7 @@ class PagerStats:
     evictions: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0   # time compute waited on reads (stall)
+    preloaded: int = 0          # records a policy loaded at start (static: pinned experts)
     verify: bool = True
 
     @property

@@ -45,6 +45,12 @@ class Engine:
                                  direct_io=direct_io, verify=verify)
         self.tokens: list[int] = []
         self._tokenizer = None
+        self.trace = None
+
+    def record(self, trace):
+        """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
+        None detaches. Off by default."""
+        self.trace = self.pager.trace = trace
 
     @property
     def tokenizer(self):
@@ -79,6 +85,8 @@ class Engine:
             chunk = tokens[i:i + self.n_batch]
             last = last_only and i + self.n_batch >= len(tokens)
             t = torch.tensor(chunk, dtype=torch.long, device=self.device)
+            if self.trace is not None:
+                self.trace.begin(self.n_past, len(chunk))
             logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
             self.tokens += chunk
             if not last_only or last:
@@ -90,6 +98,8 @@ class Engine:
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a
         matrix product; experts go through the pool in groups that fit it."""
         layout, be = self.store.layout, self.backend
+        if self.trace is not None:
+            self.trace.route(layer, ids)
         if x.shape[0] == 1:
             records = self._on_device(self.pager.acquire(layer, ids[0].tolist()))
             return be.moe_decode(x, records, weights[0], layout)

@@ -1,0 +1,156 @@
+"""Pager policies: Belady's simulator against an exhaustive optimum, no online policy above it,
+the pager against the simulator, and logits identical for every policy and budget."""
+import random
+import shutil
+
+import pytest
+import torch
+
+from flashmoe_plugin.pager.belady import belady, brute_force, simulate
+from flashmoe_plugin.pager.policies import FWLRU, LFU, LRU, Static
+from flashmoe_plugin.pager.trace import (TRACE_FILE, RoutingTrace, load_routing_stats,
+                                         write_routing_stats)
+from flashmoe_plugin.plugins import registry
+from flashmoe_plugin.runtime.engine import Engine
+
+ONLINE = {"lru": LRU, "lfu": LFU, "fwlru": FWLRU}
+
+
+def random_trace(rng, n_layers, n_experts, k, n_steps):
+    return [[(layer, e) for e in rng.sample(range(n_experts), rng.randint(1, k))]
+            for _ in range(n_steps) for layer in range(n_layers)][:n_steps]
+
+
+def pinned_static(capacity, pins):
+    s = Static(capacity)
+    s.pinned = {key: 1 for key in pins}
+    return s
+
+
+def test_policies_registered():
+    assert {"lru", "lfu", "fwlru", "static", "belady"} <= set(registry().policies)
+
+
+def test_belady_matches_brute_force_and_beats_online_policies():
+    rng = random.Random(1234)
+    for _ in range(250):
+        n_layers, n_experts, k = rng.choice([1, 2]), rng.choice([3, 4, 5]), rng.choice([1, 2, 3])
+        reqs = random_trace(rng, n_layers, n_experts, k, rng.randint(2, 9))
+        cap = rng.randint(max(len(r) for r in reqs), n_layers * n_experts)
+        best = brute_force(reqs, cap)
+        assert belady(reqs, cap).hits == best, (reqs, cap)
+        for name, cls in ONLINE.items():
+            assert simulate(cls(cap), reqs, cap).hits <= best, name
+        used = sorted({key for r in reqs for key in r})
+        pins = rng.sample(used, k=max(0, min(cap - max(len(r) for r in reqs), 2, len(used))))
+        assert simulate(pinned_static(cap, pins), reqs, cap).hits <= best
+
+
+def test_belady_protects_the_current_request():
+    # plain sequential MIN would evict (0, 0) while loading (0, 1) in the same step
+    reqs = [[(0, 0)], [(0, 1), (0, 0)], [(0, 2)], [(0, 0)]]
+    assert belady(reqs, 2).hits == brute_force(reqs, 2) == 2
+    with pytest.raises(ValueError, match="capacity"):
+        belady([[(0, 0), (0, 1), (0, 2)]], 2)
+
+
+def test_fwlru_keeps_a_frequent_expert_through_a_burst():
+    hot = (0, 0)
+    reqs = [[hot]] * 6 + [[(0, 1)], [(0, 2)], [(0, 3)], [hot]]
+    assert simulate(LRU(3), reqs, 3).hits_per_request[-1] == 0
+    assert simulate(FWLRU(3), reqs, 3).hits_per_request[-1] == 1
+
+
+def test_static_never_evicts_pins_in_decode_and_falls_back_when_it_must():
+    s = pinned_static(4, [(0, 0), (1, 0)])
+    reqs = [[(0, e), (1, e)] for e in (1, 2, 3, 4, 5)] * 2
+    r = simulate(s, reqs, 4, preload=[(0, 0), (1, 0)])
+    assert set(s.pinned) == {(0, 0), (1, 0)} and r.misses > 0
+    # a step needing more than the unpinned slots unpins the coldest pin instead of failing
+    s = pinned_static(3, [(0, 0), (0, 1)])
+    simulate(s, [[(0, 2), (0, 3), (0, 4)]], 3, preload=[(0, 0), (0, 1)])
+    assert s.pinned == {}
+
+
+def test_trace_and_routing_stats_files(tmp_path):
+    t = RoutingTrace()
+    t.begin(0, 3)
+    t.route(0, torch.tensor([[1, 2], [2, 3], [1, 0]]))
+    t.request(0, [1, 2, 3, 0])
+    t.begin(3, 1)
+    t.route(0, torch.tensor([[2, 1]]))
+    t.request(0, [2, 1, 2])
+    t.save(tmp_path / "t.npz")
+    u = RoutingTrace.load(tmp_path / "t.npz")
+    assert u.request_keys() == [[(0, 1), (0, 2), (0, 3), (0, 0)], [(0, 2), (0, 1)]]
+    layer, pos, ids = u.routes()
+    assert pos.tolist() == [0, 1, 2, 3] and ids.tolist()[3] == [2, 1] and u.tokens() == 4
+    assert u.counts(4)[0].tolist() == [1, 3, 3, 1]
+    write_routing_stats(tmp_path, u.counts(4), u.tokens(), 2, 4)
+    assert load_routing_stats(tmp_path)["counts"] == {0: [1, 3, 3, 1]}
+    (tmp_path / "routing_stats.json").write_text("{}")
+    with pytest.raises(ValueError, match="routing_stats.json"):
+        load_routing_stats(tmp_path)
+
+
+def run_sequence(eng, ids, steps):
+    """Prefill, then decode fixed tokens; all logits."""
+    out = [eng.forward(ids)]
+    out += [eng.forward([t]) for t in steps]
+    return torch.cat(out)
+
+
+@pytest.fixture
+def profiled(oracles, family, tmp_path):
+    """A copy of the oracle store with routing_stats.json and a routing trace of the test run."""
+    store = tmp_path / "store"
+    shutil.copytree(oracles(family).store("none"), store)
+    g = torch.Generator().manual_seed(7)
+    ids, steps = torch.randint(3, 384, (24,), generator=g).tolist(), torch.randint(3, 384, (10,), generator=g).tolist()
+    eng = Engine(store)
+    trace = RoutingTrace()
+    eng.record(trace)
+    ref = run_sequence(eng, ids, steps)
+    eng.close()
+    trace.save(store / TRACE_FILE)
+    cfg = eng.config
+    write_routing_stats(store, trace.counts(cfg.num_experts), trace.tokens(), cfg.top_k, cfg.num_experts)
+    return store, ids, steps, ref
+
+
+def test_logits_identical_for_every_policy_and_budget(profiled):
+    store, ids, steps, ref = profiled
+    probe = Engine(store)
+    size, total, k = probe.pager.record_size, probe.pager.capacity, probe.config.top_k
+    probe.close()
+    for cap in sorted({k, max(k, total * 2 // 5), total}):
+        hits = {}
+        for policy in ("lru", "lfu", "fwlru", "static", "belady"):
+            eng = Engine(store, ram_budget=cap * size, policy=policy)
+            trace = RoutingTrace()
+            eng.record(trace)
+            out = run_sequence(eng, ids, steps)
+            eng.close()
+            assert torch.equal(out, ref), (policy, cap)
+            s = eng.pager.stats
+            hits[policy] = s.hits
+            reqs = trace.request_keys()
+            if policy in ONLINE:  # the pager behaves exactly like the simulator
+                assert s.hits == simulate(ONLINE[policy](cap), reqs, cap).hits
+            if policy == "belady":  # replaying the recorded trace is the offline optimum
+                assert s.hits == belady(reqs, cap).hits
+            if policy == "static":  # pins come from routing_stats.json (never more than it holds)
+                assert s.preloaded >= len(eng.pager.policy.pinned) and s.preloaded <= cap - k
+                assert (s.preloaded > 0) == (cap > k + 1)
+        assert all(hits["belady"] >= hits[p] for p in ONLINE), hits
+
+
+def test_static_without_stats_is_lru(oracles, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(oracles("mixtral").store("none"), store)
+    with pytest.warns(UserWarning, match="running as LRU"):
+        eng = Engine(store, policy="static")
+    assert "LRU" in eng.pager.policy.note and eng.pager.stats.preloaded == 0
+    eng.close()
+    with pytest.raises(ValueError, match="flashmoe profile"):
+        Engine(store, policy="belady")
