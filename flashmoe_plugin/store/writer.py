@@ -87,6 +87,7 @@ class StoreWriter:
 
         self.end_layer()
         save_file(dict(sorted(self.dense.items())), str(self.tmp / fmt.DENSE))
+        os.chmod(self.tmp / fmt.DENSE, 0o644)  # safetensors creates it private; a store is shared data
         manifest = {
             "format": fmt.FORMAT, "version": fmt.VERSION, "architecture": architecture, "config": config,
             "quant": quant, "layers": sorted(self.layers, key=lambda l: l["index"]),
