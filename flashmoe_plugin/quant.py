@@ -168,7 +168,8 @@ def quantize(w: torch.Tensor, fmt: str, rows_per_chunk: int | None = None) -> to
     out, inp = check_shape(fmt, w.shape)
     buf = torch.zeros(part_nbytes(fmt, (out, inp)), dtype=torch.uint8)
     if fmt in RAW_DTYPES:
-        buf.copy_(w.to(RAW_DTYPES[fmt]).contiguous().view(-1).view(torch.uint8))
+        raw = w.to(RAW_DTYPES[fmt]).contiguous().view(-1).view(torch.uint8)
+        buf[:raw.numel()] = raw  # the part may be padded to SECTION_ALIGN
         return buf
     dst = views(buf, fmt, (out, inp))
     # Chunk rows so that temporaries stay small even for 14336 x 4096 matrices.

@@ -1,0 +1,107 @@
+/* Private to csrc/cpu: the per-ISA kernel table and helpers shared by the portable and the
+ * x86 (AVX2 / AVX-512) implementations. */
+#ifndef FM_KERNELS_INTERNAL_H
+#define FM_KERNELS_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "fm_kernels.h"
+
+/* A block of nt prepared activation vectors (see fm_prepare in fm_kernels.c). */
+typedef struct {
+    const float *xp;  /* prepared activations: token t at xp + t*ldx */
+    const float *xs;  /* per-group sums of the unprepared activations: token t at xs + t*ldg */
+    int64_t ldx, ldg;
+    int nt;           /* 1 .. impl->max_nt */
+} fm_act;
+
+/* out[t*ldo + (r - r0)] = W[r] · x_t  for r in [r0, r1), t < a->nt. */
+typedef void (*fm_rows_fn)(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo);
+
+#define FM_MAX_NT 8
+
+typedef struct {
+    const char *name;
+    int max_nt;
+    fm_rows_fn rows[FM_NFORMATS];
+    /* For q4 / q2: how many groups one SIMD block covers (blk[f][0]), then a secondary block
+     * size used for the remaining groups (blk[f][1], 0 = none); groups left after both are in
+     * natural order and computed by fm_q4_group_nat / fm_q2_group_nat. The preparation of the
+     * activations (fm_prepare) follows the same plan, so that a kernel reads, for field f of
+     * 32-bit lane d of group j of a block of n groups, the activation
+     *     xp[block + f*(n*D) + j*D + d] = x[j*64 + F*d + f] * 2^-(bits*(f%4))
+     * with F fields per 32-bit word (q4: 8, q2: 16) and D = 64/F words per group. The power of
+     * two undoes the field's position: kernels shift a lane right by 4*bits*(f/4), mask field f
+     * in place (q << bits*(f%4): four masks serve every field) and convert it exactly. The
+     * scaling is exact (powers of two) unless |x| is below ~1e-34. */
+    int blk[FM_NFORMATS][2];
+} fm_isa_impl;
+
+extern const fm_isa_impl fm_impl_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+#define FM_HAVE_X86 1
+extern const fm_isa_impl fm_impl_avx2;
+extern const fm_isa_impl fm_impl_avx512;
+#endif
+
+/* Software prefetch distance in bytes for the packed-weight stream (default 4096; 0: rely on
+ * the hardware prefetchers alone); env FLASHMOE_CPU_PREFETCH sets it at first use. */
+extern int fm_prefetch_bytes;
+
+/* Largest column count a kernel accepts (keeps per-row stack scratch bounded). */
+#define FM_MAX_COLS (1 << 18)
+
+static inline float fm_h2f(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-08f; /* 2^-24: subnormal or zero */
+        return sign ? -f : f;
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else {
+        bits = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float fm_bf2f(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t fm_ld16(const uint16_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* Natural-order group dots (64 elements) used for leftover groups by every ISA. */
+static inline float fm_q4_group_nat(const uint8_t *q, const float *x)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < 32; j += 4)
+        for (int l = 0; l < 4; l++) {
+            acc[2 * l] += (float)(q[j + l] & 15) * x[2 * (j + l)];
+            acc[2 * l + 1] += (float)(q[j + l] >> 4) * x[2 * (j + l) + 1];
+        }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static inline float fm_q2_group_nat(const uint8_t *q, const float *x)
+{
+    float acc[4] = {0, 0, 0, 0};
+    for (int j = 0; j < 16; j++)
+        for (int k = 0; k < 4; k++) acc[k] += (float)((q[j] >> (2 * k)) & 3) * x[4 * j + k];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+#endif

@@ -1,0 +1,97 @@
+"""The native CPU backend: fused dequant kernels in C (csrc/cpu/fm_kernels*.c) through the compiled
+module flashmoe_plugin._cpu_kernels (cython/_cpu_kernels.pyx).
+
+Activations are computed in fp32 (other float dtypes are converted on the way in and out). The
+kernels run on the module's own thread pool with the GIL released; its size defaults to
+torch.get_num_threads() when the backend is created, so that torch's threads and ours take turns
+on the same cores instead of oversubscribing them. `CpuBackend.set_num_threads(n)` changes it.
+FLASHMOE_CPU_ISA=portable|avx2|avx512 forces an instruction-set level (for comparisons).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .base import Backend
+
+MODULE = "flashmoe_plugin._cpu_kernels"
+
+
+def _load():
+    try:
+        from .. import _cpu_kernels
+    except ImportError as e:  # not built (pure-Python checkout) or built for another interpreter
+        return None, f"compiled module {MODULE} not built: {e}"
+    return _cpu_kernels, ""
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(module, layout):
+    return module.ExpertSpec.from_layout(layout)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    devices = ("cpu",)
+    priority = 10  # above the torch reference (0)
+
+    def __init__(self, num_threads: int | None = None):
+        self._k, self._why = _load()
+        if self._k is not None:
+            self.set_num_threads(num_threads if num_threads else torch.get_num_threads())
+
+    # ------------------------------------------------------------------ configuration
+    def available(self) -> tuple[bool, str]:
+        return (True, "") if self._k is not None else (False, self._why)
+
+    @property
+    def module(self):
+        if self._k is None:
+            raise RuntimeError(f"kernel backend 'cpu' is not available here: {self._why}")
+        return self._k
+
+    def set_num_threads(self, n: int) -> None:
+        """Threads the native kernels use (n <= 0: every CPU this process may run on)."""
+        self.module.set_num_threads(int(n))
+
+    @property
+    def num_threads(self) -> int:
+        return self.module.get_num_threads()
+
+    @property
+    def isa(self) -> str:
+        """The instruction-set level in use: portable, avx2 or avx512."""
+        return self.module.isa()
+
+    def spec(self, layout):
+        """The native description of a store.layout.RecordLayout (cached)."""
+        return _spec(self.module, layout)
+
+    # ------------------------------------------------------------------ compute
+    @staticmethod
+    def _f32(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"cpu backend: x must be on the CPU, got {x.device}")
+        return x.to(torch.float32).contiguous()
+
+    def moe(self, x: torch.Tensor, records, weights, layout) -> torch.Tensor:
+        """sum_e weights[e] * expert_e(x) for x [T, H] in one native call -> [T, H] (x's dtype)."""
+        xf = self._f32(x)
+        out = torch.zeros_like(xf)
+        self.module.moe(xf, records, weights, self.spec(layout), out)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def expert_ffn(self, x: torch.Tensor, record: torch.Tensor, layout) -> torch.Tensor:
+        return self.moe(x, (record,), (1.0,), layout)
+
+    def moe_decode(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] != 1:
+            raise ValueError(f"moe_decode: x must be [1, H], got {list(x.shape)}")
+        return self.moe(x, records, weights, layout)
+
+    def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
+        """x [T, in] @ W.T for one weight part (uint8 tensor) of format fmt and shape [out, in]."""
+        xf = self._f32(x)
+        y = self.module.linear(xf, part, fmt, tuple(shape))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
