@@ -39,6 +39,14 @@ def crc32c(data, crc: int = 0) -> int:
     return native(data, crc)
 
 
+def file_crc32c(path: Path, chunk: int = 64 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = crc32c(block, crc)
+    return crc
+
+
 @dataclass
 class LayerInfo:
     index: int
@@ -125,8 +133,7 @@ class Store:
         """Check every checksum; returns a list of problems (empty when the store is intact)."""
         problems = []
         dense_crc = self.manifest["checksums"].get("dense")
-        data = (self.path / DENSE).read_bytes()
-        if dense_crc is not None and crc32c(data) != int(dense_crc):
+        if dense_crc is not None and file_crc32c(self.path / DENSE) != int(dense_crc):
             problems.append(f"{DENSE}: checksum mismatch")
         size = self.layout.size
         for l in sorted(self.layers.values(), key=lambda l: l.index):

@@ -93,7 +93,7 @@ class StoreWriter:
             "quant": quant, "layers": sorted(self.layers, key=lambda l: l["index"]),
             "expert_record": self.layout.to_json(),
             "checksums": {"algorithm": fmt.CHECKSUM,
-                          "dense": fmt.crc32c((self.tmp / fmt.DENSE).read_bytes()),
+                          "dense": fmt.file_crc32c(self.tmp / fmt.DENSE),
                           "experts": self.crcs},
             "source": source, **(extra or {}),
         }
