@@ -53,17 +53,7 @@ class ExpertPager:
         """Load the keys a policy asks for at start (static: its pinned experts); not counted as
         hits or misses."""
         keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:len(self.free)]
-        if not keys:
-            return
-        size, base, reqs = self.record_size, self.buffer.address, []
-        for (l, e) in keys:
-            slot = self.free.pop()
-            self.slot_of[(l, e)], self.key_of[slot] = slot, (l, e)
-            reqs.append((self.fids[l], e * size, size, base + slot * size,
-                         self.store.record_crcs[l][e] if self.verify else None))
-        self.reader.read(reqs)
-        for key in keys:
-            self.policy.insert(key)
+        self._load(keys, protected=set())
         self.stats.preloaded += len(keys)
 
     @property
@@ -90,38 +80,45 @@ class ExpertPager:
             raise BudgetError(f"{len(set(experts))} experts requested at once; the pool holds {self.capacity}")
         if self.trace is not None:
             self.trace.request(layer, experts)
-        protected = {(layer, e) for e in experts}
-        requests, targets = [], []
-        size, base = self.record_size, self.buffer.address
-        crcs = self.store.record_crcs[layer]
+        misses = []
         for e in dict.fromkeys(experts):
-            key = (layer, e)
-            if key in self.slot_of:
+            if (layer, e) in self.slot_of:
                 self.stats.hits += 1
-                self.policy.touch(key)
-                continue
-            self.stats.misses += 1
-            slot = self._take_slot(protected)
-            requests.append((self.fids[layer], e * size, size, base + slot * size, crcs[e] if self.verify else None))
-            targets.append((key, slot))
-        if requests:
+                self.policy.touch((layer, e))
+            else:
+                misses.append((layer, e))
+        if misses:
             t0 = time.perf_counter()
-            try:
-                self.reader.read(requests)
-            except OSError as err:
-                self.free.extend(slot for _, slot in targets)
-                i = getattr(err, "index", 0)
-                (l, e), _ = targets[i]
-                cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
-                    if getattr(err, "kind", "") == "checksum" else str(err)
-                raise StoreError(f"{self.store.layer_path(l)}: layer {l} expert {e}: {cause}") from err
+            self._load(misses, protected={(layer, e) for e in experts})
+            self.stats.misses += len(misses)
             self.stats.read_seconds += time.perf_counter() - t0
-            self.stats.bytes_read += len(requests) * size
-            for key, slot in targets:
-                self.slot_of[key] = slot
-                self.key_of[slot] = key
-                self.policy.insert(key)
+            self.stats.bytes_read += len(misses) * self.record_size
         return [self.slots[self.slot_of[(layer, e)]] for e in experts]
+
+    def _load(self, keys, protected: set):
+        """Read the records of non-resident keys into slots (evicting outside `protected`), with
+        the reader threads, checking each record's checksum."""
+        if not keys:
+            return
+        size, base = self.record_size, self.buffer.address
+        requests, targets = [], []
+        for (l, e) in keys:
+            slot = self._take_slot(protected)
+            requests.append((self.fids[l], e * size, size, base + slot * size,
+                             self.store.record_crcs[l][e] if self.verify else None))
+            targets.append(((l, e), slot))
+        try:
+            self.reader.read(requests)
+        except OSError as err:
+            self.free.extend(slot for _, slot in targets)
+            (l, e), _ = targets[getattr(err, "index", 0)]
+            cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
+                if getattr(err, "kind", "") == "checksum" else str(err)
+            raise StoreError(f"{self.store.layer_path(l)}: layer {l} expert {e}: {cause}") from err
+        for key, slot in targets:
+            self.slot_of[key] = slot
+            self.key_of[slot] = key
+            self.policy.insert(key)
 
     def close(self):
         self.reader.close()
