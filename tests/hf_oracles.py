@@ -3,7 +3,6 @@
 Each family is saved with save_pretrained in fp32, exactly as a user's checkpoint would look."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

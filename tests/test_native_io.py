@@ -5,7 +5,6 @@ Oracles: the `crc32c` PyPI package for checksums, plain Python file reads for th
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import random
 import threading

@@ -106,7 +106,7 @@ def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0) -> tuple[f
     sample = Sampler(SamplingParams(temperature=temp, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
     times = []
     for _ in range(n):
-        tok = sample(logits, engine.tokens) if temp > 0 else int(torch.argmax(logits))
+        tok = sample(logits, engine.tokens)  # temp <= 0: argmax
         t0 = time.perf_counter()
         logits = engine.forward([tok], last_only=True)[-1]
         times.append(time.perf_counter() - t0)

@@ -93,6 +93,9 @@ class Checkpoint:
     def names(self):
         return self.entries.keys()
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][1]
+
     def get(self, name: str) -> torch.Tensor:
         path, dtype, shape, start, end = self.entries[name]
         t = torch.empty(shape, dtype=dtype)
@@ -158,30 +161,42 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
     if stray:
         raise ConvertError(f"{src}: expert tensors in layers {stray} that config.json says are dense")
 
-    def expert_weights(layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if (layer, "w13") in fused:
-            w13 = ckpt.get(fused[(layer, "w13")])
-            w2 = ckpt.get(fused[(layer, "w2")]) if (layer, "w2") in fused else None
-            if tuple(w13.shape) != (E, 2 * I, H):
-                raise ConvertError(f"{fused[(layer, 'w13')]}: shape {tuple(w13.shape)}, expected {(E, 2 * I, H)}")
-            if w2 is None or tuple(w2.shape) != (E, H, I):
-                raise ConvertError(f"layer {layer}: fused down_proj missing or not of shape {(E, H, I)}")
-            return w13[e], w2[e]
+    def fused_layer(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w13 = ckpt.get(fused[(layer, "w13")])
+        w2 = ckpt.get(fused[(layer, "w2")]) if (layer, "w2") in fused else None
+        if tuple(w13.shape) != (E, 2 * I, H):
+            raise ConvertError(f"{fused[(layer, 'w13')]}: shape {tuple(w13.shape)}, expected {(E, 2 * I, H)}")
+        if w2 is None or tuple(w2.shape) != (E, H, I):
+            raise ConvertError(f"layer {layer}: fused down_proj missing or not of shape {(E, H, I)}")
+        return w13, w2
+
+    def expert_names(layer: int, e: int) -> dict:
         parts = experts.get((layer, e), {})
         for which in ("w1", "w3", "w2"):
             if which not in parts:
                 raise ConvertError(f"{src}: layer {layer} expert {e}: tensor {which} "
                                    f"({dict(zip(('w1', 'w3', 'w2'), arch.expert_names))[which]}) missing")
-        w1, w3, w2 = (ckpt.get(parts[k]) for k in ("w1", "w3", "w2"))
-        for t, shape, k in ((w1, (I, H), "w1"), (w3, (I, H), "w3"), (w2, (H, I), "w2")):
-            if tuple(t.shape) != shape:
-                raise ConvertError(f"{parts[k]}: shape {tuple(t.shape)}, expected {shape}")
-        return torch.cat([w1, w3], dim=0), w2
+        return parts
+
+    def layer_experts(layer: int):
+        """(w13, w2) of each expert of a layer; a fused layer's tensors are read once."""
+        if (layer, "w13") in fused:
+            w13, w2 = fused_layer(layer)
+            yield from zip(w13, w2)
+            return
+        for e in range(E):
+            parts = expert_names(layer, e)
+            w1, w3, w2 = (ckpt.get(parts[k]) for k in ("w1", "w3", "w2"))
+            for t, shape, k in ((w1, (I, H), "w1"), (w3, (I, H), "w3"), (w2, (H, I), "w2")):
+                if tuple(t.shape) != shape:
+                    raise ConvertError(f"{parts[k]}: shape {tuple(t.shape)}, expected {shape}")
+            yield torch.cat([w1, w3], dim=0), w2
 
     if not cfg.moe_layers:
         raise ConvertError(f"{cfg_path}: the model has no MoE layers")
     first = cfg.moe_layers[0]
-    efmt = expert_format(quant, expert_weights(first, 0)[0].dtype)
+    probe = fused.get((first, "w13")) or expert_names(first, 0)["w1"]
+    efmt = expert_format(quant, ckpt.dtype(probe))
     try:
         layout = RecordLayout.build(efmt, H, I)
     except ValueError as e:
@@ -192,8 +207,7 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
         done = 0
         for layer in cfg.moe_layers:
             w.begin_layer(layer, E)
-            for e in range(E):
-                w13, w2 = expert_weights(layer, e)
+            for w13, w2 in layer_experts(layer):
                 w.write_record(_record(layout, w13, w2))
                 done += 1
                 if progress:
