@@ -88,8 +88,7 @@ def _resolve_model_path(model_path) -> str:
 
 
 def _engine_kwargs(engine_cls, wanted: dict) -> dict:
-    """Pass the flashmoe options the Engine knows; the rest stay on the Llama object (e.g. the
-    GPU pager's vram_budget before that pager exists)."""
+    """Pass the flashmoe options the Engine knows (unset ones keep the Engine's defaults)."""
     import inspect
     params = inspect.signature(engine_cls.__init__).parameters
     return {k: v for k, v in wanted.items() if k in params and v is not None}
@@ -130,7 +129,7 @@ class Llama:
         ram_budget: Union[int, str, None] = None,
         vram_budget: Union[int, str, None] = None,
         cache_policy: str = "lru",
-        prefetch: bool = True,
+        prefetch: Union[bool, str] = True,  # True = "auto" (prefetch while it measurably pays), "on", False/"off"
         backend: Optional[str] = None,
         **kwargs,  # other llama.cpp options (n_gpu_layers, use_mmap, type_k, ...) are accepted and ignored
     ):
@@ -151,7 +150,7 @@ class Llama:
         self.cache_policy, self.prefetch, self.backend = cache_policy, prefetch, backend
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
-        for k in ("io_threads", "direct_io", "verify", "dtype"):
+        for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()

@@ -23,18 +23,31 @@ def _progress(description: str):
 
 def engine_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or mps")(f)
-    f = click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...); default: all, or half the free RAM")(f)
+    f = click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...); CPU: "
+                     "default all, or half the free RAM; CUDA: the pinned tier below VRAM, default what VRAM cannot "
+                     "hold, up to half the free RAM")(f)
+    f = click.option("--vram-budget", default=None, help="CUDA: bytes of expert records kept in GPU memory; default: "
+                     "what is free after the dense part and the KV cache")(f)
     f = click.option("--policy", default="lru", show_default=True, help="expert cache policy")(f)
+    f = click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="predict the next layers' experts and load them early (auto: only while it pays)")(f)
+    f = click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="O_DIRECT reads (bypass the page cache), buffered, or this platform's measured default")(f)
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
     f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
     return f
 
 
-def open_engine(store, device, ram_budget, policy, backend, n_ctx, no_verify):
+def tri(value: str):
+    """'on'/'off'/'auto' -> True/False/None."""
+    return {"on": True, "off": False}.get(value)
+
+
+def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify):
     from .runtime.engine import Engine
-    return Engine(store, device=device, ram_budget=ram_budget, policy=policy, backend=backend,
-                  n_ctx=n_ctx, verify=not no_verify)
+    return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
+                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify)
 
 
 def stream_completion(engine, prompt: str, n: int, temp: float, seed, top_k=40, top_p=0.95, min_p=0.05,
@@ -63,8 +76,11 @@ def print_stats(engine, n_tokens: int, seconds: float, delta: dict, err=True):
         f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tok/s | experts: "
         f"{delta['hits']} hits, {delta['misses']} misses (hit rate {delta['hit_rate']:.1%}), "
         f"{delta['evictions']} evictions, {format_size(delta['bytes_read'])} read in {delta['read_seconds'] * 1e3:.0f} ms | "
-        f"pool {p.capacity} records = {format_size(p.budget)}, policy {type(p.policy).__name__}, "
-        f"backend {engine.backend.name}]", err=err)
+        f"{'VRAM' if p.device.type == 'cuda' else 'RAM'} pool {p.capacity} records = {format_size(p.budget)}"
+        + (f", host tier {p.host_capacity} records ({delta['host_hits']} hits)" if p.host_capacity else "")
+        + (f", prefetched {delta['prefetch_used']} used of {delta['prefetch_reads'] + delta['prefetch_copies']}"
+           if engine.predictor is not None else "")
+        + f", policy {type(p.policy).__name__}, backend {engine.backend.name}]", err=err)
 
 
 @hookimpl

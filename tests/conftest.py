@@ -47,3 +47,36 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_sequence(eng, ids, steps):
+    """Prefill, then decode fixed tokens; all logits."""
+    import torch
+    out = [eng.forward(ids)]
+    out += [eng.forward([t]) for t in steps]
+    return torch.cat(out)
+
+
+@pytest.fixture
+def profiled(oracles, family, tmp_path):
+    """A copy of the oracle store with routing_stats.json and a routing trace of a reference run
+    (all experts resident, no prefetch); returns (store, prompt ids, decode ids, reference logits)."""
+    import shutil
+
+    import torch
+
+    from flashmoe_plugin.pager.trace import TRACE_FILE, RoutingTrace, write_routing_stats
+    from flashmoe_plugin.runtime.engine import Engine
+    store = tmp_path / "store"
+    shutil.copytree(oracles(family).store("none"), store)
+    g = torch.Generator().manual_seed(7)
+    ids, steps = torch.randint(3, 384, (24,), generator=g).tolist(), torch.randint(3, 384, (10,), generator=g).tolist()
+    eng = Engine(store, prefetch="off")
+    trace = RoutingTrace()
+    eng.record(trace)
+    ref = run_sequence(eng, ids, steps)
+    eng.close()
+    trace.save(store / TRACE_FILE)
+    cfg = eng.config
+    write_routing_stats(store, trace.counts(cfg.num_experts), trace.tokens(), cfg.top_k, cfg.num_experts)
+    return store, ids, steps, ref

@@ -12,6 +12,7 @@ from flashmoe_plugin.pager.trace import (TRACE_FILE, RoutingTrace, load_routing_
                                          write_routing_stats)
 from flashmoe_plugin.plugins import registry
 from flashmoe_plugin.runtime.engine import Engine
+from conftest import run_sequence
 
 ONLINE = {"lru": LRU, "lfu": LFU, "fwlru": FWLRU}
 
@@ -93,31 +94,6 @@ def test_trace_and_routing_stats_files(tmp_path):
         load_routing_stats(tmp_path)
 
 
-def run_sequence(eng, ids, steps):
-    """Prefill, then decode fixed tokens; all logits."""
-    out = [eng.forward(ids)]
-    out += [eng.forward([t]) for t in steps]
-    return torch.cat(out)
-
-
-@pytest.fixture
-def profiled(oracles, family, tmp_path):
-    """A copy of the oracle store with routing_stats.json and a routing trace of the test run."""
-    store = tmp_path / "store"
-    shutil.copytree(oracles(family).store("none"), store)
-    g = torch.Generator().manual_seed(7)
-    ids, steps = torch.randint(3, 384, (24,), generator=g).tolist(), torch.randint(3, 384, (10,), generator=g).tolist()
-    eng = Engine(store)
-    trace = RoutingTrace()
-    eng.record(trace)
-    ref = run_sequence(eng, ids, steps)
-    eng.close()
-    trace.save(store / TRACE_FILE)
-    cfg = eng.config
-    write_routing_stats(store, trace.counts(cfg.num_experts), trace.tokens(), cfg.top_k, cfg.num_experts)
-    return store, ids, steps, ref
-
-
 def test_logits_identical_for_every_policy_and_budget(profiled):
     store, ids, steps, ref = profiled
     probe = Engine(store)
@@ -126,7 +102,7 @@ def test_logits_identical_for_every_policy_and_budget(profiled):
     for cap in sorted({k, max(k, total * 2 // 5), total}):
         hits = {}
         for policy in ("lru", "lfu", "fwlru", "static", "belady"):
-            eng = Engine(store, ram_budget=cap * size, policy=policy)
+            eng = Engine(store, ram_budget=cap * size, policy=policy, prefetch="off")
             trace = RoutingTrace()
             eng.record(trace)
             out = run_sequence(eng, ids, steps)

@@ -1,124 +1,395 @@
-"""The expert pager, CPU tier: a pool of record-sized slots holding at most `budget` bytes,
-filled from the store by the native reader threads and emptied by a replacement policy.
-It sees layers, expert ids and byte ranges; never architectures."""
+"""The expert pager: tiers of record slots over the store, filled by the native reader threads.
+It sees layers, expert ids and byte ranges; never architectures.
+
+Tiers (each a SlotPool with a byte budget and a replacement policy):
+- tier 0, "device": where the kernels read records: VRAM for CUDA runs, RAM for CPU runs;
+- tier 1, "host" (optional): a victim cache in pinned RAM below the device tier. A record lives in
+  one tier at a time: a device victim is copied down (device -> host), a host hit is copied up
+  and leaves the host tier, and whatever the host tier evicts is dropped (the disk has it);
+- the store on disk, read with pread (O_DIRECT or buffered) by C threads.
+
+Data path of a tiered pager (CUDA, or its CPU twin): disk reads land in a small ring of pinned
+staging buffers; each is copied to its device slot on the copy stream as soon as its read is
+done, while the next reads continue; compute waits only on the events of the records it uses.
+A CPU pager without a host tier reads straight into its slots.
+
+    batch = pager.request(layer, experts)   # hits noted, demand reads submitted (high priority)
+    pager.prefetch(layer2, guesses)          # optional: low-priority reads / copies for later layers
+    for expert, record in batch: ...         # each record as soon as it is usable, in order
+
+`acquire(layer, experts)` is the blocking form (a list of records). Records stay valid until
+the next request.
+"""
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
+from ..io import aligned_empty
 from ..plugins import registry
 from ..sizes import available_ram, format_size
 from ..store.format import StoreError
+from .policies import LRU
 from .stats import PagerStats
+from .tiers import CudaCopies, HostCopies, SlotPool
+
+DEMAND, PREFETCH = 1, 0  # reader priorities
 
 
 class BudgetError(ValueError):
     pass
 
 
+def default_direct_io() -> bool:
+    """Buffered reads unless measured otherwise for this platform (see benchmarks/README.md)."""
+    return False
+
+
+class _Read:
+    __slots__ = ("key", "ticket", "dest", "staging", "slot", "prefetch", "t0")
+
+    def __init__(self, key, ticket, dest, staging, slot, prefetch):
+        self.key, self.ticket, self.dest, self.staging, self.slot, self.prefetch = key, ticket, dest, staging, slot, prefetch
+        self.t0 = time.perf_counter()
+
+
 class ExpertPager:
     def __init__(self, store, budget: int | None = None, policy: str = "lru", io_threads: int = 4,
-                 direct_io: bool = False, verify: bool = True):
-        from .._io import AlignedBuffer, Reader
+                 direct_io: bool = False, verify: bool = True, device="cpu", host_budget: int | None = 0,
+                 prefetch_slots: int | None = None):
+        from ..io import Reader
 
         self.store, self.verify = store, verify
+        self.device = torch.device(device)
         size = self.record_size = store.layout.size
         total = sum(l.experts for l in store.layers.values())
-        need = store.config.top_k
+        need = self.need = store.config.top_k
         if budget is None:  # default: everything, or half the free RAM if that is less
             budget = min(total * size, max(available_ram() // 2, need * size))
-        n = min(total, budget // size)
-        if n < need:
+        n0 = min(total, budget // size)
+        tier = "VRAM" if self.device.type == "cuda" else "expert"
+        if n0 < need:
             raise BudgetError(
-                f"expert budget {format_size(budget)} holds {n} expert records of {format_size(size)}; one token "
+                f"{tier} budget {format_size(budget)} holds {n0} expert records of {format_size(size)}; one token "
                 f"needs {need} per layer: the minimum is {format_size(need * size)} ({need * size} bytes)")
         policies = registry().policies
         if policy not in policies:
             raise ValueError(f"unknown cache policy {policy!r}; registered: {', '.join(sorted(policies))}")
-        self.capacity = n
-        self.policy = policies[policy](n)
-        self.buffer = AlignedBuffer(n * size)
-        self.slots = torch.frombuffer(self.buffer, dtype=torch.uint8).view(n, size)
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.key_of: list = [None] * n
-        self.free = list(range(n - 1, -1, -1))
+        self.tiered = self.device.type != "cpu" or bool(host_budget)
+        self.copies = CudaCopies(self.device) if self.device.type == "cuda" else HostCopies()
+        n1 = min(total - n0, (host_budget or 0) // size) if self.tiered else 0
+        self.capacity, self.host_capacity = n0, n1
+        storage = aligned_empty(n0 * size) if self.device.type == "cpu" else \
+            torch.empty(n0 * size, dtype=torch.uint8, device=self.device)
+        self.t0 = SlotPool("device", n0, size, policies[policy](n0), storage)
+        self.policy = self.t0.policy
+        # The host tier is a victim cache: its order is the order records fell out of tier 0 (LRU).
+        # One spare row: a host hit leaves while the device victim it swaps with comes down.
+        self.t1 = SlotPool("host", n1, size, LRU(n1), self.copies.host_memory((n1 + 1) * size), spare=1) if n1 else None
+        # Prefetch reads in flight at most; demand keeps 2 x top_k staging buffers of its own.
+        self.prefetch_slots = need * 2 if prefetch_slots is None else int(prefetch_slots)
+        if self.tiered:
+            n = 2 * need + self.prefetch_slots
+            self.staging = self.copies.host_memory(n * size).view(n, size)
+            self.staging_free = deque(range(n))
+            self.staging_fence: list = [None] * n
+        self.reads: dict = {}          # key -> _Read in flight (demand or prefetch)
+        self.prefetched: set = set()   # keys a prefetch brought to tier 0, not used yet
+        self.protected: set = set()    # keys of the current request: never evicted
+        self._fence = None             # compute-stream event of the current request
         self.reader = Reader(nthreads=io_threads, direct=direct_io)
         self.fids = {layer: self.reader.open(str(store.layer_path(layer))) for layer in store.layers}
         self.stats = PagerStats(verify=verify)
-        self.trace = None  # a pager.trace.RoutingTrace while recording (Engine.record)
+        self.trace = None      # a pager.trace.RoutingTrace while recording (Engine.record)
+        self.predictor = None  # a pager.predictor.Predictor when prefetching (Engine sets it)
         self._preload(self.policy.warm(store) if hasattr(self.policy, "warm") else [])
 
-    def _preload(self, keys):
-        """Load the keys a policy asks for at start (static: its pinned experts); not counted as
-        hits or misses."""
-        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:len(self.free)]
-        self._load(keys, protected=set())
-        self.stats.preloaded += len(keys)
-
+    # ------------------------------------------------------------------ facts
     @property
     def budget(self) -> int:
         return self.capacity * self.record_size
 
-    def resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.slot_of
+    @property
+    def host_budget(self) -> int:
+        return self.host_capacity * self.record_size
 
-    def _take_slot(self, protected: set) -> int:
-        if self.free:
-            return self.free.pop()
-        key = self.policy.victim(protected)
-        slot = self.slot_of.pop(key)
-        self.policy.remove(key)
-        self.key_of[slot] = None
-        self.stats.evictions += 1
-        return slot
+    @property
+    def total_capacity(self) -> int:
+        """Distinct records the tiers hold together (they are exclusive)."""
+        return self.capacity + self.host_capacity
+
+    def resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.t0
+
+    def tier_of(self, key) -> str | None:
+        return "device" if key in self.t0 else "host" if self.t1 is not None and key in self.t1 else None
+
+    # ------------------------------------------------------------------ demand
+    def request(self, layer: int, experts: list[int], host_ok: bool = False) -> "_Batch":
+        """host_ok: records found in the host tier stay there and are yielded from host memory
+        (the caller computes them on the CPU, Fiddler-style); `batch.on_host` names them."""
+        keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
+        if len(keys) > self.capacity:
+            raise BudgetError(f"{len(keys)} experts requested at once; the device tier holds {self.capacity}")
+        if self.trace is not None:
+            self.trace.request(layer, [k[1] for k in keys])
+        return self._batch(keys, layer=layer, host_ok=host_ok)
 
     def acquire(self, layer: int, experts: list[int]) -> list[torch.Tensor]:
-        """Make the given experts of one layer resident; returns their records (uint8 tensors),
-        valid until the next acquire."""
-        if len(set(experts)) > self.capacity:
-            raise BudgetError(f"{len(set(experts))} experts requested at once; the pool holds {self.capacity}")
-        if self.trace is not None:
-            self.trace.request(layer, experts)
-        misses = []
-        for e in dict.fromkeys(experts):
-            if (layer, e) in self.slot_of:
-                self.stats.hits += 1
-                self.policy.touch((layer, e))
-            else:
-                misses.append((layer, e))
-        if misses:
-            t0 = time.perf_counter()
-            self._load(misses, protected={(layer, e) for e in experts})
-            self.stats.misses += len(misses)
-            self.stats.read_seconds += time.perf_counter() - t0
-            self.stats.bytes_read += len(misses) * self.record_size
-        return [self.slots[self.slot_of[(layer, e)]] for e in experts]
+        """Blocking form of request(): the records of `experts` (in that order, repeats allowed)."""
+        got = dict(self.request(layer, experts))
+        return [got[int(e)] for e in experts]
 
-    def _load(self, keys, protected: set):
-        """Read the records of non-resident keys into slots (evicting outside `protected`), with
-        the reader threads, checking each record's checksum."""
-        if not keys:
-            return
-        size, base = self.record_size, self.buffer.address
-        requests, targets = [], []
-        for (l, e) in keys:
-            slot = self._take_slot(protected)
-            requests.append((self.fids[l], e * size, size, base + slot * size,
-                             self.store.record_crcs[l][e] if self.verify else None))
-            targets.append(((l, e), slot))
+    def _batch(self, keys, layer=None, count=True, host_ok=False) -> "_Batch":
+        self.protected = set(keys)
+        self._fence = self.copies.fence()
+        self._progress()
+        if layer is not None:
+            self._settle_prefetches(layer)
+        st, plan = self.stats, []
+        for key in keys:
+            if key in self.t0:
+                self.policy.touch(key)
+                state = "device"
+            elif self.t1 is not None and key in self.t1:
+                state = "host"
+                if host_ok:  # served where it is
+                    self.t1.policy.touch(key)
+                    self.stats.host_computed += count
+                else:  # copied up now: a hit, placed before this request's misses (as LRU does)
+                    self._up(key, self.t1.slots[self.t1.slot_of[key]])
+            else:
+                state = self.reads.get(key, "disk")
+            if count:
+                if state in ("device", "host"):
+                    st.hits += 1
+                    setattr(st, state + "_hits", getattr(st, state + "_hits") + 1)
+                else:
+                    st.misses += 1
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    st.prefetch_used += 1
+                elif isinstance(state, _Read):
+                    st.prefetch_used += 1
+            if isinstance(state, _Read):
+                state.prefetch = False  # claimed by demand
+            plan.append((key, state))
+        return _Batch(self, plan, count)
+
+    def _preload(self, keys):
+        """Load the keys a policy asks for at start (static: its pinned experts); not counted as
+        hits or misses."""
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:self.capacity]
+        for i in range(0, len(keys), self.capacity):
+            for _ in self._batch(keys[i:i + self.capacity], count=False):
+                pass
+        self.protected = set()
+        self.stats.preloaded += len(keys)
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, layer: int, experts, from_disk: bool = True, from_host: bool = True) -> int:
+        """Start bringing `experts` of a later layer to the device tier at low priority: host-tier
+        records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
+        Never evicts the current request's records. Returns how many were started."""
+        self._progress()
+        started = 0
+        for e in dict.fromkeys(int(e) for e in experts):
+            key = (layer, e)
+            if key in self.t0 or key in self.reads:
+                continue
+            if self.t1 is not None and key in self.t1:
+                if from_host and self._has_victim():
+                    self._up(key, self.t1.slots[self.t1.slot_of[key]])
+                    self.prefetched.add(key)
+                    self.stats.prefetch_copies += 1
+                    started += 1
+            elif from_disk and sum(r.prefetch for r in self.reads.values()) < self.prefetch_slots:
+                if self._submit(key, PREFETCH) is None:
+                    break
+                self.stats.prefetch_reads += 1
+                started += 1
+        return started
+
+    def _has_victim(self) -> bool:
+        return bool(self.t0.free) or len(self.t0) > len(self.protected & self.t0.slot_of.keys())
+
+    def _settle_prefetches(self, layer: int):
+        """The real routing of `layer` is known: cancel its prefetch reads it does not want."""
+        for key in [k for k, r in self.reads.items() if k[0] == layer and r.prefetch and k not in self.protected]:
+            self._cancel(self.reads.pop(key))
+
+    def _cancel(self, r: _Read):
+        """Drop a prefetch read (whatever part of it has not started) and free its buffer."""
+        r.ticket.cancel()
         try:
-            self.reader.read(requests)
+            r.ticket.wait()
+        except OSError:
+            pass
+        self._free_dest(r)
+        self.stats.prefetch_cancelled += 1
+        self.stats.prefetch_wasted += 1
+
+    def _progress(self):
+        """Finish prefetch reads that are done (tiered: queue their copies to the device)."""
+        for key in [k for k, r in self.reads.items() if r.prefetch and r.ticket.done()]:
+            if self.tiered and not self._has_victim():
+                return  # the device tier holds only this request's records: later
+            self._finish(self.reads.pop(key))
+            self.prefetched.add(key)
+
+    # ------------------------------------------------------------------ moving records
+    def _submit(self, key, priority):
+        """Queue the disk read of one record; None when no buffer is free (prefetch only)."""
+        size = self.record_size
+        layer, e = key
+        if self.tiered:
+            if priority == PREFETCH and len(self.staging_free) <= 2 * self.need:
+                return None
+            if not self.staging_free:
+                self._reclaim_staging()
+            s = self.staging_free.popleft()
+            self.copies.wait(self.staging_fence[s])  # its last copy to the device must be done
+            dest, slot = self.staging[s], None
+        else:
+            try:
+                slot = self._take0(key if priority == DEMAND else None)
+            except RuntimeError:
+                if priority == PREFETCH:
+                    return None
+                self._drop_prefetch_reads()
+                slot = self._take0(key)
+            s, dest = None, self.t0.slots[slot]
+        crc = self.store.record_crcs[layer][e] if self.verify else None
+        ticket = self.reader.submit([(self.fids[layer], e * size, size, dest, crc)], priority)
+        r = self.reads[key] = _Read(key, ticket, dest, s, slot, priority == PREFETCH)
+        self.stats.bytes_read += size
+        return r
+
+    def _reclaim_staging(self):
+        """Every staging buffer is held by a read: finish the oldest prefetch read."""
+        for key, r in self.reads.items():
+            if r.prefetch:
+                del self.reads[key]
+                if self._has_victim():
+                    self._finish(r)
+                    self.prefetched.add(key)
+                else:
+                    self._cancel(r)
+                return
+        raise RuntimeError("pager: no staging buffer free and no prefetch to reclaim")
+
+    def _drop_prefetch_reads(self):
+        for key in [k for k, r in self.reads.items() if r.prefetch]:
+            self._cancel(self.reads.pop(key))
+
+    def _free_dest(self, r: _Read):
+        if r.staging is not None:
+            self.staging_free.append(r.staging)
+        else:
+            self.t0.release(r.slot)
+
+    def _finish(self, r: _Read):
+        """Wait for a read (checking it) and make the record resident in tier 0."""
+        try:
+            r.ticket.wait()
         except OSError as err:
-            self.free.extend(slot for _, slot in targets)
-            (l, e), _ = targets[getattr(err, "index", 0)]
+            self._free_dest(r)
+            layer, e = r.key
             cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
                 if getattr(err, "kind", "") == "checksum" else str(err)
-            raise StoreError(f"{self.store.layer_path(l)}: layer {l} expert {e}: {cause}") from err
-        for key, slot in targets:
-            self.slot_of[key] = slot
-            self.key_of[slot] = key
-            self.policy.insert(key)
+            raise StoreError(f"{self.store.layer_path(layer)}: layer {layer} expert {e}: {cause}") from err
+        if self.predictor is not None and not r.prefetch:
+            self.predictor.note_read(time.perf_counter() - r.t0)
+        if r.staging is None:
+            self.t0.put(r.key, r.slot)
+        else:
+            self.staging_fence[r.staging] = self._up(r.key, r.dest)
+            self.staging_free.append(r.staging)
+
+    def _take0(self, protect=None) -> int:
+        """A tier-0 slot; its victim (never a protected key) goes down to the host tier."""
+        slot, victim = self.t0.take(self.protected if protect is None else self.protected | {protect})
+        if victim is not None:
+            self.stats.evictions += 1
+            if victim in self.prefetched:
+                self.prefetched.discard(victim)
+                self.stats.prefetch_wasted += 1
+            if self.t1 is not None:
+                try:
+                    hslot, _ = self.t1.take(self.protected)
+                except RuntimeError:  # the host tier holds only records this request needs
+                    return slot
+                ev = self.copies.copy(self.t1.slots[hslot], self.t0.slots[slot],
+                                      after=(self._fence, self.t0.fence[slot], self.t1.fence[hslot]))
+                self.t0.fence[slot] = self.t1.fence[hslot] = ev
+                self.t1.put(victim, hslot)
+                self.stats.demoted += 1
+        return slot
+
+    def _up(self, key, src: torch.Tensor):
+        """Copy a record from host memory (staging or host tier) into a tier-0 slot, after the
+        compute that may still read the slot and the copies that touch either end."""
+        # leave the host tier first, so that the device victim going down cannot take this slot
+        hslot = self.t1.pop(key) if self.t1 is not None and key in self.t1 else None
+        slot = self._take0()
+        ev = self.copies.copy(self.t0.slots[slot], src, after=(
+            self._fence, self.t0.fence[slot], None if hslot is None else self.t1.fence[hslot]))
+        if hslot is not None:
+            self.t1.fence[hslot] = ev
+            self.t1.release(hslot)
+        self.t0.put(key, slot)
+        self.t0.fence[slot] = ev
+        self.stats.bytes_copied += self.record_size
+        return ev
 
     def close(self):
+        self._drop_prefetch_reads()
+        for r in self.reads.values():
+            r.ticket.cancel()
         self.reader.close()
+        self.reads.clear()
+        self.copies.close()
+
+
+class _Batch:
+    """One request's records, yielded in order as each becomes usable. Disk reads are submitted
+    ahead as far as buffers allow, so reading, copying and compute overlap."""
+
+    def __init__(self, pager: ExpertPager, plan, count: bool):
+        self.p, self.plan, self.count = pager, plan, count
+        self.todo = deque(key for key, state in plan if state == "disk")
+        self.on_host = {key[1] for key, state in plan if state == "host" and key not in pager.t0}
+        self._submit_ahead()
+
+    def _submit_ahead(self):
+        p = self.p
+        while self.todo and (not p.tiered or p.staging_free):
+            key = self.todo.popleft()
+            if key not in p.reads:
+                p._submit(key, DEMAND)
+
+    def __iter__(self):
+        p = self.p
+        for key, state in self.plan:
+            if state not in ("device", "host"):
+                if key not in p.reads:  # not submitted yet (buffers were short)
+                    while self.todo and key not in p.reads:
+                        k = self.todo.popleft()
+                        if k not in p.reads:
+                            p._submit(k, DEMAND)
+                r = p.reads.pop(key)
+                t0 = time.perf_counter()
+                p._finish(r)
+                if self.count:
+                    p.stats.read_seconds += time.perf_counter() - t0
+                self._submit_ahead()
+            if key[1] in self.on_host:
+                slot = p.t1.slot_of[key]
+                p.copies.wait(p.t1.fence[slot])  # its trip down from the device must be complete
+                yield key[1], p.t1.slots[slot]
+                continue
+            slot = p.t0.slot_of[key]
+            p.copies.use(p.t0.fence[slot])
+            yield key[1], p.t0.slots[slot]

@@ -1,7 +1,7 @@
 """Engine: a store loaded for inference. Dense weights resident on the compute device, a
 preallocated KV cache, routed experts served by the pager and computed by a kernel backend.
 
-    eng = Engine("./store", device="cpu", n_ctx=2048, ram_budget="2G")
+    eng = Engine("./store", device="cuda", n_ctx=2048, vram_budget="8G", ram_budget="16G")
     logits = eng.forward(token_ids)        # [T, vocab] float32; appends to the KV cache
     eng.truncate(n) / eng.reset()          # drop cached positions
 """
@@ -11,8 +11,10 @@ import torch
 
 from .. import kernels
 from ..models.layers import Decoder, KVCache
-from ..pager.pager import ExpertPager
-from ..sizes import parse_size
+from ..pager.pager import ExpertPager, default_direct_io
+from ..pager.predictor import Predictor
+from ..sizes import available_ram, format_size, parse_size
+from .host_compute import HostCompute
 from ..store.format import Store
 
 
@@ -32,7 +34,9 @@ def resolve_device(device) -> torch.device:
 class Engine:
     def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "lru",
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
-                 io_threads: int = 4, direct_io: bool = False, verify: bool = True):
+                 io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
+                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
+                 pager_options: dict | None = None):
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
@@ -41,11 +45,41 @@ class Engine:
         self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
-        self.pager = ExpertPager(self.store, parse_size(ram_budget), policy=policy, io_threads=io_threads,
-                                 direct_io=direct_io, verify=verify)
+        budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
+        opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
+        self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
+                                 direct_io=default_direct_io() if direct_io is None else direct_io, verify=verify, **opts)
+        self.predictor = None
+        mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
+        if mode != "off":
+            self.predictor = self.pager.predictor = Predictor(mode, prefetch_depth)
+        self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device)
+        self._moe_order = [i for i in range(cfg.num_layers) if i in self.store.layers]
+        self._moe_pos = {layer: i for i, layer in enumerate(self._moe_order)}
         self.tokens: list[int] = []
         self._tokenizer = None
         self.trace = None
+
+    def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
+        """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
+        the VRAM budget (default: what is free after the dense part and the KV cache, less a
+        reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to half
+        the free RAM)."""
+        if self.device.type != "cuda":
+            if vram_budget is not None:
+                raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
+            return ram_budget, 0
+        free, _ = torch.cuda.mem_get_info(self.device)
+        usable = free - max(1 << 30, free // 20)  # workspaces, activations, the allocator's slack
+        total = self.store.expert_bytes
+        if vram_budget is None:
+            vram_budget = max(0, min(total, usable))
+        elif vram_budget > usable:
+            raise ValueError(f"VRAM budget {format_size(vram_budget)} exceeds what is free on {self.device} after "
+                             f"the dense weights and KV cache ({format_size(max(usable, 0))} usable)")
+        if ram_budget is None:
+            ram_budget = min(max(0, total - vram_budget), available_ram() // 2)
+        return vram_budget, ram_budget
 
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
@@ -87,37 +121,64 @@ class Engine:
             t = torch.tensor(chunk, dtype=torch.long, device=self.device)
             if self.trace is not None:
                 self.trace.begin(self.n_past, len(chunk))
+            if self.predictor is not None:
+                self.predictor.end_sequence()
             logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Routed experts of one layer. Decode: one fused call over the token's k experts.
-        Prefill: each expert used by the chunk is loaded once and runs all its tokens as a
-        matrix product; experts go through the pool in groups that fit it."""
+    def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 h: torch.Tensor) -> torch.Tensor:
+        """Routed experts of one layer. Decode: the token's k records are requested, the
+        predictor's prefetches for the next layers go out behind them, then one fused call.
+        Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
+        product while the next ones load; experts go through the device tier in groups that fit."""
         layout, be = self.store.layout, self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
         if x.shape[0] == 1:
-            records = self._on_device(self.pager.acquire(layer, ids[0].tolist()))
-            return be.moe_decode(x, records, weights[0], layout)
+            chosen = ids[0].tolist()
+            hc = self.host_compute
+            batch = self.pager.request(layer, chosen, host_ok=hc.mode != "off" and hc.pays())
+            if self.predictor is not None:
+                self._look_ahead(layer, chosen, h)
+            got = dict(batch)
+            if not batch.on_host:
+                return be.moe_decode(x, [got[e] for e in chosen], weights[0], layout)
+            # host-tier records are computed on the CPU while the GPU runs the others
+            w = weights[0].tolist()
+            here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
+            out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
+                else torch.zeros_like(x)
+            there = [i for i, e in enumerate(chosen) if e in batch.on_host]
+            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity
         for g in range(0, len(used), step):
-            group = used[g:g + step]
-            for e, rec in zip(group, self._on_device(self.pager.acquire(layer, group))):
+            for e, rec in self.pager.request(layer, used[g:g + step]):
                 tok, slot = torch.where(ids == e)
                 y = be.expert_ffn(x[tok], rec, layout) * weights[tok, slot, None]
                 out.index_add_(0, tok, y)
         return out
 
-    def _on_device(self, records):
-        if self.device.type == "cpu":
-            return records
-        return [r.to(self.device, non_blocking=True) for r in records]
+    def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):
+        """Grade the guesses made for this layer; guess the next layers' experts from h and
+        prefetch those the cost model allows."""
+        pred = self.predictor
+        pred.observe(layer, chosen, self.pager.stats.read_seconds)
+        at = self._moe_pos[layer]
+        for d in range(1, pred.depth + 1):
+            if at + d >= len(self._moe_order):
+                break
+            j = self._moe_order[at + d]
+            guess = self.model.guess(j, h)
+            pred.guessed(j, guess, d)
+            disk, host = pred.allow(d, True), pred.allow(d, False)
+            if disk or host:
+                self.pager.prefetch(j, guess, from_disk=disk, from_host=host)
 
     def close(self):
         self.pager.close()

@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json", "generation_config.json", "tokenizer.model")
 
 
-class StoreError(Exception):
+class StoreError(ValueError):
     """A store that is missing, malformed or damaged; the message names the file and record."""
 
 

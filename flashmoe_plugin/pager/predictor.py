@@ -1,0 +1,104 @@
+"""The prefetch predictor's bookkeeping: it grades look-ahead routing guesses against the real
+routing and decides, from its own measurements, whether prefetching pays.
+
+The engine makes the guesses (after layer L routes, it applies the routers of layers L+1..L+d to
+the current hidden state: the model knows routers, the pager does not) and reports them here
+with `guessed(layer, ids, distance)`; `observe(layer, ids)` grades them when that layer really
+routes. `allow(distance, from_disk)` is the cost model:
+
+- a guess whose record sits in the host tier costs one host->device copy when wrong (PCIe time,
+  mostly idle during decode): prefetch when precision >= 0.25;
+- a guess that must come from disk costs a whole record read when wrong, which delays the reads
+  the token needs, and when right saves at most the disk time that would otherwise go idle:
+  min(read time, lead time), where the lead time is `distance` x the measured busy time per
+  layer (wall time between two layers less the time spent waiting for reads). Prefetch when
+  precision x min(read, lead) > (1 - precision) x read. A disk-bound run (busy time ~0.1 ms,
+  reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5.
+
+Far distances fail first, so the depth shrinks on its own, and prefetching stops when it costs
+more than it saves (on a disk-bound run with near-random routing, it stops). Mode "on" skips the
+cost model; "auto" waits for `min_observations` graded guesses at a distance before trusting it.
+"""
+from __future__ import annotations
+
+import time
+
+
+class Predictor:
+    min_observations = 8
+    host_threshold = 0.25
+
+    def __init__(self, mode: str = "auto", depth: int = 1):
+        if mode not in ("auto", "on"):
+            raise ValueError(f"prefetch must be on, off or auto, not {mode!r}")
+        self.mode, self.depth = mode, max(1, int(depth))
+        self.pending: dict[int, list[tuple[int, set]]] = {}
+        self.by_distance = {d: [0, 0, 0, 0] for d in range(1, self.depth + 1)}  # hits, guessed, actual, graded
+        self.by_layer: dict[int, list[int]] = {}                                 # hits, guessed, actual
+        self.busy_s: float | None = None   # EMA of the time between two layers' routing, less read stalls
+        self.read_s: float | None = None   # EMA of one record's read time (set by the pager's measurements)
+        self._last = None                  # (time, cumulative stall) at the last observe
+
+    # ---------------------------------------------------------------- measurements
+    def guessed(self, layer: int, ids, distance: int):
+        self.pending.setdefault(layer, []).append((distance, set(ids)))
+
+    def observe(self, layer: int, ids, stalled: float = 0.0):
+        """Layer `layer` routed to `ids` (one token): grade the guesses made for it. `stalled`:
+        the pager's cumulative time spent waiting for reads."""
+        now = time.perf_counter()
+        if self._last is not None:
+            busy = max(0.0, now - self._last[0] - (stalled - self._last[1]))
+            self.busy_s = busy if self.busy_s is None else 0.9 * self.busy_s + 0.1 * busy
+        self._last = (now, stalled)
+        actual = set(ids)
+        for distance, guess in self.pending.pop(layer, ()):
+            hit = len(guess & actual)
+            d = self.by_distance[distance]
+            d[0] += hit; d[1] += len(guess); d[2] += len(actual); d[3] += 1
+            per = self.by_layer.setdefault(layer, [0, 0, 0])
+            per[0] += hit; per[1] += len(guess); per[2] += len(actual)
+
+    def end_sequence(self):
+        """Guesses for layers a forward pass never reached are dropped, ungraded."""
+        self.pending.clear()
+        self._last = None
+
+    def note_read(self, seconds_per_record: float):
+        self.read_s = seconds_per_record if self.read_s is None else 0.9 * self.read_s + 0.1 * seconds_per_record
+
+    # ---------------------------------------------------------------- decisions
+    def precision(self, distance: int | None = None) -> float | None:
+        hits, guessed = self._sum(distance, 0), self._sum(distance, 1)
+        return hits / guessed if guessed else None
+
+    def recall(self, distance: int | None = None) -> float | None:
+        hits, actual = self._sum(distance, 0), self._sum(distance, 2)
+        return hits / actual if actual else None
+
+    def _sum(self, distance, i):
+        rows = self.by_distance.values() if distance is None else [self.by_distance[distance]]
+        return sum(r[i] for r in rows)
+
+    def allow(self, distance: int, from_disk: bool) -> bool:
+        if self.mode == "on":
+            return True
+        if self.by_distance[distance][3] < self.min_observations:
+            return False
+        p = self.precision(distance)
+        if not from_disk:
+            return p >= self.host_threshold
+        if self.read_s is None or self.busy_s is None:
+            return False
+        lead = distance * self.busy_s
+        return p * min(self.read_s, lead) > (1 - p) * self.read_s
+
+    def snapshot(self) -> dict:
+        def pr(h, g, a):
+            return {"precision": h / g if g else None, "recall": h / a if a else None}
+        return {"mode": self.mode, "depth": self.depth,
+                "precision": self.precision(), "recall": self.recall(),
+                "by_distance": {d: {**pr(*r[:3]), "guesses": r[3]} for d, r in self.by_distance.items()},
+                "by_layer": {l: pr(*r) for l, r in sorted(self.by_layer.items())},
+                "busy_ms_per_layer": None if self.busy_s is None else self.busy_s * 1e3,
+                "read_ms_per_record": None if self.read_s is None else self.read_s * 1e3}
