@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from flashmoe_plugin import quant as Q
-from flashmoe_plugin.bench.store import GPU_KEYS, run_bench
+from flashmoe_plugin.bench.store import GPU_KEYS, PREDICTOR_KEYS, run_bench
 from flashmoe_plugin.cli import cli
 from flashmoe_plugin.convert.synth import _fill_records, _Random, config_for, store_bytes, synth
 from flashmoe_plugin.plugins import manager
@@ -18,7 +18,8 @@ BENCH_KEYS = {
     "decode_tok_s", "prefill_tok_s", "ttft_s", "hit_rate", "hit_rate_run", "tiers", "bytes_read_per_token",
     "missed_bytes_per_token", "stall_ms_per_token", "disk_bandwidth_gbps", "disk", "io_bound_tok_s",
     "io_efficiency", "belady_hit_rate", "hit_rate_vs_belady", "compute_bound_tok_s", "compute_bound_reason",
-    "policy", "ram_budget", "capacity_records", "prompt_tokens", "tokens", "notes", *GPU_KEYS}
+    "policy", "ram_budget", "capacity_records", "prompt_tokens", "tokens", "notes", "prefetch", "prefetch_stats",
+    "host_capacity_records", *GPU_KEYS, *PREDICTOR_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,13 @@ def test_profile_then_bench_json(tiny, runner):
     assert prof["tokens_generated"] == 4 * prof["prompts"]
     size = Store.open(tiny).layout.size
     r = runner.invoke(cli, ["bench", str(tiny), "--json", "--tokens", "4", "--prompt-tokens", "24",
-                            "--ram-budget", str(5 * size), "--policy", "static"])
+                            "--ram-budget", str(5 * size), "--policy", "static", "--prefetch", "on"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert BENCH_KEYS <= set(out), BENCH_KEYS - set(out)
-    assert all(out[k] is None for k in GPU_KEYS) and any("GPU pager" in n for n in out["notes"])
+    assert all(out[k] is None for k in GPU_KEYS) and any("GPU keys" in n for n in out["notes"])
+    assert 0 <= out["predictor_precision"] <= 1 and 0 <= out["predictor_recall"] <= 1
+    assert out["prefetch_stats"]["prefetch_reads"] > 0
     assert out["capacity_records"] == 5 and out["prompt_tokens"] == 24 and out["tokens"] == 4
     assert out["compute_bound_tok_s"] is not None and 0 <= out["belady_hit_rate"] <= 1
     assert "pinned" in out["policy_note"]

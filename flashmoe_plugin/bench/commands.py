@@ -10,13 +10,9 @@ import click
 from ..hookspecs import hookimpl
 
 
-def _on_off(value: str) -> bool:
-    return value == "on"
-
-
 @hookimpl
 def register_commands(cli):
-    from ..commands import _progress
+    from ..commands import _progress, tri
     from ..convert.synth import LIKE_CHOICES
 
     @cli.command()
@@ -29,19 +25,28 @@ def register_commands(cli):
     @click.option("--policy", default="lru", show_default=True, help="expert cache policy")
     @click.option("--tokens", default=32, show_default=True, help="decode steps measured")
     @click.option("--prompt-tokens", default=512, show_default=True, help="prompt length for TTFT and prefill")
-    @click.option("--direct-io", type=click.Choice(["on", "off"]), default="off", show_default=True,
-                  help="O_DIRECT reads (bypass the page cache) or buffered")
+    @click.option("--vram-budget", default=None, help="CUDA: bytes of expert records kept in GPU memory")
+    @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="predictor-driven prefetch (auto: only while it pays)")
+    @click.option("--prefetch-depth", default=1, show_default=True, help="layers ahead the predictor guesses")
+    @click.option("--host-compute", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="CUDA: compute host-tier experts on the CPU when that beats copying them (measured)")
+    @click.option("--io-threads", default=4, show_default=True, help="reader threads")
+    @click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="O_DIRECT reads (bypass the page cache), buffered, or the platform's measured default")
     @click.option("--drop-caches", is_flag=True, help="drop the OS page cache first (needs root; else the "
                   "store's files are evicted)")
     @click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")
+    @click.option("--no-compute-bound", is_flag=True, help="skip the second run with every expert resident")
     @click.option("--backend", default=None, help="kernel backend (default: best for the device)")
     @click.option("--temp", default=1.0, show_default=True, help="decode sampling temperature (0 = greedy)")
     @click.option("--seed", default=0, show_default=True, help="sampling seed (same seed, same tokens)")
     @click.option("--save-trace", type=click.Path(path_type=Path), default=None,
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
-    def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, direct_io,
-              drop_caches, no_verify, backend, temp, seed, save_trace):
+    def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
+              prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
+              save_trace):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
         if kernels:
@@ -54,8 +59,11 @@ def register_commands(cli):
         from .store import run_bench
         try:
             result = run_bench(store, device=device, ram_budget=ram_budget, policy=policy, tokens=tokens,
-                               prompt_tokens=prompt_tokens, direct_io=_on_off(direct_io), drop_caches=drop_caches,
-                               verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace)
+                               prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
+                               verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
+                               vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
+                               host_compute=host_compute,
+                               io_threads=io_threads, compute_bound=not no_compute_bound)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(result, indent=1) if as_json else _store_table(result))
@@ -119,15 +127,20 @@ def register_commands(cli):
 def _store_table(r: dict) -> str:
     def f(v, fmt="{:.2f}"):
         return "n/a" if v is None else fmt.format(v)
+    tiers = " | ".join(f"{name} {f(t['hit_rate'], '{:.1%}')}" for name, t in r["tiers"].items()
+                       if t and "hit_rate" in t)
     return "\n".join([
-        f"{r['store']}: {r['architecture']} {r['quant']}, policy {r['policy']}, pool {r['capacity_records']}/"
-        f"{r['total_records']} records, backend {r['backend']}",
+        f"{r['store']}: {r['architecture']} {r['quant']}, policy {r['policy']}, device tier {r['capacity_records']}"
+        f" + host tier {r['host_capacity_records']} of {r['total_records']} records, backend {r['backend']}, "
+        f"prefetch {r['prefetch']}",
         f"prefill {r['prompt_tokens']} tokens: TTFT {f(r['ttft_s'])} s, {f(r['prefill_tok_s'])} tok/s",
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
-        f"hit rate {f(r['hit_rate'], '{:.1%}')} decode, {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "
+        f"hit rate {f(r['hit_rate'], '{:.1%}')} decode ({tiers}), {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "
         f"{f(r['belady_hit_rate'], '{:.1%}')} | {r['bytes_read_per_token'] / 1e6:.1f} MB read/token, "
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {f(r['disk_bandwidth_gbps'])} GB/s",
+        f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
+        f" | h2d {f(r['h2d_gbps'])} GB/s",
     ] + [f"note: {n}" for n in r["notes"]])
 
 

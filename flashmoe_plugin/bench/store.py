@@ -5,21 +5,26 @@ run_bench, in order:
 1. disk bandwidth: reader threads read the store's expert records (random order, each record
    at most once, whole records as the pager reads them) after dropping the page cache
    (--drop-caches, where permitted) or evicting the expert files (posix_fadvise via
-   Reader.evict);
-2. the engine with the requested budget and policy, routing trace recording on, expert files
-   evicted again; prefill of a `prompt_tokens` prompt (TTFT, prefill tok/s), then `tokens`
-   decode steps, sampled at `temp` with a fixed seed so runs repeat (0 = greedy): decode
-   tok/s, hit rate, bytes read and stall per token;
-3. I/O bound = bandwidth / missed bytes per decode token; io_efficiency = tok/s / bound;
-4. Belady's MIN on the recorded pager requests with the same capacity (belady.py);
+   Reader.evict); on CUDA also the pinned host->device copy bandwidth and the device memory
+   bandwidth (a device-to-device copy);
+2. the engine with the requested budgets, policy and prefetch mode, routing trace recording on,
+   expert files evicted again; prefill of a `prompt_tokens` prompt (TTFT, prefill tok/s), then
+   `tokens` decode steps, sampled at `temp` with a fixed seed so runs repeat (0 = greedy):
+   decode tok/s, hit rate per tier, bytes read and copied and stall per token, predictor
+   precision/recall;
+3. I/O bound = disk bandwidth / bytes read from disk per decode token (prefetches included);
+   io_efficiency = tok/s / bound; on CUDA likewise the copy bound (h2d bandwidth / bytes
+   copied per token);
+4. Belady's MIN on the recorded pager requests with the capacity of all tiers together
+   (belady.py), against the run's hit rate in any tier;
 5. compute bound: a second engine holding every expert (preloaded), same prompt and decode, if
-   the experts fit in half the free RAM; else null with the reason.
-GPU-tier figures (h2d bandwidth, VRAM hit rate, bytes copied, predictor precision/recall) are
-present as null until the GPU pager exists.
+   the experts fit (in half the free RAM; on CUDA in free VRAM); else null with the reason. On
+   CUDA also the kernel bound: device memory bandwidth / bytes of weights one token reads.
 """
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import random
@@ -30,8 +35,9 @@ import torch
 
 from ..sizes import available_ram, format_size, parse_size
 
-GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token",
-            "predictor_precision", "predictor_recall", "prefetch")
+GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
+            "hbm_gbps", "kernel_bound_tok_s")
+PREDICTOR_KEYS = ("predictor_precision", "predictor_recall")
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when",
@@ -113,23 +119,75 @@ def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0) -> tuple[f
     return sum(times), times
 
 
-def _rate(d: dict) -> float | None:
-    n = d["hits"] + d["misses"]
-    return d["hits"] / n if n else None
+def _rate(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """Pinned host->device copy and device-to-device copy bandwidth (GB/s; the latter counts
+    the bytes read and written), best of `repeats`, timed with CUDA events."""
+    from ..pager.tiers import CudaCopies
+    copies = CudaCopies(device)
+    host = copies.host_memory(nbytes)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev2 = torch.empty_like(dev)
+
+    def best(fn, moved):
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return moved / min(times) / 1e9
+    h2d = best(lambda: dev.copy_(host, non_blocking=True), nbytes)
+    d2d = best(lambda: dev2.copy_(dev), 2 * nbytes)
+    del dev, dev2
+    copies.close()
+    return {"h2d_gbps": h2d, "hbm_gbps": d2d, "bytes": nbytes}
+
+
+def active_bytes_per_token(store) -> int:
+    """Bytes of weights one decode token reads: the dense part less the embedding table (one row
+    is read), plus top_k expert records per MoE layer."""
+    from safetensors import safe_open
+    cfg = store.config
+    dense = 0
+    with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            n = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 4)
+            if name == "embed.weight" and not cfg.tie_word_embeddings:
+                n //= cfg.vocab_size
+            dense += n
+    return dense + len(store.layers) * cfg.top_k * store.layout.size
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
 def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
-    if need > available_ram() // 2:
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+        fits, where = need <= free * 0.8, f"80% of the free VRAM ({format_size(free)})"
+        budgets = dict(vram_budget=need, ram_budget=0)
+    else:
+        fits, where = need <= available_ram() // 2, f"half the free RAM ({format_size(available_ram())} free)"
+        budgets = dict(ram_budget=need)
+    if not fits:
         return {"compute_bound_tok_s": None, "compute_bound_prefill_tok_s": None,
-                "compute_bound_reason": f"experts ({format_size(need)}) do not fit in half the free RAM "
-                                        f"({format_size(available_ram())} free)"}
-    eng = Engine(store, device=device, ram_budget=need, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend)
+                "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
+    eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
+                 **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
         before = eng.pager.stats.snapshot()
+        _sync(device)
         t0 = time.perf_counter()
         logits = eng.forward(ids, last_only=True)[-1]
         prefill = time.perf_counter() - t0
@@ -138,29 +196,43 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
     finally:
         eng.close()
     return {"compute_bound_tok_s": tokens / secs, "compute_bound_prefill_tok_s": len(ids) / prefill,
-            "compute_bound_reason": "measured: every expert resident in RAM, same prompt and decode"}
+            "compute_bound_reason": f"measured: every expert resident ({'VRAM' if device == 'cuda' else 'RAM'}), "
+                                    "same prompt and decode"}
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "lru", tokens: int = 32,
-              prompt_tokens: int = 512, direct_io: bool = False, drop_caches: bool = False,
+              prompt_tokens: int = 512, direct_io: bool | None = None, drop_caches: bool = False,
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
-              compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None) -> dict:
+              compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
+              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto") -> dict:
     from ..pager.belady import belady
+    from ..pager.pager import default_direct_io
+    from ..pager.stats import COUNTERS
     from ..pager.trace import RoutingTrace
     from ..runtime.engine import Engine, resolve_device
     from ..store.format import Store
 
-    resolve_device(device)  # a clear error before any work
+    dev = resolve_device(device)  # a clear error before any work
+    cuda = dev.type == "cuda"
     store = Store.open(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
-    notes = ["GPU-tier keys (" + ", ".join(GPU_KEYS) + ") are null: they come with the GPU pager"]
+    direct_io = default_direct_io() if direct_io is None else direct_io
+    notes = []
     disk = disk_bandwidth(store, direct=direct_io, drop=drop_caches, io_threads=io_threads)
     if disk["page_cache"] not in ("dropped", "evicted"):
         notes.append(f"disk bandwidth measured with the page cache {disk['page_cache']}")
+    bw = cuda_bandwidths(dev) if cuda else {"h2d_gbps": None, "hbm_gbps": None}
 
-    eng = Engine(store, device=device, ram_budget=parse_size(ram_budget), policy=policy, io_threads=io_threads,
-                 direct_io=direct_io, verify=verify, backend=backend, n_ctx=prompt_tokens + tokens + 8)
+    eng = Engine(store, device=device, ram_budget=parse_size(ram_budget), vram_budget=parse_size(vram_budget),
+                 policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
+                 n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
+                 host_compute=host_compute)
     p = eng.pager
     trace = RoutingTrace()
     eng.record(trace)
@@ -174,12 +246,13 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         s1 = p.stats.snapshot()
         mark = len(trace)
         decode_s, _ = _decode(eng, logits, tokens, temp, seed)
-        dec = p.stats.delta(s1)
-        pre = {k: s1[k] - s0[k] for k in ("hits", "misses", "bytes_read", "read_seconds")}
+        dec, pre = p.stats.delta(s1), {k: s1[k] - s0[k] for k in COUNTERS}
+        pred = eng.predictor.snapshot() if eng.predictor is not None else None
+        host_mode = eng.host_compute.mode
     finally:
         eng.record(None)
         eng.close()
-    capacity, size, pol = p.capacity, p.record_size, p.policy
+    capacity, host_capacity, size, pol = p.capacity, p.host_capacity, p.record_size, p.policy
     preloaded = p.stats.preloaded
     total_records = sum(l.experts for l in store.layers.values())
     del eng, p
@@ -190,50 +263,84 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
                       "prompt_tokens": len(ids), "tokens": tokens}
         trace.save(save_trace)
     reqs = trace.request_keys()
-    opt = belady(reqs, capacity)
+    opt = belady(reqs, capacity + host_capacity)
     sizes = [len(r) for r in reqs]
-    run_hits, run_n = pre["hits"] + dec["hits"], pre["hits"] + pre["misses"] + dec["hits"] + dec["misses"]
-    hit_rate_run = run_hits / run_n if run_n else None
+    n_dec, n_pre = dec["hits"] + dec["misses"], pre["hits"] + pre["misses"]
+    run_hits = pre["hits"] + dec["hits"]
+    hit_rate_run = _rate(run_hits, n_pre + n_dec)
     decode_tok_s = tokens / decode_s
-    missed = dec["misses"] * size / tokens
-    io_bound = disk["gbps"] * 1e9 / missed if missed else None
+    read_per_token = dec["bytes_read"] / tokens
+    copied_per_token = dec["bytes_copied"] / tokens
+    io_bound = disk["gbps"] * 1e9 / read_per_token if read_per_token else None
+    copy_bound = bw["h2d_gbps"] * 1e9 / copied_per_token if cuda and copied_per_token else None
     if io_bound is None:
-        notes.append("no expert misses while decoding: the run is not I/O bound (io_bound_tok_s null)")
+        notes.append("nothing read from disk while decoding: the run is not I/O bound (io_bound_tok_s null)")
     if preloaded:
         notes.append(f"{preloaded} records preloaded by the policy at start are not counted as misses; "
                      "belady starts from an empty pool")
     if not direct_io:
-        notes.append("buffered reads: records evicted from the pool may come back from the OS page cache "
+        notes.append("buffered reads: records evicted from the tiers may come back from the OS page cache "
                      "(faster than the disk bandwidth measured cold)")
+    if not cuda:
+        notes.append("GPU keys (" + ", ".join(GPU_KEYS) + ") are null on a CPU run")
+    if pred is None:
+        notes.append("prefetch off: no predictor figures")
+    else:
+        notes.append("prefetched records count as hits when their layer asks for them; belady_hit_rate is the "
+                     "optimum without prefetch, so hit_rate_vs_belady can exceed 1")
 
+    tiers = {"ram": {"hit_rate": _rate(dec["device_hits"], n_dec), "hits": dec["device_hits"],
+                     "budget": capacity * size, "records": capacity}, "vram": None}
+    if cuda:
+        tiers = {"vram": {"hit_rate": _rate(dec["device_hits"], n_dec), "hits": dec["device_hits"],
+                          "budget": capacity * size, "records": capacity},
+                 "ram": {"hit_rate": _rate(dec["host_hits"], n_dec), "hits": dec["host_hits"],
+                         "computed_on_cpu": dec["host_computed"], "budget": host_capacity * size,
+                         "records": host_capacity}}
+    tiers["disk"] = {"misses": dec["misses"], "miss_rate": _rate(dec["misses"], n_dec)}
     result = {
         "store": str(store.path), "architecture": store.architecture, "quant": store.quant,
         "source": store.manifest.get("source", {}).get("type"), "like": store.manifest.get("source", {}).get("like"),
         "moe_layers": len(store.layers), "record_bytes": size, "expert_bytes": store.expert_bytes,
         "dense_bytes": (store.path / "dense.safetensors").stat().st_size,
         "device": device, "backend": None, "policy": policy, "policy_note": getattr(pol, "note", "") or None,
-        "ram_budget": capacity * size, "capacity_records": capacity, "total_records": total_records,
-        "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches,
+        "ram_budget": (host_capacity if cuda else capacity) * size,
+        "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
+        "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
         "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed,
         "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode_tok_s,
-        "hit_rate": _rate(dec), "hit_rate_prefill": _rate(pre), "hit_rate_run": hit_rate_run,
-        "tiers": {"ram": {"hit_rate": _rate(dec), "hits": dec["hits"], "misses": dec["misses"],
-                          "budget": capacity * size}, "vram": None},
-        "bytes_read_per_token": dec["bytes_read"] / tokens, "missed_bytes_per_token": missed,
+        "hit_rate": _rate(dec["hits"], n_dec), "hit_rate_prefill": _rate(pre["hits"], n_pre),
+        "hit_rate_run": hit_rate_run, "tiers": tiers,
+        "bytes_read_per_token": read_per_token, "missed_bytes_per_token": dec["misses"] * size / tokens,
         "stall_ms_per_token": dec["read_seconds"] * 1e3 / tokens,
         "prefill_bytes_read": pre["bytes_read"], "prefill_stall_s": pre["read_seconds"],
         "disk_bandwidth_gbps": disk["gbps"], "disk": disk,
         "io_bound_tok_s": io_bound, "io_efficiency": decode_tok_s / io_bound if io_bound else None,
         "belady_hit_rate": opt.hit_rate, "belady_hit_rate_decode": opt.hit_rate_over(mark, None, sizes),
+        "belady_capacity_records": capacity + host_capacity,
         "hit_rate_vs_belady": hit_rate_run / opt.hit_rate if opt.hit_rate and hit_rate_run is not None else None,
         "requests": len(reqs),
-        **{k: None for k in GPU_KEYS},
+        "prefetch": prefetch, "prefetch_depth": prefetch_depth, "host_compute": host_mode,
+        "prefetch_stats": {k: dec[k] for k in ("prefetch_reads", "prefetch_copies", "prefetch_used",
+                                                "prefetch_cancelled", "prefetch_wasted")},
+        "predictor_precision": pred["precision"] if pred else None,
+        "predictor_recall": pred["recall"] if pred else None, "predictor": pred,
+        "h2d_gbps": bw["h2d_gbps"], "hbm_gbps": bw["hbm_gbps"],
+        "vram_budget": capacity * size if cuda else None,
+        "vram_hit_rate": tiers["vram"]["hit_rate"] if cuda else None,
+        "bytes_copied_to_device_per_token": copied_per_token if cuda else None,
+        "copy_bound_tok_s": copy_bound, "kernel_bound_tok_s": None,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                    "ram_free": available_ram(), "load_avg_1m": os.getloadavg()[0]},
+                    "ram_free": available_ram(), "load_avg_1m": os.getloadavg()[0],
+                    "gpu": torch.cuda.get_device_name(dev) if cuda else None},
         "notes": notes,
     }
     from .. import kernels
-    result["backend"] = kernels.select(device, backend).name
+    result["backend"] = kernels.select(dev.type, backend).name
+    if cuda:
+        result["active_bytes_per_token"] = active = active_bytes_per_token(store)
+        result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
+        result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
         result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed))
     else:
@@ -241,6 +348,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
                       compute_bound_reason="skipped (compute_bound=False)")
     cb = result["compute_bound_tok_s"]
     result["compute_efficiency"] = decode_tok_s / cb if cb else None
+    if cb and result["kernel_bound_tok_s"]:
+        result["compute_bound_vs_kernel_bound"] = cb / result["kernel_bound_tok_s"]
     return result
 
 
