@@ -41,8 +41,8 @@ def _k():
     return _kernels_cuda
 
 
-def _events_time(fn, reps: int) -> float:
-    """Median seconds of fn() over reps, CUDA events around each."""
+def event_times(fn, reps: int) -> list[float]:
+    """Seconds of each of reps calls of fn(), CUDA events around each."""
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,7 +51,12 @@ def _events_time(fn, reps: int) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _events_time(fn, reps: int) -> float:
+    """Median seconds of fn() over reps, CUDA events around each."""
+    return statistics.median(event_times(fn, reps))
 
 
 def _graph_time(step, n: int, reps: int = 5):

@@ -127,21 +127,14 @@ def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Pinned host->device copy and device-to-device copy bandwidth (GB/s; the latter counts
     the bytes read and written), best of `repeats`, timed with CUDA events."""
     from ..pager.tiers import CudaCopies
+    from .kernels_cuda import event_times
     copies = CudaCopies(device)
     host = copies.host_memory(nbytes)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dev2 = torch.empty_like(dev)
 
     def best(fn, moved):
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return moved / min(times) / 1e9
+        return moved / min(event_times(fn, repeats)) / 1e9
     h2d = best(lambda: dev.copy_(host, non_blocking=True), nbytes)
     d2d = best(lambda: dev2.copy_(dev), 2 * nbytes)
     del dev, dev2

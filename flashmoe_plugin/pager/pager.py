@@ -112,19 +112,12 @@ class ExpertPager:
         return self.capacity * self.record_size
 
     @property
-    def host_budget(self) -> int:
-        return self.host_capacity * self.record_size
-
-    @property
     def total_capacity(self) -> int:
         """Distinct records the tiers hold together (they are exclusive)."""
         return self.capacity + self.host_capacity
 
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.t0
-
-    def tier_of(self, key) -> str | None:
-        return "device" if key in self.t0 else "host" if self.t1 is not None and key in self.t1 else None
 
     # ------------------------------------------------------------------ demand
     def request(self, layer: int, experts: list[int], host_ok: bool = False) -> "_Batch":
@@ -157,7 +150,8 @@ class ExpertPager:
                 state = "host"
                 if host_ok:  # served where it is
                     self.t1.policy.touch(key)
-                    self.stats.host_computed += count
+                    if count:
+                        self.stats.host_computed += 1
                 else:  # copied up now: a hit, placed before this request's misses (as LRU does)
                     self._up(key, self.t1.slots[self.t1.slot_of[key]])
             else:
@@ -182,9 +176,8 @@ class ExpertPager:
         """Load the keys a policy asks for at start (static: its pinned experts); not counted as
         hits or misses."""
         keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:self.capacity]
-        for i in range(0, len(keys), self.capacity):
-            for _ in self._batch(keys[i:i + self.capacity], count=False):
-                pass
+        for _ in self._batch(keys, count=False):
+            pass
         self.protected = set()
         self.stats.preloaded += len(keys)
 
@@ -254,12 +247,12 @@ class ExpertPager:
             dest, slot = self.staging[s], None
         else:
             try:
-                slot = self._take0(key if priority == DEMAND else None)
-            except RuntimeError:
+                slot = self._take0()
+            except RuntimeError:  # every slot is protected or reserved by prefetch reads
                 if priority == PREFETCH:
                     return None
                 self._drop_prefetch_reads()
-                slot = self._take0(key)
+                slot = self._take0()
             s, dest = None, self.t0.slots[slot]
         crc = self.store.record_crcs[layer][e] if self.verify else None
         ticket = self.reader.submit([(self.fids[layer], e * size, size, dest, crc)], priority)
@@ -308,9 +301,9 @@ class ExpertPager:
             self.staging_fence[r.staging] = self._up(r.key, r.dest)
             self.staging_free.append(r.staging)
 
-    def _take0(self, protect=None) -> int:
-        """A tier-0 slot; its victim (never a protected key) goes down to the host tier."""
-        slot, victim = self.t0.take(self.protected if protect is None else self.protected | {protect})
+    def _take0(self) -> int:
+        """A tier-0 slot; its victim (never a key of the current request) goes down to the host tier."""
+        slot, victim = self.t0.take(self.protected)
         if victim is not None:
             self.stats.evictions += 1
             if victim in self.prefetched:

@@ -14,8 +14,8 @@ from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
-from .host_compute import HostCompute
 from ..store.format import Store
+from .host_compute import HostCompute
 
 
 class ContextError(ValueError):
@@ -141,7 +141,7 @@ class Engine:
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            batch = self.pager.request(layer, chosen, host_ok=hc.mode != "off" and hc.pays())
+            batch = self.pager.request(layer, chosen, host_ok=hc.pays())
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
