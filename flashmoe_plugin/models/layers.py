@@ -71,13 +71,27 @@ class Decoder:
         self.moe_layers = set(cfg.moe_layers)
 
     # ------------------------------------------------------------------ attention
-    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def positions(self, start: int, T: int, dtype: torch.dtype, device) -> tuple:
+        """What every layer's attention shares for tokens start..start+T-1, computed once per
+        forward: RoPE's cos and sin, and the attention mask (None for one token, no window)."""
+        c = self.cfg
+        pos = torch.arange(start, start + T, device=device)
         freqs = torch.outer(pos.float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        mask = None
+        if T > 1 or c.sliding_window:
+            kpos = torch.arange(start + T, device=device)
+            mask = kpos[None, :] <= pos[:, None]
+            if c.sliding_window:
+                mask &= pos[:, None] - kpos[None, :] < c.sliding_window
+        return cos, sin, mask
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + rotate_half(x) * sin
 
-    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
         T = x.shape[0]
         q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
@@ -92,18 +106,11 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
-        pos = torch.arange(start, start + T, device=x.device)
-        q, k = self.rope(q, pos), self.rope(k, pos)
+        cos, sin, mask = at
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         kv.k[i, start:start + T] = k
         kv.v[i, start:start + T] = v
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
-        mask = None
-        if T > 1 or c.sliding_window:
-            kpos = torch.arange(start + T, device=x.device)
-            allowed = kpos[None, :] <= pos[:, None]
-            if c.sliding_window:
-                allowed &= pos[:, None] - kpos[None, :] < c.sliding_window
-            mask = allowed
         with sdpa_kernel(SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
@@ -145,9 +152,10 @@ class Decoder:
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:
         c, w = self.cfg, self.w
         x = F.embedding(tokens, w["embed.weight"])
+        at = self.positions(start, x.shape[0], x.dtype, x.device)
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            x = x + self.attention(i, rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps), start, kv)
+            x = x + self.attention(i, rms_norm(x, w[p + "attn_norm.weight"], c.rms_norm_eps), start, kv, at)
             x = x + self.ffn(i, x, experts)
         if last_only:
             x = x[-1:]
