@@ -4,8 +4,8 @@ one byte tensor.
 
 Copy engines:
 - CudaCopies: pinned host memory (page-aligned AlignedBuffer registered with cudaHostRegister,
-  so O_DIRECT reads land in it and DMA copies run asynchronously), one dedicated copy stream,
-  an event per copy; compute waits only on the events of the records it uses.
+  so O_DIRECT reads land in it and DMA copies run asynchronously), one copy stream per
+  direction, an event per copy; compute waits only on the events of the records it uses.
 - HostCopies: the CPU twin (and any device without streams): plain synchronous copies, no
   events. The tiered pager runs the same logic on both, so CI tests the CUDA arrangement.
 """
@@ -63,8 +63,6 @@ class SlotPool:
 
 class HostCopies:
     """Synchronous copies (CPU twin): every copy is complete when it returns."""
-
-    device = torch.device("cpu")
 
     def host_memory(self, nbytes: int) -> torch.Tensor:
         return aligned_empty(nbytes)
