@@ -66,8 +66,10 @@ def test_host_compute_on_the_gpu(oracles, mode):
     hc, s = eng.host_compute, eng.pager.stats
     eng.close()
     assert (out - ref).abs().max() < 2e-2  # the CPU and GPU q4 kernels differ in summation order
-    assert hc.mode == mode and (s.host_computed > 0) == hc.pays()
-    if mode == "auto":
+    assert hc.mode == mode
+    if mode == "on":
+        assert s.host_computed > 0 and s.host_computed <= s.host_hits
+    else:  # the cost model measured both sides (which one wins depends on the machine)
         assert hc.copy_s > 0 and hc.cpu_s > 0
 
 
