@@ -303,30 +303,20 @@ INL_AVX2 void raw_rows_avx2_t(const fm_mat *w, int64_t r0, int64_t r1, const fm_
 #define C_F16(n) raw_rows_avx2_t(w, r0, r1, a, out, ldo, n, FM_F16)
 #define C_BF16(n) raw_rows_avx2_t(w, r0, r1, a, out, ldo, n, FM_BF16)
 
-T_AVX2 static void rows_q4_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_Q4)
-}
-T_AVX2 static void rows_q2_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_Q2)
-}
-T_AVX2 static void rows_q8_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_Q8)
-}
-T_AVX2 static void rows_f32_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_F32)
-}
-T_AVX2 static void rows_f16_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_F16)
-}
-T_AVX2 static void rows_bf16_avx2(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT4(C_BF16)
-}
+/* One ISA's entry point for one format: picks the kernel instantiation for a->nt tokens (a
+ * compile-time token count keeps the accumulators in registers). */
+#define ROWS_ENTRY(attr, name, dispatch, call)                                                        \
+    attr static void name(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo) \
+    {                                                                                                 \
+        dispatch(call)                                                                                \
+    }
+
+ROWS_ENTRY(T_AVX2, rows_q4_avx2, DISPATCH_NT4, C_Q4)
+ROWS_ENTRY(T_AVX2, rows_q2_avx2, DISPATCH_NT4, C_Q2)
+ROWS_ENTRY(T_AVX2, rows_q8_avx2, DISPATCH_NT4, C_Q8)
+ROWS_ENTRY(T_AVX2, rows_f32_avx2, DISPATCH_NT4, C_F32)
+ROWS_ENTRY(T_AVX2, rows_f16_avx2, DISPATCH_NT4, C_F16)
+ROWS_ENTRY(T_AVX2, rows_bf16_avx2, DISPATCH_NT4, C_BF16)
 
 const fm_isa_impl fm_impl_avx2 = {
     "avx2",
@@ -578,30 +568,12 @@ INL_AVX512 void raw_rows_avx512_t(const fm_mat *w, int64_t r0, int64_t r1, const
 #define Z_F16(n) raw_rows_avx512_t(w, r0, r1, a, out, ldo, n, FM_F16)
 #define Z_BF16(n) raw_rows_avx512_t(w, r0, r1, a, out, ldo, n, FM_BF16)
 
-T_AVX512 static void rows_q4_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_Q4)
-}
-T_AVX512 static void rows_q2_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_Q2)
-}
-T_AVX512 static void rows_q8_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_Q8)
-}
-T_AVX512 static void rows_f32_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_F32)
-}
-T_AVX512 static void rows_f16_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_F16)
-}
-T_AVX512 static void rows_bf16_avx512(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    DISPATCH_NT8(Z_BF16)
-}
+ROWS_ENTRY(T_AVX512, rows_q4_avx512, DISPATCH_NT8, Z_Q4)
+ROWS_ENTRY(T_AVX512, rows_q2_avx512, DISPATCH_NT8, Z_Q2)
+ROWS_ENTRY(T_AVX512, rows_q8_avx512, DISPATCH_NT8, Z_Q8)
+ROWS_ENTRY(T_AVX512, rows_f32_avx512, DISPATCH_NT8, Z_F32)
+ROWS_ENTRY(T_AVX512, rows_f16_avx512, DISPATCH_NT8, Z_F16)
+ROWS_ENTRY(T_AVX512, rows_bf16_avx512, DISPATCH_NT8, Z_BF16)
 
 const fm_isa_impl fm_impl_avx512 = {
     "avx512",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
+from ..pager.tiers import event_times
 from ..store.layout import RecordLayout
 
 GiB = 1 << 30
@@ -39,19 +40,6 @@ QWEN35 = ((4096, 1024), (1024, 4096))
 def _k():
     from .. import _kernels_cuda
     return _kernels_cuda
-
-
-def event_times(fn, reps: int) -> list[float]:
-    """Seconds of each of reps calls of fn(), CUDA events around each."""
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return times
 
 
 def _events_time(fn, reps: int) -> float:

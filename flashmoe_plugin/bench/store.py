@@ -126,8 +126,7 @@ def _rate(hits: int, n: int) -> float | None:
 def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Pinned host->device copy and device-to-device copy bandwidth (GB/s; the latter counts
     the bytes read and written), best of `repeats`, timed with CUDA events."""
-    from ..pager.tiers import CudaCopies
-    from .kernels_cuda import event_times
+    from ..pager.tiers import CudaCopies, event_times
     copies = CudaCopies(device)
     host = copies.host_memory(nbytes)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -180,7 +179,8 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
         before = eng.pager.stats.snapshot()
-        _sync(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = eng.forward(ids, last_only=True)[-1]
         prefill = time.perf_counter() - t0
@@ -191,11 +191,6 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
     return {"compute_bound_tok_s": tokens / secs, "compute_bound_prefill_tok_s": len(ids) / prefill,
             "compute_bound_reason": f"measured: every expert resident ({'VRAM' if device == 'cuda' else 'RAM'}), "
                                     "same prompt and decode"}
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "lru", tokens: int = 32,

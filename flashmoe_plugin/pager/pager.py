@@ -157,9 +157,10 @@ class ExpertPager:
             else:
                 state = self.reads.get(key, "disk")
             if count:
-                if state in ("device", "host"):
-                    st.hits += 1
-                    setattr(st, state + "_hits", getattr(st, state + "_hits") + 1)
+                if state == "device":
+                    st.hits, st.device_hits = st.hits + 1, st.device_hits + 1
+                elif state == "host":
+                    st.hits, st.host_hits = st.hits + 1, st.host_hits + 1
                 else:
                     st.misses += 1
                 if key in self.prefetched:
@@ -187,7 +188,7 @@ class ExpertPager:
         records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
         Never evicts the current request's records. Returns how many were started."""
         self._progress()
-        started = 0
+        started, reading = 0, sum(r.prefetch for r in self.reads.values())
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
             if key in self.t0 or key in self.reads:
@@ -198,11 +199,12 @@ class ExpertPager:
                     self.prefetched.add(key)
                     self.stats.prefetch_copies += 1
                     started += 1
-            elif from_disk and sum(r.prefetch for r in self.reads.values()) < self.prefetch_slots:
+            elif from_disk and reading < self.prefetch_slots:
                 if self._submit(key, PREFETCH) is None:
                     break
                 self.stats.prefetch_reads += 1
                 started += 1
+                reading += 1
         return started
 
     def _has_victim(self) -> bool:
@@ -356,9 +358,10 @@ class _Batch:
         self.on_host = {key[1] for key, state in plan if state == "host" and key not in pager.t0}
         self._submit_ahead()
 
-    def _submit_ahead(self):
+    def _submit_ahead(self, need=None):
+        """Submit demand reads in request order while buffers are free, and at least up to `need`."""
         p = self.p
-        while self.todo and (not p.tiered or p.staging_free):
+        while self.todo and (not p.tiered or p.staging_free or (need is not None and need not in p.reads)):
             key = self.todo.popleft()
             if key not in p.reads:
                 p._submit(key, DEMAND)
@@ -368,10 +371,7 @@ class _Batch:
         for key, state in self.plan:
             if state not in ("device", "host"):
                 if key not in p.reads:  # not submitted yet (buffers were short)
-                    while self.todo and key not in p.reads:
-                        k = self.todo.popleft()
-                        if k not in p.reads:
-                            p._submit(k, DEMAND)
+                    self._submit_ahead(need=key)
                 r = p.reads.pop(key)
                 t0 = time.perf_counter()
                 p._finish(r)

@@ -141,3 +141,16 @@ class CudaCopies:
         for t in self._registered:
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
         self._registered = []
+
+
+def event_times(fn, reps: int) -> list[float]:
+    """Seconds of each of `reps` calls of fn() on the current CUDA stream, CUDA events around each."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return times

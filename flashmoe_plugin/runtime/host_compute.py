@@ -15,6 +15,7 @@ import time
 import torch
 
 from .. import kernels
+from ..pager.tiers import event_times
 
 
 class HostCompute:
@@ -40,19 +41,11 @@ class HostCompute:
         p = self._pager
         src = p.staging[0]
         dst = torch.empty(p.record_size, dtype=torch.uint8, device=self.device)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(3):
-            a.record()
-            dst.copy_(src, non_blocking=True)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        self.copy_s = min(times)
-        x = torch.zeros(1, self.layout.hidden)
-        self.backend.expert_ffn(x, torch.zeros_like(src), self.layout)  # warm
+        self.copy_s = min(event_times(lambda: dst.copy_(src, non_blocking=True), 3))
+        x, rec = torch.zeros(1, self.layout.hidden), torch.zeros_like(src)
+        self.backend.expert_ffn(x, rec, self.layout)  # warm
         t0 = time.perf_counter()
-        self.backend.expert_ffn(x, torch.zeros_like(src), self.layout)
+        self.backend.expert_ffn(x, rec, self.layout)
         self.cpu_s = time.perf_counter() - t0
 
     def run(self, x: torch.Tensor, records, weights) -> torch.Tensor:
