@@ -222,7 +222,8 @@ class ExpertPager:
             r.ticket.wait()
         except OSError:
             pass
-        self._free_dest(r)
+        finally:  # also on Ctrl-C (the ticket settles its reads before raising)
+            self._free_dest(r)
         self.stats.prefetch_cancelled += 1
         self.stats.prefetch_wasted += 1
 
@@ -286,11 +287,14 @@ class ExpertPager:
             self.t0.release(r.slot)
 
     def _finish(self, r: _Read):
-        """Wait for a read (checking it) and make the record resident in tier 0."""
+        """Wait for a read (checking it: a cancelled read fails too) and make the record resident
+        in tier 0."""
         try:
             r.ticket.wait()
-        except OSError as err:
+        except BaseException as err:  # a failed read, or Ctrl-C: the buffer goes back either way
             self._free_dest(r)
+            if not isinstance(err, OSError):
+                raise
             layer, e = r.key
             cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
                 if getattr(err, "kind", "") == "checksum" else str(err)
