@@ -36,6 +36,8 @@ def engine_options(f):
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
     f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
+    f = click.option("--storage", default="native", show_default=True,
+                     help="storage reader (`flashmoe plugins` lists them; faulty: faults from $FLASHMOE_FAULTS)")(f)
     return f
 
 
@@ -44,10 +46,12 @@ def tri(value: str):
     return {"on": True, "off": False}.get(value)
 
 
-def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify):
+def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
+                storage="native"):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
-                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify)
+                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
+                  storage=storage)
 
 
 def stream_completion(engine, prompt: str, n: int, temp: float, seed, top_k=40, top_p=0.95, min_p=0.05,
@@ -205,3 +209,4 @@ def register_commands(cli):
             ok, why = b.available()
             click.echo(f"  {name:6s} {'available' if ok else 'unavailable: ' + why} (devices: {', '.join(b.devices)})")
         click.echo("cache policies: " + ", ".join(sorted(r.policies)))
+        click.echo("storage readers: " + ", ".join(sorted(r.storage)))
