@@ -18,7 +18,6 @@ chunks, the seed chain and the error messages are the same.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time

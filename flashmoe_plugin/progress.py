@@ -34,9 +34,10 @@ class Bar:
             self._p.advance(self._task, n)
 
     def stage(self, what: str, total: int | None = None, unit: str | None = None):
-        """Start the next step of the work: the bar restarts at 0 of `total`."""
+        """Start the next step of the work: a fresh bar at 0 of `total` (None: a pulse, no ETA)."""
         if self._p is not None:
-            self._p.reset(self._task, total=total, completed=0, description=what, unit=unit or self.unit)
+            self._p.remove_task(self._task)
+            self._task = self._p.add_task(what, total=total, unit=unit or self.unit)
 
     def log(self, message: str):
         if self._p is not None:
@@ -57,21 +58,27 @@ def progress_bar(description: str, total: int | None = None, unit: str = "steps"
         yield Bar(None, None, unit)
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from rich.text import Text
 
     from .sizes import format_size
 
     class Count(ProgressColumn):
+        """done/total (sizes for unit "bytes"); nothing while the total is unknown."""
         def render(self, task):
+            if task.total is None:
+                return Text("")
             if task.fields.get("unit") == "bytes":
-                done = format_size(task.completed)
-                return Text(done if task.total is None else f"{done} / {format_size(task.total)}")
-            return Text(f"{task.completed:.0f}" if task.total is None else f"{task.completed:.0f}/{task.total:.0f}")
+                return Text(f"{format_size(task.completed)} / {format_size(task.total)}")
+            return Text(f"{task.completed:.0f}/{task.total:.0f}")
+
+    class Eta(TimeRemainingColumn):
+        def render(self, task):
+            return Text("") if task.total is None else Text.assemble("ETA ", super().render(task))
 
     p = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), Count(), TimeElapsedColumn(),
-                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                 Eta(), console=Console(stderr=True), transient=True)
     with p:
         yield Bar(p, p.add_task(description, total=total, unit=unit), unit)
 

@@ -4,9 +4,10 @@ Reading (budgets on the CLI, in Engine and in Llama): `512M`, `8G`, `1.5GiB`, `0
 or a percentage of the model's expert bytes (`50%`). K/M/G/T are binary (2^10, 2^20, ...),
 with or without `iB`/`B`. Anything else is a ValueError whose message shows the accepted forms.
 
-Writing: sizes in binary units (`format_size`: KiB, MiB, GiB), rates in decimal units
-(`format_rate`: GB/s = 10^9 bytes per second, as disks, PCIe and STREAM report them, and as
-the `*_gbps` keys of the bench JSON hold them).
+Writing: binary units for what people read, sizes (`format_size`: KiB, MiB, GiB) and rates
+alike (`format_rate`: MiB/s, GiB/s), so no printed line mixes 2^30 and 10^9. Machine-read JSON
+keeps bytes, and rates in keys named `*_gbps`, which are 10^9 bytes per second (the STREAM
+convention of the kernel and store benchmarks).
 """
 from __future__ import annotations
 
@@ -72,12 +73,12 @@ def format_size(n: int | float) -> str:
 
 
 def format_rate(bytes_per_second: float | None) -> str:
-    """Decimal units per second: 0.27 GB/s, 450.0 MB/s (n/a when unknown)."""
+    """Binary units per second, like format_size: 0.27 GiB/s below 1 GiB/s is 276.5 MiB/s."""
     if bytes_per_second is None:
         return "n/a"
-    if bytes_per_second >= 1e9:
-        return f"{bytes_per_second / 1e9:.2f} GB/s"
-    return f"{bytes_per_second / 1e6:.1f} MB/s"
+    if bytes_per_second >= 1 << 30:
+        return f"{bytes_per_second / (1 << 30):.2f} GiB/s"
+    return f"{bytes_per_second / (1 << 20):.1f} MiB/s"
 
 
 def available_ram() -> int:

@@ -159,9 +159,17 @@ def _store_table(r: dict) -> str:
 
 
 def _table(result: dict) -> str:
-    rows = [f"{'kernel':28s} {'quant':5s} {'shape':>12s} {'GB/s':>8s} {'vs mem':>7s} {'vs torch':>8s}"]
+    """One row per kernel entry; rates in GiB/s (the JSON's gbps are 10^9 B/s); n/a where an entry
+    has no such figure (mem_copy has no torch path; a failed entry has only its error)."""
+    def num(v, width, digits):
+        return f"{'n/a':>{width}s}" if v is None else f"{v:{width}.{digits}f}"
+    rows = [f"{'kernel':28s} {'quant':5s} {'shape':>16s} {'GiB/s':>8s} {'vs mem':>7s} {'vs torch':>8s}"]
     for k in result["kernels"]:
-        shape = "x".join(map(str, k["shape"]))
-        rows.append(f"{k['name']:28s} {k['quant']:5s} {shape:>12s} {k['gbps']:8.1f} "
-                    f"{k['ratio_vs_mem_bw']:7.2f} {k['ratio_vs_torch'] or 0:8.2f}")
+        shape = k.get("shape")
+        shape = "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape or "-")
+        gbps = k.get("gbps")
+        rows.append(f"{k['name']:28s} {k.get('quant') or '-':5s} {shape:>16s} "
+                    f"{num(None if gbps is None else gbps * 1e9 / (1 << 30), 8, 1)} "
+                    f"{num(k.get('ratio_vs_mem_bw'), 7, 2)} {num(k.get('ratio_vs_torch'), 8, 2)}"
+                    + (f"  error: {k['error']}" if k.get("error") else ""))
     return "\n".join(rows)

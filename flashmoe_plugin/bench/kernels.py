@@ -427,7 +427,7 @@ def bench_cpu(quick: bool = False, progress=NO_PROGRESS) -> tuple[list[dict], di
         "max_abs_err": None, "read_gbps": bw["read_gbps"],
     }]
     step(f"memory: copy {format_rate(bw['copy_gbps'] * 1e9)}, read {format_rate(bw['read_gbps'] * 1e9)}; "
-                    f"{threads} threads, {K.isa()}")
+         f"{threads} threads, {K.isa()}")
     for fmt in FORMATS:
         for shape in SHAPES:
             entries.append(bench_gemv(K, fmt, shape, bw, total))
