@@ -108,9 +108,14 @@ def read_source(engine, cached_at_start) -> str:
 
 
 def expert_files_cached(engine):
+    """Fraction of the expert files in the page cache now (None: unknown for this kind of store)."""
     from .pagecache import cached_fraction
     s = engine.store
-    return cached_fraction([s.layer_path(l) for l in s.layers])
+    try:
+        paths = sorted({str(s.layer_path(l)) for l in s.layers})  # a file may hold several layers
+    except (AttributeError, TypeError, KeyError):
+        return None
+    return cached_fraction(paths)
 
 
 def print_stats(engine, n_tokens: int, seconds: float, delta: dict, err=True, cached_at_start=None):
@@ -152,7 +157,8 @@ def register_commands(cli):
     @click.option("--verify", is_flag=True, help="check every record's checksum")
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
     def inspect(store, verify, as_json):
-        """Show a store's config, sizes, quantization and checksum status."""
+        """Show a model's config, sizes, quantization and checksum status (STORE: a store folder, or
+        `demo` for the embedded model)."""
         from .sizes import format_size
         from .store.format import Store, StoreError
         try:

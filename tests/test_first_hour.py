@@ -189,3 +189,21 @@ def test_readme_demo_commands_run_as_printed(tmp_path):
         r = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=CLEAN)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.stderr)
         assert r.stdout.strip(), line
+
+
+# ------------------------------------------------------------------ item 8: reads say where they came from
+
+def test_page_cache_residency_is_measured(tmp_path):
+    from flashmoe_plugin.pagecache import cached_fraction
+    f = tmp_path / "records.bin"
+    f.write_bytes(os.urandom(4 << 20))
+    f.read_bytes()
+    assert cached_fraction([f]) > 0.9  # just written and read: in the page cache
+    with open(f, "rb") as fh:
+        os.fsync(fh.fileno())
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    after = cached_fraction([f])
+    if after > 0.5:
+        pytest.skip(f"evicting from the page cache is not tested: the filesystem of {tmp_path} ignores "
+                    "POSIX_FADV_DONTNEED")
+    assert after < 0.1

@@ -52,7 +52,8 @@ def register_commands(cli):
               prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
               save_trace):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
-        Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
+        Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
+        STORE is a model: a store folder, or `demo` for the embedded model."""
         if kernels:
             from .kernels import run
             try:
