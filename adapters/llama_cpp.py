@@ -18,7 +18,6 @@ chunks, the seed chain and the error messages are the same.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -75,16 +74,11 @@ class LlamaState:
 
 
 def _resolve_model_path(model_path) -> str:
-    path = str(model_path)
-    if path == "demo" and not os.path.exists(path):
-        try:
-            import flashmoe_plugin
-            path = str(flashmoe_plugin.demo_model_path())
-        except (ImportError, AttributeError):
-            pass
-    if not os.path.exists(path):
-        raise ValueError(f"Model path does not exist: {path}")
-    return path
+    from flashmoe_plugin.models_path import resolve_model  # "demo" is the embedded model, as on the CLI
+    try:
+        return str(resolve_model(model_path))
+    except ValueError:
+        raise ValueError(f"Model path does not exist: {model_path}") from None
 
 
 def _engine_kwargs(engine_cls, wanted: dict) -> dict:
