@@ -14,7 +14,7 @@ from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
-from ..store.format import Store
+from ..store.model import open_model
 from .host_compute import HostCompute
 
 
@@ -37,7 +37,7 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
                  pager_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.store = open_model(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -90,7 +90,11 @@ class Engine:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_folder(self.store.path, self.config)
+            folder = self.store.path
+            if getattr(self.store, "meta", None) is not None:  # a GGUF file: its own vocabulary
+                from .gguf_tokenizer import write_folder
+                folder = write_folder(self.store.meta, self.store.path / "tokenizer", str(self.store.file))
+            self._tokenizer = Tokenizer.from_folder(folder, self.config)
         return self._tokenizer
 
     @property
@@ -135,7 +139,7 @@ class Engine:
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit."""
-        layout, be = self.store.layout, self.backend
+        layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
         if x.shape[0] == 1:
