@@ -232,7 +232,7 @@ class GgufStore:
             except NotImplementedError:
                 raise StoreError(f"{self.file}: tensor {name}: type {GGMLQuantizationType(t.type).name} "
                                  f"is not supported") from None
-            w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(t.shape)
+            w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(t.shape)  # a copy: the file stays read-only
             w = names.fix_dense(kind[1], w, self.config, self.arch_key)
             out[kind[1]] = w.to(device=device, dtype=dtype or torch.float32)
         return out

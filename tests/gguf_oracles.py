@@ -1,0 +1,161 @@
+"""llama.cpp as the oracle: small transformers models -> llama.cpp's own convert_hf_to_gguf.py ->
+GGUF (F32, then Q8_0 / Q4_0 / Q4_K_M through llama.cpp's quantizer) -> llama_cpp.Llama.
+
+llama.cpp's converter, gguf-py and vocabulary GGUFs come from the llama-cpp-python sdist (the
+installed wheel has none of them), downloaded once from PyPI into a user cache (never committed):
+$FLASHMOE_TEST_CACHE or ~/.cache/flashmoe/tests. Tests skip with the reason when it is unreachable.
+
+Quirks (REFERENCE.md): Mixtral needs a SentencePiece tokenizer.model (we build the proto from
+the llama-spm vocab GGUF); Qwen/OLMoE need a BPE vocabulary whose pre-tokenizer the converter
+recognises (the gpt-2 vocab GGUF, through transformers); OLMoE needs kv heads = heads (the
+oracle config has that); K-quants need rows of 256, so the models are 256 wide.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+SDIST = "llama-cpp-python", "0.3.36"
+KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/",
+        "vendor/llama.cpp/models/ggml-vocab-")
+FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
+VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_moe": ("gpt-2", 50257),
+         "olmoe": ("gpt-2", 50257)}
+SHAPE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLASHMOE_TEST_CACHE") or Path.home() / ".cache" / "flashmoe" / "tests")
+
+
+def llama_cpp_source() -> Path:
+    """vendor/llama.cpp of the sdist (converter, gguf-py, vocab GGUFs); raises OSError if unreachable."""
+    root = cache_dir() / f"llama-cpp-python-{SDIST[1]}"
+    if (root / "convert_hf_to_gguf.py").is_file():
+        return root
+    local = os.environ.get("FLASHMOE_LLAMA_SDIST")  # an already downloaded sdist .tar.gz
+    if local:
+        data = Path(local).read_bytes()
+    else:
+        meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{SDIST[0]}/{SDIST[1]}/json", timeout=30))
+        url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
+        data = urllib.request.urlopen(url, timeout=300).read()
+    tmp = root.with_name(root.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for m in tar.getmembers():
+            rel = m.name.split("/", 1)[1] if "/" in m.name else ""
+            if m.isfile() and rel.startswith(KEEP):
+                m.name = rel[len("vendor/llama.cpp/"):]
+                tar.extract(m, tmp, filter="data")
+    os.replace(tmp, root)
+    return root
+
+
+def vocab_gguf(name: str) -> Path:
+    return llama_cpp_source() / "models" / f"ggml-vocab-{name}.gguf"
+
+
+def hf_tokenizer(name: str) -> Path:
+    """A tokenizer folder the converter accepts, made once from a vocab GGUF."""
+    out = cache_dir() / f"tokenizer-{name}"
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    path = vocab_gguf(name)
+    if name == "llama-spm":
+        _sentencepiece_model(path, tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    else:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _sentencepiece_model(vocab: Path, out: Path):
+    """A SentencePiece BPE model proto with the vocab GGUF's pieces, scores and types."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    r = GGUFReader(str(vocab))
+    f = r.fields
+    tokens = [x if isinstance(x, str) else bytes(x).decode() for x in f["tokenizer.ggml.tokens"].contents()]
+    scores, types = f["tokenizer.ggml.scores"].contents(), f["tokenizer.ggml.token_type"].contents()
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.byte_fallback = True
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.escape_whitespaces = True
+    for t, s, ty in zip(tokens, scores, types):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, float(s), int(ty)
+    out.write_bytes(m.SerializeToString())
+
+
+def make_gguf_model(family: str, root: Path, seed: int = 0):
+    """(transformers model, F32 GGUF path) for a family, converted by llama.cpp's converter."""
+    from hf_oracles import make_model
+
+    name, vocab = VOCAB[family]
+    over = dict(SHAPE, vocab_size=vocab, bos_token_id=1 if name == "llama-spm" else 50256,
+                eos_token_id=2 if name == "llama-spm" else 50256, pad_token_id=None)
+    if family == "qwen2_moe":
+        over.update(mlp_only_layers=[], shared_expert_intermediate_size=256)
+    if family == "qwen3_moe":
+        over.update(head_dim=64)
+    if family == "olmoe":
+        over.update(num_key_value_heads=4)
+    hf = root / "hf"
+    model, _ = make_model(family, hf, seed=seed, **over)
+    for p in list(hf.glob("tokenizer*")) + list(hf.glob("special_tokens_map.json")) + list(hf.glob("chat_template*")):
+        p.unlink()
+    for p in hf_tokenizer(name).iterdir():
+        shutil.copy(p, hf / p.name)
+    src = llama_cpp_source()
+    out = root / "model-f32.gguf"
+    r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out),
+                        "--outtype", "f32"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed for {family}:\n{r.stderr[-3000:]}")
+    return model, out
+
+
+def quantize(src: Path, kind: str) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python) on a GGUF: q8_0 | q4_0 | q4_k_m."""
+    import llama_cpp
+
+    out = src.with_name(src.name.replace("-f32", f"-{kind}"))
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = FTYPES[kind]
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src.name} -> {kind}) returned {rc}")
+    return out
+
+
+def llama_cpp_logits(path: Path, ids: list[int]):
+    """llama.cpp's logits for every position (F32 KV cache, as REFERENCE.md measured)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, len(ids) + 8), n_batch=512, logits_all=True,
+                          type_k=0, type_v=0, verbose=False, n_threads=2, seed=0)
+    llm.eval(ids)
+    scores = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    return scores, llm
