@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # name -> (GGML type id, elements per block, bytes per block)
 BLOCK_FORMATS = {
-    "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q8_0": (8, 32, 34),
+    "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24), "q8_0": (8, 32, 34),
     "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210),
 }
 RAW_TYPES = {0: "f32", 1: "f16", 30: "bf16"}

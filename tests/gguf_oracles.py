@@ -159,3 +159,68 @@ def llama_cpp_logits(path: Path, ids: list[int]):
     llm.eval(ids)
     scores = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
     return scores, llm
+
+
+def write_demo_gguf(out: Path) -> Path:
+    """The project's trained demo model (a Qwen3-MoE, q4 experts) written as an F32 GGUF with
+    gguf-py under llama.cpp's names: a model with realistic, decisive logits, to compare
+    quantized files where random models sit on near-ties."""
+    import gguf
+    import numpy as np
+
+    from flashmoe_plugin import demo_model_path, quant
+    from flashmoe_plugin.models import gguf as names
+    from flashmoe_plugin.store.format import Store
+
+    if out.is_file():
+        return out
+    store = Store.open(demo_model_path())
+    c = store.config
+    tok = json.loads((store.path / "tokenizer.json").read_text())
+    w = gguf.GGUFWriter(str(out) + ".partial", "qwen3moe")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.dense_intermediate_size)
+    w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.top_k)
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {t["id"]: t["content"] for t in tok.get("added_tokens", [])}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([added.get(i, t) for t, i in vocab])
+    w.add_token_types([3 if i in added else 1 for _, i in vocab])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    w.add_eos_token_id(c.eos_token_id)
+    back = {v: k for k, v in names.TOP_NAMES.items()}
+    back.update({f"layers.{i}.{v}": f"blk.{i}.{k}" for i in range(c.num_layers) for k, v in names.LAYER_NAMES.items()})
+    for name, t in sorted(store.load_dense().items()):
+        w.add_tensor(back[name], t.float().numpy())
+    lay = store.layout
+    for layer in c.moe_layers:
+        recs = np.fromfile(store.layer_path(layer), dtype=np.uint8).reshape(c.num_experts, lay.size)
+        parts = {p: [quant.dequantize(torch_u8(r[lay.part(p).offset:]), lay.part(p).format, lay.part(p).shape)
+                     for r in recs] for p in ("w13", "w2")}
+        w13 = np.stack([x.numpy() for x in parts["w13"]])
+        I = c.moe_intermediate_size
+        w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(w13[:, :I]))
+        w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(w13[:, I:]))
+        w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", np.stack([x.numpy() for x in parts["w2"]]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(str(out) + ".partial", out)
+    return out
+
+
+def torch_u8(a):
+    import torch
+    return torch.from_numpy(a.copy())

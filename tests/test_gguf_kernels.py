@@ -16,7 +16,7 @@ kernels = pytest.importorskip("flashmoe_plugin._gguf_kernels", reason="native GG
 
 BLOCK = sorted(quant_gguf.BLOCK_FORMATS)
 # where each block keeps its f16 scales (random bytes there could be inf/nan)
-SCALES = {"q4_0": [0], "q8_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
 
 
 def random_part(fmt, rows, cols, seed=0):

@@ -35,6 +35,8 @@ int64_t fmg_row_bytes(int type, int64_t cols)
     case FMG_F16: case FMG_BF16: return cols * 2;
     case FMG_Q4_0: return cols % QK ? -1 : cols / QK * 18;
     case FMG_Q4_1: return cols % QK ? -1 : cols / QK * 20;
+    case FMG_Q5_0: return cols % QK ? -1 : cols / QK * 22;
+    case FMG_Q5_1: return cols % QK ? -1 : cols / QK * 24;
     case FMG_Q8_0: return cols % QK ? -1 : cols / QK * 34;
     case FMG_Q4_K: return cols % QK_K ? -1 : cols / QK_K * 144;
     case FMG_Q5_K: return cols % QK_K ? -1 : cols / QK_K * 176;
@@ -93,6 +95,25 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
             }
         }
         break;
+    case FMG_Q5_0:
+    case FMG_Q5_1: {
+        const int q51 = type == FMG_Q5_1, bs = q51 ? 24 : 22;
+        for (int64_t i = 0; i < n; i += QK, b += bs, y += QK) {
+            float d = fm_h2f(fm_ld16((const uint16_t *)b)), m = q51 ? fm_h2f(fm_ld16((const uint16_t *)(b + 2))) : 0.0f;
+            const uint8_t *qh8 = b + (q51 ? 4 : 2), *qs = qh8 + 4;
+            uint32_t qh = (uint32_t)qh8[0] | (uint32_t)qh8[1] << 8 | (uint32_t)qh8[2] << 16 | (uint32_t)qh8[3] << 24;
+            for (int j = 0; j < 32; j++) {
+                int v = ((j < 16 ? qs[j] : qs[j - 16] >> 4) & 15) | (int)((qh >> j) & 1) << 4;
+                if (q51) {
+                    float t = d * (float)v;
+                    y[j] = t + m;
+                } else {
+                    y[j] = d * (float)(v - 16);
+                }
+            }
+        }
+        break;
+    }
     case FMG_Q4_K:
     case FMG_Q5_K: {
         const int q5 = type == FMG_Q5_K, bs = q5 ? 176 : 144;
