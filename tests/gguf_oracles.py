@@ -224,3 +224,67 @@ def write_demo_gguf(out: Path) -> Path:
 def torch_u8(a):
     import torch
     return torch.from_numpy(a.copy())
+
+
+def write_tiny_gguf(path: Path, expert_type: str = "F32", split_max_tensors: int = 0, seed: int = 0,
+                    arch: str = "qwen3moe") -> Path:
+    """A tiny random Qwen3-MoE GGUF written with gguf-py (no converter): 2 layers, 4 experts of
+    64 x 64, hidden 64, a byte-level vocabulary of 300 tokens. For store/CLI/error tests."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize as gquant
+
+    g = np.random.default_rng(seed)
+    H, I, E, L, V, heads, kv, hd = 64, 64, 4, 2, 300, 4, 2, 16
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    w.add_context_length(256)
+    w.add_embedding_length(H)
+    w.add_block_count(L)
+    w.add_feed_forward_length(128)
+    w.add_expert_feed_forward_length(I)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(E)
+    w.add_expert_used_count(2)
+    from flashmoe_plugin.runtime.tokenizer import _byte_decoder
+    chars = sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])
+    tokens = chars + ["<|endoftext|>", "\u0120t"] + [f"[PAD{i}]" for i in range(V - 258)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3, 1] + [5] * (V - 258))
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(256)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}")
+
+    def t(*shape, s=0.05):
+        return (g.standard_normal(shape) * s).astype(np.float32)
+    w.add_tensor("token_embd.weight", t(V, H, s=0.5))
+    w.add_tensor("output_norm.weight", 1 + t(H))
+    w.add_tensor("output.weight", t(V, H, s=0.2))
+    qt = gguf.GGMLQuantizationType[expert_type]
+    for i in range(L):
+        p = f"blk.{i}."
+        for n, shape in (("attn_norm", (H,)), ("ffn_norm", (H,)), ("attn_q_norm", (hd,)), ("attn_k_norm", (hd,))):
+            w.add_tensor(p + n + ".weight", 1 + t(*shape))
+        for n, shape in (("attn_q", (heads * hd, H)), ("attn_k", (kv * hd, H)), ("attn_v", (kv * hd, H)),
+                         ("attn_output", (H, heads * hd))):
+            w.add_tensor(p + n + ".weight", t(*shape, s=0.15))
+        w.add_tensor(p + "ffn_gate_inp.weight", t(E, H, s=0.5))
+        for n, shape in (("ffn_gate_exps", (E, I, H)), ("ffn_up_exps", (E, I, H)), ("ffn_down_exps", (E, H, I))):
+            x = t(*shape, s=0.15)
+            if expert_type == "F32":
+                w.add_tensor(p + n + ".weight", x)
+            else:
+                w.add_tensor(p + n + ".weight", gquant(x, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path if not split_max_tensors else w.format_shard_names(path)[0]

@@ -152,8 +152,8 @@ class GgufStore:
         E = self.config.num_experts
         self.layers = {l: LayerInfo(l, str(self.tensors[f"blk.{l}.ffn_gate_exps.weight"].file), E)
                        for l in self.config.moe_layers}
-        st = os.stat(self.file)
-        key = hashlib.sha1(f"{self.file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        # keyed by path and size (not mtime: a file damaged in place must meet its old checksums)
+        key = hashlib.sha1(f"{self.file.resolve()}|{self.file.stat().st_size}".encode()).hexdigest()[:12]
         self.path = cache_root() / "gguf" / f"{self.file.stem}-{key}"  # sidecar folder (made when written)
         self.record_crcs = self._load_index()
         types = sorted({quant_gguf.format_of_type(t.type) or str(t.type) for t in self.tensors.values()
