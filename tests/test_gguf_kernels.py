@@ -97,3 +97,43 @@ def test_bad_arguments_are_clear_errors():
         kernels.dequantize(part[:10], "q4_0", (2, 64))
     with pytest.raises(ValueError, match="unknown GGUF block format 'q3_k'"):
         kernels.dequantize(part, "q3_k", (2, 64))
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no NVIDIA GPU visible to torch (the CUDA twins are checked on the GPU machine)")
+    try:
+        from flashmoe_plugin import _gguf_kernels_cuda
+    except ImportError as e:
+        pytest.skip(f"flashmoe_plugin._gguf_kernels_cuda not built (no nvcc at install time): {e}")
+    return _gguf_kernels_cuda
+
+
+@pytest.mark.parametrize("fmt", BLOCK + ["f32", "f16", "bf16"])
+def test_cuda_dequantize_bit_exact(fmt):
+    kc = _cuda()
+    rows, cols = 33, 1024
+    if fmt in quant.RAW_DTYPES:
+        part = torch.randn(rows, cols).to(quant.RAW_DTYPES[fmt]).view(-1).view(torch.uint8)
+        ref = part.view(quant.RAW_DTYPES[fmt]).float().view(rows, cols)
+    else:
+        part = random_part(fmt, rows, cols, seed=5)
+        ref = reference(part, fmt, rows, cols)
+    got = kc.dequantize(part.cuda(), fmt, (rows, cols)).cpu()
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), fmt
+
+
+def test_cuda_expert_ffn_matches_cpu():
+    _cuda()
+    from flashmoe_plugin.kernels.cpu_backend import CpuBackend
+    from flashmoe_plugin.kernels.cuda_backend import CudaBackend
+    H, I = 256, 512
+    lay = gguf_layout("q4_k", "q6_k", H, I)
+    rec = torch.zeros(lay.size, dtype=torch.uint8)
+    rec[:lay.part("w13").nbytes] = random_part("q4_k", 2 * I, H, seed=1)
+    p2 = lay.part("w2")
+    rec[p2.offset:p2.offset + p2.nbytes] = random_part("q6_k", H, I, seed=2)
+    x = torch.randn(5, H)
+    ref = CpuBackend().expert_ffn(x, rec, lay)
+    got = CudaBackend().expert_ffn(x.cuda(), rec.cuda(), lay).cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
