@@ -288,3 +288,30 @@ def write_tiny_gguf(path: Path, expert_type: str = "F32", split_max_tensors: int
     w.write_tensors_to_file()
     w.close()
     return path if not split_max_tensors else w.format_shard_names(path)[0]
+
+
+# where each block keeps its f16 scales (random bytes there could be inf/nan)
+SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+def random_part(fmt, rows, cols, seed=0):
+    """Random blocks (every bit pattern of the quants and sub-scales) with finite f16 scales."""
+    import numpy as np
+    import torch
+
+    from flashmoe_plugin import quant_gguf
+    tid, blk, size = quant_gguf.BLOCK_FORMATS[fmt]
+    g = np.random.default_rng(seed)
+    raw = g.integers(0, 256, (rows * cols // blk, size), dtype=np.uint8)
+    for at in SCALES[fmt]:
+        raw[:, at:at + 2] = (g.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(-1).copy())
+
+
+def gguf_layout(f13, f2, H, I):
+    """A record layout of GGUF block parts, as store/gguf.py builds them."""
+    from flashmoe_plugin import quant
+    from flashmoe_plugin.store.layout import Part, RecordLayout
+    w13 = Part("w13", 0, f13, (2 * I, H))
+    w2 = Part("w2", quant._align(w13.nbytes), f2, (H, I))
+    return RecordLayout(size=quant._align(w2.offset + w2.nbytes, 4096), parts=(w13, w2))

@@ -10,25 +10,11 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 from flashmoe_plugin import quant, quant_gguf  # noqa: E402
 from flashmoe_plugin.kernels.torch_backend import TorchBackend  # noqa: E402
-from flashmoe_plugin.store.layout import Part, RecordLayout  # noqa: E402
 
 kernels = pytest.importorskip("flashmoe_plugin._gguf_kernels", reason="native GGUF kernels not built")
+from gguf_oracles import gguf_layout, random_part  # noqa: E402
 
 BLOCK = sorted(quant_gguf.BLOCK_FORMATS)
-# where each block keeps its f16 scales (random bytes there could be inf/nan)
-SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
-
-
-def random_part(fmt, rows, cols, seed=0):
-    """Random blocks (every bit pattern of the quants and sub-scales) with finite f16 scales."""
-    tid, blk, size = quant_gguf.BLOCK_FORMATS[fmt]
-    g = np.random.default_rng(seed)
-    raw = g.integers(0, 256, (rows * cols // blk, size), dtype=np.uint8)
-    for at in SCALES[fmt]:
-        raw[:, at:at + 2] = (g.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(raw.reshape(-1).copy())
-
-
 def reference(part, fmt, rows, cols):
     tid = quant_gguf.BLOCK_FORMATS[fmt][0]
     return torch.from_numpy(gguf_dequantize(part.numpy().reshape(rows, -1), gguf.GGMLQuantizationType(tid)).copy())
@@ -60,12 +46,6 @@ def test_linear_matches_dequantize_then_matmul(fmt, T):
     x = torch.randn(T, cols)
     ref = x.double() @ reference(part, fmt, rows, cols).double().T
     torch.testing.assert_close(kernels.linear(x, part, fmt, (rows, cols)).double(), ref, rtol=1e-4, atol=1e-4)
-
-
-def gguf_layout(f13, f2, H, I):
-    w13 = Part("w13", 0, f13, (2 * I, H))
-    w2 = Part("w2", quant._align(w13.nbytes), f2, (H, I))
-    return RecordLayout(size=quant._align(w2.offset + w2.nbytes, 4096), parts=(w13, w2))
 
 
 @pytest.mark.parametrize("f13,f2", [("q4_k", "q6_k"), ("q8_0", "q8_0"), ("q4_0", "q4_1"), ("q5_k", "q5_k")])
