@@ -146,6 +146,10 @@ def test_llama_drop_in_opens_a_gguf_with_llama_cpp_keywords(tiny):
     assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] == 4
     assert llm.tokenize(b"hello the", add_bos=False) == [104, 101, 108, 108, 111, 257, 104, 101]
     assert llm.n_vocab() == 300 and llm.token_eos() == 256
+    # the chat template comes from tokenizer.chat_template
+    assert "<|endoftext|>{{ m['content'] }}" in llm._engine.tokenizer.chat_template
+    chat = llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
+    assert chat["object"] == "chat.completion" and chat["usage"]["prompt_tokens"] == 3  # <|endoftext|> h i
 
 
 def test_cli_inspect_index_run_convert(tiny, tmp_path):
