@@ -86,6 +86,29 @@ def _field_value(field):
     return v
 
 
+class Metadata:
+    """The GGUF key/value metadata as a read-only mapping, each value converted on first use
+    (a 150k-token vocabulary is costly to turn into Python lists; most opens never need it)."""
+
+    def __init__(self, fields):
+        self._fields = {k: f for k, f in fields.items() if not k.startswith("GGUF.")}
+        self._values: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            self._values[key] = _field_value(self._fields[key])
+        return self._values[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self._fields else default
+
+    def __contains__(self, key) -> bool:
+        return key in self._fields
+
+    def keys(self):
+        return self._fields.keys()
+
+
 def _reader(path: Path):
     """gguf-py's GGUFReader, with every tensor's extent checked against the file first, so that a
     truncated file or a forged offset/size is reported by tensor name."""
@@ -132,9 +155,7 @@ class GgufStore:
         self.file = Path(file)
         self.files = shard_paths(self.file)
         self.readers = [_reader(p) for p in self.files]
-        self.meta = {}
-        for r in self.readers[:1]:
-            self.meta = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+        self.meta = Metadata(self.readers[0].fields)
         self.tensors: dict[str, Tensor] = {}
         for p, r in zip(self.files, self.readers):
             for t in r.tensors:
@@ -147,6 +168,7 @@ class GgufStore:
         except ConfigError as e:
             raise StoreError(str(e)) from None
         self._check_names()
+        self._extents: dict[int, list] = {}  # layer -> [(tensor, offset in the slot)] for gate, up, down
         self.layer_layouts = {l: self._layer_layout(l) for l in self.config.moe_layers}
         self.layout = max(self.layer_layouts.values(), key=lambda lay: lay.size)
         E = self.config.num_experts
@@ -158,7 +180,8 @@ class GgufStore:
         self.record_crcs = self._load_index()
         types = sorted({quant_gguf.format_of_type(t.type) or str(t.type) for t in self.tensors.values()
                         if t.name.endswith("_exps.weight")})
-        self.manifest = {"format": "gguf", "version": self.meta.get("general.file_type"), "architecture": self.config.architecture,
+        version = self.readers[0].fields["GGUF.version"].contents()
+        self.manifest = {"format": "gguf", "version": version, "architecture": self.config.architecture,
                          "config": self.config.to_json(), "quant": {"format": "+".join(types)},
                          "source": {"type": "gguf", "path": str(self.file), "shards": len(self.files)}}
 
@@ -287,7 +310,6 @@ class GgufStore:
         f13, f2 = quant_gguf.format_of_type(t["w1"].type), quant_gguf.format_of_type(t["w2"].type)
         w13 = Part("w13", 0, f13, (2 * inter, hidden))
         w2 = Part("w2", quant._align(w13.nbytes), f2, (hidden, inter))
-        self._extents = getattr(self, "_extents", {})
         self._extents[layer] = [(t["w1"], 0), (t["w3"], w13.nbytes // 2), (t["w2"], w2.offset)]
         return RecordLayout(size=quant._align(w2.offset + w2.nbytes, RECORD_ALIGN), parts=(w13, w2))
 
