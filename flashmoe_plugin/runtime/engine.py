@@ -157,7 +157,7 @@ class Engine:
             out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
+            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there], layout)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity
