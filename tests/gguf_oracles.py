@@ -8,7 +8,7 @@ $FLASHMOE_TEST_CACHE or ~/.cache/flashmoe/tests. Tests skip with the reason when
 Quirks (REFERENCE.md): Mixtral needs a SentencePiece tokenizer.model (we build the proto from
 the llama-spm vocab GGUF); Qwen/OLMoE need a BPE vocabulary whose pre-tokenizer the converter
 recognises (the gpt-2 vocab GGUF, through transformers); OLMoE needs kv heads = heads (the
-oracle config has that); K-quants need rows of 256, so the models are 256 wide.
+oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 wide.
 """
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/"
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_moe": ("gpt-2", 50257),
          "olmoe": ("gpt-2", 50257)}
-SHAPE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
+# Mixtral is also quantized with K-quants by the tests (rows of 256); the others stay small.
+SHAPE = {"mixtral": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024)}
+SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 
 
@@ -110,12 +113,12 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
     from hf_oracles import make_model
 
     name, vocab = VOCAB[family]
-    over = dict(SHAPE, vocab_size=vocab, bos_token_id=1 if name == "llama-spm" else 50256,
+    over = dict(SHAPE.get(family, SMALL), vocab_size=vocab, bos_token_id=1 if name == "llama-spm" else 50256,
                 eos_token_id=2 if name == "llama-spm" else 50256, pad_token_id=None)
     if family == "qwen2_moe":
-        over.update(mlp_only_layers=[], shared_expert_intermediate_size=256)
+        over.update(mlp_only_layers=[], shared_expert_intermediate_size=96)
     if family == "qwen3_moe":
-        over.update(head_dim=64)
+        over.update(head_dim=32)
     if family == "olmoe":
         over.update(num_key_value_heads=4)
     hf = root / "hf"
