@@ -12,6 +12,7 @@ oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -48,9 +49,14 @@ def llama_cpp_source() -> Path:
     if local:
         data = Path(local).read_bytes()
     else:
-        meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{SDIST[0]}/{SDIST[1]}/json", timeout=30))
-        url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-        data = urllib.request.urlopen(url, timeout=300).read()
+        # the package index's JSON simple API (PEP 691), as pip reads it; the file's sha256 checked
+        req = urllib.request.Request(f"https://pypi.org/simple/{SDIST[0]}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        files = json.load(urllib.request.urlopen(req, timeout=30))["files"]
+        f = next(f for f in files if f["filename"] == f"{SDIST[0].replace('-', '_')}-{SDIST[1]}.tar.gz")
+        data = urllib.request.urlopen(f["url"], timeout=300).read()
+        if hashlib.sha256(data).hexdigest() != f["hashes"]["sha256"]:
+            raise OSError(f"{f['url']}: sha256 mismatch")
     tmp = root.with_name(root.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
