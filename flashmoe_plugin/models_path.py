@@ -2,7 +2,7 @@
 inspect, ...), Engine and Llama(model_path=...) resolve it here.
 
     resolve_model("demo")           # the embedded demo store (unless ./demo exists)
-    resolve_model("./mixtral-q4")   # a store folder (other kinds of model file: see below)
+    resolve_model("./mixtral-q4")   # a store folder, a .gguf file (store/model.py opens either)
 
 A name that does not exist is a ValueError that says what a model can be.
 """
@@ -24,7 +24,7 @@ def resolve_model(name) -> Path:
         return demo_model_path()
     if not path.exists():
         raise ValueError(f"{name}: no such model (a store folder written by `flashmoe convert` or "
-                         f"`flashmoe synth`, or `{DEMO}` for the embedded model)")
+                         f"`flashmoe synth`, a .gguf file, or `{DEMO}` for the embedded model)")
     return path
 
 

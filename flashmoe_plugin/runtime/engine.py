@@ -13,9 +13,8 @@ from .. import kernels
 from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
-from ..models_path import resolve_model
 from ..sizes import available_ram, format_size, parse_size
-from ..store.format import Store
+from ..store.model import open_model
 from .host_compute import HostCompute
 
 
@@ -38,7 +37,7 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(resolve_model(store))
+        self.store = open_model(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -94,7 +93,11 @@ class Engine:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_folder(self.store.path, self.config)
+            folder = self.store.path
+            if getattr(self.store, "meta", None) is not None:  # a GGUF file: its own vocabulary
+                from .gguf_tokenizer import write_folder
+                folder = write_folder(self.store.meta, self.store.path / "tokenizer", str(self.store.file))
+            self._tokenizer = Tokenizer.from_folder(folder, self.config)
         return self._tokenizer
 
     @property
@@ -139,7 +142,7 @@ class Engine:
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit."""
-        layout, be = self.store.layout, self.backend
+        layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
         if x.shape[0] == 1:
@@ -157,7 +160,7 @@ class Engine:
             out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
+            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there], layout)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity

@@ -48,13 +48,15 @@ class HostCompute:
         self.backend.expert_ffn(x, rec, self.layout)
         self.cpu_s = time.perf_counter() - t0
 
-    def run(self, x: torch.Tensor, records, weights) -> torch.Tensor:
-        """sum_i weights[i] * expert_i(x) on the CPU, returned on x's device and dtype."""
+    def run(self, x: torch.Tensor, records, weights, layout=None) -> torch.Tensor:
+        """sum_i weights[i] * expert_i(x) on the CPU, returned on x's device and dtype (layout:
+        the layer's record layout where it differs from the store's, as in a GGUF store)."""
+        layout = layout or self.layout
         t0 = time.perf_counter()
         xh = x.float().cpu()
         out = torch.zeros_like(xh)
         for rec, w in zip(records, weights):
-            out.add_(self.backend.expert_ffn(xh, rec, self.layout), alpha=w)
+            out.add_(self.backend.expert_ffn(xh, rec, layout), alpha=w)
         if self.cpu_s is not None:
             dt = (time.perf_counter() - t0) / max(1, len(records))
             self.cpu_s = 0.9 * self.cpu_s + 0.1 * dt
