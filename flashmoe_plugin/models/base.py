@@ -40,6 +40,22 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    rope_scaling: dict | None = None          # YaRN parameters (models/rope.py); None: plain RoPE
+    # routing: softmax over all experts, then top-k (Mixtral, Qwen, OLMoE) | "sigmoid_group":
+    # DeepSeek-V3's sigmoid scores, score bias for the choice only, group-limited top-k, scaling
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # attention: "gqa" (q/k/v projections, cached K and V) | "mla" (DeepSeek's multi-head latent
+    # attention: the cache holds the compressed latent and the shared rotary key; head_dim is the
+    # rotary part of a query/key head)
+    attention: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False             # rotary pairs (x0, x1), (x2, x3), ... (DeepSeek)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,14 +81,29 @@ def need(hf: dict, key: str, arch: str, *alternatives: str):
 
 def rope_theta(hf: dict, arch: str, default: float | None = None) -> float:
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"config.json: rope type {kind!r} is not supported for {arch} yet")
     theta = params.get("rope_theta", hf.get("rope_theta", default))
     if theta is None:
         raise ConfigError(f"config.json: missing field 'rope_theta' (required for {arch})")
     return float(theta)
+
+
+_YARN_KEYS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+              "original_max_position_embeddings", "truncate")
+
+
+def rope_scaling(hf: dict, arch: str) -> dict | None:
+    """None for plain RoPE, the YaRN parameters for `rope_type: yarn`; other kinds are refused."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ConfigError(f"config.json: rope type {kind!r} is not supported for {arch} yet")
+    out = {k: params[k] for k in _YARN_KEYS if params.get(k) is not None}
+    out.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    if "factor" not in out:
+        raise ConfigError(f"config.json: rope_parameters.factor missing (yarn, {arch})")
+    return out
 
 
 @dataclass
@@ -83,6 +114,7 @@ class Architecture:
     config_from_hf: object  # callable(hf: dict) -> ModelConfig
     moe_prefix: str = "mlp"                        # HF module holding router + experts
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # w1, w3, w2
+    rules: tuple = ()  # the family's own (pattern, canonical) rules, tried before the shared ones
 
     def classify(self, hf_name: str):
         """Map an HF tensor name to ('dense', canonical) | ('expert', layer, e, which) |
@@ -99,7 +131,7 @@ class Architecture:
             return ("expert", layer, int(mm.group(1)), which)
         if mm := re.match(rf"(?:{p}|mlp)\.experts\.(gate_up_proj|down_proj)$", rest):
             return ("fused", layer, "w13" if mm.group(1) == "gate_up_proj" else "w2")
-        for pat, canon in _LAYER_RULES:
+        for pat, canon in (*self.rules, *_LAYER_RULES):
             if mm := re.match(pat.replace("MOE", f"(?:{p}|mlp)"), rest):
                 return ("dense", f"layers.{layer}." + mm.expand(canon))
         return ("skip", None)
@@ -138,6 +170,7 @@ def common_fields(hf: dict, arch: str, default_theta: float | None = None) -> di
         head_dim=int(hf.get("head_dim") or hidden // heads),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta(hf, arch, default_theta),
+        rope_scaling=rope_scaling(hf, arch),
         top_k=int(need(hf, "num_experts_per_tok", arch)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),

@@ -4,11 +4,15 @@ router, and the dense/shared MLPs. Routed experts are not computed here: the dec
 serves from the pager (models never do I/O and never know tiers)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import mla
 from .base import ModelConfig
+from .rope import frequencies
 
 # Not cuDNN: it builds an execution plan per key length, ~15 ms of host time for every decode
 # step on an H200 (measured with torch.profiler: 85% of a decode token's CPU time).
@@ -34,13 +38,16 @@ def required_names(c: ModelConfig) -> list[str]:
     names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        names += [p + "attn_norm.weight", p + "ffn_norm.weight"] + [p + f"attn.{n}.weight" for n in "qkvo"]
+        names += [p + "attn_norm.weight", p + "ffn_norm.weight"]
+        names += mla.dense_names(c, p) if c.attention == "mla" else [p + f"attn.{n}.weight" for n in "qkvo"]
         if c.qkv_bias:
             names += [p + f"attn.{n}.bias" for n in "qkv"]
         if c.qk_norm != "none":
             names += [p + "attn.q_norm.weight", p + "attn.k_norm.weight"]
         if i in c.moe_layers:
             names.append(p + "moe.router.weight")
+            if c.router == "sigmoid_group":
+                names.append(p + "moe.router.score_bias")
             if c.shared_expert_intermediate_size:
                 names += [p + f"moe.shared.{n}.weight" for n in ("gate", "up", "down")]
             if c.shared_expert_gate:
@@ -50,11 +57,24 @@ def required_names(c: ModelConfig) -> list[str]:
     return names
 
 
+def cache_dims(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-position, per-layer shapes of the two cached tensors (K and V; MLA: latent, rotary key)."""
+    if cfg.attention == "mla":
+        return mla.cache_dims(cfg)
+    return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """What one more position of context costs in the cache, all layers together."""
+    k, v = cache_dims(cfg)
+    return cfg.num_layers * (math.prod(k) + math.prod(v)) * dtype.itemsize
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: torch.dtype, device):
-        shape = (cfg.num_layers, n_ctx, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        kd, vd = cache_dims(cfg)
+        self.k = torch.zeros((cfg.num_layers, n_ctx, *kd), dtype=dtype, device=device)
+        self.v = torch.zeros((cfg.num_layers, n_ctx, *vd), dtype=dtype, device=device)
         self.n_ctx = n_ctx
 
 
@@ -64,9 +84,7 @@ class Decoder:
         missing = [n for n in required_names(cfg) if n not in weights]
         if missing:
             raise KeyError(f"dense weights lack {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        dev = weights["embed.weight"].device
-        hd = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=dev).float() / hd))
+        self.inv_freq, self.rope_factor = frequencies(cfg, weights["embed.weight"].device)
         self.lm_head = weights["embed.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.moe_layers = set(cfg.moe_layers)
 
@@ -78,7 +96,8 @@ class Decoder:
         pos = torch.arange(start, start + T, device=device)
         freqs = torch.outer(pos.float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        cos, sin = emb.cos() * self.rope_factor, emb.sin() * self.rope_factor
+        cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
         mask = None
         if T > 1 or c.sliding_window:
             kpos = torch.arange(start + T, device=device)
@@ -93,6 +112,8 @@ class Decoder:
 
     def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
+        if c.attention == "mla":
+            return mla.attention(self, i, x, start, kv, at)
         T = x.shape[0]
         q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
         k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias"))
@@ -121,11 +142,31 @@ class Decoder:
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] for layer i."""
         c = self.cfg
-        probs = torch.softmax(F.linear(x, self.w[f"layers.{i}.moe.router.weight"]).float(), dim=-1)
+        logits = F.linear(x, self.w[f"layers.{i}.moe.router.weight"]).float()
+        if c.router == "sigmoid_group":
+            return self._route_sigmoid_group(i, logits, x.dtype)
+        probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, c.top_k, dim=-1)
         if c.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(x.dtype)
+
+    def _route_sigmoid_group(self, i: int, logits: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3: sigmoid scores; the score bias steers the choice only; experts come from
+        the topk_group groups whose two best biased scores sum highest."""
+        c = self.cfg
+        scores = logits.sigmoid()
+        choice = scores + self.w[f"layers.{i}.moe.router.score_bias"].float()
+        if c.n_group > 1:
+            grouped = choice.view(-1, c.n_group, c.num_experts // c.n_group)
+            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(c.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, (weights * c.routed_scaling_factor).to(dtype)
 
     def guess(self, j: int, h: torch.Tensor) -> list[int]:
         """Layer j's top-k experts for the residual state h of one token, as if h reached layer j
