@@ -14,8 +14,7 @@ written through StoreWriter (atomic). Routing is whatever random routers give: n
 temporally uncorrelated (a cache's worst case; a profiled real model is kinder).
 
 Where our architectures do not cover a model exactly, the dense part uses the closest supported
-one (qwen3_moe: full attention, softmax top-k) with the real expert shapes; the manifest's
-`source.approximations` says what differs.
+one with the real expert shapes; the manifest's `source.approximations` says what differs.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import torch
 
 from .. import quant as Q
 from ..models.base import ModelConfig
+from ..models import mla
 from ..models.layers import required_names
 from ..store.layout import RecordLayout
 from ..store.writer import StoreWriter
@@ -49,10 +49,14 @@ PRESETS: dict[str, dict] = {
                               num_heads=32, num_kv_heads=2, head_dim=256, rope_theta=1e7, num_experts=512, top_k=10,
                               moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
                               shared_expert_gate=True, qk_norm="head", max_position_embeddings=262144),
-    "deepseek-v3": dict(architecture="qwen3_moe", vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
-                        num_kv_heads=8, head_dim=128, rope_theta=1e4, num_experts=256, top_k=8,
+    "deepseek-v3": dict(architecture="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61,
+                        num_heads=128, num_kv_heads=128, head_dim=64, rope_theta=1e4, num_experts=256, top_k=8,
                         moe_intermediate_size=2048, shared_expert_intermediate_size=2048,
-                        dense_intermediate_size=18432, qk_norm="head", max_position_embeddings=163840),
+                        dense_intermediate_size=18432, max_position_embeddings=163840, router="sigmoid_group",
+                        n_group=8, topk_group=4, routed_scaling_factor=2.5, attention="mla", q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True,
+                        rope_scaling={"factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}),
     # not a real model: a few MB, for tests and smoke runs
     "tiny": dict(architecture="mixtral", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=256,
@@ -67,10 +71,6 @@ APPROXIMATIONS = {
         "router: softmax top-k with renormalisation (qwen3_moe); K=10 is the model default (Flash-MoE ran K=4)",
         "vocabulary: 248320 ids for the embedding shape; the tokenizer is a byte-level stand-in"],
     "deepseek-v3": [
-        "attention: GQA (128 heads, 8 KV heads, head_dim 128) in place of multi-head latent attention (MLA); "
-        "dense bytes per layer ~1.3x the real ones",
-        "router: softmax top-k with renormalisation in place of sigmoid scores, group-limited selection, "
-        "the score bias and routed_scaling_factor 2.5",
         "the multi-token-prediction layer is left out; first 3 layers dense (fewer when --layers is small)"],
 }
 SEED_POOL_WORDS = 1 << 23  # 64 MiB of random words, rotated and XORed into every record
@@ -119,13 +119,14 @@ def _dense_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "attn.v.bias": (c.num_kv_heads * hd,),
             "attn.q_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_heads * hd,),
             "attn.k_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_kv_heads * hd,),
-            "moe.router.weight": (c.num_experts, H),
+            "moe.router.weight": (c.num_experts, H), "moe.router.score_bias": (c.num_experts,),
             "moe.shared.gate.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.up.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.down.weight": (H, c.shared_expert_intermediate_size),
             "moe.shared_gate.weight": (1, H),
             "mlp.gate.weight": (c.dense_intermediate_size, H), "mlp.up.weight": (c.dense_intermediate_size, H),
             "mlp.down.weight": (H, c.dense_intermediate_size),
+            **(mla.dense_shapes(c) if c.attention == "mla" else {}),
         }[leaf]
     return shapes
 
