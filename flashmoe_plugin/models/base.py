@@ -56,6 +56,17 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False             # rotary pairs (x0, x1), (x2, x3), ... (DeepSeek)
+    # gpt-oss: a learned per-head logit in every softmax's denominator ("sink"), the sliding
+    # window on some layers only, an output-projection bias, a router bias with the softmax over
+    # the top-k logits ("topk_softmax"), expert biases and the clamped SwiGLU
+    attn_sinks: bool = False
+    sliding_layers: list[int] | None = None   # None: the window (if any) applies to every layer
+    o_bias: bool = False
+    router_bias: bool = False
+    expert_act: str = "swiglu"                # swiglu | swiglu_clamped
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,6 +126,10 @@ class Architecture:
     moe_prefix: str = "mlp"                        # HF module holding router + experts
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # w1, w3, w2
     rules: tuple = ()  # the family's own (pattern, canonical) rules, tried before the shared ones
+    # callable(get, names, cfg) -> (w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None)
+    # for checkpoints whose fused expert tensors are not laid out as ours (gpt-oss); `names` maps
+    # w13, w2, w13_bias, w13_blocks, ... to checkpoint tensor names and `get` reads one
+    fused_experts: object = None
 
     def classify(self, hf_name: str):
         """Map an HF tensor name to ('dense', canonical) | ('expert', layer, e, which) |
@@ -129,8 +144,8 @@ class Architecture:
         if mm := re.match(rf"{p}\.experts\.(\d+)\.({w1}|{w3}|{w2})\.weight$", rest):
             which = {self.expert_names[0]: "w1", self.expert_names[1]: "w3", self.expert_names[2]: "w2"}[mm.group(2)]
             return ("expert", layer, int(mm.group(1)), which)
-        if mm := re.match(rf"(?:{p}|mlp)\.experts\.(gate_up_proj|down_proj)$", rest):
-            return ("fused", layer, "w13" if mm.group(1) == "gate_up_proj" else "w2")
+        if mm := re.match(rf"(?:{p}|mlp)\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$", rest):
+            return ("fused", layer, ("w13" if mm.group(1) == "gate_up_proj" else "w2") + (mm.group(2) or ""))
         for pat, canon in (*self.rules, *_LAYER_RULES):
             if mm := re.match(pat.replace("MOE", f"(?:{p}|mlp)"), rest):
                 return ("dense", f"layers.{layer}." + mm.expand(canon))

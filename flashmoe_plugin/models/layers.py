@@ -33,6 +33,23 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def swiglu_clamped(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation on [T, 2I] (gate half, then up half): both clamped, a sigmoid
+    of slope alpha, and (up + 1) as the linear factor."""
+    gate, up = h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_activation(c: ModelConfig):
+    """None for the plain SwiGLU the fused kernels compute, else the activation [T, 2I] -> [T, I]."""
+    if c.expert_act == "swiglu_clamped":
+        return lambda h: swiglu_clamped(h, c.swiglu_alpha, c.swiglu_limit)
+    if c.expert_act != "swiglu":
+        raise ValueError(f"unknown expert activation {c.expert_act!r}")
+    return None
+
+
 def required_names(c: ModelConfig) -> list[str]:
     """Canonical names of every dense tensor the decoder needs."""
     names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
@@ -40,6 +57,8 @@ def required_names(c: ModelConfig) -> list[str]:
         p = f"layers.{i}."
         names += [p + "attn_norm.weight", p + "ffn_norm.weight"]
         names += mla.dense_names(c, p) if c.attention == "mla" else [p + f"attn.{n}.weight" for n in "qkvo"]
+        names += [p + "attn.o.bias"] if c.o_bias else []
+        names += [p + "attn.sinks"] if c.attn_sinks else []
         if c.qkv_bias:
             names += [p + f"attn.{n}.bias" for n in "qkv"]
         if c.qk_norm != "none":
@@ -48,6 +67,8 @@ def required_names(c: ModelConfig) -> list[str]:
             names.append(p + "moe.router.weight")
             if c.router == "sigmoid_group":
                 names.append(p + "moe.router.score_bias")
+            if c.router_bias:
+                names.append(p + "moe.router.bias")
             if c.shared_expert_intermediate_size:
                 names += [p + f"moe.shared.{n}.weight" for n in ("gate", "up", "down")]
             if c.shared_expert_gate:
@@ -87,24 +108,28 @@ class Decoder:
         self.inv_freq, self.rope_factor = frequencies(cfg, weights["embed.weight"].device)
         self.lm_head = weights["embed.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.moe_layers = set(cfg.moe_layers)
+        self.windowed = set(range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers) \
+            if cfg.sliding_window else set()
+        self.expert_act = expert_activation(cfg)
 
     # ------------------------------------------------------------------ attention
     def positions(self, start: int, T: int, dtype: torch.dtype, device) -> tuple:
         """What every layer's attention shares for tokens start..start+T-1, computed once per
-        forward: RoPE's cos and sin, and the attention mask (None for one token, no window)."""
+        forward: RoPE's cos and sin, the causal mask (None for one token) and the sliding-window
+        mask (None without a window)."""
         c = self.cfg
         pos = torch.arange(start, start + T, device=device)
         freqs = torch.outer(pos.float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.rope_factor, emb.sin() * self.rope_factor
         cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
-        mask = None
+        causal = window = None
         if T > 1 or c.sliding_window:
             kpos = torch.arange(start + T, device=device)
-            mask = kpos[None, :] <= pos[:, None]
+            causal = kpos[None, :] <= pos[:, None]
             if c.sliding_window:
-                mask &= pos[:, None] - kpos[None, :] < c.sliding_window
-        return cos, sin, mask
+                window = causal & (pos[:, None] - kpos[None, :] < c.sliding_window)
+        return cos, sin, causal if T > 1 else None, window
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,24 +152,44 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
-        cos, sin, mask = at
+        cos, sin, causal, window = at
+        mask = window if i in self.windowed else causal
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         kv.k[i, start:start + T] = k
         kv.v[i, start:start + T] = v
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
+        if c.attn_sinks:
+            keys, vals, mask = self.sink(w[p + "sinks"], keys, vals, mask, T)
         with sdpa_kernel(SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
                 attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads)
-        return F.linear(out[0].transpose(0, 1).reshape(T, -1), w[p + "o.weight"])
+        return F.linear(out[0].transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+
+    @staticmethod
+    def sink(sinks: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask, T: int) -> tuple:
+        """Attention sinks as one more key: zero key and value, and the head's sink logit as its
+        additive mask, so each softmax's denominator gains exp(sink) and nothing is added to the
+        output."""
+        zero = keys.new_zeros((1, *keys.shape[1:]))
+        keys, vals = torch.cat((keys, zero)), torch.cat((vals, zero))
+        S, H = keys.shape[0], sinks.shape[0]
+        bias = torch.zeros((1, H, T, S), dtype=keys.dtype, device=keys.device)
+        if mask is not None:
+            bias[..., :-1].masked_fill_(~mask, float("-inf"))
+        bias[..., -1] = sinks.to(keys.dtype)[:, None]
+        return keys, vals, bias
 
     # ------------------------------------------------------------------ feed-forward
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] for layer i."""
         c = self.cfg
-        logits = F.linear(x, self.w[f"layers.{i}.moe.router.weight"]).float()
+        logits = F.linear(x, self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias")).float()
         if c.router == "sigmoid_group":
             return self._route_sigmoid_group(i, logits, x.dtype)
+        if c.router == "topk_softmax":  # gpt-oss: the softmax runs over the k chosen logits only
+            top, ids = torch.topk(logits, c.top_k, dim=-1)
+            return ids, torch.softmax(top, dim=-1).to(x.dtype)
         probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, c.top_k, dim=-1)
         if c.norm_topk_prob:

@@ -55,7 +55,7 @@ def attention(dec, i: int, x: torch.Tensor, start: int, kv, at: tuple) -> torch.
     q_nope, q_rot = q.view(T, n, dn + dr).split([dn, dr], dim=-1)
     latent, k_rot = F.linear(x, w[p + "kv_a.weight"], w.get(p + "kv_a.bias")).split([r, dr], dim=-1)
     latent = rms_norm(latent, w[p + "kv_a_norm.weight"], c.rms_norm_eps)
-    cos, sin, mask = at
+    cos, sin, mask, _ = at  # MLA layers have no sliding window
     rot = rope_interleaved if c.rope_interleave else dec.rope
     q_rot, k_rot = rot(q_rot, cos, sin), rot(k_rot[:, None, :], cos, sin)[:, 0]
     kv.k[i, start:start + T, 0] = latent
