@@ -35,6 +35,14 @@ from ..store.writer import StoreWriter
 from .errors import ConvertError
 
 _COMMON = dict(rms_norm_eps=1e-6, norm_topk_prob=True, bos_token_id=256, eos_token_id=258)
+# the published gpt-oss configs: 2880 wide, 64 query and 8 KV heads of 64, window 128 on even
+# layers, sinks, biases, top-4 of the experts, YaRN x32
+_GPT_OSS = dict(architecture="gpt_oss", vocab_size=201088, hidden_size=2880, num_heads=64, num_kv_heads=8,
+                head_dim=64, rope_theta=150000.0, top_k=4, moe_intermediate_size=2880, norm_topk_prob=False,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, sliding_window=128, qkv_bias=True, o_bias=True,
+                attn_sinks=True, router="topk_softmax", router_bias=True, expert_act="swiglu_clamped",
+                expert_bias=True, rope_scaling={"factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 4096})
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(architecture="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                          num_kv_heads=8, head_dim=128, rope_theta=1e6, num_experts=8, top_k=2,
@@ -57,6 +65,8 @@ PRESETS: dict[str, dict] = {
                         kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True,
                         rope_scaling={"factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
                                       "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}),
+    "gpt-oss-120b": dict(_GPT_OSS, num_layers=36, num_experts=128, sliding_layers=list(range(0, 36, 2))),
+    "gpt-oss-20b": dict(_GPT_OSS, num_layers=24, num_experts=32, sliding_layers=list(range(0, 24, 2))),
     # not a real model: a few MB, for tests and smoke runs
     "tiny": dict(architecture="mixtral", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=256,
@@ -95,12 +105,14 @@ def config_for(like: str, layers: int | None = None) -> ModelConfig:
         raise ConvertError("--layers must be at least 1")
     first_dense = min(FIRST_DENSE.get(like, 0), n - 1)
     d.update(num_layers=n, moe_layers=list(range(first_dense, n)))
+    if d.get("sliding_layers") is not None:
+        d["sliding_layers"] = [i for i in d["sliding_layers"] if i < n]
     return ModelConfig(**d)
 
 
 def store_bytes(cfg: ModelConfig, quant: str) -> tuple[int, int]:
     """(expert bytes, dense bytes) a synth store of this config takes."""
-    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_bias)
     dense = sum(int(np.prod(s)) * 2 for s in _dense_shapes(cfg).values())
     return len(cfg.moe_layers) * cfg.num_experts * layout.size, dense
 
@@ -120,6 +132,7 @@ def _dense_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "attn.q_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_heads * hd,),
             "attn.k_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_kv_heads * hd,),
             "moe.router.weight": (c.num_experts, H), "moe.router.score_bias": (c.num_experts,),
+            "moe.router.bias": (c.num_experts,), "attn.sinks": (c.num_heads,), "attn.o.bias": (H,),
             "moe.shared.gate.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.up.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.down.weight": (H, c.shared_expert_intermediate_size),
@@ -231,7 +244,7 @@ def synth(dst, like: str, layers: int | None = None, quant: str = "q4", force: b
     if quant not in ("q8", "q4", "q2", "bf16"):
         raise ConvertError(f"synth --quant {quant!r}: choose q8, q4, q2 or bf16")
     cfg = config_for(like, layers)
-    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_bias)
     rnd = _Random(seed)
     expert_total, dense_total = store_bytes(cfg, quant)
     total, done = expert_total + dense_total, 0
