@@ -135,11 +135,11 @@ class Llama:
     ):
         from flashmoe_plugin.plugins import manager
         from flashmoe_plugin.runtime.engine import Engine
-        from flashmoe_plugin.store.format import Store
+        from flashmoe_plugin.store.model import open_model
 
         self.verbose = verbose
         self.model_path = _resolve_model_path(model_path)
-        store = Store.open(self.model_path)
+        store = open_model(self.model_path)
         if n_ctx == 0:  # llama.cpp: 0 = the model's training context
             n_ctx = store.config.max_position_embeddings
         self.n_batch = min(int(n_batch), int(n_ctx))

@@ -88,11 +88,11 @@ def register_commands(cli):
     @cli.command()
     @click.argument("src", type=click.Path(exists=True, path_type=Path))
     @click.argument("dst", type=click.Path(path_type=Path))
-    @click.option("--quant", type=click.Choice(["none", "bf16", "q8", "q4", "q2"]), default="q4", show_default=True,
-                  help="expert format; none keeps the source dtype exactly")
+    @click.option("--quant", type=click.Choice(["none", "bf16", "q8", "q4", "q2", "keep"]), default="q4", show_default=True,
+                  help="expert format; none keeps the source dtype exactly; keep (GGUF source) keeps llama.cpp's blocks")
     @click.option("--force", is_flag=True, help="replace DST if it exists")
     def convert(src, dst, quant, force):
-        """Convert an HF checkpoint folder into an expert store (atomic: DST appears only when complete)."""
+        """Convert an HF checkpoint folder or a GGUF file into an expert store (atomic: DST appears only when complete)."""
         from .convert import convert as run_convert
         t0 = time.perf_counter()
         with _progress(f"converting → {quant}") as bar:
@@ -107,19 +107,23 @@ def register_commands(cli):
     @cli.command()
     @click.argument("store", type=click.Path(exists=True, path_type=Path))
     @click.option("--verify", is_flag=True, help="check every record's checksum")
+    @click.option("--index", is_flag=True, help="GGUF: write the sidecar crc32c index that later reads verify against")
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-    def inspect(store, verify, as_json):
-        """Show a store's config, sizes, quantization and checksum status."""
+    def inspect(store, verify, index, as_json):
+        """Show a store's (or GGUF file's) config, sizes, quantization and checksum status."""
         import torch
 
         from .models.layers import cache_bytes_per_token
         from .sizes import format_size
-        from .store.format import Store, StoreError
+        from .store.format import StoreError
+        from .store.model import open_model
         try:
-            s = Store.open(store)
+            s = open_model(store)
+            if index and hasattr(s, "write_index"):
+                s.write_index()
         except StoreError as e:
             _fail(e)
-        dense = (s.path / "dense.safetensors").stat().st_size
+        dense = s.dense_bytes if hasattr(s, "dense_bytes") else (s.path / "dense.safetensors").stat().st_size
         info = {"path": str(s.path), "architecture": s.architecture, "quant": s.manifest["quant"],
                 "config": s.config.to_json(), "moe_layers": len(s.layers),
                 "experts_per_layer": s.config.num_experts, "record_bytes": s.layout.size,

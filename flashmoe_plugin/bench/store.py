@@ -87,16 +87,19 @@ def disk_bandwidth(store, direct: bool = False, drop: bool = False, io_threads: 
     random.Random(0).shuffle(keys)
     per_batch = max(store.config.top_k, io_threads)
     buf = AlignedBuffer(per_batch * size)
+    direct = direct and getattr(store, "direct_io", None) is not False  # GGUF extents: buffered
     with Reader(nthreads=io_threads, direct=direct) as reader:
-        fids = {l: reader.open(str(store.layer_path(l))) for l in store.layers}
+        fids = {p: reader.open(str(p)) for p in {f for l in store.layers for f, *_ in store.record_reads(l, 0, False)}}
         cache = drop_page_cache()[1] if drop else "kept"
         if not drop or cache != "dropped":
             cache = _evict(reader, fids.values()) if cache == "kept" else cache
         done, t0 = 0, time.perf_counter()
         for i in range(0, len(keys), per_batch):
             batch = keys[i:i + per_batch]
-            reader.read([(fids[l], e * size, size, buf.address + j * size, None) for j, (l, e) in enumerate(batch)])
-            done += len(batch) * size
+            reqs = [(fids[f], off, n, buf.address + j * size + at, None) for j, (l, e) in enumerate(batch)
+                    for f, off, n, at, _ in store.record_reads(l, e, False)]
+            reader.read(reqs)
+            done += sum(r[2] for r in reqs)
             if done >= max_bytes or time.perf_counter() - t0 >= max_seconds:
                 break
         seconds = time.perf_counter() - t0
@@ -146,6 +149,8 @@ def active_bytes_per_token(store) -> int:
     is read), plus top_k expert records per MoE layer."""
     from safetensors import safe_open
     cfg = store.config
+    if getattr(store, "meta", None) is not None:  # a GGUF file: its tensor infos
+        return store.dense_bytes_per_token() + len(store.layers) * cfg.top_k * store.record_bytes
     dense = 0
     with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
         for name in f.keys():
@@ -203,11 +208,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     from ..pager.stats import COUNTERS
     from ..pager.trace import RoutingTrace
     from ..runtime.engine import Engine, resolve_device
-    from ..store.format import Store
+    from ..store.model import open_model
 
     dev = resolve_device(device)  # a clear error before any work
     cuda = dev.type == "cuda"
-    store = Store.open(store_path)
+    store = open_model(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
     direct_io = default_direct_io() if direct_io is None else direct_io
@@ -290,7 +295,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "store": str(store.path), "architecture": store.architecture, "quant": store.quant,
         "source": store.manifest.get("source", {}).get("type"), "like": store.manifest.get("source", {}).get("like"),
         "moe_layers": len(store.layers), "record_bytes": size, "expert_bytes": store.expert_bytes,
-        "dense_bytes": (store.path / "dense.safetensors").stat().st_size,
+        "dense_bytes": getattr(store, "dense_bytes", None) or (store.path / "dense.safetensors").stat().st_size,
         "device": device, "backend": None, "policy": policy, "policy_note": getattr(pol, "note", "") or None,
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,

@@ -100,7 +100,8 @@ class ExpertPager:
         self.protected: set = set()    # keys of the current request: never evicted
         self._fence = None             # compute-stream event of the current request
         self.reader = Reader(nthreads=io_threads, direct=direct_io)
-        self.fids = {layer: self.reader.open(str(store.layer_path(layer))) for layer in store.layers}
+        self.fids = {}  # file path -> reader file id (a GGUF store's extents need buffered reads)
+        self._direct = getattr(store, "direct_io", None)
         self.stats = PagerStats(verify=verify)
         self.trace = None      # a pager.trace.RoutingTrace while recording (Engine.record)
         self.predictor = None  # a pager.predictor.Predictor when prefetching (Engine sets it)
@@ -176,7 +177,7 @@ class ExpertPager:
     def _preload(self, keys):
         """Load the keys a policy asks for at start (static: its pinned experts); not counted as
         hits or misses."""
-        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:self.capacity]
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.store.layers][:self.capacity]
         for _ in self._batch(keys, count=False):
             pass
         self.protected = set()
@@ -256,11 +257,18 @@ class ExpertPager:
                 self._drop_prefetch_reads()
                 slot = self._take0()
             s, dest = None, self.t0.slots[slot]
-        crc = self.store.record_crcs[layer][e] if self.verify else None
-        ticket = self.reader.submit([(self.fids[layer], e * size, size, dest, crc)], priority)
+        reads = self.store.record_reads(layer, e, self.verify)
+        ticket = self.reader.submit([(self._fid(f), off, n, dest[at:at + n], crc) for f, off, n, at, crc in reads],
+                                    priority)
         r = self.reads[key] = _Read(key, ticket, dest, s, slot, priority == PREFETCH)
-        self.stats.bytes_read += size
+        self.stats.bytes_read += sum(n for _, _, n, _, _ in reads)
         return r
+
+    def _fid(self, path) -> int:
+        fid = self.fids.get(path)
+        if fid is None:
+            fid = self.fids[path] = self.reader.open(str(path), direct=self._direct)
+        return fid
 
     def _reclaim_staging(self):
         """Every staging buffer is held by a read: finish the oldest prefetch read."""

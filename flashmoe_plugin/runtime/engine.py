@@ -14,7 +14,7 @@ from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
-from ..store.format import Store
+from ..store.model import open_model
 from .host_compute import HostCompute
 
 
@@ -37,7 +37,7 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
                  pager_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.store = open_model(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -91,7 +91,11 @@ class Engine:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_folder(self.store.path, self.config)
+            folder = self.store.path
+            if getattr(self.store, "meta", None) is not None:  # a GGUF file: its own vocabulary
+                from .gguf_tokenizer import write_folder
+                folder = write_folder(self.store.meta, self.store.path / "tokenizer", str(self.store.file))
+            self._tokenizer = Tokenizer.from_folder(folder, self.config)
         return self._tokenizer
 
     @property
@@ -137,7 +141,7 @@ class Engine:
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit.
         Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general."""
-        layout, be = self.store.layout, self.backend
+        layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
         act = self.model.expert_act
@@ -149,11 +153,11 @@ class Engine:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
             if not batch.on_host:
-                return self._decode_sum(x, [got[e] for e in chosen], weights[0])
+                return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
             # host-tier records are computed on the CPU while the GPU runs the others
             w = weights[0].tolist()
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
-            out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here]) if here \
+            out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
@@ -168,9 +172,9 @@ class Engine:
                 out.index_add_(0, tok, y)
         return out
 
-    def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor) -> torch.Tensor:
+    def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
         """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
-        act, layout = self.model.expert_act, self.store.layout
+        act = self.model.expert_act
         if act is None:
             return self.backend.moe_decode(x, records, weights, layout)
         out = torch.zeros_like(x)
