@@ -67,6 +67,11 @@ PRESETS: dict[str, dict] = {
                                       "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}),
     "gpt-oss-120b": dict(_GPT_OSS, num_layers=36, num_experts=128, sliding_layers=list(range(0, 36, 2))),
     "gpt-oss-20b": dict(_GPT_OSS, num_layers=24, num_experts=32, sliding_layers=list(range(0, 24, 2))),
+    "grok-1": dict(architecture="grok", vocab_size=131072, hidden_size=6144, num_layers=64, num_heads=48,
+                   num_kv_heads=8, head_dim=128, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=32768,
+                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True, expert_act="geglu",
+                   embed_scale=78.38367176906169, logit_scale=0.5773502691896257,
+                   attn_scale=0.08838834764831845, attn_softcap=30.0, sandwich_norms=True),
     # not a real model: a few MB, for tests and smoke runs
     "tiny": dict(architecture="mixtral", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=256,

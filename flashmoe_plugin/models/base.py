@@ -67,6 +67,13 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # Grok-1: scaled embeddings and logits, q·k times attn_scale (None: 1/sqrt(head_dim)) then
+    # soft-capped at attn_softcap, an RMSNorm after the attention and after the experts too
+    embed_scale: float = 1.0
+    logit_scale: float = 1.0
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    sandwich_norms: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -130,11 +137,15 @@ class Architecture:
     # for checkpoints whose fused expert tensors are not laid out as ours (gpt-oss); `names` maps
     # w13, w2, w13_bias, w13_blocks, ... to checkpoint tensor names and `get` reads one
     fused_experts: object = None
+    renames: tuple = ()  # (pattern, replacement) applied to a checkpoint name before classifying it
 
     def classify(self, hf_name: str):
         """Map an HF tensor name to ('dense', canonical) | ('expert', layer, e, which) |
         ('fused', layer, which) | ('skip', None). `which` is w1 | w3 | w2 | w13."""
-        name = re.sub(r"^(model\.language_model\.|model\.)", "", hf_name)
+        name = hf_name
+        for pat, repl in self.renames:
+            name = re.sub(pat, repl, name)
+        name = re.sub(r"^(model\.language_model\.|model\.)", "", name)
         m = re.match(r"layers\.(\d+)\.(.+)$", name)
         if not m:
             return ("dense", _TOP.get(name, name)) if name in _TOP else ("skip", None)

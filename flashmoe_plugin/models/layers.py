@@ -45,6 +45,8 @@ def expert_activation(c: ModelConfig):
     """None for the plain SwiGLU the fused kernels compute, else the activation [T, 2I] -> [T, I]."""
     if c.expert_act == "swiglu_clamped":
         return lambda h: swiglu_clamped(h, c.swiglu_alpha, c.swiglu_limit)
+    if c.expert_act == "geglu":  # Grok-1: gelu (tanh form) of the gate times the up projection
+        return lambda h: (lambda gate, up: F.gelu(gate, approximate="tanh") * up)(*h.chunk(2, dim=-1))
     if c.expert_act != "swiglu":
         raise ValueError(f"unknown expert activation {c.expert_act!r}")
     return None
@@ -56,6 +58,7 @@ def required_names(c: ModelConfig) -> list[str]:
     for i in range(c.num_layers):
         p = f"layers.{i}."
         names += [p + "attn_norm.weight", p + "ffn_norm.weight"]
+        names += [p + "attn_post_norm.weight", p + "ffn_post_norm.weight"] if c.sandwich_norms else []
         names += mla.dense_names(c, p) if c.attention == "mla" else [p + f"attn.{n}.weight" for n in "qkvo"]
         names += [p + "attn.o.bias"] if c.o_bias else []
         names += [p + "attn.sinks"] if c.attn_sinks else []
@@ -160,11 +163,30 @@ class Decoder:
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
         if c.attn_sinks:
             keys, vals, mask = self.sink(w[p + "sinks"], keys, vals, mask, T)
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
-                attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads)
-        return F.linear(out[0].transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+        if c.attn_softcap:
+            out = self.softcapped(q, keys, vals, mask)
+        else:
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
+                    attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads, scale=c.attn_scale)[0]
+        out = F.linear(out.transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+        if c.sandwich_norms:
+            out = rms_norm(out, w[f"layers.{i}.attn_post_norm.weight"], c.rms_norm_eps)
+        return out
+
+    def softcapped(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask) -> torch.Tensor:
+        """Attention whose scores are soft-capped before the softmax (Grok-1: cap * tanh(s / cap));
+        SDPA has no such step. Returns [heads, T, head_dim] like SDPA's output."""
+        c = self.cfg
+        rep = c.num_heads // c.num_kv_heads
+        k, v = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
+        scale = c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5
+        s = torch.einsum("thd,shd->hts", q, k).float() * scale
+        s = c.attn_softcap * torch.tanh(s / c.attn_softcap)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.einsum("hts,shd->htd", torch.softmax(s, dim=-1).to(v.dtype), v)
 
     @staticmethod
     def sink(sinks: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask, T: int) -> tuple:
@@ -232,12 +254,16 @@ class Decoder:
             if self.cfg.shared_expert_gate:
                 s = torch.sigmoid(F.linear(x, w[p + "moe.shared_gate.weight"])) * s
             out = out + s
+        if self.cfg.sandwich_norms:
+            out = rms_norm(out, w[p + "ffn_post_norm.weight"], self.cfg.rms_norm_eps)
         return out
 
     # ------------------------------------------------------------------ whole model
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:
         c, w = self.cfg, self.w
         x = F.embedding(tokens, w["embed.weight"])
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
         at = self.positions(start, x.shape[0], x.dtype, x.device)
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -245,4 +271,5 @@ class Decoder:
             x = x + self.ffn(i, x, experts)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        logits = F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        return logits * c.logit_scale if c.logit_scale != 1.0 else logits
