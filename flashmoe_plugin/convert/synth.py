@@ -129,7 +129,8 @@ def _dense_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
         shapes[name] = {
             "embed.weight": (c.vocab_size, H), "lm_head.weight": (c.vocab_size, H), "norm.weight": (H,),
-            "attn_norm.weight": (H,), "ffn_norm.weight": (H,),
+            "attn_norm.weight": (H,), "ffn_norm.weight": (H,), "attn_post_norm.weight": (H,),
+            "ffn_post_norm.weight": (H,),
             "attn.q.weight": (c.num_heads * hd, H), "attn.k.weight": (c.num_kv_heads * hd, H),
             "attn.v.weight": (c.num_kv_heads * hd, H), "attn.o.weight": (H, c.num_heads * hd),
             "attn.q.bias": (c.num_heads * hd,), "attn.k.bias": (c.num_kv_heads * hd,),
