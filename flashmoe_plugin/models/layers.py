@@ -31,6 +31,9 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 def required_names(c: ModelConfig) -> list[str]:
     """Canonical names of every dense tensor the decoder needs."""
+    if c.layer_types:
+        from .hybrid import required_names as hybrid_names
+        return hybrid_names(c)
     names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
     for i in range(c.num_layers):
         p = f"layers.{i}."
@@ -57,6 +60,24 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_ctx = n_ctx
 
+    def rewind(self, n: int) -> int:
+        return n  # K/V slots past n are simply overwritten
+
+    def save(self, n: int) -> dict:
+        return {"k": self.k[:, :n].clone(), "v": self.v[:, :n].clone()}
+
+    def load(self, state: dict, n: int):
+        self.k[:, :n].copy_(state["k"])
+        self.v[:, :n].copy_(state["v"])
+
+
+def decoder_for(cfg: ModelConfig):
+    """The decoder class of a config: hybrid stacks (DeltaNet + attention layers) have their own."""
+    if cfg.layer_types:
+        from .hybrid import HybridDecoder
+        return HybridDecoder
+    return Decoder
+
 
 class Decoder:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
@@ -69,6 +90,9 @@ class Decoder:
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=dev).float() / hd))
         self.lm_head = weights["embed.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.moe_layers = set(cfg.moe_layers)
+
+    def new_cache(self, n_ctx: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(self.cfg, n_ctx, dtype, device)
 
     # ------------------------------------------------------------------ attention
     def positions(self, start: int, T: int, dtype: torch.dtype, device) -> tuple:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..models.layers import Decoder, KVCache
+from ..models.layers import decoder_for
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
@@ -42,9 +42,9 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.backend = kernels.select(self.device.type, backend)
-        self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
+        self.model = decoder_for(cfg)(cfg, self.store.load_dense(self.device, self.dtype))
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
-        self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
+        self.kv = self.model.new_cache(self.n_ctx, self.dtype, self.device)
         budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
         opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
@@ -101,8 +101,13 @@ class Engine:
         self.tokens = []
 
     def truncate(self, n: int):
-        """Keep only the first n cached positions (later K/V slots are simply overwritten)."""
-        self.tokens = self.tokens[:n]
+        """Keep only the first n cached positions (later K/V slots are simply overwritten; a
+        recurrent state goes back to its nearest snapshot and the tokens from there are replayed)."""
+        keep = self.tokens[:n]
+        at = self.kv.rewind(len(keep))
+        self.tokens = keep[:at]
+        if at < len(keep):
+            self.forward(keep[at:], last_only=True)
 
     @torch.inference_mode()
     def forward(self, tokens, last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Hybrid stacks (Qwen3-Next; Qwen3.5-MoE as published, a vision-language checkpoint, and text-only)
+against HF transformers on the same weights: Gated DeltaNet layers with conv + recurrent state,
+gated full attention with partial RoPE, a gated shared expert. On the GPU too where one is visible."""
+import pytest
+import torch
+from test_oracles import hf_logits, prompt
+
+from flashmoe_plugin.models.deltanet import chunked, recurrent
+from flashmoe_plugin.runtime.engine import Engine
+from flashmoe_plugin.runtime.generate import tokens
+from flashmoe_plugin.runtime.sampling import Sampler, SamplingParams
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none here)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+TOL = {"cpu": 1e-4, "cuda": 1e-3}  # fp32 both; the GPU's matmuls round differently (as in test_cuda_pager)
+
+
+def engine(store, device, budget=None):
+    probe = Engine(store)
+    size = int(probe.store.expert_bytes * budget) if budget else None
+    probe.close()
+    if device == "cuda":
+        return Engine(store, device="cuda", dtype=torch.float32, vram_budget=size, ram_budget=0 if size else None)
+    return Engine(store, ram_budget=size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("budget", [None, 0.25], ids=["all-resident", "budget-25pct"])
+def test_logits_match_transformers(oracles, hybrid_family, budget, device):
+    o = oracles(hybrid_family)
+    ids = prompt(80)  # the prefill crosses the DeltaNet's 64-token chunk
+    ref = hf_logits(o.model, ids)
+    eng = engine(o.store("none"), device, budget)
+    atol = TOL[device]
+    torch.testing.assert_close(eng.forward(ids), ref, atol=atol, rtol=0)
+    eng.reset()
+    # a short prefill, then 64 tokens one by one through the recurrent state and the KV cache
+    steps = torch.cat([eng.forward(ids[:16])] + [eng.forward(ids[i:i + 1]) for i in range(16, 80)])
+    torch.testing.assert_close(steps, ref, atol=atol, rtol=0)
+    if budget:
+        s = eng.pager.stats
+        assert eng.pager.capacity < sum(l.experts for l in eng.store.layers.values())
+        assert s.misses > eng.pager.capacity and s.evictions > 0
+    eng.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("budget", [None, 0.25], ids=["all-resident", "budget-25pct"])
+def test_greedy_generation_matches_transformers(oracles, hybrid_family, budget, device):
+    o = oracles(hybrid_family)
+    ids = prompt(8, seed=2)
+    o.model.generation_config.eos_token_id = None
+    o.model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = o.model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=False,
+                               max_new_tokens=32, output_scores=True, return_dict_in_generate=True)
+    ref = out.sequences[0, len(ids):].tolist()
+    eng = engine(o.store("none"), device, budget)
+    stream = tokens(eng, ids.tolist(), Sampler(SamplingParams(temperature=0)))
+    ours = [next(stream) for _ in range(32)]
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:  # allowed only where transformers itself has a near tie
+            top2 = torch.topk(out.scores[step][0].float(), 2).values
+            assert (top2[0] - top2[1]).item() < 1e-5, f"step {step}: ours {a}, transformers {b}"
+            break
+    if budget:
+        assert eng.pager.stats.misses > 0 and eng.pager.stats.evictions > 0
+    eng.close()
+
+
+def test_chunked_form_equals_the_recurrence():
+    g = torch.Generator().manual_seed(0)
+    H, T, dk, dv = 3, 150, 8, 12
+    q, k = (torch.nn.functional.normalize(torch.randn(H, T, dk, generator=g), dim=-1) for _ in range(2))
+    v = torch.randn(H, T, dv, generator=g)
+    decay = -torch.rand(H, T, generator=g) * 0.3
+    beta = torch.rand(H, T, generator=g)
+    s0 = torch.randn(H, dk, dv, generator=g)
+    s1, s2 = s0.clone(), s0.clone()
+    a, b = recurrent(q, k, v, decay, beta, s1), chunked(q, k, v, decay, beta, s2)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2, s1, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(s1, s0)
+
+
+def test_truncate_restores_the_recurrent_state(oracles):
+    """A truncation to an earlier position goes back to the nearest snapshot (end of a prefill
+    chunk) or to position 0, and replays the tokens from there."""
+    o = oracles("qwen3_next")
+    ids = prompt(40, seed=4)
+    ref = hf_logits(o.model, ids)
+    eng = Engine(o.store("none"))
+    eng.forward(ids[:30])
+    for i in range(30, 40):
+        eng.forward(ids[i:i + 1])
+    assert [p for p, *_ in eng.kv.snapshots] == [30]
+    eng.truncate(35)  # snapshot at 30, replay 30..34
+    assert eng.n_past == 35 and eng.kv.pos == 35
+    torch.testing.assert_close(eng.forward(ids[35:]), ref[35:], atol=1e-4, rtol=0)
+    eng.truncate(12)  # no snapshot at or before 12: from position 0
+    torch.testing.assert_close(eng.forward(ids[12:]), ref[12:], atol=1e-4, rtol=0)
+    eng.truncate(40)  # nothing to do
+    assert eng.kv.pos == 40 and eng.n_past == 40
+    with pytest.raises(RuntimeError, match="recurrent state is at position 40"):
+        eng.model.forward(ids[:1], 20, eng.kv, eng._experts)
+    eng.close()
+
+
+def test_llama_save_and_load_state(oracles):
+    from flashmoe_plugin import Llama
+    store = str(oracles("qwen3_5_moe").store("none"))
+    with Llama(model_path=store, n_ctx=128, verbose=False) as llm:
+        ids = prompt(20, seed=5).tolist()
+        llm.eval(ids)
+        state = llm.save_state()
+        a = llm.generate(ids + [5], temp=0, reset=True)
+        a = [next(a) for _ in range(6)]
+        llm.reset()
+        llm.eval(prompt(9, seed=6).tolist())
+        llm.load_state(state)
+        assert llm.n_tokens == len(ids)
+        b = llm.generate(ids + [5], temp=0)
+        assert [next(b) for _ in range(6)] == a
