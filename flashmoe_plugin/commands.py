@@ -36,7 +36,13 @@ def engine_options(f):
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
     f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
+    f = EXPERTS_PER_TOKEN(f)
     return f
+
+
+EXPERTS_PER_TOKEN = click.option("--experts-per-token", "experts_per_token", type=int, default=None,
+                                 help="route K experts per token instead of the model's top-k (fewer: faster, "
+                                 "at a quality cost)")
 
 
 def tri(value: str):
@@ -44,10 +50,12 @@ def tri(value: str):
     return {"on": True, "off": False}.get(value)
 
 
-def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify):
+def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
+                experts_per_token=None):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
-                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify)
+                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
+                  experts_per_token=experts_per_token)
 
 
 def stream_completion(engine, prompt: str, n: int, temp: float, seed, top_k=40, top_p=0.95, min_p=0.05,

@@ -121,3 +121,4 @@ def test_llama_save_and_load_state(oracles):
         assert llm.n_tokens == len(ids)
         b = llm.generate(ids + [5], temp=0)
         assert [next(b) for _ in range(6)] == a
+

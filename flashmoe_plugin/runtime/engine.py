@@ -2,10 +2,13 @@
 preallocated KV cache, routed experts served by the pager and computed by a kernel backend.
 
     eng = Engine("./store", device="cuda", n_ctx=2048, vram_budget="8G", ram_budget="16G")
+    Engine("./store", experts_per_token=4)  # route 4 experts per token, not the checkpoint's top_k
     logits = eng.forward(token_ids)        # [T, vocab] float32; appends to the KV cache
     eng.truncate(n) / eng.reset()          # drop cached positions
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -22,6 +25,15 @@ class ContextError(ValueError):
     pass
 
 
+def with_experts_per_token(cfg, k: int | None):
+    """The config routing k experts per token instead of the checkpoint's top_k (None: as is)."""
+    if k is None or int(k) == cfg.top_k:
+        return cfg
+    if not 1 <= int(k) <= cfg.num_experts:
+        raise ValueError(f"experts_per_token={k}: must be between 1 and the model's {cfg.num_experts} experts")
+    return replace(cfg, top_k=int(k))
+
+
 def resolve_device(device) -> torch.device:
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -36,9 +48,9 @@ class Engine:
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
-                 pager_options: dict | None = None):
+                 pager_options: dict | None = None, experts_per_token: int | None = None):
         self.store = store if isinstance(store, Store) else Store.open(store)
-        self.config = cfg = self.store.config
+        self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.backend = kernels.select(self.device.type, backend)
