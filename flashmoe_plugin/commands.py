@@ -119,6 +119,7 @@ def register_commands(cli):
     def inspect(store, verify, as_json):
         """Show a store's config, sizes, quantization and checksum status."""
         from .sizes import format_size
+        from .models.hybrid import cache_sizes, describe_cache
         from .store.format import Store, StoreError
         try:
             s = Store.open(store)
@@ -128,7 +129,8 @@ def register_commands(cli):
         info = {"path": str(s.path), "architecture": s.architecture, "quant": s.manifest["quant"],
                 "config": s.config.to_json(), "moe_layers": len(s.layers),
                 "experts_per_layer": s.config.num_experts, "record_bytes": s.layout.size,
-                "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source")}
+                "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source"),
+                "cache_per_layer": cache_sizes(s.config)}
         if verify:
             n = sum(l.experts for l in s.layers.values())
             with _progress("verifying") as bar:
@@ -143,6 +145,7 @@ def register_commands(cli):
                        f"{c.num_experts} experts (top-{c.top_k}) of intermediate {c.moe_intermediate_size}")
             click.echo(f"experts: {s.quant}, {format_size(s.layout.size)} per record, {format_size(s.expert_bytes)} in all; "
                        f"dense part {format_size(dense)}")
+            click.echo(describe_cache(info["cache_per_layer"]))
             if verify:
                 click.echo("checksums: all records intact" if not problems else "checksums: DAMAGED\n  " + "\n  ".join(problems))
         if verify and problems:

@@ -122,3 +122,37 @@ def test_llama_save_and_load_state(oracles):
         b = llm.generate(ids + [5], temp=0)
         assert [next(b) for _ in range(6)] == a
 
+
+
+def test_inspect_prints_the_cache_sizes(oracles):
+    """Per layer: DeltaNet conv + recurrent state (constant), attention K/V bytes per token; the
+    theory here is written from the model's definition, then checked against the real cache."""
+    import json
+
+    from click.testing import CliRunner
+
+    from flashmoe_plugin.cli import cli
+    from flashmoe_plugin.models.hybrid import HybridCache
+    from flashmoe_plugin.plugins import manager
+    manager().hook.register_commands(cli=cli)
+    store = oracles("qwen3_next").store("none")
+    hf = oracles("qwen3_next").model.config
+    r = CliRunner().invoke(cli, ["inspect", str(store), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["cache_per_layer"]
+    K, nk, nv, dk, dv = (hf.linear_conv_kernel_dim, hf.linear_num_key_heads, hf.linear_num_value_heads,
+                         hf.linear_key_head_dim, hf.linear_value_head_dim)
+    for i, t in enumerate(hf.layer_types):
+        if t == "linear_attention":  # q, k, v through the conv; last K-1 inputs kept; S per value head
+            want = {"conv_state_bytes": (2 * nk * dk + nv * dv) * (K - 1) * 4, "recurrent_state_bytes": nv * dk * dv * 4}
+        else:
+            want = {"kv_bytes_per_token": 2 * hf.num_key_value_heads * hf.head_dim * 4}
+        assert rows[i] == {"layer": i, "type": t, **want}
+    cache = Engine(store).kv  # what the engine allocates (fp32 on the CPU)
+    assert isinstance(cache, HybridCache)
+    lin = [r for r in rows if r["type"] == "linear_attention"]
+    assert len(lin) == 2 and cache.conv.nbytes == sum(r["conv_state_bytes"] for r in lin)
+    assert cache.rec.nbytes == sum(r["recurrent_state_bytes"] for r in lin)
+    assert cache.k.nbytes + cache.v.nbytes == cache.n_ctx * sum(r.get("kv_bytes_per_token", 0) for r in rows)
+    r = CliRunner().invoke(cli, ["inspect", str(store)])
+    assert "2 linear attention layers" in r.output and "(constant)" in r.output, r.output

@@ -60,18 +60,34 @@ def required_names(c) -> list[str]:
     return names + [n for i in sorted(linear) for n in linear_names(c, i)]
 
 
-def state_sizes(c, dtype_bytes: int = 4, state_dtype_bytes: int = 4) -> list[dict]:
-    """Per layer: what its cache costs. DeltaNet: conv + recurrent state bytes (constant);
+def cache_sizes(c, dtype_bytes: int = 4) -> list[dict]:
+    """Per layer: what its cache costs with activations of dtype_bytes (4: fp32, the CPU default).
+    DeltaNet: conv state (that dtype) + recurrent state (fp32) bytes, constant in the context;
     attention: K and V bytes per token of context."""
     out = []
     conv, rec = state_shapes(c)
     for i, t in enumerate(c.layer_types or [FULL] * c.num_layers):
         if t == LINEAR:
             out.append({"layer": i, "type": t, "conv_state_bytes": conv[0] * conv[1] * dtype_bytes,
-                        "recurrent_state_bytes": rec[0] * rec[1] * rec[2] * state_dtype_bytes})
+                        "recurrent_state_bytes": rec[0] * rec[1] * rec[2] * 4})
         else:
             out.append({"layer": i, "type": t, "kv_bytes_per_token": 2 * c.num_kv_heads * c.head_dim * dtype_bytes})
     return out
+
+
+def describe_cache(sizes: list[dict]) -> str:
+    """`flashmoe inspect`'s lines for cache_sizes()."""
+    from ..sizes import format_size
+    lines = []
+    for kind, keys in ((FULL, ("kv_bytes_per_token",)), (LINEAR, ("conv_state_bytes", "recurrent_state_bytes"))):
+        rows = [r for r in sizes if r["type"] == kind]
+        if not rows:
+            continue
+        what = ", ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {format_size(rows[0][k])} ({rows[0][k]} B)"
+                         for k in keys)
+        tail = " (constant)" if kind == LINEAR else ""
+        lines.append(f"cache, {len(rows)} {kind.replace('_', ' ')} layers: {what} per layer{tail}")
+    return "\n".join(lines) + "  [fp32 activations; the CUDA default bf16 halves K/V and conv state]"
 
 
 class HybridCache:
