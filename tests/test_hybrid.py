@@ -156,3 +156,54 @@ def test_inspect_prints_the_cache_sizes(oracles):
     assert cache.k.nbytes + cache.v.nbytes == cache.n_ctx * sum(r.get("kv_bytes_per_token", 0) for r in rows)
     r = CliRunner().invoke(cli, ["inspect", str(store)])
     assert "2 linear attention layers" in r.output and "(constant)" in r.output, r.output
+
+
+# the published config.json numbers (Qwen/Qwen3.5-397B-A17B text_config, Qwen/Qwen3-Next-80B-A3B-Instruct)
+PUBLISHED = {
+    "qwen3.5-397b-a17b": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        vocab_size=248320, hidden_size=4096, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=2,
+        head_dim=256, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024, linear_num_key_heads=16, linear_num_value_heads=64,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+        max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    "qwen3-next-80b-a3b": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=256, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, linear_num_key_heads=16, linear_num_value_heads=32,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+        max_position_embeddings=262144, intermediate_size=5120,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+}
+
+
+@pytest.mark.parametrize("like", sorted(PUBLISHED))
+def test_synth_writes_the_real_hybrid_shapes(like):
+    """synth's dense shapes and config = what our converter makes of the real model (built on the
+    meta device from its published config, first 8 layers: 6 DeltaNet + 2 attention)."""
+    import transformers
+
+    from flashmoe_plugin.convert.hf import find_architecture
+    from flashmoe_plugin.convert.synth import _dense_shapes, config_for
+    cfg_name, model_name, fields = PUBLISHED[like]
+    hf_cfg = getattr(transformers, cfg_name)(**{**fields, "num_hidden_layers": 8})
+    with torch.device("meta"):
+        model = getattr(transformers, model_name)(hf_cfg)
+    arch = find_architecture(hf_cfg.to_dict(), like)
+    ours = arch.config_from_hf(hf_cfg.to_dict())
+    synth_cfg = config_for(like, layers=8)
+    for f in ("layer_types", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_experts", "top_k",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "linear_num_key_heads",
+              "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel",
+              "partial_rotary_factor", "rope_theta", "vocab_size", "linear_proj", "norm_offset", "moe_layers"):
+        assert getattr(synth_cfg, f) == getattr(ours, f), f
+    shapes = _dense_shapes(synth_cfg)
+    dense = {}
+    for name, p in model.named_parameters():
+        kind, *rest = arch.classify(name)
+        if kind == "dense":
+            dense[rest[0]] = tuple(p.shape)
+        elif kind == "fused":
+            E, I, H = ours.num_experts, ours.moe_intermediate_size, ours.hidden_size
+            assert tuple(p.shape) == ((E, 2 * I, H) if rest[1] == "w13" else (E, H, I))
+    assert dense == shapes
