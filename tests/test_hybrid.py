@@ -207,3 +207,25 @@ def test_synth_writes_the_real_hybrid_shapes(like):
             E, I, H = ours.num_experts, ours.moe_intermediate_size, ours.hidden_size
             assert tuple(p.shape) == ((E, 2 * I, H) if rest[1] == "w13" else (E, H, I))
     assert dense == shapes
+
+
+def test_one_layers_records_are_read_together_and_computed_in_one_call(oracles):
+    """Small experts (Qwen3.5: 10 records of ~7 MB per layer and token): a decode step's missing
+    records of a layer are all submitted to the reader before the first is waited for, and the
+    layer's experts run in one fused backend call."""
+    eng = Engine(oracles("qwen3_5_moe_text").store("none"), prefetch="off")
+    p, k = eng.pager, eng.config.top_k
+    batch = p.request(eng.config.moe_layers[0], list(range(k)))
+    assert len(p.reads) == k and all(r.ticket is not None for r in p.reads.values())
+    assert len(dict(batch)) == k and not p.reads
+    calls = []
+    moe_decode = eng.backend.moe_decode
+    eng.backend.moe_decode = lambda x, recs, w, layout: calls.append(len(recs)) or moe_decode(x, recs, w, layout)
+    try:
+        eng.forward(prompt(6, seed=9).tolist())
+        calls.clear()
+        eng.forward([5])
+    finally:
+        del eng.backend.moe_decode  # the instance attribute; the class's method again
+    assert calls == [k] * len(eng.config.moe_layers)
+    eng.close()
