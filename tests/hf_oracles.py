@@ -43,7 +43,7 @@ FAMILIES = {
 _HYBRID_TEXT = dict(num_hidden_layers=4, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=80,
                     num_experts=32, num_experts_per_tok=4, linear_conv_kernel_dim=4, linear_key_head_dim=16,
                     linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+                    full_attention_interval=4)  # the real pattern: 3 DeltaNet layers, then attention
 HYBRID = {
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    dict(_HYBRID_TEXT, intermediate_size=96, mlp_only_layers=[2], norm_topk_prob=True,

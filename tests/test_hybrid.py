@@ -151,11 +151,11 @@ def test_inspect_prints_the_cache_sizes(oracles):
     cache = Engine(store).kv  # what the engine allocates (fp32 on the CPU)
     assert isinstance(cache, HybridCache)
     lin = [r for r in rows if r["type"] == "linear_attention"]
-    assert len(lin) == 2 and cache.conv.nbytes == sum(r["conv_state_bytes"] for r in lin)
+    assert len(lin) == 3 and cache.conv.nbytes == sum(r["conv_state_bytes"] for r in lin)
     assert cache.rec.nbytes == sum(r["recurrent_state_bytes"] for r in lin)
     assert cache.k.nbytes + cache.v.nbytes == cache.n_ctx * sum(r.get("kv_bytes_per_token", 0) for r in rows)
     r = CliRunner().invoke(cli, ["inspect", str(store)])
-    assert "2 linear attention layers" in r.output and "(constant)" in r.output, r.output
+    assert "3 linear attention layers" in r.output and "(constant)" in r.output, r.output
 
 
 # the published config.json numbers (Qwen/Qwen3.5-397B-A17B text_config, Qwen/Qwen3-Next-80B-A3B-Instruct)

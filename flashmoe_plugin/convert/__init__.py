@@ -13,6 +13,13 @@ def convert(src, dst, quant: str = "q4", force: bool = False, progress=None) -> 
         raise ConvertError(f"{src}: does not exist")
     if src.suffix == ".gguf":
         raise ConvertError(f"{src}: GGUF sources are not supported yet (convert the HF checkpoint instead)")
+    cfg = src / "config.json"
+    if cfg.is_file():
+        import json
+
+        from .mlx import convert_mlx, is_mlx
+        if is_mlx(json.loads(cfg.read_text())):
+            return convert_mlx(src, dst, quant=quant, force=force, progress=progress)
     return convert_hf(src, dst, quant=quant, force=force, progress=progress)
 
 
