@@ -58,7 +58,7 @@ def test_unknown_architecture_lists_supported(oracles, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "llama4_text", ["Llama4ForCausalLM"]
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConvertError, match=r"llama4_text.*supported: mixtral, olmoe, qwen2_moe, qwen3_moe"):
+    with pytest.raises(ConvertError, match=r"llama4_text.*supported: mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next"):
         convert(src, tmp_path / "out")
     assert not leftovers(tmp_path, "out")
 
