@@ -229,3 +229,25 @@ def test_one_layers_records_are_read_together_and_computed_in_one_call(oracles):
         del eng.backend.moe_decode  # the instance attribute; the class's method again
     assert calls == [k] * len(eng.config.moe_layers)
     eng.close()
+
+
+def test_snapshots_are_bounded_and_restore_the_state_of_their_position(oracles):
+    from flashmoe_plugin.models.hybrid import SNAPSHOT_EVERY, HybridCache
+    cfg = Engine(oracles("qwen3_next").store("none")).config
+    c = HybridCache(cfg, 512, torch.float32, "cpu", snapshots=2)
+
+    def step(start, T):  # what a forward does to the cache, with a state that names its position
+        c.begin(start)
+        c.rec.fill_(start + T)
+        c.conv.fill_(-(start + T))
+        c.end(start + T, T)
+
+    step(0, 30)  # a prefill chunk: snapshot at 30
+    for p in range(30, 2 * SNAPSHOT_EVERY + 5):
+        step(p, 1)  # decode: snapshots at 64 and 128 only; the oldest (30) dropped beyond 2
+    assert [s[0] for s in c.snapshots] == [SNAPSHOT_EVERY, 2 * SNAPSHOT_EVERY]
+    assert c.rewind(100) == SNAPSHOT_EVERY and c.pos == SNAPSHOT_EVERY
+    assert (c.rec == SNAPSHOT_EVERY).all() and (c.conv == -SNAPSHOT_EVERY).all()
+    step(SNAPSHOT_EVERY, 1)  # a new past from 64 on: the snapshot at 128 is gone
+    assert [s[0] for s in c.snapshots] == [SNAPSHOT_EVERY]
+    assert c.rewind(10) == 0 and (c.rec == 0).all() and c.pos == 0
