@@ -145,7 +145,7 @@ class Llama:
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
         for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute", "storage",
-                  "storage_options"):
+                  "storage_options", "experts_per_token"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()
@@ -337,20 +337,17 @@ class Llama:
 
     def save_state(self) -> LlamaState:
         n = self.n_tokens
-        kv = self._engine.kv
-        k, v = kv.k[:, :n].clone(), kv.v[:, :n].clone()
-        size = k.numel() * k.element_size() * 2 + n * self._n_vocab * 4
+        cache = self._engine.kv.save(n)  # K/V of the cached positions (+ recurrent states)
+        size = sum(t.numel() * t.element_size() for t in cache.values()) + n * self._n_vocab * 4
         return LlamaState(input_ids=self.input_ids.copy(), scores=self.scores[:n, :].copy(), n_tokens=n,
-                          llama_state={"k": k, "v": v, "row_ok": self._row_ok[:n].copy()},
+                          llama_state={**cache, "row_ok": self._row_ok[:n].copy()},
                           llama_state_size=size, seed=self._seed)
 
     def load_state(self, state: LlamaState) -> None:
         n = int(state.n_tokens)
         if n > self._n_ctx:
             raise ValueError(f"state holds {n} tokens; this context window holds {self._n_ctx}")
-        kv = self._engine.kv
-        kv.k[:, :n].copy_(state.llama_state["k"])
-        kv.v[:, :n].copy_(state.llama_state["v"])
+        self._engine.kv.load({k: v for k, v in state.llama_state.items() if k != "row_ok"}, n)
         self.input_ids = state.input_ids.copy()
         self.scores[:n, :] = state.scores
         self._row_ok[:] = False

@@ -36,7 +36,13 @@ def engine_options(f):
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
     f = click.option("--storage", default="native", show_default=True,
                      help="storage reader (`flashmoe plugins` lists them; faulty: faults from $FLASHMOE_FAULTS)")(f)
+    f = EXPERTS_PER_TOKEN(f)
     return f
+
+
+EXPERTS_PER_TOKEN = click.option("--experts-per-token", "experts_per_token", type=int, default=None,
+                                 help="route K experts per token instead of the model's top-k (fewer: faster, "
+                                 "at a quality cost)")
 
 
 def tri(value: str):
@@ -45,11 +51,11 @@ def tri(value: str):
 
 
 def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
-                storage="native"):
+                storage="native", experts_per_token=None):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
                   prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
-                  storage=storage)
+                  storage=storage, experts_per_token=experts_per_token)
 
 
 def prompt_tokens(engine, prompt: str, n: int, truncate: bool = False) -> tuple[list[int], bool]:
@@ -164,10 +170,8 @@ def register_commands(cli):
     def inspect(store, verify, index, as_json):
         """Show a model's config, sizes, quantization and checksum status (STORE: a store folder, a
         .gguf file, or `demo` for the embedded model)."""
-        import torch
-
-        from .models.layers import cache_bytes_per_token
         from .sizes import format_size
+        from .models.hybrid import cache_sizes, describe_cache
         from .store.format import StoreError
         from .store.model import open_model
         try:
@@ -181,8 +185,7 @@ def register_commands(cli):
                 "config": s.config.to_json(), "moe_layers": len(s.layers),
                 "experts_per_layer": s.config.num_experts, "record_bytes": s.layout.size,
                 "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source"),
-                "kv_cache": {"attention": s.config.attention, "dtype": "bf16",
-                             "bytes_per_token": cache_bytes_per_token(s.config, torch.bfloat16)}}
+                "cache_per_layer": cache_sizes(s.config)}
         if verify:
             n = sum(l.experts for l in s.layers.values())
             with progress_bar("verifying records", total=n) as bar:
@@ -196,9 +199,7 @@ def register_commands(cli):
                        f"{c.num_experts} experts (top-{c.top_k}) of intermediate {c.moe_intermediate_size}")
             click.echo(f"experts: {s.quant}, {format_size(s.layout.size)} per record, {format_size(s.expert_bytes)} in all; "
                        f"dense part {format_size(dense)}")
-            kv = info["kv_cache"]
-            what = "MLA latent + rotary key" if c.attention == "mla" else "K and V"
-            click.echo(f"cache: {format_size(kv['bytes_per_token'])} per token of context ({what}, bf16, all layers)")
+            click.echo(describe_cache(info["cache_per_layer"]))
             if verify:
                 click.echo("checksums: all records intact" if not problems else "checksums: DAMAGED\n  " + "\n  ".join(problems))
         if verify and problems:

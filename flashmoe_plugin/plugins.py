@@ -16,6 +16,8 @@ BUILTINS = {
     "qwen2_moe": "flashmoe_plugin.models.qwen2_moe",
     "qwen3_moe": "flashmoe_plugin.models.qwen3_moe",
     "olmoe": "flashmoe_plugin.models.olmoe",
+    "qwen3_next": "flashmoe_plugin.models.qwen3_next",
+    "qwen3_5_moe": "flashmoe_plugin.models.qwen3_5_moe",
     "torch_backend": "flashmoe_plugin.kernels.torch_backend",
     "native_backends": "flashmoe_plugin.kernels.native_backends",
     "policies": "flashmoe_plugin.pager.policies",

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_oracles import FAMILIES, make_model  # noqa: E402
+from hf_oracles import FAMILIES, HYBRID, make_model  # noqa: E402
 
 
 class Oracle:
@@ -36,6 +36,11 @@ def oracles(tmp_path_factory):
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
+    return request.param
+
+
+@pytest.fixture(params=sorted(HYBRID))
+def hybrid_family(request):
     return request.param
 
 

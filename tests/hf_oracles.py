@@ -57,6 +57,26 @@ FAMILIES = {
 }
 
 
+# Hybrid stacks (Gated DeltaNet + gated attention): their own tests (tests/test_hybrid.py).
+_HYBRID_TEXT = dict(num_hidden_layers=4, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=80,
+                    num_experts=32, num_experts_per_tok=4, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                    full_attention_interval=4)  # the real pattern: 3 DeltaNet layers, then attention
+HYBRID = {
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(_HYBRID_TEXT, intermediate_size=96, mlp_only_layers=[2], norm_topk_prob=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                         dict(_HYBRID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                                             "mrope_interleaved": True})),
+    # the published layout: a vision-language model, text under text_config, weights under model.language_model.
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", None),
+}
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+
+
 def make_tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -78,9 +98,13 @@ def make_tokenizer(out: Path):
 def make_model(family: str, out: Path, seed: int = 0, **overrides):
     import transformers
 
-    cfg_name, model_name, extra = FAMILIES[family]
+    cfg_name, model_name, extra = {**FAMILIES, **HYBRID}[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
+    if extra is None:  # vision-language layout: the text model of qwen3_5_moe_text, a tiny vision tower
+        text = {**COMMON, **HYBRID["qwen3_5_moe_text"][2], **overrides}
+        cfg = getattr(transformers, cfg_name)(text_config=text, vision_config=VISION, tie_word_embeddings=False)
+    else:
+        cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_name)(cfg).float().eval()
     # Random init gives near-uniform routers and tiny weights; widen them so routing is decisive
     # and logits are not all alike (a better test of top-k selection and of the numerics).
@@ -92,6 +116,15 @@ def make_model(family: str, out: Path, seed: int = 0, **overrides):
                 p.normal_(0, 1.0)
             elif "norm" not in name:
                 p.normal_(0, 0.04 if p.dim() > 1 else 0.02)
+            if family in HYBRID:  # DeltaNet: varied decays, a conv that matters; norms off their init
+                if name.endswith("A_log"):
+                    p.copy_(torch.empty_like(p).uniform_(0.05, 0.5).log())
+                elif name.endswith("dt_bias"):
+                    p.normal_(0, 0.5)
+                elif name.endswith("conv1d.weight"):
+                    p.normal_(0, 0.3)
+                elif "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek: steers the choice, not the weights
                 b.normal_(0, 0.1)

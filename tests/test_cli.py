@@ -52,5 +52,5 @@ def test_demo_and_plugins():
     words = r.stdout.split()
     assert len(words) >= 8
     r = flashmoe("plugins")
-    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "torch", "cpu", "cuda", "lru", "belady"):
+    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "torch", "cpu", "cuda", "lru", "belady"):
         assert name in r.stdout

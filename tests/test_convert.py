@@ -60,7 +60,8 @@ def test_unknown_architecture_lists_supported(oracles, tmp_path):
     cfg["model_type"], cfg["architectures"] = "llama4_text", ["Llama4ForCausalLM"]
     (src / "config.json").write_text(json.dumps(cfg))
     supported = ", ".join(sorted({a.name for a in registry().architectures.values()}))
-    assert {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"} <= set(supported.split(", "))
+    assert {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "grok",
+            "qwen3_next", "qwen3_5_moe"} <= set(supported.split(", "))
     with pytest.raises(ConvertError, match=rf"llama4_text.*supported: {supported}$"):
         convert(src, tmp_path / "out")
     assert not leftovers(tmp_path, "out")

@@ -12,7 +12,7 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_commands(cli):
-    from ..commands import tri
+    from ..commands import EXPERTS_PER_TOKEN, tri
     from ..convert.synth import LIKE_CHOICES
     from ..models_path import MODEL
     from ..progress import progress_bar
@@ -48,9 +48,10 @@ def register_commands(cli):
     @click.option("--save-trace", type=click.Path(path_type=Path), default=None,
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
+    @EXPERTS_PER_TOKEN
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
               prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
-              save_trace):
+              save_trace, experts_per_token):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
         STORE is a model: a store folder, or `demo` for the embedded model."""
@@ -72,7 +73,7 @@ def register_commands(cli):
                                    prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
                                    verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                    vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                                   host_compute=host_compute,
+                                   host_compute=host_compute, experts_per_token=experts_per_token,
                                    io_threads=io_threads, compute_bound=not no_compute_bound, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None

@@ -146,13 +146,13 @@ def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return {"h2d_gbps": h2d, "hbm_gbps": d2d, "bytes": nbytes}
 
 
-def active_bytes_per_token(store) -> int:
+def active_bytes_per_token(store, k: int | None = None) -> int:
     """Bytes of weights one decode token reads: the dense part less the embedding table (one row
-    is read), plus top_k expert records per MoE layer."""
+    is read), plus k (default top_k) expert records per MoE layer."""
     from safetensors import safe_open
     cfg = store.config
     if getattr(store, "meta", None) is not None:  # a GGUF file: its tensor infos
-        return store.dense_bytes_per_token() + len(store.layers) * cfg.top_k * store.record_bytes
+        return store.dense_bytes_per_token() + len(store.layers) * (k or cfg.top_k) * store.record_bytes
     dense = 0
     with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
         for name in f.keys():
@@ -161,13 +161,14 @@ def active_bytes_per_token(store) -> int:
             if name == "embed.weight" and not cfg.tie_word_embeddings:
                 n //= cfg.vocab_size
             dense += n
-    return dense + len(store.layers) * cfg.top_k * store.layout.size
+    return dense + len(store.layers) * (k or cfg.top_k) * store.layout.size
 
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
-def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, progress=NO_PROGRESS) -> dict:
+def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, experts_per_token=None,
+                   progress=NO_PROGRESS) -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
     if device == "cuda":
@@ -182,7 +183,7 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, prog
                 "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
     progress.stage("compute bound: loading every expert", total=len(store.layers))
     eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
-                 **budgets)
+                 experts_per_token=experts_per_token, **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
@@ -209,7 +210,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
-              progress=NO_PROGRESS) -> dict:
+              experts_per_token: int | None = None, progress=NO_PROGRESS) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -234,7 +235,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     eng = Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                 host_compute=host_compute)
+                 host_compute=host_compute, experts_per_token=experts_per_token)
+    k = eng.config.top_k
     p = eng.pager
     trace = RoutingTrace()
     eng.record(trace)
@@ -312,7 +314,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
         "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
-        "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed,
+        "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed, "experts_per_token": k,
         "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode_tok_s,
         "hit_rate": _rate(dec["hits"], n_dec), "hit_rate_prefill": _rate(pre["hits"], n_pre),
         "hit_rate_run": hit_rate_run, "tiers": tiers,
@@ -343,11 +345,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     from .. import kernels
     result["backend"] = kernels.select(dev.type, backend).name
     if cuda:
-        result["active_bytes_per_token"] = active = active_bytes_per_token(store)
+        result["active_bytes_per_token"] = active = active_bytes_per_token(store, k)
         result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
-        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, progress))
+        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, k, progress))
     else:
         result.update(compute_bound_tok_s=None, compute_bound_prefill_tok_s=None,
                       compute_bound_reason="skipped (compute_bound=False)")

@@ -14,6 +14,13 @@ def convert(src, dst, quant: str = "q4", force: bool = False, progress=None) -> 
     if src.is_file():  # a GGUF file (or the first shard of a split one)
         from .gguf import convert_gguf
         return convert_gguf(src, dst, quant="keep" if quant is None else quant, force=force, progress=progress)
+    cfg = src / "config.json"
+    if cfg.is_file():
+        import json
+
+        from .mlx import convert_mlx, is_mlx
+        if is_mlx(json.loads(cfg.read_text())):
+            return convert_mlx(src, dst, quant=quant, force=force, progress=progress)
     return convert_hf(src, dst, quant=quant, force=force, progress=progress)
 
 

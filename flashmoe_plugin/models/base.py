@@ -6,7 +6,7 @@ decoder itself) is shared."""
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,17 @@ class ModelConfig:
     attn_scale: float | None = None
     attn_softcap: float | None = None
     sandwich_norms: bool = False
+    # hybrid stacks (Qwen3-Next, Qwen3.5-MoE): see models/hybrid.py; empty layer_types = all attention
+    layer_types: list[str] = field(default_factory=list)  # per layer: full_attention | linear_attention
+    partial_rotary_factor: float = 1.0        # RoPE on the first head_dim * factor dims only
+    attn_output_gate: bool = False            # q_proj also yields a sigmoid gate on the attention output
+    norm_offset: bool = False                 # RMSNorm weights stored as w - 1 (scaled by 1 + w)
+    linear_conv_kernel: int = 0               # Gated DeltaNet: causal conv1d width
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_proj: str = "split"                # split (in_proj_qkv/z/b/a) | grouped (Qwen3-Next in_proj_qkvz/ba)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -173,6 +184,8 @@ _LAYER_RULES = [
     (r"MOE\.shared_expert\.(gate|up|down)_proj\.weight$", r"moe.shared.\1.weight"),
     (r"MOE\.shared_expert_gate\.weight$", "moe.shared_gate.weight"),
     (r"mlp\.(gate|up|down)_proj\.weight$", r"mlp.\1.weight"),
+    (r"linear_attn\.(in_proj_\w+|out_proj|conv1d|norm)\.weight$", r"linear.\1.weight"),
+    (r"linear_attn\.(A_log|dt_bias)$", r"linear.\1"),
 ]
 
 

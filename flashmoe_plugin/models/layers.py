@@ -54,6 +54,9 @@ def expert_activation(c: ModelConfig):
 
 def required_names(c: ModelConfig) -> list[str]:
     """Canonical names of every dense tensor the decoder needs."""
+    if c.layer_types:
+        from .hybrid import required_names as hybrid_names
+        return hybrid_names(c)
     names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
     for i in range(c.num_layers):
         p = f"layers.{i}."
@@ -101,6 +104,24 @@ class KVCache:
         self.v = torch.zeros((cfg.num_layers, n_ctx, *vd), dtype=dtype, device=device)
         self.n_ctx = n_ctx
 
+    def rewind(self, n: int) -> int:
+        return n  # K/V slots past n are simply overwritten
+
+    def save(self, n: int) -> dict:
+        return {"k": self.k[:, :n].clone(), "v": self.v[:, :n].clone()}
+
+    def load(self, state: dict, n: int):
+        self.k[:, :n].copy_(state["k"])
+        self.v[:, :n].copy_(state["v"])
+
+
+def decoder_for(cfg: ModelConfig):
+    """The decoder class of a config: hybrid stacks (DeltaNet + attention layers) have their own."""
+    if cfg.layer_types:
+        from .hybrid import HybridDecoder
+        return HybridDecoder
+    return Decoder
+
 
 class Decoder:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
@@ -114,6 +135,9 @@ class Decoder:
         self.windowed = set(range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers) \
             if cfg.sliding_window else set()
         self.expert_act = expert_activation(cfg)
+
+    def new_cache(self, n_ctx: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(self.cfg, n_ctx, dtype, device)
 
     # ------------------------------------------------------------------ attention
     def positions(self, start: int, T: int, dtype: torch.dtype, device) -> tuple:

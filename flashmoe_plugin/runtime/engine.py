@@ -2,15 +2,18 @@
 preallocated KV cache, routed experts served by the pager and computed by a kernel backend.
 
     eng = Engine("./store", device="cuda", n_ctx=2048, vram_budget="8G", ram_budget="16G")
+    Engine("./store", experts_per_token=4)  # route 4 experts per token, not the checkpoint's top_k
     logits = eng.forward(token_ids)        # [T, vocab] float32; appends to the KV cache
     eng.truncate(n) / eng.reset()          # drop cached positions
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .. import kernels
-from ..models.layers import Decoder, KVCache
+from ..models.layers import decoder_for
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
@@ -20,6 +23,15 @@ from .host_compute import HostCompute
 
 class ContextError(ValueError):
     pass
+
+
+def with_experts_per_token(cfg, k: int | None):
+    """The config routing k experts per token instead of the checkpoint's top_k (None: as is)."""
+    if k is None or int(k) == cfg.top_k:
+        return cfg
+    if not 1 <= int(k) <= cfg.num_experts:
+        raise ValueError(f"experts_per_token={k}: must be between 1 and the model's {cfg.num_experts} experts")
+    return replace(cfg, top_k=int(k))
 
 
 def resolve_device(device) -> torch.device:
@@ -36,15 +48,16 @@ class Engine:
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
-                 pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None):
+                 pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None,
+                 experts_per_token: int | None = None):
         self.store = open_model(store)
-        self.config = cfg = self.store.config
+        self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.backend = kernels.select(self.device.type, backend)
-        self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
+        self.model = decoder_for(cfg)(cfg, self.store.load_dense(self.device, self.dtype))
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
-        self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
+        self.kv = self.model.new_cache(self.n_ctx, self.dtype, self.device)
         of = self.store.expert_bytes  # a budget of "50%" is half the experts' bytes
         budget, host_budget = self._budgets(parse_size(ram_budget, of, "ram_budget"),
                                             parse_size(vram_budget, of, "vram_budget"))
@@ -109,8 +122,13 @@ class Engine:
         self.tokens = []
 
     def truncate(self, n: int):
-        """Keep only the first n cached positions (later K/V slots are simply overwritten)."""
-        self.tokens = self.tokens[:n]
+        """Keep only the first n cached positions (later K/V slots are simply overwritten; a
+        recurrent state goes back to its nearest snapshot and the tokens from there are replayed)."""
+        keep = self.tokens[:n]
+        at = self.kv.rewind(len(keep))
+        self.tokens = keep[:at]
+        if at < len(keep):
+            self.forward(keep[at:], last_only=True)
 
     @torch.inference_mode()
     def forward(self, tokens, last_only: bool = False) -> torch.Tensor:
