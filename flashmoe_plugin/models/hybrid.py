@@ -188,7 +188,7 @@ class HybridDecoder(Decoder):
         k = rms_norm(F.linear(x, w[p + "k.weight"], w.get(p + "k.bias")).view(T, c.num_kv_heads, D),
                      w[p + "k_norm.weight"], c.rms_norm_eps)
         v = F.linear(x, w[p + "v.weight"], w.get(p + "v.bias")).view(T, c.num_kv_heads, D)
-        cos, sin, mask = at
+        cos, sin, mask, _ = at  # no sliding window in hybrid stacks
         rd = cos.shape[-1]
         q = torch.cat([self.rope(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
         k = torch.cat([self.rope(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
