@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import warnings
 from dataclasses import dataclass, field
 
 import pluggy
@@ -33,7 +35,15 @@ def manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name, module in BUILTINS.items():
         pm.register(importlib.import_module(module), name)
-    pm.load_setuptools_entrypoints("flashmoe")
+    for ep in importlib.metadata.entry_points(group="flashmoe"):
+        if pm.get_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take every command down
+            warnings.warn(f"plugin {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {e}")
+            continue
+        pm.register(plugin, ep.name)
     return pm
 
 

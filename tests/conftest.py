@@ -85,3 +85,18 @@ def profiled(oracles, family, tmp_path):
     cfg = eng.config
     write_routing_stats(store, trace.counts(cfg.num_experts), trace.tokens(), cfg.top_k, cfg.num_experts)
     return store, ids, steps, ref
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_llama_cpp_devnull():
+    # llama-cpp-python opens two /dev/null files at import (llama_cpp/_utils.py) and never closes
+    # them, so interpreter exit reports them as two ResourceWarnings after the test summary.
+    yield
+    utils = sys.modules.get("llama_cpp._utils")
+    if utils is not None:
+        import gc
+        gc.collect()  # llama_cpp objects still alive use these files in __del__
+        for name in ("outnull_file", "errnull_file"):
+            f = getattr(utils, name, None)
+            if f is not None and not f.closed:
+                f.close()

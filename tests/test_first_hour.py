@@ -207,3 +207,17 @@ def test_page_cache_residency_is_measured(tmp_path):
         pytest.skip(f"evicting from the page cache is not tested: the filesystem of {tmp_path} ignores "
                     "POSIX_FADV_DONTNEED")
     assert after < 0.1
+
+
+def test_a_broken_plugin_is_one_line_not_a_traceback(tmp_path):
+    info = tmp_path / "site" / "broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[flashmoe]\nbroken = no_such_module_for_flashmoe\n")
+    r = subprocess.run([sys.executable, "-c", "from flashmoe_plugin.cli import main; main()", "plugins"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert ("flashmoe: note: plugin 'broken' (no_such_module_for_flashmoe) not loaded: ModuleNotFoundError"
+            in r.stderr), r.stderr
+    assert "architectures: mixtral" in r.stdout
