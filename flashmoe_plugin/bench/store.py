@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..sizes import available_ram, format_size, parse_size
+from .launches import decode_launches
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
@@ -237,6 +238,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         dec, pre = p.stats.delta(s1), {k: s1[k] - s0[k] for k in COUNTERS}
         pred = eng.predictor.snapshot() if eng.predictor is not None else None
         host_mode = eng.host_compute.mode
+        graph = {"decode_graph": "off" if eng.fast is None else eng.fast.mode,
+                 "decode_graph_note": eng.decode_graph_reason if eng.fast is None or not eng.fast.why_not
+                 else eng.fast.why_not}
+        eng.record(None)
+        graph.update(decode_launches(eng, logits))
     finally:
         eng.record(None)
         eng.close()
@@ -318,6 +324,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "vram_hit_rate": tiers["vram"]["hit_rate"] if cuda else None,
         "bytes_copied_to_device_per_token": copied_per_token if cuda else None,
         "copy_bound_tok_s": copy_bound, "kernel_bound_tok_s": None,
+        **graph,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "ram_free": available_ram(), "load_avg_1m": os.getloadavg()[0],
                     "gpu": torch.cuda.get_device_name(dev) if cuda else None},

@@ -147,3 +147,17 @@ class CudaBackend(Backend):
                 km.moe(part, lt, w, x, more, ws, stream)
                 out.add_(more)
         return out
+
+    def moe_addresses(self, x: torch.Tensor, addresses: torch.Tensor, weights: torch.Tensor, layout,
+                      workspace: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """moe_decode with the records given as a device array of k record addresses (int64),
+        e.g. looked up in the slot table on the device: nothing is read back to the host, so the
+        call can be captured in a CUDA graph. `workspace` (zeroed once, workspace_bytes(k, I))
+        belongs to the caller; native quantized layouts only."""
+        if not self._native(layout):
+            raise ValueError(f"moe_addresses needs a q8/q4/q2 record layout, not {[p.format for p in layout.parts]}")
+        km = self._require()
+        out = torch.empty_like(x)
+        km.moe(addresses, self.layout_tuple(layout), weights.reshape(-1), x.contiguous(), out, workspace,
+               torch.cuda.current_stream(x.device).cuda_stream, mode)
+        return out

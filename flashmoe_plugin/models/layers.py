@@ -91,7 +91,9 @@ class Decoder:
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + rotate_half(x) * sin
 
-    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
+    def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """Layer i's queries [T, heads, d] and keys, values [T, kv_heads, d]: projected,
+        normalised, clipped and rotated."""
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
         T = x.shape[0]
         q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
@@ -106,8 +108,13 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
+        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
+
+    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
+        c, w, p = self.cfg, self.w, f"layers.{i}.attn."
+        T = x.shape[0]
         cos, sin, mask = at
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        q, k, v = self.qkv(i, x, cos, sin)
         kv.k[i, start:start + T] = k
         kv.v[i, start:start + T] = v
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]

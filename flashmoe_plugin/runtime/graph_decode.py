@@ -1,0 +1,221 @@
+"""Decode without the host in the loop: one token's whole forward pass with the routing, the
+expert lookup and the KV position on the device, replayed as one captured CUDA graph.
+
+A step, when every expert it needs is resident (the fast path):
+- the token id and the position live in static device buffers (the position advances inside
+  the graph); RoPE and the attention mask come from the position tensor, attention reads the
+  whole preallocated KV cache under that mask (static shapes);
+- each MoE layer routes on the device (softmax, top-k, weights), looks its experts' slots up in
+  the device-side slot table (pager/slot_table.py) and runs the fused kernel on those records'
+  addresses;
+- the graph also keeps, per layer, the routed ids and the residual state entering the layer.
+The host replays the graph and reads the logits and the routed ids (one synchronisation per
+token, which sampling needs anyway). It then checks the ids against the pager's map: a layer
+whose experts were not all resident read a placeholder (slot 0) and everything after it is void,
+so the step is recomputed from that layer's saved input through the engine's per-layer pager path
+(demand reads, copies, host compute, prefetch), layer by layer, with the same kernels. Layers
+before the first miss keep the graph's results; the host never stalls them.
+
+Modes (Engine(decode_graph=...)): "auto" = the graph on CUDA with a native q8/q4/q2 store, else
+off; "on" = the fast path (captured on CUDA; on CPU the same device-side logic without capture:
+the CPU twin CI runs); "eager" = the same step with every layer through the pager path (the
+reference the graph must equal bit for bit); "off" = the decoder's ordinary path.
+The predictor is not consulted on the fast path (its prefetches would be the host in the
+loop); layers that fall back use it as usual.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..models.layers import rms_norm
+from ..pager.slot_table import SlotTable
+
+MODES = ("auto", "on", "eager", "off")
+
+
+def graph_mode(mode, engine) -> tuple[str, str]:
+    """(mode actually used, why) for an engine."""
+    if mode not in MODES:
+        raise ValueError(f"decode_graph must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode, "asked"
+    if engine.device.type != "cuda":
+        return "off", "not a CUDA run"
+    native = getattr(engine.backend, "_native", None)
+    if native is None or not native(engine.store.layout):
+        return "off", "the store's expert format has no native CUDA kernel (q8/q4/q2 only)"
+    return "on", "CUDA run with a native expert format"
+
+
+class DeviceDecode:
+    def __init__(self, engine, mode: str = "on"):
+        self.e, self.mode = engine, mode
+        cfg, dev = engine.config, engine.device
+        self.cfg, self.model, self.kv = cfg, engine.model, engine.kv
+        self.order = engine._moe_order
+        self.table = SlotTable(engine.pager, self.order, cfg.num_experts)
+        self.cuda = dev.type == "cuda"
+        self.native = self.cuda and engine.backend.name == "cuda" and engine.backend._native(engine.store.layout)
+        n_ctx, dt = engine.n_ctx, engine.dtype
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos_value = 0  # what self.pos holds once the queued work has run
+        self.kpos = torch.arange(n_ctx, device=dev)
+        self.hs = torch.zeros(cfg.num_layers, 1, cfg.hidden_size, dtype=dt, device=dev)
+        self.ids = torch.zeros(max(1, len(self.order)), cfg.top_k, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.ws = None
+        if self.native:
+            self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
+                                  dtype=torch.uint8, device=dev)
+        self.graph = None
+        self.kernel_mode = "auto"
+        self.why_not = "" if mode == "on" and self.cuda and self.native else \
+            ("not captured: " + ("CPU run (twin)" if not self.cuda else
+                                 "eager mode" if mode != "on" else "no native CUDA kernel for this format"))
+        self.steps = self.replays = self.fallbacks = 0
+
+    # ------------------------------------------------------------------ the step's parts
+    def _at(self):
+        """RoPE tables and the attention mask of the device position."""
+        c, m = self.cfg, self.model
+        freqs = self.pos.float()[:, None] * m.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.hs.dtype
+        cos, sin = emb.cos().to(dt)[:, None, :], emb.sin().to(dt)[:, None, :]
+        mask = self.kpos <= self.pos
+        if c.sliding_window:
+            mask &= self.pos - self.kpos < c.sliding_window
+        return cos, sin, mask
+
+    def _attention(self, i: int, x: torch.Tensor, at) -> torch.Tensor:
+        """One token against the whole KV cache (masked beyond the position): static shapes."""
+        c = self.cfg
+        cos, sin, mask = at
+        q, k, v = self.model.qkv(i, x, cos, sin)
+        K, V = self.kv.k[i], self.kv.v[i]
+        K.index_copy_(0, self.pos, k)
+        V.index_copy_(0, self.pos, v)
+        g = c.num_heads // c.num_kv_heads
+        s = torch.matmul(q.view(c.num_kv_heads, g, c.head_dim), K.permute(1, 2, 0)).float() * self.scale
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+        out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]
+        return F.linear(out.reshape(1, -1), self.model.w[f"layers.{i}.attn.o.weight"])
+
+    def _table_experts(self, layer, x, ids, weights, h):
+        """The routed experts through the device-side slot table (no host round trip on CUDA)."""
+        self.ids[self.table.rows[layer]].copy_(ids[0])
+        slots = self.table.lookup(layer, ids[0])
+        e = self.e
+        if self.native:
+            return e.backend.moe_addresses(x, self.table.addresses(slots), weights[0], e.store.layout, self.ws,
+                                           self.kernel_mode)
+        rows = e.pager.t0.slots
+        return e.backend.moe_decode(x, [rows[s] for s in slots.tolist()], weights[0], e.store.layout)
+
+    def _pager_experts(self, layer, x, ids, weights, h):
+        """The engine's per-layer path (pager request, prefetch, host compute), ids kept."""
+        self.ids[self.table.rows[layer]].copy_(ids[0])
+        return self.e._experts(layer, x, ids, weights, h)
+
+    def _body(self, start: int, fast: bool):
+        """Layers start.. of the token at self.pos, the logits, then the position advances."""
+        c, m, w = self.cfg, self.model, self.model.w
+        h = F.embedding(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
+        at = self._at()
+        experts = self._table_experts if fast else self._pager_experts
+        for i in range(start, c.num_layers):
+            self.hs[i].copy_(h)
+            h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.attn_norm.weight"], c.rms_norm_eps), at)
+            h = h + m.ffn(i, h, experts)
+        self.logits.copy_(F.linear(rms_norm(h, w["norm.weight"], c.rms_norm_eps), m.lm_head).float())
+        self.pos.add_(1)
+
+    # ------------------------------------------------------------------ a decode step
+    def step(self, token: int, n_past: int) -> torch.Tensor:
+        """Logits [1, vocab] of one token at position n_past (a copy of the static buffer); its
+        K/V are written to the engine's cache."""
+        self.steps += 1
+        if self.pos_value != n_past:
+            self.pos.fill_(n_past)
+        self.tok.fill_(token)
+        self.pos_value = n_past + 1
+        self.table.ready()
+        if self.mode == "eager":
+            self._body(0, fast=False)
+            return self.logits.clone()
+        if self.cuda and self.native and self.graph is None and not self.why_not:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self._body(0, fast=True)
+        self._settle()
+        return self.logits.clone()
+
+    def _settle(self):
+        """Read the routed ids back; count the hits; recompute from the first layer that missed."""
+        e, p = self.e, self.e.pager
+        ids = self.ids.tolist()
+        for row, layer in enumerate(self.order):
+            if not self.table.resident(layer, ids[row]):
+                self.fallbacks += 1
+                self.pos.sub_(1)
+                self._body(layer, fast=False)
+                return
+            if e.trace is not None:
+                e.trace.route(layer, [ids[row]])
+            p.note_hits(layer, ids[row])
+
+    def _capture(self):
+        """Warm up on a side stream (lazy initialisations), then capture one step. The cooperative
+        launch is tried first, then two plain launches; if neither captures, the step stays eager."""
+        cur = torch.cuda.current_stream(self.e.device)
+        for kmode in ("auto", "two"):
+            self.kernel_mode = kmode
+            side = torch.cuda.Stream(self.e.device)
+            side.wait_stream(cur)
+            try:
+                with torch.cuda.stream(side):
+                    self._body(0, fast=True)
+                    self.pos.sub_(1)
+                cur.wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=side):
+                    self._body(0, fast=True)
+                self.graph = g
+                return
+            except RuntimeError as err:  # e.g. a launch the capture does not support
+                cur.wait_stream(side)
+                torch.cuda.synchronize(self.e.device)
+                self.why_not = f"capture failed ({kmode}): {err}"
+        self.kernel_mode = "auto"
+
+    def kernels_per_step(self) -> int | None:
+        """Kernel nodes in the captured graph (None when not captured)."""
+        if self.graph is None:
+            return None
+        try:
+            import ctypes
+            raw = self.graph.raw_cuda_graph()
+            n = ctypes.c_size_t(0)
+            lib = ctypes.CDLL("libcudart.so" + _cudart_suffix())
+            if lib.cudaGraphGetNodes(ctypes.c_void_p(raw), None, ctypes.byref(n)) != 0:
+                return None
+            return int(n.value)
+        except (AttributeError, OSError, RuntimeError):
+            return None
+
+    def close(self):
+        self.graph = None
+        self.table.detach()
+
+
+def _cudart_suffix() -> str:
+    v = torch.version.cuda or ""
+    return "." + v.split(".")[0] if v else ""
