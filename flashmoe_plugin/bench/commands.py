@@ -44,9 +44,12 @@ def register_commands(cli):
     @click.option("--save-trace", type=click.Path(path_type=Path), default=None,
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
+    @click.option("--decode-graph", type=click.Choice(["auto", "on", "eager", "off"]), default="auto",
+                  show_default=True, help="decode steps on the device, captured as a CUDA graph (auto: CUDA runs "
+                  "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
               prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
-              save_trace):
+              save_trace, decode_graph):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
         if kernels:
@@ -62,7 +65,7 @@ def register_commands(cli):
                                prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
                                verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                               host_compute=host_compute,
+                               host_compute=host_compute, decode_graph=decode_graph,
                                io_threads=io_threads, compute_bound=not no_compute_bound)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None

@@ -5,8 +5,8 @@
   cudaLaunchCooperativeKernel / cuLaunchKernel, cudaGraphLaunch counted as one, and the
   cudaMemcpyAsync / cudaMemsetAsync calls), per token;
 - kernels_per_token: kernels the GPU ran (the profiler's device-side kernel records, those
-  inside a replayed graph included), per token; `graph_nodes` is the captured graph's node
-  count (cudaGraphGetNodes) where there is one;
+  inside a replayed graph included), per token; `graph_nodes`: the captured graph's nodes by type
+  (cudaGraphGetNodes) where there is one;
 - host_ms_per_token: wall time of the profiled steps less the time the host sat in
   synchronisation calls (stream/event/device synchronize) waiting for the GPU, per token.
   The profiler adds its own per-call cost, so this is an upper bound of the host time.
@@ -50,7 +50,7 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
     fast = getattr(engine, "fast", None)
     return {"host_ms_per_token": max(0.0, wall - wait_us / 1e6) * 1e3 / steps,
             "launches_per_token": launches / steps, "kernels_per_token": kernels / steps,
-            "graph_nodes": fast.kernels_per_step() if fast is not None else None,
+            "graph_nodes": (fast.nodes or None) if fast is not None and fast.graph is not None else None,
             "profiled_steps": steps,
             "launch_count_method": "torch.profiler: host launch/copy API calls and device kernel records per "
                                    "token; host time = wall - time in synchronize calls (profiler overhead included)"}

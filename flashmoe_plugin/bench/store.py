@@ -161,7 +161,7 @@ def active_bytes_per_token(store) -> int:
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
-def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> dict:
+def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, decode_graph="auto") -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
     if device == "cuda":
@@ -175,7 +175,7 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
         return {"compute_bound_tok_s": None, "compute_bound_prefill_tok_s": None,
                 "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
     eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
-                 **budgets)
+                 decode_graph=decode_graph, **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
@@ -187,9 +187,11 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
         prefill = time.perf_counter() - t0
         secs, _ = _decode(eng, logits, tokens, temp, seed)
         assert eng.pager.stats.delta(before)["misses"] == 0
+        launches = decode_launches(eng, logits)
     finally:
         eng.close()
     return {"compute_bound_tok_s": tokens / secs, "compute_bound_prefill_tok_s": len(ids) / prefill,
+            "compute_bound_launches": launches,
             "compute_bound_reason": f"measured: every expert resident ({'VRAM' if device == 'cuda' else 'RAM'}), "
                                     "same prompt and decode"}
 
@@ -198,7 +200,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
               prompt_tokens: int = 512, direct_io: bool | None = None, drop_caches: bool = False,
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
-              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto") -> dict:
+              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
+              decode_graph: str = "auto") -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -221,7 +224,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     eng = Engine(store, device=device, ram_budget=parse_size(ram_budget), vram_budget=parse_size(vram_budget),
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                 host_compute=host_compute)
+                 host_compute=host_compute, decode_graph=decode_graph)
     p = eng.pager
     trace = RoutingTrace()
     eng.record(trace)
@@ -337,7 +340,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
-        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed))
+        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, decode_graph))
     else:
         result.update(compute_bound_tok_s=None, compute_bound_prefill_tok_s=None,
                       compute_bound_reason="skipped (compute_bound=False)")

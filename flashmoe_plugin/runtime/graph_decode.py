@@ -73,6 +73,7 @@ class DeviceDecode:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
                                   dtype=torch.uint8, device=dev)
         self.graph = None
+        self.nodes: dict = {}
         self.kernel_mode = "auto"
         self.why_not = "" if mode == "on" and self.cuda and self.native else \
             ("not captured: " + ("CPU run (twin)" if not self.cuda else
@@ -185,9 +186,12 @@ class DeviceDecode:
                     self._body(0, fast=True)
                     self.pos.sub_(1)
                 cur.wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=side):
+                g = _new_graph()
+                with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
                     self._body(0, fast=True)
+                self.nodes = _graph_nodes(g)
+                if hasattr(g, "instantiate"):
+                    g.instantiate()
                 self.graph = g
                 return
             except RuntimeError as err:  # e.g. a launch the capture does not support
@@ -197,25 +201,41 @@ class DeviceDecode:
         self.kernel_mode = "auto"
 
     def kernels_per_step(self) -> int | None:
-        """Kernel nodes in the captured graph (None when not captured)."""
-        if self.graph is None:
-            return None
-        try:
-            import ctypes
-            raw = self.graph.raw_cuda_graph()
-            n = ctypes.c_size_t(0)
-            lib = ctypes.CDLL("libcudart.so" + _cudart_suffix())
-            if lib.cudaGraphGetNodes(ctypes.c_void_p(raw), None, ctypes.byref(n)) != 0:
-                return None
-            return int(n.value)
-        except (AttributeError, OSError, RuntimeError):
-            return None
+        """Kernel nodes in the captured graph (None when not captured or not countable)."""
+        return self.nodes.get("kernel") if self.graph is not None and self.nodes else None
 
     def close(self):
         self.graph = None
         self.table.detach()
 
 
-def _cudart_suffix() -> str:
-    v = torch.version.cuda or ""
-    return "." + v.split(".")[0] if v else ""
+def _new_graph():
+    try:
+        return torch.cuda.CUDAGraph(keep_graph=True)  # keeps the cudaGraph_t, to count its nodes
+    except TypeError:  # an older torch
+        return torch.cuda.CUDAGraph()
+
+
+def _graph_nodes(g) -> dict:
+    """Node counts of a captured graph by type ({"kernel": n, "memcpy": n, ...}; {} when the
+    runtime or torch cannot say), read with cudaGraphGetNodes / cudaGraphNodeGetType."""
+    import ctypes
+    try:
+        raw = ctypes.c_void_p(g.raw_cuda_graph())
+        major = (torch.version.cuda or "").split(".")[0]
+        lib = ctypes.CDLL(f"libcudart.so.{major}" if major else "libcudart.so")
+        n = ctypes.c_size_t(0)
+        if lib.cudaGraphGetNodes(raw, None, ctypes.byref(n)) != 0:
+            return {}
+        nodes = (ctypes.c_void_p * n.value)()
+        if lib.cudaGraphGetNodes(raw, nodes, ctypes.byref(n)) != 0:
+            return {}
+        names = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty"}
+        out: dict = {}
+        for node in nodes[:n.value]:
+            t = ctypes.c_int(-1)
+            lib.cudaGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t))
+            out[names.get(t.value, "other")] = out.get(names.get(t.value, "other"), 0) + 1
+        return out
+    except (AttributeError, OSError, RuntimeError, TypeError):
+        return {}
