@@ -34,16 +34,18 @@ def test_graph_decode_equals_eager_in_every_family(oracles, family):
     for budget in (total, k):  # every expert fits / one layer's worth: misses in most steps
         out, fast, s = _gpu(store, budget, size, "on", ids, steps)
         eager, _, s_eager = _gpu(store, budget, size, "eager", ids, steps)
-        assert fast.graph is not None, fast.why_not
+        assert fast.captured, fast.why_not
         assert fast.replays == len(steps)
         assert torch.equal(out, eager), budget
         assert (out - ref).abs().max() < 2e-2, budget  # fp32 torch vs fp32 native q4 kernels
         assert (s["hits"], s["misses"]) == (s_eager["hits"], s_eager["misses"])
         if budget == k:
             assert fast.fallbacks > 0
+    if family != "mixtral":  # bf16 once (each dtype and shape compiles the decode ops again)
+        return
     bf, fast, _ = _gpu(store, total, size, "on", ids, steps, torch.bfloat16)
     bf_eager, _, _ = _gpu(store, total, size, "eager", ids, steps, torch.bfloat16)
-    assert fast.graph is not None and torch.equal(bf, bf_eager)
+    assert fast.captured and torch.equal(bf, bf_eager)
 
 
 def test_graph_decode_is_the_cuda_default(oracles):

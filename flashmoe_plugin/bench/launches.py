@@ -7,8 +7,8 @@
 - kernels_per_token: kernels the GPU ran (the profiler's device-side kernel records, those
   inside a replayed graph included), per token; `graph_nodes`: the captured graph's nodes by type
   (cudaGraphGetNodes) where there is one;
-- host_ms_per_token: wall time of the profiled steps less the time the host sat in
-  synchronisation calls (stream/event/device synchronize) waiting for the GPU, per token.
+- host_ms_per_token: wall time of the profiled steps less the time the host sat in calls that
+  wait for the GPU (stream/event/device synchronize, cudaMemcpyAsync), per token.
   The profiler adds its own per-call cost, so this is an upper bound of the host time.
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 
 LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cuLaunchKernel",
           "cuLaunchKernelEx", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
-WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# calls in which the host can sit waiting for the GPU (a device-to-host copy into pageable memory
+# waits inside cudaMemcpyAsync)
+WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
 
 
 def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
@@ -43,14 +45,15 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             if not name.startswith(("Memcpy", "Memset")):
                 kernels += 1
-        elif name in LAUNCH:
-            launches += 1
-        elif name in WAIT:
-            wait_us += ev.cpu_time_total
+        else:
+            launches += name in LAUNCH
+            if name in WAIT:
+                wait_us += ev.cpu_time_total
     fast = getattr(engine, "fast", None)
     return {"host_ms_per_token": max(0.0, wall - wait_us / 1e6) * 1e3 / steps,
             "launches_per_token": launches / steps, "kernels_per_token": kernels / steps,
             "graph_nodes": (fast.nodes or None) if fast is not None and fast.graph is not None else None,
             "profiled_steps": steps,
             "launch_count_method": "torch.profiler: host launch/copy API calls and device kernel records per "
-                                   "token; host time = wall - time in synchronize calls (profiler overhead included)"}
+                                   "token; host time = wall - time in synchronize and memcpy calls (profiler "
+                                   "overhead included)"}

@@ -17,7 +17,8 @@ run_bench, in order:
    copied per token);
 4. Belady's MIN on the recorded pager requests with the capacity of all tiers together
    (belady.py), against the run's hit rate in any tier;
-5. compute bound: a second engine holding every expert (preloaded), same prompt and decode, if
+5. compute bound: a second engine holding every expert (preloaded), same prompt (timed after one
+   untimed warm-up prefill) and decode, if
    the experts fit (in half the free RAM; on CUDA in free VRAM); else null with the reason. On
    CUDA also the kernel bound: device memory bandwidth / bytes of weights one token reads.
 """
@@ -179,6 +180,8 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, deco
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
+        eng.forward(ids, last_only=True)  # warm: lazy kernel loading, allocator growth, cuBLAS plans
+        eng.reset()
         before = eng.pager.stats.snapshot()
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -149,11 +149,16 @@ class Decoder:
         ids, weights = self.route(i, x)
         out = experts(i, x, ids, weights, h)
         if self.cfg.shared_expert_intermediate_size:
-            s = swiglu(x, w[p + "moe.shared.gate.weight"], w[p + "moe.shared.up.weight"], w[p + "moe.shared.down.weight"])
-            if self.cfg.shared_expert_gate:
-                s = torch.sigmoid(F.linear(x, w[p + "moe.shared_gate.weight"])) * s
-            out = out + s
+            out = out + self.shared(i, x)
         return out
+
+    def shared(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's shared (always-on) expert on the normalised x, gated where the family gates it."""
+        w, p = self.w, f"layers.{i}.moe."
+        s = swiglu(x, w[p + "shared.gate.weight"], w[p + "shared.up.weight"], w[p + "shared.down.weight"])
+        if self.cfg.shared_expert_gate:
+            s = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * s
+        return s
 
     # ------------------------------------------------------------------ whole model
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:

@@ -30,8 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import rms_norm
 from ..pager.slot_table import SlotTable
+from .decode_ops import Ops
 
 MODES = ("auto", "on", "eager", "off")
 
@@ -67,73 +67,76 @@ class DeviceDecode:
         self.hs = torch.zeros(cfg.num_layers, 1, cfg.hidden_size, dtype=dt, device=dev)
         self.ids = torch.zeros(max(1, len(self.order)), cfg.top_k, dtype=torch.long, device=dev)
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.zero = torch.zeros(1, cfg.hidden_size, dtype=dt, device=dev)
+        self.args = [self._layer_args(i) for i in range(cfg.num_layers)]
+        self.consts = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                           eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm, clip=cfg.clip_qkv,
+                           window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
+        self.ops = Ops(compile=self.cuda and mode in ("on", "eager"))
         self.ws = None
         if self.native:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
                                   dtype=torch.uint8, device=dev)
-        self.graph = None
+        self.graph, self.captured = None, False
         self.nodes: dict = {}
         self.kernel_mode = "auto"
         self.why_not = "" if mode == "on" and self.cuda and self.native else \
             ("not captured: " + ("CPU run (twin)" if not self.cuda else
                                  "eager mode" if mode != "on" else "no native CUDA kernel for this format"))
         self.steps = self.replays = self.fallbacks = 0
+        if not self.why_not:  # compile and capture now, so that the first token is not slow
+            with torch.inference_mode():
+                self._capture()
 
     # ------------------------------------------------------------------ the step's parts
-    def _at(self):
-        """RoPE tables and the attention mask of the device position."""
-        c, m = self.cfg, self.model
-        freqs = self.pos.float()[:, None] * m.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dt = self.hs.dtype
-        cos, sin = emb.cos().to(dt)[:, None, :], emb.sin().to(dt)[:, None, :]
-        mask = self.kpos <= self.pos
-        if c.sliding_window:
-            mask &= self.pos - self.kpos < c.sliding_window
-        return cos, sin, mask
+    def _layer_args(self, i: int) -> dict:
+        """Layer i's tensors for decode_ops.attention. q, k and v weights are fused into one
+        matrix (one GEMV instead of three); the decoder's own q/k/v become row views of it."""
+        w, p, c = self.model.w, f"layers.{i}.attn.", self.cfg
+        names = [p + f"{n}.weight" for n in "qkv"]
+        wqkv = torch.cat([w[n] for n in names])
+        bqkv = torch.cat([w[p + f"{n}.bias"] for n in "qkv"]) if c.qkv_bias else None
+        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for n, (a, b) in zip("qkv", ((0, nq), (nq, nq + nk), (nq + nk, nq + 2 * nk))):
+            w[p + f"{n}.weight"] = wqkv[a:b]
+            if bqkv is not None:
+                w[p + f"{n}.bias"] = bqkv[a:b]
+        return dict(norm_w=w[f"layers.{i}.attn_norm.weight"], wqkv=wqkv, bqkv=bqkv, q_norm=w.get(p + "q_norm.weight"),
+                    k_norm=w.get(p + "k_norm.weight"), K=self.kv.k[i], V=self.kv.v[i], wo=w[p + "o.weight"])
 
-    def _attention(self, i: int, x: torch.Tensor, at) -> torch.Tensor:
-        """One token against the whole KV cache (masked beyond the position): static shapes."""
-        c = self.cfg
-        cos, sin, mask = at
-        q, k, v = self.model.qkv(i, x, cos, sin)
-        K, V = self.kv.k[i], self.kv.v[i]
-        K.index_copy_(0, self.pos, k)
-        V.index_copy_(0, self.pos, v)
-        g = c.num_heads // c.num_kv_heads
-        s = torch.matmul(q.view(c.num_kv_heads, g, c.head_dim), K.permute(1, 2, 0)).float() * self.scale
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
-        out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]
-        return F.linear(out.reshape(1, -1), self.model.w[f"layers.{i}.attn.o.weight"])
-
-    def _table_experts(self, layer, x, ids, weights, h):
-        """The routed experts through the device-side slot table (no host round trip on CUDA)."""
-        self.ids[self.table.rows[layer]].copy_(ids[0])
-        slots = self.table.lookup(layer, ids[0])
+    def _experts_of(self, layer, x, ids, weights, h, fast: bool):
+        """The routed experts: through the device-side slot table (fast), or the engine's
+        per-layer pager path (demand reads, copies, host compute, prefetch)."""
         e = self.e
+        if not fast:
+            return e._experts(layer, x, ids, weights, h)
+        row = self.table.rows[layer]
         if self.native:
-            return e.backend.moe_addresses(x, self.table.addresses(slots), weights[0], e.store.layout, self.ws,
-                                           self.kernel_mode)
+            addrs = self.ops.addresses(self.table.entries[row], ids, self.table._base, self.table._stride)
+            return e.backend.moe_addresses(x, addrs, weights[0], e.store.layout, self.ws, self.kernel_mode)
+        slots = self.table.entries[row].index_select(0, ids[0]).tolist()
         rows = e.pager.t0.slots
-        return e.backend.moe_decode(x, [rows[s] for s in slots.tolist()], weights[0], e.store.layout)
-
-    def _pager_experts(self, layer, x, ids, weights, h):
-        """The engine's per-layer path (pager request, prefetch, host compute), ids kept."""
-        self.ids[self.table.rows[layer]].copy_(ids[0])
-        return self.e._experts(layer, x, ids, weights, h)
+        return e.backend.moe_decode(x, [rows[s] for s in slots], weights[0], e.store.layout)
 
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""
-        c, m, w = self.cfg, self.model, self.model.w
+        c, m, w, ops = self.cfg, self.model, self.model.w, self.ops
         h = F.embedding(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
-        at = self._at()
-        experts = self._table_experts if fast else self._pager_experts
+        delta = self.zero
+        cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):
-            self.hs[i].copy_(h)
-            h = h + self._attention(i, rms_norm(h, w[f"layers.{i}.attn_norm.weight"], c.rms_norm_eps), at)
-            h = h + m.ffn(i, h, experts)
-        self.logits.copy_(F.linear(rms_norm(h, w["norm.weight"], c.rms_norm_eps), m.lm_head).float())
+            h = ops.attention(h, delta, self.hs[i], cos=cos, sin=sin, pos=self.pos, kpos=self.kpos, **self.args[i],
+                              **self.consts)
+            p = f"layers.{i}."
+            if i in self.table.rows:
+                x, ids, wts = ops.route(h, w[p + "ffn_norm.weight"], w[p + "moe.router.weight"],
+                                        self.ids[self.table.rows[i]], c.top_k, c.norm_topk_prob, c.rms_norm_eps)
+                delta = self._experts_of(i, x, ids, wts, h, fast)
+                if c.shared_expert_intermediate_size:
+                    delta = delta + m.shared(i, x)
+            else:
+                delta = m.ffn(i, h, None)
+        ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
         self.pos.add_(1)
 
     # ------------------------------------------------------------------ a decode step
@@ -149,8 +152,6 @@ class DeviceDecode:
         if self.mode == "eager":
             self._body(0, fast=False)
             return self.logits.clone()
-        if self.cuda and self.native and self.graph is None and not self.why_not:
-            self._capture()
         if self.graph is not None:
             self.graph.replay()
             self.replays += 1
@@ -174,10 +175,15 @@ class DeviceDecode:
             p.note_hits(layer, ids[row])
 
     def _capture(self):
-        """Warm up on a side stream (lazy initialisations), then capture one step. The cooperative
-        launch is tried first, then two plain launches; if neither captures, the step stays eager."""
+        """Warm up on a side stream (compilation, lazy initialisations), then capture one step at
+        the current position (it writes nothing a real step would not overwrite). Tried in order:
+        the compiled ops with the cooperative MoE launch, then with two plain launches, then the
+        ops as written; if nothing captures, steps stay uncaptured and `why_not` says why."""
         cur = torch.cuda.current_stream(self.e.device)
-        for kmode in ("auto", "two"):
+        tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
+        for kmode, compiled in tries:
+            if compiled and not self.ops.compiled:
+                continue
             self.kernel_mode = kmode
             side = torch.cuda.Stream(self.e.device)
             side.wait_stream(cur)
@@ -192,12 +198,15 @@ class DeviceDecode:
                 self.nodes = _graph_nodes(g)
                 if hasattr(g, "instantiate"):
                     g.instantiate()
-                self.graph = g
+                self.graph, self.captured, self.why_not = g, True, ""
                 return
-            except RuntimeError as err:  # e.g. a launch the capture does not support
+            except Exception as err:  # noqa: BLE001 - a launch or a compilation the capture cannot take
                 cur.wait_stream(side)
                 torch.cuda.synchronize(self.e.device)
-                self.why_not = f"capture failed ({kmode}): {err}"
+                self.pos.fill_(self.pos_value)
+                self.why_not = f"capture failed ({kmode}, compiled={compiled}): {type(err).__name__}: {err}"[:500]
+                if compiled and kmode == "two":
+                    self.ops.uncompile(self.why_not)
         self.kernel_mode = "auto"
 
     def kernels_per_step(self) -> int | None:
@@ -205,7 +214,7 @@ class DeviceDecode:
         return self.nodes.get("kernel") if self.graph is not None and self.nodes else None
 
     def close(self):
-        self.graph = None
+        self.captured, self.graph = self.graph is not None, None
         self.table.detach()
 
 
