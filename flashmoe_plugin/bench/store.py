@@ -143,16 +143,19 @@ def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return {"h2d_gbps": h2d, "hbm_gbps": d2d, "bytes": nbytes}
 
 
-def active_bytes_per_token(store) -> int:
+def active_bytes_per_token(store, dense_itemsize: int | None = None) -> int:
     """Bytes of weights one decode token reads: the dense part less the embedding table (one row
-    is read), plus top_k expert records per MoE layer."""
+    is read), plus top_k expert records per MoE layer. dense_itemsize: bytes per dense value as the
+    engine holds them (CUDA engines cast float tensors to bf16: 2), else as stored."""
     from safetensors import safe_open
     cfg = store.config
     dense = 0
     with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
         for name in f.keys():
             sl = f.get_slice(name)
-            n = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 4)
+            dt = sl.get_dtype()
+            size = dense_itemsize if dense_itemsize and dt in ("F32", "F16", "BF16", "F64") else _ITEMSIZE.get(dt, 4)
+            n = math.prod(sl.get_shape()) * size
             if name == "embed.weight" and not cfg.tie_word_embeddings:
                 n //= cfg.vocab_size
             dense += n
@@ -339,8 +342,10 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     from .. import kernels
     result["backend"] = kernels.select(dev.type, backend).name
     if cuda:
-        result["active_bytes_per_token"] = active = active_bytes_per_token(store)
-        result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
+        result["active_bytes_per_token"] = active = active_bytes_per_token(store, dense_itemsize=2)  # bf16 dense
+        # hbm_gbps counts the bytes a copy reads and writes: the rate HBM sustains, all of it
+        # reads in a decode step (half of it, as before, understated the bound 2x)
+        result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] * 1e9 / active
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
         result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, decode_graph))

@@ -8,6 +8,7 @@ one compiled function serves every layer. On CPU they run as written (the CI twi
                                            # hs_row, then attention over the whole masked cache
     x, ids, w = route(h2, ...)             # norm, router, softmax/top-k on the device
     addrs = addresses(...)                 # the routed experts' record addresses (slot table)
+    h2, x, ids, w, addrs = moe_layer(...)  # the three in one compiled function (MoE layers)
 """
 from __future__ import annotations
 
@@ -70,6 +71,17 @@ def addresses(entries_row, ids, base, stride: int):
     return base + entries_row.index_select(0, ids[0]) * stride
 
 
+def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+              ffn_norm, router_w, ids_row, entries_row, base, heads: int, kv_heads: int, head_dim: int, eps: float,
+              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int):
+    """attention, route and addresses of one MoE layer in one function (fused across their
+    boundaries: the residual add, the FFN norm and the router share kernels)."""
+    h = attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
+    x, ids, weights = route(h, ffn_norm, router_w, ids_row, top_k, norm_topk, eps)
+    return h, x, ids, weights, addresses(entries_row, ids, base, stride)
+
+
 def head(h, delta, norm_w, lm_head, logits_out, eps: float):
     h = h + delta
     logits_out.copy_(F.linear(rms_norm(h, norm_w, eps), lm_head).float())
@@ -78,7 +90,15 @@ def head(h, delta, norm_w, lm_head, logits_out, eps: float):
 class Ops:
     """The functions above, compiled with torch.compile on CUDA (one compilation serves every
     layer); as written elsewhere, or where compilation fails (then `note` says why)."""
-    NAMES = ("rope_tables", "attention", "route", "addresses", "head")
+    NAMES = ("rope_tables", "attention", "moe_layer", "head")
+    _shared: dict = {}
+
+    @classmethod
+    def get(cls, compile: bool) -> "Ops":
+        """One instance per process and kind: every engine runs the same compiled code."""
+        if compile not in cls._shared:
+            cls._shared[compile] = cls(compile)
+        return cls._shared[compile]
 
     def __init__(self, compile: bool):
         self.compiled, self.note = False, "not compiled (CPU)" if not compile else ""

@@ -25,6 +25,7 @@ loop); layers that fall back use it as usual.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -72,7 +73,8 @@ class DeviceDecode:
         self.consts = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                            eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm, clip=cfg.clip_qkv,
                            window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
-        self.ops = Ops(compile=self.cuda and mode in ("on", "eager"))
+        self.ops = Ops.get(compile=self.cuda and mode in ("on", "eager"))
+        self.stream = torch.cuda.Stream(dev) if self.cuda else None
         self.ws = None
         if self.native:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
@@ -104,37 +106,37 @@ class DeviceDecode:
         return dict(norm_w=w[f"layers.{i}.attn_norm.weight"], wqkv=wqkv, bqkv=bqkv, q_norm=w.get(p + "q_norm.weight"),
                     k_norm=w.get(p + "k_norm.weight"), K=self.kv.k[i], V=self.kv.v[i], wo=w[p + "o.weight"])
 
-    def _experts_of(self, layer, x, ids, weights, h, fast: bool):
+    def _experts_of(self, layer, x, ids, weights, h, addrs, fast: bool):
         """The routed experts: through the device-side slot table (fast), or the engine's
         per-layer pager path (demand reads, copies, host compute, prefetch)."""
         e = self.e
         if not fast:
             return e._experts(layer, x, ids, weights, h)
-        row = self.table.rows[layer]
         if self.native:
-            addrs = self.ops.addresses(self.table.entries[row], ids, self.table._base, self.table._stride)
             return e.backend.moe_addresses(x, addrs, weights[0], e.store.layout, self.ws, self.kernel_mode)
-        slots = self.table.entries[row].index_select(0, ids[0]).tolist()
+        slots = self.table.entries[self.table.rows[layer]].index_select(0, ids[0]).tolist()
         rows = e.pager.t0.slots
         return e.backend.moe_decode(x, [rows[s] for s in slots], weights[0], e.store.layout)
 
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""
-        c, m, w, ops = self.cfg, self.model, self.model.w, self.ops
+        c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
         h = F.embedding(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
         delta = self.zero
         cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):
-            h = ops.attention(h, delta, self.hs[i], cos=cos, sin=sin, pos=self.pos, kpos=self.kpos, **self.args[i],
-                              **self.consts)
-            p = f"layers.{i}."
-            if i in self.table.rows:
-                x, ids, wts = ops.route(h, w[p + "ffn_norm.weight"], w[p + "moe.router.weight"],
-                                        self.ids[self.table.rows[i]], c.top_k, c.norm_topk_prob, c.rms_norm_eps)
-                delta = self._experts_of(i, x, ids, wts, h, fast)
+            p, at = f"layers.{i}.", dict(cos=cos, sin=sin, pos=self.pos, kpos=self.kpos, **self.args[i], **self.consts)
+            if i in t.rows:
+                r = t.rows[i]
+                h, x, ids, wts, addrs = ops.moe_layer(
+                    h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
+                    ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
+                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
+                delta = self._experts_of(i, x, ids, wts, h, addrs, fast)
                 if c.shared_expert_intermediate_size:
                     delta = delta + m.shared(i, x)
             else:
+                h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
         ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
         self.pos.add_(1)
@@ -142,23 +144,34 @@ class DeviceDecode:
     # ------------------------------------------------------------------ a decode step
     def step(self, token: int, n_past: int) -> torch.Tensor:
         """Logits [1, vocab] of one token at position n_past (a copy of the static buffer); its
-        K/V are written to the engine's cache."""
+        K/V are written to the engine's cache. On CUDA everything runs on the decode stream
+        (the one the graph was captured on, so eager steps make the same cuBLAS choices)."""
         self.steps += 1
-        if self.pos_value != n_past:
-            self.pos.fill_(n_past)
-        self.tok.fill_(token)
-        self.pos_value = n_past + 1
-        self.table.ready()
-        if self.mode == "eager":
-            self._body(0, fast=False)
-            return self.logits.clone()
-        if self.graph is not None:
-            self.graph.replay()
-            self.replays += 1
-        else:
-            self._body(0, fast=True)
-        self._settle()
-        return self.logits.clone()
+        cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
+        if cur is not None:
+            self.stream.wait_stream(cur)
+        with self._on_stream():
+            if self.pos_value != n_past:
+                self.pos.fill_(n_past)
+            self.tok.fill_(token)
+            self.pos_value = n_past + 1
+            self.table.ready()
+            if self.mode == "eager":
+                self._body(0, fast=False)
+            else:
+                if self.graph is not None:
+                    self.graph.replay()
+                    self.replays += 1
+                else:
+                    self._body(0, fast=True)
+                self._settle()
+            out = self.logits.clone()
+        if cur is not None:
+            cur.wait_stream(self.stream)
+        return out
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
     def _settle(self):
         """Read the routed ids back; count the hits; recompute from the first layer that missed."""
@@ -179,13 +192,12 @@ class DeviceDecode:
         the current position (it writes nothing a real step would not overwrite). Tried in order:
         the compiled ops with the cooperative MoE launch, then with two plain launches, then the
         ops as written; if nothing captures, steps stay uncaptured and `why_not` says why."""
-        cur = torch.cuda.current_stream(self.e.device)
+        cur, side = torch.cuda.current_stream(self.e.device), self.stream
         tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
         for kmode, compiled in tries:
             if compiled and not self.ops.compiled:
                 continue
             self.kernel_mode = kmode
-            side = torch.cuda.Stream(self.e.device)
             side.wait_stream(cur)
             try:
                 with torch.cuda.stream(side):
