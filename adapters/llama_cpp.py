@@ -150,7 +150,7 @@ class Llama:
         self.cache_policy, self.prefetch, self.backend = cache_policy, prefetch, backend
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
-        for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute"):
+        for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute", "decode_graph"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()

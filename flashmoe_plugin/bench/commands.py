@@ -139,6 +139,8 @@ def _store_table(r: dict) -> str:
         f"prefill {r['prompt_tokens']} tokens: TTFT {f(r['ttft_s'])} s, {f(r['prefill_tok_s'])} tok/s",
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
+        f"decode graph {r.get('decode_graph')} | per token: host {f(r.get('host_ms_per_token'))} ms, "
+        f"{f(r.get('launches_per_token'), '{:.0f}')} launch calls, {f(r.get('kernels_per_token'), '{:.0f}')} kernels",
         f"hit rate {f(r['hit_rate'], '{:.1%}')} decode ({tiers}), {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "
         f"{f(r['belady_hit_rate'], '{:.1%}')} | {r['bytes_read_per_token'] / 1e6:.1f} MB read/token, "
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {f(r['disk_bandwidth_gbps'])} GB/s",

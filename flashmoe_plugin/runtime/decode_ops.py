@@ -109,6 +109,11 @@ class Ops:
                 for key in ("recompile_limit", "cache_size_limit"):  # one compilation per model shape
                     if hasattr(dc, key):
                         setattr(dc, key, max(getattr(dc, key), 64))
+                import torch._inductor.config as ic
+                # round every intermediate to its dtype as eager code does: a step resumed from a
+                # saved bf16 residual (after a miss) must see the values the fused kernel saw
+                if hasattr(ic, "emulate_precision_casts"):
+                    ic.emulate_precision_casts = True
                 fns = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in fns.items()}
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - no compiler here: run as written

@@ -162,20 +162,11 @@ class Engine:
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
         out = torch.zeros_like(x)
-        # tokens grouped by expert with one host sync per layer (not one per expert): a stable
-        # sort keeps each expert's (token, slot) pairs in the order torch.where gives them
-        flat, k = ids.reshape(-1), ids.shape[1]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.config.num_experts).tolist()
-        start = [0] * len(counts)
-        for e in range(1, len(counts)):
-            start[e] = start[e - 1] + counts[e - 1]
-        used = [e for e, n in enumerate(counts) if n]
+        used = torch.unique(ids).tolist()
         step = self.pager.capacity
         for g in range(0, len(used), step):
             for e, rec in self.pager.request(layer, used[g:g + step]):
-                pairs = order[start[e]:start[e] + counts[e]]
-                tok, slot = pairs // k, pairs % k
+                tok, slot = torch.where(ids == e)
                 y = be.expert_ffn(x[tok], rec, layout) * weights[tok, slot, None]
                 out.index_add_(0, tok, y)
         return out
