@@ -21,8 +21,8 @@ class SlotPool:
     map key -> slot; a replacement policy that picks victims. `spare` extra rows let a record
     come in while the one it swaps with is still on its way out. `fence[slot]` is the event of
     the last copy that reads or writes the slot (None when none is pending). `watch`, when set, is
-called as watch(key, slot) on every put and watch(key, None) on every removal (the device-side
-slot table follows tier 0 this way)."""
+    called as watch(key, slot) on every put and watch(key, None) on every removal (the device-side
+    slot table follows tier 0 this way)."""
 
     def __init__(self, name: str, capacity: int, record_size: int, policy, storage: torch.Tensor, spare: int = 0):
         self.name, self.capacity, self.policy = name, capacity, policy
