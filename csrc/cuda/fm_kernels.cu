@@ -674,53 +674,59 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
 }
 
 // ---------------------------------------------------------------- dequantize (prefill via cuBLAS)
-template <int F, int OD>
+// One thread per 8 consecutive elements of a row (K is a multiple of 64, so 8 never straddle a
+// group): a warp reads 32 consecutive 1-, 2- or 4-byte words of packed weights and writes 32
+// consecutive 16-byte pieces (bf16/f16) or 32-byte pieces (f32): both sides coalesced, one index
+// division per thread (32-bit where the part allows), so the kernel runs at memory speed.
+template <int F> __device__ __forceinline__ void load8(const uint8_t *q, size_t e0, float (&v)[8]) {
+    if (F == 0) {
+        const uint2 w = __ldg((const uint2 *)(q + e0));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = (float)(signed char)(((e < 4 ? w.x : w.y) >> (8 * (e & 3))) & 0xFF);
+    } else if (F == 1) {
+        const unsigned w = __ldg((const unsigned *)(q + e0 / 2));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = (float)((w >> (4 * e)) & 0xF);
+    } else {
+        const unsigned w = __ldg((const unsigned short *)(q + e0 / 4));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = (float)((w >> (2 * e)) & 0x3);
+    }
+}
+
+template <int F, int OD, typename IT>
 __global__ void __launch_bounds__(256) dequant_kernel(const uint8_t *part, int64_t s_off, int64_t b_off, int64_t N,
                                                       int64_t K, void *out) {
     using FM = Fmt<F>;
-    constexpr int EPC = FM::EPC;
-    const int64_t nch = K / EPC, ngroups = K / 64, total = N * nch;
-    const __half *S = (const __half *)(part + s_off);
-    const __half *B = (const __half *)(part + b_off);
-    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t row = idx / nch, c = idx - row * nch, g = c / FM::CPG;
-        const uint4 w = __ldg((const uint4 *)part + idx);
-        const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-        const float s = __half2float(S[row * ngroups + g]);
-        const float b = FM::BIAS ? __half2float(B[row * ngroups + g]) : 0.f;
-        float v[EPC];
+    const IT k8 = (IT)(K / 8), total = (IT)N * k8;
+    const IT i = (IT)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const IT row = i / k8, c8 = i - row * k8;
+    const size_t e0 = (size_t)i * 8;
+    const size_t sg = (size_t)row * (size_t)(K / 64) + c8 / 8;
+    const float s = __half2float(((const __half *)(part + s_off))[sg]);
+    const float b = FM::BIAS ? __half2float(((const __half *)(part + b_off))[sg]) : 0.f;
+    float v[8];
+    load8<F>(part, e0, v);
 #pragma unroll
-        for (int e = 0; e < EPC; ++e) {
-            float q;
-            if (F == 0) q = (float)(signed char)((ws[e >> 2] >> (8 * (e & 3))) & 0xFF);
-            else if (F == 1) q = (float)((ws[e >> 3] >> (4 * (e & 7))) & 0xF);
-            else q = (float)((ws[e >> 4] >> (2 * (e & 15))) & 0x3);
-            v[e] = FM::BIAS ? __fadd_rn(__fmul_rn(q, s), b) : __fmul_rn(q, s);
-        }
-        const int64_t o = row * K + c * EPC;
-        if (OD == FMC_F32) {
-            float4 *dst = (float4 *)((float *)out + o);
+    for (int e = 0; e < 8; ++e) v[e] = FM::BIAS ? __fadd_rn(__fmul_rn(v[e], s), b) : __fmul_rn(v[e], s);
+    if (OD == FMC_F32) {
+        float4 *dst = (float4 *)((float *)out + e0);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        unsigned pk[4];
 #pragma unroll
-            for (int e = 0; e < EPC / 4; ++e) dst[e] = make_float4(v[4 * e], v[4 * e + 1], v[4 * e + 2], v[4 * e + 3]);
-        } else {
-            uint4 *dst = (uint4 *)((uint16_t *)out + o);
-#pragma unroll
-            for (int e = 0; e < EPC / 8; ++e) {
-                unsigned pk[4];
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    if (OD == FMC_BF16) {
-                        __nv_bfloat162 t = __floats2bfloat162_rn(v[8 * e + 2 * h], v[8 * e + 2 * h + 1]);
-                        pk[h] = *(unsigned *)&t;
-                    } else {
-                        __half2 t = __floats2half2_rn(v[8 * e + 2 * h], v[8 * e + 2 * h + 1]);
-                        pk[h] = *(unsigned *)&t;
-                    }
-                }
-                dst[e] = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+        for (int h = 0; h < 4; ++h) {
+            if (OD == FMC_BF16) {
+                __nv_bfloat162 t = __floats2bfloat162_rn(v[2 * h], v[2 * h + 1]);
+                pk[h] = *(unsigned *)&t;
+            } else {
+                __half2 t = __floats2half2_rn(v[2 * h], v[2 * h + 1]);
+                pk[h] = *(unsigned *)&t;
             }
         }
+        *(uint4 *)((uint16_t *)out + e0) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
     }
 }
 
@@ -734,11 +740,12 @@ const MoeFn kMoe[3][2][2] = {
 };
 
 typedef void (*DqFn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, void *);
-const DqFn kDq[3][3] = {
-    {dequant_kernel<0, FMC_F32>, dequant_kernel<0, FMC_F16>, dequant_kernel<0, FMC_BF16>},
-    {dequant_kernel<1, FMC_F32>, dequant_kernel<1, FMC_F16>, dequant_kernel<1, FMC_BF16>},
-    {dequant_kernel<2, FMC_F32>, dequant_kernel<2, FMC_F16>, dequant_kernel<2, FMC_BF16>},
+#define FMC_DQ_ROW(F, IT) {dequant_kernel<F, FMC_F32, IT>, dequant_kernel<F, FMC_F16, IT>, dequant_kernel<F, FMC_BF16, IT>}
+const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
+    {FMC_DQ_ROW(0, uint32_t), FMC_DQ_ROW(1, uint32_t), FMC_DQ_ROW(2, uint32_t)},
+    {FMC_DQ_ROW(0, int64_t), FMC_DQ_ROW(1, int64_t), FMC_DQ_ROW(2, int64_t)},
 };
+#undef FMC_DQ_ROW
 
 constexpr int MAX_DEV = 64;
 struct DevInfo {
@@ -1044,11 +1051,11 @@ int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int 
     DevInfo *d;
     int rc = set_device(device, &d);
     if (rc) return rc;
-    const int64_t total = N * (K / epc_of(f));
-    int64_t blocks = ceil_div(total, 256);
-    if (blocks > (int64_t)d->sms * 16) blocks = (int64_t)d->sms * 16;
-    kDq[f][out_dtype]<<<(int)blocks, 256, 0, (cudaStream_t)stream>>>((const uint8_t *)part, off[1],
-                                                                    f == 0 ? 0 : off[2], N, K, out);
+    const int64_t total = N * (K / 8);
+    const int wide = total >= ((int64_t)1 << 31);
+    kDq[wide][f][out_dtype]<<<(unsigned)ceil_div(total, 256), 256, 0, (cudaStream_t)stream>>>(
+        (const uint8_t *)part, off[1], f == 0 ? 0 : off[2], N, K, out);
+    (void)d;
     cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? FMC_OK : (int)err;
 }

@@ -49,9 +49,12 @@ def register_commands(cli):
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
     @EXPERTS_PER_TOKEN
+    @click.option("--decode-graph", type=click.Choice(["auto", "on", "eager", "off"]), default="auto",
+                  show_default=True, help="decode steps on the device, captured as a CUDA graph (auto: CUDA runs "
+                  "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
               prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
-              save_trace, experts_per_token):
+              save_trace, experts_per_token, decode_graph):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
         STORE is a model: a store folder, or `demo` for the embedded model."""
@@ -74,6 +77,7 @@ def register_commands(cli):
                                    verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                    vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
                                    host_compute=host_compute, experts_per_token=experts_per_token,
+                                   decode_graph=decode_graph,
                                    io_threads=io_threads, compute_bound=not no_compute_bound, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
@@ -151,6 +155,8 @@ def _store_table(r: dict) -> str:
         f"prefill {r['prompt_tokens']} tokens: TTFT {f(r['ttft_s'])} s, {f(r['prefill_tok_s'])} tok/s",
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
+        f"decode graph {r.get('decode_graph')} | per token: host {f(r.get('host_ms_per_token'))} ms, "
+        f"{f(r.get('launches_per_token'), '{:.0f}')} launch calls, {f(r.get('kernels_per_token'), '{:.0f}')} kernels",
         f"hit rate {f(r['hit_rate'], '{:.1%}')} decode ({tiers}), {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "
         f"{f(r['belady_hit_rate'], '{:.1%}')} | {format_size(r['bytes_read_per_token'])} read/token, "
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {rate(r['disk_bandwidth_gbps'])} "

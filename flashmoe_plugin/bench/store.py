@@ -17,7 +17,8 @@ run_bench, in order:
    copied per token);
 4. Belady's MIN on the recorded pager requests with the capacity of all tiers together
    (belady.py), against the run's hit rate in any tier;
-5. compute bound: a second engine holding every expert (preloaded), same prompt and decode, if
+5. compute bound: a second engine holding every expert (preloaded), same prompt (timed after one
+   untimed warm-up prefill) and decode, if
    the experts fit (in half the free RAM; on CUDA in free VRAM); else null with the reason. On
    CUDA also the kernel bound: device memory bandwidth / bytes of weights one token reads.
 """
@@ -35,6 +36,7 @@ import torch
 
 from ..progress import NO_PROGRESS
 from ..sizes import available_ram, format_size
+from .launches import decode_launches
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
@@ -146,9 +148,10 @@ def cuda_bandwidths(device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return {"h2d_gbps": h2d, "hbm_gbps": d2d, "bytes": nbytes}
 
 
-def active_bytes_per_token(store, k: int | None = None) -> int:
+def active_bytes_per_token(store, k: int | None = None, dense_itemsize: int | None = None) -> int:
     """Bytes of weights one decode token reads: the dense part less the embedding table (one row
-    is read), plus k (default top_k) expert records per MoE layer."""
+    is read), plus k (default top_k) expert records per MoE layer. dense_itemsize: bytes per dense
+    value as the engine holds them (CUDA engines cast float tensors to bf16: 2), else as stored."""
     from safetensors import safe_open
     cfg = store.config
     if getattr(store, "meta", None) is not None:  # a GGUF file: its tensor infos
@@ -157,7 +160,9 @@ def active_bytes_per_token(store, k: int | None = None) -> int:
     with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
         for name in f.keys():
             sl = f.get_slice(name)
-            n = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 4)
+            dt = sl.get_dtype()
+            size = dense_itemsize if dense_itemsize and dt in ("F32", "F16", "BF16", "F64") else _ITEMSIZE.get(dt, 4)
+            n = math.prod(sl.get_shape()) * size
             if name == "embed.weight" and not cfg.tie_word_embeddings:
                 n //= cfg.vocab_size
             dense += n
@@ -168,7 +173,7 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 
 
 
 def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, experts_per_token=None,
-                   progress=NO_PROGRESS) -> dict:
+                   decode_graph="auto", progress=NO_PROGRESS) -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
     if device == "cuda":
@@ -183,12 +188,14 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, expe
                 "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
     progress.stage("compute bound: loading every expert", total=len(store.layers))
     eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
-                 experts_per_token=experts_per_token, **budgets)
+                 experts_per_token=experts_per_token, decode_graph=decode_graph, **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
             progress.advance()
         progress.stage(f"compute bound: prefill {len(ids)} tokens")
+        eng.forward(ids, last_only=True)  # warm: lazy kernel loading, allocator growth, cuBLAS plans
+        eng.reset()
         before = eng.pager.stats.snapshot()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -198,9 +205,11 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, expe
         progress.stage("compute bound: decode", total=tokens)
         secs, _ = _decode(eng, logits, tokens, temp, seed, progress)
         assert eng.pager.stats.delta(before)["misses"] == 0
+        launches = decode_launches(eng, logits)
     finally:
         eng.close()
     return {"compute_bound_tok_s": tokens / secs, "compute_bound_prefill_tok_s": len(ids) / prefill,
+            "compute_bound_launches": launches,
             "compute_bound_reason": f"measured: every expert resident ({'VRAM' if device == 'cuda' else 'RAM'}), "
                                     "same prompt and decode"}
 
@@ -210,7 +219,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
-              experts_per_token: int | None = None, progress=NO_PROGRESS) -> dict:
+              experts_per_token: int | None = None, decode_graph: str = "auto", progress=NO_PROGRESS) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -235,7 +244,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     eng = Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                 host_compute=host_compute, experts_per_token=experts_per_token)
+                 host_compute=host_compute, experts_per_token=experts_per_token, decode_graph=decode_graph)
     k = eng.config.top_k
     p = eng.pager
     trace = RoutingTrace()
@@ -255,6 +264,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         dec, pre = p.stats.delta(s1), {k: s1[k] - s0[k] for k in COUNTERS}
         pred = eng.predictor.snapshot() if eng.predictor is not None else None
         host_mode = eng.host_compute.mode
+        graph = {"decode_graph": "off" if eng.fast is None else eng.fast.mode,
+                 "decode_graph_note": eng.decode_graph_reason if eng.fast is None or not eng.fast.why_not
+                 else eng.fast.why_not}
+        eng.record(None)
+        graph.update(decode_launches(eng, logits))
     finally:
         eng.record(None)
         eng.close()
@@ -337,6 +351,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "vram_hit_rate": tiers["vram"]["hit_rate"] if cuda else None,
         "bytes_copied_to_device_per_token": copied_per_token if cuda else None,
         "copy_bound_tok_s": copy_bound, "kernel_bound_tok_s": None,
+        **graph,
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "ram_free": available_ram(), "load_avg_1m": os.getloadavg()[0],
                     "gpu": torch.cuda.get_device_name(dev) if cuda else None},
@@ -345,11 +360,14 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     from .. import kernels
     result["backend"] = kernels.select(dev.type, backend).name
     if cuda:
-        result["active_bytes_per_token"] = active = active_bytes_per_token(store, k)
-        result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
+        result["active_bytes_per_token"] = active = active_bytes_per_token(store, k, dense_itemsize=2)  # bf16 dense
+        # hbm_gbps counts the bytes a copy reads and writes: the rate HBM sustains, all of it
+        # reads in a decode step (half of it, as before, understated the bound 2x)
+        result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] * 1e9 / active
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
-        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, k, progress))
+        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, k, decode_graph,
+                                     progress))
     else:
         result.update(compute_bound_tok_s=None, compute_bound_prefill_tok_s=None,
                       compute_bound_reason="skipped (compute_bound=False)")

@@ -10,7 +10,10 @@
   (bench/kernels_cuda.py, entries "prefill_expert", q4, bf16): Mixtral expert 4096->14336,
   fused 41/67/69/138/275/548 us at T = 1/2/4/8/16/32 against 350-356 us for dequantize +
   cuBLAS; Qwen3.5 expert 4096->1024, fused 9/14/15/29/58 us at T = 1/2/4/8/16 against 37-40 us.
-  Crossover ~20 tokens (Mixtral) and ~10 (Qwen3.5): 8 is right for both;
+  Crossover ~20 tokens (Mixtral) and ~10 (Qwen3.5): 8 is right for both. With the coalesced
+  dequantize kernel (8 elements per thread) dequantize + cuBLAS is 230-238 us for the Mixtral
+  expert at T = 1..64 (the fused kernel: 39/70/276 us at T = 1/4/16), near its own floor: it
+  writes and then reads back 352 MB of bf16 weights: the crossover moves to ~13 tokens (12);
 - raw (f32/f16/bf16) parts go through torch.
 
 Importing this module never needs a GPU or the compiled module: available() says what is missing.
@@ -42,8 +45,9 @@ class CudaBackend(Backend):
     name = "cuda"
     devices = ("cuda",)
     priority = 10
-    # Tokens per expert up to which the fused kernel beats dequantize + cuBLAS (prefill).
-    fused_max_tokens = 8
+    # Tokens per expert up to which the fused kernel beats dequantize + cuBLAS (prefill): with
+    # the coalesced dequantize, the Mixtral expert's crossover is ~13 tokens (H200, quick bench).
+    fused_max_tokens = 12
 
     def __init__(self):
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
@@ -167,4 +171,18 @@ class CudaBackend(Backend):
                 more = torch.empty_like(x)
                 km.moe(part, lt, w, x, more, ws, stream)
                 out.add_(more)
+        return out
+
+    def moe_addresses(self, x: torch.Tensor, addresses: torch.Tensor, weights: torch.Tensor, layout,
+                      workspace: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """moe_decode with the records given as a device array of k record addresses (int64),
+        e.g. looked up in the slot table on the device: nothing is read back to the host, so the
+        call can be captured in a CUDA graph. `workspace` (zeroed once, workspace_bytes(k, I))
+        belongs to the caller; native quantized layouts only."""
+        if not self._native(layout):
+            raise ValueError(f"moe_addresses needs a q8/q4/q2 record layout, not {[p.format for p in layout.parts]}")
+        km = self._require()
+        out = torch.empty_like(x)
+        km.moe(addresses, self.layout_tuple(layout), weights.reshape(-1), x.contiguous(), out, workspace,
+               torch.cuda.current_stream(x.device).cuda_stream, mode)
         return out

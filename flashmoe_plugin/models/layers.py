@@ -162,10 +162,10 @@ class Decoder:
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + rotate_half(x) * sin
 
-    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
+    def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """Layer i's queries [T, heads, d] and keys, values [T, kv_heads, d]: projected,
+        normalised, clipped and rotated."""
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
-        if c.attention == "mla":
-            return mla.attention(self, i, x, start, kv, at)
         T = x.shape[0]
         q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
         k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias"))
@@ -179,9 +179,16 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
+        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
+
+    def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
+        c, w, p = self.cfg, self.w, f"layers.{i}.attn."
+        if c.attention == "mla":
+            return mla.attention(self, i, x, start, kv, at)
+        T = x.shape[0]
         cos, sin, causal, window = at
         mask = window if i in self.windowed else causal
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        q, k, v = self.qkv(i, x, cos, sin)
         kv.k[i, start:start + T] = k
         kv.v[i, start:start + T] = v
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
@@ -274,13 +281,18 @@ class Decoder:
         ids, weights = self.route(i, x)
         out = experts(i, x, ids, weights, h)
         if self.cfg.shared_expert_intermediate_size:
-            s = swiglu(x, w[p + "moe.shared.gate.weight"], w[p + "moe.shared.up.weight"], w[p + "moe.shared.down.weight"])
-            if self.cfg.shared_expert_gate:
-                s = torch.sigmoid(F.linear(x, w[p + "moe.shared_gate.weight"])) * s
-            out = out + s
+            out = out + self.shared(i, x)
         if self.cfg.sandwich_norms:
             out = rms_norm(out, w[p + "ffn_post_norm.weight"], self.cfg.rms_norm_eps)
         return out
+
+    def shared(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's shared (always-on) expert on the normalised x, gated where the family gates it."""
+        w, p = self.w, f"layers.{i}.moe."
+        s = swiglu(x, w[p + "shared.gate.weight"], w[p + "shared.up.weight"], w[p + "shared.down.weight"])
+        if self.cfg.shared_expert_gate:
+            s = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * s
+        return s
 
     # ------------------------------------------------------------------ whole model
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:

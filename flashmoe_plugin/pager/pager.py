@@ -124,6 +124,18 @@ class ExpertPager:
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.t0
 
+    def note_hits(self, layer: int, experts):
+        """Records a graph-captured decode step read straight from tier 0 (through the slot
+        table, no request): counted and touched as a request's device hits would be."""
+        keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
+        if self.trace is not None:
+            self.trace.request(layer, [k[1] for k in keys])
+        for key in keys:
+            self.policy.touch(key)
+            self.prefetched.discard(key)
+        self.stats.hits += len(keys)
+        self.stats.device_hits += len(keys)
+
     # ------------------------------------------------------------------ demand
     def request(self, layer: int, experts: list[int], host_ok: bool = False) -> "_Batch":
         """host_ok: records found in the host tier stay there and are yielded from host memory

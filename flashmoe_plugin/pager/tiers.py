@@ -20,7 +20,9 @@ class SlotPool:
     """Up to `capacity` records in slots, rows of one uint8 tensor (RAM, pinned RAM or VRAM); a
     map key -> slot; a replacement policy that picks victims. `spare` extra rows let a record
     come in while the one it swaps with is still on its way out. `fence[slot]` is the event of
-    the last copy that reads or writes the slot (None when none is pending)."""
+    the last copy that reads or writes the slot (None when none is pending). `watch`, when set, is
+    called as watch(key, slot) on every put and watch(key, None) on every removal (the device-side
+    slot table follows tier 0 this way)."""
 
     def __init__(self, name: str, capacity: int, record_size: int, policy, storage: torch.Tensor, spare: int = 0):
         self.name, self.capacity, self.policy = name, capacity, policy
@@ -30,6 +32,7 @@ class SlotPool:
         self.key_of: list = [None] * rows
         self.free = list(range(rows - 1, -1, -1))
         self.fence: list = [None] * rows
+        self.watch = None
 
     def __contains__(self, key) -> bool:
         return key in self.slot_of
@@ -49,12 +52,16 @@ class SlotPool:
         self.slot_of[key] = slot
         self.key_of[slot] = key
         self.policy.insert(key)
+        if self.watch is not None:
+            self.watch(key, slot)
 
     def pop(self, key) -> int:
         """Remove a record (its slot is the caller's, not yet free)."""
         slot = self.slot_of.pop(key)
         self.policy.remove(key)
         self.key_of[slot] = None
+        if self.watch is not None:
+            self.watch(key, None)
         return slot
 
     def release(self, slot: int):

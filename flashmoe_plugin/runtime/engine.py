@@ -18,6 +18,7 @@ from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
 from ..store.model import open_model
+from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import HostCompute
 
 
@@ -49,7 +50,7 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None,
-                 experts_per_token: int | None = None):
+                 experts_per_token: int | None = None, decode_graph: str = "auto"):
         self.store = open_model(store)
         self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
@@ -76,6 +77,9 @@ class Engine:
         self.tokens: list[int] = []
         self._tokenizer = None
         self.trace = None
+        # decode steps with routing, expert lookup and position on the device (runtime/graph_decode.py)
+        mode, self.decode_graph_reason = graph_mode(decode_graph, self)
+        self.fast = DeviceDecode(self, mode) if mode != "off" else None
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
@@ -144,12 +148,15 @@ class Engine:
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
             last = last_only and i + self.n_batch >= len(tokens)
-            t = torch.tensor(chunk, dtype=torch.long, device=self.device)
             if self.trace is not None:
                 self.trace.begin(self.n_past, len(chunk))
             if self.predictor is not None:
                 self.predictor.end_sequence()
-            logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
+            if len(chunk) == 1 and self.fast is not None:
+                logits = self.fast.step(chunk[0], self.n_past)
+            else:
+                t = torch.tensor(chunk, dtype=torch.long, device=self.device)
+                logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())
@@ -220,4 +227,6 @@ class Engine:
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host)
 
     def close(self):
+        if self.fast is not None:
+            self.fast.close()
         self.pager.close()

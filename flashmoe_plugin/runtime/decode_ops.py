@@ -1,0 +1,129 @@
+"""The pieces of one decode token (runtime/graph_decode.py) as pure functions of tensors, so that
+on CUDA torch.compile fuses each into a few kernels: a captured step then holds ~15 kernels per
+layer instead of ~60, and at a few microseconds per kernel that is most of a token's time.
+Everything a layer needs comes in as arguments (weights, cache, position), never from `self`, so
+one compiled function serves every layer. On CPU they run as written (the CI twin).
+
+    h2 = attention(h, delta, hs_row, ...)   # h + delta (the previous layer's FFN output), saved to
+                                           # hs_row, then attention over the whole masked cache
+    x, ids, w = route(h2, ...)             # norm, router, softmax/top-k on the device
+    addrs = addresses(...)                 # the routed experts' record addresses (slot table)
+    h2, x, ids, w, addrs = moe_layer(...)  # the three in one compiled function (MoE layers)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.layers import rms_norm, rotate_half
+
+
+def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+              heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
+    """The residual h + delta (kept in hs_row), then one token's attention block added to it."""
+    h = h + delta
+    hs_row.copy_(h)
+    x = rms_norm(h, norm_w, eps)
+    qkv = F.linear(x, wqkv, bqkv)
+    nq, nk = heads * head_dim, kv_heads * head_dim
+    q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+    if qk_norm == "full":
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
+    if qk_norm == "head":
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    K.index_copy_(0, pos, k)
+    V.index_copy_(0, pos, v)
+    mask = kpos <= pos
+    if window:
+        mask = mask & (pos - kpos < window)
+    g = heads // kv_heads
+    s = torch.matmul(q.view(kv_heads, g, head_dim), K.permute(1, 2, 0)).float() * scale
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+    out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]: head order as the query's
+    return h + F.linear(out.reshape(1, nq), wo)
+
+
+def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float):
+    """The FFN input x and the routing of one token on the device: ids [1, k] (also written to
+    ids_row for the host to read after the step) and weights [1, k] (as Decoder.route)."""
+    x = rms_norm(h, norm_w, eps)
+    probs = torch.softmax(F.linear(x, router_w).float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    ids_row.copy_(ids[0])
+    return x, ids, weights.to(x.dtype)
+
+
+def addresses(entries_row, ids, base, stride: int):
+    """Record addresses of the routed experts: base + slot * stride, slots from the table row."""
+    return base + entries_row.index_select(0, ids[0]) * stride
+
+
+def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+              ffn_norm, router_w, ids_row, entries_row, base, heads: int, kv_heads: int, head_dim: int, eps: float,
+              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int):
+    """attention, route and addresses of one MoE layer in one function (fused across their
+    boundaries: the residual add, the FFN norm and the router share kernels)."""
+    h = attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
+    x, ids, weights = route(h, ffn_norm, router_w, ids_row, top_k, norm_topk, eps)
+    return h, x, ids, weights, addresses(entries_row, ids, base, stride)
+
+
+def head(h, delta, norm_w, lm_head, logits_out, eps: float):
+    h = h + delta
+    logits_out.copy_(F.linear(rms_norm(h, norm_w, eps), lm_head).float())
+
+
+class Ops:
+    """The functions above, compiled with torch.compile on CUDA (one compilation serves every
+    layer); as written elsewhere, or where compilation fails (then `note` says why)."""
+    NAMES = ("rope_tables", "attention", "moe_layer", "head")
+    _shared: dict = {}
+
+    @classmethod
+    def get(cls, compile: bool) -> "Ops":
+        """One instance per process and kind: every engine runs the same compiled code."""
+        if compile not in cls._shared:
+            cls._shared[compile] = cls(compile)
+        return cls._shared[compile]
+
+    def __init__(self, compile: bool):
+        self.compiled, self.note = False, "not compiled (CPU)" if not compile else ""
+        fns = {n: globals()[n] for n in self.NAMES}
+        if compile:
+            try:
+                import torch._dynamo.config as dc
+                for key in ("recompile_limit", "cache_size_limit"):  # one compilation per model shape
+                    if hasattr(dc, key):
+                        setattr(dc, key, max(getattr(dc, key), 64))
+                import torch._inductor.config as ic
+                # round every intermediate to its dtype as eager code does: a step resumed from a
+                # saved bf16 residual (after a miss) must see the values the fused kernel saw
+                if hasattr(ic, "emulate_precision_casts"):
+                    ic.emulate_precision_casts = True
+                fns = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in fns.items()}
+                self.compiled = True
+            except Exception as e:  # noqa: BLE001 - no compiler here: run as written
+                self.note = f"torch.compile unavailable ({type(e).__name__}: {e})"
+        self._plain = {n: globals()[n] for n in self.NAMES}
+        for n, f in fns.items():
+            setattr(self, n, f)
+
+    def uncompile(self, why: str):
+        """Fall back to the functions as written (a compilation failed on first use)."""
+        self.compiled, self.note = False, why
+        for n, f in self._plain.items():
+            setattr(self, n, f)
