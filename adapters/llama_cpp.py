@@ -32,6 +32,7 @@ import torch
 from flashmoe_plugin.runtime.generate import common_prefix, stop_holdback, utf8_complete
 
 from .chat import template_chat_handler
+from .surface import DropInSurface
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
@@ -110,7 +111,7 @@ def _logprobs_of(logits: np.ndarray) -> np.ndarray:
         return z - np.log(np.sum(np.exp(z)))
 
 
-class Llama:
+class Llama(DropInSurface):
     """A flashmoe expert store behind llama-cpp-python's `Llama` interface."""
 
     def __init__(
@@ -791,12 +792,6 @@ class Llama:
         return llama_chat_format.get_chat_completion_handler(self.chat_format)
 
     # ------------------------------------------------------------------ misc
-    def create_embedding(self, input, model=None):
-        raise NotImplementedError("embeddings are not supported by flashmoe (it runs causal LMs)")
-
-    def embed(self, input, *args, **kwargs):
-        raise NotImplementedError("embeddings are not supported by flashmoe (it runs causal LMs)")
-
     @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
         x = np.asarray(logits, dtype=np.float32)

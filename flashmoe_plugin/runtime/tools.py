@@ -103,8 +103,8 @@ class ToolSyntax:
 
     @staticmethod
     def _call(body: str) -> dict | None:
-        try:
-            obj = json.loads(body)
+        try:  # the first JSON value: a call cut off by max_tokens inside its closing tag still counts
+            obj, _ = json.JSONDecoder().raw_decode(body.strip())
         except ValueError:
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
