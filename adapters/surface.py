@@ -47,7 +47,7 @@ class DropInSurface:
     def from_pretrained(cls, repo_id: str, filename: Optional[str] = None, additional_files=None,
                         local_dir=None, local_dir_use_symlinks="auto", cache_dir=None, **kwargs: Any):
         """A Llama from a local model: `repo_id` is a store folder, a .gguf file, or a folder in
-        which `filename` (a glob, as llama-cpp-python's) picks one file. differs: nothing is
+        which `filename` (a glob, as llama-cpp-python's) picks one file or store folder. differs: nothing is
         downloaded (flashmoe runs offline); a Hub id that is no local path is an error saying so."""
         base = Path(os.path.expanduser(str(repo_id)))
         if not base.exists() and local_dir is not None:
@@ -57,8 +57,9 @@ class DropInSurface:
                              "and model files only (download the model first, e.g. `huggingface-cli download`)")
         path = base
         if base.is_dir() and filename is not None and not (base / "manifest.json").is_file():
-            found = sorted(p for p in base.rglob("*") if p.is_file() and (
-                fnmatch.fnmatch(str(p.relative_to(base)), filename) or fnmatch.fnmatch(p.name, filename)))
+            models = (p for p in base.rglob("*") if p.is_file() or (p / "manifest.json").is_file())  # files, stores
+            found = sorted(p for p in models if fnmatch.fnmatch(str(p.relative_to(base)), filename)
+                           or fnmatch.fnmatch(p.name, filename))
             if not found:
                 raise ValueError(f"No file found in {base} that match {filename}")
             if len(found) > 1:
