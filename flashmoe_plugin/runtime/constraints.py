@@ -119,17 +119,20 @@ class Constraint:
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self.matcher.is_error():
             raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
-        ok = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+        ok = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.n_vocab].view(bool)
         if self.end_ids and ok[self.eos]:
             ok[self.end_ids] = True
         return ok
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """Set the logits of forbidden tokens to -inf (in place; returns logits)."""
-        ok = torch.from_numpy(self.allowed())
-        n = min(logits.shape[-1], ok.shape[0])
-        logits[..., :n].masked_fill_(~ok[:n], float("-inf"))
-        logits[..., n:] = float("-inf")
+        """Set the logits of forbidden tokens to -inf (in place on a CPU float32 row; returns it).
+        numpy, not torch: a single-threaded pass over the row, ~50 us at 150k tokens, where torch's
+        threaded masked_fill measured up to 60 ms on a loaded 2-core machine."""
+        ok = self.allowed()
+        row = logits.numpy()
+        n = min(row.shape[-1], ok.shape[0])
+        np.copyto(row[..., :n], -np.inf, where=~ok[:n])
+        row[..., n:] = -np.inf
         return logits
 
     def accept(self, token: int) -> None:
