@@ -141,8 +141,9 @@ def test_template_without_tools_is_an_error_not_a_silent_drop(tmp_path):
         assert m.create_chat_completion(ASK, tools=TOOLS, tool_choice="none", max_tokens=2)["choices"]
 
 
-def test_chatml_function_calling_handler_on_our_object():
-    """llama-cpp-python's own grammar-building handler, called on a flashmoe Llama."""
+def test_llama_cpp_python_grammar_handlers_on_our_object():
+    """llama-cpp-python's own grammar-building handlers (chatml-function-calling, functionary),
+    called on a flashmoe Llama."""
     pytest.importorskip("llama_cpp")
     from flashmoe_plugin import Llama
     with Llama(model_path="demo", n_ctx=1024, chat_format="chatml-function-calling", verbose=False) as m:
@@ -154,6 +155,11 @@ def test_chatml_function_calling_handler_on_our_object():
         auto = m.create_chat_completion(ASK, tools=TOOLS, tool_choice="auto", seed=1, max_tokens=40)
         msg = auto["choices"][0]["message"]
         assert msg.get("tool_calls") or isinstance(msg["content"], str)
+    with Llama(model_path="demo", n_ctx=1024, chat_format="functionary", verbose=False) as m:
+        out = m.create_chat_completion(ASK, tools=TOOLS, tool_choice=NAMED, seed=1, max_tokens=40)
+        call = out["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
 
 
 # ---------------------------------------------------------------------- parsing, no model
