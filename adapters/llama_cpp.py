@@ -434,7 +434,10 @@ class Llama(DropInSurface):
                               constraint=self._constraint(grammar))
 
     def _generate(self, tokens: list[int], params, logits_processor=None, stopping_criteria=None,
-                  reset: bool = True, rows: bool = False, constraint=None) -> Iterator[int]:
+                  reset: bool = True, rows: bool = False, constraint=None, fast_forward: bool = False) -> Iterator[int]:
+        """fast_forward: tokens the grammar forces after a sampled one are yielded without
+        sampling and evaluated together with it in one batch (a JSON key, a tool call's fixed
+        text: one forward pass instead of one per token)."""
         tokens = [int(t) for t in tokens]
         if not tokens and (reset or self.n_tokens == 0):
             raise ValueError("generate() needs at least one prompt token")
@@ -476,6 +479,11 @@ class Llama(DropInSurface):
                     return
             extra = yield token
             tokens = [token] + [int(t) for t in (extra or [])]
+            if fast_forward and not extra:
+                for forced in constraint.forced():
+                    constraint.accept(forced)
+                    tokens.append(forced)
+                    yield forced
 
     # ------------------------------------------------------------------ completions
     def _prompt_tokens(self, prompt: Union[str, List[int]], suffix: Optional[str]):
@@ -599,8 +607,9 @@ class Llama(DropInSurface):
         ends: list[int] = []            # byte end of each completion token in buf
         buf, emitted, reported = b"", 0, 0
         finish, t_first, finished = "length", None, False
+        fast = constraint is not None and logprobs is None and logits_processor is None and stopping_criteria is None
         gen = self._generate(prompt_tokens, params, logits_processor, stopping_criteria, rows=want_rows,
-                             constraint=constraint)
+                             constraint=constraint, fast_forward=fast)
         try:
             if stream and echo and prompt_text:
                 yield chunk(prompt_text)

@@ -164,3 +164,22 @@ def test_mirostat_truncation_matches_llama_cpp():
         ours = Sampler(SamplingParams(mirostat_mode=mode, mirostat_tau=tau, seed=0))
         probs = torch.sort(torch.softmax(logits, -1), descending=True).values
         assert ours.mirostat_keep(probs, n) == arr.size, (mode, tau)
+
+
+def test_forced_tokens_are_evaluated_in_batches(llm):
+    """Text the grammar forces (keys, punctuation) is not sampled token by token: it goes through
+    the model in one forward pass with the sampled token before it, and greedy output is the same
+    as sampling every token (a no-op logits_processor turns the fast path off)."""
+    g = Grammar.json_schema(SCHEMA)
+    calls = []
+    forward = llm._engine.forward
+    llm._engine.forward = lambda tokens, **kw: (calls.append(len(tokens)), forward(tokens, **kw))[1]
+    try:
+        fast = llm("Person:", grammar=g, max_tokens=80, temperature=0)
+        n_fast = len(calls)
+        slow = llm("Person:", grammar=g, max_tokens=80, temperature=0, logits_processor=lambda ids, x: x)
+    finally:
+        del llm._engine.forward
+    assert fast["choices"][0]["text"] == slow["choices"][0]["text"]
+    json.loads(fast["choices"][0]["text"])
+    assert n_fast < fast["usage"]["completion_tokens"] // 2 < len(calls) - n_fast

@@ -142,6 +142,10 @@ class Constraint:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} is not allowed by the grammar here: {self.matcher.get_error()}")
 
+    def forced(self) -> list[int]:
+        """Tokens the grammar allows no alternative to from here (not yet accepted)."""
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
+
     def is_accepting(self) -> bool:
         """The text so far is a complete match (EOS is allowed now)."""
         return self.matcher.is_accepting()
