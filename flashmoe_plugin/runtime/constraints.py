@@ -15,6 +15,7 @@ same behaviour. The matching is llguidance's (a maintained Rust library, also be
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,10 +67,18 @@ class Grammar:
             raise GrammarError(f"{self.kind} grammar does not compile: {e}") from e
 
 
-def _ll_tokenizer(tokenizer, n_vocab: int):
-    """llguidance's view of our vocabulary (built once per tokenizer and size: ~1 s at 150k)."""
-    cache = tokenizer.__dict__.setdefault("_llguidance", {})
-    if n_vocab not in cache:
+_LL_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ll_tokenizer(tokenizer, n_vocab: int, eos: int | None = None):
+    """llguidance's view of our vocabulary (built once per tokenizer, size and EOS: ~2 s at 150k).
+    eos: the token that ends a match (default the tokenizer's EOS)."""
+    cache = _LL_TOKENIZERS.setdefault(tokenizer, {})
+    eos = tokenizer.eos_id if eos is None else eos
+    if eos is None:
+        raise GrammarError("the model has no end-of-sequence token, so a grammar could never let it stop")
+    key = (n_vocab, eos)
+    if key not in cache:
         import llguidance
 
         special = set(getattr(tokenizer, "special_ids", ()))
@@ -82,7 +91,7 @@ def _ll_tokenizer(tokenizer, n_vocab: int):
                 tokens.append(tokenizer.token_bytes(i))
 
         class _Vocab:  # what llguidance.TokenizerWrapper reads
-            eos_token_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+            eos_token_id = eos
             bos_token_id = tokenizer.bos_id
             special_token_ids = sorted(special)
 
@@ -93,8 +102,8 @@ def _ll_tokenizer(tokenizer, n_vocab: int):
 
         vocab = _Vocab()
         vocab.tokens = tokens
-        cache[n_vocab] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocab), n_vocab=n_vocab)
-    return cache[n_vocab]
+        cache[key] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocab), n_vocab=n_vocab)
+    return cache[key]
 
 
 class Constraint:
@@ -105,7 +114,8 @@ class Constraint:
 
         self.grammar = grammar
         self.n_vocab = int(n_vocab)
-        ll = _ll_tokenizer(tokenizer, self.n_vocab)
+        ends = sorted(int(i) for i in end_ids if 0 <= int(i) < self.n_vocab)
+        ll = _ll_tokenizer(tokenizer, self.n_vocab, None if tokenizer.eos_id is not None or not ends else ends[0])
         self.matcher = llguidance.LLMatcher(ll, grammar.compiled(), log_level=0)
         if self.matcher.is_error():
             raise GrammarError(f"{grammar.kind} grammar rejected: {self.matcher.get_error()}")
