@@ -2,7 +2,6 @@
 llama-cpp-python's chatml-function-calling handler driving our Llama. Shapes are checked with
 the openai package's pydantic models where it is installed."""
 import json
-import shutil
 
 import pytest
 import torch
