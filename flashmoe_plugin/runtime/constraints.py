@@ -90,6 +90,8 @@ def _ll_tokenizer(tokenizer, n_vocab: int, eos: int | None = None):
             else:
                 tokens.append(tokenizer.token_bytes(i))
 
+        encode = weakref.WeakMethod(tokenizer.encode)  # the cache must not keep the tokenizer alive
+
         class _Vocab:  # what llguidance.TokenizerWrapper reads
             eos_token_id = eos
             bos_token_id = tokenizer.bos_id
@@ -98,7 +100,7 @@ def _ll_tokenizer(tokenizer, n_vocab: int, eos: int | None = None):
             def __call__(self, text):
                 if isinstance(text, bytes):
                     text = text.decode("utf-8", errors="replace")
-                return tokenizer.encode(text, add_bos=False)
+                return encode()(text, add_bos=False)
 
         vocab = _Vocab()
         vocab.tokens = tokens
