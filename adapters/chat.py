@@ -38,6 +38,8 @@ def response_format_grammar(response_format) -> Grammar | None:
 
 def _tool_plan(template, tools, tool_choice):
     """(tools to render, syntax or None, grammar forcing calls or None)."""
+    if not tools and (tool_choice == "required" or isinstance(tool_choice, dict)):
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
     if not tools or tool_choice == "none":
         return None, None, None
     names = [tool_name(t) for t in tools]

@@ -115,6 +115,8 @@ def test_unknown_tool_and_bad_choice(llm):
         llm.create_chat_completion(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="tool_choice"):
         llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="sometimes")
+    with pytest.raises(ValueError, match="needs tools"):
+        llm.create_chat_completion(ASK, tool_choice=NAMED)
 
 
 def test_template_without_tools_is_an_error_not_a_silent_drop(tmp_path):
@@ -192,3 +194,12 @@ def test_call_stream_splits_at_any_boundary():
     s = CallStream(HERMES)
     assert s.feed("a <tool") == [("content", "a ")]  # held back: could be a call
     assert s.feed("box>") == [("content", "<toolbox>")]
+
+
+def test_template_with_tools_in_an_unknown_syntax_is_an_error():
+    from flashmoe_plugin.runtime.tools import ToolsError, tool_syntax
+    template = "{% for t in tools %}{{ t | tojson }}{% endfor %}[TOOL_CALLS]"
+    assert takes_tools(template)
+    with pytest.raises(ToolsError, match="syntax flashmoe does not parse"):
+        tool_syntax(template)
+    assert tool_syntax("{{ tools }} <tool_call>") is HERMES
