@@ -175,4 +175,3 @@ def tool_chunks(chunks: Iterator[dict], syntax) -> Iterator[dict]:
             else:
                 yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                             "finish_reason": choice["finish_reason"]}]}
-

@@ -17,8 +17,9 @@ llm = Llama(model_path=sys.argv[1] if len(sys.argv) > 1 else "demo", n_ctx=1024,
 schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 130}},
           "required": ["name", "age"], "additionalProperties": False}
+fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
 out = llm.create_chat_completion([{"role": "user", "content": "Invent a person."}], max_tokens=64, seed=1,
-                                 response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+                                 response_format=fmt)
 print("json_schema:", json.loads(out["choices"][0]["message"]["content"]))
 
 # 2. A llama.cpp GBNF grammar (a string, or llama_cpp.LlamaGrammar.from_file("grammars/json.gbnf")).
