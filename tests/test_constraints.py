@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashmoe_plugin.runtime.constraints import Grammar, GrammarError
+from flashmoe_plugin.runtime.constraints import Constraint, Grammar, GrammarError
 
 GRAMMARS = Path(__file__).parent / "data" / "grammars"   # copied from llama.cpp's grammars/ (MIT)
 
@@ -194,3 +194,89 @@ def test_generate_and_sample_take_a_grammar(llm):
     llm.eval(prompt)
     tok = llm.sample(grammar=Grammar.regex("(yes|no)"), temp=0)
     assert llm.detokenize([tok]).decode() in [w[:n] for w in ("yes", "no") for n in range(1, 4)]
+
+
+def _demo_vocab_gguf(path):
+    """The demo tokenizer as a vocab-only GGUF, so llama.cpp itself can load the same vocabulary."""
+    gguf = pytest.importorskip("gguf")
+    import flashmoe_plugin
+    spec = json.loads((flashmoe_plugin.demo_model_path() / "tokenizer.json").read_text())
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"] for t in spec["added_tokens"] if t.get("special")}
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(1)
+    w.add_context_length(512)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(64)
+    w.add_head_count(1)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_eos_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return special
+
+
+@pytest.mark.parametrize("name, text, exact", [
+    ("json.gbnf", '{"a b": [1, -2.5e3, true, null], "c": {"d": "\u00e9t\u00e9 \\n \\u00e9"}, "e": []}', False),
+    ("arithmetic.gbnf", "x = (3 +y_1)\n(a-b)/7 =  z\n", False),
+    ("arithmetic.gbnf", "x = (3 +y_1)\n(a-b)/7 =  z\n", True)])
+def test_gbnf_mask_equals_llama_cpp(tmp_path, name, text, exact):
+    """Token by token along a valid text, the set of tokens the grammar allows is llama.cpp's own
+    (its grammar sampler on the same vocabulary, loaded from a vocab-only GGUF), except for the
+    11 byte tokens 0xF5-0xFF, which are never valid UTF-8: llama.cpp's partial-UTF-8 decoder
+    lets them start a string character, llguidance does not. At the end both allow EOS, except
+    where llguidance's greedy lexer tokens differ (arithmetic's `z\\n`: see Grammar.gbnf), which
+    exact=True removes."""
+    import ctypes
+
+    import numpy as np
+
+    import flashmoe_plugin
+    from flashmoe_plugin.runtime.tokenizer import Tokenizer
+    llama_cpp = pytest.importorskip("llama_cpp")
+    special = _demo_vocab_gguf(tmp_path / "vocab.gguf")
+    model = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(model.model)
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    tok = Tokenizer.from_folder(flashmoe_plugin.demo_model_path())
+    grammar = (GRAMMARS / name).read_text()
+    theirs = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    ours = Constraint(Grammar.gbnf(grammar, exact=exact), tok, n)
+    data = (llama_cpp.llama_token_data * n)()
+    rows = np.ctypeslib.as_array(data)
+    never_utf8 = np.array([len(b) == 1 and b[0] >= 0xF5 for b in (tok.token_bytes(i) for i in range(n))])
+    compared = ~never_utf8 & ~np.isin(np.arange(n), sorted(special))
+
+    def llama_cpp_allowed():
+        rows["id"], rows["logit"], rows["p"] = np.arange(n), 0.0, 0.0
+        arr = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(theirs, ctypes.byref(arr))
+        allowed = np.zeros(n, dtype=bool)
+        allowed[rows["id"]] = np.isfinite(rows["logit"])
+        return allowed
+
+    try:
+        ids = tok.encode(text, add_bos=False)
+        for t in ids:
+            a, b = ours.allowed(), llama_cpp_allowed()
+            assert (a == b)[compared].all(), [tok.token_bytes(i) for i in np.flatnonzero((a != b) & compared)][:8]
+            assert a[t] and b[t]
+            ours.accept(t)
+            llama_cpp.llama_sampler_accept(theirs, t)
+        assert llama_cpp_allowed()[0]  # complete: llama.cpp allows EOS
+        greedy_gap = name == "arithmetic.gbnf" and not exact  # the ident's `ws` ate the final newline
+        assert ours.allowed()[0] != greedy_gap
+    finally:
+        llama_cpp.llama_sampler_free(theirs)
+        model.close()
