@@ -13,6 +13,7 @@ from .. import kernels
 from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
+from ..models_path import resolve_model
 from ..sizes import available_ram, format_size, parse_size
 from ..store.format import Store
 from .host_compute import HostCompute
@@ -36,8 +37,8 @@ class Engine:
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
-                 pager_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+                 pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None):
+        self.store = store if isinstance(store, Store) else Store.open(resolve_model(store))
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -45,8 +46,11 @@ class Engine:
         self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
-        budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
-        opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
+        of = self.store.expert_bytes  # a budget of "50%" is half the experts' bytes
+        budget, host_budget = self._budgets(parse_size(ram_budget, of, "ram_budget"),
+                                            parse_size(vram_budget, of, "vram_budget"))
+        opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
+                "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
                                  direct_io=default_direct_io() if direct_io is None else direct_io, verify=verify, **opts)
         self.predictor = None
