@@ -205,7 +205,8 @@ class HybridDecoder(Decoder):
             out = out * torch.sigmoid(gate)
         return F.linear(out, w[p + "o.weight"])
 
-    def forward(self, tokens: torch.Tensor, start: int, kv: HybridCache, experts, last_only: bool = False):
+    def forward(self, tokens: torch.Tensor, start: int, kv: HybridCache, experts, last_only: bool = False,
+                hidden: bool = False):
         c, w = self.cfg, self.w
         kv.begin(start)
         x = F.embedding(tokens, w["embed.weight"])
@@ -223,4 +224,5 @@ class HybridDecoder(Decoder):
         kv.end(start + T, T)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
+        return x.float() if hidden else F.linear(x, self.lm_head).float()

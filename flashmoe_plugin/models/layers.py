@@ -295,7 +295,9 @@ class Decoder:
         return s
 
     # ------------------------------------------------------------------ whole model
-    def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
+        """Logits, or with hidden=True the final normalised hidden states (llama.cpp's embeddings)."""
         c, w = self.cfg, self.w
         x = F.embedding(tokens, w["embed.weight"])
         if c.embed_scale != 1.0:
@@ -307,5 +309,8 @@ class Decoder:
             x = x + self.ffn(i, x, experts)
         if last_only:
             x = x[-1:]
-        logits = F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
+        if hidden:
+            return x.float()
+        logits = F.linear(x, self.lm_head).float()
         return logits * c.logit_scale if c.logit_scale != 1.0 else logits

@@ -135,7 +135,9 @@ class Engine:
             self.forward(keep[at:], last_only=True)
 
     @torch.inference_mode()
-    def forward(self, tokens, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens, last_only: bool = False, hidden: bool = False) -> torch.Tensor:
+        """Logits of the new tokens (the last one only with last_only), or with hidden=True their
+        final normalised hidden states."""
         tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)]
         if not tokens:
             raise ValueError("forward() needs at least one token")
@@ -152,11 +154,11 @@ class Engine:
                 self.trace.begin(self.n_past, len(chunk))
             if self.predictor is not None:
                 self.predictor.end_sequence()
-            if len(chunk) == 1 and self.fast is not None:
+            if len(chunk) == 1 and self.fast is not None and not hidden:
                 logits = self.fast.step(chunk[0], self.n_past)
             else:
                 t = torch.tensor(chunk, dtype=torch.long, device=self.device)
-                logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
+                logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())
