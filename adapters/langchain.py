@@ -285,7 +285,7 @@ class ChatFlashMoE(_FlashMoEBase, BaseChatModel):
     def _get_ls_params(self, stop: Optional[List[str]] = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "flashmoe"
-        params["ls_model_name"] = self._model_name()
+        params["ls_model_name"] = kwargs.get("model") or self._model_name()
         if self.max_tokens is not None:
             params["ls_max_tokens"] = self.max_tokens
         if self.temperature is not None:

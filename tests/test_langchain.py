@@ -112,7 +112,7 @@ class TestChatFlashMoEStandard(ChatModelUnitTests):
 
     @property
     def chat_model_params(self):
-        return {"model_path": "demo", "temperature": 0, "max_tokens": 64}
+        return {"model_path": "demo", "temperature": 0}
 
     @property
     def has_tool_calling(self):
