@@ -31,6 +31,8 @@ import torch
 
 from flashmoe_plugin.runtime.generate import common_prefix, stop_holdback, utf8_complete
 
+from .chat import template_chat_handler
+
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
 # llama.cpp's names for our architectures (GGUF `general.architecture`), so `metadata` reads the same.
@@ -181,7 +183,7 @@ class Llama:
         self.chat_handler = chat_handler
         self._chat_handlers: Dict[str, Callable[..., Any]] = {}
         if tok.chat_template:
-            self._chat_handlers["chat_template.default"] = _template_chat_handler(
+            self._chat_handlers["chat_template.default"] = template_chat_handler(
                 tok.chat_template, bos_token=tok.bos_token if tok.bos_id is not None else "",
                 eos_token=tok.eos_token if tok.eos_id is not None else "")
             if self.chat_format is None and self.chat_handler is None:
@@ -365,7 +367,7 @@ class Llama:
 
     # ------------------------------------------------------------------ sampling
     def _params(self, top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty,
-                presence_penalty, logit_bias=None, seed=None):
+                presence_penalty, logit_bias=None, seed=None, mirostat_mode=0, mirostat_tau=5.0, mirostat_eta=0.1):
         from flashmoe_plugin.runtime.sampling import SamplingParams
         if temp < 0:  # llama.cpp: negative temperature = sample the full distribution
             temp, top_k, top_p, min_p, typical_p = 1.0, 0, 1.0, 0.0, 1.0
@@ -375,18 +377,20 @@ class Llama:
                               frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
                               penalty_last_n=self.last_n_tokens_size,
                               logit_bias={int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                              seed=None if seed == LLAMA_DEFAULT_SEED else int(seed))
+                              seed=None if seed == LLAMA_DEFAULT_SEED else int(seed),
+                              mirostat_mode=int(mirostat_mode or 0), mirostat_tau=float(mirostat_tau),
+                              mirostat_eta=float(mirostat_eta))
 
-    @staticmethod
-    def _unsupported(mirostat_mode=0, grammar=None):
-        if mirostat_mode:
-            raise NotImplementedError("mirostat sampling is not supported by flashmoe yet (use top_k/top_p/min_p)")
-        if grammar is not None:
-            raise NotImplementedError("grammar-constrained sampling is not supported by flashmoe yet")
+    def _constraint(self, grammar):
+        """A grammar (GBNF string, llama_cpp.LlamaGrammar, flashmoe Grammar) as a live constraint
+        on this model's vocabulary; the model's end-of-generation tokens count as its EOS."""
+        from flashmoe_plugin.runtime.constraints import Constraint, as_grammar
+        g = as_grammar(grammar)
+        return None if g is None else Constraint(g, self._tok, self._n_vocab, end_ids=self._eog)
 
-    def _make_sampler(self, params, logits_processor=None):
+    def _make_sampler(self, params, logits_processor=None, constraint=None):
         from flashmoe_plugin.runtime.sampling import Sampler
-        sampler = Sampler(params)
+        sampler = Sampler(params, constraint)
         if logits_processor is None:
             return sampler
 
@@ -407,10 +411,10 @@ class Llama:
         pos = n - 1 if idx is None else int(idx)
         if not self._row_ok[pos]:
             raise ValueError(f"no logits kept for position {pos} (create the Llama with logits_all=True)")
-        self._unsupported(mirostat_mode, grammar)
         sampler = self._make_sampler(
-            self._params(top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty, presence_penalty),
-            logits_processor)
+            self._params(top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty, presence_penalty,
+                         mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta),
+            logits_processor, self._constraint(grammar))
         return int(sampler(torch.from_numpy(self.scores[pos]), self._engine.tokens[: pos + 1]))
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -422,17 +426,18 @@ class Llama:
         """Endless stream of sampled tokens after `tokens` (the caller stops it). With reset=True
         the longest cached prefix is kept and only the rest is evaluated. `send(list)` appends
         extra tokens to evaluate after the yielded one, as in llama-cpp-python."""
-        self._unsupported(mirostat_mode, grammar)
         params = self._params(top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty,
-                              presence_penalty, logit_bias)
-        return self._generate(list(tokens), params, logits_processor, stopping_criteria, reset=reset)
+                              presence_penalty, logit_bias, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+                              mirostat_eta=mirostat_eta)
+        return self._generate(list(tokens), params, logits_processor, stopping_criteria, reset=reset,
+                              constraint=self._constraint(grammar))
 
     def _generate(self, tokens: list[int], params, logits_processor=None, stopping_criteria=None,
-                  reset: bool = True, rows: bool = False) -> Iterator[int]:
+                  reset: bool = True, rows: bool = False, constraint=None) -> Iterator[int]:
         tokens = [int(t) for t in tokens]
         if not tokens and (reset or self.n_tokens == 0):
             raise ValueError("generate() needs at least one prompt token")
-        sampler = self._make_sampler(params, logits_processor)
+        sampler = self._make_sampler(params, logits_processor, constraint)
         eng = self._engine
         if reset and self.n_tokens > 0:
             cached = eng.tokens
@@ -518,7 +523,7 @@ class Llama:
         """Checks everything up front (so a bad request raises at the call, streaming or not),
         then returns the iterator of chunk dicts (a single one when not streaming)."""
         self._check_open()
-        self._unsupported(mirostat_mode, grammar)
+        constraint = self._constraint(grammar)
         prompt_tokens, prompt_text, suffix_text = self._prompt_tokens(prompt, suffix)
         if not prompt_tokens:
             raise ValueError("empty prompt and the model has no BOS token to start from")
@@ -539,12 +544,14 @@ class Llama:
             base = self._seed if self._seed != LLAMA_DEFAULT_SEED else random.getrandbits(32)
             self.set_seed(random.Random(base).randint(0, 2**32))
         params = self._params(top_k, top_p, min_p, typical_p, temperature, repeat_penalty, frequency_penalty,
-                              presence_penalty, logit_bias)
+                              presence_penalty, logit_bias, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+                              mirostat_eta=mirostat_eta)
         if self.cache is not None:
             self._maybe_load_cached(prompt_tokens)
         request = dict(prompt_tokens=prompt_tokens, prompt_text=prompt_text, suffix_text=suffix_text,
                        max_tokens=max_tokens, stops=stops, logprobs=logprobs, echo=echo, stream=stream,
                        params=params, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                       constraint=constraint,
                        model=model if model is not None else self.model_path)
         return self._completion_chunks(**request)
 
@@ -558,7 +565,7 @@ class Llama:
             self.load_state(item)
 
     def _completion_chunks(self, prompt_tokens, prompt_text, suffix_text, max_tokens, stops, logprobs, echo,
-                           stream, params, logits_processor, stopping_criteria, model) -> Iterator[dict]:
+                           stream, params, logits_processor, stopping_criteria, model, constraint=None) -> Iterator[dict]:
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
         n_prompt = len(prompt_tokens)
         bos = self.token_bos()
@@ -591,7 +598,8 @@ class Llama:
         ends: list[int] = []            # byte end of each completion token in buf
         buf, emitted, reported = b"", 0, 0
         finish, t_first, finished = "length", None, False
-        gen = self._generate(prompt_tokens, params, logits_processor, stopping_criteria, rows=want_rows)
+        gen = self._generate(prompt_tokens, params, logits_processor, stopping_criteria, rows=want_rows,
+                             constraint=constraint)
         try:
             if stream and echo and prompt_text:
                 yield chunk(prompt_text)
@@ -831,73 +839,3 @@ class Llama:
 
     def __setstate__(self, state):
         self.__init__(**state)
-
-
-# ---------------------------------------------------------------------- chat handler
-def _template_chat_handler(template: str, bos_token: str, eos_token: str):
-    """A llama-cpp-python style chat handler over the store's jinja template (rendered by the
-    core's sandboxed renderer): template -> tokens (special=True, no extra BOS) -> completion with
-    the template's end token as stop -> chat dicts, as llama_chat_format's Jinja2ChatFormatter
-    handler does. Tool calls are not parsed yet (tools are passed to the template only)."""
-
-    def handler(*, llama: Llama, messages, functions=None, function_call=None, tools=None, tool_choice=None,
-                temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0, stream=False, stop=[],
-                seed=None, response_format=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                repeat_penalty=1.0, tfs_z=1.0, mirostat_mode=0, mirostat_tau=5.0, mirostat_eta=0.1, model=None,
-                logits_processor=None, grammar=None, logit_bias=None, logprobs=None, top_logprobs=None, **kwargs):
-        from flashmoe_plugin.runtime.chat import render
-
-        if response_format is not None and response_format.get("type") not in (None, "text"):
-            raise NotImplementedError("response_format json_object/json_schema needs grammar sampling, "
-                                      "which flashmoe does not support yet")
-        if functions is not None and tools is None:
-            tools = [{"type": "function", "function": f} for f in functions]
-        extra = {k: v for k, v in dict(tools=tools, tool_choice=tool_choice, functions=functions,
-                                      function_call=function_call).items() if v is not None}
-        prompt = render(template, list(messages), add_generation_prompt=True, bos_token=bos_token,
-                        eos_token=eos_token, **extra, **kwargs)
-        ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-        if eos_token:
-            stop = stop + [eos_token]
-        # differs: logprobs=True without top_logprobs still returns the chosen tokens' logprobs
-        n_logprobs = (top_logprobs or 0) if logprobs else None
-        completion = llama.create_completion(
-            prompt=ids, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-            logprobs=n_logprobs, stream=stream, stop=stop, seed=seed, max_tokens=max_tokens,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
-            tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-            model=model, logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
-        return _chat_chunks(completion) if stream else _chat_completion(completion)
-
-    return handler
-
-
-def _chat_logprobs(lp):
-    if lp is None:
-        return None
-    return {"content": [{"token": token, "bytes": None, "logprob": value,
-                         "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in (top or {}).items()]}
-                        for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])],
-            "refusal": None}
-
-
-def _chat_completion(c: dict) -> dict:
-    choice = c["choices"][0]
-    return {"id": "chat" + c["id"], "object": "chat.completion", "created": c["created"], "model": c["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                         "logprobs": _chat_logprobs(choice["logprobs"]), "finish_reason": choice["finish_reason"]}],
-            "usage": c["usage"]}
-
-
-def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
-    for i, c in enumerate(chunks):
-        head = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"], "object": "chat.completion.chunk"}
-        if i == 0:
-            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                        "finish_reason": None}]}
-        choice = c["choices"][0]
-        yield {**head, "choices": [{"index": 0,
-                                    "delta": {"content": choice["text"]} if choice["finish_reason"] is None else {},
-                                    "logprobs": _chat_logprobs(choice["logprobs"]),
-                                    "finish_reason": choice["finish_reason"]}]}

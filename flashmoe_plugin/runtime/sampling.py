@@ -1,8 +1,10 @@
-"""Token sampling in llama.cpp's order: logit bias, penalties, top-k, typical, top-p, min-p,
-temperature, then a draw from a seeded generator (same seed and inputs -> same tokens).
+"""Token sampling in llama.cpp's order: logit bias, penalties, the grammar's mask (a
+runtime.constraints.Constraint), then top-k, typical, top-p, min-p, temperature and a draw from
+a seeded generator (same seed and inputs -> same tokens), or mirostat 1/2 in their place.
 Temperature <= 0 is greedy."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -22,14 +24,27 @@ class SamplingParams:
     penalty_last_n: int = 64
     logit_bias: dict | None = None
     seed: int | None = None
+    mirostat_mode: int = 0          # 1 or 2: llama.cpp's mirostat samplers instead of top-k..temperature
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint=None):
+        if params.mirostat_mode not in (0, 1, 2):
+            raise ValueError(f"mirostat_mode must be 0, 1 or 2, not {params.mirostat_mode}")
         self.p = params
+        self.constraint = constraint
+        self.mu = 2.0 * params.mirostat_tau  # mirostat's running surprise bound
         self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        tok = self._pick(logits, history)
+        if self.constraint is not None:
+            self.constraint.accept(tok)
+        return tok
+
+    def _pick(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.p
         x = logits.detach().float().cpu().clone()
         if p.logit_bias:
@@ -43,8 +58,12 @@ class Sampler:
                 v = torch.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
             v = v - counts.float() * p.frequency_penalty - p.presence_penalty
             x[ids] = v
+        if self.constraint is not None:
+            self.constraint.mask(x)
         if p.temperature <= 0:
             return int(torch.argmax(x))
+        if p.mirostat_mode:
+            return self._mirostat(x)
         if 0 < p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
             x[x < kth] = -float("inf")
@@ -60,6 +79,35 @@ class Sampler:
             x[probs < p.min_p * probs.max()] = -float("inf")
         probs = torch.softmax(x / p.temperature, -1)
         return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+    def _mirostat(self, x: torch.Tensor) -> int:
+        """llama.cpp's llama_sampler_mirostat (v1, m = 100) and mirostat_v2 on raw logits (no
+        temperature, as llama-cpp-python chains them); mu is kept across the generation's tokens."""
+        p = self.p
+        probs, order = torch.sort(torch.softmax(x, -1), descending=True)
+        if p.mirostat_mode == 1:
+            m, n = 100, int(torch.isfinite(x).sum())
+            k = min(m - 1, n - 1)
+            if k > 0:
+                t = torch.log(torch.arange(2, k + 2, dtype=torch.float64) / torch.arange(1, k + 1, dtype=torch.float64))
+                b = torch.log(probs[:k].double() / probs[1:k + 1].double())
+                s_hat = float((t * b).sum() / (t * t).sum())
+            else:
+                s_hat = 1.0
+            eps = s_hat - 1
+            try:
+                kk = ((eps * 2 ** self.mu) / (1 - x.numel() ** -eps)) ** (1 / s_hat)
+            except (ZeroDivisionError, OverflowError):
+                kk = float(x.numel())
+            keep = max(int(kk) if math.isfinite(kk) else x.numel(), 1)
+        else:
+            keep = max(int((-torch.log2(probs) <= self.mu).long().cumprod(0).sum()), 1)
+        kept = probs[:keep] / probs[:keep].sum()
+        i = int(torch.multinomial(kept, 1, generator=self.gen))
+        surprise = -math.log2(float(kept[i]))
+        self.mu -= p.mirostat_eta * (surprise - p.mirostat_tau)
+        return int(order[i])
 
 
 def _typical(x: torch.Tensor, mass: float) -> torch.Tensor:
