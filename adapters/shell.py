@@ -61,6 +61,28 @@ def _size(n: float) -> str:
     return format_size(n)
 
 
+class _EchoOff:
+    """Terminal echo off while a reply streams (Ctrl-C still signals: only ECHO is cleared)."""
+
+    def __init__(self):
+        self.saved = None
+        try:
+            import termios
+            if sys.stdin.isatty():
+                fd = sys.stdin.fileno()
+                self.saved = termios.tcgetattr(fd)
+                quiet = list(self.saved)
+                quiet[3] &= ~termios.ECHO
+                termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        except (ImportError, OSError, ValueError):
+            self.saved = None
+
+    def restore(self):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self.saved)
+
+
 class _Stop(Exception):
     """Raised inside the sampler once Ctrl-C asked the reply to stop."""
 
@@ -142,6 +164,7 @@ class ChatShell:
         previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
         if previous is not None:
             signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        echo = _EchoOff()  # keys typed during a reply wait for the next prompt instead of landing in it
         try:
             with watch() as w:
                 self.last = w
@@ -165,6 +188,7 @@ class ChatShell:
             self.say(f"\n[error: {e}]")
             return
         finally:
+            echo.restore()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         self.messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -231,3 +231,17 @@ def test_concurrent_streams_and_disconnects(server):
     assert health["status"] == "ok" and not health["busy"] and health["queued"] == 0
     again = server.client.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0)
     assert again.choices[0].text == want
+
+
+def test_non_streaming_client_that_leaves_stops_its_generation(server):
+    engine = server.app.state.engine
+    wait_idle(engine)
+    before = len(engine.history)
+    body = {"model": "demo", "prompt": "The history of the city", "max_tokens": 250, "temperature": 0,
+            "logit_bias": {str(server.llm.token_eos()): -100}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    wait_idle(engine)
+    (run,) = list(engine.history)[before:]
+    assert run["outcome"] == "cancelled" and run["completion_tokens"] < 250, run
+    assert httpx.get(server.url + "/health").json()["generations"]["cancelled"] >= 1
