@@ -13,7 +13,7 @@ class TestChatFlashMoEIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self):
-        return {"model_path": "demo", "n_ctx": 2048, "temperature": 0, "max_tokens": 48}
+        return {"model_path": "demo", "n_ctx": 2048, "temperature": 0, "max_tokens": 128}
 
     @property
     def has_tool_calling(self):
