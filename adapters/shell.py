@@ -167,7 +167,6 @@ class ChatShell:
         echo = _EchoOff()  # keys typed during a reply wait for the next prompt instead of landing in it
         try:
             with watch() as w:
-                self.last = w
                 stream = self.llm.create_chat_completion(
                     messages=self.conversation(), stream=True, max_tokens=self.max_tokens,
                     temperature=self.temperature, seed=self.seed, logits_processor=LogitsProcessorList([check]))
@@ -192,7 +191,8 @@ class ChatShell:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
-        w = self.last
+        if w.tokens:
+            self.last = w  # the toolbar and /stats show the last reply that produced tokens
         self.say(("\n[stopped]" if stopped else "") + f"\n[{w.tokens} tokens, {w.tokens_per_second:.1f} tok/s]")
 
     # ------------------------------------------------------------------ slash commands
