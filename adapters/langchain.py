@@ -39,7 +39,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .telemetry import watch
+from .telemetry import GenerationWatch, watch, watched
 
 _LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -326,9 +326,12 @@ class ChatFlashMoE(_FlashMoEBase, BaseChatModel):
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         llama = self._llama()
         request = self._request(messages, stop, kwargs)
-        with _lock_of(llama), watch() as w:
+        w = GenerationWatch()  # usage of this stream, whichever threads advance it
+        with _lock_of(llama):
+            with watch(into=w):
+                stream = llama.create_chat_completion(stream=True, **request)
             finish, model, cid = None, None, None
-            for part in llama.create_chat_completion(stream=True, **request):
+            for part in watched(stream, w):
                 cid, model = part.get("id"), part.get("model")
                 if not part.get("choices"):
                     continue

@@ -99,13 +99,28 @@ def _ensure_registered():
 
 
 @contextmanager
-def watch(on_token: Optional[Callable[[GenerationWatch, dict], None]] = None) -> Iterator[GenerationWatch]:
-    """Collect the engine's per-token and end-of-generation figures of this thread's generations."""
+def watch(on_token: Optional[Callable[[GenerationWatch, dict], None]] = None,
+          into: Optional[GenerationWatch] = None) -> Iterator[GenerationWatch]:
+    """Collect the engine's per-token and end-of-generation figures of this thread's generations
+    (into `into` when given: a stream that different threads advance, as LangChain's async paths
+    do, attaches its one watch around each step instead of across its yields)."""
     _ensure_registered()
-    w = GenerationWatch(on_token)
+    w = into if into is not None else GenerationWatch(on_token)
     local = _RECORDER.local
     local.watches = getattr(local, "watches", ()) + (w,)
     try:
         yield w
     finally:
         local.watches = tuple(x for x in local.watches if x is not w)
+
+
+def watched(iterator, w: GenerationWatch):
+    """Iterate `iterator` with `w` attached to whichever thread runs each step."""
+    iterator = iter(iterator)
+    while True:
+        with watch(into=w):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item

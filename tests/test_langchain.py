@@ -1,5 +1,7 @@
 """LangChain classes over the demo model: what they return is what the same `Llama` returns, and
 langchain-tests' standard unit tests for chat models pass for ChatFlashMoE."""
+import asyncio
+
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -57,6 +59,15 @@ def test_chat_invoke_usage_stream(llama):
         total += c
     assert total.content == out.content and "".join(cb.tokens) == out.content
     assert total.usage_metadata == out.usage_metadata
+
+    async def astream():  # LangChain advances a sync stream from executor threads here
+        parts = [c async for c in chat.astream(messages)]
+        agg = parts[0]
+        for c in parts[1:]:
+            agg += c
+        return agg
+    agg = asyncio.run(astream())
+    assert agg.content == out.content and agg.usage_metadata == out.usage_metadata
     assert ChatFlashMoE(client=llama, max_tokens=12, temperature=0, streaming=True).invoke(messages).content == out.content
 
 
