@@ -251,7 +251,7 @@ def _tool_choice(tool_choice, tools: list) -> Any:
     if tool_choice is None or isinstance(tool_choice, dict):
         return tool_choice
     if tool_choice is True or tool_choice == "any":
-        if tool_choice is True and len(tools) == 1:
+        if len(tools) == 1:  # as ChatLlamaCpp: force that tool, one call
             return {"type": "function", "function": {"name": tools[0]["function"]["name"]}}
         return "required"
     if tool_choice is False:
@@ -367,7 +367,8 @@ class ChatFlashMoE(_FlashMoEBase, BaseChatModel):
                    tool_choice: Optional[Union[dict, str, Literal["auto", "any", "none", "required"], bool]] = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, BaseMessage]:
         """Bind tools (OpenAI tool dicts, pydantic classes, functions or BaseTools); tool_choice
-        "auto" | "any"/"required" | "none" | a tool's name | True (the only tool)."""
+        "auto" | "required" | "none" | a tool's name | "any"/True ("required"; with one tool, that
+        tool, as ChatLlamaCpp does)."""
         formatted = [convert_to_openai_tool(t) for t in tools]
         choice = _tool_choice(tool_choice, formatted)
         if choice is not None:
