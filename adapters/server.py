@@ -124,7 +124,8 @@ def _parse(cls, raw: bytes):
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None
-        got = f" (got {first['input']!r})" if "input" in first and field else ""
+        shown = repr(first.get("input"))
+        got = f" (got {shown})" if first["type"] != "missing" and field and len(shown) <= 80 else ""
         raise APIError(400, f"{field or 'body'}: {first['msg']}{got}", param=field) from None
 
 
@@ -300,7 +301,7 @@ def _api_error_of(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, NotImplementedError):
         return APIError(501, str(exc) or "not implemented by flashmoe", type="not_implemented_error")
-    if isinstance(exc, (ValueError, TypeError, KeyError)):
+    if isinstance(exc, ValueError):  # the Llama's checks of a request (context, template, schema, ...)
         return APIError(400, str(exc))
     log.error("generation failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
