@@ -6,6 +6,11 @@
     for chunk in llm.create_chat_completion(messages, stream=True): ...
     llm.eval(llm.tokenize(b"Hello")); llm.scores[llm.n_tokens - 1]
 
+The class is split by concept: this file (construction, model facts, tokens, state, the public
+create_* calls), generation.py (sampling, generate, the token loop), completion.py (completion
+chunks), chat.py (the template chat handler, tools, response_format), surface.py (tokenizer
+object, openai types, from_pretrained, embeddings).
+
 Everything here goes through the core's public API (Engine, Tokenizer, Sampler, chat.render,
 the plugin manager's hooks); llama-cpp-python itself is never needed, except to use one of its
 named `chat_format`s or a `chat_handler` object, which are called exactly as llama-cpp-python
@@ -19,21 +24,21 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from flashmoe_plugin.runtime.generate import common_prefix, stop_holdback, utf8_complete
+from flashmoe_plugin.runtime.generate import common_prefix
 
 from .chat import template_chat_handler
+from .completion import Completions
+from .generation import LLAMA_DEFAULT_SEED, Generation
+from .surface import DropInSurface
 
-LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
 # llama.cpp's names for our architectures (GGUF `general.architecture`), so `metadata` reads the same.
 _GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
@@ -41,10 +46,6 @@ _GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3mo
 # Special tokens llama.cpp treats as end-of-generation (llama-vocab.cpp) besides EOS itself.
 _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
               "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "<|end_of_text|>")
-
-# Fill-in-the-middle special tokens: (prefix, suffix, middle), tried in order.
-_FIM = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-        ("<PRE>", "<SUF>", "<MID>"))
 
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
@@ -100,17 +101,7 @@ def _llama_float(x: float) -> str:
     return f"{float(x):f}"  # std::to_string, as llama.cpp prints float metadata
 
 
-def _logprobs_of(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32, copy=False)
-    m = np.max(x)
-    if not np.isfinite(m):
-        m = 0.0
-    z = x - m
-    with np.errstate(divide="ignore"):
-        return z - np.log(np.sum(np.exp(z)))
-
-
-class Llama:
+class Llama(Completions, Generation, DropInSurface):
     """A flashmoe expert store behind llama-cpp-python's `Llama` interface."""
 
     def __init__(
@@ -365,330 +356,6 @@ class Llama:
         self._engine.tokens = [int(t) for t in state.input_ids[:n]]
         self._seed = state.seed
 
-    # ------------------------------------------------------------------ sampling
-    def _params(self, top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty,
-                presence_penalty, logit_bias=None, seed=None, mirostat_mode=0, mirostat_tau=5.0, mirostat_eta=0.1):
-        from flashmoe_plugin.runtime.sampling import SamplingParams
-        if temp < 0:  # llama.cpp: negative temperature = sample the full distribution
-            temp, top_k, top_p, min_p, typical_p = 1.0, 0, 1.0, 0.0, 1.0
-        seed = self._seed if seed is None else seed
-        return SamplingParams(temperature=float(temp), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
-                              typical_p=float(typical_p), repeat_penalty=float(repeat_penalty),
-                              frequency_penalty=float(frequency_penalty), presence_penalty=float(presence_penalty),
-                              penalty_last_n=self.last_n_tokens_size,
-                              logit_bias={int(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                              seed=None if seed == LLAMA_DEFAULT_SEED else int(seed),
-                              mirostat_mode=int(mirostat_mode or 0), mirostat_tau=float(mirostat_tau),
-                              mirostat_eta=float(mirostat_eta))
-
-    def _constraint(self, grammar):
-        """A grammar (GBNF string, llama_cpp.LlamaGrammar, flashmoe Grammar) as a live constraint
-        on this model's vocabulary; the model's end-of-generation tokens count as its EOS."""
-        from flashmoe_plugin.runtime.constraints import Constraint, as_grammar
-        g = as_grammar(grammar)
-        return None if g is None else Constraint(g, self._tok, self._n_vocab, end_ids=self._eog)
-
-    def _make_sampler(self, params, logits_processor=None, constraint=None):
-        from flashmoe_plugin.runtime.sampling import Sampler
-        sampler = Sampler(params, constraint)
-        if logits_processor is None:
-            return sampler
-
-        def sample(logits: torch.Tensor, history: list[int]) -> int:
-            row = logits.float().numpy().copy()
-            row = logits_processor(np.asarray(history, dtype=np.intc), row)
-            return sampler(torch.from_numpy(np.asarray(row, dtype=np.float32)), history)
-        return sample
-
-    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
-               temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
-               presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
-               mirostat_eta: float = 0.1, mirostat_tau: float = 5.0, penalize_nl: bool = True,
-               logits_processor=None, grammar=None, idx: Optional[int] = None) -> int:
-        """Sample the next token from the logits of the last evaluated position (or `idx`)."""
-        n = self.n_tokens
-        assert n > 0, "sample() needs evaluated tokens (call eval first)"
-        pos = n - 1 if idx is None else int(idx)
-        if not self._row_ok[pos]:
-            raise ValueError(f"no logits kept for position {pos} (create the Llama with logits_all=True)")
-        sampler = self._make_sampler(
-            self._params(top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty, presence_penalty,
-                         mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta),
-            logits_processor, self._constraint(grammar))
-        return int(sampler(torch.from_numpy(self.scores[pos]), self._engine.tokens[: pos + 1]))
-
-    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
-                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
-                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                 penalize_nl: bool = True, logits_processor=None, stopping_criteria=None, grammar=None,
-                 logit_bias: Optional[Dict[int, float]] = None):
-        """Endless stream of sampled tokens after `tokens` (the caller stops it). With reset=True
-        the longest cached prefix is kept and only the rest is evaluated. `send(list)` appends
-        extra tokens to evaluate after the yielded one, as in llama-cpp-python."""
-        params = self._params(top_k, top_p, min_p, typical_p, temp, repeat_penalty, frequency_penalty,
-                              presence_penalty, logit_bias, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-                              mirostat_eta=mirostat_eta)
-        return self._generate(list(tokens), params, logits_processor, stopping_criteria, reset=reset,
-                              constraint=self._constraint(grammar))
-
-    def _generate(self, tokens: list[int], params, logits_processor=None, stopping_criteria=None,
-                  reset: bool = True, rows: bool = False, constraint=None) -> Iterator[int]:
-        tokens = [int(t) for t in tokens]
-        if not tokens and (reset or self.n_tokens == 0):
-            raise ValueError("generate() needs at least one prompt token")
-        sampler = self._make_sampler(params, logits_processor, constraint)
-        eng = self._engine
-        if reset and self.n_tokens > 0:
-            cached = eng.tokens
-            keep = self.longest_token_prefix(cached, tokens)
-            if rows:  # rows of the kept prefix must exist too (echo with logprobs)
-                missing = np.flatnonzero(~self._row_ok[:keep])
-                keep = int(missing[0]) if len(missing) else keep
-            if keep == len(tokens) == len(cached) and self._row_ok[keep - 1]:
-                tokens = []  # exactly the cached context, logits at hand: sample right away
-            else:
-                keep = min(keep, len(tokens) - 1)  # re-evaluate at least one token for fresh logits
-                eng.truncate(keep)
-                tokens = tokens[keep:]
-            reset = False
-        if reset:
-            self.reset()
-        hooks = self._hooks
-        while True:
-            before = eng.pager.stats.snapshot()
-            t0 = time.perf_counter()
-            if tokens:
-                self._rows_wanted = rows
-                try:
-                    self.eval(tokens)
-                finally:
-                    self._rows_wanted = False
-            pos = self.n_tokens - 1
-            token = int(sampler(torch.from_numpy(self.scores[pos]), eng.tokens))
-            stats = eng.pager.stats.delta(before)
-            stats.update(token=token, n_past=self.n_tokens, seconds=time.perf_counter() - t0)
-            hooks.on_token(stats=stats)
-            if stopping_criteria is not None:
-                ids = np.append(self.input_ids[: self.n_tokens], np.intc(token))
-                if stopping_criteria(ids, self.scores[pos]):
-                    return
-            extra = yield token
-            tokens = [token] + [int(t) for t in (extra or [])]
-
-    # ------------------------------------------------------------------ completions
-    def _prompt_tokens(self, prompt: Union[str, List[int]], suffix: Optional[str]):
-        """(tokens, prompt text, suffix text to append): llama-cpp-python tokenizes a str prompt
-        with special=True and BOS as the model wants; a token list is taken as is."""
-        tok = self._tok
-        if isinstance(prompt, str):
-            if suffix is not None:
-                fim = self._fim_ids()
-                if fim:
-                    pre, suf, mid = fim
-                    ids = ([tok.bos_id] if tok.add_bos else []) + [pre] + tok.encode(prompt, add_bos=False) \
-                        + [suf] + tok.encode(suffix, add_bos=False) + [mid]
-                    return ids, prompt, None
-            ids = tok.encode(prompt, add_bos=True, special=True) if prompt else (
-                [tok.bos_id] if tok.bos_id is not None else [])
-            return ids, prompt, suffix
-        ids = [int(t) for t in prompt]
-        return ids, self.detokenize(ids).decode("utf-8", errors="ignore"), suffix
-
-    def _fim_ids(self):
-        for names in _FIM:
-            ids = [self._tok.encode(n, add_bos=False, special=True) for n in names]
-            if all(len(i) == 1 for i in ids) and all(self._tok.decode(i) == b"" for i in ids):
-                return [i[0] for i in ids]
-        return None
-
-    def _top_logprobs(self, pos: int, token: int, k: int):
-        """(logprob of token, {text: logprob} of the k likeliest tokens plus token) at position pos."""
-        lp = _logprobs_of(self.scores[pos])
-        text = lambda i: self.detokenize([int(i)]).decode("utf-8", errors="ignore")  # noqa: E731
-        top: Dict[str, float] = {}
-        if k > 0:
-            k = min(k, lp.shape[0])
-            best = np.argpartition(-lp, k - 1)[:k]
-            for i in best[np.argsort(-lp[best], kind="stable")]:
-                top[text(i)] = float(lp[i])
-        top[text(token)] = float(lp[token])
-        return float(lp[token]), top
-
-    def _create_completion(self, prompt, suffix=None, max_tokens=16, temperature=0.8, top_p=0.95, min_p=0.05,
-                           typical_p=1.0, logprobs=None, echo=False, stop=None, frequency_penalty=0.0,
-                           presence_penalty=0.0, repeat_penalty=1.0, top_k=40, stream=False, seed=None,
-                           tfs_z=1.0, mirostat_mode=0, mirostat_tau=5.0, mirostat_eta=0.1, model=None,
-                           stopping_criteria=None, logits_processor=None, grammar=None, logit_bias=None):
-        """Checks everything up front (so a bad request raises at the call, streaming or not),
-        then returns the iterator of chunk dicts (a single one when not streaming)."""
-        self._check_open()
-        constraint = self._constraint(grammar)
-        prompt_tokens, prompt_text, suffix_text = self._prompt_tokens(prompt, suffix)
-        if not prompt_tokens:
-            raise ValueError("empty prompt and the model has no BOS token to start from")
-        if len(prompt_tokens) >= self._n_ctx:
-            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
-        bad = [t for t in prompt_tokens if not 0 <= t < self._n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary (0..{self._n_vocab - 1})")
-        room = self._n_ctx - len(prompt_tokens)
-        max_tokens = room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
-        stop = stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []
-        stops = [s.encode("utf-8") for s in stop if s]
-        if logprobs is not None and int(logprobs) < 0:
-            raise ValueError("logprobs must be a non-negative number of top tokens")
-        if seed is not None:
-            self.set_seed(seed)
-        else:  # llama-cpp-python's seed chain: the next seed derives from the current one
-            base = self._seed if self._seed != LLAMA_DEFAULT_SEED else random.getrandbits(32)
-            self.set_seed(random.Random(base).randint(0, 2**32))
-        params = self._params(top_k, top_p, min_p, typical_p, temperature, repeat_penalty, frequency_penalty,
-                              presence_penalty, logit_bias, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-                              mirostat_eta=mirostat_eta)
-        if self.cache is not None:
-            self._maybe_load_cached(prompt_tokens)
-        request = dict(prompt_tokens=prompt_tokens, prompt_text=prompt_text, suffix_text=suffix_text,
-                       max_tokens=max_tokens, stops=stops, logprobs=logprobs, echo=echo, stream=stream,
-                       params=params, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                       constraint=constraint,
-                       model=model if model is not None else self.model_path)
-        return self._completion_chunks(**request)
-
-    def _maybe_load_cached(self, prompt_tokens):
-        try:
-            item = self.cache[prompt_tokens]
-        except KeyError:
-            return
-        prefix = self.longest_token_prefix
-        if prefix(item.input_ids[: item.n_tokens].tolist(), prompt_tokens) > prefix(self._engine.tokens, prompt_tokens):
-            self.load_state(item)
-
-    def _completion_chunks(self, prompt_tokens, prompt_text, suffix_text, max_tokens, stops, logprobs, echo,
-                           stream, params, logits_processor, stopping_criteria, model, constraint=None) -> Iterator[dict]:
-        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-        n_prompt = len(prompt_tokens)
-        bos = self.token_bos()
-        want_rows = logprobs is not None and echo
-
-        def chunk(text, lp=None, finish=None):
-            return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
-
-        def lp_dict(positions_tokens, base_offset, prefix_bytes):
-            """llama-cpp's CompletionLogprobs for (position, token) pairs; text offsets in characters."""
-            out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-            before = prefix_bytes
-            for pos, t in positions_tokens:
-                out["tokens"].append(self.detokenize([t]).decode("utf-8", errors="ignore"))
-                out["text_offset"].append(base_offset + len(before.decode("utf-8", errors="ignore")))
-                if pos <= 0:  # the first token of an echoed prompt has nothing before it
-                    out["token_logprobs"].append(None)
-                    out["top_logprobs"].append(None)
-                else:
-                    value, top = self._top_logprobs(pos - 1, t, int(logprobs))
-                    out["token_logprobs"].append(value)
-                    out["top_logprobs"].append(top)
-                before += self._tok.token_bytes(t)
-            return out
-
-        t_start = time.perf_counter()
-        before = self._engine.pager.stats.snapshot()
-        completion: list[int] = []
-        ends: list[int] = []            # byte end of each completion token in buf
-        buf, emitted, reported = b"", 0, 0
-        finish, t_first, finished = "length", None, False
-        gen = self._generate(prompt_tokens, params, logits_processor, stopping_criteria, rows=want_rows,
-                             constraint=constraint)
-        try:
-            if stream and echo and prompt_text:
-                yield chunk(prompt_text)
-            for tok in gen:
-                if t_first is None:
-                    t_first = time.perf_counter() - t_start
-                if tok in self._eog:
-                    finish = "stop"
-                    break
-                completion.append(tok)
-                start = max(0, len(buf) - max((len(s) for s in stops), default=1) + 1)
-                buf += self._tok.token_bytes(tok)
-                ends.append(len(buf))
-                hits = [i for i in (buf.find(s, start) for s in stops) if i >= 0]
-                if hits:
-                    buf, finish = buf[: min(hits)], "stop"
-                    break
-                if stream:
-                    safe = utf8_complete(buf, len(buf) - stop_holdback(buf, stops))
-                    text = buf[emitted:safe].decode("utf-8", errors="ignore")
-                    if not text:  # special tokens or stray bytes: nothing to show yet
-                        emitted = max(emitted, safe)
-                    elif safe > emitted:
-                        lp = None
-                        if logprobs is not None:
-                            done = [i for i in range(reported, len(completion)) if ends[i] <= safe]
-                            lp = lp_dict([(n_prompt + i, completion[i]) for i in done], len(prompt_text),
-                                         buf[: ends[reported - 1]] if reported else b"")
-                            reported += len(done)
-                        yield chunk(text, lp)
-                        emitted = safe
-                if len(completion) >= max_tokens:
-                    break
-            else:
-                finish = "stop"  # a stopping criterion ended the stream
-            finished = True
-        finally:  # also when a stream is abandoned (finish_reason None in the stats then)
-            gen.close()
-            self._generation_end(n_prompt, len(completion), finish if finished else None,
-                                 time.perf_counter() - t_start, t_first, before)
-        if self.cache is not None:
-            self.cache[prompt_tokens + completion] = self.save_state()
-
-        if stream:
-            text = buf[emitted:].decode("utf-8", errors="ignore")
-            if text or (logprobs is not None and reported < len(completion)):
-                lp = None
-                if logprobs is not None:
-                    lp = lp_dict([(n_prompt + i, completion[i]) for i in range(reported, len(completion))],
-                                 len(prompt_text), buf[: ends[reported - 1]] if reported else b"")
-                yield chunk(text, lp)
-            if suffix_text:
-                yield chunk(suffix_text)
-            yield chunk("", None, finish)
-            return
-
-        text = buf.decode("utf-8", errors="ignore")
-        if echo:
-            text = prompt_text + text
-        if suffix_text:
-            text += suffix_text  # no FIM tokens in this vocabulary: llama-cpp-python's fallback
-        lp = None
-        if logprobs is not None:
-            if echo:
-                first = 1 if prompt_tokens[0] == bos else 0
-                pairs = [(p, prompt_tokens[p]) for p in range(first, n_prompt)]
-                pairs = [(p if p > first else 0, t) for p, t in pairs]  # OpenAI: the first has no logprob
-                pairs += [(n_prompt + i, t) for i, t in enumerate(completion)]
-                lp = lp_dict(pairs, 0, b"")
-            else:
-                lp = lp_dict([(n_prompt + i, t) for i, t in enumerate(completion)], len(prompt_text), b"")
-        out = chunk(text, lp, finish)
-        out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": len(completion),
-                        "total_tokens": n_prompt + len(completion)}
-        yield out
-
-    def _generation_end(self, n_prompt, n_completion, finish, seconds, t_first, before):
-        stats = self._engine.pager.stats.delta(before)
-        decode_s = max(seconds - (t_first or 0.0), 1e-9)
-        stats.update(prompt_tokens=n_prompt, completion_tokens=n_completion, finish_reason=finish,
-                     seconds=seconds, time_to_first_token=t_first,
-                     tokens_per_second=(n_completion - 1) / decode_s if n_completion > 1 else 0.0,
-                     model=self.model_path)
-        self._hooks.on_generation_end(stats=stats)
-        if self.verbose:
-            print(f"flashmoe: {n_prompt} prompt + {n_completion} tokens in {seconds:.2f} s "
-                  f"({stats['tokens_per_second']:.1f} tok/s) | experts: {stats['hits']} hits, {stats['misses']} misses, "
-                  f"{stats['bytes_read'] / 2**20:.1f} MiB read", file=sys.stderr)
-
     def create_completion(
         self,
         prompt: Union[str, List[int]],
@@ -791,12 +458,6 @@ class Llama:
         return llama_chat_format.get_chat_completion_handler(self.chat_format)
 
     # ------------------------------------------------------------------ misc
-    def create_embedding(self, input, model=None):
-        raise NotImplementedError("embeddings are not supported by flashmoe (it runs causal LMs)")
-
-    def embed(self, input, *args, **kwargs):
-        raise NotImplementedError("embeddings are not supported by flashmoe (it runs causal LMs)")
-
     @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
         x = np.asarray(logits, dtype=np.float32)

@@ -2,7 +2,7 @@
 
     POST /v1/completions        text completion (SSE with "stream": true)
     POST /v1/chat/completions   chat, tools / tool_choice / response_format passed to the Llama
-    POST /v1/embeddings         the Llama's embeddings, or 501 where the model has none
+    POST /v1/embeddings         the Llama's embeddings (501 where a Llama has none)
     GET  /v1/models             the one model served
     GET  /health                liveness, queue depth, generations completed/cancelled/failed
 
@@ -109,7 +109,7 @@ class ChatCompletionRequest(_Sampling):
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
-    input: Union[str, List[str], List[int], List[List[int]]]
+    input: Union[str, List[str]]  # texts (token-id inputs are not taken)
 
 
 def _parse(cls, raw: bytes):

@@ -86,16 +86,23 @@ def bench_llguidance(tok, n_vocab, grammar, text, steps):
     t0 = time.perf_counter()
     c = Constraint(grammar, tok, n_vocab)
     t_compile = time.perf_counter() - t0
+    import torch
     ids = tok.encode(text)[:steps]
-    times, allowed = [], []
+    times, applied, allowed = [], [], []
+    logits = torch.zeros(n_vocab)
     for t in ids:
         s = time.perf_counter()
         ok = c.allowed()
         times.append(time.perf_counter() - s)
+        logits.zero_()
+        s = time.perf_counter()
+        c.mask(logits)  # what the sampler pays per token: the mask computed and applied to a logits row
+        applied.append(time.perf_counter() - s)
         allowed.append(int(ok.sum()))
         assert ok[t], f"llguidance forbids token {t} of the valid text"
         c.accept(t)
-    return dict(setup_tokenizer_s=t_tok, compile_s=t_compile, **_summary(times), allowed_median=int(np.median(allowed)))
+    return dict(setup_tokenizer_s=t_tok, compile_s=t_compile, **_summary(times),
+                sampler_us_median=statistics.median(applied) * 1e6, allowed_median=int(np.median(allowed)))
 
 
 def bench_xgrammar(tok, n_vocab, kind, source, text, steps):

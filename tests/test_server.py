@@ -158,14 +158,13 @@ def test_bad_requests_are_clear_4xx(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_embeddings_answer(server):
-    r = httpx.post(server.url + "/v1/embeddings", json={"model": "demo", "input": "hello"})
-    if r.status_code == 501:  # the Llama has no embeddings: a clear body says so
-        assert "embedding" in r.json()["error"]["message"]
-    else:
-        assert r.status_code == 200
-        emb = openai.types.CreateEmbeddingResponse.model_validate(r.json())
-        assert len(emb.data) == 1 and len(emb.data[0].embedding) == server.llm.n_embd()
+def test_embeddings(server):
+    emb = server.client.embeddings.create(model="demo", input=["hello", "the city"])
+    want = direct(server, lambda llm: llm.create_embedding(["hello", "the city"]))
+    assert [d.embedding for d in emb.data] == [d["embedding"] for d in want["data"]]
+    assert len(emb.data[0].embedding) == server.llm.n_embd() and emb.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": "demo", "input": [[1, 2, 3]]})
+    assert r.status_code == 400 and "input" in r.json()["error"]["message"]
 
 
 def test_api_key():

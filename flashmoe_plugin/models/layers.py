@@ -149,7 +149,9 @@ class Decoder:
         return out
 
     # ------------------------------------------------------------------ whole model
-    def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
+        """Logits, or with hidden=True the final normalised hidden states (llama.cpp's embeddings)."""
         c, w = self.cfg, self.w
         x = F.embedding(tokens, w["embed.weight"])
         at = self.positions(start, x.shape[0], x.dtype, x.device)
@@ -159,4 +161,5 @@ class Decoder:
             x = x + self.ffn(i, x, experts)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
+        return x.float() if hidden else F.linear(x, self.lm_head).float()

@@ -105,7 +105,9 @@ class Engine:
         self.tokens = self.tokens[:n]
 
     @torch.inference_mode()
-    def forward(self, tokens, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens, last_only: bool = False, hidden: bool = False) -> torch.Tensor:
+        """Logits of the new tokens (the last one only with last_only), or with hidden=True their
+        final normalised hidden states."""
         tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)]
         if not tokens:
             raise ValueError("forward() needs at least one token")
@@ -123,7 +125,7 @@ class Engine:
                 self.trace.begin(self.n_past, len(chunk))
             if self.predictor is not None:
                 self.predictor.end_sequence()
-            logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last)
+            logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())

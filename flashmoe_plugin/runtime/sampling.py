@@ -84,30 +84,30 @@ class Sampler:
     def _mirostat(self, x: torch.Tensor) -> int:
         """llama.cpp's llama_sampler_mirostat (v1, m = 100) and mirostat_v2 on raw logits (no
         temperature, as llama-cpp-python chains them); mu is kept across the generation's tokens."""
-        p = self.p
         probs, order = torch.sort(torch.softmax(x, -1), descending=True)
-        if p.mirostat_mode == 1:
-            m, n = 100, int(torch.isfinite(x).sum())
-            k = min(m - 1, n - 1)
-            if k > 0:
-                t = torch.log(torch.arange(2, k + 2, dtype=torch.float64) / torch.arange(1, k + 1, dtype=torch.float64))
-                b = torch.log(probs[:k].double() / probs[1:k + 1].double())
-                s_hat = float((t * b).sum() / (t * t).sum())
-            else:
-                s_hat = 1.0
-            eps = s_hat - 1
-            try:
-                kk = ((eps * 2 ** self.mu) / (1 - x.numel() ** -eps)) ** (1 / s_hat)
-            except (ZeroDivisionError, OverflowError):
-                kk = float(x.numel())
-            keep = max(int(kk) if math.isfinite(kk) else x.numel(), 1)
-        else:
-            keep = max(int((-torch.log2(probs) <= self.mu).long().cumprod(0).sum()), 1)
+        keep = self.mirostat_keep(probs, int(torch.isfinite(x).sum()))
         kept = probs[:keep] / probs[:keep].sum()
         i = int(torch.multinomial(kept, 1, generator=self.gen))
-        surprise = -math.log2(float(kept[i]))
-        self.mu -= p.mirostat_eta * (surprise - p.mirostat_tau)
+        self.mu -= self.p.mirostat_eta * (-math.log2(float(kept[i])) - self.p.mirostat_tau)
         return int(order[i])
+
+    def mirostat_keep(self, probs: torch.Tensor, n_finite: int) -> int:
+        """How many of the most likely candidates (probs sorted descending) mirostat keeps."""
+        if self.p.mirostat_mode == 2:  # drop every candidate more surprising than mu
+            return max(int((-torch.log2(probs) <= self.mu).long().cumprod(0).sum()), 1)
+        k = min(100 - 1, n_finite - 1)  # v1: estimate the Zipf exponent from the top m = 100
+        if k > 0:
+            t = torch.log(torch.arange(2, k + 2, dtype=torch.float64) / torch.arange(1, k + 1, dtype=torch.float64))
+            b = torch.log(probs[:k].double() / probs[1:k + 1].double())
+            s_hat = float((t * b).sum() / (t * t).sum())
+        else:
+            s_hat = 1.0
+        eps = s_hat - 1
+        try:
+            top = ((eps * 2 ** self.mu) / (1 - probs.numel() ** -eps)) ** (1 / s_hat)
+        except (ZeroDivisionError, OverflowError):
+            top = float(probs.numel())
+        return min(max(int(top) if math.isfinite(top) else probs.numel(), 1), probs.numel())
 
 
 def _typical(x: torch.Tensor, mass: float) -> torch.Tensor:

@@ -103,8 +103,8 @@ class ToolSyntax:
 
     @staticmethod
     def _call(body: str) -> dict | None:
-        try:
-            obj = json.loads(body)
+        try:  # the first JSON value: a call cut off by max_tokens inside its closing tag still counts
+            obj, _ = json.JSONDecoder().raw_decode(body.strip())
         except ValueError:
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -167,9 +167,9 @@ class CallStream:
             if not self.in_call:
                 i = self.buf.find(opener)
                 if i < 0:
-                    if self.calls and not self.buf.strip():
-                        return out  # whitespace between calls is not content (yet)
                     keep = _partial_suffix(self.buf, opener)
+                    if self.calls and not self.buf[:len(self.buf) - keep].strip():
+                        return out  # whitespace after a call is not content (yet)
                     if len(self.buf) > keep:
                         out.append(("content", self.buf[:len(self.buf) - keep]))
                         self.buf = self.buf[len(self.buf) - keep:]
