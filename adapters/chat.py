@@ -38,6 +38,8 @@ def response_format_grammar(response_format) -> Grammar | None:
 
 def _tool_plan(template, tools, tool_choice):
     """(tools to render, syntax or None, grammar forcing calls or None)."""
+    if not tools and (tool_choice == "required" or isinstance(tool_choice, dict)):
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
     if not tools or tool_choice == "none":
         return None, None, None
     names = [tool_name(t) for t in tools]
@@ -92,7 +94,7 @@ def template_chat_handler(template: str, bos_token: str, eos_token: str):
             model=model, logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
         if syntax is None:
             return chat_chunks(completion) if stream else chat_completion(completion)
-        return tool_chunks(completion, syntax) if stream else tool_completion(completion, syntax)
+        return tool_chunks(completion, syntax, shown) if stream else tool_completion(completion, syntax, shown)
 
     return handler
 
@@ -127,11 +129,11 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
                                     "finish_reason": choice["finish_reason"]}]}
 
 
-def tool_completion(c: dict, syntax) -> dict:
+def tool_completion(c: dict, syntax, tools=None) -> dict:
     """A completion whose text may hold calls: message.tool_calls and finish_reason "tool_calls"
     when it does (plus the legacy function_call for a single call, as llama-cpp-python)."""
     out = chat_completion(c)
-    content, calls = syntax.parse(c["choices"][0]["text"])
+    content, calls = syntax.parse(c["choices"][0]["text"], tools)
     if calls:
         message = {"role": "assistant", "content": content, "tool_calls": calls}
         if len(calls) == 1:
@@ -140,11 +142,11 @@ def tool_completion(c: dict, syntax) -> dict:
     return out
 
 
-def tool_chunks(chunks: Iterator[dict], syntax) -> Iterator[dict]:
+def tool_chunks(chunks: Iterator[dict], syntax, tools=None) -> Iterator[dict]:
     """Content as ordinary deltas; each call as one delta once it is complete, in the shape of
     llama-cpp-python's chatml-function-calling stream (tool_calls[i] with index, id, type,
     function {name, arguments}); finish_reason "tool_calls" when any call was made."""
-    split, n_calls, head = CallStream(syntax), 0, None
+    split, n_calls, head = CallStream(syntax, tools), 0, None
     for c in chunks:
         if head is None:
             head = {"id": "chat" + c["id"], "model": c["model"], "created": c["created"],
@@ -173,4 +175,3 @@ def tool_chunks(chunks: Iterator[dict], syntax) -> Iterator[dict]:
             else:
                 yield {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                             "finish_reason": choice["finish_reason"]}]}
-

@@ -119,7 +119,8 @@ class Completions:
             self.load_state(item)
 
     def _completion_chunks(self, prompt_tokens, prompt_text, suffix_text, max_tokens, stops, logprobs, echo,
-                           stream, params, logits_processor, stopping_criteria, model, constraint=None) -> Iterator[dict]:
+                           stream, params, logits_processor, stopping_criteria, model,
+                           constraint=None) -> Iterator[dict]:
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
         n_prompt = len(prompt_tokens)
         bos = self.token_bos()

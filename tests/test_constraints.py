@@ -183,3 +183,14 @@ def test_forced_tokens_are_evaluated_in_batches(llm):
     assert fast["choices"][0]["text"] == slow["choices"][0]["text"]
     json.loads(fast["choices"][0]["text"])
     assert n_fast < fast["usage"]["completion_tokens"] // 2 < len(calls) - n_fast
+
+
+def test_generate_and_sample_take_a_grammar(llm):
+    from itertools import islice
+    prompt = llm.tokenize(b"Numbers:")
+    ids = list(islice(llm.generate(prompt, grammar=Grammar.regex("[0-9]{6}")), 3))
+    assert llm.detokenize(ids).decode().isdigit()
+    llm.reset()
+    llm.eval(prompt)
+    tok = llm.sample(grammar=Grammar.regex("(yes|no)"), temp=0)
+    assert llm.detokenize([tok]).decode() in [w[:n] for w in ("yes", "no") for n in range(1, 4)]

@@ -115,6 +115,8 @@ def test_unknown_tool_and_bad_choice(llm):
         llm.create_chat_completion(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="tool_choice"):
         llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="sometimes")
+    with pytest.raises(ValueError, match="needs tools"):
+        llm.create_chat_completion(ASK, tool_choice=NAMED)
 
 
 def test_template_without_tools_is_an_error_not_a_silent_drop(tmp_path):
@@ -192,3 +194,80 @@ def test_call_stream_splits_at_any_boundary():
     s = CallStream(HERMES)
     assert s.feed("a <tool") == [("content", "a ")]  # held back: could be a call
     assert s.feed("box>") == [("content", "<toolbox>")]
+
+
+def test_template_with_tools_in_an_unknown_syntax_is_an_error():
+    from flashmoe_plugin.runtime.tools import ToolsError, tool_syntax
+    template = "{% for t in tools %}{{ t | tojson }}{% endfor %}[TOOL_CALLS]"
+    assert takes_tools(template)
+    with pytest.raises(ToolsError, match="syntax flashmoe does not parse"):
+        tool_syntax(template)
+    assert tool_syntax("{{ tools }} <tool_call>") is HERMES
+
+
+# ---------------------------------------------------------------------- Qwen3-Coder / Qwen3.5 XML calls
+XML_TEMPLATE = """{%- if tools %}<|im_start|>system
+# Tools
+
+<tools>{% for t in tools %}
+{{ t | tojson }}{% endfor %}
+</tools>
+
+To call a function reply with:
+<tool_call>
+<function=example_function_name>
+<parameter=example_parameter_1>
+value_1
+</parameter>
+</function>
+</tool_call><|im_end|>
+{% endif %}{%- for m in messages %}{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant
+{%- for c in m.tool_calls %}{%- set c = c.function if c.function is defined else c %}
+<tool_call>
+<function={{ c.name }}>
+{% for k, v in c.arguments | items %}<parameter={{ k }}>
+{{ v if v is string else v | tojson }}
+</parameter>
+{% endfor %}</function>
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_qwen_xml_calls_parse_and_stream():
+    from flashmoe_plugin.runtime.tools import QWEN_XML, tool_syntax
+    assert tool_syntax(XML_TEMPLATE) is QWEN_XML
+    text = ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York <NY>\n</parameter>\n"
+            "<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=add>\n"
+            "<parameter=a>\n2\n</parameter>\n<parameter=b>\n-3\n</parameter>\n</function>\n</tool_call>")
+    content, calls = QWEN_XML.parse(text, TOOLS)
+    assert content == "Checking."
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "New York <NY>", "unit": "C"},
+                                                                       {"a": 2, "b": -3}]
+    s = CallStream(QWEN_XML, TOOLS)
+    events = [e for i in range(0, len(text), 5) for e in s.feed(text[i:i + 5])] + s.finish()
+    assert [k for k, _ in events if k == "call"] == ["call", "call"]
+    assert "".join(v for k, v in events if k == "content").strip() == "Checking."
+
+
+def test_qwen_xml_named_call_end_to_end(tmp_path):
+    """The demo weights behind a Qwen3-Coder style template: a named call is forced in that syntax
+    and parsed back with typed arguments."""
+    import flashmoe_plugin
+    from flashmoe_plugin import Llama
+    src = flashmoe_plugin.demo_model_path()
+    dst = tmp_path / "store"
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name != "tokenizer_config.json":
+            (dst / p.name).symlink_to(p)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": XML_TEMPLATE}))
+    with Llama(model_path=str(dst), n_ctx=1024, verbose=False) as m:
+        for choice, tool in ((NAMED, WEATHER), ({"type": "function", "function": {"name": "add"}}, ADD)):
+            out = m.create_chat_completion(ASK, tools=TOOLS, tool_choice=choice, seed=3, max_tokens=60)
+            calls = out["choices"][0]["message"]["tool_calls"]
+            assert out["choices"][0]["finish_reason"] == "tool_calls" and len(calls) == 1
+            _check_call(calls[0], tool)

@@ -80,7 +80,6 @@ class Sampler:
         probs = torch.softmax(x / p.temperature, -1)
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
-
     def _mirostat(self, x: torch.Tensor) -> int:
         """llama.cpp's llama_sampler_mirostat (v1, m = 100) and mirostat_v2 on raw logits (no
         temperature, as llama-cpp-python chains them); mu is kept across the generation's tokens."""

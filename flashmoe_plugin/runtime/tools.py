@@ -4,12 +4,13 @@ parsing the model's text back into OpenAI `tool_calls`.
 The tools themselves reach the model through its own chat template (the `tools` variable of HF
 templates, runtime.chat.render); a template that never reads `tools` cannot show them to the
 model, which is an error here, never a silent drop. The syntax of a call is read off the
-template: Hermes/Qwen style `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` is
-the one most open MoE models use (Qwen2/3-MoE, OLMoE chat, Hermes fine-tunes).
+template: Hermes/Qwen style `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
+(Qwen2/3-MoE, Hermes fine-tunes) and the XML of Qwen3-Coder / Qwen3.5 (`<function=NAME>` with
+one `<parameter=KEY>` block per argument).
 
     syntax = tool_syntax(template)                  # ToolsError where there is none
     grammar = syntax.grammar(tools)                 # Lark for runtime.constraints: one call or more
-    content, calls = syntax.parse(text)             # calls: OpenAI tool_calls dicts
+    content, calls = syntax.parse(text, tools)      # calls: OpenAI tool_calls dicts
 """
 from __future__ import annotations
 
@@ -85,13 +86,13 @@ class ToolSyntax:
         return Grammar.lark(f"start: {start}\ncall: {json.dumps(self.open)} body {json.dumps(self.close)}\n"
                             f"body: %json {json.dumps(schema)}\n")
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """(content outside the calls or None, OpenAI tool_calls). A block whose JSON does not
-        parse stays in the content (the model wrote text, not a call)."""
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str | None, list[dict]]:
+        """(content outside the calls or None, OpenAI tool_calls). A block that does not parse
+        stays in the content (the model wrote text, not a call)."""
         calls, rest, pos = [], [], 0
         pat = re.compile(re.escape(self.open.strip()) + r"(.*?)(?:" + re.escape(self.close.strip()) + r"|\Z)", re.S)
         for m in pat.finditer(text):
-            call = self._call(m.group(1))
+            call = self._call(m.group(1), tools or [])
             if call is None:
                 continue
             rest.append(text[pos:m.start()])
@@ -102,7 +103,7 @@ class ToolSyntax:
         return (content or None) if calls else text, calls
 
     @staticmethod
-    def _call(body: str) -> dict | None:
+    def _call(body: str, tools: list[dict]) -> dict | None:
         try:  # the first JSON value: a call cut off by max_tokens inside its closing tag still counts
             obj, _ = json.JSONDecoder().raw_decode(body.strip())
         except ValueError:
@@ -112,8 +113,57 @@ class ToolSyntax:
         return openai_call(obj["name"], obj.get("arguments", obj.get("parameters", {})))
 
 
+class XmlToolSyntax(ToolSyntax):
+    """Qwen3-Coder / Qwen3.5: `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n
+    </function>\n</tool_call>`, strings raw, other values as JSON. Forced string values cannot
+    contain "<" (the grammar has no "anything but </parameter>" without look-ahead)."""
+
+    def grammar(self, tools: list[dict], many: bool = True) -> Grammar:
+        rules, fns = [], []
+        for i, t in enumerate(tools):
+            params = _parameters(t)
+            props, required = params.get("properties") or {}, set(params.get("required") or ())
+            parts = []
+            for j, (key, sch) in enumerate(props.items()):
+                end = json.dumps("\n</parameter>\n")
+                if sch.get("type") == "string" and "enum" not in sch:  # one lexeme: a greedy text
+                    value = r"/[^<]*\n<\/parameter>\n/"                # would eat the newline before the tag
+                elif sch.get("type") == "string":
+                    value = f"({' | '.join(json.dumps(v) for v in sch['enum'])}) {end}"
+                else:
+                    value = f"%json {json.dumps({**sch, 'x-guidance': JSON_STYLE})} {end}"
+                rules.append(f"p{i}_{j}: {json.dumps(f'<parameter={key}>' + chr(10))} {value}")
+                parts.append(f"p{i}_{j}" + ("" if key in required else "?"))
+            rules.append(f"f{i}: {json.dumps(tool_name(t) + '>' + chr(10))} {' '.join(parts)}")
+            fns.append(f"f{i}")
+        start = 'call ("\\n" call)*' if many else "call"
+        head, tail = json.dumps("<tool_call>\n<function="), json.dumps("</function>\n</tool_call>")
+        return Grammar.lark(f"start: {start}\ncall: {head} ({' | '.join(fns)}) {tail}\n" + "\n".join(rules) + "\n")
+
+    @staticmethod
+    def _call(body: str, tools: list[dict]) -> dict | None:
+        m = re.search(r"<function=([^>\n]+)>(.*?)(?:</function>|\Z)", body, re.S)
+        if m is None:
+            return None
+        name = m.group(1).strip()
+        props = next((_parameters(t).get("properties") or {} for t in tools if tool_name(t) == name), {})
+        args = {k: _xml_value(v, props.get(k) or {})
+                for k, v in re.findall(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", m.group(2), re.S)}
+        return openai_call(name, args)
+
+
+def _xml_value(text: str, schema: dict):
+    if schema.get("type") == "string":
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:  # the template writes non-JSON scalars with Python's str(): True, False, None
+        return {"True": True, "False": False, "None": None}.get(text.strip(), text)
+
+
 HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>")
-_SYNTAXES = (HERMES,)
+QWEN_XML = XmlToolSyntax("qwen3_coder_xml", "<tool_call>\n", "\n</tool_call>")
+_MARKERS = (("<function=", QWEN_XML), ("<tool_call>", HERMES))  # most specific first
 
 
 def tool_syntax(template: str | None) -> ToolSyntax:
@@ -121,11 +171,11 @@ def tool_syntax(template: str | None) -> ToolSyntax:
         raise ToolsError("this model's chat template does not read `tools`, so it cannot show tools to the model; "
                          "use a chat template that does (the model's tokenizer_config.json / chat_template.jinja), "
                          "or chat_format='chatml-function-calling' (llama-cpp-python's prompt-based tool calling)")
-    for s in _SYNTAXES:
-        if s.open.strip() in template:
-            return s
+    for marker, syntax in _MARKERS:
+        if marker in template:
+            return syntax
     raise ToolsError("this model's chat template reads `tools` but writes calls in a syntax flashmoe does not "
-                     f"parse yet (known: {', '.join(s.open.strip() for s in _SYNTAXES)})")
+                     "parse yet (known: Hermes/Qwen <tool_call> JSON, Qwen3-Coder/Qwen3.5 <function=...> XML)")
 
 
 def for_template(messages: list[dict]) -> list[dict]:
@@ -153,8 +203,8 @@ class CallStream:
     """Splits streamed text into content pieces and whole calls as they complete: text that could
     still become the start of a call is held back."""
 
-    def __init__(self, syntax: ToolSyntax):
-        self.s = syntax
+    def __init__(self, syntax: ToolSyntax, tools: list[dict] | None = None):
+        self.s, self.tools = syntax, tools
         self.buf = ""
         self.in_call = False
         self.calls = 0
@@ -182,7 +232,7 @@ class CallStream:
                 return out
             block = self.buf[:j + len(closer)]
             self.buf, self.in_call = self.buf[j + len(closer):].lstrip("\n"), False
-            _, calls = self.s.parse(block)
+            _, calls = self.s.parse(block, self.tools)
             self.calls += len(calls)
             out.extend(("call", c) for c in calls) if calls else out.append(("content", block))
 
@@ -191,7 +241,7 @@ class CallStream:
         if not text or (self.calls and not text.strip()):
             return []
         if self.in_call:
-            _, calls = self.s.parse(text)
+            _, calls = self.s.parse(text, self.tools)
             if calls:
                 return [("call", c) for c in calls]
         return [("content", text)]
