@@ -4,7 +4,7 @@ model. Run them with (async tests need pytest-asyncio):
 
     pip install pytest-asyncio && python -m pytest tests/langchain_integration.py -o asyncio_mode=auto
 
-On the demo model (2026-11-30) 39 pass, 11 skip (image/audio/PDF inputs, model override, VCR)
+On the demo model (2026-11-30) 32 pass, 11 skip (image/audio/PDF inputs, model override, VCR)
 and 7 fail, each on what the tiny model writes, not on shapes or protocol: test_tool_calling
 (x2) and _async (one parsed call of magic_function, but with input 113 where 3 was asked),
 test_json_mode (valid JSON, other keys: json_object carries no schema), test_agent_loop (x2:
