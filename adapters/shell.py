@@ -4,9 +4,10 @@ Replies are rendered through the model's own chat template and streamed as they 
 Enter sends, Alt-Enter (Esc then Enter) starts a new line, pasted text keeps its lines; input
 history is kept in a file. Ctrl-C while a reply streams stops that reply and keeps the
 conversation (the partial reply stays in it); Ctrl-C at the prompt clears the line; Ctrl-D or
-/exit leaves. The bottom toolbar shows the last reply's decode rate, where its experts came from
-(share of expert requests served per tier), disk bytes read per token and the process's resident
-memory, from the engine's own per-token figures (the on_token hook, see telemetry.py).
+/exit leaves. The bottom toolbar shows the decode rate, where the experts came from (share of
+expert requests served per tier), disk bytes read per token and the process's resident memory,
+from the engine's own per-token figures (the on_token hook, see telemetry.py); while a reply
+streams it stays on the terminal's last row, updated live (a scroll region keeps it there).
 
     ChatShell(llm, input=create_pipe_input(), output=DummyOutput(), stdout=io.StringIO()).run()
 """
@@ -83,6 +84,40 @@ class _EchoOff:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self.saved)
 
 
+class _LiveStatus:
+    """A status line on the terminal's last row while text scrolls above it: the scroll region
+    (DECSTBM) excludes that row, as apt's progress bar does. Only on a real terminal."""
+
+    def __init__(self, out: TextIO, interval: float = 0.25):
+        import shutil
+        self.out, self.interval, self.shown = out, interval, 0.0
+        try:
+            tty = out.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        except (AttributeError, ValueError):
+            tty = False
+        size = shutil.get_terminal_size((0, 0))
+        self.rows, self.cols = size.lines, size.columns
+        self.active = tty and self.rows > 2
+        if self.active:  # make room, then keep the last row out of the scrolling region
+            self.out.write(f"\n\0337\033[1;{self.rows - 1}r\0338\033[1A")
+            self.out.flush()
+
+    def update(self, text: str):
+        import time
+        now = time.monotonic()
+        if not self.active or now - self.shown < self.interval:
+            return
+        self.shown = now
+        self.out.write(f"\0337\033[{self.rows};1H\033[2K\033[7m{text[: self.cols - 1]}\033[0m\0338")
+        self.out.flush()
+
+    def close(self):
+        if self.active:
+            self.active = False
+            self.out.write(f"\0337\033[r\033[{self.rows};1H\033[2K\0338")
+            self.out.flush()
+
+
 class _Stop(Exception):
     """Raised inside the sampler once Ctrl-C asked the reply to stop."""
 
@@ -113,8 +148,8 @@ class ChatShell:
         self.stdout.write(text + end)
         self.stdout.flush()
 
-    def toolbar(self) -> str:
-        w = self.last
+    def toolbar(self, w: Optional[GenerationWatch] = None) -> str:
+        w = w or self.last
         parts = []
         if w is not None and w.tokens:
             parts.append(f"{w.tokens_per_second:.1f} tok/s")
@@ -165,8 +200,9 @@ class ChatShell:
         if previous is not None:
             signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         echo = _EchoOff()  # keys typed during a reply wait for the next prompt instead of landing in it
+        status = _LiveStatus(self.stdout)  # the toolbar stays on the bottom line while the reply streams
         try:
-            with watch() as w:
+            with watch(on_token=lambda w, _: status.update(self.toolbar(w))) as w:
                 stream = self.llm.create_chat_completion(
                     messages=self.conversation(), stream=True, max_tokens=self.max_tokens,
                     temperature=self.temperature, seed=self.seed, logits_processor=LogitsProcessorList([check]))
@@ -187,6 +223,7 @@ class ChatShell:
             self.say(f"\n[error: {e}]")
             return
         finally:
+            status.close()
             echo.restore()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
