@@ -37,6 +37,7 @@ def ids_for(n, vocab, seed=1):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.mark.parametrize("family", sorted(G.VOCAB))  # the families models/gguf.py reads
 def test_f32_logits_and_greedy_match_llama_cpp(gguf_models, family):
     _, path = gguf_models(family)
     eng = Engine(path)
