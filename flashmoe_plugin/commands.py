@@ -129,7 +129,10 @@ def register_commands(cli):
             n = sum(l.experts for l in s.layers.values())
             with _progress("verifying") as bar:
                 task = bar.add_task("records", total=n)
-                problems = s.verify(progress=lambda k: bar.advance(task, k))
+                try:
+                    problems = s.verify(progress=lambda k: bar.advance(task, k))
+                except StoreError as e:  # a GGUF file without its checksum index
+                    _fail(e)
             info["verify"] = {"ok": not problems, "problems": problems}
         if as_json:
             click.echo(json.dumps(info, indent=1))
