@@ -189,7 +189,10 @@ def register_commands(cli):
         if verify:
             n = sum(l.experts for l in s.layers.values())
             with progress_bar("verifying records", total=n) as bar:
-                problems = s.verify(progress=bar.advance)
+                try:
+                    problems = s.verify(progress=bar.advance)
+                except StoreError as e:  # a GGUF file without its checksum index
+                    _fail(e)
             info["verify"] = {"ok": not problems, "problems": problems}
         if as_json:
             click.echo(json.dumps(info, indent=1))

@@ -1,10 +1,9 @@
 /* llama.cpp block formats on the CPU: see fm_gguf.h. The block layouts follow ggml-quants.c and
  * gguf-py's quants.py; every value is computed with the same float operations in the same
- * order as gguf-py (hence no FMA contraction in this file), so dequantization is bit-exact. */
+ * order as gguf-py (no FMA contraction in the exact path: baseline x86-64 has no FMA, and
+ * deq_task forbids it where the baseline has one), so dequantization is bit-exact. */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
 #endif
 
 #include "fm_gguf.h"
@@ -79,18 +78,19 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
     case FMG_Q4_0:
         for (int64_t i = 0; i < n; i += QK, b += 18, y += QK) {
             float d = fm_h2f(fm_ld16((const uint16_t *)b));
-            for (int j = 0; j < 16; j++) {
-                y[j] = d * (float)((b[2 + j] & 15) - 8);
-                y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
-            }
+            for (int j = 0; j < 16; j++) y[j] = d * (float)((b[2 + j] & 15) - 8);  /* two loops: vectorizable */
+            for (int j = 0; j < 16; j++) y[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
         }
         break;
     case FMG_Q4_1:
         for (int64_t i = 0; i < n; i += QK, b += 20, y += QK) {
             float d = fm_h2f(fm_ld16((const uint16_t *)b)), m = fm_h2f(fm_ld16((const uint16_t *)(b + 2)));
             for (int j = 0; j < 16; j++) {
-                float lo = d * (float)(b[4 + j] & 15), hi = d * (float)(b[4 + j] >> 4);
+                float lo = d * (float)(b[4 + j] & 15);
                 y[j] = lo + m;
+            }
+            for (int j = 0; j < 16; j++) {
+                float hi = d * (float)(b[4 + j] >> 4);
                 y[j + 16] = hi + m;
             }
         }
@@ -141,13 +141,13 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
             const uint8_t *ql = b, *qh = b + 128;
             const int8_t *sc = (const int8_t *)(b + 192);
             float d = fm_h2f(fm_ld16((const uint16_t *)(b + 208)));
-            for (int g = 0; g < 8; g++) {
-                const int h = g / 4, s = (g / 2) & 1, c = g & 1, sh = 2 * (g & 3);
-                for (int l = 0; l < 32; l++) {
-                    int e = 32 * g + l;
-                    int v = ((ql[64 * h + 32 * c + l] >> (4 * s)) & 15) | (((qh[32 * h + l] >> sh) & 3) << 4);
-                    float ds = d * (float)sc[e / 16];
-                    y[e] = ds * (float)(int8_t)(v - 32);
+            for (int g = 0; g < 16; g++) {  /* 16 groups of 16 elements, one scale each */
+                const int h = g / 8, s = (g / 4) & 1, c = (g / 2) & 1, sh = 2 * ((g / 2) & 3), o = 16 * (g & 1);
+                const uint8_t *lq = ql + 64 * h + 32 * c + o, *hq = qh + 32 * h + o;
+                const float ds = d * (float)sc[g];
+                for (int l = 0; l < 16; l++) {
+                    int v = ((lq[l] >> (4 * s)) & 15) | (((hq[l] >> sh) & 3) << 4);
+                    y[16 * g + l] = ds * (float)(v - 32);
                 }
             }
         }
@@ -228,6 +228,9 @@ typedef struct {
     float *out;
 } deq_ctx;
 
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
 static void deq_task(void *vc, int64_t t, float *scratch)
 {
     (void)scratch;

@@ -254,8 +254,8 @@ class ExpertPager:
 
     # ------------------------------------------------------------------ moving records
     def _submit(self, key, priority):
-        """Queue the disk read of one record; None when no buffer is free (prefetch only)."""
-        size = self.record_size
+        """Queue the disk read of one record (its extents: one for a store, three for a GGUF);
+        None when no buffer is free (prefetch only)."""
         layer, e = key
         if self.tiered:
             if priority == PREFETCH and len(self.staging_free) <= 2 * self.need:

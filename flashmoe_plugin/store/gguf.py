@@ -261,9 +261,11 @@ class GgufStore:
         return out
 
     def verify(self, progress=None) -> list[str]:
-        """Check every extent against the sidecar index; [] when intact, a note when no index."""
+        """Check every extent against the sidecar index; [] when intact. Without an index there is
+        nothing to check against: a StoreError says how to make one."""
         if not self.record_crcs:
-            return [f"{self.file}: no checksum index (run `flashmoe inspect --index {self.file}`)"]
+            raise StoreError(f"{self.file}: GGUF has no checksums and no index was made for it; "
+                             f"run `flashmoe inspect --index {self.file}` (on a copy you trust)")
         problems = []
         for layer, crcs in self._compute_crcs(progress).items():
             for e, (got, want) in enumerate(zip(crcs, self.record_crcs[layer])):
