@@ -104,7 +104,8 @@ class ExpertPager:
         if reader_name not in readers:
             raise ValueError(f"unknown storage reader {reader_name!r}; registered: {', '.join(sorted(readers))}")
         self.reader = readers[reader_name](nthreads=io_threads, direct=direct_io, **(storage_options or {}))
-        self.fids = {layer: self.reader.open(str(store.layer_path(layer))) for layer in store.layers}
+        self.fids = {}  # file path -> reader file id (a GGUF store's extents need buffered reads)
+        self._direct = getattr(store, "direct_io", None)
         self.stats = PagerStats(verify=verify)
         self.trace = None      # a pager.trace.RoutingTrace while recording (Engine.record)
         self.predictor = None  # a pager.predictor.Predictor when prefetching (Engine sets it)
@@ -180,7 +181,7 @@ class ExpertPager:
     def _preload(self, keys):
         """Load the keys a policy asks for at start (static: its pinned experts); not counted as
         hits or misses."""
-        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:self.capacity]
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.store.layers][:self.capacity]
         for _ in self._batch(keys, count=False):
             pass
         self.protected = set()
@@ -265,11 +266,17 @@ class ExpertPager:
         return r
 
     def _read(self, key, dest, priority):
-        layer, e = key
-        size = self.record_size
-        crc = self.store.record_crcs[layer][e] if self.verify else None
-        self.stats.bytes_read += size
-        return self.reader.submit([(self.fids[layer], e * size, size, dest, crc)], priority)
+        """Submit the reads of one record (one extent for a store, three for a GGUF file)."""
+        reads = self.store.record_reads(*key, self.verify)
+        self.stats.bytes_read += sum(n for _, _, n, _, _ in reads)
+        return self.reader.submit([(self._fid(f), off, n, dest[at:at + n], crc) for f, off, n, at, crc in reads],
+                                  priority)
+
+    def _fid(self, path) -> int:
+        fid = self.fids.get(path)
+        if fid is None:
+            fid = self.fids[path] = self.reader.open(str(path), direct=self._direct)
+        return fid
 
     def _reclaim_staging(self):
         """Every staging buffer is held by a read: finish the oldest prefetch read."""

@@ -14,7 +14,7 @@ from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size
-from ..store.format import Store
+from ..store.model import open_model
 from .host_compute import HostCompute
 
 
@@ -37,7 +37,7 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.store = open_model(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -45,7 +45,9 @@ class Engine:
         self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
-        budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
+        of = self.store.expert_bytes  # a budget of "50%" is half the experts' bytes
+        budget, host_budget = self._budgets(parse_size(ram_budget, of, "ram_budget"),
+                                            parse_size(vram_budget, of, "vram_budget"))
         opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
                 "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
@@ -54,7 +56,8 @@ class Engine:
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
             self.predictor = self.pager.predictor = Predictor(mode, prefetch_depth)
-        self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device)
+        self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device,
+                                        self.model.expert_act)
         self._moe_order = [i for i in range(cfg.num_layers) if i in self.store.layers]
         self._moe_pos = {layer: i for i, layer in enumerate(self._moe_order)}
         self.tokens: list[int] = []
@@ -91,7 +94,11 @@ class Engine:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_folder(self.store.path, self.config)
+            folder = self.store.path
+            if getattr(self.store, "meta", None) is not None:  # a GGUF file: its own vocabulary
+                from .gguf_tokenizer import write_folder
+                folder = write_folder(self.store.meta, self.store.path / "tokenizer", str(self.store.file))
+            self._tokenizer = Tokenizer.from_folder(folder, self.config)
         return self._tokenizer
 
     @property
@@ -135,10 +142,12 @@ class Engine:
         """Routed experts of one layer. Decode: the token's k records are requested, the
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
-        product while the next ones load; experts go through the device tier in groups that fit."""
-        layout, be = self.store.layout, self.backend
+        product while the next ones load; experts go through the device tier in groups that fit.
+        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general."""
+        layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
+        act = self.model.expert_act
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
@@ -147,22 +156,33 @@ class Engine:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
             if not batch.on_host:
-                return be.moe_decode(x, [got[e] for e in chosen], weights[0], layout)
+                return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
             # host-tier records are computed on the CPU while the GPU runs the others
             w = weights[0].tolist()
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
-            out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
+            out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
+            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there], layout)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity
         for g in range(0, len(used), step):
             for e, rec in self.pager.request(layer, used[g:g + step]):
                 tok, slot = torch.where(ids == e)
-                y = be.expert_ffn(x[tok], rec, layout) * weights[tok, slot, None]
+                y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
+                y = y * weights[tok, slot, None]
                 out.index_add_(0, tok, y)
+        return out
+
+    def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
+        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
+        act = self.model.expert_act
+        if act is None:
+            return self.backend.moe_decode(x, records, weights, layout)
+        out = torch.zeros_like(x)
+        for rec, w in zip(records, weights.tolist()):
+            out.add_(self.backend.expert_general(x, rec, layout, act), alpha=w)
         return out
 
     def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):

@@ -19,7 +19,7 @@ from ..pager.tiers import event_times
 
 
 class HostCompute:
-    def __init__(self, mode, pager, layout, device: torch.device):
+    def __init__(self, mode, pager, layout, device: torch.device, act=None):
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"host_compute must be auto, on or off, not {mode!r}")
         self.layout, self.device = layout, device
@@ -29,6 +29,13 @@ class HostCompute:
         self.cpu_s: float | None = None
         self.copy_s: float | None = None
         self._pager = pager
+        self.act = act  # None: plain SwiGLU; else the family's activation (Backend.expert_general)
+
+    def _expert(self, x, rec, layout=None):
+        layout = layout or self.layout
+        if self.act is None:
+            return self.backend.expert_ffn(x, rec, layout)
+        return self.backend.expert_general(x, rec, layout, self.act)
 
     def pays(self) -> bool:
         if self.mode != "auto":
@@ -43,18 +50,20 @@ class HostCompute:
         dst = torch.empty(p.record_size, dtype=torch.uint8, device=self.device)
         self.copy_s = min(event_times(lambda: dst.copy_(src, non_blocking=True), 3))
         x, rec = torch.zeros(1, self.layout.hidden), torch.zeros_like(src)
-        self.backend.expert_ffn(x, rec, self.layout)  # warm
+        self._expert(x, rec)  # warm
         t0 = time.perf_counter()
-        self.backend.expert_ffn(x, rec, self.layout)
+        self._expert(x, rec)
         self.cpu_s = time.perf_counter() - t0
 
-    def run(self, x: torch.Tensor, records, weights) -> torch.Tensor:
-        """sum_i weights[i] * expert_i(x) on the CPU, returned on x's device and dtype."""
+    def run(self, x: torch.Tensor, records, weights, layout=None) -> torch.Tensor:
+        """sum_i weights[i] * expert_i(x) on the CPU, returned on x's device and dtype (layout:
+        the layer's record layout where it differs from the store's, as in a GGUF store)."""
+        layout = layout or self.layout
         t0 = time.perf_counter()
         xh = x.float().cpu()
         out = torch.zeros_like(xh)
         for rec, w in zip(records, weights):
-            out.add_(self.backend.expert_ffn(xh, rec, self.layout), alpha=w)
+            out.add_(self._expert(xh, rec, layout), alpha=w)
         if self.cpu_s is not None:
             dt = (time.perf_counter() - t0) / max(1, len(records))
             self.cpu_s = 0.9 * self.cpu_s + 0.1 * dt

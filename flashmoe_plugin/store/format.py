@@ -79,6 +79,14 @@ class Store:
     def layer_path(self, layer: int) -> Path:
         return self.path / self.layers[layer].file
 
+    def layout_of(self, layer: int) -> RecordLayout:
+        return self.layout  # one layout for every layer (a GGUF store may have one per layer)
+
+    def record_reads(self, layer: int, expert: int, verify: bool = True) -> list[tuple]:
+        """[(file, offset, nbytes, offset in the slot, crc32c or None)] filling one record."""
+        size = self.layout.size
+        return [(self.layer_path(layer), expert * size, size, 0, self.record_crcs[layer][expert] if verify else None)]
+
     @classmethod
     def open(cls, path) -> "Store":
         path = Path(path)
