@@ -23,7 +23,10 @@ def register_cache_policies(register):
 
 @hookspec
 def register_storage(register):
-    """Call register(name, reader_factory) for each way of reading expert records."""
+    """Call register(name, reader_factory) for each way of reading expert records.
+    reader_factory(nthreads=, direct=, **storage_options) returns an object with io.Reader's
+    interface (open, submit -> ticket with wait/done/cancel, read, close); the pager picks one by
+    name (Engine(storage=...), `--storage`). Built in: `native`, `faulty` (pager/faulty.py)."""
 
 
 @hookspec

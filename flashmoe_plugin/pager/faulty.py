@@ -12,6 +12,7 @@ bit of the bytes read is flipped: only the checksum can tell), `delay=MS` (the r
 milliseconds late). `rate=P` adds a fault to each read with probability P (its kind drawn from
 `kinds=eio+short+flip+delay`, default all), `seed=S` makes that reproducible. A record is
 (layer, offset // nbytes): layer from the file name `layer_NNN.bin`, as the store names them.
+A GGUF file read in place is one file of extents: there only `*:*` rules and `rate=` apply.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def check_layout(record, c, quant_format, where) -> None:
         f = f"expert_record.parts[{i}]"
         _int(_get(p, "offset", f + ".offset", where), f + ".offset", where)
         fmt = _get(p, "format", f + ".format", where)
-        if fmt not in quant.FORMATS and not quant_gguf.is_block_format(fmt):
+        if not isinstance(fmt, str) or (fmt not in quant.FORMATS and not quant_gguf.is_block_format(fmt)):
             raise StoreError(f"{where}: field {f + '.format'!r} is {fmt!r}; known: "
                              f"{', '.join(quant.FORMATS + tuple(quant_gguf.BLOCK_FORMATS))}")
         shape = _get(p, "shape", f + ".shape", where)
@@ -101,7 +101,10 @@ def check_layout(record, c, quant_format, where) -> None:
             raise StoreError(f"{where}: field {f + '.shape'!r} must be [rows, cols], got {shape!r}")
         for k, n in enumerate(shape):
             _int(n, f"{f}.shape[{k}]", where, 1, MAX_COUNT)
-        fmts[p.get("name")] = fmt
+        name = p.get("name")
+        if not isinstance(name, str):
+            raise StoreError(f"{where}: field {f + '.name'!r} must be a string, got {name!r}")
+        fmts[name] = fmt
     if "w13" not in fmts or "w2" not in fmts:
         raise StoreError(f"{where}: field 'expert_record.parts' must name parts w13 and w2")
     fmt = fmts["w13"]
