@@ -128,7 +128,7 @@ class Llama:
         device: str = "cpu",
         ram_budget: Union[int, str, None] = None,
         vram_budget: Union[int, str, None] = None,
-        cache_policy: str = "lru",
+        cache_policy: str = "auto",
         prefetch: Union[bool, str] = True,  # True = "auto" (prefetch while it measurably pays), "on", False/"off"
         backend: Optional[str] = None,
         **kwargs,  # other llama.cpp options (n_gpu_layers, use_mmap, type_k, ...) are accepted and ignored

@@ -24,16 +24,18 @@ def _progress(description: str):
 def engine_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or mps")(f)
     f = click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...); CPU: "
-                     "default all, or half the free RAM; CUDA: the pinned tier below VRAM, default what VRAM cannot "
-                     "hold, up to half the free RAM")(f)
+                     "default all, or the free RAM less a reserve; CUDA: the pinned tier below VRAM, default what "
+                     "VRAM cannot hold, up to the free RAM less a reserve")(f)
     f = click.option("--vram-budget", default=None, help="CUDA: bytes of expert records kept in GPU memory; default: "
                      "what is free after the dense part and the KV cache")(f)
-    f = click.option("--policy", default="lru", show_default=True, help="expert cache policy")(f)
+    f = click.option("--policy", default="auto", show_default=True, help="expert cache policy")(f)
     f = click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="predict the next layers' experts and load them early (auto: only while it pays)")(f)
     f = click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="O_DIRECT reads (bypass the page cache), buffered, or this platform's measured default")(f)
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
+    f = click.option("--n-cpu-moe", default=0, show_default=True,
+                     help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")(f)
     f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
     return f
@@ -44,10 +46,12 @@ def tri(value: str):
     return {"on": True, "off": False}.get(value)
 
 
-def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify):
+def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
+                n_cpu_moe=0):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
-                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify)
+                  prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
+                  n_cpu_moe=n_cpu_moe)
 
 
 def stream_completion(engine, prompt: str, n: int, temp: float, seed, top_k=40, top_p=0.95, min_p=0.05,

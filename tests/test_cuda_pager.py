@@ -32,7 +32,7 @@ def test_tiers_on_the_gpu(oracles, family, quant):
     assert (ref - ref_cpu).abs().max() < tol
     for n0, n1, prefetch, threads in ((k, total // 3, "off", 4), (k, 0, "on", 0), (2 * k, total // 3, "on", 0)):
         eng = Engine(store, device="cuda", dtype=torch.float32, vram_budget=n0 * size, ram_budget=n1 * size,
-                     prefetch=prefetch, prefetch_depth=2, io_threads=threads)
+                     policy="lru", prefetch=prefetch, prefetch_depth=2, io_threads=threads)
         trace = RoutingTrace()
         eng.record(trace)
         out = run_sequence(eng, ids, steps)

@@ -22,7 +22,7 @@ def register_commands(cli):
     @click.option("--quick", is_flag=True, help="kernels: smaller working set (not for reported figures)")
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
     @click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...)")
-    @click.option("--policy", default="lru", show_default=True, help="expert cache policy")
+    @click.option("--policy", default="auto", show_default=True, help="expert cache policy")
     @click.option("--tokens", default=32, show_default=True, help="decode steps measured")
     @click.option("--prompt-tokens", default=512, show_default=True, help="prompt length for TTFT and prefill")
     @click.option("--vram-budget", default=None, help="CUDA: bytes of expert records kept in GPU memory")
@@ -31,6 +31,8 @@ def register_commands(cli):
     @click.option("--prefetch-depth", default=1, show_default=True, help="layers ahead the predictor guesses")
     @click.option("--host-compute", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="CUDA: compute host-tier experts on the CPU when that beats copying them (measured)")
+    @click.option("--n-cpu-moe", default=0, show_default=True,
+                  help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")
     @click.option("--io-threads", default=4, show_default=True, help="reader threads")
     @click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="O_DIRECT reads (bypass the page cache), buffered, or the platform's measured default")
@@ -45,7 +47,7 @@ def register_commands(cli):
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
-              prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
+              prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
               save_trace):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
@@ -62,7 +64,7 @@ def register_commands(cli):
                                prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
                                verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                               host_compute=host_compute,
+                               host_compute=host_compute, n_cpu_moe=n_cpu_moe,
                                io_threads=io_threads, compute_bound=not no_compute_bound)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
@@ -99,7 +101,7 @@ def register_commands(cli):
     @click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
                   help="where to write the routing trace (default: STORE/routing_trace.npz)")
     @click.option("--ram-budget", default=None, help="expert RAM budget while profiling")
-    @click.option("--policy", default="lru", show_default=True)
+    @click.option("--policy", default="auto", show_default=True)
     @click.option("--temp", default=0.0, show_default=True, help="sampling temperature (0 = greedy)")
     @click.option("--seed", default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")

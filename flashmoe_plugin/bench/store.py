@@ -105,6 +105,15 @@ def disk_bandwidth(store, direct: bool = False, drop: bool = False, io_threads: 
             "direct_io": direct, "threads": io_threads, "records_per_batch": per_batch}
 
 
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set so far (Linux: ru_maxrss in KiB)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return None
+
+
 def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0) -> tuple[float, list[float]]:
     """n decode steps, greedy (temp <= 0) or sampled from the full distribution with a seeded
     generator (random-weight stores fall into greedy fixed points that would hide the pager)."""
@@ -193,11 +202,12 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
                                     "same prompt and decode"}
 
 
-def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "lru", tokens: int = 32,
+def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "auto", tokens: int = 32,
               prompt_tokens: int = 512, direct_io: bool | None = None, drop_caches: bool = False,
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
-              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto") -> dict:
+              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
+              n_cpu_moe: int = 0) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -220,7 +230,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     eng = Engine(store, device=device, ram_budget=parse_size(ram_budget), vram_budget=parse_size(vram_budget),
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                 host_compute=host_compute)
+                 host_compute=host_compute, n_cpu_moe=n_cpu_moe)
     p = eng.pager
     trace = RoutingTrace()
     eng.record(trace)
@@ -242,6 +252,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         eng.close()
     capacity, host_capacity, size, pol = p.capacity, p.host_capacity, p.record_size, p.policy
     preloaded = p.stats.preloaded
+    peak_rss = peak_rss_bytes()  # before the compute-bound engine below adds its own
+    dense_resident = sum(t.numel() * t.element_size() for t in eng.model.w.values() if t.device.type == "cpu")
+    kv_bytes = 2 * eng.kv.k.numel() * eng.kv.k.element_size()
     total_records = sum(l.experts for l in store.layers.values())
     del eng, p
     gc.collect()
@@ -286,6 +299,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
                          "computed_on_cpu": dec["host_computed"], "budget": host_capacity * size,
                          "records": host_capacity}}
     tiers["disk"] = {"misses": dec["misses"], "miss_rate": _rate(dec["misses"], n_dec)}
+    asked = parse_size(vram_budget if cuda else ram_budget)
+    budget_note = (f"{'VRAM' if cuda else 'RAM'} budget {format_size(asked) if asked is not None else 'default'} "
+                   f"holds {capacity} whole records of {format_size(size)} = {format_size(capacity * size)}"
+                   + (f" ({format_size(asked - capacity * size)} of it unused)" if asked and asked > capacity * size else ""))
+    notes.append(budget_note)
     result = {
         "store": str(store.path), "architecture": store.architecture, "quant": store.quant,
         "source": store.manifest.get("source", {}).get("type"), "like": store.manifest.get("source", {}).get("like"),
@@ -294,6 +312,10 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "device": device, "backend": None, "policy": policy, "policy_note": getattr(pol, "note", "") or None,
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
+        "budget_requested": asked, "budget_note": budget_note,
+        "peak_rss_bytes": peak_rss, "dense_resident_bytes": dense_resident, "kv_cache_bytes": kv_bytes,
+        "rss_overhead_bytes": peak_rss - dense_resident - (0 if cuda else capacity * size) - (0 if cuda else kv_bytes)
+        if peak_rss else None,
         "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
         "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed,
         "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode_tok_s,
@@ -308,7 +330,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "belady_capacity_records": capacity + host_capacity,
         "hit_rate_vs_belady": hit_rate_run / opt.hit_rate if opt.hit_rate and hit_rate_run is not None else None,
         "requests": len(reqs),
-        "prefetch": prefetch, "prefetch_depth": prefetch_depth, "host_compute": host_mode,
+        "prefetch": prefetch, "prefetch_depth": prefetch_depth, "host_compute": host_mode, "n_cpu_moe": n_cpu_moe,
         "prefetch_stats": {k: dec[k] for k in ("prefetch_reads", "prefetch_copies", "prefetch_used",
                                                 "prefetch_cancelled", "prefetch_wasted")},
         "predictor_precision": pred["precision"] if pred else None,
@@ -341,7 +363,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     return result
 
 
-def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_budget=None, policy: str = "lru",
+def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_budget=None, policy: str = "auto",
                 trace_path=None, device: str = "cpu", verify: bool = True, temp: float = 0.0, seed: int = 0) -> dict:
     """Generate n tokens after each prompt (greedy, or sampled at temp with a fixed seed) with routing recorded; writes routing_stats.json
     into the store folder (atomic replace) and the routing trace (default STORE/routing_trace.npz)."""

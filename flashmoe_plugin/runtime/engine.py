@@ -13,9 +13,9 @@ from .. import kernels
 from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
-from ..sizes import available_ram, format_size, parse_size
+from ..sizes import available_ram, format_size, parse_size, ram_reserve
 from ..store.format import Store
-from .host_compute import HostCompute
+from .host_compute import CpuLayers, HostCompute
 
 
 class ContextError(ValueError):
@@ -32,19 +32,21 @@ def resolve_device(device) -> torch.device:
 
 
 class Engine:
-    def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "lru",
+    def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "auto",
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
-                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
+                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto", n_cpu_moe: int = 0,
                  pager_options: dict | None = None):
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.backend = kernels.select(self.device.type, backend)
-        self.model = Decoder(cfg, self.store.load_dense(self.device, self.dtype))
+        dense, self.dtype = self._load_dense(dtype)
+        self.model = Decoder(cfg, dense)
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
+        # n_cpu_moe: the first N MoE layers' experts live in RAM and run on the CPU (llama.cpp's meaning)
+        self.cpu_layers = CpuLayers(self.store, int(n_cpu_moe), self.device, io_threads, verify) if n_cpu_moe else None
         budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
         opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
@@ -60,26 +62,45 @@ class Engine:
         self._tokenizer = None
         self.trace = None
 
+    def _load_dense(self, dtype):
+        """The dense weights and the activation dtype. CPU: kept as stored (bf16 stays bf16, half
+        the RAM of an fp32 copy; fp32 stores stay exact for the oracles; fp16 becomes fp32, which
+        CPUs lack fast kernels for); norms, softmax and the expert kernels compute in fp32 per op.
+        GPU: bf16 unless asked otherwise."""
+        if dtype is not None or self.device.type != "cpu":
+            dtype = dtype or torch.bfloat16
+            return self.store.load_dense(self.device, dtype), dtype
+        dense = self.store.load_dense("cpu")
+        dtype = dense["embed.weight"].dtype
+        if dtype not in (torch.bfloat16, torch.float32):
+            dtype = torch.float32
+        for k, v in dense.items():
+            if v.dtype != dtype:
+                dense[k] = v.to(dtype)
+        return dense, dtype
+
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
         the VRAM budget (default: what is free after the dense part and the KV cache, less a
-        reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to half
-        the free RAM)."""
+        reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to the
+        RAM budget's default). The RAM default is what is free (MemAvailable, or the memory
+        cgroup's room) less the KV cache pages not touched yet and sizes.RAM_RESERVE."""
+        total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
+        if ram_budget is None:
+            kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
+            ram_budget = max(0, min(total, available_ram() - kv - ram_reserve()))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
-            return ram_budget, 0
+            return max(ram_budget, min(total, self.config.top_k * self.store.layout.size)), 0
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = free - max(1 << 30, free // 20)  # workspaces, activations, the allocator's slack
-        total = self.store.expert_bytes
         if vram_budget is None:
-            vram_budget = max(0, min(total, usable))
+            vram_budget = max(self.config.top_k * self.store.layout.size, min(total, usable))
         elif vram_budget > usable:
             raise ValueError(f"VRAM budget {format_size(vram_budget)} exceeds what is free on {self.device} after "
                              f"the dense weights and KV cache ({format_size(max(usable, 0))} usable)")
-        if ram_budget is None:
-            ram_budget = min(max(0, total - vram_budget), available_ram() // 2)
-        return vram_budget, ram_budget
+        return vram_budget, min(ram_budget, max(0, total - vram_budget))
 
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
@@ -138,22 +159,26 @@ class Engine:
         layout, be = self.store.layout, self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
+        if self.cpu_layers is not None and layer in self.cpu_layers:
+            return self.cpu_layers.forward(layer, x, ids, weights)
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            batch = self.pager.request(layer, chosen, host_ok=hc.pays())
+            batch = self.pager.request(layer, chosen, host_ok=hc.share if hc.mode != "off" else False)
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
             if not batch.on_host:
                 return be.moe_decode(x, [got[e] for e in chosen], weights[0], layout)
-            # host-tier records are computed on the CPU while the GPU runs the others
+            # host-tier records are computed on the CPU while the GPU runs the others: x goes to
+            # the host before the GPU work is queued, so neither waits for the other
+            xh = hc.to_host(x)
             w = weights[0].tolist()
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
             out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there])
+            return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity
