@@ -1,6 +1,6 @@
 """Grade the pager's replacement policies against Belady's MIN on recorded routing traces.
 
-    python benchmarks/policy_grid.py --json benchmarks/results/devbox-policy-grid.json
+    python benchmarks/policy_grid.py --json benchmarks/results/devbox-policy-grid.json [--traces DIR]
 
 Workloads (each trace recorded by the engine with every expert resident and prefetch off, so the
 requests are exactly what the pager sees; `pager.belady.simulate` replays a policy with the
@@ -11,7 +11,8 @@ pager's hits, which tests/test_policies.py checks against the real pager):
   windows of English text prefilled back to back (a server's prompt stream), graded on all.
 - synth-decode / synth-prefill: `flashmoe synth --like tiny --layers 32` (random routers: the
   synth stores' near-uniform, uncorrelated routing, with Mixtral's routing shape: 32 layers x 8
-  experts, top-2), same plan with random-token prompts and temperature 1.0.
+  experts, top-2), random-token prompts at temperature 1.0: decode = 4 prompts of 16 tokens, each
+  then 48 decoded; prefill = 16 prompts of 64 tokens.
 At each capacity (a fraction of all expert records) prefill requests larger than the capacity
 are split into groups that fit, as Engine._experts does. On i.i.d. uniform routing no online
 policy can beat capacity/records in expectation (each layer's residents at its visit sum to at
@@ -56,7 +57,8 @@ def record(store, prompts: list[list[int]], decode: int, temp: float) -> Routing
     return trace
 
 
-def workloads(tmp: Path) -> dict:
+def workloads(tmp: Path, traces: Path | None = None):
+    """(name, trace, graded_on) per workload; traces are read from / saved to `traces` if given."""
     from flashmoe_plugin.convert.synth import synth
     from flashmoe_plugin.demo import demo_model_path
     DEMO = demo_model_path()  # noqa: N806
@@ -71,12 +73,18 @@ def workloads(tmp: Path) -> dict:
     g = torch.Generator().manual_seed(0)
     rnd = lambda n, k: [torch.randint(3, 500, (n,), generator=g).tolist() for _ in range(k)]  # noqa: E731
     plan = {"demo-decode": (DEMO, prompts, 64, 0.7, "decode"), "demo-prefill": (DEMO, windows, 0, 0.7, "all"),
-            "synth-decode": (synth_store, rnd(16, 6), 64, 1.0, "decode"),
-            "synth-prefill": (synth_store, rnd(64, 24), 0, 1.0, "all")}
+            "synth-decode": (synth_store, rnd(16, 4), 48, 1.0, "decode"),
+            "synth-prefill": (synth_store, rnd(64, 16), 0, 1.0, "all")}
     for name, (store, ps, n, temp, over) in plan.items():
+        path = traces / f"{name}.npz" if traces else None
+        if path is not None and path.is_file():
+            yield name, RoutingTrace.load(path), over
+            continue
         t0 = time.perf_counter()
         trace = record(store, ps, n, temp)
         print(f"{name}: {len(trace)} requests recorded in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        if path is not None:
+            trace.save(path)
         yield name, trace, over
 
 
@@ -131,11 +139,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--traces", type=Path, help="a folder: reuse the traces saved there, save new ones there")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, trace, over in workloads(Path(tmp)):
+        if a.traces:
+            a.traces.mkdir(parents=True, exist_ok=True)
+        for name, trace, over in workloads(Path(tmp), a.traces):
             results[name] = {"graded_on": over, "requests": len(trace), **trace.meta,
                              "grid": grade(trace, over, a.policies.split(","))}
             print(name, "done", file=sys.stderr)

@@ -46,7 +46,8 @@ class Engine:
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = KVCache(cfg, self.n_ctx, self.dtype, self.device)
         # n_cpu_moe: the first N MoE layers' experts live in RAM and run on the CPU (llama.cpp's meaning)
-        self.cpu_layers = CpuLayers(self.store, int(n_cpu_moe), self.device, io_threads, verify) if n_cpu_moe else None
+        self.cpu_layers = CpuLayers(self.store, int(n_cpu_moe), self.device, io_threads, verify,
+                                    self.backend) if n_cpu_moe else None
         budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
         opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,

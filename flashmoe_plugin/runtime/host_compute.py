@@ -103,10 +103,14 @@ class HostCompute:
 
 
 class CpuLayers:
-    """`n_cpu_moe`: the expert records of the first N MoE layers, read into RAM at start and
-    computed on the CPU at every use (decode and prefill)."""
+    """`n_cpu_moe`: the expert records of the first N MoE layers, read into RAM at start and never
+    paged. Decode computes them on the CPU. Beside a GPU, a prefill expert with t tokens is copied
+    up and run there instead when t x (one token's CPU time) exceeds one record's copy time, both
+    measured at start (llama.cpp likewise offloads large batches): the CPU streams the record once
+    per token group it can hold, the GPU's tensor cores take any number of tokens for one copy."""
 
-    def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True):
+    def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
+                 gpu_backend=None):
         from ..io import Reader, aligned_empty
         order = sorted(store.layers)
         if not 0 <= n <= len(order):
@@ -118,6 +122,10 @@ class CpuLayers:
         count = sum(store.layers[l].experts for l in self.layers)
         self.bytes = count * size
         self.mem = aligned_empty(self.bytes) if count else None
+        self.device, self.gpu = device, gpu_backend if device.type == "cuda" else None
+        if self.gpu is not None and count:  # pinned: copies up run at full PCIe speed
+            from ..pager.tiers import CudaCopies
+            self.mem = CudaCopies(device).host_memory(self.bytes)
         self.records: dict = {}
         at = 0
         with Reader(nthreads=io_threads, direct=False) as reader:
@@ -135,6 +143,18 @@ class CpuLayers:
                 except OSError as err:
                     from ..store.format import StoreError
                     raise StoreError(f"{store.layer_path(layer)}: layer {layer}: {err}") from err
+        self.cpu_s = self.copy_s = None
+        self.slot = None
+        self.copied_up = 0  # prefill experts run on the GPU (for bench and tests)
+        if self.gpu is not None and count:
+            rec = next(iter(self.records.values()))
+            self.slot = torch.empty(size, dtype=torch.uint8, device=device)
+            self.copy_s = min(event_times(lambda: self.slot.copy_(rec, non_blocking=True), 3))
+            x = torch.zeros(1, self.layout.hidden)
+            self.backend.expert_ffn(x, rec, self.layout)  # warm
+            t0 = time.perf_counter()
+            self.backend.expert_ffn(x, rec, self.layout)
+            self.cpu_s = time.perf_counter() - t0
 
     def __contains__(self, layer: int) -> bool:
         return layer in self._set
@@ -149,8 +169,18 @@ class CpuLayers:
                                    tuple(w_h[0].tolist()), self.layout)
             return out.to(x.device, x.dtype)
         out = torch.zeros_like(xh)
+        gpu_out = torch.zeros_like(x) if self.gpu is not None else None
         for e in np.unique(ids_h.numpy()).tolist():
             tok, slot = torch.where(ids_h == e)
-            y = self.backend.expert_ffn(xh[tok], self.records[(layer, e)], self.layout) * w_h[tok, slot, None]
+            rec = self.records[(layer, e)]
+            if gpu_out is not None and len(tok) * self.cpu_s > self.copy_s:
+                self.slot.copy_(rec, non_blocking=True)  # stream-ordered after the last expert's use
+                tg, sg = tok.to(x.device), slot.to(x.device)
+                y = self.gpu.expert_ffn(x[tg], self.slot, self.layout) * weights[tg, sg, None]
+                gpu_out.index_add_(0, tg, y.to(x.dtype))
+                self.copied_up += 1
+                continue
+            y = self.backend.expert_ffn(xh[tok], rec, self.layout) * w_h[tok, slot, None]
             out.index_add_(0, tok, y)
-        return out.to(x.device, x.dtype)
+        out = out.to(x.device, x.dtype)
+        return out if gpu_out is None else out + gpu_out
