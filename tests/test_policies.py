@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from flashmoe_plugin.pager.belady import belady, brute_force, simulate
-from flashmoe_plugin.pager.policies import FWLRU, LFU, LRU, Static
+from flashmoe_plugin.pager.policies import FWLRU, LFU, LRU, LayerLRFU, Static
 from flashmoe_plugin.pager.trace import (TRACE_FILE, RoutingTrace, load_routing_stats,
                                          write_routing_stats)
 from flashmoe_plugin.plugins import registry
 from flashmoe_plugin.runtime.engine import Engine
 from conftest import run_sequence
 
-ONLINE = {"lru": LRU, "lfu": LFU, "fwlru": FWLRU}
+ONLINE = {"lru": LRU, "lfu": LFU, "fwlru": FWLRU, "lrfu": LayerLRFU}
 
 
 def random_trace(rng, n_layers, n_experts, k, n_steps):
@@ -101,7 +101,7 @@ def test_logits_identical_for_every_policy_and_budget(profiled):
     probe.close()
     for cap in sorted({k, max(k, total * 2 // 5), total}):
         hits = {}
-        for policy in ("lru", "lfu", "fwlru", "static", "belady"):
+        for policy in ("lru", "lfu", "fwlru", "lrfu", "auto", "static", "belady"):
             eng = Engine(store, ram_budget=cap * size, policy=policy, prefetch="off")
             trace = RoutingTrace()
             eng.record(trace)
@@ -130,3 +130,30 @@ def test_static_without_stats_is_lru(oracles, tmp_path):
     eng.close()
     with pytest.raises(ValueError, match="flashmoe profile"):
         Engine(store, policy="belady")
+
+
+def test_lrfu_on_a_hand_worked_layer_cycle():
+    # three layers, one expert each, two slots: every request is one layer's visit. LRU always
+    # evicts the layer that runs next (0 hits); lrfu keeps (0, 0), whose count grows, and among equal
+    # scores drops the most recently visited layer's key (farthest next use): 1 hit per cycle from
+    # the second; Belady's MIN reaches one hit in two requests.
+    reqs = [[(layer, 0)] for _ in range(10) for layer in range(3)]
+    assert simulate(LRU(2), reqs, 2).hits == 0
+    lrfu = simulate(LayerLRFU(2), reqs, 2)
+    assert lrfu.hits_per_request == [0, 0, 0] + [1, 0, 0] * 9
+    assert belady(reqs, 2).hits == 14
+
+
+def test_lrfu_never_thrashes_on_uniform_routing():
+    # 32 layers x 8 experts, top-2, uniform and independent (the synth stores' routing): no online
+    # policy can expect more than capacity / records; LRU and fwlru fall to ~0 below one token's
+    # 64 records, lrfu (and auto) stay near the bound at every capacity
+    rng = random.Random(0)
+    reqs = [[(layer, e) for e in rng.sample(range(8), 2)] for _ in range(120) for layer in range(32)]
+    for cap in (25, 64, 128, 192):
+        bound = cap / 256
+        for name in ("lrfu", "auto"):
+            hr = simulate(registry().policies[name](cap), reqs, cap).hit_rate
+            assert hr >= 0.8 * bound, (name, cap, hr)
+        assert hr <= belady(reqs, cap).hit_rate
+    assert simulate(LRU(25), reqs, 25).hit_rate < 0.01 and simulate(FWLRU(25), reqs, 25).hit_rate < 0.01

@@ -178,12 +178,12 @@ class LayerLRFU(Policy):
     heap per layer ranked by r = ln f + t_last ln2/H (current log score = r - t_l ln2/H)."""
 
     half_life = 64.0
-    own_layer = 1.0   # the current layer's keys compete with their score x own_layer
 
     def __init__(self, capacity):
         super().__init__(capacity)
         self.lam = math.log(2) / self.half_life
-        self._own = math.log(self.own_layer) if self.own_layer > 0 else -math.inf
+        self.visits = 0          # layer visits over all layers
+        self.seen: dict = {}     # layer -> self.visits at its latest visit
         self.t: dict = {}        # layer -> visits
         self.last_layer = None
         self.f: dict = {}        # key -> (count at t_last, t_last), kept after eviction
@@ -191,27 +191,18 @@ class LayerLRFU(Policy):
         self.heaps: dict = {}    # layer -> [(rank, t_last, expert)]; stale entries skipped lazily
         self.live: dict = {}     # layer -> resident keys of that layer
 
-    def warm(self, store):
-        """Seed the counts from routing_stats.json (if any) at their steady-state values, so the
-        first tokens already know the hot experts; nothing is preloaded."""
-        from .trace import load_routing_stats
-        stats = load_routing_stats(store.path)
-        if stats is not None and stats["tokens"] > 0:
-            steady = 1.0 / (1.0 - math.exp(-self.lam))
-            for layer, counts in stats["counts"].items():
-                for e, c in enumerate(counts):
-                    if c:
-                        self.f[(layer, e)] = (steady * c / stats["tokens"], 0)
-            self.note = f"{self.note_name}: counts seeded from routing_stats.json"
-        return []
 
-    note_name = "lrfu"
-
-    def _use(self, key):
-        layer = key[0]
+    def _visit(self, layer):
+        """A visit of `layer` starts with its first access (or eviction for it) after another layer's."""
         if layer != self.last_layer:
             self.t[layer] = self.t.get(layer, 0) + 1
             self.last_layer = layer
+            self.visits += 1
+            self.seen[layer] = self.visits
+
+    def _use(self, key):
+        layer = key[0]
+        self._visit(layer)
         t = self.t[layer]
         f, last = self.f.get(key, (0.0, t))
         f = f * math.exp(-self.lam * (t - last)) + 1.0
@@ -241,6 +232,11 @@ class LayerLRFU(Policy):
         return f * math.exp(-self.lam * (self.t.get(key[0], 0) - last))
 
     def victim(self, protected):
+        """The lowest score; among equal scores the key of the most recently visited layer (the
+        current request's layer first): its next visit is the farthest, as Belady would choose."""
+        cur = next(iter(protected))[0] if protected else None
+        if cur is not None:
+            self._visit(cur)  # the same state whether this request's hits were touched first or not
         best = None
         for layer, heap in self.heaps.items():
             skipped = []
@@ -253,9 +249,9 @@ class LayerLRFU(Policy):
                 if key in protected:
                     skipped.append(heapq.heappop(heap))
                     continue
-                s = r - self.lam * self.t[layer] + (self._own if layer == self.last_layer else 0.0)
-                if best is None or s < best[0]:
-                    best = (s, key)
+                rank = (round(r - self.lam * self.t[layer], 9), -math.inf if layer == cur else -self.seen[layer])
+                if best is None or rank < best[0]:
+                    best = (rank, key)
                 break
             for entry in skipped:
                 heapq.heappush(heap, entry)
@@ -265,8 +261,22 @@ class LayerLRFU(Policy):
 
 
 class Auto(LayerLRFU):
-    """The default: lrfu (chosen by the policy grid in benchmarks/README.md)."""
-    note_name = "auto (lrfu)"
+    """The default: lrfu (chosen by the policy grid in benchmarks/README.md), its counts seeded
+    from the store's routing_stats.json when there is one."""
+
+    def warm(self, store):
+        """Seed the counts from routing_stats.json (if any) at their steady-state values, so the
+        first tokens already know the hot experts; nothing is preloaded."""
+        from .trace import load_routing_stats
+        stats = load_routing_stats(store.path)
+        if stats is not None and stats["tokens"] > 0:
+            steady = 1.0 / (1.0 - math.exp(-self.lam))
+            for layer, counts in stats["counts"].items():
+                for e, c in enumerate(counts):
+                    if c:
+                        self.f[(layer, e)] = (steady * c / stats["tokens"], 0)
+            self.note = "auto (lrfu): counts seeded from routing_stats.json"
+        return []
 
 
 class Static(LRU):
