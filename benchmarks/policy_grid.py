@@ -16,7 +16,9 @@ pager's hits, which tests/test_policies.py checks against the real pager):
 At each capacity (a fraction of all expert records) prefill requests larger than the capacity
 are split into groups that fit, as Engine._experts does. On i.i.d. uniform routing no online
 policy can beat capacity/records in expectation (each layer's residents at its visit sum to at
-most the capacity), so the synth rows also carry that bound.
+most the capacity), so the synth rows also carry that bound. Every row also carries a "static
+oracle": the hit rate if the trace's capacity - top_k most used experts were always resident
+(popularity known in hindsight, order unknown), a reference for what frequency alone can give.
 """
 from __future__ import annotations
 
@@ -104,6 +106,16 @@ def graded(result, reqs, mask) -> float:
     return hits / n if n else 0.0
 
 
+def static_oracle(reqs, mask, cap: int, k: int) -> float:
+    """Hindsight frequencies: the hit rate of the graded requests if the cap - k experts they use
+    most were always resident (k slots left for the request's others). What knowing each expert's
+    popularity, but nothing of the order, gives."""
+    from collections import Counter
+    counts = Counter(key for r, d in zip(reqs, mask) if d for key in r)
+    pinned = sum(c for _, c in counts.most_common(max(0, cap - k)))
+    return pinned / max(1, sum(counts.values()))
+
+
 def grade(trace: RoutingTrace, over: str, policies=POLICIES, fractions=FRACTIONS) -> list[dict]:
     total = trace.meta["records"]
     keys = trace.request_keys()
@@ -113,7 +125,8 @@ def grade(trace: RoutingTrace, over: str, policies=POLICIES, fractions=FRACTIONS
         cap = max(trace.meta["top_k"], int(frac * total))
         reqs, mask = split(keys, dmask, cap)
         best = graded(belady(reqs, cap), reqs, mask)
-        row = {"fraction": frac, "capacity": cap, "belady": best, "online_bound_uniform": cap / total, "policies": {}}
+        row = {"fraction": frac, "capacity": cap, "belady": best, "online_bound_uniform": cap / total, "policies": {},
+               "static_oracle": static_oracle(reqs, mask, cap, trace.meta["top_k"])}
         for name in policies:
             t0 = time.perf_counter()
             hr = graded(simulate(registry().policies[name](cap), reqs, cap), reqs, mask)
@@ -125,12 +138,13 @@ def grade(trace: RoutingTrace, over: str, policies=POLICIES, fractions=FRACTIONS
 
 def table(results: dict) -> str:
     pols = list(next(iter(results.values()))["grid"][0]["policies"])
-    out = ["| workload | capacity | Belady | " + " | ".join(pols) + " |", "|---" * (3 + len(pols)) + "|"]
+    out = ["| workload | capacity | Belady | static oracle | " + " | ".join(pols) + " |", "|---" * (4 + len(pols)) + "|"]
     for name, w in results.items():
         for row in w["grid"]:
             cells = [f"{p['hit_rate']:.3f} ({p['of_belady']:.2f})" for p in row["policies"].values()]
             bound = f" (uniform bound {row['online_bound_uniform']:.3f})" if name.startswith("synth") else ""
             out.append(f"| {name} | {row['fraction']:.0%} ({row['capacity']}) | {row['belady']:.3f}{bound} | "
+                       f"{row['static_oracle']:.3f} ({row['static_oracle'] / row['belady']:.2f}) | "
                        + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -177,7 +177,7 @@ class LayerLRFU(Policy):
     frequent experts stay. H = `half_life` visits. Counts survive eviction. Victims come from one
     heap per layer ranked by r = ln f + t_last ln2/H (current log score = r - t_l ln2/H)."""
 
-    half_life = 64.0
+    half_life = 8.0
 
     def __init__(self, capacity):
         super().__init__(capacity)

@@ -208,3 +208,5 @@ class Engine:
 
     def close(self):
         self.pager.close()
+        if self.cpu_layers is not None:
+            self.cpu_layers.close()

@@ -123,9 +123,11 @@ class CpuLayers:
         self.bytes = count * size
         self.mem = aligned_empty(self.bytes) if count else None
         self.device, self.gpu = device, gpu_backend if device.type == "cuda" else None
+        self._pinned = None
         if self.gpu is not None and count:  # pinned: copies up run at full PCIe speed
             from ..pager.tiers import CudaCopies
-            self.mem = CudaCopies(device).host_memory(self.bytes)
+            self._pinned = CudaCopies(device)
+            self.mem = self._pinned.host_memory(self.bytes)
         self.records: dict = {}
         at = 0
         with Reader(nthreads=io_threads, direct=False) as reader:
@@ -155,6 +157,13 @@ class CpuLayers:
             t0 = time.perf_counter()
             self.backend.expert_ffn(x, rec, self.layout)
             self.cpu_s = time.perf_counter() - t0
+
+    def close(self):
+        if self._pinned is not None:
+            self._pinned.close()  # unpins the records
+            self._pinned = None
+        self.records.clear()
+        self.mem = self.slot = None
 
     def __contains__(self, layer: int) -> bool:
         return layer in self._set
