@@ -34,28 +34,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RIVAL = HERE / "rival"
 
-# (table, row, llama-bench args, flashmoe bench args, memory cgroup limit or None)
+# (table, row, llama-bench args, flashmoe bench args, memory cgroup limit or None, (prompt, decode) tokens)
 ROWS = {
     "h200": [
-        ("issue 9", "every expert in VRAM", ["-ngl", "99"], ["--device", "cuda"], None),
+        ("issue 9", "every expert in VRAM", ["-ngl", "99"], ["--device", "cuda"], None, (512, 32)),
         ("issue 10 (H200)", "8 layers' experts in VRAM, the rest in RAM (static: --n-cpu-moe 24)",
-         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--n-cpu-moe", "24"], None),
+         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--n-cpu-moe", "24"], None, (512, 32)),
         ("issue 10 (H200)", "8G of experts in VRAM, the rest in pinned RAM (dynamic tiers, host compute auto)",
-         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "24G"], None),
+         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "24G"],
+         None, (512, 32)),
         ("issue 10 (H200)", "every expert in RAM, dense on the GPU (--n-cpu-moe 32)",
-         ["-ngl", "99", "--n-cpu-moe", "32"], ["--device", "cuda", "--n-cpu-moe", "32"], None),
-        ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM",
+         ["-ngl", "99", "--n-cpu-moe", "32"], ["--device", "cuda", "--n-cpu-moe", "32"], None, (512, 32)),
+        ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM (llama.cpp ~0.2 tok/s: short run)",
          ["-ngl", "99", "--n-cpu-moe", "24", "--repack", "0", "-lm", "mmap"],
-         ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30),
+         ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30, (16, 8)),
     ],
     "cpu": [
         ("issue 10 (2-core)", "whole machine (model ~1.1x RAM)", ["-ngl", "0", "--repack", "0", "-lm", "mmap"],
-         ["--device", "cpu"], None),
+         ["--device", "cpu"], None, (16, 16)),
         ("issue 10 (2-core)", "12 GiB memory cgroup (model ~2.2x budget)", ["-ngl", "0", "--repack", "0", "-lm", "mmap"],
-         ["--device", "cpu"], 12 << 30),
+         ["--device", "cpu"], 12 << 30, (16, 16)),
     ],
 }
-TOKENS = {"h200": (512, 32), "cpu": (16, 16)}  # prompt tokens, decoded tokens (as in the issues' tables)
 
 
 def log(*a):
@@ -153,8 +153,9 @@ def flashmoe() -> list[str]:
 
 
 # ---------------------------------------------------------------------------- rows
-def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, threads: int) -> dict:
-    cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-r", "2", "-o", "json", "-t", str(threads), *args]
+def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, threads: int, reps: int = 2) -> dict:
+    cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json", "-t", str(threads),
+           *args]
     t0 = time.time()
     r = sh(cmd, cgroup=cgroup, timeout=900)
     out = {"command": " ".join(cmd), "seconds": round(time.time() - t0, 1)}
@@ -202,7 +203,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--stage", choices=["all", "prepare", "rows"], default="all")
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) to run; default all")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/rival-MACHINE.json; "
+                    "a copy stays in --work for merging the rows of later calls)")
     a = ap.parse_args(argv)
     import torch
     cuda = torch.cuda.is_available()
@@ -210,46 +212,49 @@ def main(argv=None):
     out = a.out or HERE / "results" / f"rival-{machine}{'' if a.layers == 32 else f'-{a.layers}l'}.json"
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    exe = build(a.src.resolve(), a.work, cuda and machine == "h200")
-    model = gguf(a.src.resolve(), a.work, a.layers)
-    st = store(a.work, a.layers)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:  # the build takes the cores, the writers the disk
+        built = pool.submit(build, a.src.resolve(), a.work, cuda and machine == "h200")
+        model = gguf(a.src.resolve(), a.work, a.layers)
+        st = store(a.work, a.layers)
+        exe = built.result()
     log(f"prepared in {time.time() - t0:.0f} s")
     if a.stage == "prepare":
         return
-    p, n = TOKENS[machine]
     threads = os.cpu_count() or 1
-    doc = json.loads(out.read_text()) if out.is_file() and a.rows else {}
+    keep = a.work / out.name  # rows of earlier calls (--rows) are merged from here
+    doc = json.loads(keep.read_text()) if keep.is_file() and a.rows else {}
     doc.update({"machine": {"kind": machine, "node": platform.node(), "cpus": threads,
                             "gpu": torch.cuda.get_device_name() if cuda else None,
                             "ram_total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
                             "load_avg_1m_at_start": os.getloadavg()[0]},
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "layers": a.layers,
                 "gguf": str(model), "gguf_bytes": model.stat().st_size, "store": str(st),
-                "prompt_tokens": p, "decode_tokens": n,
                 "llama_cpp": "llama-bench from the llama-cpp-python 0.3.36 sdist's vendored llama.cpp"})
     rows = doc.setdefault("rows", {})
     pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
-    for i, (table, name, largs, fargs, limit) in enumerate(ROWS[machine]):
+    for i, (table, name, largs, fargs, limit, (p, n)) in enumerate(ROWS[machine]):
         if pick is not None and i not in pick:
             continue
-        row = {"table": table, "row": name, "cgroup": None}
+        row = {"table": table, "row": name, "cgroup": None, "prompt_tokens": p, "decode_tokens": n}
         cg = None
         if limit:
             cg, how = make_cgroup(f"flashmoe-rival-{limit >> 30}g", limit)
             row["cgroup"] = how if cg else f"none: {how}; the row ran without a memory limit"
-        dropped = drop_caches()
+        # llama.cpp reads its GGUF through mmap: the page cache is dropped only for the cgroup rows
+        # (as REFERENCE.md measured); flashmoe bench drops it itself before each run
+        row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
         log(f"row {i}: llama.cpp {' '.join(largs)}")
-        row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads)
-        drop_caches()
+        row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
         log(f"row {i}: flashmoe {' '.join(fargs)}")
         row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
-        row["page_cache_dropped"] = dropped
         for k in ("decode_tok_s", "prefill_tok_s"):
             ours, theirs = row["flashmoe"].get(k), row["llama_cpp"].get(k)
             row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
         rows[str(i)] = row
         log(f"row {i}: decode {row['flashmoe'].get('decode_tok_s')} vs {row['llama_cpp'].get('decode_tok_s')} tok/s")
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        for f in {keep, out}:
+            f.write_text(json.dumps(doc, indent=1) + "\n")
     log(f"wrote {out} ({time.time() - t0:.0f} s)")
 
 

@@ -85,7 +85,7 @@ class Engine:
         the VRAM budget (default: what is free after the dense part and the KV cache, less a
         reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to the
         RAM budget's default). The RAM default is what is free (MemAvailable, or the memory
-        cgroup's room) less the KV cache pages not touched yet and sizes.RAM_RESERVE."""
+        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve()."""
         total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
         if ram_budget is None:
             kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
@@ -93,7 +93,7 @@ class Engine:
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
-            return max(ram_budget, min(total, self.config.top_k * self.store.layout.size)), 0
+            return max(ram_budget, self.config.top_k * self.store.layout.size), 0
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = free - max(1 << 30, free // 20)  # workspaces, activations, the allocator's slack
         if vram_budget is None:
