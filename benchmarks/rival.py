@@ -184,7 +184,7 @@ def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup) -> dict:
                         "--no-compute-bound", "--drop-caches", "--io-threads", "8", *args]
     t0 = time.time()
     r = sh(cmd, cgroup=cgroup, timeout=900)
-    out = {"command": "flashmoe " + " ".join(cmd[4:]), "seconds": round(time.time() - t0, 1)}
+    out = {"command": "flashmoe " + " ".join(cmd[3:]), "seconds": round(time.time() - t0, 1)}
     if r.returncode:
         return {**out, "error": (r.stderr or r.stdout)[-1500:]}
     res = json.loads(r.stdout)
