@@ -142,7 +142,7 @@ def _store_table(r: dict) -> str:
         f"{f(r['belady_hit_rate'], '{:.1%}')} | {r['bytes_read_per_token'] / 1e6:.1f} MB read/token, "
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {f(r['disk_bandwidth_gbps'])} GB/s",
         f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
-        f" | h2d {f(r['h2d_gbps'])} GB/s",
+        f" | h2d {f(r['h2d_gbps'])} GB/s | peak RSS {f((r.get('peak_rss_bytes') or 0) / 2**30)} GiB",
     ] + [f"note: {n}" for n in r["notes"]])
 
 
