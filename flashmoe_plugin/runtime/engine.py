@@ -89,11 +89,12 @@ class Engine:
         total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
         if ram_budget is None:
             kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
-            ram_budget = max(0, min(total, available_ram() - kv - ram_reserve()))
+            least = self.config.top_k * self.store.layout.size if self.device.type != "cuda" else 0
+            ram_budget = max(least, min(total, available_ram() - kv - ram_reserve()))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
-            return max(ram_budget, self.config.top_k * self.store.layout.size), 0
+            return ram_budget, 0
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = free - max(1 << 30, free // 20)  # workspaces, activations, the allocator's slack
         if vram_budget is None:
