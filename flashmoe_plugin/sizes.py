@@ -110,11 +110,11 @@ def _cgroups() -> list[tuple[int, int]]:
 
 
 def ram_reserve() -> int:
-    """RAM left free by the default budgets: the process's own working set beyond its weights
-    and caches (Python, torch, activations, staging; ~0.5 GB measured in `flashmoe bench`'s
-    peak RSS less dense + expert slots + KV cache on a 32-layer Mixtral-shaped store), doubled,
-    plus 2% of the machine (or cgroup) for the kernel and other processes. FLASHMOE_RAM_RESERVE
-    (a size) overrides it."""
+    """RAM left free by the default budgets: 1 GiB for the process's own working set beyond its
+    weights and caches (Python, torch, activations; `flashmoe bench` reports it as
+    rss_overhead_bytes: 0.27 GB on the demo model, ~0.1 GB over 1.34 GB of weights on a 1-layer
+    Mixtral-shaped store) and for prefill's activations, plus 2% of the machine (or cgroup) for
+    the kernel and other processes. FLASHMOE_RAM_RESERVE (a size) overrides it."""
     forced = os.environ.get("FLASHMOE_RAM_RESERVE")
     if forced:
         return parse_size(forced)
