@@ -112,8 +112,9 @@ def _cgroups() -> list[tuple[int, int]]:
 def ram_reserve() -> int:
     """RAM left free by the default budgets: 1 GiB for the process's own working set beyond its
     weights and caches (Python, torch, activations; `flashmoe bench` reports it as
-    rss_overhead_bytes: 0.27 GB on the demo model, ~0.1 GB over 1.34 GB of weights on a 1-layer
-    Mixtral-shaped store) and for prefill's activations, plus 2% of the machine (or cgroup) for
+    rss_overhead_bytes: 0.27 GB on the demo model; 6 MB on a 2-layer Mixtral-shaped store, whose
+    peak RSS of 2.28 GB is its bf16 dense part 0.69 GB + 16 records 1.59 GB) and for prefill's
+    activations, plus 2% of the machine (or cgroup) for
     the kernel and other processes. FLASHMOE_RAM_RESERVE (a size) overrides it."""
     forced = os.environ.get("FLASHMOE_RAM_RESERVE")
     if forced:
