@@ -18,7 +18,6 @@ chunks, the seed chain and the error messages are the same.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -75,16 +74,11 @@ class LlamaState:
 
 
 def _resolve_model_path(model_path) -> str:
-    path = str(model_path)
-    if path == "demo" and not os.path.exists(path):
-        try:
-            import flashmoe_plugin
-            path = str(flashmoe_plugin.demo_model_path())
-        except (ImportError, AttributeError):
-            pass
-    if not os.path.exists(path):
-        raise ValueError(f"Model path does not exist: {path}")
-    return path
+    from flashmoe_plugin.models_path import resolve_model  # "demo" is the embedded model, as on the CLI
+    try:
+        return str(resolve_model(model_path))
+    except ValueError:
+        raise ValueError(f"Model path does not exist: {model_path}") from None
 
 
 def _engine_kwargs(engine_cls, wanted: dict) -> dict:
@@ -135,11 +129,11 @@ class Llama:
     ):
         from flashmoe_plugin.plugins import manager
         from flashmoe_plugin.runtime.engine import Engine
-        from flashmoe_plugin.store.format import Store
+        from flashmoe_plugin.store.model import open_model
 
         self.verbose = verbose
         self.model_path = _resolve_model_path(model_path)
-        store = Store.open(self.model_path)
+        store = open_model(self.model_path)
         if n_ctx == 0:  # llama.cpp: 0 = the model's training context
             n_ctx = store.config.max_position_embeddings
         self.n_batch = min(int(n_batch), int(n_ctx))
@@ -150,7 +144,8 @@ class Llama:
         self.cache_policy, self.prefetch, self.backend = cache_policy, prefetch, backend
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
-        for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute"):
+        for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute", "storage",
+                  "storage_options"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()

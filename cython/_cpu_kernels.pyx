@@ -165,7 +165,7 @@ cdef uintptr_t _part_ptr(buf, str name, int fmt, int64_t rows, int64_t cols, int
     if offset < 0:
         raise ValueError(f"{name}: negative offset {offset}")
     cdef int64_t have = buf.numel()
-    if offset + need > have:
+    if offset > have or need > have - offset:  # not offset + need: that overflows int64
         raise ValueError(f"{name}: too short: the part needs bytes [{offset}, {offset + need}) "
                          f"but the tensor holds {have} bytes")
     return p + <uintptr_t>offset

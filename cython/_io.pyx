@@ -21,15 +21,21 @@ from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_STRIDES
                              PyBuffer_Release, PyObject_GetBuffer)
 from cpython.buffer cimport PyObject_CheckBuffer
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport PyObject
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
-from libc.errno cimport EBADF, EINVAL, errno
+from libc.errno cimport EBADF, ECHILD, EINVAL, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from fm_io cimport *
 
+cimport cython
+
 import os as _os
+
+cdef extern from "errno.h":
+    enum: ESHUTDOWN
 
 DIRECT_ALIGN = FM_DIRECT_ALIGN
 
@@ -116,7 +122,8 @@ cdef uint32_t _crc_span(const char *p, size_t n, uint32_t crc, bint portable) no
 
 
 cdef tuple _tensor_span(object t, bint writable):
-    """(address, nbytes) of a contiguous CPU torch tensor; TypeError for anything else."""
+    """(address, nbytes) of a contiguous CPU torch tensor; TypeError for anything else. writable:
+    the bytes will be written behind torch's back, which autograd must not be tracking."""
     if not hasattr(t, "data_ptr") or not hasattr(t, "is_contiguous"):
         raise TypeError(f"expected a buffer (bytes, memoryview, numpy array, AlignedBuffer) or a "
                         f"CPU torch tensor, got {type(t).__name__}")
@@ -124,6 +131,9 @@ cdef tuple _tensor_span(object t, bint writable):
         raise TypeError(f"expected host memory, got a tensor on {t.device}")
     if not t.is_contiguous():
         raise BufferError("tensor is not contiguous")
+    if writable and t.requires_grad:
+        raise TypeError("a tensor that requires grad cannot be a read destination (autograd would "
+                        "not see the write): pass tensor.detach()")
     return int(t.data_ptr()), int(t.numel()) * int(t.element_size())
 
 
@@ -243,6 +253,7 @@ cdef str _kind_name(int status):
     return "ok"
 
 
+@cython.no_gc_clear
 cdef class Ticket:
     """An asynchronous batch (Reader.submit). wait() blocks until every request is done (the GIL
     is released; the waiting thread also executes unstarted reads of this batch) and raises the
@@ -254,7 +265,7 @@ cdef class Ticket:
     cdef fm_request *_reqs
     cdef size_t _n
     cdef Reader _reader
-    cdef list _keep
+    cdef list _keep  # the destinations; hidden from the garbage collector while reads run
 
     def __dealloc__(self):
         if self._b != NULL:
@@ -289,14 +300,21 @@ cdef class Ticket:
 
     def wait(self):
         """Block until the batch is complete; raise ReadError (ChecksumError) for the first failed
-        request. Requests dropped by cancel() are not failures here (see status()). Calling it
-        again re-raises the same failure."""
+        request, a real failure before a cancellation: a request dropped by cancel() was not read,
+        so it raises ReadError with kind 'cancelled' (status() tells them apart). Calling it again
+        re-raises the same failure."""
         self._wait_nogil()
         cdef const fm_result *res = fm_batch_results(self._b)
         cdef size_t i
+        cdef Py_ssize_t cancelled = -1
         for i in range(self._n):
-            if res[i].status != FM_OK and res[i].status != FM_ERR_CANCELLED:
+            if res[i].status == FM_ERR_CANCELLED:
+                if cancelled < 0:
+                    cancelled = i
+            elif res[i].status != FM_OK:
                 raise self._error(i)
+        if cancelled >= 0:
+            raise self._error(cancelled)
 
     def done(self):
         """True when every request has completed (successfully or not). Never blocks."""
@@ -305,7 +323,8 @@ cdef class Ticket:
     def cancel(self):
         """Drop the reads no thread has started (reads in progress finish). Returns the number of
         requests affected; status() marks them 'cancelled' (their destination bytes are partly or
-        wholly unwritten). wait() is still needed before reusing the destinations."""
+        wholly unwritten) and wait() raises for them. wait() (or status()) is still needed before
+        reusing the destinations."""
         if self._b == NULL:
             return 0
         return fm_cancel(self._b)
@@ -362,6 +381,32 @@ cdef class Ticket:
         return ReadError(f"{path}: read of {where} (request {i}) was cancelled", **common)
 
 
+# A ticket in a reference cycle (dest -> ticket -> its destinations -> dest) must not have its
+# destinations freed while reader threads still write into them. no_gc_clear keeps the collector
+# from clearing the ticket, and while its batch runs the ticket shows the collector none of its
+# references, so no cycle through it is found (nor any object in it cleared) before the reads are
+# done; the next collection after that frees the cycle. (A never-waited batch of a reader without
+# threads never completes: such a cycle stays.)
+cdef extern from "Python.h":
+    ctypedef int (*visitproc)(PyObject *, void *) noexcept
+    ctypedef int (*traverseproc)(PyObject *, visitproc, void *) noexcept
+    ctypedef struct _TypeSlots "PyTypeObject":
+        traverseproc tp_traverse
+
+cdef traverseproc _ticket_traverse_all = (<_TypeSlots *><void *>Ticket).tp_traverse
+
+
+cdef int _ticket_traverse(PyObject *o, visitproc visit, void *arg) noexcept:
+    cdef fm_batch *b = (<Ticket>o)._b
+    if b != NULL and not fm_poll(b):
+        return 0
+    return _ticket_traverse_all(o, visit, arg)
+
+
+(<_TypeSlots *><void *>Ticket).tp_traverse = _ticket_traverse
+
+
+@cython.no_gc_clear
 cdef class Reader:
     """A pool of nthreads reader threads (C, no GIL) executing batches of pread requests.
 
@@ -376,8 +421,11 @@ cdef class Reader:
     read(requests, priority=0): run a batch and wait; raises ReadError / ChecksumError.
     submit(requests, priority=0) -> Ticket; wait(ticket); done(ticket) -> bool.
     Higher priority batches are served first (demand reads before prefetches); FIFO otherwise.
-    Not to be closed while another thread is using it."""
+    close() may be called from any thread while others submit or wait: their batches complete,
+    later calls raise ValueError. The native memory lives until the Reader and its tickets are
+    gone. After fork() a child cannot submit (OSError) and never blocks on the parent's batches."""
     cdef fm_reader *_r
+    cdef bint _closed
     cdef list _paths
     cdef bint _direct
     cdef int _nthreads
@@ -400,7 +448,7 @@ cdef class Reader:
             self._r = NULL
 
     cdef fm_reader *_get(self) except NULL:
-        if self._r == NULL:
+        if self._r == NULL or self._closed:
             raise ValueError("Reader is closed")
         return self._r
 
@@ -410,16 +458,17 @@ cdef class Reader:
         return f"<file {file_id}>"
 
     def close(self):
-        """Wait for every submitted batch, stop the threads and close all files. Idempotent."""
+        """Wait for every submitted batch, stop the threads and close all files. Idempotent; safe
+        while other threads submit or wait (the memory is freed with the object, not here)."""
         cdef fm_reader *r = self._r
-        self._r = NULL
+        self._closed = True
         if r != NULL:
             with nogil:
-                fm_reader_free(r)
+                fm_reader_close(r)
 
     @property
     def closed(self):
-        return self._r == NULL
+        return self._closed
 
     def __enter__(self):
         self._get()
@@ -453,6 +502,8 @@ cdef class Reader:
         cdef int fid
         with nogil:
             fid = fm_open(r, cpath, want, &got)
+        if fid == -ESHUTDOWN:
+            raise ValueError("Reader is closed")
         if fid < 0:
             raise OSError(-fid, _os.strerror(-fid), p)
         while len(self._paths) <= fid:
@@ -500,7 +551,7 @@ cdef class Reader:
         cdef fm_reader *r = self._get()
         cdef Ticket t = Ticket.__new__(Ticket)
         t._reader = self
-        t._keep = []
+        keep = t._keep = []
         reqs = requests if isinstance(requests, (list, tuple)) else list(requests)
         cdef size_t n = len(reqs)
         cdef size_t i
@@ -510,13 +561,18 @@ cdef class Reader:
             raise MemoryError()
         t._n = n
         for i in range(n):
-            _parse_request(reqs[i], i, &t._reqs[i], t._keep)
+            _parse_request(reqs[i], i, &t._reqs[i], keep)
         cdef size_t bad = 0
         cdef int rc
         with nogil:
             rc = fm_submit(r, t._reqs, n, priority, &t._b, &bad)
         if rc == 0:
             return t
+        if rc == -ESHUTDOWN:
+            raise ValueError("Reader is closed")
+        if rc == -ECHILD:
+            raise OSError(ECHILD, f"this Reader belongs to the process that created it, not to this "
+                                  f"forked child (pid {_os.getpid()}): open a new Reader here")
         q = &t._reqs[bad]
         if rc == -EBADF:
             raise ValueError(f"request {bad}: unknown or closed file id {q.file}")
@@ -604,6 +660,8 @@ cdef int _parse_request(object rq, size_t i, fm_request *q, list keep) except -1
         return 0
     if hasattr(dest, "data_ptr") and not PyObject_CheckBuffer(dest):
         addr, size = _tensor_span(dest, writable=True)
+        # the storage, not only the tensor: set_() or del of the tensor mid-read must not free it
+        keep.append(dest.untyped_storage())
         keep.append(dest)
     else:
         try:

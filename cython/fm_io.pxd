@@ -41,6 +41,7 @@ cdef extern from "fm_io.h" nogil:
         pass
 
     fm_reader *fm_reader_new(int nthreads, int direct, uint64_t chunk_bytes)
+    void fm_reader_close(fm_reader *r)
     void fm_reader_free(fm_reader *r)
     int fm_reader_nthreads(const fm_reader *r)
     uint64_t fm_reader_chunk_bytes(const fm_reader *r)

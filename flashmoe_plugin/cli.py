@@ -2,6 +2,9 @@
 built-in ones included (commands.py)."""
 from __future__ import annotations
 
+import sys
+import warnings
+
 import click
 
 from . import __version__
@@ -14,7 +17,14 @@ def cli():
     tiered, predictive pager and run on fused quantized kernels."""
 
 
+def _notice(message, category, filename, lineno, file=None, line=None):
+    """Warnings from the core reach a CLI user as one line, without a file and line number."""
+    kind = "note" if category is UserWarning else category.__name__
+    print(f"flashmoe: {kind}: {message}", file=file or sys.stderr)
+
+
 def main():
     from .plugins import manager
+    warnings.showwarning = _notice
     manager().hook.register_commands(cli=cli)
     cli()

@@ -19,6 +19,7 @@ BUILTINS = {
     "torch_backend": "flashmoe_plugin.kernels.torch_backend",
     "native_backends": "flashmoe_plugin.kernels.native_backends",
     "policies": "flashmoe_plugin.pager.policies",
+    "storage": "flashmoe_plugin.pager.faulty",
     "core_commands": "flashmoe_plugin.commands",
     "bench_commands": "flashmoe_plugin.bench.commands",
 }

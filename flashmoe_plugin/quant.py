@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant_gguf
+
 GROUP = 64
 SECTION_ALIGN = 64
 RAW_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -75,6 +77,8 @@ def sections(fmt: str, shape) -> list[Section]:
 
 
 def part_nbytes(fmt: str, shape) -> int:
+    if quant_gguf.is_block_format(fmt):
+        return quant_gguf.part_nbytes(fmt, shape)
     secs = sections(fmt, shape)
     return _align(secs[-1].offset + secs[-1].nbytes)
 
@@ -182,6 +186,8 @@ def quantize(w: torch.Tensor, fmt: str, rows_per_chunk: int | None = None) -> to
 
 def dequantize(buf: torch.Tensor, fmt: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float matrix a part encodes: the reference every kernel is checked against."""
+    if quant_gguf.is_block_format(fmt):
+        return quant_gguf.dequantize(buf, fmt, shape, dtype)
     out, inp = check_shape(fmt, shape)
     v = views(buf, fmt, (out, inp))
     if fmt in RAW_DTYPES:

@@ -1,28 +1,84 @@
-"""Byte sizes as users write them: 512M, 8G, 1.5GiB, plain bytes."""
+"""Sizes and rates, read and written the same way everywhere.
+
+Reading (budgets on the CLI, in Engine and in Llama): `512M`, `8G`, `1.5GiB`, `0`, plain bytes,
+or a percentage of the model's expert bytes (`50%`). K/M/G/T are binary (2^10, 2^20, ...),
+with or without `iB`/`B`. Anything else is a ValueError whose message shows the accepted forms.
+
+Writing: binary units for what people read, sizes (`format_size`: KiB, MiB, GiB) and rates
+alike (`format_rate`: MiB/s, GiB/s), so no printed line mixes 2^30 and 10^9. Machine-read JSON
+keeps bytes, and rates in keys named `*_gbps`, which are 10^9 bytes per second (the STREAM
+convention of the kernel and store benchmarks).
+"""
 from __future__ import annotations
 
 import os
 import re
 
+import click
+
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kKmMgGtT]?)(i?[bB])?|(%))\s*")
+FORMS = "e.g. 512M, 8G, 1.5GiB, a number of bytes, or 50% of the model's expert bytes"
 
 
-def parse_size(value) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
+def parse_size(value, of: int | None = None, name: str = "size") -> int | None:
+    """Bytes from `value` (None stays None). A percentage is taken of `of` (the model's expert
+    bytes); without `of` it is refused, naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: not a size: {value!r} ({FORMS})")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{name}: a size cannot be negative ({value!r})")
         return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(value))
+    m = _SIZE.fullmatch(str(value))
     if not m:
-        raise ValueError(f"not a size: {value!r} (use e.g. 512M, 8G or a number of bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise ValueError(f"{name}: not a size: {value!r} ({FORMS})")
+    number = float(m.group(1))
+    if m.group(4):
+        if of is None:
+            raise ValueError(f"{name}: a percentage ({value!r}) needs the model's expert bytes; give a size here")
+        return int(of * number / 100)
+    return int(number * _UNITS[(m.group(2) or "").lower()])
+
+
+def check_size(value, name: str = "size"):
+    """Validate the syntax now (a percentage resolved later, once the model is open); returns value."""
+    parse_size(value, of=0, name=name)
+    return value
+
+
+class SizeType(click.ParamType):
+    """A click option type: checks a size or percentage at parse time (a one-line usage error,
+    before any model is loaded) and passes the text on for the engine to resolve."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_size(value, name=param.opts[0] if param is not None else "size")
+        except ValueError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+SIZE = SizeType()
 
 
 def format_size(n: int | float) -> str:
+    """Binary units: 512 B, 35.33 MiB, 2.12 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
+
+
+def format_rate(bytes_per_second: float | None) -> str:
+    """Binary units per second, like format_size: 0.27 GiB/s below 1 GiB/s is 276.5 MiB/s."""
+    if bytes_per_second is None:
+        return "n/a"
+    if bytes_per_second >= 1 << 30:
+        return f"{bytes_per_second / (1 << 30):.2f} GiB/s"
+    return f"{bytes_per_second / (1 << 20):.1f} MiB/s"
 
 
 def available_ram() -> int:

@@ -19,11 +19,12 @@ from flashmoe_plugin.store.layout import RecordLayout
 
 def _skip_reason():
     if not torch.cuda.is_available():
-        return "needs an NVIDIA GPU (CUDA)"
+        return "the CUDA kernels are not tested: no NVIDIA GPU is visible to torch on this machine"
     try:
         import flashmoe_plugin._kernels_cuda  # noqa: F401
     except ImportError:
-        return "flashmoe_plugin._kernels_cuda not built"
+        return ("the CUDA kernels are not tested: flashmoe_plugin._kernels_cuda is not built (no nvcc at install, "
+                "or FLASHMOE_CUDA=0)")
     return None
 
 

@@ -13,7 +13,8 @@ from flashmoe_plugin.pager.trace import RoutingTrace
 from flashmoe_plugin.runtime.engine import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+                                reason="the pager's GPU tiers are not tested: no NVIDIA GPU is visible to torch "
+                                       "on this machine (their CPU twin runs in test_pager.py)")
 
 
 @pytest.mark.parametrize("quant", ["none", "q4"])

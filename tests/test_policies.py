@@ -47,6 +47,51 @@ def test_belady_matches_brute_force_and_beats_online_policies():
         assert simulate(pinned_static(cap, pins), reqs, cap).hits <= best
 
 
+def reference_hits(name, requests, cap):
+    """Each online policy from its definition, with no shared code: hits of a request are touched
+    in order, each miss evicts (outside the request) when full, misses load after the hits."""
+    import math
+    resident, count, last, f, t = [], {}, {}, {}, 0
+    lam = math.log(2) / max(1.0, cap)
+
+    def use(k):
+        nonlocal t
+        t += 1
+        fk, tl = f.get(k, (0.0, t))
+        f[k] = (fk * math.exp(-lam * (t - tl)) + 1.0, t)
+        count[k] = count.get(k, 0) + 1
+        last[k] = t
+
+    rank = {"lru": lambda k: last[k], "lfu": lambda k: (count[k], last[k]),
+            "fwlru": lambda k: (math.log(f[k][0]) + lam * f[k][1], f[k][1])}[name]
+    hits = 0
+    for req in requests:
+        req = list(dict.fromkeys(req))
+        loaded = []
+        for k in req:
+            if k in resident:
+                hits += 1
+                use(k)
+                continue
+            if len(resident) + len(loaded) >= cap:
+                resident.remove(min((r for r in resident if r not in req), key=rank))
+            loaded.append(k)
+        for k in loaded:
+            resident.append(k)
+            use(k)
+    return hits
+
+
+def test_online_policies_hit_exactly_what_their_definitions_give():
+    rng = random.Random(4321)
+    for _ in range(250):
+        n_layers, n_experts, k = rng.choice([1, 2]), rng.choice([3, 4, 5, 8]), rng.choice([1, 2, 3])
+        reqs = random_trace(rng, n_layers, n_experts, k, rng.randint(2, 30))
+        cap = rng.randint(max(len(r) for r in reqs), n_layers * n_experts)
+        for name, cls in ONLINE.items():
+            assert simulate(cls(cap), reqs, cap).hits == reference_hits(name, reqs, cap), (name, reqs, cap)
+
+
 def test_belady_protects_the_current_request():
     # plain sequential MIN would evict (0, 0) while loading (0, 1) in the same step
     reqs = [[(0, 0)], [(0, 1), (0, 0)], [(0, 2)], [(0, 0)]]

@@ -31,15 +31,19 @@ static uint32_t multmodp(uint32_t a, uint32_t b)
     return p;
 }
 
-static uint32_t x2n_table[32]; /* x^(2^n) mod POLY */
+/* x^(2^n) mod POLY for every n reached: n < 64 + 3 (x2nmodp's k is 3 for bytes). No wrap-around:
+ * zlib's `k & 31` relies on x^(2^32) = x for its CRC-32 polynomial, which does not hold for CRC-32C
+ * (it made combine wrong for len_b >= 512 MiB). */
+#define X2N 67
+static uint32_t x2n_table[X2N];
 
-/* x^(n * 2^k) mod POLY */
+/* x^(n * 2^k) mod POLY, k <= 3 */
 static uint32_t x2nmodp(uint64_t n, unsigned k)
 {
     uint32_t p = (uint32_t)1 << 31; /* x^0 */
     while (n) {
         if (n & 1)
-            p = multmodp(x2n_table[k & 31], p);
+            p = multmodp(x2n_table[k], p);
         n >>= 1;
         k++;
     }
@@ -89,7 +93,7 @@ static void init_tables(void)
 
     uint32_t p = (uint32_t)1 << 30; /* x^1 */
     x2n_table[0] = p;
-    for (int n = 1; n < 32; n++)
+    for (int n = 1; n < X2N; n++)
         x2n_table[n] = p = multmodp(p, p);
 
 #ifdef FM_CRC_X86

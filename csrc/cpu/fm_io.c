@@ -77,7 +77,30 @@ struct fm_reader {
     size_t inflight;   /* batches not complete */
     fm_file *files;
     int nfiles, capfiles;
+    int closed;          /* 0 open, 1 closing (draining), 2 closed */
+    atomic_size_t refs;  /* the owner's (until fm_reader_free) + one per unreleased batch */
+    pid_t pid;           /* the process that owns the threads (see foreign()) */
 };
+
+/* After fork() the child has a copy of the reader but none of its threads, and the mutex may have
+ * been held by a thread that does not exist there: the child must neither lock nor wait. */
+static int foreign(const fm_reader *r) { return getpid() != r->pid; }
+
+/* Frees the memory once the owner and every batch have let go of it, so that a thread still in
+ * fm_wait/fm_batch_free of a batch never touches a freed mutex or condition variable. */
+static void reader_unref(fm_reader *r)
+{
+    if (atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    free(r->files);
+    free(r->threads);
+    if (!foreign(r)) { /* in a forked child they may be in an undefined state: leave them */
+        pthread_cond_destroy(&r->cv_work);
+        pthread_cond_destroy(&r->cv_done);
+        pthread_mutex_destroy(&r->mu);
+    }
+    free(r);
+}
 
 enum { RUN = 0, SKIP_FAILED = 1, SKIP_CANCELLED = 2 };
 
@@ -268,6 +291,8 @@ fm_reader *fm_reader_new(int nthreads, int direct, uint64_t chunk_bytes)
     if (!r)
         return NULL;
     r->default_direct = direct ? 1 : 0;
+    atomic_init(&r->refs, 1);
+    r->pid = getpid();
     if (chunk_bytes)
         chunk_bytes = (chunk_bytes + FM_DIRECT_ALIGN - 1) / FM_DIRECT_ALIGN * FM_DIRECT_ALIGN;
     r->chunk = chunk_bytes;
@@ -310,11 +335,26 @@ fm_reader *fm_reader_new(int nthreads, int direct, uint64_t chunk_bytes)
     return r;
 }
 
-void fm_reader_free(fm_reader *r)
+void fm_reader_close(fm_reader *r)
 {
     if (!r)
         return;
+    if (foreign(r)) { /* no threads to stop here: close this process's descriptors */
+        if (r->closed != 2)
+            for (int f = 0; f < r->nfiles; f++)
+                if (r->files[f].fd >= 0)
+                    close(r->files[f].fd), r->files[f].fd = -1;
+        r->closed = 2;
+        return;
+    }
     pthread_mutex_lock(&r->mu);
+    if (r->closed) { /* another thread closes it (or did): wait until it is done */
+        while (r->closed != 2)
+            pthread_cond_wait(&r->cv_done, &r->mu);
+        pthread_mutex_unlock(&r->mu);
+        return;
+    }
+    r->closed = 1; /* fm_submit and fm_open refuse from now on */
     /* drain: help with queued work (there may be no worker threads), then wait for the rest */
     while (r->inflight > 0) {
         if (r->pending) {
@@ -336,15 +376,21 @@ void fm_reader_free(fm_reader *r)
     pthread_mutex_unlock(&r->mu);
     for (int t = 0; t < r->nthreads; t++)
         pthread_join(r->threads[t], NULL);
+    pthread_mutex_lock(&r->mu);
     for (int f = 0; f < r->nfiles; f++)
         if (r->files[f].fd >= 0)
-            close(r->files[f].fd);
-    free(r->files);
-    free(r->threads);
-    pthread_cond_destroy(&r->cv_work);
-    pthread_cond_destroy(&r->cv_done);
-    pthread_mutex_destroy(&r->mu);
-    free(r);
+            close(r->files[f].fd), r->files[f].fd = -1;
+    r->closed = 2;
+    pthread_cond_broadcast(&r->cv_done);
+    pthread_mutex_unlock(&r->mu);
+}
+
+void fm_reader_free(fm_reader *r)
+{
+    if (!r)
+        return;
+    fm_reader_close(r);
+    reader_unref(r);
 }
 
 int fm_reader_nthreads(const fm_reader *r) { return r->nthreads; }
@@ -392,6 +438,11 @@ int fm_open(fm_reader *r, const char *path, int direct, int *is_direct)
     }
 
     pthread_mutex_lock(&r->mu);
+    if (r->closed) {
+        pthread_mutex_unlock(&r->mu);
+        close(fd);
+        return -ESHUTDOWN;
+    }
     if (r->nfiles == r->capfiles) {
         int cap = r->capfiles ? 2 * r->capfiles : 16;
         fm_file *nf = (fm_file *)realloc(r->files, (size_t)cap * sizeof(fm_file));
@@ -485,11 +536,13 @@ int fm_file_evict(fm_reader *r, int file)
 
 static void batch_release(fm_batch *b)
 {
+    fm_reader *r = b->r;
     free(b->reqs);
     free(b->res);
     free(b->rs);
     free(b->items);
     free(b);
+    reader_unref(r);
 }
 
 int fm_submit(fm_reader *r, const fm_request *reqs, size_t n, int priority, fm_batch **out, size_t *bad_index)
@@ -499,9 +552,12 @@ int fm_submit(fm_reader *r, const fm_request *reqs, size_t n, int priority, fm_b
         *bad_index = 0;
     if (n > UINT32_MAX)
         return -EINVAL;
+    if (foreign(r))
+        return -ECHILD;
     fm_batch *b = (fm_batch *)calloc(1, sizeof(*b));
     if (!b)
         return -ENOMEM;
+    atomic_fetch_add_explicit(&r->refs, 1, memory_order_relaxed);
     b->r = r;
     b->priority = priority;
     b->n = n;
@@ -516,14 +572,18 @@ int fm_submit(fm_reader *r, const fm_request *reqs, size_t n, int priority, fm_b
             q->offset > (uint64_t)INT64_MAX - q->nbytes) {
             if (bad_index)
                 *bad_index = i;
-            free(b);
+            batch_release(b);
             return -EINVAL;
         }
+        /* checked per request: a sum checked once at the end can wrap (then too few items
+         * would be allocated and written past) */
         nitems += (chunk && q->nbytes > chunk) ? (q->nbytes + chunk - 1) / chunk : 1;
-    }
-    if (nitems > UINT32_MAX) {
-        free(b);
-        return -EINVAL;
+        if (nitems > UINT32_MAX) {
+            if (bad_index)
+                *bad_index = i;
+            batch_release(b);
+            return -EINVAL;
+        }
     }
     size_t m = n ? n : 1;
     b->reqs = (fm_request *)malloc(m * sizeof(fm_request));
@@ -556,6 +616,11 @@ int fm_submit(fm_reader *r, const fm_request *reqs, size_t n, int priority, fm_b
     }
 
     pthread_mutex_lock(&r->mu);
+    if (r->closed) {
+        pthread_mutex_unlock(&r->mu);
+        batch_release(b);
+        return -ESHUTDOWN;
+    }
     for (size_t i = 0; i < n; i++) {
         const fm_request *q = &b->reqs[i];
         fm_file *f = lookup(r, q->file);
@@ -612,6 +677,8 @@ static int wait_batch(fm_batch *b, int64_t timeout_ms)
     if (atomic_load_explicit(&b->done, memory_order_acquire))
         return 1;
     fm_reader *r = b->r;
+    if (foreign(r))
+        return 0; /* its reads belonged to the parent's threads: it never completes here */
     struct timespec deadline;
     if (timeout_ms >= 0)
         deadline_after(r, timeout_ms, &deadline);
@@ -641,7 +708,8 @@ static int wait_batch(fm_batch *b, int64_t timeout_ms)
 
 size_t fm_wait(fm_batch *b)
 {
-    wait_batch(b, -1);
+    if (!wait_batch(b, -1))
+        return b->n; /* a forked child: nothing of it is read */
     return b->failed;
 }
 
@@ -657,7 +725,7 @@ int fm_poll(const fm_batch *b)
 
 size_t fm_cancel(fm_batch *b)
 {
-    if (atomic_load_explicit(&b->done, memory_order_acquire))
+    if (atomic_load_explicit(&b->done, memory_order_acquire) || foreign(b->r))
         return 0;
     fm_reader *r = b->r;
     size_t affected = 0;

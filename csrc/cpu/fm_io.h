@@ -17,8 +17,14 @@
  *
  * Thread safety: all functions may be called from any thread, except that a batch must not be
  * waited on or freed concurrently with fm_batch_free() of the same batch, and fm_reader_free() must
- * not race with other calls on that reader. Destination memory must stay valid until the batch is
- * complete (fm_wait / fm_poll returned done).
+ * not race with calls on the reader itself (fm_submit, fm_open, ...): use fm_reader_close() for a
+ * shutdown from another thread. Every batch keeps the reader's memory alive, so waiting on or
+ * freeing a batch is safe at any time, also during or after fm_reader_close/fm_reader_free.
+ * Destination memory must stay valid until the batch is complete (fm_wait / fm_poll returned done).
+ *
+ * fork(): a child process gets a copy of the reader but none of its threads. There fm_submit
+ * returns -ECHILD, waits never block (an incomplete batch stays incomplete: fm_wait returns its
+ * size, fm_wait_timeout 0), and fm_batch_free / fm_reader_free release memory without waiting.
  */
 #ifndef FM_IO_H
 #define FM_IO_H
@@ -67,8 +73,12 @@ typedef struct fm_batch fm_batch;
  * larger than this are split (rounded up to FM_DIRECT_ALIGN; 0 = never split). direct: default mode
  * of fm_open. Returns NULL with errno set on failure. */
 fm_reader *fm_reader_new(int nthreads, int direct, uint64_t chunk_bytes);
-/* Waits for every submitted batch to complete, stops the threads, closes the files, frees. Batches
- * must still be released with fm_batch_free (allowed after this). */
+/* Shuts the reader down: from now on fm_submit and fm_open return -ESHUTDOWN; waits for every
+ * submitted batch to complete, stops the threads, closes the files. Idempotent; may be called from
+ * any thread while others submit or wait. The memory stays until fm_reader_free. */
+void fm_reader_close(fm_reader *r);
+/* fm_reader_close, then drops the owner's hold on the memory, which is freed when the last batch
+ * is released too. Batches must still be released with fm_batch_free (allowed after this). */
 void fm_reader_free(fm_reader *r);
 int fm_reader_nthreads(const fm_reader *r);
 uint64_t fm_reader_chunk_bytes(const fm_reader *r);
@@ -89,7 +99,8 @@ int fm_file_evict(fm_reader *r, int file);
 
 /* Queues n requests (copied; the array may be reused at once). On success returns 0 and *out.
  * On a bad request nothing is queued: returns -EBADF (unknown file id), -EINVAL (O_DIRECT
- * misalignment, NULL dest, offset overflow) or -ENOMEM, and *bad_index names the request. */
+ * misalignment, NULL dest, offset overflow, more than 2^32 chunks) or -ENOMEM, and *bad_index
+ * names the request; -ESHUTDOWN after fm_reader_close, -ECHILD in a forked child. */
 int fm_submit(fm_reader *r, const fm_request *reqs, size_t n, int priority, fm_batch **out, size_t *bad_index);
 /* Blocks until the batch is complete (helping to execute it). Returns the number of failed
  * requests (including cancelled ones). */

@@ -840,6 +840,7 @@ int fmc_device_count(void) {
 int fmc_part_sections(int fmt, int64_t rows, int64_t cols, int64_t offsets[3], int64_t *nbytes) {
     const int f = fidx(fmt);
     if (f < 0 || rows <= 0 || cols <= 0 || cols % 64) return FMC_EINVAL;
+    if (rows > ((int64_t)1 << 40) / cols) return FMC_EINVAL;  // as the C twin: sizes must not overflow
     const int bits = f == 0 ? 8 : (f == 1 ? 4 : 2);
     const int64_t qb = rows * cols * bits / 8, sb = rows * (cols / 64) * 2;
     offsets[0] = 0;

@@ -12,20 +12,24 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_commands(cli):
-    from ..commands import _progress, tri
+    from ..commands import tri
     from ..convert.synth import LIKE_CHOICES
+    from ..models_path import MODEL
+    from ..progress import progress_bar
+    from ..sizes import SIZE
 
     @cli.command()
-    @click.argument("store", required=False, type=click.Path(path_type=Path))
+    @click.argument("store", required=False, type=MODEL)
     @click.option("--kernels", is_flag=True, help="measure the expert kernels instead of a store")
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--quick", is_flag=True, help="kernels: smaller working set (not for reported figures)")
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
-    @click.option("--ram-budget", default=None, help="bytes of expert records kept in RAM (512M, 8G, ...)")
+    @click.option("--ram-budget", type=SIZE, default=None, help="bytes of expert records kept in RAM (512M, 8G, 50% "
+                  "of the experts, ...)")
     @click.option("--policy", default="auto", show_default=True, help="expert cache policy")
     @click.option("--tokens", default=32, show_default=True, help="decode steps measured")
     @click.option("--prompt-tokens", default=512, show_default=True, help="prompt length for TTFT and prefill")
-    @click.option("--vram-budget", default=None, help="CUDA: bytes of expert records kept in GPU memory")
+    @click.option("--vram-budget", type=SIZE, default=None, help="CUDA: bytes of expert records kept in GPU memory")
     @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="predictor-driven prefetch (auto: only while it pays)")
     @click.option("--prefetch-depth", default=1, show_default=True, help="layers ahead the predictor guesses")
@@ -50,22 +54,28 @@ def register_commands(cli):
               prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
               save_trace):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
-        Belady), or the kernels (--kernels) against memory bandwidth and the best torch path."""
+        Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
+        STORE is a model: a store folder, or `demo` for the embedded model."""
         if kernels:
             from .kernels import run
-            result = run(device=device, quick=quick)
+            try:
+                with progress_bar("kernels") as bar:
+                    result = run(device=device, quick=quick, progress=bar)
+            except (ValueError, RuntimeError) as e:
+                raise click.ClickException(str(e)) from None
             click.echo(json.dumps(result, indent=1) if as_json else _table(result))
             return
         if store is None:
             raise click.UsageError("give a STORE to measure, or --kernels")
         from .store import run_bench
         try:
-            result = run_bench(store, device=device, ram_budget=ram_budget, policy=policy, tokens=tokens,
-                               prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
-                               verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
-                               vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                               host_compute=host_compute, n_cpu_moe=n_cpu_moe,
-                               io_threads=io_threads, compute_bound=not no_compute_bound)
+            with progress_bar("bench") as bar:
+                result = run_bench(store, device=device, ram_budget=ram_budget, policy=policy, tokens=tokens,
+                                   prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
+                                   verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
+                                   vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
+                                   host_compute=host_compute, n_cpu_moe=n_cpu_moe,
+                                   io_threads=io_threads, compute_bound=not no_compute_bound, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
         click.echo(json.dumps(result, indent=1) if as_json else _store_table(result))
@@ -80,27 +90,25 @@ def register_commands(cli):
     def synth(dst, like, layers, quant, seed, force):
         """Write a store of a real model's exact shapes with random weights (fast; atomic)."""
         from ..convert.synth import synth as run_synth
-        from ..sizes import format_size
+        from ..sizes import format_rate, format_size
         t0 = time.perf_counter()
-        with _progress(f"synth {like} {quant}") as bar:
-            task = bar.add_task("bytes", total=None)
+        with progress_bar(f"synth {like} {quant}", unit="bytes") as bar:
             try:
-                out = run_synth(dst, like, layers=layers, quant=quant, force=force, seed=seed,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+                out = run_synth(dst, like, layers=layers, quant=quant, force=force, seed=seed, progress=bar)
             except (ValueError, OSError) as e:
                 raise click.ClickException(str(e)) from None
         secs = time.perf_counter() - t0
         nbytes = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-        click.echo(f"wrote {out}: {format_size(nbytes)} in {secs:.1f} s ({nbytes / secs / 1e9:.2f} GB/s)")
+        click.echo(f"wrote {out}: {format_size(nbytes)} in {secs:.1f} s ({format_rate(nbytes / secs)})")
 
     @cli.command()
-    @click.argument("store", type=click.Path(exists=True, path_type=Path))
+    @click.argument("store", type=MODEL)
     @click.option("--prompts", "prompts_file", type=click.Path(exists=True, path_type=Path), default=None,
                   help="text file, one prompt per line (default: a few built-in ones)")
     @click.option("-n", "--n-predict", "n", default=64, show_default=True, help="tokens generated per prompt")
     @click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
                   help="where to write the routing trace (default: STORE/routing_trace.npz)")
-    @click.option("--ram-budget", default=None, help="expert RAM budget while profiling")
+    @click.option("--ram-budget", type=SIZE, default=None, help="expert RAM budget while profiling (512M, 8G, 50%, ...)")
     @click.option("--policy", default="auto", show_default=True)
     @click.option("--temp", default=0.0, show_default=True, help="sampling temperature (0 = greedy)")
     @click.option("--seed", default=0, show_default=True)
@@ -111,8 +119,9 @@ def register_commands(cli):
         from .store import run_profile
         prompts = prompts_file.read_text().splitlines() if prompts_file else None
         try:
-            result = run_profile(store, prompts, n=n, ram_budget=ram_budget, policy=policy, trace_path=trace_path,
-                                 temp=temp, seed=seed)
+            with progress_bar("profile") as bar:
+                result = run_profile(store, prompts, n=n, ram_budget=ram_budget, policy=policy, trace_path=trace_path,
+                                     temp=temp, seed=seed, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
         if as_json:
@@ -127,8 +136,13 @@ def register_commands(cli):
 
 
 def _store_table(r: dict) -> str:
+    from ..sizes import format_rate, format_size
+
     def f(v, fmt="{:.2f}"):
         return "n/a" if v is None else fmt.format(v)
+
+    def rate(gbps):
+        return format_rate(None if gbps is None else gbps * 1e9)
     tiers = " | ".join(f"{name} {f(t['hit_rate'], '{:.1%}')}" for name, t in r["tiers"].items()
                        if t and "hit_rate" in t)
     return "\n".join([
@@ -139,17 +153,26 @@ def _store_table(r: dict) -> str:
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
         f"hit rate {f(r['hit_rate'], '{:.1%}')} decode ({tiers}), {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "
-        f"{f(r['belady_hit_rate'], '{:.1%}')} | {r['bytes_read_per_token'] / 1e6:.1f} MB read/token, "
-        f"stall {f(r['stall_ms_per_token'])} ms/token | disk {f(r['disk_bandwidth_gbps'])} GB/s",
+        f"{f(r['belady_hit_rate'], '{:.1%}')} | {format_size(r['bytes_read_per_token'])} read/token, "
+        f"stall {f(r['stall_ms_per_token'])} ms/token | disk {rate(r['disk_bandwidth_gbps'])} "
+        f"({'O_DIRECT' if r['direct_io'] else 'buffered'}, page cache {r['disk']['page_cache']})",
         f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
-        f" | h2d {f(r['h2d_gbps'])} GB/s | peak RSS {f((r.get('peak_rss_bytes') or 0) / 2**30)} GiB",
+        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}",
     ] + [f"note: {n}" for n in r["notes"]])
 
 
 def _table(result: dict) -> str:
-    rows = [f"{'kernel':28s} {'quant':5s} {'shape':>12s} {'GB/s':>8s} {'vs mem':>7s} {'vs torch':>8s}"]
+    """One row per kernel entry; rates in GiB/s (the JSON's gbps are 10^9 B/s); n/a where an entry
+    has no such figure (mem_copy has no torch path; a failed entry has only its error)."""
+    def num(v, width, digits):
+        return f"{'n/a':>{width}s}" if v is None else f"{v:{width}.{digits}f}"
+    rows = [f"{'kernel':28s} {'quant':5s} {'shape':>16s} {'GiB/s':>8s} {'vs mem':>7s} {'vs torch':>8s}"]
     for k in result["kernels"]:
-        shape = "x".join(map(str, k["shape"]))
-        rows.append(f"{k['name']:28s} {k['quant']:5s} {shape:>12s} {k['gbps']:8.1f} "
-                    f"{k['ratio_vs_mem_bw']:7.2f} {k['ratio_vs_torch'] or 0:8.2f}")
+        shape = k.get("shape")
+        shape = "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape or "-")
+        gbps = k.get("gbps")
+        rows.append(f"{k['name']:28s} {k.get('quant') or '-':5s} {shape:>16s} "
+                    f"{num(None if gbps is None else gbps * 1e9 / (1 << 30), 8, 1)} "
+                    f"{num(k.get('ratio_vs_mem_bw'), 7, 2)} {num(k.get('ratio_vs_torch'), 8, 2)}"
+                    + (f"  error: {k['error']}" if k.get("error") else ""))
     return "\n".join(rows)

@@ -33,13 +33,14 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import quant
+from ..progress import NO_PROGRESS
+from ..sizes import format_rate
 from ..store.layout import RecordLayout
 
 GiB = 1 << 30
@@ -145,9 +146,10 @@ def _replicate(template: torch.Tensor, count: int, align: int = 4096) -> list[to
     return [big[i, :nb] for i in range(count)]
 
 
-def _progress(msg: str) -> None:
+def _progress(msg: str, progress=NO_PROGRESS) -> None:
+    """A line per finished measurement on stderr (above the bar, if one is shown)."""
     if os.environ.get("FLASHMOE_BENCH_QUIET") != "1":
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
+        progress.log(f"bench: {msg}")
 
 
 def _entry(name, fmt, shape, gbps, bw, torch_gbps, err, ref_max, **extra) -> dict:
@@ -402,8 +404,17 @@ def bench_prefill(K, fmt: str, H: int, I: int, tokens, bw: dict, total: int) -> 
     return out
 
 
-def bench_cpu(quick: bool = False) -> tuple[list[dict], dict]:
+def bench_cpu(quick: bool = False, progress=NO_PROGRESS) -> tuple[list[dict], dict]:
     K = _module()
+    fmts_moe = ("q4",) if quick else FORMATS
+    steps = 1 + len(FORMATS) * len(SHAPES) + len(fmts_moe) + 1 + (1 if quick else 2)
+    done = iter(range(1, steps + 1))
+
+    def step(line: str | None = None):  # one measurement done
+        progress(next(done), steps)
+        if line:
+            _progress(line, progress)
+    progress(0, steps)
     threads = torch.get_num_threads()
     K.set_num_threads(threads)
     total = 256 * MiB if quick else int(1.05 * GiB)
@@ -415,39 +426,42 @@ def bench_cpu(quick: bool = False) -> tuple[list[dict], dict]:
         "mem_bw_gbps": bw["copy_gbps"], "ratio_vs_mem_bw": 1.0, "torch_gbps": None, "ratio_vs_torch": None,
         "max_abs_err": None, "read_gbps": bw["read_gbps"],
     }]
-    _progress(f"memory: copy {bw['copy_gbps']:.1f} GB/s, read {bw['read_gbps']:.1f} GB/s; {threads} threads, {K.isa()}")
+    step(f"memory: copy {format_rate(bw['copy_gbps'] * 1e9)}, read {format_rate(bw['read_gbps'] * 1e9)}; "
+         f"{threads} threads, {K.isa()}")
     for fmt in FORMATS:
         for shape in SHAPES:
             entries.append(bench_gemv(K, fmt, shape, bw, total))
-            _progress(_line(entries[-1]))
-    for fmt in (("q4",) if quick else FORMATS):
+            step(_line(entries[-1]))
+    for fmt in fmts_moe:
         entries.append(bench_moe_layer(K, fmt, 4096, 1024, 4, bw, total))
-        _progress(_line(entries[-1]))
+        step(_line(entries[-1]))
     entries.append(bench_moe_layer(K, "q4", 4096, 14336, 2, bw, total))
-    _progress(_line(entries[-1]))
+    step(_line(entries[-1]))
+    n = len(entries)
     entries += bench_prefill(K, "q4", 4096, 1024, (1, 4, 16) if quick else (1, 2, 4, 8, 16, 64), bw,
                              min(total, 256 * MiB))
+    step()
     if not quick:
         entries += bench_prefill(K, "q4", 4096, 14336, (1, 8, 64), bw, 256 * MiB)
-    for e in entries:
-        if e["name"] == "prefill_expert":
-            _progress(_line(e))
+        step()
+    for e in entries[n:]:
+        _progress(_line(e), progress)
     return entries, machine
 
 
 def _line(e: dict) -> str:
-    return (f"{e['name']} {e['quant']} {e['shape']}: {e['gbps']:.2f} GB/s = {e['ratio_vs_mem_bw']:.2f} x copy bw, "
+    return (f"{e['name']} {e['quant']} {e['shape']}: {format_rate(e['gbps'] * 1e9)} = {e['ratio_vs_mem_bw']:.2f} x copy bw, "
             f"{e['ratio_vs_torch']:.2f} x torch ({e.get('torch_path', '')})")
 
 
-def run(device: str = "cpu", quick: bool = False) -> dict:
+def run(device: str = "cpu", quick: bool = False, progress=NO_PROGRESS) -> dict:
     """All kernel figures for device 'cpu', 'cuda' (kernels_cuda.bench_cuda) or 'all'."""
     dev = device.split(":")[0]
     if dev not in ("cpu", "cuda", "all"):
         raise ValueError(f"bench --kernels: unknown device {device!r}; expected cpu, cuda or all")
     result = {"device": dev, "quick": quick, "kernels": []}
     if dev in ("cpu", "all"):
-        entries, machine = bench_cpu(quick)
+        entries, machine = bench_cpu(quick, progress)
         result["machine"] = machine
         result["kernels"] += entries
     if dev in ("cuda", "all"):

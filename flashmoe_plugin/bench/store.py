@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..sizes import available_ram, format_size, parse_size
+from ..progress import NO_PROGRESS
+from ..sizes import available_ram, format_size
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
@@ -87,16 +88,19 @@ def disk_bandwidth(store, direct: bool = False, drop: bool = False, io_threads: 
     random.Random(0).shuffle(keys)
     per_batch = max(store.config.top_k, io_threads)
     buf = AlignedBuffer(per_batch * size)
+    direct = direct and getattr(store, "direct_io", None) is not False  # GGUF extents: buffered
     with Reader(nthreads=io_threads, direct=direct) as reader:
-        fids = {l: reader.open(str(store.layer_path(l))) for l in store.layers}
+        fids = {p: reader.open(str(p)) for p in {f for l in store.layers for f, *_ in store.record_reads(l, 0, False)}}
         cache = drop_page_cache()[1] if drop else "kept"
         if not drop or cache != "dropped":
             cache = _evict(reader, fids.values()) if cache == "kept" else cache
         done, t0 = 0, time.perf_counter()
         for i in range(0, len(keys), per_batch):
             batch = keys[i:i + per_batch]
-            reader.read([(fids[l], e * size, size, buf.address + j * size, None) for j, (l, e) in enumerate(batch)])
-            done += len(batch) * size
+            reqs = [(fids[f], off, n, buf.address + j * size + at, None) for j, (l, e) in enumerate(batch)
+                    for f, off, n, at, _ in store.record_reads(l, e, False)]
+            reader.read(reqs)
+            done += sum(r[2] for r in reqs)
             if done >= max_bytes or time.perf_counter() - t0 >= max_seconds:
                 break
         seconds = time.perf_counter() - t0
@@ -114,7 +118,7 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
-def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0) -> tuple[float, list[float]]:
+def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0, progress=NO_PROGRESS) -> tuple[float, list[float]]:
     """n decode steps, greedy (temp <= 0) or sampled from the full distribution with a seeded
     generator (random-weight stores fall into greedy fixed points that would hide the pager)."""
     from ..runtime.sampling import Sampler, SamplingParams
@@ -125,6 +129,7 @@ def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0) -> tuple[f
         t0 = time.perf_counter()
         logits = engine.forward([tok], last_only=True)[-1]
         times.append(time.perf_counter() - t0)
+        progress.advance()
     return sum(times), times
 
 
@@ -155,6 +160,8 @@ def active_bytes_per_token(store) -> int:
     is read), plus top_k expert records per MoE layer."""
     from safetensors import safe_open
     cfg = store.config
+    if getattr(store, "meta", None) is not None:  # a GGUF file: its tensor infos
+        return store.dense_bytes_per_token() + len(store.layers) * cfg.top_k * store.record_bytes
     dense = 0
     with safe_open(str(store.path / "dense.safetensors"), "pt") as f:
         for name in f.keys():
@@ -169,7 +176,7 @@ def active_bytes_per_token(store) -> int:
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
-def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> dict:
+def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, progress=NO_PROGRESS) -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
     if device == "cuda":
@@ -182,18 +189,22 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed) -> d
     if not fits:
         return {"compute_bound_tok_s": None, "compute_bound_prefill_tok_s": None,
                 "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
+    progress.stage("compute bound: loading every expert", total=len(store.layers))
     eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
                  **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
+            progress.advance()
+        progress.stage(f"compute bound: prefill {len(ids)} tokens")
         before = eng.pager.stats.snapshot()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = eng.forward(ids, last_only=True)[-1]
         prefill = time.perf_counter() - t0
-        secs, _ = _decode(eng, logits, tokens, temp, seed)
+        progress.stage("compute bound: decode", total=tokens)
+        secs, _ = _decode(eng, logits, tokens, temp, seed, progress)
         assert eng.pager.stats.delta(before)["misses"] == 0
     finally:
         eng.close()
@@ -207,27 +218,29 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
-              n_cpu_moe: int = 0) -> dict:
+              n_cpu_moe: int = 0, progress=NO_PROGRESS) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
     from ..pager.trace import RoutingTrace
     from ..runtime.engine import Engine, resolve_device
-    from ..store.format import Store
+    from ..store.model import open_model
 
     dev = resolve_device(device)  # a clear error before any work
     cuda = dev.type == "cuda"
-    store = Store.open(store_path)
+    store = open_model(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
     direct_io = default_direct_io() if direct_io is None else direct_io
     notes = []
+    progress.stage("disk bandwidth")
     disk = disk_bandwidth(store, direct=direct_io, drop=drop_caches, io_threads=io_threads)
     if disk["page_cache"] not in ("dropped", "evicted"):
         notes.append(f"disk bandwidth measured with the page cache {disk['page_cache']}")
     bw = cuda_bandwidths(dev) if cuda else {"h2d_gbps": None, "hbm_gbps": None}
 
-    eng = Engine(store, device=device, ram_budget=parse_size(ram_budget), vram_budget=parse_size(vram_budget),
+    progress.stage("loading the model")
+    eng = Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
                  host_compute=host_compute, n_cpu_moe=n_cpu_moe)
@@ -238,12 +251,14 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     ids = prompt_ids(eng.tokenizer, prompt_tokens, store.config.vocab_size)
     try:
         s0 = p.stats.snapshot()
+        progress.stage(f"prefill {len(ids)} tokens")
         t0 = time.perf_counter()
         logits = eng.forward(ids, last_only=True)[-1]
         ttft = time.perf_counter() - t0
         s1 = p.stats.snapshot()
         mark = len(trace)
-        decode_s, _ = _decode(eng, logits, tokens, temp, seed)
+        progress.stage("decode", total=tokens)
+        decode_s, _ = _decode(eng, logits, tokens, temp, seed, progress)
         dec, pre = p.stats.delta(s1), {k: s1[k] - s0[k] for k in COUNTERS}
         pred = eng.predictor.snapshot() if eng.predictor is not None else None
         host_mode = eng.host_compute.mode
@@ -268,6 +283,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         trace.meta = {"tool": "flashmoe bench", "capacity": capacity, "policy": policy, "temp": temp, "seed": seed,
                       "prompt_tokens": len(ids), "tokens": tokens}
         trace.save(save_trace)
+    progress.stage("belady on the recorded requests")
     reqs = trace.request_keys()
     opt = belady(reqs, capacity + host_capacity)
     sizes = [len(r) for r in reqs]
@@ -313,7 +329,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         "store": str(store.path), "architecture": store.architecture, "quant": store.quant,
         "source": store.manifest.get("source", {}).get("type"), "like": store.manifest.get("source", {}).get("like"),
         "moe_layers": len(store.layers), "record_bytes": size, "expert_bytes": store.expert_bytes,
-        "dense_bytes": (store.path / "dense.safetensors").stat().st_size,
+        "dense_bytes": getattr(store, "dense_bytes", None) or (store.path / "dense.safetensors").stat().st_size,
         "device": device, "backend": None, "policy": policy, "policy_note": getattr(pol, "note", "") or None,
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
@@ -357,7 +373,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         result["kernel_bound_tok_s"] = kb = bw["hbm_gbps"] / 2 * 1e9 / active  # hbm_gbps counts read + write
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
-        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed))
+        result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, progress))
     else:
         result.update(compute_bound_tok_s=None, compute_bound_prefill_tok_s=None,
                       compute_bound_reason="skipped (compute_bound=False)")
@@ -369,7 +385,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
 
 
 def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_budget=None, policy: str = "auto",
-                trace_path=None, device: str = "cpu", verify: bool = True, temp: float = 0.0, seed: int = 0) -> dict:
+                trace_path=None, device: str = "cpu", verify: bool = True, temp: float = 0.0, seed: int = 0,
+                progress=NO_PROGRESS) -> dict:
     """Generate n tokens after each prompt (greedy, or sampled at temp with a fixed seed) with routing recorded; writes routing_stats.json
     into the store folder (atomic replace) and the routing trace (default STORE/routing_trace.npz)."""
     from ..pager.trace import TRACE_FILE, RoutingTrace, write_routing_stats
@@ -378,18 +395,19 @@ def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_b
     prompts = [p for p in (prompts or PROMPTS) if p.strip()]
     if not prompts:
         raise ValueError("no prompts to profile")
-    eng = Engine(store_path, device=device, ram_budget=parse_size(ram_budget), policy=policy, verify=verify,
-                 n_ctx=2048)
+    progress.stage("loading the model")
+    eng = Engine(store_path, device=device, ram_budget=ram_budget, policy=policy, verify=verify, n_ctx=2048)
     store, cfg = eng.store, eng.config
     trace = RoutingTrace()
     eng.record(trace)
     generated = 0
     try:
+        progress.stage("profiling prompts", total=len(prompts) * n)
         for text in prompts:
             eng.reset()
             ids = [i for i in eng.tokenizer.encode(text, add_bos=True) if i < cfg.vocab_size][:2048 - n - 1] or [0]
             logits = eng.forward(ids, last_only=True)[-1]
-            _decode(eng, logits, n, temp, seed)
+            _decode(eng, logits, n, temp, seed, progress)
             generated += n
         stats = eng.pager.stats.snapshot()
     finally:

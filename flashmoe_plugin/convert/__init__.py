@@ -11,8 +11,9 @@ def convert(src, dst, quant: str = "q4", force: bool = False, progress=None) -> 
     src = Path(src)
     if not src.exists():
         raise ConvertError(f"{src}: does not exist")
-    if src.suffix == ".gguf":
-        raise ConvertError(f"{src}: GGUF sources are not supported yet (convert the HF checkpoint instead)")
+    if src.is_file():  # a GGUF file (or the first shard of a split one)
+        from .gguf import convert_gguf
+        return convert_gguf(src, dst, quant="keep" if quant is None else quant, force=force, progress=progress)
     return convert_hf(src, dst, quant=quant, force=force, progress=progress)
 
 

@@ -78,16 +78,32 @@ class Checkpoint:
                 header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError) as e:
             raise ConvertError(f"{path}: not a safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise ConvertError(f"{path}: not a safetensors file (its header is not a JSON object)")
         out, base = {}, 8 + n
         for name, v in header.items():
             if name == "__metadata__":
                 continue
-            if v.get("dtype") not in _DTYPES:
-                raise ConvertError(f"{path}: tensor {name}: unsupported dtype {v.get('dtype')!r}")
-            start, end = v["data_offsets"]
+            if not isinstance(v, dict) or v.get("dtype") not in _DTYPES:
+                raise ConvertError(f"{path}: tensor {name}: unsupported dtype "
+                                   f"{v.get('dtype') if isinstance(v, dict) else v!r}")
+            # every number checked before use: get() allocates by shape, so shape must match the
+            # bytes that are really in the file
+            offs, shape = v.get("data_offsets"), v.get("shape")
+            if not (isinstance(offs, list) and len(offs) == 2 and all(type(x) is int for x in offs)
+                    and 0 <= offs[0] <= offs[1]):
+                raise ConvertError(f"{path}: tensor {name}: bad data_offsets {offs!r}")
+            if not (isinstance(shape, list) and len(shape) <= 8 and all(type(x) is int and x >= 0 for x in shape)):
+                raise ConvertError(f"{path}: tensor {name}: bad shape {shape!r}")
+            start, end = offs
             if base + end > size:
                 raise ConvertError(f"{path}: truncated ({size} bytes; tensor {name} ends at {base + end})")
-            out[name] = (path, _DTYPES[v["dtype"]], tuple(v["shape"]), base + start, base + end)
+            numel = 1
+            for x in shape:
+                numel *= x
+            if numel * _DTYPES[v["dtype"]].itemsize != end - start:
+                raise ConvertError(f"{path}: tensor {name}: {end - start} bytes for shape {shape} of {v['dtype']}")
+            out[name] = (path, _DTYPES[v["dtype"]], tuple(shape), base + start, base + end)
         return out
 
     def names(self):

@@ -26,6 +26,25 @@ def _load():
     return _cpu_kernels, ""
 
 
+def _gguf_module():
+    try:
+        from .. import _gguf_kernels
+    except ImportError as e:
+        raise RuntimeError(f"compiled module flashmoe_plugin._gguf_kernels (llama.cpp block formats) "
+                           f"not built: {e}") from None
+    return _gguf_kernels
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_spec(layout):
+    """The part spec of a record holding a llama.cpp block format, else None (our own formats)."""
+    from ..quant_gguf import is_block_format
+    if not any(is_block_format(p.format) for p in layout.parts):
+        return None
+    w13, w2 = layout.part("w13"), layout.part("w2")
+    return ((w13.format, w13.offset, w13.shape), (w2.format, w2.offset, w2.shape))
+
+
 @functools.lru_cache(maxsize=64)
 def _spec(module, layout):
     return module.ExpertSpec.from_layout(layout)
@@ -79,6 +98,13 @@ class CpuBackend(Backend):
         """sum_e weights[e] * expert_e(x) for x [T, H] in one native call -> [T, H] (x's dtype)."""
         xf = self._f32(x)
         out = torch.zeros_like(xf)
+        gspec = _gguf_spec(layout)
+        if gspec is not None:  # llama.cpp block formats (a GGUF store): csrc/cpu/fm_gguf.c
+            g = _gguf_module()
+            if g.get_num_threads() != self.num_threads:
+                g.set_num_threads(self.num_threads)
+            g.moe(xf, records, [float(w) for w in weights], gspec, out)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         self.module.moe(xf, records, weights, self.spec(layout), out)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -93,5 +119,9 @@ class CpuBackend(Backend):
     def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
         """x [T, in] @ W.T for one weight part (uint8 tensor) of format fmt and shape [out, in]."""
         xf = self._f32(x)
+        from ..quant_gguf import is_block_format
+        if is_block_format(fmt):
+            y = _gguf_module().linear(xf, part, fmt, tuple(shape))
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         y = self.module.linear(xf, part, fmt, tuple(shape))
         return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -84,6 +84,25 @@ class CudaBackend(Backend):
         return ws
 
     @staticmethod
+    def _gguf(layout) -> bool:
+        from ..quant_gguf import is_block_format
+        return any(is_block_format(p.format) for p in layout.parts)
+
+    def gguf_ffn(self, x: torch.Tensor, record: torch.Tensor, layout) -> torch.Tensor:
+        """llama.cpp block formats (a GGUF store): our bit-exact dequantize kernel
+        (csrc/cuda/fm_gguf.cu), then cuBLAS through torch."""
+        try:
+            from .. import _gguf_kernels_cuda as g
+        except ImportError as e:
+            raise RuntimeError(f"flashmoe_plugin._gguf_kernels_cuda not built (built without nvcc?): {e}") from None
+
+        def weight(name):
+            p = layout.part(name)
+            return g.dequantize(layout.part_bytes(record, name), p.format, p.shape).to(x.dtype)
+        gate, up = F.linear(x, weight("w13")).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, weight("w2"))
+
+    @staticmethod
     def _native(layout) -> bool:
         fmts = {p.format for p in layout.parts}
         return len(fmts) == 1 and next(iter(fmts)) in ("q8", "q4", "q2")
@@ -95,6 +114,8 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ Backend API
     def expert_ffn(self, x: torch.Tensor, record: torch.Tensor, layout) -> torch.Tensor:
+        if self._gguf(layout):
+            return self.gguf_ffn(x, record, layout)
         if not self._native(layout):
             return self._torch_backend().expert_ffn(x, record, layout)
         km = self._require()

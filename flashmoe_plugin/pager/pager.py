@@ -36,6 +36,7 @@ from .stats import PagerStats
 from .tiers import CudaCopies, HostCopies, SlotPool
 
 DEMAND, PREFETCH = 1, 0  # reader priorities
+TRANSIENT = ("os", "short", "checksum")  # read failures worth another attempt (a flaky disk or cable)
 
 
 class BudgetError(ValueError):
@@ -58,10 +59,10 @@ class _Read:
 class ExpertPager:
     def __init__(self, store, budget: int | None = None, policy: str = "auto", io_threads: int = 4,
                  direct_io: bool = False, verify: bool = True, device="cpu", host_budget: int | None = 0,
-                 prefetch_slots: int | None = None):
-        from ..io import Reader
-
-        self.store, self.verify = store, verify
+                 prefetch_slots: int | None = None, storage: str = "native", storage_options: dict | None = None,
+                 retries: int = 2):
+        self.store, self.verify, self.retries = store, verify, int(retries)
+        reader_name = storage
         self.device = torch.device(device)
         size = self.record_size = store.layout.size
         total = sum(l.experts for l in store.layers.values())
@@ -99,8 +100,12 @@ class ExpertPager:
         self.prefetched: set = set()   # keys a prefetch brought to tier 0, not used yet
         self.protected: set = set()    # keys of the current request: never evicted
         self._fence = None             # compute-stream event of the current request
-        self.reader = Reader(nthreads=io_threads, direct=direct_io)
-        self.fids = {layer: self.reader.open(str(store.layer_path(layer))) for layer in store.layers}
+        readers = registry().storage
+        if reader_name not in readers:
+            raise ValueError(f"unknown storage reader {reader_name!r}; registered: {', '.join(sorted(readers))}")
+        self.reader = readers[reader_name](nthreads=io_threads, direct=direct_io, **(storage_options or {}))
+        self.fids = {}  # file path -> reader file id (a GGUF store's extents need buffered reads)
+        self._direct = getattr(store, "direct_io", None)
         self.stats = PagerStats(verify=verify)
         self.trace = None      # a pager.trace.RoutingTrace while recording (Engine.record)
         self.predictor = None  # a pager.predictor.Predictor when prefetching (Engine sets it)
@@ -182,7 +187,7 @@ class ExpertPager:
     def _preload(self, keys):
         """Load the keys a policy asks for at start (static: its pinned experts); not counted as
         hits or misses."""
-        keys = [k for k in dict.fromkeys(keys) if k[0] in self.fids][:self.capacity]
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.store.layers][:self.capacity]
         for _ in self._batch(keys, count=False):
             pass
         self.protected = set()
@@ -228,7 +233,8 @@ class ExpertPager:
             r.ticket.wait()
         except OSError:
             pass
-        self._free_dest(r)
+        finally:  # also on Ctrl-C (the ticket settles its reads before raising)
+            self._free_dest(r)
         self.stats.prefetch_cancelled += 1
         self.stats.prefetch_wasted += 1
 
@@ -237,8 +243,8 @@ class ExpertPager:
         for key in [k for k, r in self.reads.items() if r.prefetch and r.ticket.done()]:
             if self.tiered and not self._has_victim():
                 return  # the device tier holds only this request's records: later
-            self._finish(self.reads.pop(key))
-            self.prefetched.add(key)
+            if self._finish(self.reads.pop(key)):
+                self.prefetched.add(key)
 
     # ------------------------------------------------------------------ moving records
     def _submit(self, key, priority):
@@ -262,11 +268,21 @@ class ExpertPager:
                 self._drop_prefetch_reads()
                 slot = self._take0()
             s, dest = None, self.t0.slots[slot]
-        crc = self.store.record_crcs[layer][e] if self.verify else None
-        ticket = self.reader.submit([(self.fids[layer], e * size, size, dest, crc)], priority)
-        r = self.reads[key] = _Read(key, ticket, dest, s, slot, priority == PREFETCH)
-        self.stats.bytes_read += size
+        r = self.reads[key] = _Read(key, self._read(key, dest, priority), dest, s, slot, priority == PREFETCH)
         return r
+
+    def _read(self, key, dest, priority):
+        """Submit the reads of one record (one extent for a store, three for a GGUF file)."""
+        reads = self.store.record_reads(*key, self.verify)
+        self.stats.bytes_read += sum(n for _, _, n, _, _ in reads)
+        return self.reader.submit([(self._fid(f), off, n, dest[at:at + n], crc) for f, off, n, at, crc in reads],
+                                  priority)
+
+    def _fid(self, path) -> int:
+        fid = self.fids.get(path)
+        if fid is None:
+            fid = self.fids[path] = self.reader.open(str(path), direct=self._direct)
+        return fid
 
     def _reclaim_staging(self):
         """Every staging buffer is held by a read: finish the oldest prefetch read."""
@@ -274,8 +290,8 @@ class ExpertPager:
             if r.prefetch:
                 del self.reads[key]
                 if self._has_victim():
-                    self._finish(r)
-                    self.prefetched.add(key)
+                    if self._finish(r):
+                        self.prefetched.add(key)
                 else:
                     self._cancel(r)
                 return
@@ -291,16 +307,36 @@ class ExpertPager:
         else:
             self.t0.release(r.slot)
 
-    def _finish(self, r: _Read):
-        """Wait for a read (checking it) and make the record resident in tier 0."""
-        try:
-            r.ticket.wait()
-        except OSError as err:
-            self._free_dest(r)
-            layer, e = r.key
-            cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
-                if getattr(err, "kind", "") == "checksum" else str(err)
-            raise StoreError(f"{self.store.layer_path(layer)}: layer {layer} expert {e}: {cause}") from err
+    def _finish(self, r: _Read) -> bool:
+        """Wait for a read (checking it: a cancelled read fails too) and make the record resident
+        in tier 0. A failed demand read is tried again (`retries` times) when the failure may be
+        transient, then raises StoreError naming file, layer and expert; a failed prefetch is
+        dropped (False): the demand read, if any, tries again. Bytes that failed their checksum
+        are never installed."""
+        attempt = 0
+        while True:
+            try:
+                r.ticket.wait()
+                break
+            except BaseException as err:  # a failed read, or Ctrl-C: the buffer goes back either way
+                kind = getattr(err, "kind", "")
+                if isinstance(err, OSError) and kind in TRANSIENT and attempt < self.retries and not r.prefetch:
+                    attempt += 1
+                    self.stats.read_retries += 1
+                    r.ticket = self._read(r.key, r.dest, DEMAND)
+                    continue
+                self._free_dest(r)
+                if not isinstance(err, OSError):
+                    raise
+                self.stats.read_failures += 1
+                if r.prefetch:
+                    self.stats.prefetch_wasted += 1
+                    return False
+                layer, e = r.key
+                cause = "checksum mismatch: the store is damaged (run `flashmoe inspect --verify`)" \
+                    if kind == "checksum" else str(err).removeprefix(f"{getattr(err, 'path', '')}: ")
+                tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                raise StoreError(f"{self.store.layer_path(layer)}: layer {layer} expert {e}: {cause}{tries}") from err
         if self.predictor is not None and not r.prefetch:
             self.predictor.note_read(time.perf_counter() - r.t0)
         if r.staging is None:
@@ -308,6 +344,7 @@ class ExpertPager:
         else:
             self.staging_fence[r.staging] = self._up(r.key, r.dest)
             self.staging_free.append(r.staging)
+        return True
 
     def _take0(self) -> int:
         """A tier-0 slot; its victim (never a key of the current request) goes down to the host tier."""
@@ -373,6 +410,17 @@ class _Batch:
                 p._submit(key, DEMAND)
 
     def __iter__(self):
+        try:
+            yield from self._records()
+        except BaseException:
+            # this request failed: the reads it submitted ahead are settled like prefetches
+            for key, _ in self.plan:
+                if key in self.p.reads:
+                    self.p.reads[key].prefetch = True
+            self.todo.clear()
+            raise
+
+    def _records(self):
         p = self.p
         for key, state in self.plan:
             if state not in ("device", "host"):

@@ -31,6 +31,8 @@ class PagerStats:
     prefetch_cancelled: int = 0  # prefetch reads dropped because the real routing disagreed
     prefetch_wasted: int = 0    # prefetched records evicted or cancelled before any use
     preloaded: int = 0          # records a policy loaded at start (static: pinned experts)
+    read_retries: int = 0       # demand reads tried again after a transient failure
+    read_failures: int = 0      # reads that failed for good (demand: the request failed)
     verify: bool = True
 
     @property

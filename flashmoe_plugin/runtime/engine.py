@@ -14,7 +14,7 @@ from ..models.layers import Decoder, KVCache
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size, ram_reserve
-from ..store.format import Store
+from ..store.model import open_model
 from .host_compute import CpuLayers, HostCompute
 
 
@@ -36,8 +36,8 @@ class Engine:
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto", n_cpu_moe: int = 0,
-                 pager_options: dict | None = None):
-        self.store = store if isinstance(store, Store) else Store.open(store)
+                 pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None):
+        self.store = open_model(store)
         self.config = cfg = self.store.config
         self.device = resolve_device(device)
         self.backend = kernels.select(self.device.type, backend)
@@ -48,8 +48,11 @@ class Engine:
         # n_cpu_moe: the first N MoE layers' experts live in RAM and run on the CPU (llama.cpp's meaning)
         self.cpu_layers = CpuLayers(self.store, int(n_cpu_moe), self.device, io_threads, verify,
                                     self.backend) if n_cpu_moe else None
-        budget, host_budget = self._budgets(parse_size(ram_budget), parse_size(vram_budget))
-        opts = {"device": self.device, "host_budget": host_budget, **(pager_options or {})}
+        of = self.store.expert_bytes  # a budget of "50%" is half the experts' bytes
+        budget, host_budget = self._budgets(parse_size(ram_budget, of, "ram_budget"),
+                                            parse_size(vram_budget, of, "vram_budget"))
+        opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
+                "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
                                  direct_io=default_direct_io() if direct_io is None else direct_io, verify=verify, **opts)
         self.predictor = None
@@ -113,7 +116,11 @@ class Engine:
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.from_folder(self.store.path, self.config)
+            folder = self.store.path
+            if getattr(self.store, "meta", None) is not None:  # a GGUF file: its own vocabulary
+                from .gguf_tokenizer import write_folder
+                folder = write_folder(self.store.meta, self.store.path / "tokenizer", str(self.store.file))
+            self._tokenizer = Tokenizer.from_folder(folder, self.config)
         return self._tokenizer
 
     @property
@@ -158,7 +165,7 @@ class Engine:
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit."""
-        layout, be = self.store.layout, self.backend
+        layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
         if self.cpu_layers is not None and layer in self.cpu_layers:
@@ -180,7 +187,7 @@ class Engine:
             out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x)
+            return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity

@@ -91,11 +91,13 @@ class HostCompute:
         """x in fp32 on the CPU; call it before queueing GPU work that the CPU should overlap."""
         return x.float().cpu()
 
-    def run(self, xh: torch.Tensor, records, weights, like: torch.Tensor) -> torch.Tensor:
+    def run(self, xh: torch.Tensor, records, weights, like: torch.Tensor, layout=None) -> torch.Tensor:
         """sum_i weights[i] * expert_i(xh) on the CPU (xh from to_host), returned on `like`'s
-        device and dtype."""
+        device and dtype (layout: the layer's record layout where it differs from the store's, as
+        in a GGUF store)."""
+        layout = layout or self.layout
         t0 = time.perf_counter()
-        out = self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), self.layout)
+        out = self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), layout)
         if self.cpu_s is not None:
             dt = (time.perf_counter() - t0) / max(1, len(records))
             self.cpu_s = 0.9 * self.cpu_s + 0.1 * dt
@@ -117,6 +119,7 @@ class CpuLayers:
             raise ValueError(f"n_cpu_moe={n}: the store has {len(order)} MoE layers")
         self.layers = order[:n]
         self._set = set(self.layers)
+        self.layouts = {layer: store.layout_of(layer) for layer in self.layers}
         self.layout, size = store.layout, store.layout.size
         self.backend = cpu_backend(device)
         count = sum(store.layers[l].experts for l in self.layers)
@@ -131,13 +134,15 @@ class CpuLayers:
         self.records: dict = {}
         at = 0
         with Reader(nthreads=io_threads, direct=False) as reader:
+            fids: dict = {}
             for layer in self.layers:
-                fid = reader.open(str(store.layer_path(layer)))
                 jobs = []
                 for e in range(store.layers[layer].experts):
                     rec = self.mem[at:at + size]
-                    crc = store.record_crcs[layer][e] if verify else None
-                    jobs.append((fid, e * size, size, rec, crc))
+                    for f, off, nbytes, into, crc in store.record_reads(layer, e, verify):
+                        if f not in fids:
+                            fids[f] = reader.open(str(f))
+                        jobs.append((fids[f], off, nbytes, rec[into:into + nbytes], crc))
                     self.records[(layer, e)] = rec
                     at += size
                 try:
@@ -152,10 +157,11 @@ class CpuLayers:
             rec = next(iter(self.records.values()))
             self.slot = torch.empty(size, dtype=torch.uint8, device=device)
             self.copy_s = min(event_times(lambda: self.slot.copy_(rec, non_blocking=True), 3))
-            x = torch.zeros(1, self.layout.hidden)
-            self.backend.expert_ffn(x, rec, self.layout)  # warm
+            lay = self.layouts[self.layers[0]]
+            x = torch.zeros(1, lay.hidden)
+            self.backend.expert_ffn(x, rec, lay)  # warm
             t0 = time.perf_counter()
-            self.backend.expert_ffn(x, rec, self.layout)
+            self.backend.expert_ffn(x, rec, lay)
             self.cpu_s = time.perf_counter() - t0
 
     def close(self):
@@ -175,7 +181,7 @@ class CpuLayers:
         if xh.shape[0] == 1:
             chosen = ids_h[0].tolist()
             out = self.backend.moe(xh, tuple(self.records[(layer, e)] for e in chosen),
-                                   tuple(w_h[0].tolist()), self.layout)
+                                   tuple(w_h[0].tolist()), self.layouts[layer])
             return out.to(x.device, x.dtype)
         out = torch.zeros_like(xh)
         gpu_out = torch.zeros_like(x) if self.gpu is not None else None
@@ -185,11 +191,11 @@ class CpuLayers:
             if gpu_out is not None and len(tok) * self.cpu_s > self.copy_s:
                 self.slot.copy_(rec, non_blocking=True)  # stream-ordered after the last expert's use
                 tg, sg = tok.to(x.device), slot.to(x.device)
-                y = self.gpu.expert_ffn(x[tg], self.slot, self.layout) * weights[tg, sg, None]
+                y = self.gpu.expert_ffn(x[tg], self.slot, self.layouts[layer]) * weights[tg, sg, None]
                 gpu_out.index_add_(0, tg, y.to(x.dtype))
                 self.copied_up += 1
                 continue
-            y = self.backend.expert_ffn(xh[tok], rec, self.layout) * w_h[tok, slot, None]
+            y = self.backend.expert_ffn(xh[tok], rec, self.layouts[layer]) * w_h[tok, slot, None]
             out.index_add_(0, tok, y)
         out = out.to(x.device, x.dtype)
         return out if gpu_out is None else out + gpu_out

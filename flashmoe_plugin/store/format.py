@@ -79,6 +79,14 @@ class Store:
     def layer_path(self, layer: int) -> Path:
         return self.path / self.layers[layer].file
 
+    def layout_of(self, layer: int) -> RecordLayout:
+        return self.layout  # one layout for every layer (a GGUF store may have one per layer)
+
+    def record_reads(self, layer: int, expert: int, verify: bool = True) -> list[tuple]:
+        """[(file, offset, nbytes, offset in the slot, crc32c or None)] filling one record."""
+        size = self.layout.size
+        return [(self.layer_path(layer), expert * size, size, 0, self.record_crcs[layer][expert] if verify else None)]
+
     @classmethod
     def open(cls, path) -> "Store":
         path = Path(path)
@@ -88,16 +96,17 @@ class Store:
         if not mpath.is_file():
             raise StoreError(f"{path}: no {MANIFEST}; not a flashmoe store (convert a model with `flashmoe convert`)")
         try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise StoreError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{mpath}: not a JSON object")
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{mpath}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("version") != VERSION:
             raise StoreError(f"{mpath}: store version {manifest.get('version')!r}; this flashmoe reads version {VERSION}")
-        for key in ("architecture", "config", "quant", "layers", "expert_record", "checksums"):
-            if key not in manifest:
-                raise StoreError(f"{mpath}: missing field {key!r}")
+        from .validate import validate_manifest
+        validate_manifest(manifest, mpath)  # every field, before anything trusts one
         try:
             store = cls(path, manifest)
         except (KeyError, TypeError, ValueError) as e:

@@ -28,10 +28,19 @@ class StoreWriter:
 
     def __enter__(self):
         self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_stale()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         (self.tmp / "experts").mkdir(parents=True)
         return self
+
+    def _drop_stale(self):
+        """Remove what a killed earlier run of this DST left (its process is gone): a rerun
+        needs no manual cleanup."""
+        for p in self.dst.parent.glob(f".{self.dst.name}.partial-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
         if self._file:
@@ -110,3 +119,13 @@ class StoreWriter:
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         return self.dst
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,9 +8,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int failures = 0;
@@ -259,15 +262,176 @@ static void test_stress(void)
     printf("stress ok\n");
 }
 
-int main(void)
+/* combine over len_b >= 512 MiB (the x2n table once wrapped at 32 entries): against a direct CRC
+ * of A followed by B, B being a 64 MiB random block repeated (chained, so memory stays small) */
+static void test_crc_large(void)
 {
-    test_crc();
+    size_t blk = (size_t)64 << 20;
+    unsigned char *buf = malloc(blk);
+    for (size_t i = 0; i < blk; i += 8) {
+        uint64_t v = next_rand();
+        memcpy(buf + i, &v, 8);
+    }
+    uint32_t a = fm_crc32c(0, buf, 1000);
+    uint32_t direct = a, b = 0;
+    uint64_t len_b = 0;
+    for (int k = 1; k <= 17; k++) { /* 64 MiB .. 1088 MiB */
+        direct = fm_crc32c(direct, buf, blk);
+        b = fm_crc32c(b, buf, blk);
+        len_b += blk;
+        if (k == 8 || k == 9 || k == 16 || k == 17)
+            CHECK(fm_crc32c_combine(a, b, len_b) == direct, "combine with len_b %llu MiB",
+                  (unsigned long long)(len_b >> 20));
+    }
+    free(buf);
+    printf("crc32c combine > 1 GiB ok\n");
+}
+
+/* the item count of a batch must not wrap: 8192 requests of 2^51 chunks each sum to 2^64 */
+static void test_submit_overflow(void)
+{
+    fm_reader *r = fm_reader_new(0, 0, 4096);
+    int fid = fm_open(r, path, 0, NULL);
+    enum { N = 8192 };
+    fm_request *reqs = calloc(N, sizeof(fm_request));
+    char one;
+    for (int i = 0; i < N; i++)
+        reqs[i] = (fm_request){fid, 0, 0, (uint64_t)INT64_MAX, &one, 0};
+    fm_batch *b = NULL;
+    size_t bad = 99;
+    CHECK(fm_submit(r, reqs, N, 0, &b, &bad) == -EINVAL && b == NULL && bad == 0, "huge batch refused");
+    /* each request alone within the chunk limit, their sum not */
+    for (int i = 0; i < N; i++)
+        reqs[i].nbytes = (uint64_t)4096 << 20; /* 2^20 chunks each */
+    CHECK(fm_submit(r, reqs, N, 0, &b, &bad) == -EINVAL && b == NULL && bad == 4095, "sum refused at %zu", bad);
+    free(reqs);
+    fm_reader_free(r);
+    printf("submit overflow ok\n");
+}
+
+/* fm_reader_free / fm_reader_close while other threads wait on batches */
+typedef struct waiter_arg {
+    fm_batch *b;
+    size_t failed;
+} waiter_arg;
+
+static void *waiter(void *p)
+{
+    waiter_arg *a = (waiter_arg *)p;
+    a->failed = fm_wait(a->b);
+    fm_batch_free(a->b);
+    return NULL;
+}
+
+static void test_free_while_waiting(void)
+{
+    enum { W = 4, N = 16 };
+    for (int round = 0; round < 50; round++) {
+        fm_reader *r = fm_reader_new(round % 3, 0, 4096);
+        int fid = fm_open(r, path, 0, NULL);
+        pthread_t th[W];
+        waiter_arg args[W];
+        unsigned char *bufs[W];
+        for (int w = 0; w < W; w++) {
+            fm_request reqs[N];
+            bufs[w] = malloc((size_t)N * 65536);
+            for (int i = 0; i < N; i++)
+                reqs[i] = (fm_request){fid, 0, (uint64_t)i * 65536, 65536, bufs[w] + (size_t)i * 65536, 0};
+            size_t bad;
+            CHECK(fm_submit(r, reqs, N, 0, &args[w].b, &bad) == 0, "submit");
+            pthread_create(&th[w], NULL, waiter, &args[w]);
+        }
+        if (round % 2)
+            fm_reader_close(r); /* from another thread, mid-wait; then free */
+        fm_reader_free(r);
+        fm_request late = {0, 0, 0, 1, bufs[0], 0};
+        for (int w = 0; w < W; w++) {
+            pthread_join(th[w], NULL);
+            CHECK(args[w].failed == 0, "waiter %d failed %zu", w, args[w].failed);
+            CHECK(memcmp(bufs[w], data, (size_t)N * 65536) == 0, "bytes");
+            free(bufs[w]);
+        }
+        (void)late;
+    }
+    /* submit and open after close are refused, not undefined */
+    fm_reader *r = fm_reader_new(1, 0, 0);
+    int fid = fm_open(r, path, 0, NULL);
+    fm_reader_close(r);
+    char c;
+    fm_request q = {fid, 0, 0, 1, &c, 0};
+    fm_batch *b = NULL;
+    size_t bad;
+    CHECK(fm_submit(r, &q, 1, 0, &b, &bad) == -ESHUTDOWN && b == NULL, "submit after close");
+    CHECK(fm_open(r, path, 0, NULL) == -ESHUTDOWN, "open after close");
+    fm_reader_close(r);
+    fm_reader_free(r);
+    printf("free while waiting ok\n");
+}
+
+/* a forked child must not hang on a batch whose reads belong to the parent's threads */
+static void test_fork(void)
+{
+    /* one worker thread busy with a 48 MiB batch (whole-file reads, unsplit) at the fork: in the
+     * child the item it holds never completes */
+    enum { N = 16 };
+    fm_reader *r = fm_reader_new(1, 0, 0);
+    int fid = fm_open(r, path, 0, NULL);
+    fm_request reqs[N];
+    unsigned char *buf = malloc((size_t)N * fsize);
+    for (int i = 0; i < N; i++)
+        reqs[i] = (fm_request){fid, FM_REQ_VERIFY, 0, fsize, buf + (size_t)i * fsize, fm_crc32c(0, data, fsize)};
+    fm_batch *b;
+    size_t bad;
+    CHECK(fm_submit(r, reqs, N, 0, &b, &bad) == 0, "submit");
+    pid_t pid = fork();
+    if (pid == 0) {
+        alarm(10); /* a hang is a failure, not a stuck test */
+        size_t failed = fm_wait(b);
+        fm_batch_free(b);
+        fm_request q = reqs[0];
+        fm_batch *c = NULL;
+        int rc = fm_submit(r, &q, 1, 0, &c, &bad);
+        fm_reader_free(r);
+        _exit(failed != 0 && failed != N ? 3 : rc != -ECHILD ? 4 : 0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child: %s %d", WIFSIGNALED(st) ? "signal" : "exit",
+          WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+    CHECK(fm_wait(b) == 0, "parent reads");
+    fm_batch_free(b);
+    fm_reader_free(r);
+    free(buf);
+    printf("fork ok\n");
+}
+
+static int want(int argc, char **argv, const char *name)
+{
+    return argc < 2 || strcmp(argv[1], name) == 0; /* `test_fm_io NAME` runs one test */
+}
+
+int main(int argc, char **argv)
+{
     make_file();
-    test_buffered(4, 1 << 16);
-    test_buffered(1, 0);
-    test_buffered(0, 4096);
-    test_direct();
-    test_stress();
+    if (want(argc, argv, "crc"))
+        test_crc();
+    if (want(argc, argv, "buffered")) {
+        test_buffered(4, 1 << 16);
+        test_buffered(1, 0);
+        test_buffered(0, 4096);
+    }
+    if (want(argc, argv, "direct"))
+        test_direct();
+    if (want(argc, argv, "stress"))
+        test_stress();
+    if (want(argc, argv, "crc_large"))
+        test_crc_large();
+    if (want(argc, argv, "submit_overflow"))
+        test_submit_overflow();
+    if (want(argc, argv, "free_while_waiting"))
+        test_free_while_waiting();
+    if (want(argc, argv, "fork"))
+        test_fork();
     void *p = fm_alloc_aligned(0, 4096);
     CHECK(p && ((uintptr_t)p % 4096) == 0, "alloc 0");
     fm_free_aligned(p);

@@ -1,0 +1,159 @@
+# distutils: sources = csrc/cpu/fm_gguf.c
+# distutils: include_dirs = csrc/cpu
+# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_kernels_internal.h
+# distutils: libraries = m
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""flashmoe_plugin._gguf_kernels: llama.cpp's block formats on the CPU (csrc/cpu/fm_gguf.c).
+
+Formats by name (quant_gguf.py): f32 f16 bf16 q4_0 q4_1 q5_0 q5_1 q8_0 q4_k q5_k q6_k. Tensors are checked
+here (dtype, device, contiguity, byte lengths) so that the C code never reads out of bounds.
+
+    row_bytes(fmt, cols) -> int
+    dequantize(part, fmt, shape, offset=0) -> float32 [rows, cols]   (bit-exact vs gguf-py)
+    linear(x, part, fmt, shape, offset=0) -> [T, rows]               x [T, cols] @ W.T
+    moe(x, records, weights, spec, out)   out[T, H] += sum_e w_e * w2_e(silu(w1_e x) * w3_e x)
+        spec = ((fmt13, offset13, (2I, H)), (fmt2, offset2, (H, I)))
+    get_num_threads() / set_num_threads(n) / isa()
+"""
+from libc.stdint cimport int64_t, uint8_t, uintptr_t
+from libc.stdlib cimport free, malloc
+
+import torch as _torch
+
+cdef extern from "fm_gguf.h" nogil:
+    ctypedef struct fmg_mat:
+        int type
+        int64_t rows
+        int64_t cols
+        const uint8_t *data
+    ctypedef struct fmg_expert:
+        fmg_mat w13
+        fmg_mat w2
+    int64_t fmg_row_bytes(int type, int64_t cols)
+    int fmg_dequant(const fmg_mat *w, int64_t r0, int64_t r1, float *out)
+    int fmg_linear(const fmg_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy,
+                   float alpha, int accumulate)
+    int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y)
+    int fmg_get_num_threads()
+    void fmg_set_num_threads(int n)
+    const char *fmg_isa()
+
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+
+
+def row_bytes(fmt, cols):
+    cdef int64_t n = fmg_row_bytes(_type(fmt), cols)
+    if n < 0:
+        raise ValueError(f"format {fmt}: {cols} columns is not a whole number of blocks")
+    return n
+
+
+def get_num_threads():
+    return fmg_get_num_threads()
+
+
+def set_num_threads(int n):
+    fmg_set_num_threads(n)
+
+
+def isa():
+    return fmg_isa().decode()
+
+
+cdef int _type(fmt) except -1:
+    try:
+        return TYPES[fmt]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown GGUF block format {fmt!r}; supported: {', '.join(TYPES)}") from None
+
+
+cdef uintptr_t _ptr(t, str name, dtype) except 0:
+    if not isinstance(t, _torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: empty tensor")
+    return <uintptr_t>t.data_ptr()
+
+
+cdef int _mat(fmg_mat *m, buf, fmt, shape, int64_t offset, str name) except -1:
+    m.type = _type(fmt)
+    m.rows, m.cols = int(shape[0]), int(shape[1])
+    cdef int64_t rb = fmg_row_bytes(m.type, m.cols)
+    if rb < 0 or m.rows <= 0:
+        raise ValueError(f"{name}: shape {tuple(shape)} is not whole {fmt} blocks")
+    cdef uintptr_t p = _ptr(buf, name, _torch.uint8)
+    if offset < 0 or offset + m.rows * rb > buf.numel():
+        raise ValueError(f"{name}: needs bytes [{offset}, {offset + m.rows * rb}), the tensor holds {buf.numel()}")
+    m.data = <const uint8_t *>(p + offset)
+    return 0
+
+
+cdef _check(int rc, str what):
+    if rc == -2:
+        raise MemoryError(f"{what}: out of memory")
+    if rc != 0:
+        raise ValueError(f"{what}: invalid arguments")
+
+
+def dequantize(part, fmt, shape, int64_t offset=0):
+    cdef fmg_mat m
+    _mat(&m, part, fmt, shape, offset, "dequantize: part")
+    out = _torch.empty((m.rows, m.cols), dtype=_torch.float32)
+    cdef float *o = <float *><uintptr_t>out.data_ptr()
+    cdef int rc
+    with nogil:
+        rc = fmg_dequant(&m, 0, m.rows, o)
+    _check(rc, "dequantize")
+    return out
+
+
+def linear(x, part, fmt, shape, int64_t offset=0):
+    cdef fmg_mat m
+    _mat(&m, part, fmt, shape, offset, "linear: part")
+    if x.dim() != 2 or x.shape[1] != m.cols:
+        raise ValueError(f"linear: x: expected [T, {m.cols}], got {list(x.shape)}")
+    cdef const float *xp = <const float *>_ptr(x, "linear: x", _torch.float32)
+    cdef int64_t T = x.shape[0]
+    out = _torch.empty((T, m.rows), dtype=_torch.float32)
+    cdef float *yp = <float *><uintptr_t>out.data_ptr()
+    cdef int rc
+    with nogil:
+        rc = fmg_linear(&m, xp, T, m.cols, yp, m.rows, 1.0, 0)
+    _check(rc, "linear")
+    return out
+
+
+def moe(x, records, weights, spec, out):
+    (f13, o13, s13), (f2, o2, s2) = spec
+    cdef int k = len(records)
+    if k == 0:
+        return out
+    if len(weights) != k:
+        raise ValueError(f"moe: {k} records but {len(weights)} weights")
+    H, I = int(s2[0]), int(s2[1])
+    if x.dim() != 2 or x.shape[1] != H or list(out.shape) != list(x.shape):
+        raise ValueError(f"moe: x and out must be [T, {H}], got {list(x.shape)} and {list(out.shape)}")
+    cdef const float *xp = <const float *>_ptr(x, "moe: x", _torch.float32)
+    cdef float *yp = <float *>_ptr(out, "moe: out", _torch.float32)
+    cdef int64_t T = x.shape[0]
+    cdef fmg_expert *ex = <fmg_expert *>malloc(k * sizeof(fmg_expert))
+    cdef float *w = <float *>malloc(k * sizeof(float))
+    cdef int rc, i
+    if ex == NULL or w == NULL:
+        free(ex)
+        free(w)
+        raise MemoryError("moe")
+    try:
+        for i in range(k):
+            _mat(&ex[i].w13, records[i], f13, s13, o13, f"moe: record {i} w13")
+            _mat(&ex[i].w2, records[i], f2, s2, o2, f"moe: record {i} w2")
+            w[i] = float(weights[i])
+        with nogil:
+            rc = fmg_moe(ex, w, k, xp, T, yp)
+        _check(rc, "moe")
+    finally:
+        free(ex)
+        free(w)
+    return out
