@@ -165,6 +165,9 @@ def register_commands(cli):
     def inspect(store, verify, index, as_json):
         """Show a model's config, sizes, quantization and checksum status (STORE: a store folder, a
         .gguf file, or `demo` for the embedded model)."""
+        import torch
+
+        from .models.layers import cache_bytes_per_token
         from .sizes import format_size
         from .store.format import StoreError
         from .store.model import open_model
@@ -178,7 +181,9 @@ def register_commands(cli):
         info = {"path": str(s.path), "architecture": s.architecture, "quant": s.manifest["quant"],
                 "config": s.config.to_json(), "moe_layers": len(s.layers),
                 "experts_per_layer": s.config.num_experts, "record_bytes": s.layout.size,
-                "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source")}
+                "expert_bytes": s.expert_bytes, "dense_bytes": dense, "source": s.manifest.get("source"),
+                "kv_cache": {"attention": s.config.attention, "dtype": "bf16",
+                             "bytes_per_token": cache_bytes_per_token(s.config, torch.bfloat16)}}
         if verify:
             n = sum(l.experts for l in s.layers.values())
             with progress_bar("verifying records", total=n) as bar:
@@ -192,6 +197,9 @@ def register_commands(cli):
                        f"{c.num_experts} experts (top-{c.top_k}) of intermediate {c.moe_intermediate_size}")
             click.echo(f"experts: {s.quant}, {format_size(s.layout.size)} per record, {format_size(s.expert_bytes)} in all; "
                        f"dense part {format_size(dense)}")
+            kv = info["kv_cache"]
+            what = "MLA latent + rotary key" if c.attention == "mla" else "K and V"
+            click.echo(f"cache: {format_size(kv['bytes_per_token'])} per token of context ({what}, bf16, all layers)")
             if verify:
                 click.echo("checksums: all records intact" if not problems else "checksums: DAMAGED\n  " + "\n  ".join(problems))
         if verify and problems:

@@ -36,6 +36,24 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                    num_key_value_heads=4)),
+    # MLA with a q projection of low rank (as V3), YaRN with DeepSeek's mscale, 4 groups of 2
+    # experts of which 2 are eligible, a dense first layer, one shared expert
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=128, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                         n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, num_key_value_heads=4,
+                         q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                         rope_interleave=True,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # sinks, a window of 8 on layers 0 and 2 (the 64-token tests cross it), YaRN as published
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                     sliding_window=8, attention_bias=True,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                      "original_max_position_embeddings": 4096})),
 }
 
 
@@ -68,10 +86,15 @@ def make_model(family: str, out: Path, seed: int = 0, **overrides):
     # and logits are not all alike (a better test of top-k selection and of the numerics).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".gate.weight"):  # routers: decisive, as trained ones are
+            if name.endswith((".gate.weight", ".router.weight")):  # routers: decisive, as trained ones are
                 p.normal_(0, 0.4)
+            elif name.endswith(".sinks"):  # gpt-oss: logits of the order of the attention scores
+                p.normal_(0, 1.0)
             elif "norm" not in name:
                 p.normal_(0, 0.04 if p.dim() > 1 else 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek: steers the choice, not the weights
+                b.normal_(0, 0.1)
     model.save_pretrained(out, safe_serialization=True)
     tok = make_tokenizer(out)
     return model, tok

@@ -84,3 +84,21 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert (out - ref).abs().max() < 2e-2, (family, n)
+
+
+def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
+    """The copy-up branch of CpuLayers (a GPU run's prefill) on the CPU twin: the engine's own
+    backend stands for the GPU's and one record-sized buffer for its slot; costs set so that
+    every prefill expert is copied (decode stays on the CPU)."""
+    from flashmoe_plugin.io import aligned_empty
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    eng = Engine(store, n_cpu_moe=1, ram_budget=k * size, prefetch="off")
+    cl = eng.cpu_layers
+    cl.gpu, cl.slot, cl.cpu_s, cl.copy_s = eng.backend, aligned_empty(size), 1.0, 0.5
+    out = run_sequence(eng, ids, steps)
+    eng.close()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
+    assert cl.copied_up > 0

@@ -14,7 +14,7 @@ def hf_logits(model, ids):
         return model(ids[None]).logits[0].float()
 
 
-def prompt(n=32, seed=1, vocab=384):
+def prompt(n=64, seed=1, vocab=384):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n,), generator=g)
 
@@ -35,7 +35,7 @@ def test_logits_match_transformers(oracles, family, budget):
     torch.testing.assert_close(steps, ref, atol=ATOL, rtol=0)
     # prefill of a prefix, then decode
     eng.reset()
-    mixed = torch.cat([eng.forward(ids[:20])] + [eng.forward(ids[i:i + 1]) for i in range(20, 32)])
+    mixed = torch.cat([eng.forward(ids[:40])] + [eng.forward(ids[i:i + 1]) for i in range(40, len(ids))])
     torch.testing.assert_close(mixed, ref, atol=ATOL, rtol=0)
     if budget:
         s = eng.pager.stats

@@ -177,14 +177,21 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
     if stray:
         raise ConvertError(f"{src}: expert tensors in layers {stray} that config.json says are dense")
 
-    def fused_layer(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_layer(layer: int) -> tuple:
+        """(w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] | None, b2 [E, H] | None) of a fused layer."""
+        if arch.fused_experts is not None:
+            names = {k: n for (l, k), n in fused.items() if l == layer}
+            try:
+                return arch.fused_experts(ckpt.get, names, cfg)
+            except (KeyError, ValueError) as e:
+                raise ConvertError(f"{src}: layer {layer}: {e}") from None
         w13 = ckpt.get(fused[(layer, "w13")])
         w2 = ckpt.get(fused[(layer, "w2")]) if (layer, "w2") in fused else None
         if tuple(w13.shape) != (E, 2 * I, H):
             raise ConvertError(f"{fused[(layer, 'w13')]}: shape {tuple(w13.shape)}, expected {(E, 2 * I, H)}")
         if w2 is None or tuple(w2.shape) != (E, H, I):
             raise ConvertError(f"layer {layer}: fused down_proj missing or not of shape {(E, H, I)}")
-        return w13, w2
+        return w13, w2, None, None
 
     def expert_names(layer: int, e: int) -> dict:
         parts = experts.get((layer, e), {})
@@ -196,9 +203,10 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
 
     def layer_experts(layer: int):
         """(w13, w2) of each expert of a layer; a fused layer's tensors are read once."""
-        if (layer, "w13") in fused:
-            w13, w2 = fused_layer(layer)
-            yield from zip(w13, w2)
+        if any(l == layer for (l, _) in fused):
+            w13, w2, b13, b2 = fused_layer(layer)
+            for e in range(E):
+                yield w13[e], w2[e], None if b13 is None else b13[e], None if b2 is None else b2[e]
             return
         for e in range(E):
             parts = expert_names(layer, e)
@@ -206,15 +214,16 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
             for t, shape, k in ((w1, (I, H), "w1"), (w3, (I, H), "w3"), (w2, (H, I), "w2")):
                 if tuple(t.shape) != shape:
                     raise ConvertError(f"{parts[k]}: shape {tuple(t.shape)}, expected {shape}")
-            yield torch.cat([w1, w3], dim=0), w2
+            yield torch.cat([w1, w3], dim=0), w2, None, None
 
     if not cfg.moe_layers:
         raise ConvertError(f"{cfg_path}: the model has no MoE layers")
     first = cfg.moe_layers[0]
-    probe = fused.get((first, "w13")) or expert_names(first, 0)["w1"]
-    efmt = expert_format(quant, ckpt.dtype(probe))
+    probe = next((n for (l, k), n in sorted(fused.items()) if l == first and not k.endswith(("_bias", "_scales"))),
+                 None) or expert_names(first, 0)["w1"]
+    efmt = expert_format(quant, torch.float32 if probe.endswith("_blocks") else ckpt.dtype(probe))
     try:
-        layout = RecordLayout.build(efmt, H, I)
+        layout = RecordLayout.build(efmt, H, I, biases=cfg.expert_bias)
     except ValueError as e:
         raise ConvertError(f"{cfg_path}: experts of shape hidden {H} x intermediate {I} cannot be stored as "
                            f"{efmt}: {e}; use --quant none or bf16") from None
@@ -223,8 +232,8 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
         done = 0
         for layer in cfg.moe_layers:
             w.begin_layer(layer, E)
-            for w13, w2 in layer_experts(layer):
-                w.write_record(_record(layout, w13, w2))
+            for parts in layer_experts(layer):
+                w.write_record(_record(layout, *parts))
                 done += 1
                 if progress:
                     progress(done, total)
@@ -239,8 +248,11 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
                         {"type": "hf-safetensors", "model_type": hf.get("model_type")})
 
 
-def _record(layout: RecordLayout, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _record(layout: RecordLayout, w13: torch.Tensor, w2: torch.Tensor, b13=None, b2=None) -> torch.Tensor:
     rec = torch.zeros(layout.size, dtype=torch.uint8)
-    for part, weight in zip(layout.parts, (w13, w2)):
-        rec[part.offset:part.offset + part.nbytes] = quantize(weight, part.format)
+    for part in layout.parts:
+        weight = {"w13": w13, "w2": w2, "b13": b13, "b2": b2}[part.name]
+        if weight is None:
+            raise ConvertError(f"the record layout has a {part.name} part but the checkpoint gives none")
+        rec[part.offset:part.offset + part.nbytes] = quantize(weight.reshape(part.shape), part.format)
     return rec

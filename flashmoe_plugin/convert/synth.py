@@ -14,8 +14,7 @@ written through StoreWriter (atomic). Routing is whatever random routers give: n
 temporally uncorrelated (a cache's worst case; a profiled real model is kinder).
 
 Where our architectures do not cover a model exactly, the dense part uses the closest supported
-one (qwen3_moe: full attention, softmax top-k) with the real expert shapes; the manifest's
-`source.approximations` says what differs.
+one with the real expert shapes; the manifest's `source.approximations` says what differs.
 """
 from __future__ import annotations
 
@@ -29,12 +28,21 @@ import torch
 
 from .. import quant as Q
 from ..models.base import ModelConfig
+from ..models import mla
 from ..models.layers import required_names
 from ..store.layout import RecordLayout
 from ..store.writer import StoreWriter
 from .errors import ConvertError
 
 _COMMON = dict(rms_norm_eps=1e-6, norm_topk_prob=True, bos_token_id=256, eos_token_id=258)
+# the published gpt-oss configs: 2880 wide, 64 query and 8 KV heads of 64, window 128 on even
+# layers, sinks, biases, top-4 of the experts, YaRN x32
+_GPT_OSS = dict(architecture="gpt_oss", vocab_size=201088, hidden_size=2880, num_heads=64, num_kv_heads=8,
+                head_dim=64, rope_theta=150000.0, top_k=4, moe_intermediate_size=2880, norm_topk_prob=False,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, sliding_window=128, qkv_bias=True, o_bias=True,
+                attn_sinks=True, router="topk_softmax", router_bias=True, expert_act="swiglu_clamped",
+                expert_bias=True, rope_scaling={"factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 4096})
 PRESETS: dict[str, dict] = {
     "mixtral-8x7b": dict(architecture="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                          num_kv_heads=8, head_dim=128, rope_theta=1e6, num_experts=8, top_k=2,
@@ -49,10 +57,21 @@ PRESETS: dict[str, dict] = {
                               num_heads=32, num_kv_heads=2, head_dim=256, rope_theta=1e7, num_experts=512, top_k=10,
                               moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
                               shared_expert_gate=True, qk_norm="head", max_position_embeddings=262144),
-    "deepseek-v3": dict(architecture="qwen3_moe", vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
-                        num_kv_heads=8, head_dim=128, rope_theta=1e4, num_experts=256, top_k=8,
+    "deepseek-v3": dict(architecture="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61,
+                        num_heads=128, num_kv_heads=128, head_dim=64, rope_theta=1e4, num_experts=256, top_k=8,
                         moe_intermediate_size=2048, shared_expert_intermediate_size=2048,
-                        dense_intermediate_size=18432, qk_norm="head", max_position_embeddings=163840),
+                        dense_intermediate_size=18432, max_position_embeddings=163840, router="sigmoid_group",
+                        n_group=8, topk_group=4, routed_scaling_factor=2.5, attention="mla", q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True,
+                        rope_scaling={"factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}),
+    "gpt-oss-120b": dict(_GPT_OSS, num_layers=36, num_experts=128, sliding_layers=list(range(0, 36, 2))),
+    "gpt-oss-20b": dict(_GPT_OSS, num_layers=24, num_experts=32, sliding_layers=list(range(0, 24, 2))),
+    "grok-1": dict(architecture="grok", vocab_size=131072, hidden_size=6144, num_layers=64, num_heads=48,
+                   num_kv_heads=8, head_dim=128, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=32768,
+                   max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True, expert_act="geglu",
+                   embed_scale=78.38367176906169, logit_scale=0.5773502691896257,
+                   attn_scale=0.08838834764831845, attn_softcap=30.0, sandwich_norms=True),
     # not a real model: a few MB, for tests and smoke runs
     "tiny": dict(architecture="mixtral", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, rope_theta=1e4, num_experts=8, top_k=2, moe_intermediate_size=256,
@@ -67,10 +86,6 @@ APPROXIMATIONS = {
         "router: softmax top-k with renormalisation (qwen3_moe); K=10 is the model default (Flash-MoE ran K=4)",
         "vocabulary: 248320 ids for the embedding shape; the tokenizer is a byte-level stand-in"],
     "deepseek-v3": [
-        "attention: GQA (128 heads, 8 KV heads, head_dim 128) in place of multi-head latent attention (MLA); "
-        "dense bytes per layer ~1.3x the real ones",
-        "router: softmax top-k with renormalisation in place of sigmoid scores, group-limited selection, "
-        "the score bias and routed_scaling_factor 2.5",
         "the multi-token-prediction layer is left out; first 3 layers dense (fewer when --layers is small)"],
 }
 SEED_POOL_WORDS = 1 << 23  # 64 MiB of random words, rotated and XORed into every record
@@ -95,12 +110,14 @@ def config_for(like: str, layers: int | None = None) -> ModelConfig:
         raise ConvertError("--layers must be at least 1")
     first_dense = min(FIRST_DENSE.get(like, 0), n - 1)
     d.update(num_layers=n, moe_layers=list(range(first_dense, n)))
+    if d.get("sliding_layers") is not None:
+        d["sliding_layers"] = [i for i in d["sliding_layers"] if i < n]
     return ModelConfig(**d)
 
 
 def store_bytes(cfg: ModelConfig, quant: str) -> tuple[int, int]:
     """(expert bytes, dense bytes) a synth store of this config takes."""
-    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_bias)
     dense = sum(int(np.prod(s)) * 2 for s in _dense_shapes(cfg).values())
     return len(cfg.moe_layers) * cfg.num_experts * layout.size, dense
 
@@ -112,20 +129,23 @@ def _dense_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
         shapes[name] = {
             "embed.weight": (c.vocab_size, H), "lm_head.weight": (c.vocab_size, H), "norm.weight": (H,),
-            "attn_norm.weight": (H,), "ffn_norm.weight": (H,),
+            "attn_norm.weight": (H,), "ffn_norm.weight": (H,), "attn_post_norm.weight": (H,),
+            "ffn_post_norm.weight": (H,),
             "attn.q.weight": (c.num_heads * hd, H), "attn.k.weight": (c.num_kv_heads * hd, H),
             "attn.v.weight": (c.num_kv_heads * hd, H), "attn.o.weight": (H, c.num_heads * hd),
             "attn.q.bias": (c.num_heads * hd,), "attn.k.bias": (c.num_kv_heads * hd,),
             "attn.v.bias": (c.num_kv_heads * hd,),
             "attn.q_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_heads * hd,),
             "attn.k_norm.weight": (hd,) if c.qk_norm == "head" else (c.num_kv_heads * hd,),
-            "moe.router.weight": (c.num_experts, H),
+            "moe.router.weight": (c.num_experts, H), "moe.router.score_bias": (c.num_experts,),
+            "moe.router.bias": (c.num_experts,), "attn.sinks": (c.num_heads,), "attn.o.bias": (H,),
             "moe.shared.gate.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.up.weight": (c.shared_expert_intermediate_size, H),
             "moe.shared.down.weight": (H, c.shared_expert_intermediate_size),
             "moe.shared_gate.weight": (1, H),
             "mlp.gate.weight": (c.dense_intermediate_size, H), "mlp.up.weight": (c.dense_intermediate_size, H),
             "mlp.down.weight": (H, c.dense_intermediate_size),
+            **(mla.dense_shapes(c) if c.attention == "mla" else {}),
         }[leaf]
     return shapes
 
@@ -230,7 +250,7 @@ def synth(dst, like: str, layers: int | None = None, quant: str = "q4", force: b
     if quant not in ("q8", "q4", "q2", "bf16"):
         raise ConvertError(f"synth --quant {quant!r}: choose q8, q4, q2 or bf16")
     cfg = config_for(like, layers)
-    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size)
+    layout = RecordLayout.build(quant, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_bias)
     rnd = _Random(seed)
     expert_total, dense_total = store_bytes(cfg, quant)
     total, done = expert_total + dense_total, 0

@@ -3,11 +3,16 @@
 Records arrive as uint8 tensors laid out by store.layout.RecordLayout; activations are float
 tensors on the backend's device. A backend computes the SwiGLU expert
     y = w2 · (silu(w1 · x) * (w3 · x))
-with w1/w3 the two halves of the fused `w13` part.
+with w1/w3 the two halves of the fused `w13` part. Experts of another shape (gpt-oss: biases and
+a clamped activation) go through `expert_general`: the backend's dequantizing products, with the
+activation and the biases applied in torch.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .. import quant
 
 
 class Backend:
@@ -30,3 +35,22 @@ class Backend:
         for rec, w in zip(records, weights.tolist()):
             out.add_(self.expert_ffn(x, rec, layout), alpha=w)
         return out
+
+    def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
+        """x [T, in] @ W.T for one weight part of format fmt and shape [out, in]. Native backends
+        override this with a fused dequantizing product."""
+        return F.linear(x, quant.dequantize(part, fmt, shape, x.dtype))
+
+    def expert_general(self, x: torch.Tensor, record: torch.Tensor, layout, act) -> torch.Tensor:
+        """x [T, H] -> [T, H] for an expert with optional biases (b13, b2) and the activation
+        act: [T, 2I] -> [T, I]."""
+        def part(name, v):
+            p = layout.part(name)
+            return self.linear(v, layout.part_bytes(record, name), p.format, p.shape)
+
+        def bias(name):
+            if not layout.has(name):
+                return 0
+            p = layout.part(name)
+            return quant.dequantize(layout.part_bytes(record, name), p.format, p.shape, x.dtype)[0]
+        return part("w2", act(part("w13", x) + bias("b13"))) + bias("b2")

@@ -4,11 +4,15 @@ router, and the dense/shared MLPs. Routed experts are not computed here: the dec
 serves from the pager (models never do I/O and never know tiers)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import mla
 from .base import ModelConfig
+from .rope import frequencies
 
 # Not cuDNN: it builds an execution plan per key length, ~15 ms of host time for every decode
 # step on an H200 (measured with torch.profiler: 85% of a decode token's CPU time).
@@ -29,18 +33,45 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def swiglu_clamped(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation on [T, 2I] (gate half, then up half): both clamped, a sigmoid
+    of slope alpha, and (up + 1) as the linear factor."""
+    gate, up = h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_activation(c: ModelConfig):
+    """None for the plain SwiGLU the fused kernels compute, else the activation [T, 2I] -> [T, I]."""
+    if c.expert_act == "swiglu_clamped":
+        return lambda h: swiglu_clamped(h, c.swiglu_alpha, c.swiglu_limit)
+    if c.expert_act == "geglu":  # Grok-1: gelu (tanh form) of the gate times the up projection
+        return lambda h: (lambda gate, up: F.gelu(gate, approximate="tanh") * up)(*h.chunk(2, dim=-1))
+    if c.expert_act != "swiglu":
+        raise ValueError(f"unknown expert activation {c.expert_act!r}")
+    return None
+
+
 def required_names(c: ModelConfig) -> list[str]:
     """Canonical names of every dense tensor the decoder needs."""
     names = ["embed.weight", "norm.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        names += [p + "attn_norm.weight", p + "ffn_norm.weight"] + [p + f"attn.{n}.weight" for n in "qkvo"]
+        names += [p + "attn_norm.weight", p + "ffn_norm.weight"]
+        names += [p + "attn_post_norm.weight", p + "ffn_post_norm.weight"] if c.sandwich_norms else []
+        names += mla.dense_names(c, p) if c.attention == "mla" else [p + f"attn.{n}.weight" for n in "qkvo"]
+        names += [p + "attn.o.bias"] if c.o_bias else []
+        names += [p + "attn.sinks"] if c.attn_sinks else []
         if c.qkv_bias:
             names += [p + f"attn.{n}.bias" for n in "qkv"]
         if c.qk_norm != "none":
             names += [p + "attn.q_norm.weight", p + "attn.k_norm.weight"]
         if i in c.moe_layers:
             names.append(p + "moe.router.weight")
+            if c.router == "sigmoid_group":
+                names.append(p + "moe.router.score_bias")
+            if c.router_bias:
+                names.append(p + "moe.router.bias")
             if c.shared_expert_intermediate_size:
                 names += [p + f"moe.shared.{n}.weight" for n in ("gate", "up", "down")]
             if c.shared_expert_gate:
@@ -50,11 +81,24 @@ def required_names(c: ModelConfig) -> list[str]:
     return names
 
 
+def cache_dims(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-position, per-layer shapes of the two cached tensors (K and V; MLA: latent, rotary key)."""
+    if cfg.attention == "mla":
+        return mla.cache_dims(cfg)
+    return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """What one more position of context costs in the cache, all layers together."""
+    k, v = cache_dims(cfg)
+    return cfg.num_layers * (math.prod(k) + math.prod(v)) * dtype.itemsize
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: torch.dtype, device):
-        shape = (cfg.num_layers, n_ctx, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        kd, vd = cache_dims(cfg)
+        self.k = torch.zeros((cfg.num_layers, n_ctx, *kd), dtype=dtype, device=device)
+        self.v = torch.zeros((cfg.num_layers, n_ctx, *vd), dtype=dtype, device=device)
         self.n_ctx = n_ctx
 
 
@@ -64,28 +108,31 @@ class Decoder:
         missing = [n for n in required_names(cfg) if n not in weights]
         if missing:
             raise KeyError(f"dense weights lack {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        dev = weights["embed.weight"].device
-        hd = cfg.head_dim
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=dev).float() / hd))
+        self.inv_freq, self.rope_factor = frequencies(cfg, weights["embed.weight"].device)
         self.lm_head = weights["embed.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.moe_layers = set(cfg.moe_layers)
+        self.windowed = set(range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers) \
+            if cfg.sliding_window else set()
+        self.expert_act = expert_activation(cfg)
 
     # ------------------------------------------------------------------ attention
     def positions(self, start: int, T: int, dtype: torch.dtype, device) -> tuple:
         """What every layer's attention shares for tokens start..start+T-1, computed once per
-        forward: RoPE's cos and sin, and the attention mask (None for one token, no window)."""
+        forward: RoPE's cos and sin, the causal mask (None for one token) and the sliding-window
+        mask (None without a window)."""
         c = self.cfg
         pos = torch.arange(start, start + T, device=device)
         freqs = torch.outer(pos.float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
-        mask = None
+        cos, sin = emb.cos() * self.rope_factor, emb.sin() * self.rope_factor
+        cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        causal = window = None
         if T > 1 or c.sliding_window:
             kpos = torch.arange(start + T, device=device)
-            mask = kpos[None, :] <= pos[:, None]
+            causal = kpos[None, :] <= pos[:, None]
             if c.sliding_window:
-                mask &= pos[:, None] - kpos[None, :] < c.sliding_window
-        return cos, sin, mask
+                window = causal & (pos[:, None] - kpos[None, :] < c.sliding_window)
+        return cos, sin, causal if T > 1 else None, window
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,6 +140,8 @@ class Decoder:
 
     def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
+        if c.attention == "mla":
+            return mla.attention(self, i, x, start, kv, at)
         T = x.shape[0]
         q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
         k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias"))
@@ -106,26 +155,85 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
-        cos, sin, mask = at
+        cos, sin, causal, window = at
+        mask = window if i in self.windowed else causal
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         kv.k[i, start:start + T] = k
         kv.v[i, start:start + T] = v
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
-                attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads)
-        return F.linear(out[0].transpose(0, 1).reshape(T, -1), w[p + "o.weight"])
+        if c.attn_sinks:
+            keys, vals, mask = self.sink(w[p + "sinks"], keys, vals, mask, T)
+        if c.attn_softcap:
+            out = self.softcapped(q, keys, vals, mask)
+        else:
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
+                    attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads, scale=c.attn_scale)[0]
+        out = F.linear(out.transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+        if c.sandwich_norms:
+            out = rms_norm(out, w[f"layers.{i}.attn_post_norm.weight"], c.rms_norm_eps)
+        return out
+
+    def softcapped(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask) -> torch.Tensor:
+        """Attention whose scores are soft-capped before the softmax (Grok-1: cap * tanh(s / cap));
+        SDPA has no such step. Returns [heads, T, head_dim] like SDPA's output."""
+        c = self.cfg
+        rep = c.num_heads // c.num_kv_heads
+        k, v = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
+        scale = c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5
+        s = torch.einsum("thd,shd->hts", q, k).float() * scale
+        s = c.attn_softcap * torch.tanh(s / c.attn_softcap)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.einsum("hts,shd->htd", torch.softmax(s, dim=-1).to(v.dtype), v)
+
+    @staticmethod
+    def sink(sinks: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask, T: int) -> tuple:
+        """Attention sinks as one more key: zero key and value, and the head's sink logit as its
+        additive mask, so each softmax's denominator gains exp(sink) and nothing is added to the
+        output."""
+        zero = keys.new_zeros((1, *keys.shape[1:]))
+        keys, vals = torch.cat((keys, zero)), torch.cat((vals, zero))
+        S, H = keys.shape[0], sinks.shape[0]
+        bias = torch.zeros((1, H, T, S), dtype=keys.dtype, device=keys.device)
+        if mask is not None:
+            bias[..., :-1].masked_fill_(~mask, float("-inf"))
+        bias[..., -1] = sinks.to(keys.dtype)[:, None]
+        return keys, vals, bias
 
     # ------------------------------------------------------------------ feed-forward
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] for layer i."""
         c = self.cfg
-        probs = torch.softmax(F.linear(x, self.w[f"layers.{i}.moe.router.weight"]).float(), dim=-1)
+        logits = F.linear(x, self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias")).float()
+        if c.router == "sigmoid_group":
+            return self._route_sigmoid_group(i, logits, x.dtype)
+        if c.router == "topk_softmax":  # gpt-oss: the softmax runs over the k chosen logits only
+            top, ids = torch.topk(logits, c.top_k, dim=-1)
+            return ids, torch.softmax(top, dim=-1).to(x.dtype)
+        probs = torch.softmax(logits, dim=-1)
         weights, ids = torch.topk(probs, c.top_k, dim=-1)
         if c.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(x.dtype)
+
+    def _route_sigmoid_group(self, i: int, logits: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3: sigmoid scores; the score bias steers the choice only; experts come from
+        the topk_group groups whose two best biased scores sum highest."""
+        c = self.cfg
+        scores = logits.sigmoid()
+        choice = scores + self.w[f"layers.{i}.moe.router.score_bias"].float()
+        if c.n_group > 1:
+            grouped = choice.view(-1, c.n_group, c.num_experts // c.n_group)
+            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(c.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, (weights * c.routed_scaling_factor).to(dtype)
 
     def guess(self, j: int, h: torch.Tensor) -> list[int]:
         """Layer j's top-k experts for the residual state h of one token, as if h reached layer j
@@ -146,12 +254,16 @@ class Decoder:
             if self.cfg.shared_expert_gate:
                 s = torch.sigmoid(F.linear(x, w[p + "moe.shared_gate.weight"])) * s
             out = out + s
+        if self.cfg.sandwich_norms:
+            out = rms_norm(out, w[p + "ffn_post_norm.weight"], self.cfg.rms_norm_eps)
         return out
 
     # ------------------------------------------------------------------ whole model
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, experts, last_only: bool = False) -> torch.Tensor:
         c, w = self.cfg, self.w
         x = F.embedding(tokens, w["embed.weight"])
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
         at = self.positions(start, x.shape[0], x.dtype, x.device)
         for i in range(c.num_layers):
             p = f"layers.{i}."
@@ -159,4 +271,5 @@ class Decoder:
             x = x + self.ffn(i, x, experts)
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        logits = F.linear(rms_norm(x, w["norm.weight"], c.rms_norm_eps), self.lm_head).float()
+        return logits * c.logit_scale if c.logit_scale != 1.0 else logits

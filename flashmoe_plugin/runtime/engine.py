@@ -59,7 +59,8 @@ class Engine:
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
             self.predictor = self.pager.predictor = Predictor(mode, prefetch_depth)
-        self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device)
+        self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device,
+                                        self.model.expert_act)
         self._moe_order = [i for i in range(cfg.num_layers) if i in self.store.layers]
         self._moe_pos = {layer: i for i, layer in enumerate(self._moe_order)}
         self.tokens: list[int] = []
@@ -164,12 +165,14 @@ class Engine:
         """Routed experts of one layer. Decode: the token's k records are requested, the
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
-        product while the next ones load; experts go through the device tier in groups that fit."""
+        product while the next ones load; experts go through the device tier in groups that fit.
+        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general."""
         layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
+        act = self.model.expert_act
         if self.cpu_layers is not None and layer in self.cpu_layers:
-            return self.cpu_layers.forward(layer, x, ids, weights)
+            return self.cpu_layers.forward(layer, x, ids, weights, act)
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
@@ -178,13 +181,13 @@ class Engine:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
             if not batch.on_host:
-                return be.moe_decode(x, [got[e] for e in chosen], weights[0], layout)
+                return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
             # host-tier records are computed on the CPU while the GPU runs the others: x goes to
             # the host before the GPU work is queued, so neither waits for the other
             xh = hc.to_host(x)
             w = weights[0].tolist()
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
-            out = be.moe_decode(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
+            out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
@@ -194,8 +197,19 @@ class Engine:
         for g in range(0, len(used), step):
             for e, rec in self.pager.request(layer, used[g:g + step]):
                 tok, slot = torch.where(ids == e)
-                y = be.expert_ffn(x[tok], rec, layout) * weights[tok, slot, None]
+                y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
+                y = y * weights[tok, slot, None]
                 out.index_add_(0, tok, y)
+        return out
+
+    def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
+        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
+        act = self.model.expert_act
+        if act is None:
+            return self.backend.moe_decode(x, records, weights, layout)
+        out = torch.zeros_like(x)
+        for rec, w in zip(records, weights.tolist()):
+            out.add_(self.backend.expert_general(x, rec, layout, act), alpha=w)
         return out
 
     def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):

@@ -52,7 +52,7 @@ def cpu_backend(device: torch.device):
 
 
 class HostCompute:
-    def __init__(self, mode, pager, layout, device: torch.device):
+    def __init__(self, mode, pager, layout, device: torch.device, act=None):
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"host_compute must be auto, on or off, not {mode!r}")
         self.layout, self.device = layout, device
@@ -62,6 +62,13 @@ class HostCompute:
         self.cpu_s: float | None = None
         self.copy_s: float | None = None
         self._pager = pager
+        self.act = act  # None: plain SwiGLU; else the family's activation (Backend.expert_general)
+
+    def _expert(self, x, rec, layout=None):
+        layout = layout or self.layout
+        if self.act is None:
+            return self.backend.expert_ffn(x, rec, layout)
+        return self.backend.expert_general(x, rec, layout, self.act)
 
     def pays(self) -> bool:
         """Whether the CPU computes a lone host record faster than a copy brings it up."""
@@ -81,9 +88,9 @@ class HostCompute:
         dst = torch.empty(p.record_size, dtype=torch.uint8, device=self.device)
         self.copy_s = min(event_times(lambda: dst.copy_(src, non_blocking=True), 3))
         x, rec = torch.zeros(1, self.layout.hidden), torch.zeros_like(src)
-        self.backend.expert_ffn(x, rec, self.layout)  # warm
+        self._expert(x, rec)  # warm
         t0 = time.perf_counter()
-        self.backend.expert_ffn(x, rec, self.layout)
+        self._expert(x, rec)
         self.cpu_s = time.perf_counter() - t0
 
     @staticmethod
@@ -97,7 +104,12 @@ class HostCompute:
         in a GGUF store)."""
         layout = layout or self.layout
         t0 = time.perf_counter()
-        out = self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), layout)
+        if self.act is None:  # one native call for SwiGLU experts
+            out = self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), layout)
+        else:
+            out = torch.zeros_like(xh)
+            for rec, w in zip(records, weights):
+                out.add_(self._expert(xh, rec, layout), alpha=w)
         if self.cpu_s is not None:
             dt = (time.perf_counter() - t0) / max(1, len(records))
             self.cpu_s = 0.9 * self.cpu_s + 0.1 * dt
@@ -174,14 +186,19 @@ class CpuLayers:
     def __contains__(self, layer: int) -> bool:
         return layer in self._set
 
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts of `layer` for x [T, H] (any device), computed on the CPU."""
+    @staticmethod
+    def _ffn(backend, x, rec, layout, act):
+        return backend.expert_ffn(x, rec, layout) if act is None else backend.expert_general(x, rec, layout, act)
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
+        """The routed experts of `layer` for x [T, H] (any device), computed on the CPU (act: the
+        family's activation where it is not SwiGLU, as Engine gets it from the model)."""
         xh = x.float().cpu()
         ids_h, w_h = ids.cpu(), weights.float().cpu()
-        if xh.shape[0] == 1:
+        lay = self.layouts[layer]
+        if xh.shape[0] == 1 and act is None:  # one native call for the token's experts
             chosen = ids_h[0].tolist()
-            out = self.backend.moe(xh, tuple(self.records[(layer, e)] for e in chosen),
-                                   tuple(w_h[0].tolist()), self.layouts[layer])
+            out = self.backend.moe(xh, tuple(self.records[(layer, e)] for e in chosen), tuple(w_h[0].tolist()), lay)
             return out.to(x.device, x.dtype)
         out = torch.zeros_like(xh)
         gpu_out = torch.zeros_like(x) if self.gpu is not None else None
@@ -191,11 +208,11 @@ class CpuLayers:
             if gpu_out is not None and len(tok) * self.cpu_s > self.copy_s:
                 self.slot.copy_(rec, non_blocking=True)  # stream-ordered after the last expert's use
                 tg, sg = tok.to(x.device), slot.to(x.device)
-                y = self.gpu.expert_ffn(x[tg], self.slot, self.layouts[layer]) * weights[tg, sg, None]
+                y = self._ffn(self.gpu, x[tg], self.slot, lay, act) * weights[tg, sg, None]
                 gpu_out.index_add_(0, tg, y.to(x.dtype))
                 self.copied_up += 1
                 continue
-            y = self.backend.expert_ffn(xh[tok], rec, self.layouts[layer]) * w_h[tok, slot, None]
+            y = self._ffn(self.backend, xh[tok], rec, lay, act) * w_h[tok, slot, None]
             out.index_add_(0, tok, y)
         out = out.to(x.device, x.dtype)
         return out if gpu_out is None else out + gpu_out

@@ -1,7 +1,8 @@
 """Where each expert's weights sit inside its record (DESIGN.md section 6).
 
 A record holds one routed expert: `w13` (gate and up projections stacked, [2I, H], gate rows
-first) then `w2` ([H, I]); each part is laid out by quant.sections. Records are padded to
+first) then `w2` ([H, I]); experts with biases (gpt-oss) add `b13` ([1, 2I]) and `b2` ([1, H])
+in f32. Each part is laid out by quant.sections. Records are padded to
 RECORD_ALIGN so that record e of a layer file starts at e * size and O_DIRECT reads work.
 """
 from __future__ import annotations
@@ -32,13 +33,22 @@ class RecordLayout:
     align: int = RECORD_ALIGN
 
     @classmethod
-    def build(cls, fmt: str, hidden: int, intermediate: int) -> "RecordLayout":
+    def build(cls, fmt: str, hidden: int, intermediate: int, biases: bool = False,
+              w2_format: str | None = None) -> "RecordLayout":
+        """The layout the writer uses; w2_format where down differs from gate/up (GGUF's Q4_K_M
+        keeps down in Q6_K)."""
         parts, off = [], 0
-        for name, shape in (("w13", (2 * intermediate, hidden)), ("w2", (hidden, intermediate))):
-            p = Part(name, off, fmt, shape)
+        spec = [("w13", fmt, (2 * intermediate, hidden)), ("w2", w2_format or fmt, (hidden, intermediate))]
+        if biases:
+            spec += [("b13", "f32", (1, 2 * intermediate)), ("b2", "f32", (1, hidden))]
+        for name, f, shape in spec:
+            p = Part(name, off, f, shape)
             parts.append(p)
             off = quant._align(off + p.nbytes)
         return cls(size=quant._align(off, RECORD_ALIGN), parts=tuple(parts))
+
+    def has(self, name: str) -> bool:
+        return any(p.name == name for p in self.parts)
 
     def part(self, name: str) -> Part:
         for p in self.parts:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from .. import quant
+from .. import quant, quant_gguf
 from .format import StoreError
 
 MAX_BYTES = 1 << 48          # no record, part or file of a real model comes near 256 TiB
@@ -88,27 +88,29 @@ def check_layout(record, c, quant_format, where) -> None:
     parts = _get(record, "parts", "expert_record.parts", where)
     if not isinstance(parts, list) or not parts:
         raise StoreError(f"{where}: field 'expert_record.parts' must be a non-empty list")
-    fmts = set()
+    fmts = {}
     for i, p in enumerate(parts):
         f = f"expert_record.parts[{i}]"
         _int(_get(p, "offset", f + ".offset", where), f + ".offset", where)
         fmt = _get(p, "format", f + ".format", where)
-        if fmt not in quant.FORMATS:
-            raise StoreError(f"{where}: field {f + '.format'!r} is {fmt!r}; known: {', '.join(quant.FORMATS)}")
+        if fmt not in quant.FORMATS and not quant_gguf.is_block_format(fmt):
+            raise StoreError(f"{where}: field {f + '.format'!r} is {fmt!r}; known: "
+                             f"{', '.join(quant.FORMATS + tuple(quant_gguf.BLOCK_FORMATS))}")
         shape = _get(p, "shape", f + ".shape", where)
         if not isinstance(shape, list) or len(shape) != 2:
             raise StoreError(f"{where}: field {f + '.shape'!r} must be [rows, cols], got {shape!r}")
         for k, n in enumerate(shape):
             _int(n, f"{f}.shape[{k}]", where, 1, MAX_COUNT)
-        fmts.add(fmt)
-    if len(fmts) != 1:
-        raise StoreError(f"{where}: field 'expert_record.parts' mixes formats {sorted(fmts)}")
-    fmt = fmts.pop()
-    if quant_format in quant.QUANT_BITS and fmt != quant_format:
+        fmts[p.get("name")] = fmt
+    if "w13" not in fmts or "w2" not in fmts:
+        raise StoreError(f"{where}: field 'expert_record.parts' must name parts w13 and w2")
+    fmt = fmts["w13"]
+    if quant_format in quant.QUANT_BITS and (fmt != quant_format or fmts["w2"] != quant_format):
         raise StoreError(f"{where}: field 'expert_record.parts[0].format' is {fmt!r} but field "
                          f"'quant.format' says {quant_format!r}")
     try:
-        want = RecordLayout.build(fmt, c["hidden_size"], c["moe_intermediate_size"])
+        want = RecordLayout.build(fmt, c["hidden_size"], c["moe_intermediate_size"],
+                                  biases=bool(c.get("expert_bias")), w2_format=fmts["w2"])
     except ValueError as e:
         raise StoreError(f"{where}: field 'expert_record' does not fit config.hidden_size and "
                          f"config.moe_intermediate_size for format {fmt!r} ({e})") from None
