@@ -187,8 +187,9 @@ class LayerLRFU(Policy):
         self.t: dict = {}        # layer -> visits
         self.last_layer = None
         self.f: dict = {}        # key -> (count at t_last, t_last), kept after eviction
+        self.ver: dict = {}      # key -> its number of uses (marks its current heap entry)
         self.resident: set = set()
-        self.heaps: dict = {}    # layer -> [(rank, t_last, expert)]; stale entries skipped lazily
+        self.heaps: dict = {}    # layer -> [(rank, t_last, expert, ver)]; stale entries skipped lazily
         self.live: dict = {}     # layer -> resident keys of that layer
 
 
@@ -207,11 +208,12 @@ class LayerLRFU(Policy):
         f, last = self.f.get(key, (0.0, t))
         f = f * math.exp(-self.lam * (t - last)) + 1.0
         self.f[key] = (f, t)
+        v = self.ver[key] = self.ver.get(key, 0) + 1  # a key may be used twice in one visit
         if key in self.resident:
             heap = self.heaps.setdefault(layer, [])
-            heapq.heappush(heap, (math.log(f) + self.lam * t, t, key[1]))
+            heapq.heappush(heap, (math.log(f) + self.lam * t, t, key[1], v))
             if len(heap) > 4 * self.live[layer] + 64:  # drop stale entries now and then
-                heap[:] = [e for e in heap if (layer, e[2]) in self.resident and self.f[(layer, e[2])][1] == e[1]]
+                heap[:] = [e for e in heap if (layer, e[2]) in self.resident and self.ver[(layer, e[2])] == e[3]]
                 heapq.heapify(heap)
 
     def touch(self, key):
@@ -241,9 +243,9 @@ class LayerLRFU(Policy):
         for layer, heap in self.heaps.items():
             skipped = []
             while heap:
-                r, last, e = heap[0]
+                r, last, e, v = heap[0]
                 key = (layer, e)
-                if key not in self.resident or self.f[key][1] != last:
+                if key not in self.resident or self.ver[key] != v:
                     heapq.heappop(heap)  # stale
                     continue
                 if key in protected:
