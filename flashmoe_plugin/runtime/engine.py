@@ -68,21 +68,13 @@ class Engine:
         self.trace = None
 
     def _load_dense(self, dtype):
-        """The dense weights and the activation dtype. CPU: kept as stored (bf16 stays bf16, half
-        the RAM of an fp32 copy; fp32 stores stay exact for the oracles; fp16 becomes fp32, which
-        CPUs lack fast kernels for); norms, softmax and the expert kernels compute in fp32 per op.
-        GPU: bf16 unless asked otherwise."""
-        if dtype is not None or self.device.type != "cpu":
-            dtype = dtype or torch.bfloat16
-            return self.store.load_dense(self.device, dtype), dtype
-        dense = self.store.load_dense("cpu")
-        dtype = dense["embed.weight"].dtype
-        if dtype not in (torch.bfloat16, torch.float32):
-            dtype = torch.float32
-        for k, v in dense.items():
-            if v.dtype != dtype:
-                dense[k] = v.to(dtype)
-        return dense, dtype
+        """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the
+        chunked-prefill checks are fp32's), bf16 on GPUs, unless asked. `dtype=torch.bfloat16` on
+        CPU keeps a bf16 store's dense part as stored (half the RAM of the fp32 copy, no second
+        copy), at bf16's precision for the activations."""
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        return self.store.load_dense(self.device, dtype), dtype
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
