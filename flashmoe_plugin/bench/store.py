@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..progress import NO_PROGRESS
-from ..sizes import available_ram, format_size
+from ..sizes import available_ram, format_size, parse_size
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
@@ -320,7 +320,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                          "computed_on_cpu": dec["host_computed"], "budget": host_capacity * size,
                          "records": host_capacity}}
     tiers["disk"] = {"misses": dec["misses"], "miss_rate": _rate(dec["misses"], n_dec)}
-    asked = parse_size(vram_budget if cuda else ram_budget)
+    asked = parse_size(vram_budget if cuda else ram_budget, store.expert_bytes)
     budget_note = (f"{'VRAM' if cuda else 'RAM'} budget {format_size(asked) if asked is not None else 'default'} "
                    f"holds {capacity} whole records of {format_size(size)} = {format_size(capacity * size)}"
                    + (f" ({format_size(asked - capacity * size)} of it unused)" if asked and asked > capacity * size else ""))
