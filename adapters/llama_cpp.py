@@ -115,7 +115,7 @@ class Llama(Completions, Generation, DropInSurface):
         device: str = "cpu",
         ram_budget: Union[int, str, None] = None,
         vram_budget: Union[int, str, None] = None,
-        cache_policy: str = "lru",
+        cache_policy: str = "auto",
         prefetch: Union[bool, str] = True,  # True = "auto" (prefetch while it measurably pays), "on", False/"off"
         backend: Optional[str] = None,
         **kwargs,  # other llama.cpp options (n_gpu_layers, use_mmap, type_k, ...) are accepted and ignored
@@ -138,7 +138,7 @@ class Llama(Completions, Generation, DropInSurface):
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
         for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute", "storage",
-                  "storage_options", "experts_per_token", "decode_graph"):
+                  "storage_options", "experts_per_token", "decode_graph", "n_cpu_moe"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()

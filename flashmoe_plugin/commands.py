@@ -21,17 +21,18 @@ def _fail(e: Exception):
 def engine_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or mps")(f)
     f = click.option("--ram-budget", type=SIZE, default=None, help="bytes of expert records kept in RAM (512M, 8G, 50% "
-                     "of the experts, ...); CPU: "
-                     "default all, or half the free RAM; CUDA: the pinned tier below VRAM, default what VRAM cannot "
-                     "hold, up to half the free RAM")(f)
+                     "of the experts, ...); CPU: default all, or the free RAM less a reserve; CUDA: the pinned tier "
+                     "below VRAM, default what VRAM cannot hold, up to the free RAM less a reserve")(f)
     f = click.option("--vram-budget", type=SIZE, default=None, help="CUDA: bytes of expert records kept in GPU memory; default: "
                      "what is free after the dense part and the KV cache")(f)
-    f = click.option("--policy", default="lru", show_default=True, help="expert cache policy")(f)
+    f = click.option("--policy", default="auto", show_default=True, help="expert cache policy")(f)
     f = click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="predict the next layers' experts and load them early (auto: only while it pays)")(f)
     f = click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="O_DIRECT reads (bypass the page cache), buffered, or this platform's measured default")(f)
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
+    f = click.option("--n-cpu-moe", default=0, show_default=True,
+                     help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")(f)
     f = click.option("--n-ctx", default=2048, show_default=True, help="context window")(f)
     f = click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")(f)
     f = click.option("--storage", default="native", show_default=True,
@@ -51,11 +52,11 @@ def tri(value: str):
 
 
 def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
-                storage="native", experts_per_token=None):
+                storage="native", experts_per_token=None, n_cpu_moe=0):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
                   prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
-                  storage=storage, experts_per_token=experts_per_token)
+                  storage=storage, experts_per_token=experts_per_token, n_cpu_moe=n_cpu_moe)
 
 
 def prompt_tokens(engine, prompt: str, n: int, truncate: bool = False) -> tuple[list[int], bool]:

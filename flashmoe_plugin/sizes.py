@@ -82,7 +82,98 @@ def format_rate(bytes_per_second: float | None) -> str:
 
 
 def available_ram() -> int:
+    """RAM this process can still take: the kernel's MemAvailable (free plus reclaimable page
+    cache), or less when a memory cgroup (v1 or v2) limits the process more tightly."""
+    avail = _meminfo("MemAvailable")
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+    room = cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+def _meminfo(field: str) -> int | None:
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return None if text in ("", "max") else int(text)
+
+
+def _stat(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_room() -> int | None:
+    """Bytes the tightest memory cgroup above this process still allows (its limit less its usage,
+    counting inactive page cache as free, as the kernel reclaims it first); None when unlimited."""
+    rooms = _cgroups()
+    return min(r for _, r in rooms) if rooms else None
+
+
+def cgroup_limit() -> int | None:
+    """The tightest memory cgroup limit above this process (bytes); None when unlimited."""
+    rooms = _cgroups()
+    return min(lim for lim, _ in rooms) if rooms else None
+
+
+def _cgroups() -> list[tuple[int, int]]:
+    """(limit, room) of every memory-limited cgroup above this process, v1 or v2."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f if line.strip()]
+    except OSError:
+        return []
+    rooms = []
+    for _, controllers, path in lines:
+        if controllers == "":  # cgroup v2
+            base, limit, usage, stat, inactive = "/sys/fs/cgroup", "memory.max", "memory.current", "memory.stat", "inactive_file"
+        elif "memory" in controllers.split(","):
+            base, limit, usage, stat, inactive = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for i in range(len(parts), -1, -1):  # the cgroup and its ancestors
+            d = "/".join([base] + parts[:i])
+            lim = _read_int(f"{d}/{limit}")
+            if lim is None or lim >= 1 << 60:
+                continue
+            used = (_read_int(f"{d}/{usage}") or 0) - _stat(f"{d}/{stat}", inactive)
+            rooms.append((lim, max(0, lim - max(0, used))))
+    return rooms
+
+
+def ram_reserve() -> int:
+    """RAM left free by the default budgets: 1 GiB for the process's own working set beyond its
+    weights and caches (Python, torch, activations; `flashmoe bench` reports it as
+    rss_overhead_bytes: 0.27 GB on the demo model; 6 MB on a 2-layer Mixtral-shaped store, whose
+    peak RSS of 2.28 GB is its bf16 dense part 0.69 GB + 16 records 1.59 GB) and for prefill's
+    activations, plus 2% of the machine (or cgroup) for
+    the kernel and other processes. FLASHMOE_RAM_RESERVE (a size) overrides it."""
+    forced = os.environ.get("FLASHMOE_RAM_RESERVE")
+    if forced:
+        return parse_size(forced)
+    total = min(_meminfo("MemTotal") or (16 << 30), cgroup_limit() or 1 << 62)
+    return (1 << 30) + total // 50

@@ -36,7 +36,7 @@ def test_tiers_on_the_gpu(oracles, family, quant):
         # another summation order) would differ from run to run; tests/test_graph_decode.py checks
         # "auto" against stubbed timings
         eng = Engine(store, device="cuda", dtype=torch.float32, vram_budget=n0 * size, ram_budget=n1 * size,
-                     prefetch=prefetch, prefetch_depth=2, io_threads=threads, host_compute="off")
+                     policy="lru", prefetch=prefetch, prefetch_depth=2, io_threads=threads, host_compute="off")
         trace = RoutingTrace()
         eng.record(trace)
         out = run_sequence(eng, ids, steps)

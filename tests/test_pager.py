@@ -15,7 +15,7 @@ from flashmoe_plugin.pager.predictor import Predictor
 from flashmoe_plugin.pager.trace import RoutingTrace
 from flashmoe_plugin.runtime.engine import Engine
 
-POLICIES = ("lru", "lfu", "fwlru", "static", "belady")
+POLICIES = ("lru", "lfu", "fwlru", "lrfu", "auto", "static", "belady")
 
 
 def twin(store, n0, n1, size, **kw):
@@ -39,7 +39,7 @@ def test_two_tiers_match_the_lru_simulator(profiled):
     store, ids, steps, ref = profiled
     size, total, k = sizes(store)
     for n0, n1 in {(k, k), (k, total // 3), (2 * k, total - 2 * k - 1)}:
-        eng = twin(store, n0, n1, size, prefetch="off")
+        eng = twin(store, n0, n1, size, policy="lru", prefetch="off")
         trace = RoutingTrace()
         eng.record(trace)
         out = run_sequence(eng, ids, steps)

@@ -26,7 +26,7 @@ def register_commands(cli):
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
     @click.option("--ram-budget", type=SIZE, default=None, help="bytes of expert records kept in RAM (512M, 8G, 50% "
                   "of the experts, ...)")
-    @click.option("--policy", default="lru", show_default=True, help="expert cache policy")
+    @click.option("--policy", default="auto", show_default=True, help="expert cache policy")
     @click.option("--tokens", default=32, show_default=True, help="decode steps measured")
     @click.option("--prompt-tokens", default=512, show_default=True, help="prompt length for TTFT and prefill")
     @click.option("--vram-budget", type=SIZE, default=None, help="CUDA: bytes of expert records kept in GPU memory")
@@ -35,6 +35,8 @@ def register_commands(cli):
     @click.option("--prefetch-depth", default=1, show_default=True, help="layers ahead the predictor guesses")
     @click.option("--host-compute", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="CUDA: compute host-tier experts on the CPU when that beats copying them (measured)")
+    @click.option("--n-cpu-moe", default=0, show_default=True,
+                  help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")
     @click.option("--io-threads", default=4, show_default=True, help="reader threads")
     @click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="O_DIRECT reads (bypass the page cache), buffered, or the platform's measured default")
@@ -53,8 +55,8 @@ def register_commands(cli):
                   show_default=True, help="decode steps on the device, captured as a CUDA graph (auto: CUDA runs "
                   "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
-              prefetch_depth, host_compute, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend, temp, seed,
-              save_trace, experts_per_token, decode_graph):
+              prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend,
+              temp, seed, save_trace, experts_per_token, decode_graph):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
         STORE is a model: a store folder, or `demo` for the embedded model."""
@@ -76,7 +78,7 @@ def register_commands(cli):
                                    prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
                                    verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                    vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                                   host_compute=host_compute, experts_per_token=experts_per_token,
+                                   host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
                                    decode_graph=decode_graph,
                                    io_threads=io_threads, compute_bound=not no_compute_bound, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
@@ -112,7 +114,7 @@ def register_commands(cli):
     @click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
                   help="where to write the routing trace (default: STORE/routing_trace.npz)")
     @click.option("--ram-budget", type=SIZE, default=None, help="expert RAM budget while profiling (512M, 8G, 50%, ...)")
-    @click.option("--policy", default="lru", show_default=True)
+    @click.option("--policy", default="auto", show_default=True)
     @click.option("--temp", default=0.0, show_default=True, help="sampling temperature (0 = greedy)")
     @click.option("--seed", default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -162,7 +164,7 @@ def _store_table(r: dict) -> str:
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {rate(r['disk_bandwidth_gbps'])} "
         f"({'O_DIRECT' if r['direct_io'] else 'buffered'}, page cache {r['disk']['page_cache']})",
         f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
-        f" | h2d {rate(r['h2d_gbps'])}",
+        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}",
     ] + [f"note: {n}" for n in r["notes"]])
 
 

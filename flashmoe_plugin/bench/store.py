@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..progress import NO_PROGRESS
-from ..sizes import available_ram, format_size
+from ..sizes import available_ram, format_size, parse_size
 from .launches import decode_launches
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
@@ -109,6 +109,15 @@ def disk_bandwidth(store, direct: bool = False, drop: bool = False, io_threads: 
         _evict(reader, fids.values())
     return {"gbps": done / seconds / 1e9, "bytes": done, "seconds": seconds, "page_cache": cache,
             "direct_io": direct, "threads": io_threads, "records_per_batch": per_batch}
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set so far (Linux: ru_maxrss in KiB)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return None
 
 
 def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0, progress=NO_PROGRESS) -> tuple[float, list[float]]:
@@ -214,12 +223,13 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, expe
                                     "same prompt and decode"}
 
 
-def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "lru", tokens: int = 32,
+def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "auto", tokens: int = 32,
               prompt_tokens: int = 512, direct_io: bool | None = None, drop_caches: bool = False,
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
-              experts_per_token: int | None = None, decode_graph: str = "auto", progress=NO_PROGRESS) -> dict:
+              n_cpu_moe: int = 0, experts_per_token: int | None = None, decode_graph: str = "auto",
+              progress=NO_PROGRESS) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -244,7 +254,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     eng = Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
-                 host_compute=host_compute, experts_per_token=experts_per_token, decode_graph=decode_graph)
+                 host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
+                 decode_graph=decode_graph)
     k = eng.config.top_k
     p = eng.pager
     trace = RoutingTrace()
@@ -269,11 +280,18 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
                  else eng.fast.why_not}
         eng.record(None)
         graph.update(decode_launches(eng, logits))
+        eng.reset()  # the same prompt again, experts now resident where they fit (llama-bench's warm runs)
+        t0 = time.perf_counter()
+        eng.forward(ids, last_only=True)
+        prefill_warm = len(ids) / (time.perf_counter() - t0)
     finally:
         eng.record(None)
         eng.close()
     capacity, host_capacity, size, pol = p.capacity, p.host_capacity, p.record_size, p.policy
     preloaded = p.stats.preloaded
+    peak_rss = peak_rss_bytes()  # before the compute-bound engine below adds its own
+    dense_resident = sum(t.numel() * t.element_size() for t in eng.model.w.values() if t.device.type == "cpu")
+    kv_bytes = 2 * eng.kv.k.numel() * eng.kv.k.element_size()
     total_records = sum(l.experts for l in store.layers.values())
     del eng, p
     gc.collect()
@@ -319,6 +337,11 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
                          "computed_on_cpu": dec["host_computed"], "budget": host_capacity * size,
                          "records": host_capacity}}
     tiers["disk"] = {"misses": dec["misses"], "miss_rate": _rate(dec["misses"], n_dec)}
+    asked = parse_size(vram_budget if cuda else ram_budget, store.expert_bytes)
+    budget_note = (f"{'VRAM' if cuda else 'RAM'} budget {format_size(asked) if asked is not None else 'default'} "
+                   f"holds {capacity} whole records of {format_size(size)} = {format_size(capacity * size)}"
+                   + (f" ({format_size(asked - capacity * size)} of it unused)" if asked and asked > capacity * size else ""))
+    notes.append(budget_note)
     result = {
         "store": str(store.path), "architecture": store.architecture, "quant": store.quant,
         "source": store.manifest.get("source", {}).get("type"), "like": store.manifest.get("source", {}).get("like"),
@@ -327,9 +350,13 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "device": device, "backend": None, "policy": policy, "policy_note": getattr(pol, "note", "") or None,
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
+        "budget_requested": asked, "budget_note": budget_note,
+        "peak_rss_bytes": peak_rss, "dense_resident_bytes": dense_resident, "kv_cache_bytes": kv_bytes,
+        "rss_overhead_bytes": peak_rss - dense_resident - (0 if cuda else capacity * size) - (0 if cuda else kv_bytes)
+        if peak_rss else None,
         "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
         "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed, "experts_per_token": k,
-        "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode_tok_s,
+        "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "prefill_warm_tok_s": prefill_warm, "decode_tok_s": decode_tok_s,
         "hit_rate": _rate(dec["hits"], n_dec), "hit_rate_prefill": _rate(pre["hits"], n_pre),
         "hit_rate_run": hit_rate_run, "tiers": tiers,
         "bytes_read_per_token": read_per_token, "missed_bytes_per_token": dec["misses"] * size / tokens,
@@ -341,7 +368,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
         "belady_capacity_records": capacity + host_capacity,
         "hit_rate_vs_belady": hit_rate_run / opt.hit_rate if opt.hit_rate and hit_rate_run is not None else None,
         "requests": len(reqs),
-        "prefetch": prefetch, "prefetch_depth": prefetch_depth, "host_compute": host_mode,
+        "prefetch": prefetch, "prefetch_depth": prefetch_depth, "host_compute": host_mode, "n_cpu_moe": n_cpu_moe,
         "prefetch_stats": {k: dec[k] for k in ("prefetch_reads", "prefetch_copies", "prefetch_used",
                                                 "prefetch_cancelled", "prefetch_wasted")},
         "predictor_precision": pred["precision"] if pred else None,
@@ -378,7 +405,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "l
     return result
 
 
-def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_budget=None, policy: str = "lru",
+def run_profile(store_path, prompts: list[str] | None = None, n: int = 64, ram_budget=None, policy: str = "auto",
                 trace_path=None, device: str = "cpu", verify: bool = True, temp: float = 0.0, seed: int = 0,
                 progress=NO_PROGRESS) -> dict:
     """Generate n tokens after each prompt (greedy, or sampled at temp with a fixed seed) with routing recorded; writes routing_stats.json

@@ -57,7 +57,7 @@ class _Read:
 
 
 class ExpertPager:
-    def __init__(self, store, budget: int | None = None, policy: str = "lru", io_threads: int = 4,
+    def __init__(self, store, budget: int | None = None, policy: str = "auto", io_threads: int = 4,
                  direct_io: bool = False, verify: bool = True, device="cpu", host_budget: int | None = 0,
                  prefetch_slots: int | None = None, storage: str = "native", storage_options: dict | None = None,
                  retries: int = 2):
@@ -137,9 +137,11 @@ class ExpertPager:
         self.stats.device_hits += len(keys)
 
     # ------------------------------------------------------------------ demand
-    def request(self, layer: int, experts: list[int], host_ok: bool = False) -> "_Batch":
+    def request(self, layer: int, experts: list[int], host_ok=False) -> "_Batch":
         """host_ok: records found in the host tier stay there and are yielded from host memory
-        (the caller computes them on the CPU, Fiddler-style); `batch.on_host` names them."""
+        (the caller computes them on the CPU, Fiddler-style); `batch.on_host` names them. True:
+        all of them; a callable: host_ok(m) says how many of the m host-tier records stay (the
+        others are copied up)."""
         keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
         if len(keys) > self.capacity:
             raise BudgetError(f"{len(keys)} experts requested at once; the device tier holds {self.capacity}")
@@ -159,13 +161,17 @@ class ExpertPager:
         if layer is not None:
             self._settle_prefetches(layer)
         st, plan = self.stats, []
+        if callable(host_ok):
+            host_ok = host_ok(sum(1 for k in keys if self.t1 is not None and k in self.t1 and k not in self.t0))
+        in_place = len(keys) if host_ok is True else int(host_ok or 0)
         for key in keys:
             if key in self.t0:
                 self.policy.touch(key)
                 state = "device"
             elif self.t1 is not None and key in self.t1:
                 state = "host"
-                if host_ok:  # served where it is
+                if in_place > 0:  # served where it is
+                    in_place -= 1
                     self.t1.policy.touch(key)
                     if count:
                         self.stats.host_computed += 1

@@ -145,6 +145,11 @@ class CudaCopies:
     def close(self):
         self.up.synchronize()
         self.down.synchronize()
+        # unpin: freed memory still registered makes a later cudaHostRegister of the same
+        # addresses fail ("already registered"), and leaves that error pending for the next call
+        for t in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        self._registered.clear()
         for t in self._registered:
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
         self._registered = []

@@ -5,7 +5,8 @@ default), two things:
 - routes: per token position and MoE layer, the top-k expert ids the router chose;
 - requests: every Pager.acquire call in order, (layer, step, expert ids), where step is the
   position of the first token of the forward chunk (decode: the token itself; prefill: the
-  chunk, whose union of experts may come in several requests). This is what a replacement
+  chunk, whose union of experts may come in several requests), and the chunk's token count
+  (1 for decode: `decode_mask()` tells decode requests from prefill ones). This is what a replacement
   policy sees, so Belady and policy simulations (belady.py) replay it.
 
 Saved as one .npz (TRACE_FILE beside the store's manifest by default). routing_stats.json holds
@@ -42,14 +43,15 @@ def atomic_write(path: Path, data: bytes):
 
 class RoutingTrace:
     def __init__(self):
-        self.step = 0
+        self.step, self.n_tokens = 0, 1
+        self._req_tokens: list[int] = []
         self._route_layer, self._route_pos, self._route_ids = [], [], []
         self._req_layer, self._req_step, self._req_ids = [], [], []
         self.meta: dict = {}
 
     # -- recording (hooks called by Engine and ExpertPager)
     def begin(self, pos: int, n_tokens: int):
-        self.step = pos
+        self.step, self.n_tokens = pos, n_tokens
 
     def route(self, layer: int, ids):
         ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int32)
@@ -61,6 +63,7 @@ class RoutingTrace:
     def request(self, layer: int, experts):
         self._req_layer.append(layer)
         self._req_step.append(self.step)
+        self._req_tokens.append(self.n_tokens)
         self._req_ids.append([int(e) for e in dict.fromkeys(experts)])
 
     # -- reading
@@ -73,6 +76,10 @@ class RoutingTrace:
     def request_keys(self, start: int = 0, stop: int | None = None) -> list[list[tuple[int, int]]]:
         """Requests as lists of (layer, expert) keys: the input of belady.py."""
         return [[(l, e) for e in ids] for l, ids in self.requests(start, stop)]
+
+    def decode_mask(self) -> list[bool]:
+        """Per request: True when it served a one-token forward (decode)."""
+        return [n == 1 for n in self._req_tokens]
 
     def routes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(layer [N], position [N], ids [N, k]) of every token routing recorded."""
@@ -99,6 +106,7 @@ class RoutingTrace:
         buf = io.BytesIO()
         np.savez(buf, route_layer=layer, route_pos=pos, route_ids=ids,
                  req_layer=np.array(self._req_layer, np.int32), req_step=np.array(self._req_step, np.int32),
+                 req_tokens=np.array(self._req_tokens, np.int32),
                  req_ptr=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                  req_ids=np.array([e for r in self._req_ids for e in r], np.int32),
                  meta=np.array(json.dumps(self.meta)))
@@ -112,6 +120,8 @@ class RoutingTrace:
             ptr, ids = z["req_ptr"], z["req_ids"].tolist()
             t._req_layer = z["req_layer"].tolist()
             t._req_step = z["req_step"].tolist()
+            # traces written before req_tokens existed: unknown, taken as prefill (n > 1)
+            t._req_tokens = z["req_tokens"].tolist() if "req_tokens" in z else [0] * len(t._req_step)
             t._req_ids = [ids[ptr[i]:ptr[i + 1]] for i in range(len(ptr) - 1)]
             t.meta = json.loads(str(z["meta"]))
         return t

@@ -16,10 +16,10 @@ from .. import kernels
 from ..models.layers import decoder_for
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
-from ..sizes import available_ram, format_size, parse_size
+from ..sizes import available_ram, format_size, parse_size, ram_reserve
 from ..store.model import open_model
 from .graph_decode import DeviceDecode, graph_mode
-from .host_compute import HostCompute
+from .host_compute import CpuLayers, HostCompute
 
 
 class ContextError(ValueError):
@@ -45,20 +45,23 @@ def resolve_device(device) -> torch.device:
 
 
 class Engine:
-    def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "lru",
+    def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "auto",
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
-                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto",
+                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto", n_cpu_moe: int = 0,
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None,
                  experts_per_token: int | None = None, decode_graph: str = "auto"):
         self.store = open_model(store)
         self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.backend = kernels.select(self.device.type, backend)
-        self.model = decoder_for(cfg)(cfg, self.store.load_dense(self.device, self.dtype))
+        dense, self.dtype = self._load_dense(dtype)
+        self.model = decoder_for(cfg)(cfg, dense)
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = self.model.new_cache(self.n_ctx, self.dtype, self.device)
+        # n_cpu_moe: the first N MoE layers' experts live in RAM and run on the CPU (llama.cpp's meaning)
+        self.cpu_layers = CpuLayers(self.store, int(n_cpu_moe), self.device, io_threads, verify,
+                                    self.backend) if n_cpu_moe else None
         of = self.store.expert_bytes  # a budget of "50%" is half the experts' bytes
         budget, host_budget = self._budgets(parse_size(ram_budget, of, "ram_budget"),
                                             parse_size(vram_budget, of, "vram_budget"))
@@ -81,26 +84,38 @@ class Engine:
         mode, self.decode_graph_reason = graph_mode(decode_graph, self)
         self.fast = DeviceDecode(self, mode) if mode != "off" else None
 
+    def _load_dense(self, dtype):
+        """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the
+        chunked-prefill checks are fp32's), bf16 on GPUs, unless asked. `dtype=torch.bfloat16` on
+        CPU keeps a bf16 store's dense part as stored (half the RAM of the fp32 copy, no second
+        copy), at bf16's precision for the activations."""
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        return self.store.load_dense(self.device, dtype), dtype
+
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
         the VRAM budget (default: what is free after the dense part and the KV cache, less a
-        reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to half
-        the free RAM)."""
+        reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to the
+        RAM budget's default). The RAM default is what is free (MemAvailable, or the memory
+        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve()."""
+        total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
+        if ram_budget is None:
+            kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
+            least = self.config.top_k * self.store.layout.size if self.device.type != "cuda" else 0
+            ram_budget = max(least, min(total, available_ram() - kv - ram_reserve()))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
             return ram_budget, 0
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = free - max(1 << 30, free // 20)  # workspaces, activations, the allocator's slack
-        total = self.store.expert_bytes
         if vram_budget is None:
-            vram_budget = max(0, min(total, usable))
+            vram_budget = max(self.config.top_k * self.store.layout.size, min(total, usable))
         elif vram_budget > usable:
             raise ValueError(f"VRAM budget {format_size(vram_budget)} exceeds what is free on {self.device} after "
                              f"the dense weights and KV cache ({format_size(max(usable, 0))} usable)")
-        if ram_budget is None:
-            ram_budget = min(max(0, total - vram_budget), available_ram() // 2)
-        return vram_budget, ram_budget
+        return vram_budget, min(ram_budget, max(0, total - vram_budget))
 
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
@@ -175,22 +190,26 @@ class Engine:
         if self.trace is not None:
             self.trace.route(layer, ids)
         act = self.model.expert_act
+        if self.cpu_layers is not None and layer in self.cpu_layers:
+            return self.cpu_layers.forward(layer, x, ids, weights, act)
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            batch = self.pager.request(layer, chosen, host_ok=hc.pays())
+            batch = self.pager.request(layer, chosen, host_ok=hc.share if hc.mode != "off" else False)
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
             got = dict(batch)
             if not batch.on_host:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
-            # host-tier records are computed on the CPU while the GPU runs the others
+            # host-tier records are computed on the CPU while the GPU runs the others: x goes to
+            # the host before the GPU work is queued, so neither waits for the other
+            xh = hc.to_host(x)
             w = weights[0].tolist()
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
             out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
-            return out + hc.run(x, [got[chosen[i]] for i in there], [w[i] for i in there], layout)
+            return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
         out = torch.zeros_like(x)
         used = torch.unique(ids).tolist()
         step = self.pager.capacity
@@ -232,3 +251,5 @@ class Engine:
         if self.fast is not None:
             self.fast.close()
         self.pager.close()
+        if self.cpu_layers is not None:
+            self.cpu_layers.close()

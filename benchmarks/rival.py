@@ -1,0 +1,262 @@
+"""flashmoe against llama.cpp on the same machine, same Mixtral-8x7B shapes and bits, every regime of
+issue 10's two tables and issue 9's table; one JSON per machine with both figures and their ratio.
+
+    python3 benchmarks/rival.py --src LLAMA_SRC            # everything (build, GGUF, store, rows)
+    python3 benchmarks/rival.py --src LLAMA_SRC --stage prepare   # build + GGUF + store only
+    python3 benchmarks/rival.py --src LLAMA_SRC --stage rows      # the rows (after prepare)
+
+LLAMA_SRC: llama.cpp's source trimmed from the llama-cpp-python 0.3.36 sdist by
+benchmarks/rival/prepare_llama_cpp_src.sh (~24 MB; the GPU machine has no network, carry it).
+The steps, each skipped when its output exists in --work (default /tmp/rival):
+1. build llama.cpp's `llama-bench` (CUDA sm_90 when nvcc and a GPU are here; CPU otherwise);
+2. write the Q4_0 GGUF of Mixtral-8x7B's shapes with gguf-py (benchmarks/rival/gen_mixtral_gguf.py,
+   random weights, 26.3 GB at 32 layers);
+3. `flashmoe synth --like mixtral-8x7b --quant q4` (26.6 GiB at 32 layers);
+4. the rows of this machine (ROWS): llama-bench (-o json) and `flashmoe bench --json`, page cache
+   dropped before each run (where permitted), RAM-limited rows inside a memory cgroup (v1 or v2;
+   when none can be made the row says so and runs without one);
+5. writes --out (default benchmarks/results/rival-{h200,cpu}.json) after every row, so a run
+   cut short keeps what it measured.
+--layers N makes all of it N layers deep (a smoke test; ratios then do not stand for Mixtral).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RIVAL = HERE / "rival"
+
+# (table, row, llama-bench args, flashmoe bench args, memory cgroup limit or None, (prompt, decode) tokens)
+ROWS = {
+    "h200": [
+        ("issue 9", "every expert in VRAM", ["-ngl", "99"], ["--device", "cuda"], None, (512, 32)),
+        ("issue 10 (H200)", "8 layers' experts in VRAM, the rest in RAM (static: --n-cpu-moe 24)",
+         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--n-cpu-moe", "24"], None, (512, 32)),
+        ("issue 10 (H200)", "8G of experts in VRAM, the rest in pinned RAM (dynamic tiers, host compute auto)",
+         ["-ngl", "99", "--n-cpu-moe", "24"], ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "24G"],
+         None, (512, 32)),
+        ("issue 10 (H200)", "every expert in RAM, dense on the GPU (--n-cpu-moe 32)",
+         ["-ngl", "99", "--n-cpu-moe", "32"], ["--device", "cuda", "--n-cpu-moe", "32"], None, (512, 32)),
+        ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM (llama.cpp ~0.2 tok/s: short run)",
+         ["-ngl", "99", "--n-cpu-moe", "24", "--repack", "0", "-lm", "mmap"],
+         ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30, (16, 8)),
+    ],
+    "cpu": [
+        ("issue 10 (2-core)", "whole machine (model ~1.1x RAM)", ["-ngl", "0", "--repack", "0", "-lm", "mmap"],
+         ["--device", "cpu"], None, (16, 16)),
+        ("issue 10 (2-core)", "12 GiB memory cgroup (model ~2.2x budget)", ["-ngl", "0", "--repack", "0", "-lm", "mmap"],
+         ["--device", "cpu"], 12 << 30, (16, 16)),
+    ],
+}
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+def sh(cmd, env=None, cgroup=None, timeout=None) -> subprocess.CompletedProcess:
+    """Run cmd (a list), inside a cgroup's procs file when given (the child joins before exec)."""
+    if cgroup:
+        cmd = ["sh", "-c", f'echo $$ > "{cgroup}" && exec "$@"', "sh", *cmd]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_cgroup(name: str, limit: int) -> tuple[str | None, str]:
+    """A memory cgroup of `limit` bytes: (its procs file, how) or (None, why not)."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    try:
+        if v1.is_dir():
+            d = v1 / name
+            d.mkdir(exist_ok=True)
+            (d / "memory.limit_in_bytes").write_text(str(limit))
+            try:
+                (d / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            except OSError:
+                pass  # no swap accounting: no swap to limit
+            return str(d / "cgroup.procs"), f"cgroup v1 {d}, memory.limit_in_bytes {limit}"
+        root = Path("/sys/fs/cgroup")
+        if (root / "cgroup.controllers").is_file():
+            try:
+                (root / "cgroup.subtree_control").write_text("+memory")
+            except OSError:
+                pass
+            d = root / name
+            d.mkdir(exist_ok=True)
+            (d / "memory.max").write_text(str(limit))
+            try:
+                (d / "memory.swap.max").write_text("0")
+            except OSError:
+                pass
+            return str(d / "cgroup.procs"), f"cgroup v2 {d}, memory.max {limit}"
+        return None, "no cgroup v1 memory controller or cgroup v2 hierarchy here"
+    except OSError as e:
+        return None, f"cannot make a memory cgroup ({e})"
+
+
+# ---------------------------------------------------------------------------- preparation
+def build(src: Path, work: Path, cuda: bool) -> Path:
+    exe = work / "llama-build" / "bin" / "llama-bench"
+    if exe.is_file():
+        return exe
+    log("building llama-bench", "(CUDA)" if cuda else "(CPU)")
+    r = sh(["bash", str(RIVAL / "build_llama_bench.sh"), str(src), str(work / "llama-build")] + (["cuda"] if cuda else []))
+    if r.returncode or not exe.is_file():
+        raise SystemExit(f"llama-bench build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return exe
+
+
+def gguf(src: Path, work: Path, layers: int) -> Path:
+    out = work / f"mixtral-q4_0-{layers}l.gguf"
+    if out.is_file():
+        return out
+    log("writing", out)
+    tmp = out.with_suffix(".tmp")
+    env = {"VOCAB_GGUF": str(src / "models" / "ggml-vocab-llama-spm.gguf"),
+           "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    r = sh([sys.executable, str(RIVAL / "gen_mixtral_gguf.py"), str(tmp), str(layers)], env=env)
+    if r.returncode:
+        raise SystemExit(f"GGUF writer failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    tmp.rename(out)
+    return out
+
+
+def store(work: Path, layers: int) -> Path:
+    out = work / f"mixtral-q4-{layers}l"
+    if (out / "manifest.json").is_file():
+        return out
+    log("writing", out)
+    r = sh(flashmoe() + ["synth", "--like", "mixtral-8x7b", "--quant", "q4", "--layers", str(layers), "--force", str(out)])
+    if r.returncode:
+        raise SystemExit(f"flashmoe synth failed:\n{r.stderr[-3000:]}")
+    return out
+
+
+def flashmoe() -> list[str]:
+    return [sys.executable, "-c", "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()"]
+
+
+# ---------------------------------------------------------------------------- rows
+def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, threads: int, reps: int = 2) -> dict:
+    cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json", "-t", str(threads),
+           *args]
+    t0 = time.time()
+    r = sh(cmd, cgroup=cgroup, timeout=900)
+    out = {"command": " ".join(cmd), "seconds": round(time.time() - t0, 1)}
+    if r.returncode:
+        return {**out, "error": (r.stderr or r.stdout)[-1500:]}
+    try:
+        tests = json.loads(r.stdout[r.stdout.index("["):])
+    except ValueError:
+        return {**out, "error": "unparsable llama-bench output: " + r.stdout[-800:]}
+    for t in tests:
+        if t.get("n_prompt") and not t.get("n_gen"):
+            out["prefill_tok_s"], out["prefill_stddev"] = t["avg_ts"], t.get("stddev_ts")
+        elif t.get("n_gen"):
+            out["decode_tok_s"], out["decode_stddev"] = t["avg_ts"], t.get("stddev_ts")
+    return out
+
+
+KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "ttft_s", "hit_rate", "belady_hit_rate",
+        "hit_rate_vs_belady", "io_bound_tok_s", "io_efficiency", "bytes_read_per_token", "disk_bandwidth_gbps",
+        "tiers", "capacity_records", "host_capacity_records", "budget_note", "peak_rss_bytes", "host_compute",
+        "n_cpu_moe", "policy", "policy_note", "direct_io", "notes")
+
+
+def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup) -> dict:
+    cmd = flashmoe() + ["bench", str(st), "--json", "--prompt-tokens", str(p), "--tokens", str(n),
+                        "--no-compute-bound", "--drop-caches", "--io-threads", "8", *args]
+    t0 = time.time()
+    r = sh(cmd, cgroup=cgroup, timeout=900)
+    out = {"command": "flashmoe " + " ".join(cmd[3:]), "seconds": round(time.time() - t0, 1)}
+    if r.returncode:
+        return {**out, "error": (r.stderr or r.stdout)[-1500:]}
+    res = json.loads(r.stdout)
+    out.update({k: res.get(k) for k in KEEP})
+    # prefill: warm (experts resident where they fit) to compare with llama-bench's warm repetitions
+    out["prefill_cold_tok_s"] = res.get("prefill_tok_s")
+    out["prefill_tok_s"] = res.get("prefill_warm_tok_s") or res.get("prefill_tok_s")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--src", type=Path, required=True, help="llama.cpp source (prepare_llama_cpp_src.sh)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/rival"))
+    ap.add_argument("--machine", choices=["auto", "h200", "cpu"], default="auto")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--stage", choices=["all", "prepare", "rows"], default="all")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) to run; default all")
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/rival-MACHINE.json; "
+                    "a copy stays in --work for merging the rows of later calls)")
+    a = ap.parse_args(argv)
+    import torch
+    cuda = torch.cuda.is_available()
+    machine = a.machine if a.machine != "auto" else ("h200" if cuda else "cpu")
+    out = a.out or HERE / "results" / f"rival-{machine}{'' if a.layers == 32 else f'-{a.layers}l'}.json"
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:  # the build takes the cores, the writers the disk
+        built = pool.submit(build, a.src.resolve(), a.work, cuda and machine == "h200")
+        model = gguf(a.src.resolve(), a.work, a.layers)
+        st = store(a.work, a.layers)
+        exe = built.result()
+    log(f"prepared in {time.time() - t0:.0f} s")
+    if a.stage == "prepare":
+        return
+    threads = os.cpu_count() or 1
+    keep = a.work / out.name  # rows of earlier calls (--rows) are merged from here
+    doc = json.loads(keep.read_text()) if keep.is_file() and a.rows else {}
+    doc.update({"machine": {"kind": machine, "node": platform.node(), "cpus": threads,
+                            "gpu": torch.cuda.get_device_name() if cuda else None,
+                            "ram_total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                            "load_avg_1m_at_start": os.getloadavg()[0]},
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "layers": a.layers,
+                "gguf": str(model), "gguf_bytes": model.stat().st_size, "store": str(st),
+                "llama_cpp": "llama-bench from the llama-cpp-python 0.3.36 sdist's vendored llama.cpp"})
+    rows = doc.setdefault("rows", {})
+    pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
+    for i, (table, name, largs, fargs, limit, (p, n)) in enumerate(ROWS[machine]):
+        if pick is not None and i not in pick:
+            continue
+        row = {"table": table, "row": name, "cgroup": None, "prompt_tokens": p, "decode_tokens": n}
+        cg = None
+        if limit:
+            cg, how = make_cgroup(f"flashmoe-rival-{limit >> 30}g", limit)
+            row["cgroup"] = how if cg else f"none: {how}; the row ran without a memory limit"
+        # llama.cpp reads its GGUF through mmap: the page cache is dropped only for the cgroup rows
+        # (as REFERENCE.md measured); flashmoe bench drops it itself before each run
+        row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
+        log(f"row {i}: llama.cpp {' '.join(largs)}")
+        row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
+        log(f"row {i}: flashmoe {' '.join(fargs)}")
+        row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
+        for k in ("decode_tok_s", "prefill_tok_s"):
+            ours, theirs = row["flashmoe"].get(k), row["llama_cpp"].get(k)
+            row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
+        rows[str(i)] = row
+        log(f"row {i}: decode {row['flashmoe'].get('decode_tok_s')} vs {row['llama_cpp'].get('decode_tok_s')} tok/s")
+        for f in {keep, out}:
+            f.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"wrote {out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

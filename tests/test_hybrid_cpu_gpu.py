@@ -1,0 +1,104 @@
+"""Hybrid CPU+GPU experts on the CPU twin (four families): `n_cpu_moe` layers computed from RAM,
+host-tier records split between copy and compute by the cost model. Oracle: the logits of the
+all-resident run on the same store (same kernels, another summation order: tolerance 1e-5)."""
+import pytest
+import torch
+from conftest import run_sequence
+
+from flashmoe_plugin.runtime.engine import Engine
+from flashmoe_plugin.runtime.host_compute import HostCompute, physical_cores
+
+
+def reference(store, ids, steps):
+    eng = Engine(store, prefetch="off")
+    out = run_sequence(eng, ids, steps)
+    size, total, k = eng.pager.record_size, eng.pager.capacity, eng.config.top_k
+    eng.close()
+    return out, size, total, k
+
+
+def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(3)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    n_moe = len(Engine(store, prefetch="off", ram_budget=k * size).store.layers)
+    for n in sorted({1, n_moe}):
+        eng = Engine(store, n_cpu_moe=n, ram_budget=k * size, prefetch="off")
+        out = run_sequence(eng, ids, steps)
+        p = eng.pager
+        eng.close()
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, n, (out - ref).abs().max())
+        assert eng.cpu_layers.layers == sorted(eng.store.layers)[:n]
+        # the CPU layers never go through the pager: it saw only the other layers
+        assert {key[0] for key in p.t0.slot_of}.isdisjoint(eng.cpu_layers.layers)
+    with pytest.raises(ValueError, match="n_cpu_moe"):
+        Engine(store, n_cpu_moe=n_moe + 1)
+
+
+def test_copy_or_compute_split_by_measured_costs(oracles, family):
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(4)
+    ids, steps = torch.randint(3, 384, (16,), generator=g).tolist(), torch.randint(3, 384, (8,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    for copy_s, cpu_s in ((1.0, 1.0), (1.0, 1e9), (1e9, 1.0)):
+        eng = Engine(store, ram_budget=k * size, pager_options={"host_budget": (total // 2) * size},
+                     prefetch="off", host_compute="on")
+        hc = eng.host_compute
+        hc.mode, hc.copy_s, hc.cpu_s = "auto", copy_s, cpu_s  # the cost model with given costs
+        out = run_sequence(eng, ids, steps)
+        s = eng.pager.stats
+        eng.close()
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, copy_s, cpu_s)
+        if cpu_s > copy_s:  # every host record copied up
+            assert s.host_computed == 0 and s.host_hits > 0
+        else:  # decode steps compute some (equal costs: half, rounded up) or all of them here
+            assert 0 < s.host_computed <= s.host_hits
+
+
+def test_share_balances_copy_and_compute():
+    hc = HostCompute.__new__(HostCompute)
+    hc.mode = "auto"
+    hc.copy_s, hc.cpu_s = 1.0, 3.0     # copies 3x cheaper: of 8 records the CPU takes 2 (ties go to the CPU)
+    assert [hc.share(m) for m in range(0, 9)] == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    hc.copy_s, hc.cpu_s = 2.0, 1.0     # CPU 2x cheaper: 2 of 3 on the CPU
+    assert hc.share(3) == 2 and hc.pays()
+    hc.mode = "off"
+    assert hc.share(5) == 0
+    assert physical_cores() >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+@pytest.mark.parametrize("n_cpu", [1, "all"])
+def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
+    """Dense part on the GPU, the first layers' experts on the CPU: the GPU engine's all-resident
+    logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4)."""
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(3)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    full = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off")
+    ref = run_sequence(full, ids, steps)
+    n = len(full.store.layers) if n_cpu == "all" else n_cpu
+    full.close()
+    eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
+    out = run_sequence(eng, ids, steps)
+    eng.close()
+    assert (out - ref).abs().max() < 2e-2, (family, n)
+
+
+def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
+    """The copy-up branch of CpuLayers (a GPU run's prefill) on the CPU twin: the engine's own
+    backend stands for the GPU's and one record-sized buffer for its slot; costs set so that
+    every prefill expert is copied (decode stays on the CPU)."""
+    from flashmoe_plugin.io import aligned_empty
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    eng = Engine(store, n_cpu_moe=1, ram_budget=k * size, prefetch="off")
+    cl = eng.cpu_layers
+    cl.gpu, cl.slot, cl.cpu_s, cl.copy_s = eng.backend, aligned_empty(size), 1.0, 0.5
+    out = run_sequence(eng, ids, steps)
+    eng.close()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
+    assert cl.copied_up > 0
