@@ -10,14 +10,15 @@ from flashmoe_plugin.hookspecs import hookimpl
 
 
 def open_llama(model, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
-               chat_format=None):
-    """A Llama over MODEL with the engine options every command shares; a missing or damaged
-    store becomes a one-line error naming it (no traceback)."""
+               chat_format=None, **engine):
+    """A Llama over MODEL with the engine options every command shares (the rest of
+    engine_options, e.g. storage or experts_per_token, go to the engine as they are); a missing or
+    damaged store becomes a one-line error naming it (no traceback)."""
     from flashmoe_plugin import Llama
     try:
         return Llama(model_path=model, n_ctx=n_ctx, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                      cache_policy=policy, prefetch=prefetch, backend=backend, direct_io=tri(direct_io),
-                     verify=not no_verify, chat_format=chat_format, verbose=False)
+                     verify=not no_verify, chat_format=chat_format, verbose=False, **engine)
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(f"cannot open model {model}: {e}") from None
 
