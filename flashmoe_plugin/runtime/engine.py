@@ -58,7 +58,7 @@ class Engine:
         dense, self.dtype = self._load_dense(dtype)
         self.model = decoder_for(cfg)(cfg, dense)
         # refused here, before the pager pins host memory that a failed constructor would leave registered
-        mode, self.decode_graph_reason = graph_mode(decode_graph, self)
+        graph, self.decode_graph_reason = graph_mode(decode_graph, self)
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.kv = self.model.new_cache(self.n_ctx, self.dtype, self.device)
         # n_cpu_moe: the first N MoE layers' experts live in RAM and run on the CPU (llama.cpp's meaning)
@@ -83,7 +83,7 @@ class Engine:
         self._tokenizer = None
         self.trace = None
         # decode steps with routing, expert lookup and position on the device (runtime/graph_decode.py)
-        self.fast = DeviceDecode(self, mode) if mode != "off" else None
+        self.fast = DeviceDecode(self, graph) if graph != "off" else None
 
     def _load_dense(self, dtype):
         """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the
