@@ -20,7 +20,7 @@ import json
 import threading
 import weakref
 from operator import itemgetter
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Type, Union
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput

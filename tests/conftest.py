@@ -100,3 +100,11 @@ def _close_llama_cpp_devnull():
             f = getattr(utils, name, None)
             if f is not None and not f.closed:
                 f.close()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The embedded demo model behind the Llama drop-in, one per test module."""
+    from flashmoe_plugin import Llama
+    with Llama(model_path="demo", n_ctx=1024, verbose=False) as m:
+        yield m

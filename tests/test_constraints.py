@@ -19,19 +19,6 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "pet"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model, busy 2-core box: one thread is faster
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from flashmoe_plugin import Llama
-    with Llama(model_path="demo", n_ctx=512, verbose=False) as m:
-        yield m
 
 
 def test_response_format_json_schema_20_seeds(llm):

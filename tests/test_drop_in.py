@@ -7,19 +7,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from flashmoe_plugin import Llama
-    with Llama(model_path="demo", n_ctx=512, verbose=False) as m:
-        yield m
 
 
 def test_tokenizer_object(llm):

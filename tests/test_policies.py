@@ -8,8 +8,7 @@ import torch
 
 from flashmoe_plugin.pager.belady import belady, brute_force, simulate
 from flashmoe_plugin.pager.policies import FWLRU, LFU, LRU, LayerLRFU, Static
-from flashmoe_plugin.pager.trace import (TRACE_FILE, RoutingTrace, load_routing_stats,
-                                         write_routing_stats)
+from flashmoe_plugin.pager.trace import RoutingTrace, load_routing_stats, write_routing_stats
 from flashmoe_plugin.plugins import registry
 from flashmoe_plugin.runtime.engine import Engine
 from conftest import run_sequence

@@ -4,7 +4,6 @@ the openai package's pydantic models where it is installed."""
 import json
 
 import pytest
-import torch
 
 from flashmoe_plugin.runtime.tools import HERMES, CallStream, for_template, takes_tools
 
@@ -21,19 +20,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from flashmoe_plugin import Llama
-    with Llama(model_path="demo", n_ctx=1024, verbose=False) as m:
-        yield m
 
 
 def _check_call(call, tool):

@@ -104,7 +104,7 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
         dense_intermediate_size=int(key("feed_forward_length", 0, required=False) or 0),
         shared_expert_intermediate_size=int(shexp[0]) if shexp is not None else 0,
         shared_expert_gate=f"blk.{moe_layers[0]}.ffn_gate_inp_shexp.weight" in shapes,
-        qkv_bias=f"blk.0.attn_q.bias" in shapes, qk_norm=row["qk_norm"],
+        qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm=row["qk_norm"],
         tie_word_embeddings="output.weight" not in shapes,
         max_position_embeddings=int(key("context_length", 4096, required=False)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos)

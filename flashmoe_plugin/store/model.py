@@ -3,8 +3,6 @@ a store folder, a .gguf file, the first shard of a split GGUF, or `demo` (models
 them)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .format import Store, StoreError
 
 
