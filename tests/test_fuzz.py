@@ -142,3 +142,30 @@ def test_safetensors_headers(tmp_path_factory):
             t = ck.get(name)
             assert tuple(t.shape) == shape and t.numel() * dtype.itemsize == end - start
     run()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import gguf_oracles as G
+    return G.write_tiny_gguf(tmp_path_factory.mktemp("fuzz-gguf") / "tiny.gguf", "Q8_0").read_bytes()
+
+
+@SETTINGS
+@given(edits=st.lists(st.tuples(st.integers(0, 16383), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.integers(0, 20000)))
+def test_gguf_reader(tiny_gguf, tmp_path_factory, edits, cut):
+    """Bytes of a GGUF file's header, metadata and tensor infos changed (and the file cut short):
+    opening it gives a store or a StoreError, never another exception."""
+    from flashmoe_plugin.store.gguf import GgufStore
+    data = bytearray(tiny_gguf)
+    for at, value in edits:
+        data[at % len(data)] = value
+    path = tmp_path_factory.mktemp("g") / "forged.gguf"
+    path.write_bytes(bytes(data[:cut] if cut is not None else data))
+    try:
+        GgufStore.open(path)
+    except StoreError:
+        pass

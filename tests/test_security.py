@@ -68,3 +68,54 @@ def test_convert_and_run_never_touch_the_network(oracles, tmp_path):
         "from flashmoe_plugin.cli import main", "import socket; socket.getaddrinfo('example.com', 443)")],
         capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0 and "NETWORK ACCESS" in probe.stderr
+
+
+def test_serve_never_touches_the_network(oracles, tmp_path):
+    import socket
+    import time
+
+    import httpx
+    dst = tmp_path / "store"
+    assert offline("convert", oracles("mixtral").hf_dir, dst, "--quant", "q4").returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", OFFLINE, "serve", str(dst), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONPATH": ":".join(sys.path)})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "store", "prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "NETWORK" not in err, err[-3000:]
+
+
+def test_serve_warns_when_bound_beyond_loopback():
+    """The default is 127.0.0.1; asked for another address, `flashmoe serve` says it is reachable
+    from other machines (no request is sent: only the warning is checked)."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from flashmoe_plugin.cli import main; main()", "serve", "demo",
+                             "--host", "0.0.0.0", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, line = time.time() + 120, ""
+        while "WARNING" not in line and time.time() < deadline and proc.poll() is None:
+            line = proc.stderr.readline()
+        assert "WARNING: listening on 0.0.0.0" in line and "no --api-key" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -96,7 +96,10 @@ class Metadata:
 
     def __getitem__(self, key):
         if key not in self._values:
-            self._values[key] = _field_value(self._fields[key])
+            try:
+                self._values[key] = _field_value(self._fields[key])
+            except (ValueError, IndexError, TypeError) as e:  # undecodable text, forged lengths
+                raise StoreError(f"GGUF metadata key {key!r} cannot be read: {e.__class__.__name__}: {e}") from None
         return self._values[key]
 
     def get(self, key, default=None):
