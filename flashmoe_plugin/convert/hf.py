@@ -143,8 +143,9 @@ def expert_format(quant: str, src_dtype: torch.dtype) -> str:
     return quant
 
 
-def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) -> Path:
-    src = Path(src)
+def read_source(src: Path) -> tuple[dict, object, object]:
+    """(config.json, architecture, ModelConfig) of a checkpoint folder that has a tokenizer: what
+    every safetensors converter (HF, MLX) checks first."""
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConvertError(f"{src}: no config.json (expected an HF checkpoint folder or a .gguf file)")
@@ -156,6 +157,13 @@ def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) 
         raise ConvertError(f"{cfg_path}: {e}") from None
     if not (src / "tokenizer.json").is_file():
         raise ConvertError(f"{src}: no tokenizer.json (the store needs the model's tokenizer)")
+    return hf, arch, cfg
+
+
+def convert_hf(src, dst, quant: str = "q4", force: bool = False, progress=None) -> Path:
+    src = Path(src)
+    hf, arch, cfg = read_source(src)
+    cfg_path = src / "config.json"
     ckpt = Checkpoint(src)
 
     dense, experts, fused = {}, defaultdict(dict), {}

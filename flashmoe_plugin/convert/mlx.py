@@ -14,7 +14,6 @@ mlx-lm saves the hybrid models' zero-centred RMSNorm weights with the 1 already 
 conv1d weight as [C, K, 1]): such a store's config has norm_offset off."""
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import replace
@@ -23,13 +22,12 @@ from pathlib import Path
 import torch
 
 from .. import quant as Q
-from ..models.base import ConfigError
 from ..models.layers import required_names
 from ..store import format as fmt
 from ..store.layout import RecordLayout
 from ..store.writer import StoreWriter
 from .errors import ConvertError
-from .hf import Checkpoint, find_architecture
+from .hf import Checkpoint, read_source
 
 EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:mlp|block_sparse_moe)\.switch_mlp\.(gate_proj|up_proj|down_proj)$")
 KEEP_BITS = {4: "q4", 2: "q2"}  # MLX affine formats that are ours exactly
@@ -78,14 +76,7 @@ def _canonical_source_name(name: str) -> str:
 
 def convert_mlx(src, dst, quant: str = "q4", force: bool = False, progress=None) -> Path:
     src = Path(src)
-    hf = json.loads((src / "config.json").read_text())
-    arch = find_architecture(hf, src / "config.json")
-    try:
-        cfg = arch.config_from_hf(hf)
-    except ConfigError as e:
-        raise ConvertError(f"{src / 'config.json'}: {e}") from None
-    if not (src / "tokenizer.json").is_file():
-        raise ConvertError(f"{src}: no tokenizer.json (the store needs the model's tokenizer)")
+    hf, arch, cfg = read_source(src)
     qcfg = hf["quantization"]
     ckpt = Checkpoint(src)
 
