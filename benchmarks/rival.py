@@ -203,6 +203,9 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--stage", choices=["all", "prepare", "rows"], default="all")
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-based) to run; default all")
+    ap.add_argument("--engines", default="llama,flashmoe",
+                    help="which sides to run (llama, flashmoe or both); a side not run keeps its figures from the "
+                         "JSON already there, so llama.cpp can be measured apart from a flashmoe build")
     ap.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/rival-MACHINE.json; "
                     "a copy stays in --work for merging the rows of later calls)")
     a = ap.parse_args(argv)
@@ -213,46 +216,57 @@ def main(argv=None):
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
+    engines = set(a.engines.split(","))
+    if not engines or engines - {"llama", "flashmoe"}:
+        raise SystemExit(f"--engines: llama, flashmoe or both, not {a.engines!r}")
     with ThreadPoolExecutor(2) as pool:  # the build takes the cores, the writers the disk
-        built = pool.submit(build, a.src.resolve(), a.work, cuda and machine == "h200")
-        model = gguf(a.src.resolve(), a.work, a.layers)
-        st = store(a.work, a.layers)
-        exe = built.result()
+        built = pool.submit(build, a.src.resolve(), a.work, cuda and machine == "h200") if "llama" in engines else None
+        model = gguf(a.src.resolve(), a.work, a.layers) if "llama" in engines else None
+        st = store(a.work, a.layers) if "flashmoe" in engines else None
+        exe = built.result() if built else None
     log(f"prepared in {time.time() - t0:.0f} s")
     if a.stage == "prepare":
         return
     threads = os.cpu_count() or 1
     keep = a.work / out.name  # rows of earlier calls (--rows) are merged from here
-    doc = json.loads(keep.read_text()) if keep.is_file() and a.rows else {}
+    prior = keep if keep.is_file() else out  # rows of earlier calls, or the other engine's side
+    doc = json.loads(prior.read_text()) if prior.is_file() and (a.rows or len(engines) < 2) else {}
     doc.update({"machine": {"kind": machine, "node": platform.node(), "cpus": threads,
                             "gpu": torch.cuda.get_device_name() if cuda else None,
                             "ram_total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
                             "load_avg_1m_at_start": os.getloadavg()[0]},
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "layers": a.layers,
-                "gguf": str(model), "gguf_bytes": model.stat().st_size, "store": str(st),
                 "llama_cpp": "llama-bench from the llama-cpp-python 0.3.36 sdist's vendored llama.cpp"})
+    if model:
+        doc.update({"gguf": str(model), "gguf_bytes": model.stat().st_size})
+    if st:
+        doc["store"] = str(st)
     rows = doc.setdefault("rows", {})
     pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
     for i, (table, name, largs, fargs, limit, (p, n)) in enumerate(ROWS[machine]):
         if pick is not None and i not in pick:
             continue
-        row = {"table": table, "row": name, "cgroup": None, "prompt_tokens": p, "decode_tokens": n}
+        row = rows.get(str(i), {})
+        row.update({"table": table, "row": name, "cgroup": None, "prompt_tokens": p, "decode_tokens": n})
         cg = None
         if limit:
             cg, how = make_cgroup(f"flashmoe-rival-{limit >> 30}g", limit)
             row["cgroup"] = how if cg else f"none: {how}; the row ran without a memory limit"
         # llama.cpp reads its GGUF through mmap: the page cache is dropped only for the cgroup rows
         # (as REFERENCE.md measured); flashmoe bench drops it itself before each run
-        row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
-        log(f"row {i}: llama.cpp {' '.join(largs)}")
-        row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
-        log(f"row {i}: flashmoe {' '.join(fargs)}")
-        row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
+        if exe:
+            row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
+            log(f"row {i}: llama.cpp {' '.join(largs)}")
+            row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
+        if st:
+            log(f"row {i}: flashmoe {' '.join(fargs)}")
+            row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
         for k in ("decode_tok_s", "prefill_tok_s"):
-            ours, theirs = row["flashmoe"].get(k), row["llama_cpp"].get(k)
+            ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
             row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
         rows[str(i)] = row
-        log(f"row {i}: decode {row['flashmoe'].get('decode_tok_s')} vs {row['llama_cpp'].get('decode_tok_s')} tok/s")
+        log(f"row {i}: decode {row.get('flashmoe', {}).get('decode_tok_s')} vs "
+            f"{row.get('llama_cpp', {}).get('decode_tok_s')} tok/s")
         for f in {keep, out}:
             f.write_text(json.dumps(doc, indent=1) + "\n")
     log(f"wrote {out} ({time.time() - t0:.0f} s)")
