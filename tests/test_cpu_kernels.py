@@ -124,6 +124,25 @@ def test_linear_matches_reference(isa, fmt):
         assert rel_err(y1, x[0].double() @ W.T) <= TOL
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q2"])
+def test_long_rows_decode_matches_reference(isa, fmt):
+    # rows longer than 6144 columns decode several rows at a time (their activations do not fit
+    # L1); 6208 = 97 groups leaves a lone group, 13 rows a remainder row, and the chunking by
+    # thread count must not change a bit
+    torch.manual_seed(5)
+    part = random_part(fmt, (13, 6208))
+    W = quant.dequantize(part, fmt, (13, 6208), torch.float64)
+    x = torch.randn(1, 6208)
+    y = K.linear(x, part, fmt, (13, 6208))
+    assert rel_err(y, x.double() @ W.T) <= TOL, (isa, fmt)
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(3)
+        assert torch.equal(K.linear(x, part, fmt, (13, 6208)), y)
+    finally:
+        K.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantized_real_weights(fmt):
     # parts made by quant.quantize itself (the converter's path), at the best ISA level
