@@ -36,6 +36,30 @@ def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
         Engine(store, n_cpu_moe=n_moe + 1)
 
 
+def test_n_cpu_moe_inside_the_device_step(oracles, family):
+    # the device decode step (its CPU twin) computes n_cpu_moe layers in place: no step falls
+    # back to the layer-by-layer path, and the logits are the all-resident run's
+    from flashmoe_plugin.runtime.graph_decode import unsupported
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    probe = Engine(store, prefetch="off")
+    why = unsupported(probe)
+    probe.close()
+    if why:
+        pytest.skip(f"the device step does not implement {family}'s {why}")
+    eng = Engine(store, n_cpu_moe=1, ram_budget=total * size, prefetch="off", decode_graph="on")
+    out = [eng.forward(ids)]
+    for layer in sorted(set(eng.store.layers) - set(eng.cpu_layers.layers)):  # no first-use misses
+        list(eng.pager.request(layer, list(range(eng.config.num_experts))))
+    out = torch.cat(out + [eng.forward([t]) for t in steps])
+    fast = eng.fast
+    eng.close()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
+    assert fast.steps == len(steps) and fast.fallbacks == 0, (fast.steps, fast.fallbacks)
+
+
 def test_copy_or_compute_split_by_measured_costs(oracles, family):
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(4)

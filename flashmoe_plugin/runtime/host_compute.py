@@ -193,13 +193,16 @@ class CpuLayers:
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
         """The routed experts of `layer` for x [T, H] (any device), computed on the CPU (act: the
         family's activation where it is not SwiGLU, as Engine gets it from the model)."""
+        lay = self.layouts[layer]
+        if x.shape[0] == 1 and act is None:  # decode: one copy to the host, one native call
+            k, H = ids.shape[1], x.shape[1]
+            packed = torch.cat((x.float().view(-1), weights.float().view(-1), ids.float().view(-1))).cpu()
+            chosen = [int(e) for e in packed[H + k:].tolist()]  # ids < 2^24: exact in fp32
+            out = self.backend.moe(packed[:H].view(1, H), tuple(self.records[(layer, e)] for e in chosen),
+                                   tuple(packed[H:H + k].tolist()), lay)
+            return out.to(x.device, x.dtype)
         xh = x.float().cpu()
         ids_h, w_h = ids.cpu(), weights.float().cpu()
-        lay = self.layouts[layer]
-        if xh.shape[0] == 1 and act is None:  # one native call for the token's experts
-            chosen = ids_h[0].tolist()
-            out = self.backend.moe(xh, tuple(self.records[(layer, e)] for e in chosen), tuple(w_h[0].tolist()), lay)
-            return out.to(x.device, x.dtype)
         out = torch.zeros_like(xh)
         gpu_out = torch.zeros_like(x) if self.gpu is not None else None
         for e in np.unique(ids_h.numpy()).tolist():
