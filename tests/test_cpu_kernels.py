@@ -126,19 +126,19 @@ def test_linear_matches_reference(isa, fmt):
 
 @pytest.mark.parametrize("fmt", ["q8", "q4", "q2"])
 def test_long_rows_decode_matches_reference(isa, fmt):
-    # rows longer than 6144 columns decode several rows at a time (their activations do not fit
-    # L1); 6208 = 97 groups leaves a lone group, 13 rows a remainder row, and the chunking by
-    # thread count must not change a bit
+    # rows longer than 6144 columns decode several rows at a time in column blocks (their
+    # activations do not fit L1); 7232 = 113 groups makes two blocks (60 + 53, a lone group), 13
+    # rows leave a remainder row, and the chunking by thread count must not change a bit
     torch.manual_seed(5)
-    part = random_part(fmt, (13, 6208))
-    W = quant.dequantize(part, fmt, (13, 6208), torch.float64)
-    x = torch.randn(1, 6208)
-    y = K.linear(x, part, fmt, (13, 6208))
+    part = random_part(fmt, (13, 7232))
+    W = quant.dequantize(part, fmt, (13, 7232), torch.float64)
+    x = torch.randn(1, 7232)
+    y = K.linear(x, part, fmt, (13, 7232))
     assert rel_err(y, x.double() @ W.T) <= TOL, (isa, fmt)
     before = K.get_num_threads()
     try:
         K.set_num_threads(3)
-        assert torch.equal(K.linear(x, part, fmt, (13, 6208)), y)
+        assert torch.equal(K.linear(x, part, fmt, (13, 7232)), y)
     finally:
         K.set_num_threads(before)
 
