@@ -89,10 +89,17 @@ class Engine:
         """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the
         chunked-prefill checks are fp32's), bf16 on GPUs, unless asked. `dtype=torch.bfloat16` on
         CPU keeps a bf16 store's dense part as stored (half the RAM of the fp32 copy, no second
-        copy), at bf16's precision for the activations."""
+        copy), at bf16's precision for the activations; that is also the CPU default when the
+        experts and an fp32 dense part together exceed the free RAM (the 3.2 GB fp32 would cost
+        Mixtral a third of a token's expert cache there: RAM is better spent on experts)."""
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+            if self.device.type == "cpu" and self.store.expert_bytes + 2 * self._dense_stored_bytes() > available_ram():
+                dtype = torch.bfloat16
         return self.store.load_dense(self.device, dtype), dtype
+
+    def _dense_stored_bytes(self) -> int:
+        return getattr(self.store, "dense_bytes", None) or (self.store.path / "dense.safetensors").stat().st_size
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
