@@ -261,6 +261,11 @@ def main(argv=None):
         if st:
             log(f"row {i}: flashmoe {' '.join(fargs)}")
             row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
+        if "llama_cpp" not in row:  # the same llama-bench command measured for another row counts here
+            twin = next((j for j, r in enumerate(ROWS[machine]) if j != i and r[2] == largs and r[4] == limit
+                         and "llama_cpp" in rows.get(str(j), {})), None)
+            if twin is not None:
+                row["llama_cpp"] = {**rows[str(twin)]["llama_cpp"], "same_command_as_row": twin}
         for k in ("decode_tok_s", "prefill_tok_s"):
             ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
             row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
