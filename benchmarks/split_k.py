@@ -67,7 +67,7 @@ def main(argv=None) -> None:
             err = ((y32[0].double() - ref).norm() / ref.norm()).item()
             emit({"what": f"gemv q4 {n}x{k}", "split": s, "pdl": pdl, "us": t * 1e6, "gbps": nb / t / 1e9,
                   "ratio_vs_copy": nb / t / 1e9 / bw, "grid": grid, "rel_err": err})
-        del buf
+        buf = None  # noqa: F841 - frees the weights before the next shape
         torch.cuda.empty_cache()
     for (H, I, kx) in ((4096, 1024, 4), (4096, 14336, 2)):
         layout = RecordLayout.build("q4", H, I)
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                 emit({"what": f"moe_decode_layer q4 H{H}xI{I}xk{kx} {mode}", "split": s, "pdl": pdl,
                       "us": t * 1e6, "gbps": kx * rb / t / 1e9, "ratio_vs_copy": kx * rb / t / 1e9 / bw, "grid": grid,
                       "rel_err": err})
-        del recs
+        recs = None  # noqa: F841
         torch.cuda.empty_cache()
     K.tune("split", old[0])
     K.tune("pdl", old[1])
