@@ -10,14 +10,9 @@
 // (blocks prefetch their phase-B weights into L2 before waiting at the barrier), or as two
 // launches. The plain GEMV (fmc_linear) is phase B alone with one "expert" and x as its input.
 //
-// Work split: a persistent grid; each block takes a contiguous range of items; its warps form
-// groups of S (split-K inside the block), each group takes the block's items round-robin and each
-// warp of a group one contiguous slice of an item's chunks; an item is two weight rows, streamed
-// by the warp through a cp.async ring in shared memory (coalesced 16-byte copies: lane l takes
-// chunks l, l+32, ... of its slice). With S > 1 the group's partial sums meet in shared memory
-// behind a named barrier and are added in slice order (deterministic). S is chosen per block so
-// that its busiest warp streams the fewest stages: more warps busy where a block has fewer items
-// than warps (the 4096-row down projection), less tail where items do not divide evenly.
+// Work split: a persistent grid; each block takes a contiguous range of items, its 8 warps take
+// the block's items round-robin; an item is two weight rows, streamed by the warp through a
+// cp.async ring in shared memory (coalesced 16-byte copies: lane l takes chunks l, l+32, ...).
 //
 // x in shared memory: per image (one token's input vector, K values) K int16 values per limb,
 // arranged so that lane l's 16-byte weight chunk meets its x values as 16-byte pieces at
@@ -67,7 +62,6 @@ struct Params {
     void *out;
     int out_dtype, phase, b_from_x, accumulate;
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
-    int split;                          // warps per item: 0 auto, else a power of two <= WARPS
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
 
@@ -398,32 +392,6 @@ constexpr int PU = 1;                      // chunks per lane per row per stage
 constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
 constexpr int STAGE_BYTES = PU * USLOT;
 constexpr int RING_BYTES = WARPS * PD * STAGE_BYTES;
-constexpr int RED_BYTES = 2 * WARPS * 2 * FMC_MAX_NT * 4;  // split-K partial sums, double-buffered
-
-// Warps per item (power of two, <= the stages of an item) for a block of nb items of spi stages:
-// the fewest stages for the block's busiest warp, the smaller split on a tie.
-__device__ __forceinline__ int choose_split(int64_t nb, int spi, int fixed) {
-    if (fixed >= 1) {
-        int S = 1;
-        while (2 * S <= fixed && 2 * S <= spi && 2 * S <= WARPS) S *= 2;
-        return S;
-    }
-    int best = 1;
-    int64_t bc = INT64_MAX;
-    for (int S = 1; S <= WARPS && S <= spi; S *= 2) {
-        const int G = WARPS / S;
-        const int64_t c = ((nb + G - 1) / G) * ((spi + S - 1) / S);
-        if (c < bc) {
-            bc = c;
-            best = S;
-        }
-    }
-    return best;
-}
-
-__device__ __forceinline__ void named_barrier(int id, int nthreads) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(nthreads) : "memory");
-}
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -449,10 +417,10 @@ struct ItemCursor {
             i = item - e * I;
         }
     }
-    __device__ __forceinline__ void next(bool pa, int I, int G) {
-        it += G;
+    __device__ __forceinline__ void next(bool pa, int I) {
+        it += WARPS;
         if (pa) {
-            i += G;
+            i += WARPS;
             if (i >= I) { i -= I; ++e; }
         }
     }
@@ -475,8 +443,6 @@ struct Pipe {
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
     int nch, ngroups, nseg, total, img_stride, warp, lane, nj, spi;
-    int S, G, grp, f_lo, f_hi;  // split: S warps per item, G groups; this warp's chunk slice
-    float *red;                 // RED_BYTES of shared memory for the split's partial sums
     float inv_nch;
     int64_t q_off, s_off, b_off;
     unsigned qrow;
@@ -486,8 +452,8 @@ struct Pipe {
     int i_base, i_st, i_left;
 
     __device__ Pipe(const Params &p_, const uint8_t *const *srec_, bool pa_, int64_t ib, int64_t ie, int K,
-                    unsigned char *ring_all, float *red_, int warp_, int lane_)
-        : p(p_), srec(srec_), pa(pa_), warp(warp_), lane(lane_), red(red_) {
+                    unsigned char *ring_all, int warp_, int lane_)
+        : p(p_), srec(srec_), pa(pa_), warp(warp_), lane(lane_) {
         nch = K / Fmt<F>::EPC;
         ngroups = K / 64;
         nseg = pa ? 1 : (p.b_from_x ? 1 : p.k);
@@ -498,20 +464,11 @@ struct Pipe {
         s_off = pa ? p.a_s : p.b_s;
         b_off = pa ? p.a_b : p.b_b;
         qrow = (unsigned)nch * 16u;
-        const int spi_all = (total + 32 * PU - 1) / (32 * PU);  // stages of a whole item
-        S = choose_split(ie - ib, spi_all, p.split);
-        G = WARPS / S;
-        grp = warp / S;
-        const int sl = warp - grp * S;
-        f_lo = 32 * PU * (sl * spi_all / S);
-        f_hi = 32 * PU * ((sl + 1) * spi_all / S);
-        if (f_hi > total) f_hi = total;
-        spi = (f_hi - f_lo + 32 * PU - 1) / (32 * PU);          // stages of this warp's slice
-        const int64_t first = ib + grp;
-        nj = first < ie ? (int)((ie - first + G - 1) / G) : 0;
-        first_item = (int)first;
+        const int64_t first = ib + warp;
+        nj = first < ie ? (int)((ie - first + WARPS - 1) / WARPS) : 0;
+        spi = (total + 32 * PU - 1) / (32 * PU);
         ic.init(pa, (int)first, p.I);
-        i_base = f_lo;
+        i_base = 0;
         i_st = 0;
         i_left = nj * spi;
         ring = ring_all + (size_t)warp * PD * STAGE_BYTES;
@@ -534,7 +491,7 @@ struct Pipe {
 #pragma unroll
             for (int u = 0; u < PU; ++u) {
                 const int f = i_base + 32 * u + lane;
-                if (f < f_hi) {
+                if (f < total) {
                     int seg = 0, c = f;
                     if (nseg > 1) split(f, seg, c);
                     const uint8_t *rb = srec[seg0 + seg];
@@ -555,9 +512,9 @@ struct Pipe {
                 }
             }
             i_base += 32 * PU;
-            if (i_base >= f_hi) {
-                i_base = f_lo;
-                ic.next(pa, p.I, G);
+            if (i_base >= total) {
+                i_base = 0;
+                ic.next(pa, p.I);
             }
             i_st = i_st + 1 == PD ? 0 : i_st + 1;
             --i_left;
@@ -575,7 +532,7 @@ struct Pipe {
 #pragma unroll
         for (int u = 0; u < PU; ++u) {
             const int f = base + 32 * u + lane;
-            if (f < f_hi) {
+            if (f < total) {
                 int seg = 0, c = f;
                 if (nseg > 1) split(f, seg, c);
                 const unsigned char *d = st + u * USLOT;
@@ -634,39 +591,13 @@ struct Pipe {
             float acc[2][NT];
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
-            for (int base = f_lo; base < f_hi; base += 32 * PU) {
+            for (int base = 0; base < total; base += 32 * PU) {
                 issue();
                 cp_wait<PD - 1>();
                 compute(base, c_st, r0, r1, xdata, meta, acc);
                 c_st = c_st + 1 == PD ? 0 : c_st + 1;
             }
             warp_sum<NT>(acc);
-            if (S > 1) {  // the group's slices meet; the first warp adds them in slice order
-                float *rb = red + (size_t)(j & 1) * WARPS * 2 * FMC_MAX_NT;
-                if (lane < NT) {
-#pragma unroll
-                    for (int t = 0; t < NT; ++t)
-                        if (lane == t) {
-                            rb[(warp * 2 + 0) * FMC_MAX_NT + t] = acc[0][t];
-                            rb[(warp * 2 + 1) * FMC_MAX_NT + t] = acc[1][t];
-                        }
-                }
-                named_barrier(1 + grp, S * 32);
-                if (warp != grp * S) {
-                    cc.next(pa, p.I, G);
-                    continue;
-                }
-#pragma unroll
-                for (int t = 0; t < NT; ++t) {
-                    float a0 = rb[(warp * 2 + 0) * FMC_MAX_NT + t], a1 = rb[(warp * 2 + 1) * FMC_MAX_NT + t];
-                    for (int q = 1; q < S; ++q) {
-                        a0 += rb[((warp + q) * 2 + 0) * FMC_MAX_NT + t];
-                        a1 += rb[((warp + q) * 2 + 1) * FMC_MAX_NT + t];
-                    }
-                    acc[0][t] = a0;
-                    acc[1][t] = a1;
-                }
-            }
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
                 if (lane == t && t < p.nt) {
@@ -686,7 +617,7 @@ struct Pipe {
                     }
                 }
             }
-            cc.next(pa, p.I, G);
+            cc.next(pa, p.I);
         }
         cp_wait<0>();
     }
@@ -701,12 +632,13 @@ struct Pipe {
 
 template <int F, int LIMBS, int NT>
 __device__ void phase_a(const Params &p, const uint8_t *const *srec, const float *swt, unsigned char *ring,
-                        float *red, int4 *xdata, int warp, int lane) {
+                        int4 *xdata, int warp, int lane) {
     const int K = p.H;
     int64_t ib, ie;
     block_range((int64_t)p.k * p.I, ib, ie);
     if (ib >= ie) return;
-    Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, red, warp, lane);
+    Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, warp, lane);
+    pp.first_item = (int)(ib + warp);
     pp.prime();
     if (p.pdl) pdl_wait();  // x is the previous kernel's output
     float2 *meta = (float2 *)(xdata + NT * image_int4(F, LIMBS, K));
@@ -717,11 +649,12 @@ __device__ void phase_a(const Params &p, const uint8_t *const *srec, const float
 
 template <int F, int LIMBS, int NT>
 __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float *swt, unsigned char *ring,
-                        float *red, int4 *xdata, int warp, int lane, bool barrier) {
+                        int4 *xdata, int warp, int lane, bool barrier) {
     const int K = p.I;
     int64_t ib, ie;
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
-    Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, red, warp, lane);
+    Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
+    pp.first_item = (int)(ib + warp);
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
         pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
@@ -745,8 +678,7 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     const uint8_t **srec = (const uint8_t **)smem;
     float *swt = (float *)(smem + FMC_MAX_K * 8);
     unsigned char *ring = smem + HDR_BYTES;
-    float *red = (float *)(smem + HDR_BYTES + RING_BYTES);
-    int4 *xdata = (int4 *)(smem + HDR_BYTES + RING_BYTES + RED_BYTES);
+    int4 *xdata = (int4 *)(smem + HDR_BYTES + RING_BYTES);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (p.pdl) {
         pdl_trigger();
@@ -760,8 +692,8 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
         swt[tid] = w;
     }
     __syncthreads();
-    if (p.phase != 1) phase_a<F, LIMBS, NT>(p, srec, swt, ring, red, xdata, warp, lane);
-    if (p.phase != 0) phase_b<F, LIMBS, NT>(p, srec, swt, ring, red, xdata, warp, lane, p.phase == 2);
+    if (p.phase != 1) phase_a<F, LIMBS, NT>(p, srec, swt, ring, xdata, warp, lane);
+    if (p.phase != 0) phase_b<F, LIMBS, NT>(p, srec, swt, ring, xdata, warp, lane, p.phase == 2);
 }
 
 // ---------------------------------------------------------------- dequantize (prefill via cuBLAS)
@@ -846,7 +778,7 @@ struct DevInfo {
 };
 DevInfo g_dev[MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 0, 1};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -929,14 +861,6 @@ cudaError_t launch(MoeFn fn, int grid, size_t smem, cudaStream_t st, Params &p, 
     return cudaLaunchKernelEx(&cfg, fn, (const Params)p);
 }
 
-// Blocks for `items` row pairs of `chunks` 16-byte chunks each: with split-K (FMC_TUNE_SPLIT not 1)
-// enough for one cp.async stage per warp, else one item per warp (the kernel before split-K).
-int64_t grid_for(int64_t items, int64_t chunks, int64_t cap) {
-    const int64_t spi = ceil_div(chunks, 32 * PU);
-    const int64_t want = g_tune[FMC_TUNE_SPLIT] == 1 ? ceil_div(items, WARPS) : ceil_div(items * spi, WARPS);
-    return want < cap ? want : cap;
-}
-
 }  // namespace
 
 extern "C" {
@@ -986,7 +910,7 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter) {
 int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
-    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key >= FMC_TUNE_SPLIT)) g_tune[key] = value;
+    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL)) g_tune[key] = value;
     return old;
 }
 
@@ -1019,7 +943,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     if (rc) return rc;
     const int l = x_dtype == FMC_F32 ? 1 : 0;
     const int limbs = l + 1;
-    const size_t hdr = HDR_BYTES + RING_BYTES + RED_BYTES;
+    const size_t hdr = HDR_BYTES + RING_BYTES;
     // Tokens per launch (4 when T > 1 and shared memory allows, else 1) and experts per launch
     // (all k unless their phase-B x images overflow shared memory: then groups, accumulated).
     int n = -1, kg = 0;
@@ -1065,7 +989,6 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     p.out = out;
     p.out_dtype = out_dtype;
     p.pf_ahead = g_tune[FMC_TUNE_PREFETCH];
-    p.split = (int)g_tune[FMC_TUNE_SPLIT];
     for (int g0 = 0; g0 < k; g0 += kg) {
         const int kk = k - g0 < kg ? k - g0 : kg;
         p.k = kk;
@@ -1084,8 +1007,8 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             p.has_w = 1;
         }
         const int64_t items_a = (int64_t)kk * L->inter, items_b = (L->hidden + 1) / 2;
-        const int64_t ga = grid_for(items_a, L->hidden / epc_of(f), cap);
-        const int64_t gb = grid_for(items_b, kk * (L->inter / epc_of(f)), cap);
+        const int64_t ga = ceil_div(items_a, WARPS) < cap ? ceil_div(items_a, WARPS) : cap;
+        const int64_t gb = ceil_div(items_b, WARPS) < cap ? ceil_div(items_b, WARPS) : cap;
         for (int64_t t0 = 0; t0 < T; t0 += NT) {
             p.t0 = (int)t0;
             p.nt = (int)(T - t0 < NT ? T - t0 : NT);
@@ -1136,12 +1059,11 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
     p.phase = 1;
     p.b_from_x = 1;
     p.pf_ahead = g_tune[FMC_TUNE_PREFETCH];
-    p.split = (int)g_tune[FMC_TUNE_SPLIT];
     DevInfo *d;
     int rc = set_device(device, &d);
     if (rc) return rc;
     const int l = x_dtype == FMC_F32 ? 1 : 0;
-    const size_t hdr = HDR_BYTES + RING_BYTES + RED_BYTES;
+    const size_t hdr = HDR_BYTES + RING_BYTES;
     int n = T > 1 ? 1 : 0;
     size_t smem = hdr + (n ? 4 : 1) * img_bytes(f, l + 1, K);
     if (n && smem > (size_t)d->smem_optin) {
@@ -1152,7 +1074,7 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
     if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
     const int NT = n ? 4 : 1;
     const int64_t items = (N + 1) / 2, cap = (int64_t)bps * d->sms;
-    const int grid = (int)grid_for(items, K / epc_of(f), cap);
+    const int grid = (int)(ceil_div(items, WARPS) < cap ? ceil_div(items, WARPS) : cap);
     MoeFn fn = kMoe[f][l][n];
     g_tune[FMC_TUNE_LAST_GRID] = grid;
     for (int64_t t0 = 0; t0 < T; t0 += NT) {

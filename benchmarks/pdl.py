@@ -1,13 +1,12 @@
-"""Split-K inside a block (FMC_TUNE_SPLIT) against one warp per row pair, on the H200 shapes.
+"""Programmatic dependent launch (FMC_TUNE_PDL) on and off, on the H200 shapes.
 
-    python benchmarks/split_k.py [--json FILE] [--settings 1:0,0:0,0:1,2:1,4:1]
+    python benchmarks/pdl.py [--json FILE]
 
-For each setting split:pdl (split 1: off, the kernel before split-K; 0: auto; 2/4/...: fixed
-warps per row pair; pdl 1: programmatic dependent launch for the plain launches) times by CUDA-graph replay over >= 1 GiB of distinct weights (as `flashmoe bench
---kernels`): q4 GEMV 14336x4096 and 4096x14336 (Mixtral w13 rows / w2), 1024x4096 and 4096x1024
-(Qwen3.5), the Qwen3.5 decode layer (4 experts of 4096x1024, coop and two launches) and the
-Mixtral one (2 experts of 4096x14336). Each figure has its ratio to the copy bandwidth measured
-in the same run, and the relative error of one output against a float64 reference.
+Times by CUDA-graph replay over >= 1 GiB of distinct weights (as `flashmoe bench --kernels`):
+q4 GEMV 14336x4096 and 4096x14336 (Mixtral w13 rows / w2), 1024x4096 and 4096x1024 (Qwen3.5),
+and the Qwen3.5 and Mixtral decode layers (coop: never PDL; two launches: PDL where on). Each
+figure has its ratio to the copy bandwidth measured in the same run and the relative error of
+one output against a float64 reference.
 """
 from __future__ import annotations
 
@@ -30,21 +29,19 @@ def main(argv=None) -> None:
     import flashmoe_plugin._kernels_cuda as K
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--settings", default="1:0,0:0,0:1,2:1,4:1")
     ap.add_argument("--total-gib", type=float, default=1.1)
     a = ap.parse_args(argv)
-    settings = [tuple(int(v) for v in s.split(":")) for s in a.settings.split(",")]
     total = int(a.total_gib * GiB)
     bw = mem_bandwidth(2 * GiB)["copy_gbps"]
-    st = torch.cuda.current_stream().cuda_stream
+    st = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731 - the capture stream inside a graph
     out = {"device": torch.cuda.get_device_name(), "copy_gbps": bw, "entries": []}
 
     def emit(e):
         out["entries"].append(e)
-        print(f"# {e['what']} split={e['split']} pdl={e['pdl']}: {e['us']:.2f} us, {e['ratio_vs_copy']:.3f} of copy, "
+        print(f"# {e['what']} pdl={e['pdl']}: {e['us']:.2f} us, {e['ratio_vs_copy']:.3f} of copy, "
               f"grid {e['grid']}, rel err {e['rel_err']:.2e}", file=sys.stderr, flush=True)
 
-    old = K.tune("split"), K.tune("pdl")
+    old = K.tune("pdl")
     for (n, k) in ((14336, 4096), (4096, 14336), (1024, 4096), (4096, 1024)):
         nb = quant.part_nbytes("q4", (n, k))
         stride = (nb + 255) // 256 * 256
@@ -57,15 +54,14 @@ def main(argv=None) -> None:
         K.dequant(buf[0], "q4", n, k, w)
         ref = w.double() @ x.double()[0]
         del w
-        for s, pdl in settings:
-            K.tune("split", s)
+        for pdl in (0, 1):
             K.tune("pdl", pdl)
-            t = _graph_time(lambda i: K.linear(buf[i % count], "q4", n, k, x, y, st), count)
+            t = _graph_time(lambda i: K.linear(buf[i % count], "q4", n, k, x, y, st()), count)
             grid = K.tune("last_grid")
             y32 = torch.empty(1, n, device="cuda")
             K.linear(buf[0], "q4", n, k, x, y32)
             err = ((y32[0].double() - ref).norm() / ref.norm()).item()
-            emit({"what": f"gemv q4 {n}x{k}", "split": s, "pdl": pdl, "us": t * 1e6, "gbps": nb / t / 1e9,
+            emit({"what": f"gemv q4 {n}x{k}", "pdl": pdl, "us": t * 1e6, "gbps": nb / t / 1e9,
                   "ratio_vs_copy": nb / t / 1e9 / bw, "grid": grid, "rel_err": err})
         buf = None  # noqa: F841 - frees the weights before the next shape
         torch.cuda.empty_cache()
@@ -82,23 +78,21 @@ def main(argv=None) -> None:
         calls = count // kx
         from flashmoe_plugin.kernels.torch_backend import TorchBackend
         ref = TorchBackend().moe_decode(x.double(), [recs[e] for e in range(kx)], wt.double(), layout)
-        for s, pdl in settings:
-            K.tune("split", s)
+        for pdl in (0, 1):
             K.tune("pdl", pdl)
             for mode in ("coop", "two"):
                 t = _graph_time(lambda i: K.moe([recs[(i % calls) * kx + e] for e in range(kx)], lt, wt, x, y, ws,
-                                                st, mode=mode), calls)
+                                                st(), mode=mode), calls)
                 grid = K.tune("last_grid")
                 y32 = torch.empty(1, H, device="cuda")
-                K.moe([recs[e] for e in range(kx)], lt, wt, x, y32, ws, st, mode=mode)
+                K.moe([recs[e] for e in range(kx)], lt, wt, x, y32, ws, st(), mode=mode)
                 err = ((y32.double() - ref).norm() / ref.norm()).item()
-                emit({"what": f"moe_decode_layer q4 H{H}xI{I}xk{kx} {mode}", "split": s, "pdl": pdl,
+                emit({"what": f"moe_decode_layer q4 H{H}xI{I}xk{kx} {mode}", "pdl": pdl,
                       "us": t * 1e6, "gbps": kx * rb / t / 1e9, "ratio_vs_copy": kx * rb / t / 1e9 / bw, "grid": grid,
                       "rel_err": err})
         recs = None  # noqa: F841
         torch.cuda.empty_cache()
-    K.tune("split", old[0])
-    K.tune("pdl", old[1])
+    K.tune("pdl", old)
     text = json.dumps(out, indent=1)
     if a.json:
         with open(a.json, "w") as f:
