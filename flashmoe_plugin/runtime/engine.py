@@ -212,11 +212,20 @@ class Engine:
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
         out = torch.zeros_like(x)
-        used = torch.unique(ids).tolist()
+        # tokens grouped per expert with one read-back per layer (not one per expert): a stable
+        # sort keeps each expert's (token, slot) pairs in torch.where's order
+        k = ids.shape[1]
+        order = torch.sort(ids.reshape(-1), stable=True).indices
+        counts = torch.bincount(ids.reshape(-1), minlength=1).tolist()
+        start = [0]
+        for c in counts:
+            start.append(start[-1] + c)
+        used = [e for e, c in enumerate(counts) if c]
         step = self.pager.capacity
         for g in range(0, len(used), step):
             for e, rec in self.pager.request(layer, used[g:g + step]):
-                tok, slot = torch.where(ids == e)
+                pick = order[start[e]:start[e + 1]]
+                tok, slot = pick // k, pick % k
                 y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
                 y = y * weights[tok, slot, None]
                 out.index_add_(0, tok, y)
