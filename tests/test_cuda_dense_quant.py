@@ -21,7 +21,7 @@ def _skip_reason():
         return "packed dense weights on CUDA are not tested: no NVIDIA GPU is visible to torch on this machine"
     try:
         import flashmoe_plugin._gguf_kernels_cuda  # noqa: F401
-        import flashmoe_plugin._kernels_cuda  # noqa: F401
+        import flashmoe_plugin._kernels_cuda  # noqa: F401,I001
     except ImportError:
         return "packed dense weights on CUDA are not tested: the CUDA modules are not built (no nvcc, or FLASHMOE_CUDA=0)"
     return None

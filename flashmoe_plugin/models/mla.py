@@ -8,7 +8,6 @@ decode reads (kv_lora_rank + head_dim) values per cached position and layer."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import ModelConfig
 from .rope import softmax_scale
