@@ -51,7 +51,7 @@ DENSE_QUANT = click.option("--dense-quant", "dense_quant", type=click.Choice(["a
                            default="auto", show_default=True,
                            help="the dense part (attention, shared experts, output head, embedding): none = floats; "
                            "q8/q4 = quantized at load and computed packed; keep = a GGUF's own blocks (or a store's "
-                           "stored dtype) kept as they are; auto = keep for a quantized GGUF, else none")
+                           "stored dtype) kept as they are; auto = keep for a quantized GGUF on CPU, else none")
 
 
 def tri(value: str):

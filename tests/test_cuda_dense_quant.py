@@ -82,7 +82,7 @@ def test_graph_decode_with_packed_dense_equals_eager_and_the_cpu(oracles, mode):
         assert (outs["on"] - ref).abs().max() < 2e-2, budget  # fp32: the CPU's and the GPU's kernels
 
 
-def test_a_quantized_gguf_keeps_its_blocks_on_the_gpu(monkeypatch, tmp_path):
+def test_a_quantized_gguf_can_keep_its_blocks_on_the_gpu(monkeypatch, tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
     import gguf_oracles as G
@@ -90,7 +90,7 @@ def test_a_quantized_gguf_keeps_its_blocks_on_the_gpu(monkeypatch, tmp_path):
     path = G.quantize(G.write_tiny_gguf(tmp_path / "tiny-f32.gguf", "Q8_0"), "q8_0")
     ids = list(range(3, 40))
     cpu = Engine(path, prefetch="off").forward(ids)
-    gpu = Engine(path, device="cuda", dtype=torch.float32, prefetch="off")
-    assert gpu.dense_quant == "keep"
+    assert Engine(path, device="cuda", prefetch="off").dense_quant == "none"  # auto on GPUs: bf16 floats
+    gpu = Engine(path, device="cuda", dtype=torch.float32, prefetch="off", dense_quant="keep")
     assert any(isinstance(w, PackedWeight) and w.fmt == "q8_0" for w in gpu.model.w.values())
     assert (gpu.forward(ids) - cpu).abs().max() < 1e-3

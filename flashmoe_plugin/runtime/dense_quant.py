@@ -9,8 +9,10 @@ through kernels/packed.py instead of being dequantized to floats at load.
            +0.1% / +1.6%, benchmarks/results/devbox-dense-quant-ppl.json)
     keep   a GGUF's blocks (q4_0, q8_0, q4_k, q6_k, ...) kept as they lie in the file, or a
            store's dense matrices in their stored dtype (bf16: half of fp32's RAM on CPU)
-    auto   (the default) keep for a GGUF whose dense matrices are in block formats (what
-           llama.cpp computes too), none otherwise (the float oracles stay exact)
+    auto   (the default) on CPU, keep for a GGUF whose dense matrices are in block formats
+           (what llama.cpp computes too), none otherwise (the float oracles stay exact); on GPUs
+           none (bf16): CUDA has no fused GEMV for llama.cpp's blocks yet, and dequantizing
+           them for cuBLAS at every step moves ~6x the bytes of a bf16 matrix
 
 Only the matrices the decoder multiplies through models.layers.linear/embed are packed (PACKED
 below); routers (whose choice decides what is read), norms and the MLA kv_b matrix (used in
@@ -36,14 +38,15 @@ def packable(name: str) -> bool:
     return name in TOP or name.endswith(PACKED)
 
 
-def resolve(mode: str | None, store) -> str:
-    """The mode a store runs with: auto picks keep for a GGUF with block-format dense matrices."""
+def resolve(mode: str | None, store, device="cpu") -> str:
+    """The mode a store runs with: auto picks keep for a GGUF with block-format dense matrices
+    on CPU, none otherwise."""
     mode = "auto" if mode is None else str(mode).lower()
     if mode not in MODES:
         raise ValueError(f"dense_quant must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "auto":
         return mode
-    return "keep" if _gguf_blocks(store) else "none"
+    return "keep" if torch.device(device).type == "cpu" and _gguf_blocks(store) else "none"
 
 
 def _gguf_blocks(store) -> bool:
@@ -60,7 +63,7 @@ def load(store, mode: str, device: torch.device, dtype: torch.dtype, backend) ->
     """The decoder's weight dict: float tensors on device in dtype, and PackedWeights where the
     mode packs. Converted one tensor at a time (the float copy of the whole dense part never
     exists at once)."""
-    mode = resolve(mode, store)
+    mode = resolve(mode, store, device)
     if mode == "none":
         return store.load_dense(device, dtype)
     gguf = getattr(store, "meta", None) is not None

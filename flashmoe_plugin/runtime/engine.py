@@ -95,7 +95,7 @@ class Engine:
         kernel backend."""
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store)
+        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device)
         return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
