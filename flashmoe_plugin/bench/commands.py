@@ -165,7 +165,8 @@ def _store_table(r: dict) -> str:
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {rate(r['disk_bandwidth_gbps'])} "
         f"({'O_DIRECT' if r['direct_io'] else 'buffered'}, page cache {r['disk']['page_cache']})",
         f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
-        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}",
+        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}, dense in RAM "
+        f"{format_size(r.get('dense_resident_bytes') or 0)} ({r.get('dense_quant')})",
     ] + [f"note: {n}" for n in r["notes"]])
 
 
