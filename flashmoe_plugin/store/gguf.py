@@ -240,9 +240,11 @@ class GgufStore:
     def check_files(self):
         pass  # every extent was checked against its file at open
 
-    def load_dense(self, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def load_dense(self, device="cpu", dtype: torch.dtype | None = None, keep: bool = False) -> dict:
         """Every non-expert tensor as a float tensor under its canonical name (quantized ones
-        dequantized with gguf-py, the reference llama.cpp's own Python defines)."""
+        dequantized with gguf-py, the reference llama.cpp's own Python defines). With keep, the
+        2-D tensors in a llama.cpp block format come as quant.Packed (their blocks copied as
+        they lie in the file, rows reordered where fix_dense reorders them), on the CPU."""
         import numpy as np
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -252,6 +254,12 @@ class GgufStore:
         for name, t in self.tensors.items():
             kind = names.classify(name)
             if kind[0] != "dense":
+                continue
+            fmt = quant_gguf.format_of_type(t.type)
+            if keep and len(t.shape) == 2 and fmt is not None and quant_gguf.is_block_format(fmt):
+                raw = torch.from_numpy(np.array(data[name].data, dtype=np.uint8)).reshape(t.shape[0], -1)
+                raw = names.fix_dense(kind[1], raw, self.config, self.arch_key)
+                out[kind[1]] = quant.Packed(raw.contiguous().reshape(-1), fmt, tuple(t.shape))
                 continue
             try:
                 w = dequantize(data[name].data, GGMLQuantizationType(t.type))
