@@ -45,6 +45,8 @@ ROWS = {
          None, (512, 32)),
         ("issue 10 (H200)", "every expert in RAM, dense on the GPU (--n-cpu-moe 32)",
          ["-ngl", "99", "--n-cpu-moe", "32"], ["--device", "cuda", "--n-cpu-moe", "32"], None, (512, 32)),
+        ("issue 9", "every expert in VRAM, dense part in q8 (--dense-quant q8; llama.cpp's GGUF holds it in Q4_0)",
+         ["-ngl", "99"], ["--device", "cuda", "--dense-quant", "q8"], None, (512, 32)),
         ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM (llama.cpp ~0.2 tok/s: short run)",
          ["-ngl", "99", "--n-cpu-moe", "24", "--repack", "0", "-lm", "mmap"],
          ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30, (16, 8)),
