@@ -300,7 +300,7 @@ def write_tiny_gguf(path: Path, expert_type: str = "F32", split_max_tensors: int
 
 
 # where each block keeps its f16 scales (random bytes there could be inf/nan)
-SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "mxfp4": []}
 
 
 def random_part(fmt, rows, cols, seed=0):
@@ -314,6 +314,8 @@ def random_part(fmt, rows, cols, seed=0):
     raw = g.integers(0, 256, (rows * cols // blk, size), dtype=np.uint8)
     for at in SCALES[fmt]:
         raw[:, at:at + 2] = (g.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if fmt == "mxfp4":  # the e8m0 exponent byte: scales 2^-10 .. 2^-4 (every byte is tested apart)
+        raw[:, 0] = g.integers(117, 124, len(raw))
     return torch.from_numpy(raw.reshape(-1).copy())
 
 
