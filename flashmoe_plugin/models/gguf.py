@@ -135,13 +135,13 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
     return ModelConfig(**fields)
 
 
-def _yarn(key, **more) -> dict | None:
+def _yarn(key, where, **more) -> dict | None:
     """llama.cpp's YaRN keys as transformers' rope parameters (None: plain RoPE)."""
     kind = key("rope.scaling.type", "none", required=False)
     if kind == "none":
         return None
     if kind != "yarn":
-        raise ConfigError(f"rope.scaling.type {kind!r} is not supported")
+        raise ConfigError(f"{where}: rope.scaling.type {kind!r} is not supported for this family")
     return {"factor": float(key("rope.scaling.factor")),
             "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
             "beta_fast": float(key("rope.scaling.yarn_beta_fast", 32.0, required=False)),
@@ -164,7 +164,7 @@ def _deepseek2(key, shapes, n_layers, where) -> dict:
                 router="sigmoid_group", n_group=max(1, int(key("expert_group_count", 1, required=False))),
                 topk_group=max(1, int(key("expert_group_used_count", 1, required=False))),
                 routed_scaling_factor=float(key("expert_weights_scale", 1.0, required=False)),
-                rope_scaling=_yarn(key, **m))
+                rope_scaling=_yarn(key, where, **m))
 
 
 def _gpt_oss(key, shapes, n_layers, where) -> dict:
@@ -177,7 +177,7 @@ def _gpt_oss(key, shapes, n_layers, where) -> dict:
     bias = "blk.0.attn_output.bias" in shapes
     return dict(sliding_window=int(key("attention.sliding_window")), sliding_layers=swa, attn_sinks=True,
                 o_bias=bias, router="topk_softmax", router_bias=True, expert_act="swiglu_clamped",
-                expert_bias=True, rope_scaling=_yarn(key, truncate=True))
+                expert_bias=True, rope_scaling=_yarn(key, where, truncate=True))
 
 
 def merge_dense(out: dict, cfg: ModelConfig):
