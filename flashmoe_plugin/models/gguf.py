@@ -11,8 +11,8 @@ Pure data: no I/O here.
 DeepSeek-V3 (`deepseek2`): the converter splits MLA's kv_b into k_b (transposed) and v_b for
 llama.cpp's absorbed graph; `merge_dense` puts kv_b back together. gpt-oss (`gpt-oss`): experts
 in MXFP4 blocks, expert biases as `ffn_*_exps.bias` (record parts b13/b2), sinks, a sliding
-window on even layers (llama.cpp's swa pattern 2), YaRN without truncation of the correction
-range in llama.cpp's sense (transformers' `truncate: true`).
+window on even layers (llama.cpp's swa pattern 2), and YaRN as transformers computes it with
+`truncate: true` (which is what llama.cpp computes).
 """
 from __future__ import annotations
 
