@@ -32,6 +32,8 @@ VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_
 # Mixtral is also quantized with K-quants by the tests (rows of 256); the others stay small.
 SHAPE = {"mixtral": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024)}
+# the hybrid families' converter expects a multi-token-prediction layer unless told there is none
+CONVERT_ARGS = {"qwen3_next": ["--no-mtp"], "qwen3_5_moe_text": ["--no-mtp"]}
 SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 
@@ -127,6 +129,11 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
         over.update(head_dim=32)
     if family == "olmoe":
         over.update(num_key_value_heads=4)
+    if family in CONVERT_ARGS:  # hybrid: the hidden size as published for the attention shapes;
+        # llama.cpp maps no dense-MLP layer in these families, and its M-RoPE needs head_dim >= 64
+        over = dict(vocab_size=vocab, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, mlp_only_layers=[])
+        if family == "qwen3_5_moe_text":
+            over.update(head_dim=64)
     hf = root / "hf"
     model, _ = make_model(family, hf, seed=seed, **over)
     for p in list(hf.glob("tokenizer*")) + list(hf.glob("special_tokens_map.json")) + list(hf.glob("chat_template*")):
@@ -136,7 +143,7 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
     src = llama_cpp_source()
     out = root / "model-f32.gguf"
     r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out),
-                        "--outtype", "f32"], capture_output=True, text=True)
+                        "--outtype", "f32", *CONVERT_ARGS.get(family, [])], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed for {family}:\n{r.stderr[-3000:]}")
     return model, out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import ConfigError, ModelConfig
 
 # general.architecture -> how it maps onto our families
@@ -19,6 +21,13 @@ FAMILIES = {
     "qwen2moe": dict(arch="qwen2_moe", norm_topk=False, qk_norm="none", theta=10000.0),
     "qwen3moe": dict(arch="qwen3_moe", norm_topk=True, qk_norm="head", theta=10000.0),
     "olmoe": dict(arch="olmoe", norm_topk=False, qk_norm="full", theta=10000.0),
+    # Hybrid stacks (Gated DeltaNet + gated attention). llama.cpp's converter folds the 1 of the
+    # (1 + w) norms into the weights (so norm_offset is off here), splits Qwen3-Next's grouped
+    # in_proj_qkvz into attn_qkv/attn_gate (the split form of Qwen3.5) but keeps in_proj_ba grouped
+    # (ssm_ba), stores -exp(A_log) as ssm_a, and for Qwen3.5 reorders the value heads from grouped
+    # by key head to tiled (v_tiled), which fix_dense undoes.
+    "qwen3next": dict(arch="qwen3_next", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True),
+    "qwen35moe": dict(arch="qwen3_5_moe", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True, v_tiled=True),
 }
 
 TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
@@ -33,6 +42,13 @@ LAYER_NAMES = {
     "ffn_gate_shexp.weight": "moe.shared.gate.weight", "ffn_up_shexp.weight": "moe.shared.up.weight",
     "ffn_down_shexp.weight": "moe.shared.down.weight", "ffn_gate_inp_shexp.weight": "moe.shared_gate.weight",
     "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
+    # hybrid stacks: the attention layers' norm after attention, and the Gated DeltaNet layers
+    "post_attention_norm.weight": "ffn_norm.weight",
+    "attn_qkv.weight": "linear.in_proj_qkv.weight", "attn_gate.weight": "linear.in_proj_z.weight",
+    "ssm_ba.weight": "linear.in_proj_ba.weight", "ssm_beta.weight": "linear.in_proj_b.weight",
+    "ssm_alpha.weight": "linear.in_proj_a.weight", "ssm_conv1d.weight": "linear.conv1d.weight",
+    "ssm_a": "linear.A_log", "ssm_dt.bias": "linear.dt_bias", "ssm_norm.weight": "linear.norm.weight",
+    "ssm_out.weight": "linear.out_proj.weight",
 }
 EXPERT_NAMES = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}
 SKIP = {"rope_freqs.weight"}
@@ -91,6 +107,8 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
     if vocab is None:
         raise ConfigError(f"{where}: tensor token_embd.weight is missing")
     shexp = shapes.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")
+    hybrid = _hybrid_fields(meta, arch, n_layers, int(key("attention.key_length", hidden // heads)), where) \
+        if row.get("hybrid") else {}
     norm = meta.get(f"{arch}.expert_weights_norm")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
@@ -107,7 +125,29 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
         qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm=row["qk_norm"],
         tie_word_embeddings="output.weight" not in shapes,
         max_position_embeddings=int(key("context_length", 4096, required=False)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos)
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **hybrid)
+
+
+def _hybrid_fields(meta: dict, arch: str, n_layers: int, head_dim: int, where: str) -> dict:
+    """The hybrid stack's ModelConfig fields from llama.cpp's ssm.* keys."""
+    def key(k):
+        v = meta.get(f"{arch}.{k}")
+        if v is None:
+            raise ConfigError(f"{where}: metadata key '{arch}.{k}' is missing")
+        return v
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is None:
+        every = int(meta.get(f"{arch}.full_attention_interval", 4))
+        recurrent = [(i + 1) % every != 0 for i in range(n_layers)]
+    if len(recurrent) < n_layers:
+        raise ConfigError(f"{where}: {arch}.attention.recurrent_layers lists {len(recurrent)} of {n_layers} layers")
+    nv = int(key("ssm.time_step_rank"))
+    return dict(layer_types=["linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers]],
+                attn_output_gate=True, norm_offset=False, linear_proj="split",
+                partial_rotary_factor=int(key("rope.dimension_count")) / head_dim,
+                linear_conv_kernel=int(key("ssm.conv_kernel")), linear_key_head_dim=int(key("ssm.state_size")),
+                linear_num_key_heads=int(key("ssm.group_count")), linear_num_value_heads=nv,
+                linear_value_head_dim=int(key("ssm.inner_size")) // nv)
 
 
 def unpermute_qk(w, n_head: int):
@@ -126,4 +166,47 @@ def fix_dense(canon: str, w, cfg: ModelConfig, arch: str):
             return unpermute_qk(w, cfg.num_kv_heads)
     if canon.endswith("moe.shared_gate.weight") and w.dim() == 1:
         return w[None, :]
+    if ".linear." in canon:
+        if canon.endswith("A_log"):
+            w = (-w).log()  # the converter wrote -exp(A_log)
+        elif canon.endswith("conv1d.weight"):
+            w = w[:, None, :]  # squeezed to [channels, kernel] by the converter
+        if FAMILIES[arch].get("v_tiled") and cfg.linear_num_value_heads != cfg.linear_num_key_heads:
+            w = _untile_v_heads(canon, w, cfg)
+    return w
+
+
+def _untile(w, dim: int, nk: int, head: int):
+    """Value heads along `dim` from llama.cpp's tiled order [v0 of every key head, v1 of every...]
+    back to grouped by key head [all v of key head 0, ...] (transformers' order)."""
+    shape = list(w.shape)
+    r = shape[dim] // (nk * head)
+    w = w.reshape(*shape[:dim], r, nk, head, *shape[dim + 1:]).transpose(dim, dim + 1)
+    return w.reshape(shape).contiguous()
+
+
+def _untile_v_heads(canon: str, w, cfg: ModelConfig):
+    nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    leaf = canon.rsplit(".linear.", 1)[1]
+    if leaf in ("in_proj_qkv.weight", "conv1d.weight"):  # q and k rows stay, v rows reorder
+        qk = 2 * nk * dk
+        return torch.cat([w[:qk], _untile(w[qk:], 0, nk, dv)])
+    if leaf == "in_proj_z.weight":
+        return _untile(w, 0, nk, dv)
+    if leaf in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
+        return _untile(w, 0, nk, 1)
+    if leaf == "out_proj.weight":
+        return _untile(w, 1, nk, dv)
+    return w
+
+
+def finish_dense(w: dict, cfg: ModelConfig) -> dict:
+    """After fix_dense: Qwen3-Next's grouped ssm_ba (per key head: r rows of b, then r of a) split
+    into the in_proj_b / in_proj_a the split form reads."""
+    for name in [n for n in w if n.endswith(".linear.in_proj_ba.weight")]:
+        ba = w.pop(name)
+        r = cfg.linear_num_value_heads // cfg.linear_num_key_heads
+        b, a = ba.reshape(cfg.linear_num_key_heads, 2 * r, -1).split([r, r], dim=1)
+        p = name[:-len("in_proj_ba.weight")]
+        w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"] = b.reshape(-1, ba.shape[-1]), a.reshape(-1, ba.shape[-1])
     return w

@@ -261,7 +261,7 @@ class GgufStore:
             w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(t.shape)  # a copy: the file stays read-only
             w = names.fix_dense(kind[1], w, self.config, self.arch_key)
             out[kind[1]] = w.to(device=device, dtype=dtype or torch.float32)
-        return out
+        return names.finish_dense(out, self.config)
 
     def verify(self, progress=None) -> list[str]:
         """Check every extent against the sidecar index; [] when intact. Without an index there is
