@@ -8,7 +8,9 @@ $FLASHMOE_TEST_CACHE or ~/.cache/flashmoe/tests. Tests skip with the reason when
 Quirks (REFERENCE.md): Mixtral needs a SentencePiece tokenizer.model (we build the proto from
 the llama-spm vocab GGUF); Qwen/OLMoE need a BPE vocabulary whose pre-tokenizer the converter
 recognises (the gpt-2 vocab GGUF, through transformers); OLMoE needs kv heads = heads (the
-oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 wide.
+oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 wide. The hybrid
+families convert with --no-mtp and without dense-MLP layers; Qwen3.5's converter recognises the
+qwen2 vocabulary (not gpt-2's), and its M-RoPE needs head_dim >= 64 (16 aborts llama.cpp).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/"
         "vendor/llama.cpp/models/ggml-vocab-")
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_moe": ("gpt-2", 50257),
-         "olmoe": ("gpt-2", 50257)}
+         "olmoe": ("gpt-2", 50257), "qwen3_next": ("gpt-2", 50257), "qwen3_5_moe_text": ("qwen2", 151936)}
 # Mixtral is also quantized with K-quants by the tests (rows of 256); the others stay small.
 SHAPE = {"mixtral": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024)}
