@@ -10,7 +10,8 @@
 # usage (repository root on the GPU machine): bash benchmarks/h200_qwen35.sh OUTDIR [N] [DEVICE]
 #   N layers (default 4), DEVICE cuda (default) or cpu (a dry run: no VRAM tier, no CUDA test).
 #   STORE=/path reuses that store if it holds a manifest (else synth writes it there; default
-#   /tmp/q35-Nl, deleted at the end unless KEEP=1); TOKENS=n prompt and decode tokens (default 64).
+#   /tmp/q35-Nl, deleted at the end unless KEEP=1); TOKENS=n decode steps (default 64) after a
+#   prompt of half as many tokens (a 32-token prompt already reads ~7 GB of N=4's experts cold).
 #   The page cache is dropped (--drop-caches) on CUDA runs only; a CPU run evicts the store's files.
 set -u
 OUT=${1:?usage: h200_qwen35.sh OUTDIR [N] [DEVICE]}; N=${2:-4}; DEV=${3:-cuda}
@@ -31,7 +32,7 @@ bench() {  # NAME, then bench arguments
   local name=$1; shift
   local budget="--ram-budget 25%" n=${TOKENS:-64}
   [ "$DEV" = cuda ] && budget="--vram-budget ${VRAM:-8G} --ram-budget 25% --drop-caches"
-  timeout 150 bash -c "$(declare -f fm); fm bench '$STORE' --device $DEV --json --prompt-tokens $n --tokens $n \
+  timeout 150 bash -c "$(declare -f fm); fm bench '$STORE' --device $DEV --json --prompt-tokens $((n / 2)) --tokens $n \
     --direct-io on --io-threads 8 $budget $*" > "$OUT/$name.json" 2> "$OUT/$name.err"
   python3 - "$OUT/$name.json" "$name" <<'EOF' || tail -5 "$OUT/$name.err"
 import json, sys

@@ -10,7 +10,7 @@ the llama-spm vocab GGUF); Qwen/OLMoE need a BPE vocabulary whose pre-tokenizer 
 recognises (the gpt-2 vocab GGUF, through transformers); OLMoE needs kv heads = heads (the
 oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 wide. The hybrid
 families convert with --no-mtp and without dense-MLP layers; Qwen3.5's converter recognises the
-qwen2 vocabulary (not gpt-2's), and its M-RoPE needs head_dim >= 64 (16 aborts llama.cpp).
+qwen2 vocabulary (not gpt-2's), and its M-RoPE runs with head_dim 64 (16 aborts llama.cpp).
 """
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
         over.update(head_dim=32)
     if family == "olmoe":
         over.update(num_key_value_heads=4)
-    if family in CONVERT_ARGS:  # hybrid: the hidden size as published for the attention shapes;
-        # llama.cpp maps no dense-MLP layer in these families, and its M-RoPE needs head_dim >= 64
+    if family in CONVERT_ARGS:  # hybrid: hf_oracles' own small shapes (not SMALL); llama.cpp maps no
+        # dense-MLP layer in these families, and Qwen3.5's M-RoPE runs with head_dim 64 (16 aborts it)
         over = dict(vocab_size=vocab, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, mlp_only_layers=[])
         if family == "qwen3_5_moe_text":
             over.update(head_dim=64)
