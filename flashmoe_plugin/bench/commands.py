@@ -55,7 +55,7 @@ def register_commands(cli):
                   show_default=True, help="decode steps on the device, captured as a CUDA graph (auto: CUDA runs "
                   "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
     @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-                  help="dense weights and activations (auto: float32 on CPU, bfloat16 on GPUs)")
+                  help="dense weights and activations (auto: the engine's default for the device)")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
               prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend,
               temp, seed, save_trace, experts_per_token, decode_graph, dtype):

@@ -41,8 +41,8 @@ from .launches import decode_launches
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
 PREDICTOR_KEYS = ("predictor_precision", "predictor_recall")
-# dense weights and activations: auto = the engine's default (fp32 on CPU, bf16 on GPUs); bfloat16
-# on CPU keeps a bf16 store's dense part as stored (half the bytes a decode step reads)
+# dense weights and activations: auto = the engine's default for the device; bfloat16 on CPU keeps
+# a bf16 store's dense part as stored (half the bytes of a float32 copy for a decode step to read)
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 PROMPTS = [
