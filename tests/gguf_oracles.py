@@ -12,7 +12,9 @@ oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 
 DeepSeek-V3 needs `scoring_func: sigmoid` in config.json (else the converter writes a softmax
 router); gpt-oss needs YaRN `truncate: true` (llama.cpp's correction range). gpt-oss experts are
 made MXFP4-exact (rounded through MXFP4 once), so that the float checkpoint (-> F32 GGUF) and the
-MXFP4 one (`mxfp4_gguf`: llama.cpp's converter keeps MXFP4 blocks) hold the same values.
+MXFP4 one (`mxfp4_gguf`: llama.cpp's converter keeps MXFP4 blocks) hold the same values. The hybrid
+families convert with --no-mtp and without dense-MLP layers; Qwen3.5's converter recognises the
+qwen2 vocabulary (not gpt-2's), and its M-RoPE runs with head_dim 64 (16 aborts llama.cpp).
 """
 from __future__ import annotations
 
@@ -32,10 +34,13 @@ KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/"
         "vendor/llama.cpp/models/ggml-vocab-")
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_moe": ("gpt-2", 50257),
-         "olmoe": ("gpt-2", 50257), "deepseek_v3": ("gpt-2", 50257), "gpt_oss": ("gpt-2", 50257)}
+         "olmoe": ("gpt-2", 50257), "deepseek_v3": ("gpt-2", 50257), "gpt_oss": ("gpt-2", 50257),
+         "qwen3_next": ("gpt-2", 50257), "qwen3_5_moe_text": ("qwen2", 151936)}
 # Mixtral is also quantized with K-quants by the tests (rows of 256); the others stay small.
 SHAPE = {"mixtral": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024)}
+# the hybrid families' converter expects a multi-token-prediction layer unless told there is none
+CONVERT_ARGS = {"qwen3_next": ["--no-mtp"], "qwen3_5_moe_text": ["--no-mtp"]}
 SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 
@@ -135,6 +140,11 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
         over.update(intermediate_size=64, rope_parameters={
             "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
             "truncate": True, "original_max_position_embeddings": 4096})
+    if family in CONVERT_ARGS:  # hybrid: hf_oracles' own small shapes (not SMALL); llama.cpp maps no
+        # dense-MLP layer in these families, and Qwen3.5's M-RoPE runs with head_dim 64 (16 aborts it)
+        over = dict(vocab_size=vocab, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, mlp_only_layers=[])
+        if family == "qwen3_5_moe_text":
+            over.update(head_dim=64)
     hf = root / "hf"
     model, _ = make_model(family, hf, seed=seed, **over)
     if family == "deepseek_v3":
@@ -151,7 +161,7 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
 def _convert(hf: Path, out: Path, family: str) -> Path:
     src = llama_cpp_source()
     r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out),
-                        "--outtype", "f32"], capture_output=True, text=True)
+                        "--outtype", "f32", *CONVERT_ARGS.get(family, [])], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed for {family}:\n{r.stderr[-3000:]}")
     return out

@@ -33,6 +33,13 @@ FAMILIES = {
                       extra=lambda *a: _deepseek2(*a)),
     "gpt-oss": dict(arch="gpt_oss", norm_topk=False, qk_norm="none", theta=150000.0,
                     extra=lambda *a: _gpt_oss(*a), names={"post_attention_norm.weight": "ffn_norm.weight"}),
+    # Hybrid stacks (Gated DeltaNet + gated attention). llama.cpp's converter folds the 1 of the
+    # (1 + w) norms into the weights (so norm_offset is off here), splits Qwen3-Next's grouped
+    # in_proj_qkvz into attn_qkv/attn_gate (the split form of Qwen3.5) but keeps in_proj_ba grouped
+    # (ssm_ba), stores -exp(A_log) as ssm_a, and for Qwen3.5 reorders the value heads from grouped
+    # by key head to tiled (v_tiled), which fix_dense undoes.
+    "qwen3next": dict(arch="qwen3_next", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True),
+    "qwen35moe": dict(arch="qwen3_5_moe", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True, v_tiled=True),
 }
 
 TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
@@ -52,6 +59,13 @@ LAYER_NAMES = {
     "attn_q_b.weight": "attn.q_b.weight", "attn_kv_a_mqa.weight": "attn.kv_a.weight",
     "attn_kv_a_norm.weight": "attn.kv_a_norm.weight", "exp_probs_b.bias": "moe.router.score_bias",
     "attn_k_b.weight": "attn.k_b.weight", "attn_v_b.weight": "attn.v_b.weight",  # merged into kv_b
+    # hybrid stacks: the attention layers' norm after attention, and the Gated DeltaNet layers
+    "post_attention_norm.weight": "ffn_norm.weight",
+    "attn_qkv.weight": "linear.in_proj_qkv.weight", "attn_gate.weight": "linear.in_proj_z.weight",
+    "ssm_ba.weight": "linear.in_proj_ba.weight", "ssm_beta.weight": "linear.in_proj_b.weight",
+    "ssm_alpha.weight": "linear.in_proj_a.weight", "ssm_conv1d.weight": "linear.conv1d.weight",
+    "ssm_a": "linear.A_log", "ssm_dt.bias": "linear.dt_bias", "ssm_norm.weight": "linear.norm.weight",
+    "ssm_out.weight": "linear.out_proj.weight",
 }
 EXPERT_NAMES = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2",
                 "ffn_gate_exps.bias": "b1", "ffn_up_exps.bias": "b3", "ffn_down_exps.bias": "b2"}
@@ -113,6 +127,8 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
     if vocab is None:
         raise ConfigError(f"{where}: tensor token_embd.weight is missing")
     shexp = shapes.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")
+    hybrid = _hybrid_fields(meta, arch, n_layers, int(key("attention.key_length", hidden // heads)), where) \
+        if row.get("hybrid") else {}
     norm = meta.get(f"{arch}.expert_weights_norm")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     fields = dict(
@@ -129,7 +145,7 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple], where: str) -> ModelC
         qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm=row["qk_norm"],
         tie_word_embeddings="output.weight" not in shapes,
         max_position_embeddings=int(key("context_length", 4096, required=False)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos)
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos, **hybrid)
     if "extra" in row:
         fields.update(row["extra"](key, shapes, n_layers, where))
     return ModelConfig(**fields)
@@ -180,6 +196,13 @@ def _gpt_oss(key, shapes, n_layers, where) -> dict:
                 expert_bias=True, rope_scaling=_yarn(key, where, truncate=True))
 
 
+def rows_only(canon: str) -> bool:
+    """Whether fix_dense and finish_dense move only whole rows of this tensor, so that its blocks
+    can be kept as they lie in the file; the Gated DeltaNet projections and MLA's split kv_b are
+    reshaped across columns."""
+    return ".linear." not in canon and not canon.endswith(("attn.k_b.weight", "attn.v_b.weight"))
+
+
 def merge_dense(out: dict, cfg: ModelConfig):
     """In place: k_b [n, r, dn] and v_b [n, dv, r] (the converter's split) back into MLA's kv_b
     [n * (dn + dv), r]."""
@@ -188,6 +211,28 @@ def merge_dense(out: dict, cfg: ModelConfig):
         if p + "k_b.weight" in out:
             k_b, v_b = out.pop(p + "k_b.weight"), out.pop(p + "v_b.weight")
             out[p + "kv_b.weight"] = torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, k_b.shape[1])
+
+
+def _hybrid_fields(meta: dict, arch: str, n_layers: int, head_dim: int, where: str) -> dict:
+    """The hybrid stack's ModelConfig fields from llama.cpp's ssm.* keys."""
+    def key(k):
+        v = meta.get(f"{arch}.{k}")
+        if v is None:
+            raise ConfigError(f"{where}: metadata key '{arch}.{k}' is missing")
+        return v
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is None:
+        every = int(meta.get(f"{arch}.full_attention_interval", 4))
+        recurrent = [(i + 1) % every != 0 for i in range(n_layers)]
+    if len(recurrent) < n_layers:
+        raise ConfigError(f"{where}: {arch}.attention.recurrent_layers lists {len(recurrent)} of {n_layers} layers")
+    nv = int(key("ssm.time_step_rank"))
+    return dict(layer_types=["linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers]],
+                attn_output_gate=True, norm_offset=False, linear_proj="split",
+                partial_rotary_factor=int(key("rope.dimension_count")) / head_dim,
+                linear_conv_kernel=int(key("ssm.conv_kernel")), linear_key_head_dim=int(key("ssm.state_size")),
+                linear_num_key_heads=int(key("ssm.group_count")), linear_num_value_heads=nv,
+                linear_value_head_dim=int(key("ssm.inner_size")) // nv)
 
 
 def unpermute_qk(w, n_head: int):
@@ -206,4 +251,49 @@ def fix_dense(canon: str, w, cfg: ModelConfig, arch: str):
             return unpermute_qk(w, cfg.num_kv_heads)
     if canon.endswith("moe.shared_gate.weight") and w.dim() == 1:
         return w[None, :]
+    if ".linear." in canon:
+        if canon.endswith("A_log"):
+            w = (-w).log()  # the converter wrote -exp(A_log)
+        elif canon.endswith("conv1d.weight"):
+            w = w[:, None, :]  # squeezed to [channels, kernel] by the converter
+        if FAMILIES[arch].get("v_tiled") and cfg.linear_num_value_heads != cfg.linear_num_key_heads:
+            w = _untile_v_heads(canon, w, cfg)
+    return w
+
+
+def _untile(w, dim: int, nk: int, head: int):
+    """Value heads along `dim` from llama.cpp's tiled order [v0 of every key head, v1 of every...]
+    back to grouped by key head [all v of key head 0, ...] (transformers' order)."""
+    shape = list(w.shape)
+    r = shape[dim] // (nk * head)
+    w = w.reshape(*shape[:dim], r, nk, head, *shape[dim + 1:]).transpose(dim, dim + 1)
+    return w.reshape(shape).contiguous()
+
+
+def _untile_v_heads(canon: str, w, cfg: ModelConfig):
+    nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    leaf = canon.rsplit(".linear.", 1)[1]
+    if leaf in ("in_proj_qkv.weight", "conv1d.weight"):  # q and k rows stay, v rows reorder
+        qk = 2 * nk * dk
+        return torch.cat([w[:qk], _untile(w[qk:], 0, nk, dv)])
+    if leaf == "in_proj_z.weight":
+        return _untile(w, 0, nk, dv)
+    if leaf in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
+        return _untile(w, 0, nk, 1)
+    if leaf == "out_proj.weight":
+        return _untile(w, 1, nk, dv)
+    return w
+
+
+def finish_dense(w: dict, cfg: ModelConfig) -> dict:
+    """After fix_dense, the tensors the converter split or joined: MLA's kv_b joined back
+    (merge_dense); Qwen3-Next's grouped ssm_ba (per key head: r rows of b, then r of a) split
+    into the in_proj_b / in_proj_a the split form reads."""
+    merge_dense(w, cfg)
+    for name in [n for n in w if n.endswith(".linear.in_proj_ba.weight")]:
+        ba = w.pop(name)
+        r = cfg.linear_num_value_heads // cfg.linear_num_key_heads
+        b, a = ba.reshape(cfg.linear_num_key_heads, 2 * r, -1).split([r, r], dim=1)
+        p = name[:-len("in_proj_ba.weight")]
+        w[p + "in_proj_b.weight"], w[p + "in_proj_a.weight"] = b.reshape(-1, ba.shape[-1]), a.reshape(-1, ba.shape[-1])
     return w

@@ -256,7 +256,8 @@ class GgufStore:
             if kind[0] != "dense":
                 continue
             fmt = quant_gguf.format_of_type(t.type)
-            if keep and len(t.shape) == 2 and fmt is not None and quant_gguf.is_block_format(fmt):
+            if (keep and len(t.shape) == 2 and fmt is not None and quant_gguf.is_block_format(fmt)
+                    and names.rows_only(kind[1])):
                 raw = torch.from_numpy(np.array(data[name].data, dtype=np.uint8)).reshape(t.shape[0], -1)
                 raw = names.fix_dense(kind[1], raw, self.config, self.arch_key)
                 out[kind[1]] = quant.Packed(raw.contiguous().reshape(-1), fmt, tuple(t.shape))
@@ -269,8 +270,7 @@ class GgufStore:
             w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(t.shape)  # a copy: the file stays read-only
             w = names.fix_dense(kind[1], w, self.config, self.arch_key)
             out[kind[1]] = w.to(device=device, dtype=dtype or torch.float32)
-        names.merge_dense(out, self.config)
-        return out
+        return names.finish_dense(out, self.config)
 
     def verify(self, progress=None) -> list[str]:
         """Check every extent against the sidecar index; [] when intact. Without an index there is
