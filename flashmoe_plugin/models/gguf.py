@@ -23,6 +23,8 @@ import torch
 from .base import ConfigError, ModelConfig
 
 # general.architecture -> how it maps onto our families
+# the norm before the experts, which these families' converters name after attention
+POST_NORM = {"post_attention_norm.weight": "ffn_norm.weight"}
 FAMILIES = {
     # Mixtral is written as arch `llama` with experts; llama.cpp renormalises the top-k weights.
     "llama": dict(arch="mixtral", norm_topk=True, permute_qk=True, qk_norm="none", theta=10000.0),
@@ -32,14 +34,15 @@ FAMILIES = {
     "deepseek2": dict(arch="deepseek_v3", norm_topk=False, qk_norm="none", theta=10000.0,
                       extra=lambda *a: _deepseek2(*a)),
     "gpt-oss": dict(arch="gpt_oss", norm_topk=False, qk_norm="none", theta=150000.0,
-                    extra=lambda *a: _gpt_oss(*a), names={"post_attention_norm.weight": "ffn_norm.weight"}),
+                    extra=lambda *a: _gpt_oss(*a), names=POST_NORM),
     # Hybrid stacks (Gated DeltaNet + gated attention). llama.cpp's converter folds the 1 of the
     # (1 + w) norms into the weights (so norm_offset is off here), splits Qwen3-Next's grouped
     # in_proj_qkvz into attn_qkv/attn_gate (the split form of Qwen3.5) but keeps in_proj_ba grouped
     # (ssm_ba), stores -exp(A_log) as ssm_a, and for Qwen3.5 reorders the value heads from grouped
     # by key head to tiled (v_tiled), which fix_dense undoes.
-    "qwen3next": dict(arch="qwen3_next", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True),
-    "qwen35moe": dict(arch="qwen3_5_moe", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True, v_tiled=True),
+    "qwen3next": dict(arch="qwen3_next", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True, names=POST_NORM),
+    "qwen35moe": dict(arch="qwen3_5_moe", norm_topk=True, qk_norm="head", theta=1e7, hybrid=True, v_tiled=True,
+                      names=POST_NORM),
 }
 
 TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
@@ -59,8 +62,7 @@ LAYER_NAMES = {
     "attn_q_b.weight": "attn.q_b.weight", "attn_kv_a_mqa.weight": "attn.kv_a.weight",
     "attn_kv_a_norm.weight": "attn.kv_a_norm.weight", "exp_probs_b.bias": "moe.router.score_bias",
     "attn_k_b.weight": "attn.k_b.weight", "attn_v_b.weight": "attn.v_b.weight",  # merged into kv_b
-    # hybrid stacks: the attention layers' norm after attention, and the Gated DeltaNet layers
-    "post_attention_norm.weight": "ffn_norm.weight",
+    # hybrid stacks: the Gated DeltaNet layers
     "attn_qkv.weight": "linear.in_proj_qkv.weight", "attn_gate.weight": "linear.in_proj_z.weight",
     "ssm_ba.weight": "linear.in_proj_ba.weight", "ssm_beta.weight": "linear.in_proj_b.weight",
     "ssm_alpha.weight": "linear.in_proj_a.weight", "ssm_conv1d.weight": "linear.conv1d.weight",
