@@ -1,6 +1,8 @@
 """Hybrid stacks (Qwen3-Next; Qwen3.5-MoE as published, a vision-language checkpoint, and text-only)
 against HF transformers on the same weights: Gated DeltaNet layers with conv + recurrent state,
 gated full attention with partial RoPE, a gated shared expert. On the GPU too where one is visible."""
+import contextlib
+
 import pytest
 import torch
 from test_oracles import hf_logits, prompt
@@ -218,17 +220,44 @@ def test_one_layers_records_are_read_together_and_computed_in_one_call(oracles):
     batch = p.request(eng.config.moe_layers[0], list(range(k)))
     assert len(p.reads) == k and all(r.ticket is not None for r in p.reads.values())
     assert len(dict(batch)) == k and not p.reads
+    with moe_calls(eng) as calls:
+        eng.forward([5])
+    assert calls == [k] * len(eng.config.moe_layers)
+    eng.close()
+
+
+@contextlib.contextmanager
+def moe_calls(eng):
+    """After a 6-token prefill, the number of records of each backend.moe_decode call made inside."""
     calls = []
     moe_decode = eng.backend.moe_decode
     eng.backend.moe_decode = lambda x, recs, w, layout: calls.append(len(recs)) or moe_decode(x, recs, w, layout)
     try:
         eng.forward(prompt(6, seed=9).tolist())
         calls.clear()
-        eng.forward([5])
+        yield calls
     finally:
         del eng.backend.moe_decode  # the instance attribute; the class's method again
-    assert calls == [k] * len(eng.config.moe_layers)
+
+
+@CUDA
+def test_cuda_decode_runs_a_layers_experts_in_one_kernel_launch(oracles):
+    """The CUDA twin of the test above, on a q4 store (the fused kernel's formats): one backend
+    call per MoE layer for a decode step's k experts, and on the device one moe_kernel per layer
+    (one cooperative launch; two where the device cannot launch cooperatively)."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = Engine(oracles("qwen3_5_moe_text").store("q4"), device="cuda", prefetch="off")
+    layers, k = len(eng.config.moe_layers), eng.config.top_k
+    with moe_calls(eng) as calls:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.forward([5])
+            torch.cuda.synchronize()
     eng.close()
+    assert calls == [k] * layers
+    moe = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "moe_kernel" in e.name]
+    coop = torch.cuda.get_device_properties(0).major >= 6  # cooperative launch: every GPU since Pascal
+    assert len(moe) == layers * (1 if coop else 2), moe
 
 
 def test_snapshots_are_bounded_and_restore_the_state_of_their_position(oracles):

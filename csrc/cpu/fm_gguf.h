@@ -4,7 +4,7 @@
  *
  * A weight W [rows, cols] of type t is rows * row_bytes(t, cols) bytes, rows back to back, as
  * a GGUF tensor lies in the file. Types (GGML ids): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
- * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30. Activations and results are fp32 (llama.cpp quantizes the
+ * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39. Activations and results are fp32 (llama.cpp quantizes the
  * activations to 8 bits in its quantized matmuls; we do not).
  *
  * The fused kernels dequantize one row at a time into a small buffer and dot it with every
@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 enum { FMG_F32 = 0, FMG_F16 = 1, FMG_Q4_0 = 2, FMG_Q4_1 = 3, FMG_Q5_0 = 6, FMG_Q5_1 = 7, FMG_Q8_0 = 8, FMG_Q4_K = 12, FMG_Q5_K = 13,
-       FMG_Q6_K = 14, FMG_BF16 = 30 };
+       FMG_Q6_K = 14, FMG_BF16 = 30, FMG_MXFP4 = 39 };
 
 #define FMG_OK 0
 #define FMG_EINVAL (-1)
