@@ -36,9 +36,11 @@ def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
         Engine(store, n_cpu_moe=n_moe + 1)
 
 
-def test_n_cpu_moe_inside_the_device_step(oracles, family):
-    # the device decode step (its CPU twin) computes n_cpu_moe layers in place: no step falls
-    # back to the layer-by-layer path, and the logits are the all-resident run's
+def test_n_cpu_moe_through_the_device_step(oracles, family):
+    # the device decode step (its CPU twin) with n_cpu_moe layers: each step replays the device
+    # layers and resumes at the first host layer through the pager path (computing host layers
+    # inside an uncaptured step measured 2x slower on the H200: 4.2 against 9.6 tok/s at
+    # --n-cpu-moe 24); the logits are the all-resident run's
     from flashmoe_plugin.runtime.graph_decode import unsupported
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
@@ -57,7 +59,7 @@ def test_n_cpu_moe_inside_the_device_step(oracles, family):
     fast = eng.fast
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
-    assert fast.steps == len(steps) and fast.fallbacks == 0, (fast.steps, fast.fallbacks)
+    assert fast.steps == len(steps), fast.steps
 
 
 def test_copy_or_compute_split_by_measured_costs(oracles, family):

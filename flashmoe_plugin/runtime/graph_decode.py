@@ -88,9 +88,6 @@ class DeviceDecode:
         self.cfg, self.model, self.kv = cfg, engine.model, engine.kv
         self.order = engine._moe_order
         self.table = SlotTable(engine.pager, self.order, cfg.num_experts)
-        # --n-cpu-moe layers: computed on the host inside the step (never resident, so without
-        # this every step would miss at the first of them and redo the token layer by layer)
-        self.host_layers = set(engine.cpu_layers.layers) if engine.cpu_layers is not None else set()
         self.cuda = dev.type == "cuda"
         self.native = self.cuda and engine.backend.name == "cuda" and engine.backend._native(engine.store.layout)
         n_ctx, dt = engine.n_ctx, engine.dtype
@@ -115,11 +112,9 @@ class DeviceDecode:
         self.graph, self.captured = None, False
         self.nodes: dict = {}
         self.kernel_mode = "auto"
-        self.why_not = "" if mode == "on" and self.cuda and self.native and not self.host_layers else \
+        self.why_not = "" if mode == "on" and self.cuda and self.native else \
             ("not captured: " + ("CPU run (twin)" if not self.cuda else
-                                 "eager mode" if mode != "on" else
-                                 "no native CUDA kernel for this format" if not self.native else
-                                 "n_cpu_moe layers are computed on the host"))
+                                 "eager mode" if mode != "on" else "no native CUDA kernel for this format"))
         self.steps = self.replays = self.fallbacks = 0
         if not self.why_not:  # compile and capture now, so that the first token is not slow
             with torch.inference_mode():
@@ -146,7 +141,7 @@ class DeviceDecode:
         """The routed experts: through the device-side slot table (fast), or the engine's
         per-layer pager path (demand reads, copies, host compute, prefetch)."""
         e = self.e
-        if not fast or layer in self.host_layers:  # (n_cpu_moe: one native call on the host)
+        if not fast:
             return e._experts(layer, x, ids, weights, h)
         if self.native:
             return e.backend.moe_addresses(x, addrs, weights[0], e.store.layout, self.ws, self.kernel_mode)
@@ -214,8 +209,6 @@ class DeviceDecode:
         e, p = self.e, self.e.pager
         ids = self.ids.tolist()
         for row, layer in enumerate(self.order):
-            if layer in self.host_layers:
-                continue  # computed in the step (and traced there)
             if not self.table.resident(layer, ids[row]):
                 self.fallbacks += 1
                 self.pos.sub_(1)
