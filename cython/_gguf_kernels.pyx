@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_gguf.c
+# distutils: sources = csrc/cpu/fm_gguf.c csrc/cpu/fm_gguf_q8.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_kernels_internal.h
+# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_gguf_q8.h csrc/cpu/fm_kernels_internal.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._gguf_kernels: llama.cpp's block formats on the CPU (csrc/cpu/fm_gguf.c).
@@ -10,9 +10,11 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
 
     row_bytes(fmt, cols) -> int
     dequantize(part, fmt, shape, offset=0) -> float32 [rows, cols]   (bit-exact vs gguf-py)
-    linear(x, part, fmt, shape, offset=0) -> [T, rows]               x [T, cols] @ W.T
-    moe(x, records, weights, spec, out)   out[T, H] += sum_e w_e * w2_e(silu(w1_e x) * w3_e x)
+    linear(x, part, fmt, shape, offset=0, act="q8") -> [T, rows]     x [T, cols] @ W.T
+    moe(x, records, weights, spec, out, act="q8")   out[T, H] += sum_e w_e * w2_e(silu(w1_e x) * w3_e x)
         spec = ((fmt13, offset13, (2I, H)), (fmt2, offset2, (H, I)))
+    act: "q8" computes block formats as llama.cpp's CPU matmuls do (activations quantized to
+    the weight type's Q8_0 / Q8_1 / Q8_K blocks, integer dots); "f32" keeps fp32 activations.
     get_num_threads() / set_num_threads(n) / isa()
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
@@ -32,12 +34,13 @@ cdef extern from "fm_gguf.h" nogil:
     int64_t fmg_row_bytes(int type, int64_t cols)
     int fmg_dequant(const fmg_mat *w, int64_t r0, int64_t r1, float *out)
     int fmg_linear(const fmg_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy,
-                   float alpha, int accumulate)
-    int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y)
+                   float alpha, int accumulate, int act)
+    int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y, int act)
     int fmg_get_num_threads()
     void fmg_set_num_threads(int n)
     const char *fmg_isa()
 
+ACTS = {"f32": 0, "q8": 1}
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 
 
@@ -65,6 +68,13 @@ cdef int _type(fmt) except -1:
         return TYPES[fmt]
     except (KeyError, TypeError):
         raise ValueError(f"unknown GGUF block format {fmt!r}; supported: {', '.join(TYPES)}") from None
+
+
+cdef int _act(act) except -1:
+    try:
+        return ACTS[act]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation mode {act!r}; supported: {', '.join(ACTS)}") from None
 
 
 cdef uintptr_t _ptr(t, str name, dtype) except 0:
@@ -109,7 +119,8 @@ def dequantize(part, fmt, shape, int64_t offset=0):
     return out
 
 
-def linear(x, part, fmt, shape, int64_t offset=0):
+def linear(x, part, fmt, shape, int64_t offset=0, act="q8"):
+    cdef int a = _act(act)
     cdef fmg_mat m
     _mat(&m, part, fmt, shape, offset, "linear: part")
     if x.dim() != 2 or x.shape[1] != m.cols:
@@ -120,12 +131,13 @@ def linear(x, part, fmt, shape, int64_t offset=0):
     cdef float *yp = <float *><uintptr_t>out.data_ptr()
     cdef int rc
     with nogil:
-        rc = fmg_linear(&m, xp, T, m.cols, yp, m.rows, 1.0, 0)
+        rc = fmg_linear(&m, xp, T, m.cols, yp, m.rows, 1.0, 0, a)
     _check(rc, "linear")
     return out
 
 
-def moe(x, records, weights, spec, out):
+def moe(x, records, weights, spec, out, act="q8"):
+    cdef int a = _act(act)
     (f13, o13, s13), (f2, o2, s2) = spec
     cdef int k = len(records)
     if k == 0:
@@ -151,7 +163,7 @@ def moe(x, records, weights, spec, out):
             _mat(&ex[i].w2, records[i], f2, s2, o2, f"moe: record {i} w2")
             w[i] = float(weights[i])
         with nogil:
-            rc = fmg_moe(ex, w, k, xp, T, yp)
+            rc = fmg_moe(ex, w, k, xp, T, yp, a)
         _check(rc, "moe")
     finally:
         free(ex)
