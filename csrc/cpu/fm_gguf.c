@@ -402,7 +402,10 @@ int fmg_moe(const fmg_expert *ex, const float *wts, int k, const float *x, int64
     if (rc == FMG_OK) {
         for (int64_t i = 0; i < (int64_t)k * T; i++) {
             float *g = h + i * 2 * I;
-            for (int64_t j = 0; j < I; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * g[I + j];
+            if (act == FMG_ACT_Q8)  /* llama.cpp's silu, as its swiglu computes it */
+                for (int64_t j = 0; j < I; j++) g[j] = fmg_q8_silu(g[j]) * g[I + j];
+            else
+                for (int64_t j = 0; j < I; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * g[I + j];
         }
         if (q8_2 && fmg_q8_quantize(ex[0].w2.type, h, (int64_t)k * T, 2 * I, I, &q2)) rc = FMG_ENOMEM;
         else c.q2 = q8_2 ? &q2 : NULL;

@@ -21,6 +21,10 @@ typedef struct {
     int32_t *bsum;
 } fmg_qact;
 
+/* silu(x) as ggml-cpu computes it (its own vectorized expf), for the SwiGLU between the quantized
+ * matmuls: the down projection's activation quantization sees the same values. */
+float fmg_q8_silu(float x);
+
 /* 1 if weights of this type take quantized activations (llama.cpp's block formats), else 0. */
 int fmg_q8_supported(int type);
 
