@@ -15,12 +15,28 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
         spec = ((fmt13, offset13, (2I, H)), (fmt2, offset2, (H, I)))
     act: "q8" computes block formats as llama.cpp's CPU matmuls do (activations quantized to
     the weight type's Q8_0 / Q8_1 / Q8_K blocks, integer dots); "f32" keeps fp32 activations.
+    quantize_activations(x, fmt) -> (q int8 [T, n], d [T, n/32], s [T, n/32], bsum int32 [T, n/16])
+        x's rows as act="q8" quantizes them for weights of format fmt (d: Q8_0/Q8_1 scales, fp16
+        values; Q8_K: one fp32 scale per 256 in the first n/256 columns; s: Q8_1 only; bsum: Q8_K only)
     get_num_threads() / set_num_threads(n) / isa()
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import torch as _torch
+
+cdef extern from "fm_gguf_q8.h" nogil:
+    ctypedef struct fmg_qact:
+        int64_t n
+        int64_t T
+        signed char *q
+        float *d
+        float *s
+        int *bsum
+    int fmg_q8_supported(int type)
+    int fmg_q8_quantize(int type, const float *x, int64_t T, int64_t ldx, int64_t n, fmg_qact *a)
+    void fmg_q8_free(fmg_qact *a)
 
 cdef extern from "fm_gguf.h" nogil:
     ctypedef struct fmg_mat:
@@ -169,3 +185,31 @@ def moe(x, records, weights, spec, out, act="q8"):
         free(ex)
         free(w)
     return out
+
+
+def quantize_activations(x, fmt):
+    cdef int t = _type(fmt)
+    if not fmg_q8_supported(t):
+        raise ValueError(f"format {fmt}: takes fp32 activations (no quantized vec_dot_type)")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_activations: x: expected [T, n], got {list(x.shape)}")
+    cdef const float *xp = <const float *>_ptr(x, "quantize_activations: x", _torch.float32)
+    cdef int64_t T = x.shape[0], n = x.shape[1]
+    row_bytes(fmt, n)  # whole blocks
+    cdef fmg_qact a
+    cdef int rc
+    with nogil:
+        rc = fmg_q8_quantize(t, xp, T, n, n, &a)
+    _check(rc, "quantize_activations")
+    try:
+        q = _torch.empty((T, n), dtype=_torch.int8)
+        d = _torch.empty((T, n // 32), dtype=_torch.float32)
+        s = _torch.empty((T, n // 32), dtype=_torch.float32)
+        b = _torch.empty((T, n // 16), dtype=_torch.int32)
+        memcpy(<void *><uintptr_t>q.data_ptr(), a.q, T * n)
+        memcpy(<void *><uintptr_t>d.data_ptr(), a.d, T * (n // 32) * 4)
+        memcpy(<void *><uintptr_t>s.data_ptr(), a.s, T * (n // 32) * 4)
+        memcpy(<void *><uintptr_t>b.data_ptr(), a.bsum, T * (n // 16) * 4)
+    finally:
+        fmg_q8_free(&a)
+    return q, d, s, b

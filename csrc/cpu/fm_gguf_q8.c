@@ -155,9 +155,9 @@ int fmg_q8_quantize(int type, const float *x, int64_t T, int64_t ldx, int64_t n,
     a->n = n;
     a->T = T;
     a->q = malloc((size_t)(T * n));
-    a->d = malloc((size_t)(T * (n / QK)) * sizeof(float));
-    a->s = malloc((size_t)(T * (n / QK)) * sizeof(float));
-    a->bsum = malloc((size_t)(T * (n / 16)) * sizeof(int32_t));
+    a->d = calloc((size_t)(T * (n / QK)), sizeof(float));  /* zeroed: each type fills only its own */
+    a->s = calloc((size_t)(T * (n / QK)), sizeof(float));
+    a->bsum = calloc((size_t)(T * (n / 16)), sizeof(int32_t));
     if (!a->q || !a->d || !a->s || !a->bsum) {
         fmg_q8_free(a);
         return FMG_ENOMEM;
