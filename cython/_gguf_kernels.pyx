@@ -19,6 +19,8 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
         x's rows as act="q8" quantizes them for weights of format fmt (d: Q8_0/Q8_1 scales, fp16
         values; Q8_K: one fp32 scale per 256 in the first n/256 columns; s: Q8_1 only; bsum: Q8_K only)
     get_num_threads() / set_num_threads(n) / isa()
+    q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx2" or "portable"; exact
+        integer sums, so both give the same results; forcing one is for the tests)
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -37,6 +39,8 @@ cdef extern from "fm_gguf_q8.h" nogil:
     int fmg_q8_supported(int type)
     int fmg_q8_quantize(int type, const float *x, int64_t T, int64_t ldx, int64_t n, fmg_qact *a)
     void fmg_q8_free(fmg_qact *a)
+    int fmg_q8_set_isa(const char *isa)
+    const char *fmg_q8_isa()
 
 cdef extern from "fm_gguf.h" nogil:
     ctypedef struct fmg_mat:
@@ -213,3 +217,14 @@ def quantize_activations(x, fmt):
     finally:
         fmg_q8_free(&a)
     return q, d, s, b
+
+
+def q8_isa():
+    return fmg_q8_isa().decode()
+
+
+def set_q8_isa(name=None):
+    cdef bytes b = name.encode() if name is not None else b""
+    cdef int rc = fmg_q8_set_isa(<const char *>b if name is not None else NULL)
+    if rc:
+        raise ValueError(f"q8 integer dot {name!r} is not available here")

@@ -125,6 +125,24 @@ def test_silu_port_is_close_to_silu():
     assert np.allclose(ggml_cpu.silu(g), exact, rtol=3e-7, atol=1e-30)
 
 
+@pytest.mark.parametrize("fmt", BLOCK)
+def test_integer_dot_twins_agree_bit_for_bit(fmt):
+    rows, cols = 16, 768  # 768: a tail of 128-element steps for the AVX2 loop
+    part = random_part(fmt, rows, cols, seed=9)
+    x = activations(3, cols, seed=9)
+    try:
+        kernels.set_q8_isa("avx2")
+    except ValueError:
+        pytest.skip("no AVX2 on this CPU: only the portable integer dot runs here")
+    try:
+        fast = kernels.linear(x, part, fmt, (rows, cols))
+        kernels.set_q8_isa("portable")
+        slow = kernels.linear(x, part, fmt, (rows, cols))
+    finally:
+        kernels.set_q8_isa(None)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32)), fmt
+
+
 def test_f32_weights_keep_fp32_activations():
     with pytest.raises(ValueError, match="fp32 activations"):
         kernels.quantize_activations(torch.randn(1, 64), "f32")

@@ -20,12 +20,6 @@
 #include "fm_gguf.h"
 #include "fm_kernels_internal.h" /* fm_h2f, fm_ld16 */
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define FMG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FMG_CLONES
-#endif
-
 #define QK 32
 #define QK_K 256
 
@@ -253,14 +247,79 @@ static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
     }
 }
 
-/* s[j] = sum of a[16j + l] * b[16j + l], l < 16: exact, so every clone gives the same sums. */
-FMG_CLONES static void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+/* s[j] = sum of a[16j + l] * b[16j + l], l < 16 (a: weights, b: activations in [-127, 127]).
+ * Integer sums are exact, so the AVX2 twin and the portable loop give the same sums. */
+static void idot16_portable(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
 {
     for (int64_t j = 0; j < n / 16; j++) {
         int32_t acc = 0;
         for (int l = 0; l < 16; l++) acc += (int16_t)a[16 * j + l] * (int16_t)b[16 * j + l];
         s[j] = acc;
     }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FMG_HAVE_AVX2 1
+/* 8 groups of 16 per step: |a| * sign(b, a) as u8 x s8 pairs (ggml's trick; no int16 saturation,
+ * since |b| <= 127), pairs of pairs to int32, then the four int32 of each group added. */
+__attribute__((target("avx2"))) static void idot16_avx2(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    const __m256i ones = _mm256_set1_epi16(1), perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t j = 0;
+    for (; j + 128 <= n; j += 128) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256i va = _mm256_loadu_si256((const __m256i *)(a + j + 32 * k));
+            const __m256i vb = _mm256_loadu_si256((const __m256i *)(b + j + 32 * k));
+            r[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va)), ones);
+        }
+        /* r[k]: int32 lanes 0-3 hold group 2k's quarters, lanes 4-7 group 2k+1's */
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(s + j / 16), _mm256_permutevar8x32_epi32(h, perm));
+    }
+    if (j < n) idot16_portable(a + j, b + j, n - j, s + j / 16);
+}
+#endif
+
+typedef void (*idot16_fn)(const int8_t *, const int8_t *, int64_t, int32_t *);
+static idot16_fn g_idot16 = NULL;
+
+int fmg_q8_set_isa(const char *isa)
+{
+    if (isa && !strcmp(isa, "portable")) {
+        g_idot16 = idot16_portable;
+        return 0;
+    }
+#ifdef FMG_HAVE_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) {
+        if (!isa || !strcmp(isa, "avx2")) {
+            g_idot16 = idot16_avx2;
+            return 0;
+        }
+    }
+#endif
+    if (!isa) {
+        g_idot16 = idot16_portable;
+        return 0;
+    }
+    return -1;
+}
+
+const char *fmg_q8_isa(void)
+{
+    if (!g_idot16) fmg_q8_set_isa(NULL);
+#ifdef FMG_HAVE_AVX2
+    if (g_idot16 == idot16_avx2) return "avx2";
+#endif
+    return "portable";
+}
+
+static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    if (!g_idot16) fmg_q8_set_isa(NULL);
+    g_idot16(a, b, n, s);
 }
 
 /* The row's dot from its per-16 integer sums and the block scales, block by block. */

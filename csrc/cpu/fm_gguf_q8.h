@@ -3,8 +3,8 @@
  * Q4_1/Q5_1, Q8_K for Q4_K/Q5_K/Q6_K), then each weight row is dotted with it in integers; the
  * per-block integer sums are combined with the block scales in float, in block order.
  *
- * Integer sums are exact, and the float combination is the same scalar sequence in every clone
- * (no FMA contraction in this file), so the AVX-512, AVX2 and portable builds agree bit for bit. */
+ * Integer sums are exact (an AVX2 twin and a portable loop), and the float combination is the same
+ * scalar sequence either way (no FMA contraction in this file), so results agree bit for bit. */
 #ifndef FM_GGUF_Q8_H
 #define FM_GGUF_Q8_H
 
@@ -38,5 +38,10 @@ int64_t fmg_q8_scratch_bytes(int64_t n);
 /* out[t * ldo + r - r0] = W[r] . a[t] for r0 <= r < r1 and every token t of a. */
 void fmg_q8_rows_dot(int type, const uint8_t *data, int64_t row_bytes, int64_t r0, int64_t r1, const fmg_qact *a,
                      float *out, int64_t ldo, void *scratch);
+
+/* The integer dot in use: "avx2" (where the CPU has it) or "portable"; set_isa(NULL) picks the
+ * best, set_isa("portable"|"avx2") forces one (-1 if not available here). For the twin tests. */
+int fmg_q8_set_isa(const char *isa);
+const char *fmg_q8_isa(void);
 
 #endif
