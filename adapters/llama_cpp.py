@@ -138,7 +138,7 @@ class Llama(Completions, Generation, DropInSurface):
         opts = dict(device=device, n_ctx=int(n_ctx), ram_budget=ram_budget, policy=cache_policy,
                     backend=backend, n_batch=self.n_batch, vram_budget=vram_budget, prefetch=prefetch)
         for k in ("io_threads", "direct_io", "verify", "dtype", "prefetch_depth", "host_compute", "storage",
-                  "storage_options", "experts_per_token", "decode_graph", "n_cpu_moe"):
+                  "storage_options", "experts_per_token", "decode_graph", "n_cpu_moe", "dense_quant"):
             if k in kwargs:
                 opts[k] = kwargs[k]
         t0 = time.perf_counter()

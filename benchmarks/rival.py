@@ -45,6 +45,8 @@ ROWS = {
          None, (512, 32)),
         ("issue 10 (H200)", "every expert in RAM, dense on the GPU (--n-cpu-moe 32)",
          ["-ngl", "99", "--n-cpu-moe", "32"], ["--device", "cuda", "--n-cpu-moe", "32"], None, (512, 32)),
+        ("issue 9", "every expert in VRAM, dense part in q8 (--dense-quant q8; llama.cpp's GGUF holds it in Q4_0)",
+         ["-ngl", "99"], ["--device", "cuda", "--dense-quant", "q8"], None, (512, 32)),
         ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM (llama.cpp ~0.2 tok/s: short run)",
          ["-ngl", "99", "--n-cpu-moe", "24", "--repack", "0", "-lm", "mmap"],
          ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30, (16, 8)),
@@ -261,6 +263,11 @@ def main(argv=None):
         if st:
             log(f"row {i}: flashmoe {' '.join(fargs)}")
             row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
+        if "llama_cpp" not in row:  # the same llama-bench command measured for another row counts here
+            twin = next((j for j, r in enumerate(ROWS[machine]) if j != i and r[2] == largs and r[4] == limit
+                         and "llama_cpp" in rows.get(str(j), {})), None)
+            if twin is not None:
+                row["llama_cpp"] = {**rows[str(twin)]["llama_cpp"], "same_command_as_row": twin}
         for k in ("decode_tok_s", "prefill_tok_s"):
             ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
             row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None

@@ -5,7 +5,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._gguf_kernels: llama.cpp's block formats on the CPU (csrc/cpu/fm_gguf.c).
 
-Formats by name (quant_gguf.py): f32 f16 bf16 q4_0 q4_1 q5_0 q5_1 q8_0 q4_k q5_k q6_k. Tensors are checked
+Formats by name (quant_gguf.py): f32 f16 bf16 q4_0 q4_1 q5_0 q5_1 q8_0 q4_k q5_k q6_k mxfp4. Tensors are checked
 here (dtype, device, contiguity, byte lengths) so that the C code never reads out of bounds.
 
     row_bytes(fmt, cols) -> int
@@ -61,7 +61,7 @@ cdef extern from "fm_gguf.h" nogil:
     const char *fmg_isa()
 
 ACTS = {"f32": 0, "q8": 1}
-TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "mxfp4": 39}
 
 
 def row_bytes(fmt, cols):

@@ -19,7 +19,7 @@ cdef extern from "fm_gguf_cuda.h" nogil:
     int fmg_cuda_device_count()
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12,
-         "q5_k": 13, "q6_k": 14}
+         "q5_k": 13, "q6_k": 14, "mxfp4": 39}
 
 
 def device_count():

@@ -38,6 +38,7 @@ def engine_options(f):
     f = click.option("--storage", default="native", show_default=True,
                      help="storage reader (`flashmoe plugins` lists them; faulty: faults from $FLASHMOE_FAULTS)")(f)
     f = EXPERTS_PER_TOKEN(f)
+    f = DENSE_QUANT(f)
     return f
 
 
@@ -46,17 +47,24 @@ EXPERTS_PER_TOKEN = click.option("--experts-per-token", "experts_per_token", typ
                                  "at a quality cost)")
 
 
+DENSE_QUANT = click.option("--dense-quant", "dense_quant", type=click.Choice(["auto", "none", "q8", "q4", "keep"]),
+                           default="auto", show_default=True,
+                           help="the dense part (attention, shared experts, output head, embedding): none = floats; "
+                           "q8/q4 = quantized at load and computed packed; keep = a GGUF's own blocks (or a store's "
+                           "stored dtype) kept as they are; auto = keep for a quantized GGUF on CPU, else none")
+
+
 def tri(value: str):
     """'on'/'off'/'auto' -> True/False/None."""
     return {"on": True, "off": False}.get(value)
 
 
 def open_engine(store, device, ram_budget, vram_budget, policy, prefetch, direct_io, backend, n_ctx, no_verify,
-                storage="native", experts_per_token=None, n_cpu_moe=0):
+                storage="native", experts_per_token=None, n_cpu_moe=0, dense_quant="auto"):
     from .runtime.engine import Engine
     return Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget, policy=policy,
                   prefetch=prefetch, direct_io=tri(direct_io), backend=backend, n_ctx=n_ctx, verify=not no_verify,
-                  storage=storage, experts_per_token=experts_per_token, n_cpu_moe=n_cpu_moe)
+                  storage=storage, experts_per_token=experts_per_token, n_cpu_moe=n_cpu_moe, dense_quant=dense_quant)
 
 
 def prompt_tokens(engine, prompt: str, n: int, truncate: bool = False) -> tuple[list[int], bool]:

@@ -15,6 +15,7 @@ against `dequantize` here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,14 @@ RAW_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16
 QUANT_BITS = {"q8": 8, "q4": 4, "q2": 2}
 FORMATS = tuple(RAW_DTYPES) + tuple(QUANT_BITS)
 DTYPE_FORMATS = {v: k for k, v in RAW_DTYPES.items()}
+
+
+class Packed(NamedTuple):
+    """A weight handed over in its stored packed format (a GGUF file's blocks, kept as they are):
+    the part's bytes (1-D uint8), its format and its [out, in] shape."""
+    data: torch.Tensor
+    fmt: str
+    shape: tuple
 
 
 @dataclass(frozen=True)

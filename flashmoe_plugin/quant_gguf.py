@@ -14,6 +14,7 @@ from __future__ import annotations
 BLOCK_FORMATS = {
     "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24), "q8_0": (8, 32, 34),
     "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210),
+    "mxfp4": (39, 32, 17),  # gpt-oss's experts as llama.cpp's converter writes them
 }
 RAW_TYPES = {0: "f32", 1: "f16", 30: "bf16"}
 _BY_ID = {v[0]: k for k, v in BLOCK_FORMATS.items()}

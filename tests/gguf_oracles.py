@@ -9,6 +9,12 @@ Quirks (REFERENCE.md): Mixtral needs a SentencePiece tokenizer.model (we build t
 the llama-spm vocab GGUF); Qwen/OLMoE need a BPE vocabulary whose pre-tokenizer the converter
 recognises (the gpt-2 vocab GGUF, through transformers); OLMoE needs kv heads = heads (the
 oracle config has that); K-quants need rows of 256, so the Mixtral model is 256 wide.
+DeepSeek-V3 needs `scoring_func: sigmoid` in config.json (else the converter writes a softmax
+router); gpt-oss needs YaRN `truncate: true` (llama.cpp's correction range). gpt-oss experts are
+made MXFP4-exact (rounded through MXFP4 once), so that the float checkpoint (-> F32 GGUF) and the
+MXFP4 one (`mxfp4_gguf`: llama.cpp's converter keeps MXFP4 blocks) hold the same values. The hybrid
+families convert with --no-mtp and without dense-MLP layers; Qwen3.5's converter recognises the
+qwen2 vocabulary (not gpt-2's), and its M-RoPE runs with head_dim 64 (16 aborts llama.cpp).
 """
 from __future__ import annotations
 
@@ -30,10 +36,13 @@ KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/"
         "vendor/llama.cpp/models/ggml-vocab-")
 FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
 VOCAB = {"mixtral": ("llama-spm", 32000), "qwen2_moe": ("gpt-2", 50257), "qwen3_moe": ("gpt-2", 50257),
-         "olmoe": ("gpt-2", 50257)}
+         "olmoe": ("gpt-2", 50257), "deepseek_v3": ("gpt-2", 50257), "gpt_oss": ("gpt-2", 50257),
+         "qwen3_next": ("gpt-2", 50257), "qwen3_5_moe_text": ("qwen2", 151936)}
 # Mixtral is also quantized with K-quants by the tests (rows of 256); the others stay small.
 SHAPE = {"mixtral": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024)}
+# the hybrid families' converter expects a multi-token-prediction layer unless told there is none
+CONVERT_ARGS = {"qwen3_next": ["--no-mtp"], "qwen3_5_moe_text": ["--no-mtp"]}
 SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 
@@ -127,21 +136,79 @@ def make_gguf_model(family: str, root: Path, seed: int = 0):
         over.update(mlp_only_layers=[], shared_expert_intermediate_size=96)
     if family == "qwen3_moe":
         over.update(head_dim=32)
-    if family == "olmoe":
+    if family in ("olmoe", "deepseek_v3"):
         over.update(num_key_value_heads=4)
+    if family == "gpt_oss":
+        over.update(intermediate_size=64, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": True, "original_max_position_embeddings": 4096})
+    if family in CONVERT_ARGS:  # hybrid: hf_oracles' own small shapes (not SMALL); llama.cpp maps no
+        # dense-MLP layer in these families, and Qwen3.5's M-RoPE runs with head_dim 64 (16 aborts it)
+        over = dict(vocab_size=vocab, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, mlp_only_layers=[])
+        if family == "qwen3_5_moe_text":
+            over.update(head_dim=64)
     hf = root / "hf"
     model, _ = make_model(family, hf, seed=seed, **over)
+    if family == "deepseek_v3":
+        _edit_config(hf, scoring_func="sigmoid")
+    if family == "gpt_oss":
+        _mxfp4_experts(model, hf, root / "hf-mxfp4")
     for p in list(hf.glob("tokenizer*")) + list(hf.glob("special_tokens_map.json")) + list(hf.glob("chat_template*")):
         p.unlink()
     for p in hf_tokenizer(name).iterdir():
         shutil.copy(p, hf / p.name)
+    return model, _convert(hf, root / "model-f32.gguf", family)
+
+
+def _convert(hf: Path, out: Path, family: str) -> Path:
     src = llama_cpp_source()
-    out = root / "model-f32.gguf"
     r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out),
-                        "--outtype", "f32"], capture_output=True, text=True)
+                        "--outtype", "f32", *CONVERT_ARGS.get(family, [])], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed for {family}:\n{r.stderr[-3000:]}")
-    return model, out
+    return out
+
+
+def _edit_config(hf: Path, **fields):
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(fields)
+    (hf / "config.json").write_text(json.dumps(cfg))
+
+
+def _mxfp4_experts(model, hf: Path, mx: Path):
+    """gpt-oss: round the experts through MXFP4 in `model` and hf/ (float), and write mx/, the
+    same checkpoint with the published MXFP4 layout (`*_blocks`, `*_scales`, quant_method mxfp4)."""
+    import torch
+    from hf_oracles import to_mxfp4
+    from safetensors.torch import load_file, save_file
+
+    from flashmoe_plugin.convert import mxfp4
+    tensors = load_file(hf / "model.safetensors")
+    packed = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = to_mxfp4(tensors[name].transpose(1, 2).contiguous())  # rows = output features
+        packed.pop(name)
+        packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+        tensors[name] = mxfp4.dequantize(blocks, scales).transpose(1, 2).contiguous()
+        with torch.no_grad():
+            model.get_parameter(name).copy_(tensors[name])
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(hf, mx, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "chat_template*"))
+    save_file(packed, mx / "model.safetensors", metadata={"format": "pt"})
+    _edit_config(mx, quantization_config={"quant_method": "mxfp4"})
+
+
+def mxfp4_gguf(root: Path) -> Path:
+    """The gpt-oss model of make_gguf_model(root) as llama.cpp's converter writes the MXFP4
+    checkpoint: experts in MXFP4 blocks, the rest F32."""
+    out = root / "model-mxfp4.gguf"
+    if not out.is_file():
+        mx = root / "hf-mxfp4"
+        for p in (root / "hf").iterdir():  # the tokenizer files the float folder got
+            if not (mx / p.name).exists():
+                shutil.copy(p, mx / p.name)
+        _convert(mx, out, "gpt_oss")
+    return out
 
 
 def quantize(src: Path, kind: str) -> Path:
@@ -302,7 +369,7 @@ def write_tiny_gguf(path: Path, expert_type: str = "F32", split_max_tensors: int
 
 
 # where each block keeps its f16 scales (random bytes there could be inf/nan)
-SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+SCALES = {"q4_0": [0], "q8_0": [0], "q5_0": [0], "q4_1": [0, 2], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "mxfp4": []}
 
 
 def random_part(fmt, rows, cols, seed=0):
@@ -316,6 +383,8 @@ def random_part(fmt, rows, cols, seed=0):
     raw = g.integers(0, 256, (rows * cols // blk, size), dtype=np.uint8)
     for at in SCALES[fmt]:
         raw[:, at:at + 2] = (g.standard_normal(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if fmt == "mxfp4":  # the e8m0 exponent byte: scales 2^-10 .. 2^-4 (every byte is tested apart)
+        raw[:, 0] = g.integers(117, 124, len(raw))
     return torch.from_numpy(raw.reshape(-1).copy())
 
 
@@ -356,7 +425,7 @@ class _Blocks(torch.Tensor):
 
 
 def dense_in_blocks(eng) -> int:
-    """Route the engine's quantized dense matrices (attention, output head) through its kernel
+    """Route the engine's quantized dense matrices (those it holds as float tensors) (attention, output head) through its kernel
     backend's linear on the GGUF's own blocks, as llama.cpp computes them (the embedding stays a
     table lookup, exact either way). Returns how many matrices were routed."""
     import numpy as np
@@ -371,6 +440,9 @@ def dense_in_blocks(eng) -> int:
         if kind[0] != "dense" or not quant_gguf.is_block_format(fmt or "") or kind[1] == "embed.weight":
             continue
         canon = kind[1]
+        if not isinstance(w[canon], torch.Tensor):  # the engine keeps it packed already (dense_quant)
+            n += 1
+            continue
         rows = t.shape[0]
         perm = names.fix_dense(canon, torch.arange(rows), store.config, store.arch_key)
         perm = None if torch.equal(perm, torch.arange(rows)) else perm

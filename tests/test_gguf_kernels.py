@@ -32,6 +32,19 @@ def test_dequantize_bit_exact(fmt):
     assert torch.equal(quant.dequantize(part, fmt, (rows, cols)), ref)
 
 
+def test_mxfp4_every_exponent_bit_exact():
+    """MXFP4's e8m0 scale byte over all 256 values (subnormal halves at 0 and 1; 2^127 at 255, which overflows to inf in both)
+    with every code in both nibbles."""
+    g = np.random.default_rng(5)
+    raw = g.integers(0, 256, (256, 17), dtype=np.uint8)
+    raw[:, 0] = np.arange(256)
+    raw[:16, 1:] = (np.arange(16)[:, None] * 17).astype(np.uint8)  # both nibbles = each code
+    part = torch.from_numpy(raw.reshape(-1).copy())
+    with np.errstate(over="ignore"):
+        ref = reference(part, "mxfp4", 8, 1024)
+    assert torch.equal(kernels.dequantize(part, "mxfp4", (8, 1024)).view(torch.int32), ref.view(torch.int32))
+
+
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16"])
 def test_dequantize_raw_types(fmt):
     w = torch.randn(5, 64)

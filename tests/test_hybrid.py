@@ -231,6 +231,33 @@ def test_one_layers_records_are_read_together_and_computed_in_one_call(oracles):
     eng.close()
 
 
+@CUDA
+def test_cuda_decode_runs_a_layers_experts_in_one_kernel_launch(oracles):
+    """The CUDA twin of the test above, on a q4 store (the fused kernel's formats): one backend
+    call per MoE layer for a decode step's k experts, and on the device one moe_kernel per layer
+    (one cooperative launch; two where the device cannot launch cooperatively)."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = Engine(oracles("qwen3_5_moe_text").store("q4"), device="cuda", prefetch="off")
+    layers, k = len(eng.config.moe_layers), eng.config.top_k
+    calls = []
+    moe_decode = eng.backend.moe_decode
+    eng.backend.moe_decode = lambda x, recs, w, layout: calls.append(len(recs)) or moe_decode(x, recs, w, layout)
+    try:
+        eng.forward(prompt(6, seed=9).tolist())
+        calls.clear()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.forward([5])
+            torch.cuda.synchronize()
+    finally:
+        del eng.backend.moe_decode
+    eng.close()
+    assert calls == [k] * layers
+    moe = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "moe_kernel" in e.name]
+    coop = torch.cuda.get_device_properties(0).major >= 6  # cooperative launch: every GPU since Pascal
+    assert len(moe) == layers * (1 if coop else 2), moe
+
+
 def test_snapshots_are_bounded_and_restore_the_state_of_their_position(oracles):
     from flashmoe_plugin.models.hybrid import SNAPSHOT_EVERY, HybridCache
     cfg = Engine(oracles("qwen3_next").store("none")).config

@@ -2,25 +2,11 @@
 own, and a whole MXFP4 checkpoint converted and run against transformers on the same weights."""
 import pytest
 import torch
-from hf_oracles import make_model
+from hf_oracles import make_model, to_mxfp4
 from safetensors.torch import load_file, save_file
 
 from flashmoe_plugin.convert import convert, mxfp4
 from flashmoe_plugin.runtime.engine import Engine
-
-E2M1 = torch.tensor(mxfp4.E2M1[:8])
-
-
-def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., N] float -> (blocks [..., N/32, 16], scales [..., N/32]): per block of 32 the smallest
-    power of two that fits the largest magnitude into e2m1's range, codes by nearest value."""
-    g = w.reshape(*w.shape[:-1], -1, 32)
-    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0 ** -100) / 6.0)).to(torch.int32)
-    mag = g.abs() / torch.exp2(exp.float())[..., None]
-    code = (mag[..., None] - E2M1).abs().argmin(-1) | ((g < 0).long() << 3)
-    pairs = code.reshape(*code.shape[:-1], 16, 2)
-    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    return blocks, (exp + 127).to(torch.uint8)
 
 
 def test_dequantize_matches_transformers():

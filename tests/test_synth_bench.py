@@ -112,6 +112,15 @@ def test_bench_everything_resident(tiny):
     assert (out["io_efficiency"] is None) == (out["io_bound_tok_s"] is None)
 
 
+def test_bench_dtype(tiny):
+    """--dtype reaches the engines (the measured one and the compute-bound one)."""
+    out = run_bench(tiny, tokens=2, prompt_tokens=8, dtype="bfloat16")
+    assert out["dtype"] == "bfloat16" and out["compute_bound_tok_s"] > 0
+    assert run_bench(tiny, tokens=2, prompt_tokens=8, compute_bound=False, dtype="float32")["dtype"] == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        run_bench(tiny, dtype="fp8")
+
+
 def test_bench_errors(tiny, runner):
     r = runner.invoke(cli, ["bench"])
     assert r.exit_code != 0 and "STORE" in r.output

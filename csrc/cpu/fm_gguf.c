@@ -41,6 +41,7 @@ int64_t fmg_row_bytes(int type, int64_t cols)
     case FMG_Q4_K: return cols % QK_K ? -1 : cols / QK_K * 144;
     case FMG_Q5_K: return cols % QK_K ? -1 : cols / QK_K * 176;
     case FMG_Q6_K: return cols % QK_K ? -1 : cols / QK_K * 210;
+    case FMG_MXFP4: return cols % QK ? -1 : cols / QK * 17;
     default: return -1;
     }
 }
@@ -56,6 +57,16 @@ static inline void scale_min_k4(const uint8_t *s, int j, uint8_t *sc, uint8_t *m
         *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
         *m = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
     }
+}
+
+/* MXFP4 (OCP microscaling): e2m1 codes doubled, times half the e8m0 scale (ggml_e8m0_to_fp32_half) */
+static const float MXFP4_KVALUES[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline float e8m0_half(uint8_t x)
+{
+    union { uint32_t u; float f; } v;
+    v.u = x < 2 ? (uint32_t)0x00200000 << x : (uint32_t)(x - 1) << 23;
+    return v.f;
 }
 
 static inline __attribute__((always_inline)) void dequant_row(int type, const uint8_t *b, float *y, int64_t n)
@@ -137,6 +148,13 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
         }
         break;
     }
+    case FMG_MXFP4:  /* 1 byte e8m0 scale, 16 bytes of codes: low nibbles are 0..15, high 16..31 */
+        for (int64_t i = 0; i < n; i += QK, b += 17, y += QK) {
+            const float d = e8m0_half(b[0]);
+            for (int j = 0; j < 16; j++) y[j] = d * MXFP4_KVALUES[b[1 + j] & 15];
+            for (int j = 0; j < 16; j++) y[j + 16] = d * MXFP4_KVALUES[b[1 + j] >> 4];
+        }
+        break;
     case FMG_Q6_K:
         for (int64_t i = 0; i < n; i += QK_K, b += 210, y += QK_K) {
             const uint8_t *ql = b, *qh = b + 128;

@@ -4,11 +4,11 @@
  *
  * A weight W [rows, cols] of type t is rows * row_bytes(t, cols) bytes, rows back to back, as
  * a GGUF tensor lies in the file. Types (GGML ids): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
- * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30. Activations and results are fp32. With act = FMG_ACT_Q8 the
- * products over block formats compute as llama.cpp's CPU matmuls do: the activation rows are
+ * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39. Activations and results are fp32. With act = FMG_ACT_Q8
+ * the products over block formats compute as llama.cpp's CPU matmuls do: the activation rows are
  * quantized to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K) and dotted in integers
- * (fm_gguf_q8.h); FMG_ACT_F32 dots fp32 activations with the exactly dequantized rows. F32, F16
- * and BF16 weights always take fp32 activations.
+ * (fm_gguf_q8.h); FMG_ACT_F32 dots fp32 activations with the exactly dequantized rows. F32, F16,
+ * BF16 and (not done yet) MXFP4 weights always take fp32 activations.
  *
  * The fused kernels dequantize one row at a time into a small buffer and dot it with every
  * token; they are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time
@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 enum { FMG_F32 = 0, FMG_F16 = 1, FMG_Q4_0 = 2, FMG_Q4_1 = 3, FMG_Q5_0 = 6, FMG_Q5_1 = 7, FMG_Q8_0 = 8, FMG_Q4_K = 12, FMG_Q5_K = 13,
-       FMG_Q6_K = 14, FMG_BF16 = 30 };
+       FMG_Q6_K = 14, FMG_BF16 = 30, FMG_MXFP4 = 39 };
 
 enum { FMG_ACT_F32 = 0, FMG_ACT_Q8 = 1 };
 

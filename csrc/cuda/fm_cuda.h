@@ -66,10 +66,12 @@ typedef struct {
  *   FMC_TUNE_PREFETCH   bytes of weights each block asks the L2 to prefetch (cp.async.bulk
  *                       prefetch, sm_90+) for phase B ahead of its first stages; 0 = off (default)
  *   FMC_TUNE_MAX_BLOCKS_PER_SM   cap on resident blocks per SM (0 = occupancy limit)
- *   FMC_TUNE_LAST_GRID / LAST_BPS / LAST_SMEM   grid, blocks per SM and shared bytes of the last launch */
+ *   FMC_TUNE_LAST_GRID / LAST_BPS / LAST_SMEM   grid, blocks per SM and shared bytes of the last launch
+ *   FMC_TUNE_PDL        1 (default): plain (not cooperative) launches use programmatic dependent
+ *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
-    FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_NKEYS = 5
+    FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5, FMC_TUNE_NKEYS = 6
 };
 int64_t fmc_tune(int key, int64_t value);
 

@@ -85,6 +85,15 @@ static __global__ void dequant_kernel(int type, const uint8_t *src, int64_t nblo
         }
         break;
     }
+    case FMG_CUDA_MXFP4: {  // e8m0 scale (half of it, as ggml_e8m0_to_fp32_half) times doubled e2m1 codes
+        const float kv[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+        const float d = __uint_as_float(b[0] < 2 ? 0x00200000u << b[0] : (uint32_t)(b[0] - 1) << 23);
+        for (int j = 0; j < 16; j++) {
+            y[i * 32 + j] = __fmul_rn(d, kv[b[1 + j] & 15]);
+            y[i * 32 + j + 16] = __fmul_rn(d, kv[b[1 + j] >> 4]);
+        }
+        break;
+    }
     case FMG_CUDA_Q6_K: {
         const uint8_t *ql = b, *qh = b + 128;
         const int8_t *sc = (const int8_t *)(b + 192);
@@ -115,6 +124,7 @@ static int block_geometry(int type, int *elems, int *bytes)
     case FMG_CUDA_Q4_K: *elems = 256; *bytes = 144; return 0;
     case FMG_CUDA_Q5_K: *elems = 256; *bytes = 176; return 0;
     case FMG_CUDA_Q6_K: *elems = 256; *bytes = 210; return 0;
+    case FMG_CUDA_MXFP4: *elems = 32; *bytes = 17; return 0;
     default: return -1;
     }
 }

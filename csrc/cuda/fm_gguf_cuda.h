@@ -7,7 +7,7 @@
 
 enum { FMG_CUDA_F32 = 0, FMG_CUDA_F16 = 1, FMG_CUDA_Q4_0 = 2, FMG_CUDA_Q4_1 = 3, FMG_CUDA_Q5_0 = 6,
        FMG_CUDA_Q5_1 = 7, FMG_CUDA_Q8_0 = 8, FMG_CUDA_Q4_K = 12, FMG_CUDA_Q5_K = 13, FMG_CUDA_Q6_K = 14,
-       FMG_CUDA_BF16 = 30 };
+       FMG_CUDA_BF16 = 30, FMG_CUDA_MXFP4 = 39 };
 
 #ifdef __cplusplus
 extern "C" {

@@ -62,7 +62,24 @@ struct Params {
     void *out;
     int out_dtype, phase, b_from_x, accumulate;
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
+    int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
+
+// Programmatic dependent launch (sm_90): a kernel launched with it may start while the previous
+// kernel on the stream still runs; pdl_wait() blocks until that kernel has finished and its
+// writes are visible. Only what cannot depend on it (streaming this launch's weights from host-
+// given record addresses) runs before. pdl_trigger() lets the next such launch start early.
+// Both are no-ops without the launch attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 
 __device__ __forceinline__ float load_elem(const void *p, int dtype, size_t i) {
     if (dtype == FMC_F32) return ((const float *)p)[i];
@@ -623,6 +640,7 @@ __device__ void phase_a(const Params &p, const uint8_t *const *srec, const float
     Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
     pp.prime();
+    if (p.pdl) pdl_wait();  // x is the previous kernel's output
     float2 *meta = (float2 *)(xdata + NT * image_int4(F, LIMBS, K));
     prep_images<F, LIMBS>(NT, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane);
     __syncthreads();
@@ -642,6 +660,7 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
         pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
     }
     if (barrier) grid_barrier(p.bar);
+    if (p.pdl) pdl_wait();  // x (or h: phase A's launch) is the previous kernel's output
     if (ib >= ie) return;
     const int nimg = p.b_from_x ? NT : p.k * NT;
     float2 *meta = (float2 *)(xdata + nimg * image_int4(F, LIMBS, K));
@@ -661,6 +680,10 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     unsigned char *ring = smem + HDR_BYTES;
     int4 *xdata = (int4 *)(smem + HDR_BYTES + RING_BYTES);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (p.pdl) {
+        pdl_trigger();
+        if (p.rec_dev || p.has_w == 2) pdl_wait();  // addresses/weights written by earlier kernels
+    }
     if (tid < p.k) {
         srec[tid] = p.rec_dev ? (const uint8_t *)p.rec_dev[tid] : p.rec[tid];
         float w = 1.f;
@@ -749,13 +772,13 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 
 constexpr int MAX_DEV = 64;
 struct DevInfo {
-    int init, sms, smem_optin, coop;
+    int init, sms, smem_optin, coop, cc_major;
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
     int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
 };
 DevInfo g_dev[MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -779,6 +802,8 @@ int set_device(int device, DevInfo **info) {
         if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
             return (int)err;
         if ((err = cudaDeviceGetAttribute(&d->coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess) return (int)err;
+        if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
+            return (int)err;
         d->init = 1;
     }
     *info = d;
@@ -814,6 +839,27 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A plain (not cooperative) launch, with programmatic dependent launch where FMC_TUNE_PDL is on
+// and the device is sm_90+ (the kernel then waits for its predecessor inside, see pdl_wait).
+cudaError_t launch(MoeFn fn, int grid, size_t smem, cudaStream_t st, Params &p, const DevInfo *d) {
+    p.pdl = g_tune[FMC_TUNE_PDL] && d->cc_major >= 9;
+    if (!p.pdl) {
+        fn<<<grid, THREADS, smem, st>>>(p);
+        return cudaGetLastError();
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, fn, (const Params)p);
+}
 
 }  // namespace
 
@@ -864,7 +910,7 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter) {
 int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
-    if (value >= 0 && key < FMC_TUNE_LAST_GRID) g_tune[key] = value;
+    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL)) g_tune[key] = value;
     return old;
 }
 
@@ -969,6 +1015,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             cudaError_t err;
             if (coop) {
                 p.phase = 2;
+                p.pdl = 0;
                 const int grid = (int)(ga > gb ? ga : gb);
                 g_tune[FMC_TUNE_LAST_GRID] = grid;
                 void *args[] = {(void *)&p};
@@ -976,12 +1023,10 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             } else {
                 p.phase = 0;
                 g_tune[FMC_TUNE_LAST_GRID] = ga;
-                fn<<<(int)ga, THREADS, smem, st>>>(p);
-                err = cudaGetLastError();
+                err = launch(fn, (int)ga, smem, st, p, d);
                 if (err == cudaSuccess) {
                     p.phase = 1;
-                    fn<<<(int)gb, THREADS, smem, st>>>(p);
-                    err = cudaGetLastError();
+                    err = launch(fn, (int)gb, smem, st, p, d);
                 }
             }
             if (err != cudaSuccess) return (int)err;
@@ -1035,8 +1080,7 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
     for (int64_t t0 = 0; t0 < T; t0 += NT) {
         p.t0 = (int)t0;
         p.nt = (int)(T - t0 < NT ? T - t0 : NT);
-        fn<<<grid, THREADS, smem, (cudaStream_t)stream>>>(p);
-        cudaError_t err = cudaGetLastError();
+        cudaError_t err = launch(fn, grid, smem, (cudaStream_t)stream, p, d);
         if (err != cudaSuccess) return (int)err;
     }
     return FMC_OK;

@@ -12,7 +12,7 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_commands(cli):
-    from ..commands import EXPERTS_PER_TOKEN, tri
+    from ..commands import DENSE_QUANT, EXPERTS_PER_TOKEN, tri
     from ..convert.synth import LIKE_CHOICES
     from ..models_path import MODEL
     from ..progress import progress_bar
@@ -51,12 +51,15 @@ def register_commands(cli):
                   help="write this run's routing trace (to STORE/routing_trace.npz, a rerun with --policy "
                   "belady replays it)")
     @EXPERTS_PER_TOKEN
+    @DENSE_QUANT
     @click.option("--decode-graph", type=click.Choice(["auto", "on", "eager", "off"]), default="auto",
                   show_default=True, help="decode steps on the device, captured as a CUDA graph (auto: CUDA runs "
                   "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+                  help="dense weights and activations (auto: the engine's default for the device)")
     def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
               prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend,
-              temp, seed, save_trace, experts_per_token, decode_graph):
+              temp, seed, save_trace, experts_per_token, dense_quant, decode_graph, dtype):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
         Belady), or the kernels (--kernels) against memory bandwidth and the best torch path.
         STORE is a model: a store folder, or `demo` for the embedded model."""
@@ -79,7 +82,7 @@ def register_commands(cli):
                                    verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                    vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
                                    host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
-                                   decode_graph=decode_graph,
+                                   decode_graph=decode_graph, dense_quant=dense_quant, dtype=dtype,
                                    io_threads=io_threads, compute_bound=not no_compute_bound, progress=bar)
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(str(e)) from None
@@ -164,7 +167,8 @@ def _store_table(r: dict) -> str:
         f"stall {f(r['stall_ms_per_token'])} ms/token | disk {rate(r['disk_bandwidth_gbps'])} "
         f"({'O_DIRECT' if r['direct_io'] else 'buffered'}, page cache {r['disk']['page_cache']})",
         f"predictor precision {f(r['predictor_precision'], '{:.1%}')}, recall {f(r['predictor_recall'], '{:.1%}')}"
-        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}",
+        f" | h2d {rate(r['h2d_gbps'])} | peak RSS {format_size(r.get('peak_rss_bytes') or 0)}, dense in RAM "
+        f"{format_size(r.get('dense_resident_bytes') or 0)} ({r.get('dense_quant')})",
     ] + [f"note: {n}" for n in r["notes"]])
 
 

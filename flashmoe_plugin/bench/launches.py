@@ -7,6 +7,9 @@
 - kernels_per_token: kernels the GPU ran (the profiler's device-side kernel records, those
   inside a replayed graph included), per token; `graph_nodes`: the captured graph's nodes by type
   (cudaGraphGetNodes) where there is one;
+- moe_kernels_per_token: those kernels that are the fused expert kernel (fm_kernels.cu's
+  moe_kernel): one per MoE layer when a layer's experts run in one cooperative launch, two where
+  the device needs the two-launch form;
 - host_ms_per_token: wall time of the profiled steps less the time the host sat in calls that
   wait for the GPU (stream/event/device synchronize, cudaMemcpyAsync), per token.
   The profiler adds its own per-call cost, so this is an upper bound of the host time.
@@ -30,7 +33,7 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
 
     if engine.device.type != "cuda":
         return {"host_ms_per_token": None, "launches_per_token": None, "kernels_per_token": None,
-                "graph_nodes": None, "launch_count_method": "CUDA runs only"}
+                "moe_kernels_per_token": None, "graph_nodes": None, "launch_count_method": "CUDA runs only"}
     tok = int(logits.argmax())
     torch.cuda.synchronize(engine.device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -38,13 +41,14 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
         for _ in range(steps):
             tok = int(engine.forward([tok], last_only=True)[-1].argmax())
         wall = time.perf_counter() - t0
-    launches = kernels = 0
+    launches = kernels = moe = 0
     wait_us = 0.0
     for ev in prof.events():
         name = ev.name
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             if not name.startswith(("Memcpy", "Memset")):
                 kernels += 1
+                moe += "moe_kernel" in name
         else:
             launches += name in LAUNCH
             if name in WAIT:
@@ -52,6 +56,7 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
     fast = getattr(engine, "fast", None)
     return {"host_ms_per_token": max(0.0, wall - wait_us / 1e6) * 1e3 / steps,
             "launches_per_token": launches / steps, "kernels_per_token": kernels / steps,
+            "moe_kernels_per_token": moe / steps,
             "graph_nodes": (fast.nodes or None) if fast is not None and fast.graph is not None else None,
             "profiled_steps": steps,
             "launch_count_method": "torch.profiler: host launch/copy API calls and device kernel records per "

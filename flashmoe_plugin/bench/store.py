@@ -35,12 +35,16 @@ from pathlib import Path
 import torch
 
 from ..progress import NO_PROGRESS
+from ..runtime.dense_quant import dense_bytes
 from ..sizes import available_ram, format_size, parse_size
 from .launches import decode_launches
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
 PREDICTOR_KEYS = ("predictor_precision", "predictor_recall")
+# dense weights and activations: auto = the engine's default for the device; bfloat16 on CPU keeps
+# a bf16 store's dense part as stored (half the bytes of a float32 copy for a decode step to read)
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when",
@@ -182,7 +186,7 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 
 
 
 def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, experts_per_token=None,
-                   decode_graph="auto", progress=NO_PROGRESS) -> dict:
+                   decode_graph="auto", progress=NO_PROGRESS, dense_quant="auto", dtype=None) -> dict:
     from ..runtime.engine import Engine
     need = store.expert_bytes
     if device == "cuda":
@@ -197,7 +201,8 @@ def _compute_bound(store, device, ids, tokens, verify, backend, temp, seed, expe
                 "compute_bound_reason": f"experts ({format_size(need)}) do not fit in {where}"}
     progress.stage("compute bound: loading every expert", total=len(store.layers))
     eng = Engine(store, device=device, n_ctx=len(ids) + tokens + 8, verify=verify, backend=backend, prefetch="off",
-                 experts_per_token=experts_per_token, decode_graph=decode_graph, **budgets)
+                 experts_per_token=experts_per_token, decode_graph=decode_graph, dense_quant=dense_quant, dtype=dtype,
+                 **budgets)
     try:
         for l, info in store.layers.items():
             eng.pager.acquire(l, list(range(info.experts)))
@@ -229,7 +234,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
               n_cpu_moe: int = 0, experts_per_token: int | None = None, decode_graph: str = "auto",
-              progress=NO_PROGRESS) -> dict:
+              dtype: str = "auto", progress=NO_PROGRESS, dense_quant: str = "auto") -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -243,6 +248,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
     direct_io = default_direct_io() if direct_io is None else direct_io
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    torch_dtype = DTYPES[dtype]
     notes = []
     progress.stage("disk bandwidth")
     disk = disk_bandwidth(store, direct=direct_io, drop=drop_caches, io_threads=io_threads)
@@ -255,8 +263,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
                  n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
                  host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
-                 decode_graph=decode_graph)
-    k = eng.config.top_k
+                 decode_graph=decode_graph, dense_quant=dense_quant, dtype=torch_dtype)
+    k, act_dtype = eng.config.top_k, str(eng.dtype).removeprefix("torch.")
     p = eng.pager
     trace = RoutingTrace()
     eng.record(trace)
@@ -290,7 +298,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     capacity, host_capacity, size, pol = p.capacity, p.host_capacity, p.record_size, p.policy
     preloaded = p.stats.preloaded
     peak_rss = peak_rss_bytes()  # before the compute-bound engine below adds its own
-    dense_resident = sum(t.numel() * t.element_size() for t in eng.model.w.values() if t.device.type == "cpu")
+    dense_resident = dense_bytes({k: w for k, w in eng.model.w.items() if w.device.type == "cpu"})
+    dense_mode = eng.dense_quant
     kv_bytes = 2 * eng.kv.k.numel() * eng.kv.k.element_size()
     total_records = sum(l.experts for l in store.layers.values())
     del eng, p
@@ -351,10 +360,10 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         "ram_budget": (host_capacity if cuda else capacity) * size,
         "capacity_records": capacity, "host_capacity_records": host_capacity, "total_records": total_records,
         "budget_requested": asked, "budget_note": budget_note,
-        "peak_rss_bytes": peak_rss, "dense_resident_bytes": dense_resident, "kv_cache_bytes": kv_bytes,
+        "peak_rss_bytes": peak_rss, "dense_resident_bytes": dense_resident, "dense_quant": dense_mode, "kv_cache_bytes": kv_bytes,
         "rss_overhead_bytes": peak_rss - dense_resident - (0 if cuda else capacity * size) - (0 if cuda else kv_bytes)
         if peak_rss else None,
-        "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
+        "dtype": act_dtype, "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
         "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed, "experts_per_token": k,
         "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "prefill_warm_tok_s": prefill_warm, "decode_tok_s": decode_tok_s,
         "hit_rate": _rate(dec["hits"], n_dec), "hit_rate_prefill": _rate(pre["hits"], n_pre),
@@ -394,7 +403,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         result["decode_vs_kernel_bound"] = decode_tok_s / kb
     if compute_bound:
         result.update(_compute_bound(store, device, ids, tokens, verify, backend, temp, seed, k, decode_graph,
-                                     progress))
+                                     progress, dense_quant, torch_dtype))
     else:
         result.update(compute_bound_tok_s=None, compute_bound_prefill_tok_s=None,
                       compute_bound_reason="skipped (compute_bound=False)")

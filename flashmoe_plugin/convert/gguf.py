@@ -60,7 +60,7 @@ def convert_gguf(src, dst, quant: str = "keep", force: bool = False, progress=No
                 raise ConvertError(f"{src}: experts are quantized ({sorted(formats)}); --quant none keeps only "
                                    f"F32/F16/BF16: use --quant keep or q8|q4|q2|bf16")
             efmt = formats.pop()[0]
-        layout = RecordLayout.build(efmt, H, I)
+        layout = RecordLayout.build(efmt, H, I, biases=cfg.expert_bias)
     total = len(cfg.moe_layers) * E
     with StoreWriter(dst, layout, force=force) as w:
         done = 0

@@ -41,6 +41,10 @@ class Backend:
         override this with a fused dequantizing product."""
         return F.linear(x, quant.dequantize(part, fmt, shape, x.dtype))
 
+    def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The float matrix [out, in] of one weight part, on the part's device (packed embeddings)."""
+        return quant.dequantize(part, fmt, shape, dtype)
+
     def expert_general(self, x: torch.Tensor, record: torch.Tensor, layout, act) -> torch.Tensor:
         """x [T, H] -> [T, H] for an expert with optional biases (b13, b2) and the activation
         act: [T, 2I] -> [T, I]."""

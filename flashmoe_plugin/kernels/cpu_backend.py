@@ -135,3 +135,9 @@ class CpuBackend(Backend):
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         y = self.module.linear(xf, part, fmt, tuple(shape))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        from ..quant_gguf import is_block_format
+        if is_block_format(fmt):
+            return _gguf_module().dequantize(part, fmt, tuple(shape)).to(dtype)
+        return self.module.dequantize(part, fmt, tuple(shape)).to(dtype)

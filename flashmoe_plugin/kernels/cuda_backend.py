@@ -186,3 +186,32 @@ class CudaBackend(Backend):
         km.moe(addresses, self.layout_tuple(layout), weights.reshape(-1), x.contiguous(), out, workspace,
                torch.cuda.current_stream(x.device).cuda_stream, mode)
         return out
+
+    # ------------------------------------------------------------------ packed dense weights
+    def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
+        """x [T, in] @ W.T for a packed dense weight (kernels/packed.py). q8/q4/q2: the fused
+        GEMV kernel up to fused_max_tokens tokens, else dequantize + cuBLAS; llama.cpp block
+        formats: our bit-exact dequantize kernel, then cuBLAS (no fused GGUF GEMV on CUDA yet);
+        raw formats: torch. Every path launches on the current stream (capturable)."""
+        rows, cols = int(shape[0]), int(shape[1])
+        if fmt in ("q8", "q4", "q2") and x.shape[0] <= self.fused_max_tokens and x.dtype in _ACT:
+            km = self._require()
+            out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
+            km.linear(part, fmt, rows, cols, x.contiguous(), out, torch.cuda.current_stream(x.device).cuda_stream)
+            return out
+        return F.linear(x, self.dequantize(part, fmt, shape, x.dtype))
+
+    def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        from ..quant_gguf import is_block_format
+        rows, cols = int(shape[0]), int(shape[1])
+        if is_block_format(fmt):
+            from .. import _gguf_kernels_cuda as g
+            return g.dequantize(part, fmt, (rows, cols)).to(dtype)
+        if fmt in ("q8", "q4", "q2") and dtype in _ACT:
+            out = torch.empty((rows, cols), dtype=dtype, device=part.device)
+            self._require().dequant(part, fmt, rows, cols, out, torch.cuda.current_stream(part.device).cuda_stream)
+            return out
+        return super().dequantize(part, fmt, shape, dtype)
+
+
+_ACT = (torch.float32, torch.bfloat16, torch.float16)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import linear
+
 CHUNK = 64
 
 
@@ -97,9 +99,9 @@ def gated_deltanet(x: torch.Tensor, w: dict, p: str, c, conv_state: torch.Tensor
     e.g. 'layers.0.linear.'); conv_state [conv_dim, K-1] and S are updated in place."""
     T = x.shape[0]
     nk, nv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
-    qkv = F.linear(x, w[p + "in_proj_qkv.weight"])
-    z = F.linear(x, w[p + "in_proj_z.weight"]).view(T, nv, dv)
-    b, a = F.linear(x, w[p + "in_proj_b.weight"]), F.linear(x, w[p + "in_proj_a.weight"])
+    qkv = linear(x, w[p + "in_proj_qkv.weight"])
+    z = linear(x, w[p + "in_proj_z.weight"]).view(T, nv, dv)
+    b, a = linear(x, w[p + "in_proj_b.weight"]), linear(x, w[p + "in_proj_a.weight"])
     # causal depthwise conv over [last K-1 inputs, this chunk]
     xs = torch.cat([conv_state, qkv.t().to(conv_state.dtype)], dim=1)
     conv_state.copy_(xs[:, xs.shape[1] - conv_state.shape[1]:])
@@ -119,4 +121,4 @@ def gated_deltanet(x: torch.Tensor, w: dict, p: str, c, conv_state: torch.Tensor
     of = o.float()
     o = w[p + "norm.weight"] * (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)).to(x.dtype)
     o = (o * F.silu(z.float())).to(x.dtype)
-    return F.linear(o.reshape(T, nv * dv), w[p + "out_proj.weight"])
+    return linear(o.reshape(T, nv * dv), w[p + "out_proj.weight"])

@@ -19,7 +19,7 @@ from torch.nn.attention import sdpa_kernel
 from . import layers
 from .base import ConfigError, need
 from .deltanet import conv_dim, gated_deltanet, state_shapes, ungroup_projections
-from .layers import SDPA_BACKENDS, Decoder, cache_dims, rms_norm
+from .layers import SDPA_BACKENDS, Decoder, cache_dims, embed, linear, rms_norm
 
 LINEAR, FULL = "linear_attention", "full_attention"
 SNAPSHOT_EVERY = 64
@@ -179,15 +179,15 @@ class HybridDecoder(Decoder):
     def attention(self, i: int, x: torch.Tensor, start: int, kv: HybridCache, at: tuple) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
         T, H, D = x.shape[0], c.num_heads, c.head_dim
-        q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
+        q = linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
         gate = None
         if c.attn_output_gate:
             q, gate = q.view(T, H, 2 * D).chunk(2, dim=-1)
             gate = gate.reshape(T, H * D)
         q = rms_norm(q.reshape(T, H, D), w[p + "q_norm.weight"], c.rms_norm_eps)
-        k = rms_norm(F.linear(x, w[p + "k.weight"], w.get(p + "k.bias")).view(T, c.num_kv_heads, D),
+        k = rms_norm(linear(x, w[p + "k.weight"], w.get(p + "k.bias")).view(T, c.num_kv_heads, D),
                      w[p + "k_norm.weight"], c.rms_norm_eps)
-        v = F.linear(x, w[p + "v.weight"], w.get(p + "v.bias")).view(T, c.num_kv_heads, D)
+        v = linear(x, w[p + "v.weight"], w.get(p + "v.bias")).view(T, c.num_kv_heads, D)
         cos, sin, mask, _ = at  # no sliding window in hybrid stacks
         rd = cos.shape[-1]
         q = torch.cat([self.rope(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
@@ -203,13 +203,13 @@ class HybridDecoder(Decoder):
         out = out[0].transpose(0, 1).reshape(T, H * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return F.linear(out, w[p + "o.weight"])
+        return linear(out, w[p + "o.weight"])
 
     def forward(self, tokens: torch.Tensor, start: int, kv: HybridCache, experts, last_only: bool = False,
                 hidden: bool = False):
         c, w = self.cfg, self.w
         kv.begin(start)
-        x = F.embedding(tokens, w["embed.weight"])
+        x = embed(tokens, w["embed.weight"])
         T = x.shape[0]
         at = self.positions(start, T, x.dtype, x.device)
         for i, t in enumerate(c.layer_types):
@@ -225,4 +225,4 @@ class HybridDecoder(Decoder):
         if last_only:
             x = x[-1:]
         x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
-        return x.float() if hidden else F.linear(x, self.lm_head).float()
+        return x.float() if hidden else linear(x, self.lm_head).float()

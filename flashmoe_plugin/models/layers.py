@@ -19,6 +19,17 @@ from .rope import frequencies
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b). w is a float tensor, or a weight kept packed (kernels/packed.py: q8/q4 or a
+    GGUF's own blocks, `dense_quant`), which computes the product with the kernel backend."""
+    return F.linear(x, w, b) if isinstance(w, torch.Tensor) else w.linear(x, b)
+
+
+def embed(tokens: torch.Tensor, w) -> torch.Tensor:
+    """Embedding rows of tokens; a packed embedding dequantizes only those rows."""
+    return F.embedding(tokens, w) if isinstance(w, torch.Tensor) else w.rows(tokens)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -30,7 +41,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def swiglu_clamped(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -167,9 +178,9 @@ class Decoder:
         normalised, clipped and rotated."""
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
         T = x.shape[0]
-        q = F.linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
-        k = F.linear(x, w[p + "k.weight"], w.get(p + "k.bias"))
-        v = F.linear(x, w[p + "v.weight"], w.get(p + "v.bias"))
+        q = linear(x, w[p + "q.weight"], w.get(p + "q.bias"))
+        k = linear(x, w[p + "k.weight"], w.get(p + "k.bias"))
+        v = linear(x, w[p + "v.weight"], w.get(p + "v.bias"))
         if c.qk_norm == "full":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
         if c.clip_qkv is not None:
@@ -201,7 +212,7 @@ class Decoder:
                 out = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
                     attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads, scale=c.attn_scale)[0]
-        out = F.linear(out.transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
+        out = linear(out.transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
         if c.sandwich_norms:
             out = rms_norm(out, w[f"layers.{i}.attn_post_norm.weight"], c.rms_norm_eps)
         return out
@@ -237,7 +248,7 @@ class Decoder:
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] for layer i."""
         c = self.cfg
-        logits = F.linear(x, self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias")).float()
+        logits = linear(x, self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias")).float()
         if c.router == "sigmoid_group":
             return self._route_sigmoid_group(i, logits, x.dtype)
         if c.router == "topk_softmax":  # gpt-oss: the softmax runs over the k chosen logits only
@@ -291,7 +302,7 @@ class Decoder:
         w, p = self.w, f"layers.{i}.moe."
         s = swiglu(x, w[p + "shared.gate.weight"], w[p + "shared.up.weight"], w[p + "shared.down.weight"])
         if self.cfg.shared_expert_gate:
-            s = torch.sigmoid(F.linear(x, w[p + "shared_gate.weight"])) * s
+            s = torch.sigmoid(linear(x, w[p + "shared_gate.weight"])) * s
         return s
 
     # ------------------------------------------------------------------ whole model
@@ -299,7 +310,7 @@ class Decoder:
                 hidden: bool = False) -> torch.Tensor:
         """Logits, or with hidden=True the final normalised hidden states (llama.cpp's embeddings)."""
         c, w = self.cfg, self.w
-        x = F.embedding(tokens, w["embed.weight"])
+        x = embed(tokens, w["embed.weight"])
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
         at = self.positions(start, x.shape[0], x.dtype, x.device)
@@ -312,5 +323,5 @@ class Decoder:
         x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
         if hidden:
             return x.float()
-        logits = F.linear(x, self.lm_head).float()
+        logits = linear(x, self.lm_head).float()
         return logits * c.logit_scale if c.logit_scale != 1.0 else logits

@@ -8,7 +8,6 @@ decode reads (kv_lora_rank + head_dim) values per cached position and layer."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import ModelConfig
 from .rope import softmax_scale
@@ -44,16 +43,16 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def attention(dec, i: int, x: torch.Tensor, start: int, kv, at: tuple) -> torch.Tensor:
-    from .layers import rms_norm
+    from .layers import linear, rms_norm
     c, w, p = dec.cfg, dec.w, f"layers.{i}.attn."
     T, n, dn, dr, dv, r = x.shape[0], c.num_heads, c.qk_nope_head_dim, c.head_dim, c.v_head_dim, c.kv_lora_rank
     if c.q_lora_rank:
-        q = F.linear(rms_norm(F.linear(x, w[p + "q_a.weight"], w.get(p + "q_a.bias")), w[p + "q_a_norm.weight"],
+        q = linear(rms_norm(linear(x, w[p + "q_a.weight"], w.get(p + "q_a.bias")), w[p + "q_a_norm.weight"],
                               c.rms_norm_eps), w[p + "q_b.weight"])
     else:
-        q = F.linear(x, w[p + "q.weight"])
+        q = linear(x, w[p + "q.weight"])
     q_nope, q_rot = q.view(T, n, dn + dr).split([dn, dr], dim=-1)
-    latent, k_rot = F.linear(x, w[p + "kv_a.weight"], w.get(p + "kv_a.bias")).split([r, dr], dim=-1)
+    latent, k_rot = linear(x, w[p + "kv_a.weight"], w.get(p + "kv_a.bias")).split([r, dr], dim=-1)
     latent = rms_norm(latent, w[p + "kv_a_norm.weight"], c.rms_norm_eps)
     cos, sin, mask, _ = at  # MLA layers have no sliding window
     rot = rope_interleaved if c.rope_interleave else dec.rope
@@ -68,4 +67,4 @@ def attention(dec, i: int, x: torch.Tensor, start: int, kv, at: tuple) -> torch.
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
     out = torch.einsum("htr,hvr->thv", probs @ lat, w_kv[:, dn:])        # [T, n, dv]
-    return F.linear(out.reshape(T, n * dv), w[p + "o.weight"], w.get(p + "o.bias"))
+    return linear(out.reshape(T, n * dv), w[p + "o.weight"], w.get(p + "o.bias"))

@@ -13,9 +13,8 @@ one compiled function serves every layer. On CPU they run as written (the CI twi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..models.layers import rms_norm, rotate_half
+from ..models.layers import linear, rms_norm, rotate_half
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -30,7 +29,7 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     h = h + delta
     hs_row.copy_(h)
     x = rms_norm(h, norm_w, eps)
-    qkv = F.linear(x, wqkv, bqkv)
+    qkv = linear(x, wqkv, bqkv)
     nq, nk = heads * head_dim, kv_heads * head_dim
     q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
     if qk_norm == "full":
@@ -51,14 +50,14 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     s = torch.matmul(q.view(kv_heads, g, head_dim), K.permute(1, 2, 0)).float() * scale
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]: head order as the query's
-    return h + F.linear(out.reshape(1, nq), wo)
+    return h + linear(out.reshape(1, nq), wo)
 
 
 def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float):
     """The FFN input x and the routing of one token on the device: ids [1, k] (also written to
     ids_row for the host to read after the step) and weights [1, k] (as Decoder.route)."""
     x = rms_norm(h, norm_w, eps)
-    probs = torch.softmax(F.linear(x, router_w).float(), dim=-1)
+    probs = torch.softmax(linear(x, router_w).float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -84,7 +83,7 @@ def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
 
 def head(h, delta, norm_w, lm_head, logits_out, eps: float):
     h = h + delta
-    logits_out.copy_(F.linear(rms_norm(h, norm_w, eps), lm_head).float())
+    logits_out.copy_(linear(rms_norm(h, norm_w, eps), lm_head).float())
 
 
 class Ops:

@@ -18,6 +18,7 @@ from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size, ram_reserve
 from ..store.model import open_model
+from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
 
@@ -50,12 +51,12 @@ class Engine:
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
                  prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto", n_cpu_moe: int = 0,
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None,
-                 experts_per_token: int | None = None, decode_graph: str = "auto"):
+                 experts_per_token: int | None = None, decode_graph: str = "auto", dense_quant: str | None = "auto"):
         self.store = open_model(store)
         self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
         self.backend = kernels.select(self.device.type, backend)
-        dense, self.dtype = self._load_dense(dtype)
+        dense, self.dtype = self._load_dense(dtype, dense_quant)
         self.model = decoder_for(cfg)(cfg, dense)
         # refused here, before the pager pins host memory that a failed constructor would leave registered
         graph, self.decode_graph_reason = graph_mode(decode_graph, self)
@@ -85,14 +86,17 @@ class Engine:
         # decode steps with routing, expert lookup and position on the device (runtime/graph_decode.py)
         self.fast = DeviceDecode(self, graph) if graph != "off" else None
 
-    def _load_dense(self, dtype):
+    def _load_dense(self, dtype, dense_quant):
         """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the
         chunked-prefill checks are fp32's), bf16 on GPUs, unless asked. `dtype=torch.bfloat16` on
         CPU keeps a bf16 store's dense part as stored (half the RAM of the fp32 copy, no second
-        copy), at bf16's precision for the activations."""
+        copy), at bf16's precision for the activations. dense_quant (runtime/dense_quant.py)
+        keeps the matrices packed (q8/q4, or a GGUF's own blocks) and computes them by the
+        kernel backend."""
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        return self.store.load_dense(self.device, dtype), dtype
+        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device)
+        return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:
@@ -212,11 +216,20 @@ class Engine:
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
         out = torch.zeros_like(x)
-        used = torch.unique(ids).tolist()
+        # tokens grouped per expert with one read-back per layer (not one per expert): a stable
+        # sort keeps each expert's (token, slot) pairs in torch.where's order
+        k = ids.shape[1]
+        order = torch.sort(ids.reshape(-1), stable=True).indices
+        counts = torch.bincount(ids.reshape(-1), minlength=1).tolist()
+        start = [0]
+        for c in counts:
+            start.append(start[-1] + c)
+        used = [e for e, c in enumerate(counts) if c]
         step = self.pager.capacity
         for g in range(0, len(used), step):
             for e, rec in self.pager.request(layer, used[g:g + step]):
-                tok, slot = torch.where(ids == e)
+                pick = order[start[e]:start[e + 1]]
+                tok, slot = pick // k, pick % k
                 y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
                 y = y * weights[tok, slot, None]
                 out.index_add_(0, tok, y)

@@ -35,8 +35,9 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
+from ..kernels.packed import concat_rows
+from ..models.layers import embed
 from ..pager.slot_table import SlotTable
 from .decode_ops import Ops
 
@@ -125,11 +126,12 @@ class DeviceDecode:
         matrix (one GEMV instead of three); the decoder's own q/k/v become row views of it."""
         w, p, c = self.model.w, f"layers.{i}.attn.", self.cfg
         names = [p + f"{n}.weight" for n in "qkv"]
-        wqkv = torch.cat([w[n] for n in names])
+        wqkv = concat_rows([w[n] for n in names])  # packed weights (dense_quant): one stack, no copy
         bqkv = torch.cat([w[p + f"{n}.bias"] for n in "qkv"]) if c.qkv_bias else None
         nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for n, (a, b) in zip("qkv", ((0, nq), (nq, nq + nk), (nq + nk, nq + 2 * nk))):
-            w[p + f"{n}.weight"] = wqkv[a:b]
+            if isinstance(wqkv, torch.Tensor):
+                w[p + f"{n}.weight"] = wqkv[a:b]
             if bqkv is not None:
                 w[p + f"{n}.bias"] = bqkv[a:b]
         return dict(norm_w=w[f"layers.{i}.attn_norm.weight"], wqkv=wqkv, bqkv=bqkv, q_norm=w.get(p + "q_norm.weight"),
@@ -150,7 +152,7 @@ class DeviceDecode:
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
-        h = F.embedding(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
+        h = embed(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
         delta = self.zero
         cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):

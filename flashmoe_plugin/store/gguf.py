@@ -210,7 +210,7 @@ class GgufStore:
 
     @property
     def dense_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values() if names.classify(t.name)[0] == "dense")
+        return sum(t.nbytes for t in self.tensors.values() if names.classify(t.name, self.arch_key)[0] == "dense")
 
     def dense_bytes_per_token(self) -> int:
         """The dense tensors' bytes in the file, with one row of the embedding table."""
@@ -240,9 +240,11 @@ class GgufStore:
     def check_files(self):
         pass  # every extent was checked against its file at open
 
-    def load_dense(self, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def load_dense(self, device="cpu", dtype: torch.dtype | None = None, keep: bool = False) -> dict:
         """Every non-expert tensor as a float tensor under its canonical name (quantized ones
-        dequantized with gguf-py, the reference llama.cpp's own Python defines)."""
+        dequantized with gguf-py, the reference llama.cpp's own Python defines). With keep, the
+        2-D tensors in a llama.cpp block format come as quant.Packed (their blocks copied as
+        they lie in the file, rows reordered where fix_dense reorders them), on the CPU."""
         import numpy as np
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -250,8 +252,15 @@ class GgufStore:
         out = {}
         data = {t.name: t for r in self.readers for t in r.tensors}
         for name, t in self.tensors.items():
-            kind = names.classify(name)
+            kind = names.classify(name, self.arch_key)
             if kind[0] != "dense":
+                continue
+            fmt = quant_gguf.format_of_type(t.type)
+            if (keep and len(t.shape) == 2 and fmt is not None and quant_gguf.is_block_format(fmt)
+                    and names.rows_only(kind[1])):
+                raw = torch.from_numpy(np.array(data[name].data, dtype=np.uint8)).reshape(t.shape[0], -1)
+                raw = names.fix_dense(kind[1], raw, self.config, self.arch_key)
+                out[kind[1]] = quant.Packed(raw.contiguous().reshape(-1), fmt, tuple(t.shape))
                 continue
             try:
                 w = dequantize(data[name].data, GGMLQuantizationType(t.type))
@@ -261,7 +270,7 @@ class GgufStore:
             w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(t.shape)  # a copy: the file stays read-only
             w = names.fix_dense(kind[1], w, self.config, self.arch_key)
             out[kind[1]] = w.to(device=device, dtype=dtype or torch.float32)
-        return out
+        return names.finish_dense(out, self.config)
 
     def verify(self, progress=None) -> list[str]:
         """Check every extent against the sidecar index; [] when intact. Without an index there is
@@ -290,11 +299,15 @@ class GgufStore:
     def _check_names(self):
         E = self.config.num_experts
         for name, t in self.tensors.items():
-            kind = names.classify(name)
+            kind = names.classify(name, self.arch_key)
             if kind[0] == "unknown":
                 raise StoreError(f"{self.file}: tensor {name} is not known for {self.arch_key}")
-            if kind[0] == "experts" and (len(t.shape) != 3 or t.shape[0] != E):
+            if kind[0] == "experts" and kind[2].startswith("w") and (len(t.shape) != 3 or t.shape[0] != E):
                 raise StoreError(f"{self.file}: tensor {name}: shape {list(t.shape)}, expected [{E}, rows, cols]")
+            if kind[0] == "experts" and kind[2].startswith("b") and (len(t.shape) != 2 or t.shape[0] != E
+                                                                    or t.type != 0):
+                raise StoreError(f"{self.file}: tensor {name}: expected an F32 [{E}, n] bias, got type {t.type} "
+                                 f"shape {list(t.shape)}")
 
     def _layer_layout(self, layer: int) -> RecordLayout:
         t = {w: self.tensors.get(f"blk.{layer}.ffn_{n}_exps.weight") for w, n in (("w1", "gate"), ("w3", "up"), ("w2", "down"))}
@@ -316,7 +329,17 @@ class GgufStore:
         w13 = Part("w13", 0, f13, (2 * inter, hidden))
         w2 = Part("w2", quant._align(w13.nbytes), f2, (hidden, inter))
         self._extents[layer] = [(t["w1"], 0), (t["w3"], w13.nbytes // 2), (t["w2"], w2.offset)]
-        return RecordLayout(size=quant._align(w2.offset + w2.nbytes, RECORD_ALIGN), parts=(w13, w2))
+        parts, end = [w13, w2], w2.offset + w2.nbytes
+        bias = {b: self.tensors.get(f"blk.{layer}.ffn_{n}_exps.bias") for b, n in (("b1", "gate"), ("b3", "up"), ("b2", "down"))}
+        if any(bias.values()):  # gpt-oss: b13 = [gate bias | up bias], b2, f32 as in the file
+            if not all(bias.values()) or bias["b1"].shape[1:] != (inter,) or bias["b2"].shape[1:] != (hidden,):
+                raise StoreError(f"{self.file}: layer {layer}: expert biases ffn_{{gate,up,down}}_exps.bias must all "
+                                 f"be present, of [E, {inter}], [E, {inter}] and [E, {hidden}]")
+            b13 = Part("b13", quant._align(end), "f32", (1, 2 * inter))
+            b2 = Part("b2", quant._align(b13.offset + b13.nbytes), "f32", (1, hidden))
+            self._extents[layer] += [(bias["b1"], b13.offset), (bias["b3"], b13.offset + 4 * inter), (bias["b2"], b2.offset)]
+            parts, end = parts + [b13, b2], b2.offset + b2.nbytes
+        return RecordLayout(size=quant._align(end, RECORD_ALIGN), parts=tuple(parts))
 
     def _compute_crcs(self, progress=None) -> dict[int, list[list[int]]]:
         out = {}
