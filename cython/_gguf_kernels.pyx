@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_gguf.c
+# distutils: sources = csrc/cpu/fm_gguf.c csrc/cpu/fm_gguf_q8.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_kernels_internal.h
+# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_gguf_q8.h csrc/cpu/fm_kernels_internal.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._gguf_kernels: llama.cpp's block formats on the CPU (csrc/cpu/fm_gguf.c).
@@ -10,15 +10,37 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
 
     row_bytes(fmt, cols) -> int
     dequantize(part, fmt, shape, offset=0) -> float32 [rows, cols]   (bit-exact vs gguf-py)
-    linear(x, part, fmt, shape, offset=0) -> [T, rows]               x [T, cols] @ W.T
-    moe(x, records, weights, spec, out)   out[T, H] += sum_e w_e * w2_e(silu(w1_e x) * w3_e x)
+    linear(x, part, fmt, shape, offset=0, act="q8") -> [T, rows]     x [T, cols] @ W.T
+    moe(x, records, weights, spec, out, act="q8")   out[T, H] += sum_e w_e * w2_e(silu(w1_e x) * w3_e x)
         spec = ((fmt13, offset13, (2I, H)), (fmt2, offset2, (H, I)))
+    act: "q8" computes block formats as llama.cpp's CPU matmuls do (activations quantized to
+    the weight type's Q8_0 / Q8_1 / Q8_K blocks, integer dots); "f32" keeps fp32 activations.
+    quantize_activations(x, fmt) -> (q int8 [T, n], d [T, n/32], s [T, n/32], bsum int32 [T, n/16])
+        x's rows as act="q8" quantizes them for weights of format fmt (d: Q8_0/Q8_1 scales, fp16
+        values; Q8_K: one fp32 scale per 256 in the first n/256 columns; s: Q8_1 only; bsum: Q8_K only)
     get_num_threads() / set_num_threads(n) / isa()
+    q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx2" or "portable"; exact
+        integer sums, so both give the same results; forcing one is for the tests)
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import torch as _torch
+
+cdef extern from "fm_gguf_q8.h" nogil:
+    ctypedef struct fmg_qact:
+        int64_t n
+        int64_t T
+        signed char *q
+        float *d
+        float *s
+        int *bsum
+    int fmg_q8_supported(int type)
+    int fmg_q8_quantize(int type, const float *x, int64_t T, int64_t ldx, int64_t n, fmg_qact *a)
+    void fmg_q8_free(fmg_qact *a)
+    int fmg_q8_set_isa(const char *isa)
+    const char *fmg_q8_isa()
 
 cdef extern from "fm_gguf.h" nogil:
     ctypedef struct fmg_mat:
@@ -32,12 +54,13 @@ cdef extern from "fm_gguf.h" nogil:
     int64_t fmg_row_bytes(int type, int64_t cols)
     int fmg_dequant(const fmg_mat *w, int64_t r0, int64_t r1, float *out)
     int fmg_linear(const fmg_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy,
-                   float alpha, int accumulate)
-    int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y)
+                   float alpha, int accumulate, int act)
+    int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y, int act)
     int fmg_get_num_threads()
     void fmg_set_num_threads(int n)
     const char *fmg_isa()
 
+ACTS = {"f32": 0, "q8": 1}
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "mxfp4": 39}
 
 
@@ -65,6 +88,13 @@ cdef int _type(fmt) except -1:
         return TYPES[fmt]
     except (KeyError, TypeError):
         raise ValueError(f"unknown GGUF block format {fmt!r}; supported: {', '.join(TYPES)}") from None
+
+
+cdef int _act(act) except -1:
+    try:
+        return ACTS[act]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation mode {act!r}; supported: {', '.join(ACTS)}") from None
 
 
 cdef uintptr_t _ptr(t, str name, dtype) except 0:
@@ -109,7 +139,8 @@ def dequantize(part, fmt, shape, int64_t offset=0):
     return out
 
 
-def linear(x, part, fmt, shape, int64_t offset=0):
+def linear(x, part, fmt, shape, int64_t offset=0, act="q8"):
+    cdef int a = _act(act)
     cdef fmg_mat m
     _mat(&m, part, fmt, shape, offset, "linear: part")
     if x.dim() != 2 or x.shape[1] != m.cols:
@@ -120,12 +151,13 @@ def linear(x, part, fmt, shape, int64_t offset=0):
     cdef float *yp = <float *><uintptr_t>out.data_ptr()
     cdef int rc
     with nogil:
-        rc = fmg_linear(&m, xp, T, m.cols, yp, m.rows, 1.0, 0)
+        rc = fmg_linear(&m, xp, T, m.cols, yp, m.rows, 1.0, 0, a)
     _check(rc, "linear")
     return out
 
 
-def moe(x, records, weights, spec, out):
+def moe(x, records, weights, spec, out, act="q8"):
+    cdef int a = _act(act)
     (f13, o13, s13), (f2, o2, s2) = spec
     cdef int k = len(records)
     if k == 0:
@@ -151,9 +183,48 @@ def moe(x, records, weights, spec, out):
             _mat(&ex[i].w2, records[i], f2, s2, o2, f"moe: record {i} w2")
             w[i] = float(weights[i])
         with nogil:
-            rc = fmg_moe(ex, w, k, xp, T, yp)
+            rc = fmg_moe(ex, w, k, xp, T, yp, a)
         _check(rc, "moe")
     finally:
         free(ex)
         free(w)
     return out
+
+
+def quantize_activations(x, fmt):
+    cdef int t = _type(fmt)
+    if not fmg_q8_supported(t):
+        raise ValueError(f"format {fmt}: takes fp32 activations (no quantized vec_dot_type)")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_activations: x: expected [T, n], got {list(x.shape)}")
+    cdef const float *xp = <const float *>_ptr(x, "quantize_activations: x", _torch.float32)
+    cdef int64_t T = x.shape[0], n = x.shape[1]
+    row_bytes(fmt, n)  # whole blocks
+    cdef fmg_qact a
+    cdef int rc
+    with nogil:
+        rc = fmg_q8_quantize(t, xp, T, n, n, &a)
+    _check(rc, "quantize_activations")
+    try:
+        q = _torch.empty((T, n), dtype=_torch.int8)
+        d = _torch.empty((T, n // 32), dtype=_torch.float32)
+        s = _torch.empty((T, n // 32), dtype=_torch.float32)
+        b = _torch.empty((T, n // 16), dtype=_torch.int32)
+        memcpy(<void *><uintptr_t>q.data_ptr(), a.q, T * n)
+        memcpy(<void *><uintptr_t>d.data_ptr(), a.d, T * (n // 32) * 4)
+        memcpy(<void *><uintptr_t>s.data_ptr(), a.s, T * (n // 32) * 4)
+        memcpy(<void *><uintptr_t>b.data_ptr(), a.bsum, T * (n // 16) * 4)
+    finally:
+        fmg_q8_free(&a)
+    return q, d, s, b
+
+
+def q8_isa():
+    return fmg_q8_isa().decode()
+
+
+def set_q8_isa(name=None):
+    cdef bytes b = name.encode() if name is not None else b""
+    cdef int rc = fmg_q8_set_isa(<const char *>b if name is not None else NULL)
+    if rc:
+        raise ValueError(f"q8 integer dot {name!r} is not available here")

@@ -29,6 +29,8 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+import torch
+
 SDIST = "llama-cpp-python", "0.3.36"
 KEEP = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/",
         "vendor/llama.cpp/models/ggml-vocab-")
@@ -393,3 +395,60 @@ def gguf_layout(f13, f2, H, I):
     w13 = Part("w13", 0, f13, (2 * I, H))
     w2 = Part("w2", quant._align(w13.nbytes), f2, (H, I))
     return RecordLayout(size=quant._align(w2.offset + w2.nbytes, 4096), parts=(w13, w2))
+
+
+class _Blocks(torch.Tensor):
+    """A dense weight that F.linear computes from the GGUF tensor's own blocks through the
+    backend's fused kernel (rows re-ordered afterwards where the store un-permuted q/k)."""
+
+    @staticmethod
+    def __new__(cls, w, blocks, fmt, perm, backend):
+        t = torch.Tensor._make_subclass(cls, w)
+        t.blocks, t.fmt, t.perm, t.backend = blocks, fmt, perm, backend
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        import torch.nn.functional as F
+        kwargs = kwargs or {}
+        if func is F.linear and isinstance(args[1], _Blocks) and not isinstance(args[0], _Blocks):
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            shape = x.shape
+            y = w.backend.linear(x.reshape(-1, shape[-1]).as_subclass(torch.Tensor), w.blocks, w.fmt,
+                                 (w.shape[0], w.shape[1]))
+            y = (y if w.perm is None else y[:, w.perm]).reshape(*shape[:-1], w.shape[0])
+            return y if bias is None else y + bias
+        args = [a.as_subclass(torch.Tensor) if isinstance(a, _Blocks) else a for a in args]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def dense_in_blocks(eng) -> int:
+    """Route the engine's quantized dense matrices (those it holds as float tensors) (attention, output head) through its kernel
+    backend's linear on the GGUF's own blocks, as llama.cpp computes them (the embedding stays a
+    table lookup, exact either way). Returns how many matrices were routed."""
+    import numpy as np
+
+    from flashmoe_plugin import quant_gguf
+    from flashmoe_plugin.models import gguf as names
+    store, w, n = eng.store, eng.model.w, 0
+    data = {t.name: t for r in store.readers for t in r.tensors}
+    for name, t in store.tensors.items():
+        kind = names.classify(name)
+        fmt = quant_gguf.format_of_type(t.type)
+        if kind[0] != "dense" or not quant_gguf.is_block_format(fmt or "") or kind[1] == "embed.weight":
+            continue
+        canon = kind[1]
+        if not isinstance(w[canon], torch.Tensor):  # the engine keeps it packed already (dense_quant)
+            n += 1
+            continue
+        rows = t.shape[0]
+        perm = names.fix_dense(canon, torch.arange(rows), store.config, store.arch_key)
+        perm = None if torch.equal(perm, torch.arange(rows)) else perm
+        blocks = torch.from_numpy(np.ascontiguousarray(data[name].data).reshape(-1).copy())
+        w[canon] = _Blocks(w[canon], blocks, fmt, perm, eng.backend)
+        if canon == "lm_head.weight":
+            eng.model.lm_head = w[canon]
+        n += 1
+    return n

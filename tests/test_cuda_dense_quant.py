@@ -89,6 +89,7 @@ def test_a_quantized_gguf_can_keep_its_blocks_on_the_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHMOE_CACHE", str(tmp_path / "cache"))
     path = G.quantize(G.write_tiny_gguf(tmp_path / "tiny-f32.gguf", "Q8_0"), "q8_0")
     ids = list(range(3, 40))
+    monkeypatch.setattr(kernels.select("cpu"), "gguf_act", "f32")  # the CUDA kernels take fp32 activations
     cpu = Engine(path, prefetch="off").forward(ids)
     assert Engine(path, device="cuda", prefetch="off").dense_quant == "none"  # auto on GPUs: bf16 floats
     gpu = Engine(path, device="cuda", dtype=torch.float32, prefetch="off", dense_quant="keep")

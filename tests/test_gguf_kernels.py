@@ -1,6 +1,7 @@
 """llama.cpp's block formats in our kernels: dequantization bit for bit against gguf-py's
-gguf.quants.dequantize (the format's reference), fused GEMV/GEMM and the expert FFN against
-dequantize-then-torch."""
+gguf.quants.dequantize (the format's reference), fused GEMV/GEMM and the expert FFN with fp32
+activations (act="f32") against dequantize-then-torch. The default, llama.cpp's quantized
+activations, is held to libggml-cpu itself in test_gguf_q8.py."""
 import numpy as np
 import pytest
 import torch
@@ -58,7 +59,8 @@ def test_linear_matches_dequantize_then_matmul(fmt, T):
     part = random_part(fmt, rows, cols, seed=1)
     x = torch.randn(T, cols)
     ref = x.double() @ reference(part, fmt, rows, cols).double().T
-    torch.testing.assert_close(kernels.linear(x, part, fmt, (rows, cols)).double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.linear(x, part, fmt, (rows, cols), act="f32").double(), ref, rtol=1e-4,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize("f13,f2", [("q4_k", "q6_k"), ("q8_0", "q8_0"), ("q4_0", "q4_1"), ("q5_k", "q5_k")])
@@ -77,7 +79,7 @@ def test_expert_ffn_matches_torch(f13, f2, T):
     x = torch.randn(T, H)
     w = torch.tensor([0.5, 0.3, 0.2])
     ref = sum(wi * TorchBackend().expert_ffn(x, r, lay) for wi, r in zip(w.tolist(), recs))
-    cpu = CpuBackend()
+    cpu = CpuBackend(gguf_act="f32")
     ours = cpu.moe(x, recs, w, lay)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
@@ -90,6 +92,8 @@ def test_bad_arguments_are_clear_errors():
         kernels.dequantize(part[:10], "q4_0", (2, 64))
     with pytest.raises(ValueError, match="unknown GGUF block format 'q3_k'"):
         kernels.dequantize(part, "q3_k", (2, 64))
+    with pytest.raises(ValueError, match="unknown activation mode 'q4'"):
+        kernels.linear(torch.randn(1, 64), part, "q4_0", (2, 64), act="q4")
 
 
 def _cuda():
@@ -127,6 +131,6 @@ def test_cuda_expert_ffn_matches_cpu():
     p2 = lay.part("w2")
     rec[p2.offset:p2.offset + p2.nbytes] = random_part("q6_k", H, I, seed=2)
     x = torch.randn(5, H)
-    ref = CpuBackend().expert_ffn(x, rec, lay)
+    ref = CpuBackend(gguf_act="f32").expert_ffn(x, rec, lay)  # the CUDA kernels take fp32 activations
     got = CudaBackend().expert_ffn(x.cuda(), rec.cuda(), lay).cpu()
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fm_gguf_q8.h"
 #include "fm_kernels_internal.h" /* fm_h2f, fm_bf2f, fm_ld16 */
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -290,11 +291,30 @@ FMG_CLONES static void rows_dot(const fmg_mat *w, int64_t r0, int64_t r1, const 
     }
 }
 
+/* The same with the activations already quantized to the weight type's vec_dot_type (llama.cpp's
+ * numerics, fm_gguf_q8.c) when q is not NULL. */
+static void rows_dot_any(const fmg_mat *w, int64_t r0, int64_t r1, const fmg_qact *q, const float *x, int64_t T,
+                         int64_t ldx, float *out, int64_t ldo, float *scratch)
+{
+    if (q)
+        fmg_q8_rows_dot(w->type, w->data, fmg_row_bytes(w->type, w->cols), r0, r1, q, out, ldo, scratch);
+    else
+        rows_dot(w, r0, r1, x, T, ldx, out, ldo, scratch);
+}
+
+/* Per-thread scratch floats for one weight row of n columns (float or quantized path). */
+static size_t row_scratch(int64_t n)
+{
+    size_t q = (size_t)(fmg_q8_scratch_bytes(n) + 3) / 4;
+    return q > (size_t)n ? q : (size_t)n;
+}
+
 #define ROWS_PER_TASK 16
 
 typedef struct {
     const fmg_mat *w;
     const float *x;
+    const fmg_qact *q;
     int64_t T, ldx, ldy;
     float *y, alpha;
     int accumulate;
@@ -305,8 +325,8 @@ static void lin_task(void *vc, int64_t task, float *scratch)
     lin_ctx *c = vc;
     int64_t r0 = task * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK;
     if (r1 > c->w->rows) r1 = c->w->rows;
-    float *row = scratch, *tmp = scratch + c->w->cols;
-    rows_dot(c->w, r0, r1, c->x, c->T, c->ldx, tmp, ROWS_PER_TASK, row);
+    float *row = scratch, *tmp = scratch + row_scratch(c->w->cols);
+    rows_dot_any(c->w, r0, r1, c->q, c->x, c->T, c->ldx, tmp, ROWS_PER_TASK, row);
     for (int64_t t = 0; t < c->T; t++)
         for (int64_t r = r0; r < r1; r++) {
             float v = c->alpha * tmp[t * ROWS_PER_TASK + r - r0];
@@ -320,11 +340,18 @@ static int check(const fmg_mat *w)
 }
 
 int fmg_linear(const fmg_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy, float alpha,
-               int accumulate)
+               int accumulate, int act)
 {
-    if (check(w) || T <= 0) return FMG_EINVAL;
-    lin_ctx c = {w, x, T, ldx, ldy, y, alpha, accumulate};
-    return run(lin_task, &c, (w->rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, (size_t)w->cols + ROWS_PER_TASK * T);
+    if (check(w) || T <= 0 || (act != FMG_ACT_F32 && act != FMG_ACT_Q8)) return FMG_EINVAL;
+    fmg_qact qa, *q = NULL;
+    if (act == FMG_ACT_Q8 && fmg_q8_supported(w->type)) {
+        if (fmg_q8_quantize(w->type, x, T, ldx, w->cols, &qa)) return FMG_ENOMEM;
+        q = &qa;
+    }
+    lin_ctx c = {w, x, q, T, ldx, ldy, y, alpha, accumulate};
+    int rc = run(lin_task, &c, (w->rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, row_scratch(w->cols) + ROWS_PER_TASK * T);
+    if (q) fmg_q8_free(q);
+    return rc;
 }
 
 typedef struct {
@@ -334,6 +361,7 @@ typedef struct {
     int64_t T, H, I, tasks13, tasks2;
     float *h;   /* [k][T][2I]: gate then up dots, then the activation in the first I */
     float *y;
+    const fmg_qact *q13, *q2;  /* quantized x [T][H] and activations [k][T][I], or NULL */
 } moe_ctx;
 
 static void moe1_task(void *vc, int64_t task, float *scratch)
@@ -342,7 +370,7 @@ static void moe1_task(void *vc, int64_t task, float *scratch)
     int64_t e = task / c->tasks13, r0 = task % c->tasks13 * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK;
     if (r1 > 2 * c->I) r1 = 2 * c->I;
     float *he = c->h + e * c->T * 2 * c->I;
-    rows_dot(&c->ex[e].w13, r0, r1, c->x, c->T, c->H, he + r0, 2 * c->I, scratch);
+    rows_dot_any(&c->ex[e].w13, r0, r1, c->q13, c->x, c->T, c->H, he + r0, 2 * c->I, scratch);
 }
 
 static void moe2_task(void *vc, int64_t task, float *scratch)
@@ -350,34 +378,57 @@ static void moe2_task(void *vc, int64_t task, float *scratch)
     moe_ctx *c = vc;
     int64_t r0 = task * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK;
     if (r1 > c->H) r1 = c->H;
-    float *row = scratch, *tmp = scratch + c->I;
+    float *row = scratch, *tmp = scratch + row_scratch(c->I);
     for (int e = 0; e < c->k; e++) {
         float *he = c->h + e * c->T * 2 * c->I;
-        rows_dot(&c->ex[e].w2, r0, r1, he, c->T, 2 * c->I, tmp, ROWS_PER_TASK, row);
+        fmg_qact qe, *q = NULL;
+        if (c->q2) {  /* expert e's T rows of the quantized activations */
+            const int64_t I = c->I, o = e * c->T;
+            qe = (fmg_qact){I, c->T, c->q2->q + o * I, c->q2->d + o * (I / 32), c->q2->s + o * (I / 32),
+                            c->q2->bsum + o * (I / 16)};
+            q = &qe;
+        }
+        rows_dot_any(&c->ex[e].w2, r0, r1, q, he, c->T, 2 * c->I, tmp, ROWS_PER_TASK, row);
         for (int64_t t = 0; t < c->T; t++)
             for (int64_t r = r0; r < r1; r++) c->y[t * c->H + r] += c->wts[e] * tmp[t * ROWS_PER_TASK + r - r0];
     }
 }
 
-int fmg_moe(const fmg_expert *ex, const float *wts, int k, const float *x, int64_t T, float *y)
+int fmg_moe(const fmg_expert *ex, const float *wts, int k, const float *x, int64_t T, float *y, int act)
 {
-    if (k <= 0 || T <= 0) return FMG_EINVAL;
+    if (k <= 0 || T <= 0 || (act != FMG_ACT_F32 && act != FMG_ACT_Q8)) return FMG_EINVAL;
     const int64_t H = ex[0].w2.rows, I = ex[0].w2.cols;
     for (int e = 0; e < k; e++)
         if (check(&ex[e].w13) || check(&ex[e].w2) || ex[e].w13.rows != 2 * I || ex[e].w13.cols != H ||
             ex[e].w2.rows != H || ex[e].w2.cols != I)
             return FMG_EINVAL;
+    for (int e = 1; e < k; e++)  /* one quantization of x serves every expert */
+        if (ex[e].w13.type != ex[0].w13.type || ex[e].w2.type != ex[0].w2.type) return FMG_EINVAL;
+    const int q8_13 = act == FMG_ACT_Q8 && fmg_q8_supported(ex[0].w13.type);
+    const int q8_2 = act == FMG_ACT_Q8 && fmg_q8_supported(ex[0].w2.type);
+    fmg_qact q13, q2;
     float *h = malloc((size_t)k * T * 2 * I * sizeof(float));
     if (!h) return FMG_ENOMEM;
+    if (q8_13 && fmg_q8_quantize(ex[0].w13.type, x, T, H, H, &q13)) {
+        free(h);
+        return FMG_ENOMEM;
+    }
     moe_ctx c = {ex, wts, x, k, T, H, I, (2 * I + ROWS_PER_TASK - 1) / ROWS_PER_TASK,
-                 (H + ROWS_PER_TASK - 1) / ROWS_PER_TASK, h, y};
-    int rc = run(moe1_task, &c, k * c.tasks13, (size_t)H);
+                 (H + ROWS_PER_TASK - 1) / ROWS_PER_TASK, h, y, q8_13 ? &q13 : NULL, NULL};
+    int rc = run(moe1_task, &c, k * c.tasks13, row_scratch(H));
+    if (q8_13) fmg_q8_free(&q13);
     if (rc == FMG_OK) {
         for (int64_t i = 0; i < (int64_t)k * T; i++) {
             float *g = h + i * 2 * I;
-            for (int64_t j = 0; j < I; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * g[I + j];
+            if (act == FMG_ACT_Q8)  /* llama.cpp's silu, as its swiglu computes it */
+                for (int64_t j = 0; j < I; j++) g[j] = fmg_q8_silu(g[j]) * g[I + j];
+            else
+                for (int64_t j = 0; j < I; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * g[I + j];
         }
-        rc = run(moe2_task, &c, c.tasks2, (size_t)I + ROWS_PER_TASK * T);
+        if (q8_2 && fmg_q8_quantize(ex[0].w2.type, h, (int64_t)k * T, 2 * I, I, &q2)) rc = FMG_ENOMEM;
+        else c.q2 = q8_2 ? &q2 : NULL;
+        if (rc == FMG_OK) rc = run(moe2_task, &c, c.tasks2, row_scratch(I) + ROWS_PER_TASK * T);
+        if (c.q2) fmg_q8_free(&q2);
     }
     free(h);
     return rc;

@@ -4,8 +4,11 @@
  *
  * A weight W [rows, cols] of type t is rows * row_bytes(t, cols) bytes, rows back to back, as
  * a GGUF tensor lies in the file. Types (GGML ids): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8,
- * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39. Activations and results are fp32 (llama.cpp quantizes the
- * activations to 8 bits in its quantized matmuls; we do not).
+ * Q4_K 12, Q5_K 13, Q6_K 14, BF16 30, MXFP4 39. Activations and results are fp32. With act = FMG_ACT_Q8
+ * the products over block formats compute as llama.cpp's CPU matmuls do: the activation rows are
+ * quantized to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K) and dotted in integers
+ * (fm_gguf_q8.h); FMG_ACT_F32 dots fp32 activations with the exactly dequantized rows. F32, F16,
+ * BF16 and (not done yet) MXFP4 weights always take fp32 activations.
  *
  * The fused kernels dequantize one row at a time into a small buffer and dot it with every
  * token; they are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time
@@ -22,6 +25,8 @@ extern "C" {
 
 enum { FMG_F32 = 0, FMG_F16 = 1, FMG_Q4_0 = 2, FMG_Q4_1 = 3, FMG_Q5_0 = 6, FMG_Q5_1 = 7, FMG_Q8_0 = 8, FMG_Q4_K = 12, FMG_Q5_K = 13,
        FMG_Q6_K = 14, FMG_BF16 = 30, FMG_MXFP4 = 39 };
+
+enum { FMG_ACT_F32 = 0, FMG_ACT_Q8 = 1 };
 
 #define FMG_OK 0
 #define FMG_EINVAL (-1)
@@ -41,7 +46,7 @@ int fmg_dequant(const fmg_mat *w, int64_t r0, int64_t r1, float *out);
 
 /* y[t * ldy + r] = alpha * W[r] . x[t * ldx ...] (+ y if accumulate), t < T. */
 int fmg_linear(const fmg_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy,
-               float alpha, int accumulate);
+               float alpha, int accumulate, int act);
 
 /* One expert: w13 [2I, H] (gate rows then up rows), w2 [H, I]. */
 typedef struct {
@@ -49,7 +54,7 @@ typedef struct {
 } fmg_expert;
 
 /* y[t] += sum_e weights[e] * w2_e . (silu(w1_e . x[t]) * (w3_e . x[t])), x and y [T, H]. */
-int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y);
+int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, int64_t T, float *y, int act);
 
 int fmg_get_num_threads(void);
 void fmg_set_num_threads(int n);

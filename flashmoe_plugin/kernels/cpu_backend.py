@@ -6,10 +6,17 @@ kernels run on the module's own thread pool with the GIL released; its size defa
 torch.get_num_threads() when the backend is created, so that torch's threads and ours take turns
 on the same cores instead of oversubscribing them. `CpuBackend.set_num_threads(n)` changes it.
 FLASHMOE_CPU_ISA=portable|avx2|avx512 forces an instruction-set level (for comparisons).
+
+llama.cpp's block formats (a GGUF store's parts, csrc/cpu/fm_gguf*.c) compute as llama.cpp's CPU
+matmuls do by default: each activation row is quantized to the weight type's Q8_0 / Q8_1 / Q8_K
+blocks and dotted in integers, so quantized GGUFs give llama.cpp's logits (gguf_act "q8").
+`gguf_act="f32"` (or FLASHMOE_GGUF_ACT=f32) keeps fp32 activations over the exactly dequantized
+weights instead.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -55,7 +62,10 @@ class CpuBackend(Backend):
     devices = ("cpu",)
     priority = 10  # above the torch reference (0)
 
-    def __init__(self, num_threads: int | None = None):
+    def __init__(self, num_threads: int | None = None, gguf_act: str | None = None):
+        self.gguf_act = gguf_act or os.environ.get("FLASHMOE_GGUF_ACT") or "q8"
+        if self.gguf_act not in ("q8", "f32"):
+            raise ValueError(f"gguf_act (FLASHMOE_GGUF_ACT): expected 'q8' or 'f32', got {self.gguf_act!r}")
         self._k, self._why = _load()
         if self._k is not None:
             self.set_num_threads(num_threads if num_threads else torch.get_num_threads())
@@ -103,7 +113,7 @@ class CpuBackend(Backend):
             g = _gguf_module()
             if g.get_num_threads() != self.num_threads:
                 g.set_num_threads(self.num_threads)
-            g.moe(xf, records, [float(w) for w in weights], gspec, out)
+            g.moe(xf, records, [float(w) for w in weights], gspec, out, act=self.gguf_act)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
         self.module.moe(xf, records, weights, self.spec(layout), out)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
@@ -121,7 +131,7 @@ class CpuBackend(Backend):
         xf = self._f32(x)
         from ..quant_gguf import is_block_format
         if is_block_format(fmt):
-            y = _gguf_module().linear(xf, part, fmt, tuple(shape))
+            y = _gguf_module().linear(xf, part, fmt, tuple(shape), act=self.gguf_act)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         y = self.module.linear(xf, part, fmt, tuple(shape))
         return y if x.dtype == torch.float32 else y.to(x.dtype)

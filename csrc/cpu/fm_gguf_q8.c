@@ -1,0 +1,397 @@
+/* llama.cpp's quantized matmul numerics: see fm_gguf_q8.h. The activation quantizers follow
+ * ggml-cpu's x86 code (arch/x86/quants.c quantize_row_q8_0 / q8_1, ggml-quants.c
+ * quantize_row_q8_K_ref, and repack.cpp's 4-row twins, which compute the same values):
+ *   Q8_0: amax of 32; d = amax / 127 (stored fp16); q = round_half_even(x * (127 / amax)).
+ *   Q8_1: as Q8_0, and s = fp16(d * sum(q)) with the unrounded d.
+ *   Q8_K: max = the first element of largest |x| in 256 (signed); iscale = -127 / max;
+ *         q = min(127, round_half_even(iscale * x)); d = 1 / iscale (fp32); bsums of 16. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "fm_gguf_q8.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fm_gguf.h"
+#include "fm_kernels_internal.h" /* fm_h2f, fm_ld16 */
+
+#define QK 32
+#define QK_K 256
+
+static inline uint32_t f2bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits2f(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* fp32 -> fp16, round to nearest even (what F16C's _cvtss_sh(x, 0) gives; ggml's own twin). */
+static inline uint16_t f2h(float f)
+{
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f2bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits2f((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f2bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* round half to even for |v| < 2^22 (ggml's nearest_int; _mm256_round_ps(.., NEAREST) alike). */
+static inline int nearest_int(float v)
+{
+    const float val = v + 12582912.f;
+    int32_t i;
+    memcpy(&i, &val, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* ggml-cpu's vectorized expf (vec.h ggml_v_expf, the AVX-512 variant, which llama.cpp builds for
+ * this class of CPU use), lane by lane: fmaf is the same single rounding as the vector FMA and
+ * ldexpf the same as scalef; then ggml_v_silu's x / (1 + e^-x). */
+static float ggml_expf(float x)
+{
+    const float r = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, r), n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    if (fabsf(n) > 192) return n <= 0 ? 0.0f : INFINITY;
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
+                         fmaf(0x1.ffffecp-1f, b, 1.0f));
+    return ldexpf(j, (int)n);
+}
+
+float fmg_q8_silu(float x)
+{
+    return x / (1.0f + ggml_expf(0.0f - x));
+}
+
+int fmg_q8_supported(int type)
+{
+    switch (type) {
+    case FMG_Q4_0: case FMG_Q4_1: case FMG_Q5_0: case FMG_Q5_1: case FMG_Q8_0:
+    case FMG_Q4_K: case FMG_Q5_K: case FMG_Q6_K:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int is_k(int type)
+{
+    return type == FMG_Q4_K || type == FMG_Q5_K || type == FMG_Q6_K;
+}
+
+/* ------------------------------------------------------------------ activations */
+
+static void quantize_q8_0(const float *x, int64_t n, int8_t *q, float *d, float *s)
+{
+    for (int64_t b = 0; b < n / QK; b++, x += QK, q += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float db = amax / 127.f, id = amax != 0.0f ? 127.f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            q[j] = (int8_t)nearest_int(x[j] * id);
+            sum += q[j];
+        }
+        d[b] = fm_h2f(f2h(db));
+        if (s) s[b] = fm_h2f(f2h(db * (float)sum));
+    }
+}
+
+static void quantize_q8_k(const float *x, int64_t n, int8_t *q, float *d, int32_t *bsum)
+{
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K, q += QK_K, bsum += QK_K / 16) {
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) {
+            const float ax = fabsf(x[j]);
+            if (ax > amax) {
+                amax = ax;
+                max = x[j];
+            }
+        }
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(q, 0, QK_K);
+            memset(bsum, 0, QK_K / 16 * sizeof(int32_t));
+            continue;
+        }
+        const float iscale = -127.f / max;
+        for (int j = 0; j < QK_K; j++) {
+            const int v = nearest_int(iscale * x[j]);
+            q[j] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int l = 0; l < 16; l++) sum += q[16 * g + l];
+            bsum[g] = sum;
+        }
+        d[b] = 1 / iscale;
+    }
+}
+
+int fmg_q8_quantize(int type, const float *x, int64_t T, int64_t ldx, int64_t n, fmg_qact *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->n = n;
+    a->T = T;
+    a->q = malloc((size_t)(T * n));
+    a->d = calloc((size_t)(T * (n / QK)), sizeof(float));  /* zeroed: each type fills only its own */
+    a->s = calloc((size_t)(T * (n / QK)), sizeof(float));
+    a->bsum = calloc((size_t)(T * (n / 16)), sizeof(int32_t));
+    if (!a->q || !a->d || !a->s || !a->bsum) {
+        fmg_q8_free(a);
+        return FMG_ENOMEM;
+    }
+    const int q81 = type == FMG_Q4_1 || type == FMG_Q5_1;
+    for (int64_t t = 0; t < T; t++) {
+        if (is_k(type))
+            quantize_q8_k(x + t * ldx, n, a->q + t * n, a->d + t * (n / QK), a->bsum + t * (n / 16));
+        else
+            quantize_q8_0(x + t * ldx, n, a->q + t * n, a->d + t * (n / QK), q81 ? a->s + t * (n / QK) : NULL);
+    }
+    return FMG_OK;
+}
+
+void fmg_q8_free(fmg_qact *a)
+{
+    free(a->q);
+    free(a->d);
+    free(a->s);
+    free(a->bsum);
+    memset(a, 0, sizeof(*a));
+}
+
+/* ------------------------------------------------------------------ weights */
+
+static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *m)
+{
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    }
+}
+
+/* The row's quants as int8, in element order: Q4_0 q-8, Q5_0 q-16, Q6_K q-32, the others as
+ * stored (unsigned ones fit: at most 31). */
+static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
+{
+    switch (type) {
+    case FMG_Q8_0:
+        for (int64_t i = 0; i < n; i += QK, b += 34, w += QK) memcpy(w, b + 2, QK);
+        break;
+    case FMG_Q4_0:
+    case FMG_Q4_1: {
+        const int off = type == FMG_Q4_0 ? 8 : 0, hd = type == FMG_Q4_0 ? 2 : 4, bs = type == FMG_Q4_0 ? 18 : 20;
+        for (int64_t i = 0; i < n; i += QK, b += bs, w += QK)
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)((b[hd + j] & 15) - off);
+                w[j + 16] = (int8_t)((b[hd + j] >> 4) - off);
+            }
+        break;
+    }
+    case FMG_Q5_0:
+    case FMG_Q5_1: {
+        const int q51 = type == FMG_Q5_1, bs = q51 ? 24 : 22, off = q51 ? 0 : 16;
+        for (int64_t i = 0; i < n; i += QK, b += bs, w += QK) {
+            const uint8_t *qh8 = b + (q51 ? 4 : 2), *qs = qh8 + 4;
+            const uint32_t qh = (uint32_t)qh8[0] | (uint32_t)qh8[1] << 8 | (uint32_t)qh8[2] << 16 | (uint32_t)qh8[3] << 24;
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)(((qs[j] & 15) | (int)((qh >> j) & 1) << 4) - off);
+                w[j + 16] = (int8_t)(((qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4) - off);
+            }
+        }
+        break;
+    }
+    case FMG_Q4_K:
+    case FMG_Q5_K: {
+        const int q5 = type == FMG_Q5_K, bs = q5 ? 176 : 144;
+        for (int64_t i = 0; i < n; i += QK_K, b += bs, w += QK_K) {
+            const uint8_t *qh = b + 16, *qs = b + 16 + (q5 ? 32 : 0);
+            for (int s = 0; s < 8; s++) {
+                const uint8_t *q = qs + 32 * (s / 2);
+                const int shift = 4 * (s & 1);
+                for (int l = 0; l < 32; l++)
+                    w[32 * s + l] = (int8_t)(((q[l] >> shift) & 15) | (q5 ? ((qh[l] >> s) & 1) << 4 : 0));
+            }
+        }
+        break;
+    }
+    case FMG_Q6_K:
+        for (int64_t i = 0; i < n; i += QK_K, b += 210, w += QK_K) {
+            const uint8_t *ql = b, *qh = b + 128;
+            for (int g = 0; g < 16; g++) {
+                const int h = g / 8, s = (g / 4) & 1, c = (g / 2) & 1, sh = 2 * ((g / 2) & 3), o = 16 * (g & 1);
+                const uint8_t *lq = ql + 64 * h + 32 * c + o, *hq = qh + 32 * h + o;
+                for (int l = 0; l < 16; l++)
+                    w[16 * g + l] = (int8_t)((((lq[l] >> (4 * s)) & 15) | (((hq[l] >> sh) & 3) << 4)) - 32);
+            }
+        }
+        break;
+    }
+}
+
+/* s[j] = sum of a[16j + l] * b[16j + l], l < 16 (a: weights, b: activations in [-127, 127]).
+ * Integer sums are exact, so the AVX2 twin and the portable loop give the same sums. */
+static void idot16_portable(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    for (int64_t j = 0; j < n / 16; j++) {
+        int32_t acc = 0;
+        for (int l = 0; l < 16; l++) acc += (int16_t)a[16 * j + l] * (int16_t)b[16 * j + l];
+        s[j] = acc;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FMG_HAVE_AVX2 1
+/* 8 groups of 16 per step: |a| * sign(b, a) as u8 x s8 pairs (ggml's trick; no int16 saturation,
+ * since |b| <= 127), pairs of pairs to int32, then the four int32 of each group added. */
+__attribute__((target("avx2"))) static void idot16_avx2(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    const __m256i ones = _mm256_set1_epi16(1), perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t j = 0;
+    for (; j + 128 <= n; j += 128) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256i va = _mm256_loadu_si256((const __m256i *)(a + j + 32 * k));
+            const __m256i vb = _mm256_loadu_si256((const __m256i *)(b + j + 32 * k));
+            r[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va)), ones);
+        }
+        /* r[k]: int32 lanes 0-3 hold group 2k's quarters, lanes 4-7 group 2k+1's */
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(s + j / 16), _mm256_permutevar8x32_epi32(h, perm));
+    }
+    if (j < n) idot16_portable(a + j, b + j, n - j, s + j / 16);
+}
+#endif
+
+typedef void (*idot16_fn)(const int8_t *, const int8_t *, int64_t, int32_t *);
+static idot16_fn g_idot16 = NULL;
+
+int fmg_q8_set_isa(const char *isa)
+{
+    if (isa && !strcmp(isa, "portable")) {
+        g_idot16 = idot16_portable;
+        return 0;
+    }
+#ifdef FMG_HAVE_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) {
+        if (!isa || !strcmp(isa, "avx2")) {
+            g_idot16 = idot16_avx2;
+            return 0;
+        }
+    }
+#endif
+    if (!isa) {
+        g_idot16 = idot16_portable;
+        return 0;
+    }
+    return -1;
+}
+
+const char *fmg_q8_isa(void)
+{
+    if (!g_idot16) fmg_q8_set_isa(NULL);
+#ifdef FMG_HAVE_AVX2
+    if (g_idot16 == idot16_avx2) return "avx2";
+#endif
+    return "portable";
+}
+
+static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    if (!g_idot16) fmg_q8_set_isa(NULL);
+    g_idot16(a, b, n, s);
+}
+
+/* The row's dot from its per-16 integer sums and the block scales, block by block. */
+static float combine(int type, const uint8_t *b, const int32_t *s16, const float *xd, const float *xs,
+                     const int32_t *bsum, int64_t n)
+{
+    float acc = 0.0f;
+    switch (type) {
+    case FMG_Q8_0: case FMG_Q4_0: case FMG_Q5_0: {
+        const int bs = type == FMG_Q8_0 ? 34 : type == FMG_Q4_0 ? 18 : 22;
+        for (int64_t i = 0; i < n / QK; i++, b += bs) {
+            const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
+            acc += (float)(s16[2 * i] + s16[2 * i + 1]) * d;
+        }
+        break;
+    }
+    case FMG_Q4_1: case FMG_Q5_1: {
+        const int bs = type == FMG_Q4_1 ? 20 : 24;
+        for (int64_t i = 0; i < n / QK; i++, b += bs) {
+            const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
+            const float m = fm_h2f(fm_ld16((const uint16_t *)(b + 2))) * xs[i];
+            acc += (float)(s16[2 * i] + s16[2 * i + 1]) * d + m;
+        }
+        break;
+    }
+    case FMG_Q4_K: case FMG_Q5_K: {
+        const int bs = type == FMG_Q4_K ? 144 : 176;
+        for (int64_t i = 0; i < n / QK_K; i++, b += bs, s16 += 16, bsum += 16) {
+            int32_t isum = 0, msum = 0;
+            for (int s = 0; s < 8; s++) {
+                int sc, m;
+                scale_min_k4(b + 4, s, &sc, &m);
+                isum += sc * (s16[2 * s] + s16[2 * s + 1]);
+                msum += m * (bsum[2 * s] + bsum[2 * s + 1]);
+            }
+            const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
+            const float dmin = fm_h2f(fm_ld16((const uint16_t *)(b + 2))) * xd[i];
+            acc += d * (float)isum;
+            acc -= dmin * (float)msum;
+        }
+        break;
+    }
+    case FMG_Q6_K:
+        for (int64_t i = 0; i < n / QK_K; i++, b += 210, s16 += 16) {
+            const int8_t *sc = (const int8_t *)(b + 192);
+            int32_t isum = 0;
+            for (int g = 0; g < 16; g++) isum += sc[g] * s16[g];
+            acc += fm_h2f(fm_ld16((const uint16_t *)(b + 208))) * xd[i] * (float)isum;
+        }
+        break;
+    }
+    return acc;
+}
+
+int64_t fmg_q8_scratch_bytes(int64_t n)
+{
+    return n + n / 16 * (int64_t)sizeof(int32_t) + 64;
+}
+
+void fmg_q8_rows_dot(int type, const uint8_t *data, int64_t row_bytes, int64_t r0, int64_t r1, const fmg_qact *a,
+                     float *out, int64_t ldo, void *scratch)
+{
+    const int64_t n = a->n;
+    int32_t *s16 = (int32_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    int8_t *w = (int8_t *)(s16 + n / 16);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *b = data + r * row_bytes;
+        unpack_row(type, b, n, w);
+        for (int64_t t = 0; t < a->T; t++) {
+            idot16(w, a->q + t * n, n, s16);
+            out[t * ldo + r - r0] = combine(type, b, s16, a->d + t * (n / QK), a->s + t * (n / QK),
+                                            a->bsum + t * (n / 16), n);
+        }
+    }
+}
