@@ -56,7 +56,9 @@ class Engine:
         self.config = cfg = with_experts_per_token(self.store.config, experts_per_token)
         self.device = resolve_device(device)
         self.backend = kernels.select(self.device.type, backend)
+        free = available_ram()  # before the dense part: a mapped (file-backed) dense part still counts as free after
         dense, self.dtype = self._load_dense(dtype, dense_quant)
+        self._ram_free = free - dense_quant_mod.dense_bytes({k: w for k, w in dense.items() if w.device.type == "cpu"})
         self.model = decoder_for(cfg)(cfg, dense)
         # refused here, before the pager pins host memory that a failed constructor would leave registered
         graph, self.decode_graph_reason = graph_mode(decode_graph, self)
@@ -115,7 +117,7 @@ class Engine:
         if ram_budget is None:
             kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
             least = self.config.top_k * self.store.layout.size if self.device.type != "cuda" else 0
-            ram_budget = max(least, min(total, available_ram() - kv - ram_reserve()))
+            ram_budget = max(least, min(total, min(available_ram(), self._ram_free) - kv - ram_reserve()))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
