@@ -47,21 +47,27 @@ def test_logits_match_transformers(oracles, family, budget):
 def test_greedy_generation_matches_transformers(oracles, family, budget):
     o = oracles(family)
     ids = prompt(8, seed=2)
+    eng = Engine(o.store("none"))
+    if budget:
+        eng = Engine(o.store("none"), ram_budget=int(eng.store.expert_bytes * budget))
+    assert_greedy_matches(o, eng, ids)
+    if budget:
+        assert eng.pager.stats.misses > 0 and eng.pager.stats.evictions > 0
+
+
+def assert_greedy_matches(o, eng, ids, n: int = 32):
+    """n greedy tokens of eng after ids equal transformers' generate on the same weights, up to
+    the first step where transformers itself has a near tie."""
     o.model.generation_config.eos_token_id = None
     o.model.generation_config.pad_token_id = 0
     with torch.no_grad():
         out = o.model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], do_sample=False,
-                               max_new_tokens=32, output_scores=True, return_dict_in_generate=True)
-    ref_tokens = out.sequences[0, len(ids):].tolist()
-    eng = Engine(o.store("none"))
-    if budget:
-        eng = Engine(o.store("none"), ram_budget=int(eng.store.expert_bytes * budget))
+                               max_new_tokens=n, output_scores=True, return_dict_in_generate=True)
+    ref = out.sequences[0, len(ids):].tolist()
     stream = tokens(eng, ids.tolist(), Sampler(SamplingParams(temperature=0)))
-    ours = [next(stream) for _ in range(32)]
-    for step, (a, b) in enumerate(zip(ours, ref_tokens)):
+    ours = [next(stream) for _ in range(n)]
+    for step, (a, b) in enumerate(zip(ours, ref)):
         if a != b:  # allowed only where transformers itself has a near tie
             top2 = torch.topk(out.scores[step][0].float(), 2).values
             assert (top2[0] - top2[1]).item() < 1e-5, f"step {step}: ours {a}, transformers {b}"
             break
-    if budget:
-        assert eng.pager.stats.misses > 0 and eng.pager.stats.evictions > 0
