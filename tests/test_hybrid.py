@@ -9,8 +9,6 @@ from test_oracles import assert_greedy_matches, hf_logits, prompt
 
 from flashmoe_plugin.models.deltanet import chunked, recurrent
 from flashmoe_plugin.runtime.engine import Engine
-from flashmoe_plugin.runtime.generate import tokens
-from flashmoe_plugin.runtime.sampling import Sampler, SamplingParams
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none here)")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
