@@ -113,18 +113,23 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
 
 
 def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
-    """The copy-up branch of CpuLayers (a GPU run's prefill) on the CPU twin: the engine's own
-    backend stands for the GPU's and one record-sized buffer for its slot; costs set so that
-    every prefill expert is copied (decode stays on the CPU)."""
+    """The GPU side of CpuLayers on the CPU twin: the engine's own backend stands for the GPU's
+    and host memory for its ring of slots; costs set so that every prefill expert is copied up
+    (through the ring, several copies ahead and into the next CPU layer) and a decode token's
+    experts are split between the CPU and the "GPU" (copy 2x cheaper than one CPU expert)."""
     from flashmoe_plugin.io import aligned_empty
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
-    eng = Engine(store, n_cpu_moe=1, ram_budget=k * size, prefetch="off")
+    n_moe = len(Engine(store, prefetch="off", ram_budget=k * size).store.layers)
+    eng = Engine(store, n_cpu_moe=min(2, n_moe), ram_budget=k * size, prefetch="off")
     cl = eng.cpu_layers
-    cl.gpu, cl.slot, cl.cpu_s, cl.copy_s = eng.backend, aligned_empty(size), 1.0, 0.5
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=0.5, cpu_s=1.0)
+    assert 0 < cl.split(k) < k or k == 1
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
     assert cl.copied_up > 0
+    # the split is for plain SwiGLU experts (one fused call each side); gpt-oss's go up whole
+    assert cl.split_up > 0 or k == 1 or eng.model.expert_act is not None
