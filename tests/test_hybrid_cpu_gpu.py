@@ -37,29 +37,37 @@ def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
 
 
 def test_n_cpu_moe_through_the_device_step(oracles, family):
-    # the device decode step (its CPU twin) with n_cpu_moe layers: each step replays the device
-    # layers and resumes at the first host layer through the pager path (computing host layers
-    # inside an uncaptured step measured 2x slower on the H200: 4.2 against 9.6 tok/s at
-    # --n-cpu-moe 24); the logits are the all-resident run's
+    # the device decode step (its CPU twin) with n_cpu_moe layers (runtime/hybrid_decode.py): the
+    # token runs in segments cut at each CPU layer's experts, which the host computes between
+    # two segments (here split with a stand-in "GPU": the CPU backend and a host ring); the
+    # logits are the all-resident run's, and no step falls back
+    from flashmoe_plugin.io import aligned_empty
     from flashmoe_plugin.runtime.graph_decode import unsupported
+    from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
     probe = Engine(store, prefetch="off")
-    why = unsupported(probe)
+    why, n_moe = unsupported(probe), len(probe.store.layers)
     probe.close()
     if why:
         pytest.skip(f"the device step does not implement {family}'s {why}")
-    eng = Engine(store, n_cpu_moe=1, ram_budget=total * size, prefetch="off", decode_graph="on")
-    out = [eng.forward(ids)]
-    for layer in sorted(set(eng.store.layers) - set(eng.cpu_layers.layers)):  # no first-use misses
-        list(eng.pager.request(layer, list(range(eng.config.num_experts))))
-    out = torch.cat(out + [eng.forward([t]) for t in steps])
-    fast = eng.fast
-    eng.close()
-    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
-    assert fast.steps == len(steps), fast.steps
+    for n, split in ((1, False), (min(2, n_moe), True), (n_moe, True)):
+        eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
+        cl = eng.cpu_layers
+        if split:
+            cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=0.5, cpu_s=1.0)
+        out = [eng.forward(ids)]
+        for layer in sorted(set(eng.store.layers) - set(cl.layers)):  # no first-use misses
+            list(eng.pager.request(layer, list(range(eng.config.num_experts))))
+        out = torch.cat(out + [eng.forward([t]) for t in steps])
+        fast = eng.fast
+        eng.close()
+        assert isinstance(fast, HybridDecode) and fast.cpu == cl.layers
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, n, (out - ref).abs().max())
+        assert fast.steps == len(steps) and fast.fallbacks == 0, (fast.steps, fast.fallbacks)
+        assert (cl.split_up > 0) == (split and k > 1), (n, cl.split_up)
 
 
 def test_copy_or_compute_split_by_measured_costs(oracles, family):
