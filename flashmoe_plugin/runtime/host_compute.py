@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 
 from .. import kernels
@@ -133,7 +132,7 @@ class CpuLayers:
 
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
                  gpu_backend=None):
-        from ..io import Reader, aligned_empty
+        from ..io import Reader
         from ..pager.tiers import CudaCopies, HostCopies
         order = sorted(store.layers)
         if not 0 <= n <= len(order):

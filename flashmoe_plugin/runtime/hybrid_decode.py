@@ -66,7 +66,6 @@ class HybridDecode(DeviceDecode):
                     self.pack[:H].copy_(x[0])
                     self.pack[H:H + k].copy_(wts[0])
                     self.pack[H + k:].copy_(ids[0])
-                    self.pack_host.copy_(self.pack, non_blocking=True)
                     if c.shared_expert_intermediate_size:
                         self.shared_buf.copy_(m.shared(i, x))
                     return
@@ -83,6 +82,7 @@ class HybridDecode(DeviceDecode):
         """CPU layer j's experts from the packed row (waited for), into delta_buf."""
         e, c = self.e, self.cfg
         H, k, layer = c.hidden_size, c.top_k, self.cpu[j]
+        self.pack_host.copy_(self.pack, non_blocking=True)  # outside the graph: a plain copy to pinned memory
         if self.cuda:
             self.packed.record(self.stream)
             self.packed.synchronize()
