@@ -115,9 +115,17 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     n = len(full.store.layers) if n_cpu == "all" else n_cpu
     full.close()
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
+    cl = eng.cpu_layers
+    if n_cpu == 1:  # equal costs: a decode token's experts split between the CPU and the GPU
+        cl.copy_s = cl.cpu_s
     out = run_sequence(eng, ids, steps)
+    fast = eng.fast
+    segments = len(fast.graphs) if fast is not None else None
     eng.close()
     assert (out - ref).abs().max() < 2e-2, (family, n)
+    # the device step, when it implements the family: segments captured (runtime/hybrid_decode.py)
+    assert fast is None or segments == n + 1, (family, segments, fast.why_not)
+    assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1
 
 
 def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
