@@ -15,7 +15,7 @@ FLASHMOE_CUDA=1 FLASHMOE_CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 el built
 [ -f $STORE/manifest.json ] || (fm synth --like mixtral-8x7b --quant q4 --layers "$LAYERS" $STORE > "$OUT/synth.log" 2>&1; el synth) &
-timeout 150 python3 -m pytest -q -x tests/test_hybrid_cpu_gpu.py tests/test_cuda_pager.py -k "n_cpu_moe or host_compute" \
+timeout 150 python3 -m pytest -q tests/test_hybrid_cpu_gpu.py tests/test_cuda_pager.py -k "on_the_gpu or host_compute" \
   > "$OUT/pytest.log" 2>&1; tail -4 "$OUT/pytest.log"
 el tests; wait
 python3 benchmarks/h200_hybrid_rows.py $STORE "$OUT/h200-h10-hybrid-${LAYERS}l.json" $ROWS 2> "$OUT/rows.err" | grep -v "^$"
