@@ -116,8 +116,8 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     full.close()
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
-    if n_cpu == 1:  # equal costs: a decode token's experts split between the CPU and the GPU
-        cl.copy_s = cl.cpu_s
+    if n_cpu == 1:  # the measured Mixtral costs: experts split between the CPU, the GPU and shared
+        cl.copy_s, cl.cpu_s = 1.8, 1.1
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None
@@ -128,11 +128,13 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1
 
 
-def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
+@pytest.mark.parametrize("copy_s,cpu_s", [(0.5, 1.0), (1.8, 1.1)])
+def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s):
     """The GPU side of CpuLayers on the CPU twin: the engine's own backend stands for the GPU's
     and host memory for its ring of slots; costs set so that every prefill expert is copied up
     (through the ring, several copies ahead and into the next CPU layer) and a decode token's
-    experts are split between the CPU and the "GPU" (copy 2x cheaper than one CPU expert)."""
+    experts are split by CpuLayers.plan between the CPU, the "GPU" and one shared between them
+    (gate/up product up there, down product here; (1.8, 1.1) are the H200's measured Mixtral costs)."""
     from flashmoe_plugin.io import aligned_empty
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
@@ -141,11 +143,29 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
     n_moe = len(Engine(store, prefetch="off", ram_budget=k * size).store.layers)
     eng = Engine(store, n_cpu_moe=min(2, n_moe), ram_budget=k * size, prefetch="off")
     cl = eng.cpu_layers
-    cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=0.5, cpu_s=1.0)
-    assert 0 < cl.split(k) < k or k == 1
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=copy_s, cpu_s=cpu_s)
+    n, shared = cl.plan(k)
+    assert n + shared <= k and (n < k or k == 1) and (shared or cl.shareable == 0), (n, shared)
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
     assert cl.copied_up > 0
     # the split is for plain SwiGLU experts (one fused call each side); gpt-oss's go up whole
     assert cl.split_up > 0 or k == 1 or eng.model.expert_act is not None
+
+
+def test_plan_balances_pcie_and_cpu():
+    """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert, w13
+    two thirds of a record): one expert on the CPU, the other shared (its w13 up, its down here)."""
+    from flashmoe_plugin.runtime.host_compute import CpuLayers
+    cl = CpuLayers.__new__(CpuLayers)
+    cl.gpu, cl.copy_s, cl.cpu_s, cl.shareable = object(), 1.8, 1.1, 2 / 3
+    assert cl.plan(2) == (1, True)
+    cl.shareable = 0.0  # experts with biases: whole experts only
+    assert cl.plan(2) == (1, False)
+    cl.shareable, cl.copy_s = 2 / 3, 100.0  # a slow link: everything here
+    assert cl.plan(2) == (2, False)
+    cl.copy_s, cl.cpu_s = 1.0, 100.0  # a slow CPU: everything up
+    assert cl.plan(2) == (0, False)
+    cl.gpu = None
+    assert cl.plan(8) == (8, False)
