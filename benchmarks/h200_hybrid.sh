@@ -19,7 +19,7 @@ FLASHMOE_CUDA=1 FLASHMOE_CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 el built; wait
 [ -n "$FIRST" ] && rows a "$FIRST"
-timeout 150 python3 -m pytest -q tests/test_hybrid_cpu_gpu.py tests/test_cuda_pager.py -k "on_the_gpu or host_compute" \
+timeout 150 python3 -m pytest -q tests/test_hybrid_cpu_gpu.py -k "on_the_gpu" \
   > "$OUT/pytest.log" 2>&1; tail -4 "$OUT/pytest.log"
 el tests
 [ -n "$LATER" ] && rows b "$LATER"
