@@ -18,7 +18,7 @@ from flashmoe_plugin.runtime.host_compute import CpuLayers
 
 
 def main(store: str, out: str, rows: list[str]):
-    plan, share = CpuLayers.plan, CpuLayers.w13_share
+    plan, share = CpuLayers.plan, CpuLayers.__dict__["w13_share"]  # the staticmethod itself
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")

@@ -117,7 +117,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
     if n_cpu == 1:  # the measured Mixtral costs: experts split between the CPU, the GPU and shared
-        cl.copy_s, cl.cpu_s = 1.8, 1.1
+        cl.copy_s, cl.cpu_s, cl.down_s = 1.8, 1.1, None
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None
@@ -125,7 +125,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     assert (out - ref).abs().max() < 2e-2, (family, n)
     # the device step, when it implements the family: segments captured (runtime/hybrid_decode.py)
     assert fast is None or segments == n + 1, (family, segments, fast.why_not)
-    assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1
+    assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1 or eng.model.expert_act is not None
 
 
 @pytest.mark.parametrize("copy_s,cpu_s", [(0.5, 1.0), (1.8, 1.1)])
@@ -156,11 +156,15 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s):
 
 def test_plan_balances_pcie_and_cpu():
     """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert, w13
-    two thirds of a record): one expert on the CPU, the other shared (its w13 up, its down here)."""
+    two thirds of a record): one expert on the CPU and the other shared (its w13 up, its down here)
+    while the down product costs its bytes' share, whole experts once it is slower."""
     from flashmoe_plugin.runtime.host_compute import CpuLayers
     cl = CpuLayers.__new__(CpuLayers)
-    cl.gpu, cl.copy_s, cl.cpu_s, cl.shareable = object(), 1.8, 1.1, 2 / 3
-    assert cl.plan(2) == (1, True)
+    cl.gpu, cl.copy_s, cl.cpu_s, cl.shareable, cl.down_s = object(), 1.8, 1.1, 2 / 3, None
+    assert cl.plan(2) == (1, True)  # the down product at its bytes' share of the expert: 1.57 ms
+    cl.down_s = 0.66  # a slow down product: 1.86 ms against 1.8, whole experts win
+    assert cl.plan(2) == (1, False)
+    cl.down_s = None
     cl.shareable = 0.0  # experts with biases: whole experts only
     assert cl.plan(2) == (1, False)
     cl.shareable, cl.copy_s = 2 / 3, 100.0  # a slow link: everything here

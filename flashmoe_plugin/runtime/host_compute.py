@@ -172,7 +172,7 @@ class CpuLayers:
                 except OSError as err:
                     from ..store.format import StoreError
                     raise StoreError(f"{store.layer_path(layer)}: layer {layer}: {err}") from err
-        self.cpu_s = self.copy_s = None
+        self.cpu_s = self.copy_s = self.down_s = None
         self.slots, self._ahead, self._busy = None, {}, set()
         self.copied_up = 0     # prefill experts run on the GPU (for bench and tests)
         self.split_up = 0      # decode experts run on the GPU beside the CPU's (for bench and tests)
@@ -191,6 +191,12 @@ class CpuLayers:
             t0 = time.perf_counter()
             self.backend.expert_ffn(x, rec, lay)
             self.cpu_s = time.perf_counter() - t0
+            if self.shareable:  # a shared expert's down product alone, timed rather than assumed
+                p2, hid = lay.part("w2"), torch.zeros(1, lay.intermediate)
+                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)  # warm
+                t0 = time.perf_counter()
+                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)
+                self.down_s = time.perf_counter() - t0
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
@@ -269,18 +275,23 @@ class CpuLayers:
         """(n, shared) for a decode token's k experts: n computed whole on the CPU; with shared,
         expert n is shared (its w13 part copied up and its gate/up product computed on the GPU, its
         down product here, once the CPU has done its own n); the rest go up whole. Chosen to make
-        the slower side shortest by the measured costs (copy_s per record, cpu_s per expert; parts
-        in proportion to their bytes): PCIe (~55 GB/s) is slower than the CPU (~90 GB/s on 16
-        cores), so for Mixtral's k = 2 the best is one expert here and the other shared (GPU
-        1.2 ms, CPU 1.1 + 0.4 ms) rather than one up whole (1.8 ms). Without a GPU: all here."""
+        the slower side shortest by the costs measured at start (copy_s per record, in proportion
+        for the w13 part; cpu_s per expert; down_s for a down product alone). On the H200 (Mixtral,
+        k = 2, 16 cores): copy 1.8 ms, CPU 1.05-1.24 ms per expert: one expert here and one up
+        whole. Sharing the second instead (its w13 up in 1.2 ms, its down product here after the
+        first) measured no faster there (43.9 against 45.2 tok/s, 12 layers, 9 on the CPU, two
+        runs): likely the down product alone streams slower than the fused expert (not timed
+        apart there), so the plan now takes down_s, timed at start, instead of its bytes' share.
+        Without a GPU: all here."""
         if self.gpu is None:
             return k, False
         u, c, f = self.copy_s, self.cpu_s, self.shareable
+        d = self.down_s if self.down_s is not None else (1 - f) * c
         best = []
         for n in range(k + 1):
             best.append((max((k - n) * u, n * c), 0, -n, n, False))
             if n < k and f:  # the shared expert's w13 copy goes first, its down product waits for it
-                best.append((max(f * u + (k - n - 1) * u, max(n * c, f * u) + (1 - f) * c), 1, -n, n, True))
+                best.append((max(f * u + (k - n - 1) * u, max(n * c, f * u) + d), 1, -n, n, True))
         _, _, _, n, shared = min(best)  # ties: whole experts (one wait less), then more on the CPU
         return n, shared
 
