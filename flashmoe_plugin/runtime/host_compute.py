@@ -122,9 +122,9 @@ class CpuLayers:
 
     Decode: a token's k experts of such a layer are split between the CPU (the C kernels on every
     physical core) and the GPU (the record copied over PCIe into a small ring of VRAM slots, then
-    the fused kernel), both at once: the CPU alone streams ~67 GB/s of RAM on 16 cores, the copy
-    engine adds ~55 GB/s. `split(k)` picks how many the CPU takes to make max(copied x copy_s,
-    computed x cpu_s) smallest, both costs measured at start (without a GPU: all of them).
+    the fused kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's
+    16 cores, the copy engine adds ~55 GB/s. `plan(k)` picks the split that makes the slower side
+    shortest by costs measured at start (without a GPU: all on the CPU).
     Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
     time) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
