@@ -1,23 +1,25 @@
 #!/bin/bash
-# Issue 10's hybrid checks on the H200 in one call (~5 min): CUDA build, the GPU tests of the hybrid
-# path, then `flashmoe bench` on a full Mixtral-shaped q4 store for the issue's H200 rows.
-# usage (from the repository root on the GPU machine): bash benchmarks/h200_hybrid.sh OUTDIR
+# Issue 10's hybrid checks on the H200 in one call: CUDA build, the GPU tests of the hybrid path,
+# and the rows (benchmarks/h200_hybrid_rows.py: `flashmoe bench` in one process) on a
+# `synth --like mixtral-8x7b --quant q4` store of LAYERS layers (512-token prompt, 32 decoded).
+# usage (from the repository root on the GPU machine):
+#   bash benchmarks/h200_hybrid.sh OUTDIR LAYERS "ROWS before the tests" "ROWS after the tests"
+#   bash benchmarks/h200_hybrid.sh $OUT 12 "9" "9,whole 12 0"   # ~2.5 min; a row: n_cpu_moe[,cpu|,whole]
+#   bash benchmarks/h200_hybrid.sh $OUT 32 "24 32" ""            # the issue's rows on the full store
 set -u
-OUT=${1:-/tmp/out}; mkdir -p "$OUT"; t0=$(date +%s)
+OUT=${1:-/tmp/out}; LAYERS=${2:-32}; FIRST=${3:-"24 32"}; LATER=${4:-}
+mkdir -p "$OUT"; t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()" "$@"; }
+rows() { python3 benchmarks/h200_hybrid_rows.py $STORE "$OUT/h200-h10-hybrid-${LAYERS}l-$1.json" $2 2>> "$OUT/rows.err" \
+  | grep -v "^$"; el rows $2; }
+STORE=/tmp/m$LAYERS
+[ -f $STORE/manifest.json ] || (fm synth --like mixtral-8x7b --quant q4 --layers "$LAYERS" $STORE > "$OUT/synth.log" 2>&1; el synth) &
 FLASHMOE_CUDA=1 FLASHMOE_CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-el built
-fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()" "$@"; }
-[ -f /tmp/m32/manifest.json ] || (fm synth --like mixtral-8x7b --quant q4 /tmp/m32 > "$OUT/synth.log" 2>&1; el synth) &
-timeout 120 python3 -m pytest -q tests/test_hybrid_cpu_gpu.py tests/test_cuda_pager.py -k "n_cpu_moe or host_compute" 2>&1 | tail -8 | tee "$OUT/pytest.log"
-el tests; wait
-for args in "--n-cpu-moe 24" "--n-cpu-moe 32" "--vram-budget 8G --ram-budget 24G"; do
-  name=h200-hybrid-$(echo "$args" | tr -d ' -')
-  timeout 75 bash -c "$(declare -f fm); fm bench /tmp/m32 --device cuda --json --prompt-tokens 512 --tokens 32 \
-    --no-compute-bound --io-threads 8 $args" > "$OUT/$name.json" 2> "$OUT/$name.err"
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'decode', round(d['decode_tok_s'],2), \
-    'prefill cold', round(d['prefill_tok_s'],1), 'warm', round(d['prefill_warm_tok_s'],1), d['tiers']['ram'])" \
-    "$OUT/$name.json" "$args" || tail -5 "$OUT/$name.err"
-  el "$args"
-done
+el built; wait
+[ -n "$FIRST" ] && rows a "$FIRST"
+timeout 150 python3 -m pytest -q tests/test_hybrid_cpu_gpu.py -k "on_the_gpu" \
+  > "$OUT/pytest.log" 2>&1; tail -4 "$OUT/pytest.log"
+el tests
+[ -n "$LATER" ] && rows b "$LATER"

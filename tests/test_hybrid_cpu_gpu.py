@@ -37,29 +37,37 @@ def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
 
 
 def test_n_cpu_moe_through_the_device_step(oracles, family):
-    # the device decode step (its CPU twin) with n_cpu_moe layers: each step replays the device
-    # layers and resumes at the first host layer through the pager path (computing host layers
-    # inside an uncaptured step measured 2x slower on the H200: 4.2 against 9.6 tok/s at
-    # --n-cpu-moe 24); the logits are the all-resident run's
+    # the device decode step (its CPU twin) with n_cpu_moe layers (runtime/hybrid_decode.py): the
+    # token runs in segments cut at each CPU layer's experts, which the host computes between
+    # two segments (here split with a stand-in "GPU": the CPU backend and a host ring); the
+    # logits are the all-resident run's, and no step falls back
+    from flashmoe_plugin.io import aligned_empty
     from flashmoe_plugin.runtime.graph_decode import unsupported
+    from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
     probe = Engine(store, prefetch="off")
-    why = unsupported(probe)
+    why, n_moe = unsupported(probe), len(probe.store.layers)
     probe.close()
     if why:
         pytest.skip(f"the device step does not implement {family}'s {why}")
-    eng = Engine(store, n_cpu_moe=1, ram_budget=total * size, prefetch="off", decode_graph="on")
-    out = [eng.forward(ids)]
-    for layer in sorted(set(eng.store.layers) - set(eng.cpu_layers.layers)):  # no first-use misses
-        list(eng.pager.request(layer, list(range(eng.config.num_experts))))
-    out = torch.cat(out + [eng.forward([t]) for t in steps])
-    fast = eng.fast
-    eng.close()
-    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
-    assert fast.steps == len(steps), fast.steps
+    for n, split in ((1, False), (min(2, n_moe), True), (n_moe, True)):
+        eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
+        cl = eng.cpu_layers
+        if split:
+            cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=0.5, cpu_s=1.0)
+        out = [eng.forward(ids)]
+        for layer in sorted(set(eng.store.layers) - set(cl.layers)):  # no first-use misses
+            list(eng.pager.request(layer, list(range(eng.config.num_experts))))
+        out = torch.cat(out + [eng.forward([t]) for t in steps])
+        fast = eng.fast
+        eng.close()
+        assert isinstance(fast, HybridDecode) and fast.cpu == cl.layers
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, n, (out - ref).abs().max())
+        assert fast.steps == len(steps) and fast.fallbacks == 0, (fast.steps, fast.fallbacks)
+        assert (cl.split_up > 0) == (split and k > 1), (n, cl.split_up)
 
 
 def test_copy_or_compute_split_by_measured_costs(oracles, family):
@@ -107,24 +115,61 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     n = len(full.store.layers) if n_cpu == "all" else n_cpu
     full.close()
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
+    cl = eng.cpu_layers
+    if n_cpu == 1:  # the measured Mixtral costs: experts split between the CPU, the GPU and shared
+        cl.copy_s, cl.cpu_s, cl.down_s = 1.8, 1.1, None
     out = run_sequence(eng, ids, steps)
+    fast = eng.fast
+    segments = len(fast.graphs) if fast is not None else None
     eng.close()
     assert (out - ref).abs().max() < 2e-2, (family, n)
+    # the device step, when it implements the family: segments captured (runtime/hybrid_decode.py)
+    assert fast is None or segments == n + 1, (family, segments, fast.why_not)
+    assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1 or eng.model.expert_act is not None
 
 
-def test_n_cpu_moe_prefill_copied_up_twin(oracles, family):
-    """The copy-up branch of CpuLayers (a GPU run's prefill) on the CPU twin: the engine's own
-    backend stands for the GPU's and one record-sized buffer for its slot; costs set so that
-    every prefill expert is copied (decode stays on the CPU)."""
+@pytest.mark.parametrize("copy_s,cpu_s", [(0.5, 1.0), (1.8, 1.1)])
+def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s):
+    """The GPU side of CpuLayers on the CPU twin: the engine's own backend stands for the GPU's
+    and host memory for its ring of slots; costs set so that every prefill expert is copied up
+    (through the ring, several copies ahead and into the next CPU layer) and a decode token's
+    experts are split by CpuLayers.plan between the CPU, the "GPU" and one shared between them
+    (gate/up product up there, down product here; (1.8, 1.1) are the H200's measured Mixtral costs)."""
     from flashmoe_plugin.io import aligned_empty
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
-    eng = Engine(store, n_cpu_moe=1, ram_budget=k * size, prefetch="off")
+    n_moe = len(Engine(store, prefetch="off", ram_budget=k * size).store.layers)
+    eng = Engine(store, n_cpu_moe=min(2, n_moe), ram_budget=k * size, prefetch="off")
     cl = eng.cpu_layers
-    cl.gpu, cl.slot, cl.cpu_s, cl.copy_s = eng.backend, aligned_empty(size), 1.0, 0.5
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=copy_s, cpu_s=cpu_s)
+    n, shared = cl.plan(k)
+    assert n + shared <= k and (n < k or k == 1) and (shared or cl.shareable == 0), (n, shared)
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
     assert cl.copied_up > 0
+    # the split is for plain SwiGLU experts (one fused call each side); gpt-oss's go up whole
+    assert cl.split_up > 0 or k == 1 or eng.model.expert_act is not None
+
+
+def test_plan_balances_pcie_and_cpu():
+    """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert, w13
+    two thirds of a record): one expert on the CPU and the other shared (its w13 up, its down here)
+    while the down product costs its bytes' share, whole experts once it is slower."""
+    from flashmoe_plugin.runtime.host_compute import CpuLayers
+    cl = CpuLayers.__new__(CpuLayers)
+    cl.gpu, cl.copy_s, cl.cpu_s, cl.shareable, cl.down_s = object(), 1.8, 1.1, 2 / 3, None
+    assert cl.plan(2) == (1, True)  # the down product at its bytes' share of the expert: 1.57 ms
+    cl.down_s = 0.66  # a slow down product: 1.86 ms against 1.8, whole experts win
+    assert cl.plan(2) == (1, False)
+    cl.down_s = None
+    cl.shareable = 0.0  # experts with biases: whole experts only
+    assert cl.plan(2) == (1, False)
+    cl.shareable, cl.copy_s = 2 / 3, 100.0  # a slow link: everything here
+    assert cl.plan(2) == (2, False)
+    cl.copy_s, cl.cpu_s = 1.0, 100.0  # a slow CPU: everything up
+    assert cl.plan(2) == (0, False)
+    cl.gpu = None
+    assert cl.plan(8) == (8, False)

@@ -21,6 +21,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
+from .hybrid_decode import HybridDecode
 
 
 class ContextError(ValueError):
@@ -86,7 +87,8 @@ class Engine:
         self._tokenizer = None
         self.trace = None
         # decode steps with routing, expert lookup and position on the device (runtime/graph_decode.py)
-        self.fast = DeviceDecode(self, graph) if graph != "off" else None
+        # (with n_cpu_moe layers: cut into segments at their experts, runtime/hybrid_decode.py)
+        self.fast = (HybridDecode if self.cpu_layers else DeviceDecode)(self, graph) if graph != "off" else None
 
     def _load_dense(self, dtype, dense_quant):
         """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the

@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from ..pager.tiers import event_times
@@ -117,32 +117,42 @@ class HostCompute:
 
 
 class CpuLayers:
-    """`n_cpu_moe`: the expert records of the first N MoE layers, read into RAM at start and never
-    paged. Decode computes them on the CPU. Beside a GPU, a prefill expert with t tokens is copied
-    up and run there instead when t x (one token's CPU time) exceeds one record's copy time, both
-    measured at start (llama.cpp likewise offloads large batches): the CPU streams the record once
-    per token group it can hold, the GPU's tensor cores take any number of tokens for one copy."""
+    """`n_cpu_moe`: the expert records of the first N MoE layers, read into RAM (pinned beside a
+    GPU) at start and never paged.
+
+    Decode: a token's k experts of such a layer are split between the CPU (the C kernels on every
+    physical core) and the GPU (the record copied over PCIe into a small ring of VRAM slots, then
+    the fused kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's
+    16 cores, the copy engine adds ~55 GB/s. `plan(k)` picks the split that makes the slower side
+    shortest by costs measured at start (without a GPU: all on the CPU).
+    Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
+    time) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
+    streams the record once per token group it can hold, the GPU's tensor cores take any number
+    of tokens for one copy. The copies run on their own stream, several slots ahead of the
+    compute (and into the next CPU layer's first experts), so PCIe and the GPU work at once."""
 
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
                  gpu_backend=None):
-        from ..io import Reader, aligned_empty
+        from ..io import Reader
+        from ..pager.tiers import CudaCopies, HostCopies
         order = sorted(store.layers)
         if not 0 <= n <= len(order):
             raise ValueError(f"n_cpu_moe={n}: the store has {len(order)} MoE layers")
         self.layers = order[:n]
         self._set = set(self.layers)
+        self._next_layer = {a: b for a, b in zip(self.layers, self.layers[1:])}
         self.layouts = {layer: store.layout_of(layer) for layer in self.layers}
+        self.experts = {layer: store.layers[layer].experts for layer in self.layers}
         self.layout, size = store.layout, store.layout.size
+        self.k = store.config.top_k
+        self.shareable = min([self.w13_share(lay) for lay in self.layouts.values()], default=0.0)
         self.backend = cpu_backend(device)
         count = sum(store.layers[l].experts for l in self.layers)
         self.bytes = count * size
-        self.mem = aligned_empty(self.bytes) if count else None
-        self.device, self.gpu = device, gpu_backend if device.type == "cuda" else None
-        self._pinned = None
-        if self.gpu is not None and count:  # pinned: copies up run at full PCIe speed
-            from ..pager.tiers import CudaCopies
-            self._pinned = CudaCopies(device)
-            self.mem = self._pinned.host_memory(self.bytes)
+        self.device, self.gpu = device, None
+        cuda = device.type == "cuda" and gpu_backend is not None and count > 0
+        self.copies = CudaCopies(device) if cuda else HostCopies()  # pinned: copies up at full PCIe speed
+        self.mem = self.copies.host_memory(self.bytes) if count else None
         self.records: dict = {}
         at = 0
         with Reader(nthreads=io_threads, direct=False) as reader:
@@ -162,26 +172,55 @@ class CpuLayers:
                 except OSError as err:
                     from ..store.format import StoreError
                     raise StoreError(f"{store.layer_path(layer)}: layer {layer}: {err}") from err
-        self.cpu_s = self.copy_s = None
-        self.slot = None
-        self.copied_up = 0  # prefill experts run on the GPU (for bench and tests)
-        if self.gpu is not None and count:
+        self.cpu_s = self.copy_s = self.down_s = None
+        self.slots, self._ahead, self._busy = None, {}, set()
+        self.copied_up = 0     # prefill experts run on the GPU (for bench and tests)
+        self.split_up = 0      # decode experts run on the GPU beside the CPU's (for bench and tests)
+        self._host_out = torch.zeros(1, store.layout.hidden)
+        inter = max([lay.intermediate for lay in self.layouts.values()], default=1)
+        self._hid_host = torch.zeros(1, inter)  # a shared expert's gate/up product
+        if cuda:
+            self._host_out, self._hid_host = self._host_out.pin_memory(), self._hid_host.pin_memory()
+            ring = torch.empty(self.ring_size() * size, dtype=torch.uint8, device=device)
+            self.attach(gpu_backend, ring)
             rec = next(iter(self.records.values()))
-            self.slot = torch.empty(size, dtype=torch.uint8, device=device)
-            self.copy_s = min(event_times(lambda: self.slot.copy_(rec, non_blocking=True), 3))
+            self.copy_s = min(event_times(lambda: self.slots[0].copy_(rec, non_blocking=True), 3))
             lay = self.layouts[self.layers[0]]
             x = torch.zeros(1, lay.hidden)
             self.backend.expert_ffn(x, rec, lay)  # warm
             t0 = time.perf_counter()
             self.backend.expert_ffn(x, rec, lay)
             self.cpu_s = time.perf_counter() - t0
+            if self.shareable:  # a shared expert's down product alone, timed rather than assumed
+                p2, hid = lay.part("w2"), torch.zeros(1, lay.intermediate)
+                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)  # warm
+                t0 = time.perf_counter()
+                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)
+                self.down_s = time.perf_counter() - t0
+
+    def ring_size(self) -> int:
+        """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
+        while the previous layer's kernels still read theirs), at least 4 (prefill's copies ahead)."""
+        return max(4, 2 * self.k)
+
+    def attach(self, gpu_backend, ring: torch.Tensor, copy_s=None, cpu_s=None):
+        """The GPU side: its kernel backend and the ring of record slots (device memory; the CPU
+        twin passes the CPU backend and host memory, with costs of its choosing)."""
+        size = self.layout.size
+        self.gpu = gpu_backend
+        self.slots = ring[:self.ring_size() * size].view(self.ring_size(), size)
+        self._fence = [None] * self.ring_size()  # compute-stream event of each slot's last reader
+        self._lru = list(range(self.ring_size()))  # slots, least recently taken first
+        self._busy: set = set()  # slots whose copy is queued and whose kernels are not yet
+        self._ahead: dict = {}  # (layer, expert) -> (slot, copy event): copied before asked for
+        if copy_s is not None:
+            self.copy_s, self.cpu_s = copy_s, cpu_s
 
     def close(self):
-        if self._pinned is not None:
-            self._pinned.close()  # unpins the records
-            self._pinned = None
+        self.copies.close()  # unpins the records
         self.records.clear()
-        self.mem = self.slot = None
+        self.mem = self.slots = None
+        self._ahead = {}
 
     def __contains__(self, layer: int) -> bool:
         return layer in self._set
@@ -190,32 +229,191 @@ class CpuLayers:
     def _ffn(backend, x, rec, layout, act):
         return backend.expert_ffn(x, rec, layout) if act is None else backend.expert_general(x, rec, layout, act)
 
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
-        """The routed experts of `layer` for x [T, H] (any device), computed on the CPU (act: the
-        family's activation where it is not SwiGLU, as Engine gets it from the model)."""
+    # ------------------------------------------------------------------ copies up (the ring)
+    def _up(self, layer: int, e: int, part: str | None = None):
+        """Queue the copy of one record (or one part of it, at its offset) into the least recently
+        used ring slot that no queued kernel still waits to read (the copy also waits for that
+        slot's last reader): (slot, copy event). A slot is busy from here until `_used`."""
+        ahead = self._ahead.pop((layer, e), None) if part is None else None
+        if ahead is not None:
+            return ahead
+        s = next(s for s in self._lru if s not in self._busy)
+        self._lru.remove(s)
+        self._lru.append(s)
+        self._busy.add(s)
+        dst, src = self.slots[s], self.records[(layer, e)]
+        if part is not None:
+            lay = self.layouts[layer]
+            dst, src = lay.part_bytes(dst, part), lay.part_bytes(src, part)
+        return s, self.copies.copy(dst, src, after=(self._fence[s],))
+
+    def _used(self, s: int):
+        """The kernels reading slot s are queued: a later copy into it waits for them."""
+        self._fence[s] = self.copies.fence()
+        self._busy.discard(s)
+
+    def _keep_ahead(self, layer: int, wanted):
+        """Drop the copies made ahead that this layer does not want (their slots are free again)."""
+        for key in [key for key in self._ahead if key[0] != layer or key[1] not in wanted]:
+            self._busy.discard(self._ahead.pop(key)[0])
+
+    def _copy_ahead(self, layer: int, experts):
+        """Start copying records a coming layer will most likely ask for (prefill: all its experts),
+        leaving one slot free for the current work."""
+        for e in experts:
+            if len(self._busy) >= len(self.slots) - 1:
+                return
+            if (layer, e) not in self._ahead:
+                self._ahead[(layer, e)] = self._up(layer, e)
+
+    def split(self, k: int) -> int:
+        """How many of a decode token's k experts the CPU computes whole (the rest go up to the GPU,
+        but for one shared expert where plan(k) says so)."""
+        return self.plan(k)[0]
+
+    def plan(self, k: int) -> tuple[int, bool]:
+        """(n, shared) for a decode token's k experts: n computed whole on the CPU; with shared,
+        expert n is shared (its w13 part copied up and its gate/up product computed on the GPU, its
+        down product here, once the CPU has done its own n); the rest go up whole. Chosen to make
+        the slower side shortest by the costs measured at start (copy_s per record, in proportion
+        for the w13 part; cpu_s per expert; down_s for a down product alone). On the H200 (Mixtral,
+        k = 2, 16 cores): copy 1.8 ms, CPU 1.05-1.24 ms per expert: one expert here and one up
+        whole. Sharing the second instead (its w13 up in 1.2 ms, its down product here after the
+        first) measured no faster there (43.9 against 45.2 tok/s, 12 layers, 9 on the CPU, two
+        runs): likely the down product alone streams slower than the fused expert (not timed
+        apart there), so the plan now takes down_s, timed at start, instead of its bytes' share.
+        Without a GPU: all here."""
+        if self.gpu is None:
+            return k, False
+        u, c, f = self.copy_s, self.cpu_s, self.shareable
+        d = self.down_s if self.down_s is not None else (1 - f) * c
+        best = []
+        for n in range(k + 1):
+            best.append((max((k - n) * u, n * c), 0, -n, n, False))
+            if n < k and f:  # the shared expert's w13 copy goes first, its down product waits for it
+                best.append((max(f * u + (k - n - 1) * u, max(n * c, f * u) + d), 1, -n, n, True))
+        _, _, _, n, shared = min(best)  # ties: whole experts (one wait less), then more on the CPU
+        return n, shared
+
+    @staticmethod
+    def w13_share(layout) -> float:
+        """The w13 part's share of a record's bytes, or 0 where an expert cannot be shared (biases)."""
+        if not layout.has("w13") or not layout.has("w2") or len(layout.parts) != 2:
+            return 0.0
+        n13, n2 = layout.part("w13").nbytes, layout.part("w2").nbytes
+        return n13 / (n13 + n2)
+
+    # ------------------------------------------------------------------ compute
+    def decode(self, layer: int, xh: torch.Tensor, chosen: list[int], weights: list[float], x: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """One token's routed experts of `layer` (SwiGLU) by plan(k): xh [1, H] fp32 on the host, x
+        the same activation on the compute device. The GPU's share is queued first (copies, then
+        its kernels), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
+        tensor) on x's device and dtype."""
         lay = self.layouts[layer]
-        if x.shape[0] == 1 and act is None:  # decode: one copy to the host, one native call
+        n, shared = self.plan(len(chosen))
+        whole = chosen[n + shared:]  # experts computed whole on the GPU
+        if self._ahead:
+            self._keep_ahead(layer, whole)
+        half = None
+        if shared:  # its w13 copy first: the CPU's down product waits for it
+            s, ev = self._up(layer, chosen[n], "w13")
+            self.copies.use(ev)
+            p13 = lay.part("w13")
+            gate, up = self.gpu.linear(x, lay.part_bytes(self.slots[s], "w13"), p13.format, p13.shape).chunk(2, dim=-1)
+            self._used(s)
+            hid = self._hid_host[:, :gate.shape[1]]
+            hid.copy_((F.silu(gate) * up).float(), non_blocking=True)
+            half = (hid, self.copies.fence())
+            self.split_up += 1
+        gpu_out = None
+        if whole:
+            up = [self._up(layer, e) for e in whole]
+            for _, ev in up:
+                self.copies.use(ev)
+            gpu_out = self.gpu.moe_decode(x, [self.slots[s] for s, _ in up], torch.tensor(weights[n + shared:]), lay)
+            for s, _ in up:
+                self._used(s)
+            self.split_up += len(up)
+        if n == 0 and half is None:
+            return gpu_out if out is None else out.copy_(gpu_out)
+        # pinned: the copy up to `out` is asynchronous; the next call reuses it only after the
+        # host has waited for later work on the same stream (the next layer's routing)
+        host = self._host_out
+        recs = tuple(self.records[(layer, e)] for e in chosen[:n])
+        if _native_cpu(self.backend, lay):
+            host.zero_()
+            if n:
+                self.backend.module.moe(xh, recs, weights[:n], self.backend.spec(lay), host)  # adds into host
+        else:
+            host.copy_(self.backend.moe(xh, recs, weights[:n], lay) if n else torch.zeros_like(host))
+        if half is not None:
+            hid, ev = half
+            self.copies.wait(ev)
+            p2 = lay.part("w2")
+            y = self.backend.linear(hid, lay.part_bytes(self.records[(layer, chosen[n])], "w2"), p2.format, p2.shape)
+            host.add_(y, alpha=weights[n])
+        if out is None:
+            out = torch.empty_like(x)
+        out.copy_(host, non_blocking=True)
+        return out if gpu_out is None else out.add_(gpu_out)
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
+        """The routed experts of `layer` for x [T, H] (any device), computed on the CPU and, beside
+        a GPU, partly there (act: the family's activation where it is not SwiGLU, as Engine gets it
+        from the model)."""
+        lay = self.layouts[layer]
+        if x.shape[0] == 1 and act is None:  # decode: one copy to the host, the split, one native call
             k, H = ids.shape[1], x.shape[1]
             packed = torch.cat((x.float().view(-1), weights.float().view(-1), ids.float().view(-1))).cpu()
             chosen = [int(e) for e in packed[H + k:].tolist()]  # ids < 2^24: exact in fp32
-            out = self.backend.moe(packed[:H].view(1, H), tuple(self.records[(layer, e)] for e in chosen),
-                                   tuple(packed[H:H + k].tolist()), lay)
-            return out.to(x.device, x.dtype)
-        xh = x.float().cpu()
-        ids_h, w_h = ids.cpu(), weights.float().cpu()
-        out = torch.zeros_like(xh)
-        gpu_out = torch.zeros_like(x) if self.gpu is not None else None
-        for e in np.unique(ids_h.numpy()).tolist():
-            tok, slot = torch.where(ids_h == e)
-            rec = self.records[(layer, e)]
-            if gpu_out is not None and len(tok) * self.cpu_s > self.copy_s:
-                self.slot.copy_(rec, non_blocking=True)  # stream-ordered after the last expert's use
-                tg, sg = tok.to(x.device), slot.to(x.device)
-                y = self._ffn(self.gpu, x[tg], self.slot, lay, act) * weights[tg, sg, None]
-                gpu_out.index_add_(0, tg, y.to(x.dtype))
-                self.copied_up += 1
-                continue
-            y = self._ffn(self.backend, xh[tok], rec, lay, act) * w_h[tok, slot, None]
-            out.index_add_(0, tok, y)
-        out = out.to(x.device, x.dtype)
-        return out if gpu_out is None else out + gpu_out
+            return self.decode(layer, packed[:H].view(1, H), chosen, packed[H:H + k].tolist(), x)
+        # tokens grouped per expert with one read-back per layer (a stable sort keeps each
+        # expert's (token, slot) pairs in order)
+        k = ids.shape[1]
+        order = torch.sort(ids.reshape(-1), stable=True).indices
+        counts = torch.bincount(ids.reshape(-1)).tolist()
+        start = [0]
+        for c in counts:
+            start.append(start[-1] + c)
+        used = [e for e, c in enumerate(counts) if c]
+        on_gpu = [e for e in used if self.gpu is not None and counts[e] * self.cpu_s > self.copy_s]
+        on_cpu = [e for e in used if e not in on_gpu]
+        out = torch.zeros_like(x)
+        if self._ahead:
+            self._keep_ahead(layer, on_gpu)
+        # the GPU's experts first, their copies queued up to the ring's size less one ahead of their
+        # compute (a slot is taken again only once the kernels reading it are queued)
+        depth = len(self.slots) - 1 if on_gpu else 0
+        queued = {e: self._up(layer, e) for e in on_gpu[:depth]}
+        for i, e in enumerate(on_gpu):
+            s, ev = queued.pop(e)
+            self.copies.use(ev)
+            pick = order[start[e]:start[e + 1]]
+            tok, slot = pick // k, pick % k
+            y = self._ffn(self.gpu, x[tok], self.slots[s], lay, act) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+            self._used(s)
+            self.copied_up += 1
+            if i + depth < len(on_gpu):
+                queued[on_gpu[i + depth]] = self._up(layer, on_gpu[i + depth])
+        nxt = self._next_layer.get(layer)
+        if on_gpu and nxt is not None:  # the next CPU layer's copies start during this one's tail
+            self._copy_ahead(nxt, range(self.experts[nxt]))
+        if on_cpu:  # meanwhile the CPU computes the experts with few tokens
+            xh, w_h = x.float().cpu(), weights.float().cpu()
+            order_h = order.cpu()
+            acc = torch.zeros_like(xh)
+            for e in on_cpu:
+                pick = order_h[start[e]:start[e + 1]]
+                tok, slot = pick // k, pick % k
+                y = self._ffn(self.backend, xh[tok], self.records[(layer, e)], lay, act) * w_h[tok, slot, None]
+                acc.index_add_(0, tok, y)
+            out += acc.to(x.device, x.dtype)
+        return out
+
+
+def _native_cpu(backend, layout) -> bool:
+    """Whether the CPU backend computes this layout in its own module (not a GGUF block format)."""
+    from ..kernels.cpu_backend import _gguf_spec
+    return hasattr(backend, "module") and _gguf_spec(layout) is None

@@ -1,0 +1,181 @@
+"""The device decode step for engines with `n_cpu_moe` layers (runtime/graph_decode.py's step, cut
+at each CPU layer's experts).
+
+The token runs as segments: segment j is everything from the previous CPU layer's experts (or the
+embedding) through CPU layer j's attention and routing, which ends by packing that layer's FFN
+input, expert weights and ids into one fp32 row and copying it to pinned host memory; the last
+segment runs the remaining layers (their experts from VRAM through the slot table) and the logits.
+On CUDA each segment is captured once as a CUDA graph, so a step is one replay per segment and,
+between two replays, one wait for the packed row, then CpuLayers.decode: the layer's experts split
+between the CPU's C kernels and the GPU (record copied into a VRAM ring slot), both at once. No
+layer is relaunched op by op from Python and no step is thrown away (the whole-token graph with a
+fallback at the first CPU layer recomputed the token from there, layer by layer).
+
+Layers after the last CPU layer can still miss (their records are paged): the ids are checked after
+the step as DeviceDecode does, and the step resumes from the first miss through the pager path.
+On CPU (the twin) the same segments run uncaptured.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.layers import embed
+from .graph_decode import DeviceDecode, _graph_nodes, _new_graph
+
+
+class HybridDecode(DeviceDecode):
+    def __init__(self, engine, mode: str = "on"):
+        cfg, dev = engine.config, engine.device
+        self.cpu = [layer for layer in engine._moe_order if layer in engine.cpu_layers]
+        H, k = cfg.hidden_size, cfg.top_k
+        self.h_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)      # residual after the CPU layer's attention
+        self.x_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)      # its FFN input (the GPU's share reads it)
+        self.delta_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # its FFN output (the next segment adds it)
+        self.shared_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # a shared expert's output, if any
+        self.pack = torch.zeros(H + 2 * k, dtype=torch.float32, device=dev)  # x, weights, ids for the host
+        self.pack_host = torch.zeros(H + 2 * k, dtype=torch.float32)
+        if dev.type == "cuda":
+            self.pack_host = self.pack_host.pin_memory()
+            self.packed = torch.cuda.Event()
+        self.graphs: list = []
+        super().__init__(engine, mode)
+
+    # ------------------------------------------------------------------ a segment
+    def _segment(self, j: int, fast: bool = True):
+        c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
+        last = j == len(self.cpu)
+        if j == 0:
+            first, h, delta = 0, embed(self.tok, w["embed.weight"]), self.zero
+        else:
+            first, h = self.cpu[j - 1] + 1, self.h_buf
+            delta = self.delta_buf + self.shared_buf if c.shared_expert_intermediate_size else self.delta_buf
+        stop = c.num_layers if last else self.cpu[j] + 1
+        cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
+        for i in range(first, stop):
+            p, at = f"layers.{i}.", dict(cos=cos, sin=sin, pos=self.pos, kpos=self.kpos, **self.args[i], **self.consts)
+            if i in t.rows:
+                r = t.rows[i]
+                h, x, ids, wts, addrs = ops.moe_layer(
+                    h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
+                    ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
+                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
+                if not last and i == stop - 1:  # this segment's CPU layer: hand its routing to the host
+                    H, k = c.hidden_size, c.top_k
+                    self.h_buf.copy_(h)
+                    self.x_buf.copy_(x)
+                    self.pack[:H].copy_(x[0])
+                    self.pack[H:H + k].copy_(wts[0])
+                    self.pack[H + k:].copy_(ids[0])
+                    if c.shared_expert_intermediate_size:
+                        self.shared_buf.copy_(m.shared(i, x))
+                    return
+                delta = self._experts_of(i, x, ids, wts, h, addrs, fast)
+                if c.shared_expert_intermediate_size:
+                    delta = delta + m.shared(i, x)
+            else:
+                h = ops.attention(h, delta, self.hs[i], **at)
+                delta = m.ffn(i, h, None)
+        ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
+        self.pos.add_(1)
+
+    def _host_layer(self, j: int):
+        """CPU layer j's experts from the packed row (waited for), into delta_buf."""
+        e, c = self.e, self.cfg
+        H, k, layer = c.hidden_size, c.top_k, self.cpu[j]
+        self.pack_host.copy_(self.pack, non_blocking=True)  # outside the graph: a plain copy to pinned memory
+        if self.cuda:
+            self.packed.record(self.stream)
+            self.packed.synchronize()
+        vals = self.pack_host[H:].tolist()
+        chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
+        if e.trace is not None:
+            e.trace.route(layer, [chosen])
+        e.cpu_layers.decode(layer, self.pack_host[:H].view(1, H), chosen, vals[:k], self.x_buf, out=self.delta_buf)
+
+    # ------------------------------------------------------------------ a decode step
+    def step(self, token: int, n_past: int) -> torch.Tensor:
+        if self.mode == "eager":
+            return super().step(token, n_past)
+        self.steps += 1
+        cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
+        if cur is not None:
+            self.stream.wait_stream(cur)
+        with self._on_stream():
+            if self.pos_value != n_past:
+                self.pos.fill_(n_past)
+            self.tok.fill_(token)
+            self.pos_value = n_past + 1
+            self.table.ready()
+            for j in range(len(self.cpu) + 1):
+                if self.graphs:
+                    self.graphs[j].replay()
+                else:
+                    self._segment(j)
+                if j < len(self.cpu):
+                    self._host_layer(j)
+            self.replays += bool(self.graphs)
+            self._settle_after()
+            out = self.logits.clone()
+        if cur is not None:
+            cur.wait_stream(self.stream)
+        return out
+
+    def _settle_after(self):
+        """As DeviceDecode._settle for the layers after the last CPU layer (the CPU layers' experts
+        were computed from RAM, never looked up)."""
+        e, p, cpu = self.e, self.e.pager, set(self.cpu)
+        ids = self.ids.tolist()
+        for row, layer in enumerate(self.order):
+            if layer in cpu:
+                continue
+            if not self.table.resident(layer, ids[row]):
+                self.fallbacks += 1
+                self.pos.sub_(1)
+                self._body(layer, fast=False)
+                return
+            if e.trace is not None:
+                e.trace.route(layer, [ids[row]])
+            p.note_hits(layer, ids[row])
+
+    def _capture(self):
+        """DeviceDecode._capture for the segments: warm up on the side stream, then capture each
+        segment as a graph of its own (one memory pool: they replay in capture order)."""
+        cur, side = torch.cuda.current_stream(self.e.device), self.stream
+        tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
+        for kmode, compiled in tries:
+            if compiled and not self.ops.compiled:
+                continue
+            self.kernel_mode = kmode
+            side.wait_stream(cur)
+            try:
+                with torch.cuda.stream(side):
+                    for j in range(len(self.cpu) + 1):
+                        self._segment(j)
+                    self.pos.sub_(1)
+                cur.wait_stream(side)
+                pool, graphs, nodes = torch.cuda.graph_pool_handle(), [], {}
+                for j in range(len(self.cpu) + 1):
+                    g = _new_graph()
+                    with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        self._segment(j)
+                    for kind, n in _graph_nodes(g).items():
+                        nodes[kind] = nodes.get(kind, 0) + n
+                    if hasattr(g, "instantiate"):
+                        g.instantiate()
+                    graphs.append(g)
+                self.graphs, self.nodes = graphs, nodes
+                self.graph, self.captured, self.why_not = graphs[-1], True, ""
+                return
+            except Exception as err:  # noqa: BLE001 - a launch or a compilation the capture cannot take
+                cur.wait_stream(side)
+                torch.cuda.synchronize(self.e.device)
+                self.pos.fill_(self.pos_value)
+                self.graphs = []
+                self.why_not = f"capture failed ({kmode}, compiled={compiled}): {type(err).__name__}: {err}"[:500]
+                if compiled and kmode == "two":
+                    self.ops.uncompile(self.why_not)
+        self.kernel_mode = "auto"
+
+    def close(self):
+        self.graphs = []
+        super().close()
