@@ -36,6 +36,16 @@ class Backend:
             out.add_(self.expert_ffn(x, rec, layout), alpha=w)
         return out
 
+    def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts: list[int], layout) -> torch.Tensor:
+        """Prefill through several experts at once: x [sum(counts), H] holds the tokens grouped per
+        expert (counts[i] rows for records[i], in order) -> [sum(counts), H]. Here one expert_ffn
+        per group; the CUDA backend overrides it with one launch for all (csrc/cuda/fm_prefill.cu)."""
+        outs, at = [], 0
+        for rec, c in zip(records, counts):
+            outs.append(self.expert_ffn(x[at:at + c], rec, layout))
+            at += c
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
         """x [T, in] @ W.T for one weight part of format fmt and shape [out, in]. Native backends
         override this with a fused dequantizing product."""

@@ -224,7 +224,6 @@ class Engine:
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
-        out = torch.zeros_like(x)
         # tokens grouped per expert with one read-back per layer (not one per expert): a stable
         # sort keeps each expert's (token, slot) pairs in torch.where's order
         k = ids.shape[1]
@@ -234,15 +233,22 @@ class Engine:
         for c in counts:
             start.append(start[-1] + c)
         used = [e for e, c in enumerate(counts) if c]
+        xs = x[order // k]
+        # each (token, slot) result lands in its place, then a token's k results are summed with
+        # their weights: the same order of additions however the experts were grouped
+        back = torch.empty_like(xs)
         step = self.pager.capacity
         for g in range(0, len(used), step):
-            for e, rec in self.pager.request(layer, used[g:g + step]):
-                pick = order[start[e]:start[e + 1]]
-                tok, slot = pick // k, pick % k
-                y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
-                y = y * weights[tok, slot, None]
-                out.index_add_(0, tok, y)
-        return out
+            group = used[g:g + step]
+            got = dict(self.pager.request(layer, group))
+            if act is None:  # the group's experts in one call (one grouped launch on CUDA)
+                a, b = start[group[0]], start[group[-1] + 1]
+                back[order[a:b]] = be.grouped_ffn(xs[a:b], [got[e] for e in group], [counts[e] for e in group], layout)
+                continue
+            for e in group:
+                a, b = start[e], start[e + 1]
+                back[order[a:b]] = be.expert_general(xs[a:b], got[e], layout, act)
+        return (back.view(-1, k, x.shape[-1]) * weights[..., None]).sum(1)
 
     def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
         """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""

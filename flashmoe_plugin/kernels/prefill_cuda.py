@@ -1,0 +1,72 @@
+"""Prefill on tensor cores: the grouped mixed-input GEMM of flashmoe_plugin._prefill_cuda
+(csrc/cuda/fm_prefill.cu) for all of a layer's experts at once.
+
+Tokens arrive grouped per expert; one launch computes silu(x W1.T) * (x W3.T) for every expert
+(the SwiGLU in the GEMM's epilogue) and a second one the down projections. The q4/q8 weights are
+dequantized tile by tile in registers and fed to mma.sync (bf16, fp32 accumulation): an
+expert's cost grows with its tokens and no bf16 weight matrix is ever written. The CPU twin is
+Backend.grouped_ffn (dequantize + matmul per expert), which the tests compare it with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+
+_G = None
+_G_ERROR = ""
+
+
+def kernels():
+    """The compiled module, or None (built without nvcc)."""
+    global _G, _G_ERROR
+    if _G is None and not _G_ERROR:
+        try:
+            from .. import _prefill_cuda as g
+            _G = g
+        except ImportError as e:
+            _G_ERROR = str(e) or type(e).__name__
+    return _G
+
+
+def supports(x: torch.Tensor, layout) -> bool:
+    """Whether grouped_ffn computes this: bf16 activations on a GPU, q4 or q8 experts of the
+    plain SwiGLU layout, the compiled module present."""
+    if x.dtype != torch.bfloat16 or not x.is_cuda or kernels() is None:
+        return False
+    fmts = {p.format for p in layout.parts}
+    return fmts in ({"q4"}, {"q8"}) and {p.name for p in layout.parts} == {"w13", "w2"}
+
+
+def _sections(part) -> tuple[int, int]:
+    secs = {s.name: s.offset for s in quant.sections(part.format, part.shape)}
+    return secs["scales"], secs.get("biases", 0)
+
+
+def grouped_ffn(x: torch.Tensor, records: list[torch.Tensor], counts: list[int], layout) -> torch.Tensor:
+    """x [sum(counts), H] bf16, tokens grouped per expert (counts[i] rows for records[i]) ->
+    [sum(counts), H]: each group through its expert's SwiGLU FFN."""
+    g = kernels()
+    dev = x.device
+    E = len(records)
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + int(c))
+    # one small host-to-device copy carries the record addresses and the token offsets
+    meta = torch.tensor([r.data_ptr() for r in records] + offsets, dtype=torch.int64).pin_memory()
+    meta = meta.to(dev, non_blocking=True)
+    addrs, offs = meta[:E], meta[E:].to(torch.int32)
+    p13, p2 = layout.part("w13"), layout.part("w2")
+    H, I = layout.hidden, layout.intermediate
+    T, most = x.shape[0], max(counts)
+    x = x.contiguous()
+    fused = I % (g.TILE_ROWS // 2) == 0
+    h = torch.empty((T, I if fused else 2 * I), dtype=x.dtype, device=dev)
+    g.grouped_gemm(p13.format, addrs, p13.offset, _sections(p13), 2 * I, H, offs, most, x, h, swiglu=fused)
+    if not fused:
+        gate, up = h.chunk(2, dim=-1)
+        h = (F.silu(gate) * up).contiguous()
+    y = torch.empty((T, H), dtype=x.dtype, device=dev)
+    g.grouped_gemm(p2.format, addrs, p2.offset, _sections(p2), H, I, offs, most, h, y)
+    return y
