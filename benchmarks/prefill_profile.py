@@ -21,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -137,6 +138,9 @@ def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None) ->
                 secs.append(time.perf_counter() - t0)
             row = {"tok_s_median": tokens / statistics.median(secs), "tok_s_all": [tokens / s for s in secs],
                    "ms_median": 1000 * statistics.median(secs), "profile": profile_once(run)}
+            print(f"# prefill {path}: {row['tok_s_median']:.0f} tok/s ({row['tok_s_all']}), profiled: "
+                  f"wall {row['profile']['wall_ms']:.1f} ms, GPU busy {row['profile']['gpu_busy_ms']:.1f}, "
+                  f"{row['profile']['by_category_ms']}", file=sys.stderr, flush=True)
             row["last_logits_argmax"] = int(logits.argmax())
             row["first_vs_repeat_max_abs"] = float((first - logits).abs().max())
             out[path] = row
@@ -151,13 +155,13 @@ def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None) ->
     return out
 
 
-def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 32, 64, 128, 256, 512), reps=5) -> list[dict]:
+def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 64, 128, 256, 512), reps=5) -> list[dict]:
     from flashmoe_plugin import quant
     from flashmoe_plugin.kernels import prefill_cuda
     from flashmoe_plugin.kernels.cuda_backend import CudaBackend
     from flashmoe_plugin.store.layout import RecordLayout
     be, rows = CudaBackend(), []
-    for fmt in ("q4", "q8"):
+    for fmt, variants in (("q4", ("auto", "int_1", "dequant")), ("q8", ("auto",))):
         layout = RecordLayout.build(fmt, H, I)
         recs = []
         for _ in range(E):
@@ -172,15 +176,25 @@ def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 32, 64, 128, 256, 512), reps=5) ->
             x = torch.randn(E * T, H, device="cuda").bfloat16()
             counts = [T] * E
 
-            def grouped():
-                return prefill_cuda.grouped_ffn(x, recs, counts, layout)
+            def grouped(var):
+                def fn():
+                    prefill_cuda.variant = var
+                    try:
+                        return prefill_cuda.grouped_ffn(x, recs, counts, layout)
+                    finally:
+                        prefill_cuda.variant = "auto"
+                return fn
 
             def per_expert():
-                return [be.dequant_ffn(x[i * T:(i + 1) * T], recs[i], layout) for i in range(E)]
+                return torch.cat([be.dequant_ffn(x[i * T:(i + 1) * T], recs[i], layout) for i in range(E)])
 
             res = {"fmt": fmt, "tokens_per_expert": T, "experts": E}
-            for name, fn in (("grouped", grouped), ("dequant_cublas", per_expert)):
-                fn()
+            fns = [(f"grouped_{v}", grouped(v)) for v in variants] + [("dequant_cublas", per_expert)]
+            ref = per_expert().float()
+            for name, fn in fns:
+                y = fn()
+                if name != "dequant_cublas":
+                    res[f"{name}_rel_diff_vs_dequant_cublas"] = float((y.float() - ref).norm() / ref.norm())
                 torch.cuda.synchronize()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -191,14 +205,9 @@ def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 32, 64, 128, 256, 512), reps=5) ->
                 us = a.elapsed_time(b) * 1000 / reps / E
                 res[f"{name}_us_per_expert"] = us
                 res[f"{name}_tflops"] = 2 * T * 3 * H * I / (us * 1e-6) / 1e12
-            g = grouped()
-            ref = torch.cat(per_expert())
-            res["rel_diff_vs_dequant_cublas"] = float(((g.float() - ref.float()).norm() / ref.float().norm()))
-            res["speedup"] = res["dequant_cublas_us_per_expert"] / res["grouped_us_per_expert"]
             rows.append(res)
-            print(f"# kernels {fmt} T={T}: grouped {res['grouped_us_per_expert']:.1f} us/expert "
-                  f"({res['grouped_tflops']:.0f} TFLOP/s), dequant+cuBLAS {res['dequant_cublas_us_per_expert']:.1f}",
-                  file=os.sys.stderr, flush=True)
+            print(f"# kernels {fmt} T={T}: " + ", ".join(f"{n} {res[n + '_us_per_expert']:.0f} us" for n, _ in fns),
+                  file=sys.stderr, flush=True)
     return rows
 
 

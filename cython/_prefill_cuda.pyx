@@ -8,7 +8,8 @@ is found. Checked here: dtypes, devices, shapes, contiguity, alignment.
 
     FORMATS                                  {"q8": 3, "q4": 4}
     device_count() -> int
-    grouped_gemm(fmt, parts, part_off, sections, N, K, offsets, max_count, x, y, swiglu=False, stream=None)
+    grouped_gemm(fmt, parts, part_off, sections, N, K, offsets, max_count, x, y, swiglu=False,
+                 variant="auto", stream=None)
         parts: int64 CUDA tensor [E] of record addresses, part at address + part_off
         sections: (scales offset, biases offset or 0) inside the part (quant.sections)
         offsets: int32 CUDA tensor [E+1] of token offsets (tokens sorted by expert)
@@ -21,11 +22,15 @@ import torch as _torch
 
 cdef extern from "fm_prefill.h" nogil:
     int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off, int64_t s_off, int64_t b_off,
-                         int64_t N, int64_t K, int swiglu, const int32_t *offsets, int E, int64_t max_count,
-                         const void *x, void *y, int device, void *stream)
+                         int64_t N, int64_t K, int swiglu, int variant, const int32_t *offsets, int E,
+                         int64_t max_count, const void *x, void *y, int device, void *stream)
     int fmp_device_count()
 
 FORMATS = {"q8": 3, "q4": 4}
+VARIANTS = {"auto": 0, "dequant": 1, "int_1": 2}
+"""auto: q4 multiplies its integer codes and scales the sums (x's every 8 elements in the order
+0,4,1,5,2,6,3,7, the SwiGLU output written so), q8 dequantizes; dequant: every weight dequantized
+to bf16 in registers; int_1: auto's q4 kernel without its register cap (one block per SM)."""
 TILE_ROWS = 256
 """Weight rows per block; with swiglu the intermediate size must be a multiple of half of it."""
 
@@ -42,9 +47,11 @@ def _cuda(t, name, dtype, dev):
 
 
 def grouped_gemm(fmt, parts, int64_t part_off, sections, int64_t N, int64_t K, offsets, int64_t max_count,
-                 x, y, swiglu=False, stream=None):
+                 x, y, swiglu=False, variant="auto", stream=None):
     if fmt not in FORMATS:
         raise ValueError(f"grouped_gemm: format {fmt!r} not supported; supported: {', '.join(FORMATS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"grouped_gemm: variant {variant!r} unknown; known: {', '.join(VARIANTS)}")
     _cuda(x, "x", _torch.bfloat16, None)
     dev = x.device
     _cuda(y, "y", _torch.bfloat16, dev)
@@ -66,17 +73,17 @@ def grouped_gemm(fmt, parts, int64_t part_off, sections, int64_t N, int64_t K, o
     if x.data_ptr() % 16 or y.data_ptr() % 16:
         raise ValueError("grouped_gemm: x and y must start on a 16-byte boundary")
     s_off, b_off = int(sections[0]), int(sections[1] or 0)
-    cdef int f = FORMATS[fmt], sw = 1 if swiglu else 0
+    cdef int f = FORMATS[fmt], sw = 1 if swiglu else 0, var = VARIANTS[variant]
     cdef int d = dev.index if dev.index is not None else _torch.cuda.current_device()
     cdef uintptr_t sp = _torch.cuda.current_stream(dev).cuda_stream if stream is None else int(stream)
     cdef uintptr_t pp = parts.data_ptr(), op = offsets.data_ptr(), xp = x.data_ptr(), yp = y.data_ptr()
     cdef int64_t so = s_off, bo = b_off
     cdef int rc
     with nogil:
-        rc = fmp_grouped_gemm(f, <const uint64_t *>pp, part_off, so, bo, N, K, sw, <const int32_t *>op, E,
+        rc = fmp_grouped_gemm(f, <const uint64_t *>pp, part_off, so, bo, N, K, sw, var, <const int32_t *>op, E,
                               max_count, <const void *>xp, <void *>yp, d, <void *>sp)
     if rc == -1:
-        raise ValueError(f"grouped_gemm: bad arguments (fmt {fmt}, N {N}, K {K}, part_off {part_off}, "
+        raise ValueError(f"grouped_gemm: bad arguments (fmt {fmt}, N {N}, K {K}, part_off {part_off}, variant {variant}, "
                          f"sections {tuple(sections)}, max_count {max_count})")
     if rc == -2:
         raise ValueError("grouped_gemm: the device has too little shared memory per block")

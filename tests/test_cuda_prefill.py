@@ -6,7 +6,7 @@
 - on a GPU: the grouped tensor-core GEMM (csrc/cuda/fm_prefill.cu) against float64 math on the
   dequantized weights, and against dequantize + cuBLAS, for q4 and q8, with the SwiGLU in its
   epilogue and without (an intermediate size not a multiple of 128), partial row tiles (N not a
-  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert.
+  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert, each kernel variant.
 Tolerance 8e-3 relative (bf16 activations, weights rounded to bf16, the SwiGLU's product rounded
 to bf16 as torch's reference does), as the other CUDA kernels' bf16 tests.
 """
@@ -62,15 +62,22 @@ def _kernel():
     return prefill_cuda
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_permute8_order():
+    from flashmoe_plugin.kernels.prefill_cuda import permute8
+    x = torch.arange(32.0).view(2, 16)
+    assert permute8(x)[1].tolist() == [16, 20, 17, 21, 18, 22, 19, 23, 24, 28, 25, 29, 26, 30, 27, 31]
+
+
+@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "int_1"), ("q4", "dequant"), ("q8", "auto")])
 @pytest.mark.parametrize("H,I,counts", [
     (256, 384, [1, 64, 65, 130]),   # SwiGLU fused in the first launch's epilogue
     (320, 192, [63, 0, 13, 64]),    # no fusion (192 % 128), a partial 256-row tile (320), an empty expert
 ])
 @pytest.mark.cuda
 @needs_gpu
-def test_grouped_gemm_matches_reference(fmt, H, I, counts):
+def test_grouped_gemm_matches_reference(fmt, variant, H, I, counts, monkeypatch):
     pc = _kernel()
+    monkeypatch.setattr(pc, "variant", variant)
     from flashmoe_plugin.kernels.cuda_backend import CudaBackend
     gen = torch.Generator().manual_seed(11)
     layout = RecordLayout.build(fmt, H, I)
@@ -84,7 +91,8 @@ def test_grouped_gemm_matches_reference(fmt, H, I, counts):
     for rec, drec, c in zip(recs, drecs, counts):
         if c:
             got = out[at:at + c]
-            assert rel_err(got, ref_expert(x[at:at + c], rec, layout)) <= 8e-3, f"{fmt} count {c}"
+            err = rel_err(got, ref_expert(x[at:at + c], rec, layout))
+            assert err <= 8e-3, f"{fmt} {variant} count {c}: {err}"
             cublas = be.dequant_ffn(x[at:at + c].cuda(), drec, layout)
             assert rel_err(got, cublas.double()) <= 8e-3, f"{fmt} count {c} vs dequantize + cuBLAS"
         at += c

@@ -29,7 +29,8 @@ template <int F> struct Q {
     static constexpr int A_BYTES = BM * ROW;
     static constexpr int X_BYTES = BN * BK * 2;
     static constexpr int STAGE = A_BYTES + X_BYTES;
-    static constexpr int SMEM = STAGE * STAGES;
+    static constexpr int SMEM = STAGE * STAGES + 2 * BN * 4;
+    static constexpr int STAGE_ALL = STAGE * STAGES;  // + the per-token group sums (INTA)
 };
 
 struct Params {
@@ -78,8 +79,8 @@ template <int F> __device__ __forceinline__ unsigned pair(unsigned bits, float s
     }
 }
 
-template <int F, bool SWIGLU>
-__global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
+template <int F, bool SWIGLU, bool INTA, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) {
     using QF = Q<F>;
     extern __shared__ __align__(16) uint8_t smem[];
     const int e = blockIdx.z;
@@ -104,12 +105,12 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
 
     // what this thread copies each step: A chunks (16 bytes) and X chunks
     constexpr int A_CH = QF::A_BYTES / 16 / THREADS, CPR = QF::ROW / 16;
-    const uint8_t *a_src[A_CH];
+    uint32_t a_src[A_CH];  // offsets in the part (its q section is < 2 GiB: checked on the host)
     int a_dst[A_CH];
 #pragma unroll
     for (int j = 0; j < A_CH; ++j) {
         const int c = tid + j * THREADS, i = c / CPR, cc = c % CPR;
-        a_src[j] = part + (int64_t)wrow(i) * qrow + cc * 16;
+        a_src[j] = (uint32_t)((int64_t)wrow(i) * qrow + cc * 16);
         a_dst[j] = i * QF::ROW + cc * 16;
     }
     constexpr int X_CH = QF::X_BYTES / 16 / THREADS;
@@ -126,24 +127,20 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
     auto load = [&](int slot, int kt) {
         uint8_t *st = smem + slot * QF::STAGE;
 #pragma unroll
-        for (int j = 0; j < A_CH; ++j) cp16(st + a_dst[j], a_src[j] + kt * QF::ROW, true);
+        for (int j = 0; j < A_CH; ++j) cp16(st + a_dst[j], part + a_src[j] + kt * QF::ROW, true);
 #pragma unroll
         for (int j = 0; j < X_CH; ++j) cp16(st + x_dst[j], x_src[j] + kt * 128, x_ok[j]);
     };
 
     // this thread's 4 weight rows (2 m-tiles x rows g, g+8): scales/biases, one step ahead
-    const __half *sp[4], *bp[4];
+    uint32_t so_[4];  // element offsets of the rows' scales (and biases)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const int64_t row = wrow(warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g);
-        sp[r] = scales + row * (K / 64);
-        bp[r] = biases + row * (K / 64);
-    }
+    for (int r = 0; r < 4; ++r) so_[r] = (uint32_t)wrow(warp * 32 + (r >> 1) * 16 + (r & 1) * 8 + g) * (uint32_t)(K / 64);
     __half s_next[4], b_next[4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        s_next[r] = sp[r][0];
-        b_next[r] = F == FMP_Q4 ? bp[r][0] : __half(0.f);
+        s_next[r] = scales[so_[r]];
+        b_next[r] = F == FMP_Q4 ? biases[so_[r]] : __half(0.f);
     }
 
     float acc[2][8][4];
@@ -160,27 +157,59 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
         cp_commit();
     }
 
+    // INTA: each token's sum of x over a 64-group (fp32), a 2-slot ring behind the stages
+    float *sxs = (float *)(smem + QF::STAGE_ALL);
+    auto xsum = [&](int stage_slot, int dst) {
+        const uint8_t *sx = smem + stage_slot * QF::STAGE + QF::A_BYTES;
+        const int n = tid >> 2, q = tid & 3;
+        float v = 0.f;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const uint4 u = *(const uint4 *)(sx + n * 128 + (((2 * q + c) ^ (n & 7)) << 4));
+            const __nv_bfloat162 *h2 = (const __nv_bfloat162 *)&u;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __bfloat1622float2(h2[j]);
+                v += f.x + f.y;
+            }
+        }
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (q == 0) sxs[dst * BN + n] = v;
+    };
+    if (INTA) {
+        cp_wait<STAGES - 2>();
+        __syncthreads();
+        xsum(0, 0);
+    }
+
     for (int kt = 0; kt < KT; ++kt) {
         float sc[4], bi[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             sc[r] = __half2float(s_next[r]);
             bi[r] = __half2float(b_next[r]);
+            // INTA computes (128 + q) . x: w.x = s (128 + q).x + (b - 128 s) sum(x)
+            if (INTA) bi[r] = fmaf(-128.f, sc[r], bi[r]);
         }
         if (kt + 1 < KT) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                s_next[r] = sp[r][kt + 1];
-                if (F == FMP_Q4) b_next[r] = bp[r][kt + 1];
+                s_next[r] = scales[so_[r] + kt + 1];
+                if (F == FMP_Q4) b_next[r] = biases[so_[r] + kt + 1];
             }
         }
-        cp_wait<STAGES - 2>();
+        if (INTA)
+            cp_wait<STAGES - 3>();  // this step's and the next one's tiles (the next one's sums)
+        else
+            cp_wait<STAGES - 2>();
         __syncthreads();
         {
             const int nk = kt + STAGES - 1;
             if (nk < KT) load(nk % STAGES, nk);
             cp_commit();
         }
+        if (INTA && kt + 1 < KT) xsum((kt + 1) % STAGES, (kt + 1) & 1);
         const uint8_t *st = smem + (kt % STAGES) * QF::STAGE;
         const uint8_t *sx = st + QF::A_BYTES;
         // packed bytes of this thread's rows: [m-tile][row g / g+8]
@@ -202,12 +231,51 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
                     araw[m][h][3] = v.w;
                 }
             }
+        if constexpr (INTA) {
+            // bf16 (128 + q) pairs straight from the nibbles: (word >> 4i) & 0x000F000F holds
+            // elements i and i+4 of the word; step s takes i = 2(s&1) and 2(s&1)+1 of word s>>1,
+            // x is stored with each 8 elements in the order 0,4,1,5,2,6,3,7 to match
+            unsigned af[2][4][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) {
+                        const unsigned w = araw[m][h][s >> 1];
+                        const int i0 = 2 * (s & 1);
+                        af[m][s][h] = ((w >> (4 * i0)) & 0x000F000Fu) | 0x43004300u;
+                        af[m][s][2 + h] = ((w >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
+                    }
+            const float *xs = sxs + (kt & 1) * BN;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                if (n * 8 >= ntok) break;
+                const uint8_t *row = sx + (n * 8 + g) * 128;
+                const uint4 b0 = *(const uint4 *)(row + (((2 * t) ^ g) << 4));
+                const uint4 b1 = *(const uint4 *)(row + (((2 * t + 1) ^ g) << 4));
+                const float2 xv = *(const float2 *)(xs + n * 8 + 2 * t);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma(tmp, af[m][0], b0.x, b0.y);
+                    mma(tmp, af[m][1], b0.z, b0.w);
+                    mma(tmp, af[m][2], b1.x, b1.y);
+                    mma(tmp, af[m][3], b1.z, b1.w);
+                    float *c = acc[m][n];
+                    c[0] = fmaf(sc[2 * m], tmp[0], fmaf(bi[2 * m], xv.x, c[0]));
+                    c[1] = fmaf(sc[2 * m], tmp[1], fmaf(bi[2 * m], xv.y, c[1]));
+                    c[2] = fmaf(sc[2 * m + 1], tmp[2], fmaf(bi[2 * m + 1], xv.x, c[2]));
+                    c[3] = fmaf(sc[2 * m + 1], tmp[3], fmaf(bi[2 * m + 1], xv.y, c[3]));
+                }
+            }
+        } else {
 #pragma unroll
         for (int sp2 = 0; sp2 < 2; ++sp2) {
             uint4 braw[8];
 #pragma unroll
             for (int n = 0; n < 8; ++n)  // token n*8 + g: (n*8 + g) & 7 == g
-                braw[n] = *(const uint4 *)(sx + (n * 8 + g) * 128 + (((2 * t + sp2) ^ g) << 4));
+                if (n * 8 < ntok) braw[n] = *(const uint4 *)(sx + (n * 8 + g) * 128 + (((2 * t + sp2) ^ g) << 4));
 #pragma unroll
             for (int ss = 0; ss < 2; ++ss) {
                 const int s = 2 * sp2 + ss;
@@ -232,11 +300,13 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
                     }
 #pragma unroll
                     for (int n = 0; n < 8; ++n) {
+                        if (n * 8 >= ntok) break;
                         const unsigned b0 = ss ? braw[n].z : braw[n].x, b1 = ss ? braw[n].w : braw[n].y;
                         mma(acc[m][n], a, b0, b1);
                     }
                 }
             }
+        }
         }
     }
     cp_wait<0>();
@@ -265,18 +335,17 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
             const uint4 gv = *(const uint4 *)(so + n * SO + cc * 8);
             const uint4 uv = *(const uint4 *)(so + n * SO + BM / 2 + cc * 8);
             const __nv_bfloat16 *gh = (const __nv_bfloat16 *)&gv, *uh = (const __nv_bfloat16 *)&uv;
+            float r8[8];
+#pragma unroll
+            for (int v = 0; v < 8; ++v) {
+                const float gf = __bfloat162float(gh[v]);
+                const float act = __bfloat162float(__float2bfloat16_rn(gf / (1.f + expf(-gf))));
+                r8[v] = act * __bfloat162float(uh[v]);
+            }
             unsigned o[4];
 #pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                float r2[2];
-#pragma unroll
-                for (int w = 0; w < 2; ++w) {
-                    const float gf = __bfloat162float(gh[2 * v + w]);
-                    const float act = __bfloat162float(__float2bfloat16_rn(gf / (1.f + expf(-gf))));
-                    r2[w] = act * __bfloat162float(uh[2 * v + w]);
-                }
-                o[v] = pack(r2[0], r2[1]);
-            }
+            for (int v = 0; v < 4; ++v)  // INTA: written in the order the next (INTA) product reads
+                o[v] = INTA ? pack(r8[v], r8[v + 4]) : pack(r8[2 * v], r8[2 * v + 1]);
             *(uint4 *)(p.y + (int64_t)(off + tok0 + n) * inter + col0 + cc * 8) = make_uint4(o[0], o[1], o[2], o[3]);
         }
     } else {
@@ -292,8 +361,9 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
 
 typedef void (*Kern)(const Params);
 
-template <int F, bool SW> int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t st) {
-    Kern k = grouped_kernel<F, SW>;
+template <int F, bool SW, bool IA, int MINB = 1>
+int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t st) {
+    Kern k = grouped_kernel<F, SW, IA, MINB>;
     const int smem = Q<F>::SMEM > BN * SO * 2 ? Q<F>::SMEM : BN * SO * 2;
     int optin = 0;
     cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -311,21 +381,30 @@ template <int F, bool SW> int launch(const Params &p, int64_t max_count, int E, 
 }  // namespace
 
 extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off, int64_t s_off, int64_t b_off,
-                                int64_t N, int64_t K, int swiglu, const int32_t *offsets, int E, int64_t max_count,
-                                const void *x, void *y, int device, void *stream) {
-    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
+                                int64_t N, int64_t K, int swiglu, int variant, const int32_t *offsets, int E,
+                                int64_t max_count, const void *x, void *y, int device, void *stream) {
+    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || (variant < FMP_AUTO || variant > FMP_INT_1) || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
         return -1;
     if (K % 64 || N % 64 || (swiglu && (N / 2) % (BM / 2)) || ((uintptr_t)x | (uintptr_t)y) % 16) return -1;
     if (((part_off | s_off | b_off) % 16) || N > (1 << 30) || K > (1 << 30)) return -1;
+    if (N * (fmt == FMP_Q4 ? K / 2 : K) >= ((int64_t)1 << 31)) return -1;  // 32-bit offsets in the kernel
     if (max_count <= 0) return 0;
     if (max_count > (int64_t)65535 * BN) return -1;
     cudaError_t err = cudaSetDevice(device);
     if (err != cudaSuccess) return (int)err;
     Params p{parts, part_off, s_off, b_off, N, K, offsets, (const __nv_bfloat16 *)x, (__nv_bfloat16 *)y};
     cudaStream_t st = (cudaStream_t)stream;
-    if (fmt == FMP_Q4) return swiglu ? launch<FMP_Q4, true>(p, max_count, E, device, st)
-                                     : launch<FMP_Q4, false>(p, max_count, E, device, st);
-    return swiglu ? launch<FMP_Q8, true>(p, max_count, E, device, st) : launch<FMP_Q8, false>(p, max_count, E, device, st);
+    if (fmt == FMP_Q4 && variant == FMP_AUTO)
+        return swiglu ? launch<FMP_Q4, true, true, 2>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, true, 2>(p, max_count, E, device, st);
+    if (fmt == FMP_Q4 && variant == FMP_INT_1)
+        return swiglu ? launch<FMP_Q4, true, true, 1>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, true, 1>(p, max_count, E, device, st);
+    if (fmt == FMP_Q4)
+        return swiglu ? launch<FMP_Q4, true, false>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, false>(p, max_count, E, device, st);
+    return swiglu ? launch<FMP_Q8, true, false>(p, max_count, E, device, st)
+                  : launch<FMP_Q8, false, false>(p, max_count, E, device, st);
 }
 
 extern "C" int fmp_device_count(void) {

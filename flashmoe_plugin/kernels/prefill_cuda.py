@@ -2,10 +2,11 @@
 (csrc/cuda/fm_prefill.cu) for all of a layer's experts at once.
 
 Tokens arrive grouped per expert; one launch computes silu(x W1.T) * (x W3.T) for every expert
-(the SwiGLU in the GEMM's epilogue) and a second one the down projections. The q4/q8 weights are
-dequantized tile by tile in registers and fed to mma.sync (bf16, fp32 accumulation): an
-expert's cost grows with its tokens and no bf16 weight matrix is ever written. The CPU twin is
-Backend.grouped_ffn (dequantize + matmul per expert), which the tests compare it with.
+(the SwiGLU in the GEMM's epilogue) and a second one the down projections, on mma.sync (bf16 in,
+fp32 accumulation): an expert's cost grows with its tokens and no bf16 weight matrix is ever
+written. q4 multiplies its integer codes (as bf16 128 + q, made by bit operations) and applies
+each group's scale and bias to the fp32 sums; q8 dequantizes each weight in registers. The CPU
+twin is Backend.grouped_ffn (dequantize + matmul per expert), which the tests compare it with.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .. import quant
 
 _G = None
 _G_ERROR = ""
+variant = "auto"
+"""The kernel variant (_prefill_cuda.VARIANTS): "auto", or "dequant" / "int_1" for benchmarks."""
 
 
 def kernels():
@@ -44,6 +47,13 @@ def _sections(part) -> tuple[int, int]:
     return secs["scales"], secs.get("biases", 0)
 
 
+def permute8(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] with each 8 consecutive elements in the order 0,4,1,5,2,6,3,7 (what the q4 kernel
+    reads: its bit operations yield weight pairs (i, i+4))."""
+    T, K = x.shape
+    return x.view(T, K // 8, 2, 4).transpose(2, 3).reshape(T, K)
+
+
 def grouped_ffn(x: torch.Tensor, records: list[torch.Tensor], counts: list[int], layout) -> torch.Tensor:
     """x [sum(counts), H] bf16, tokens grouped per expert (counts[i] rows for records[i]) ->
     [sum(counts), H]: each group through its expert's SwiGLU FFN."""
@@ -60,13 +70,16 @@ def grouped_ffn(x: torch.Tensor, records: list[torch.Tensor], counts: list[int],
     p13, p2 = layout.part("w13"), layout.part("w2")
     H, I = layout.hidden, layout.intermediate
     T, most = x.shape[0], max(counts)
-    x = x.contiguous()
+    perm = p13.format == "q4" and variant != "dequant"
+    x = permute8(x) if perm else x.contiguous()
     fused = I % (g.TILE_ROWS // 2) == 0
     h = torch.empty((T, I if fused else 2 * I), dtype=x.dtype, device=dev)
-    g.grouped_gemm(p13.format, addrs, p13.offset, _sections(p13), 2 * I, H, offs, most, x, h, swiglu=fused)
-    if not fused:
+    g.grouped_gemm(p13.format, addrs, p13.offset, _sections(p13), 2 * I, H, offs, most, x, h, swiglu=fused,
+                   variant=variant)
+    if not fused:  # the SwiGLU in torch (written permuted by the kernel only when fused)
         gate, up = h.chunk(2, dim=-1)
-        h = (F.silu(gate) * up).contiguous()
+        h = F.silu(gate) * up
+        h = permute8(h) if perm else h.contiguous()
     y = torch.empty((T, H), dtype=x.dtype, device=dev)
-    g.grouped_gemm(p2.format, addrs, p2.offset, _sections(p2), H, I, offs, most, h, y)
+    g.grouped_gemm(p2.format, addrs, p2.offset, _sections(p2), H, I, offs, most, h, y, variant=variant)
     return y
