@@ -110,17 +110,27 @@ def profile_once(fn) -> dict:
     }
 
 
-def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None) -> dict:
+def best_variant(kernels: list[dict], tokens_per_expert: int = 128) -> str:
+    """The fastest q4 kernel variant at this many tokens per expert in a --kernels sweep."""
+    row = next(r for r in kernels if r["fmt"] == "q4" and r["tokens_per_expert"] == tokens_per_expert)
+    times = {k[len("grouped_"):-len("_us_per_expert")]: v for k, v in row.items()
+             if k.startswith("grouped_") and k.endswith("_us_per_expert")}
+    return min(times, key=times.get)
+
+
+def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None, variant: str = "auto") -> dict:
     from flashmoe_plugin.kernels import prefill_cuda
     from flashmoe_plugin.runtime.engine import Engine
-    eng = Engine(store, device="cuda", n_ctx=tokens + 8, prefetch="off", dense_quant=dense_quant)
+    prefill_cuda.variant = variant
+    # verify=False: records are not checksummed as they load (load time only; nothing timed)
+    eng = Engine(store, device="cuda", n_ctx=tokens + 8, prefetch="off", dense_quant=dense_quant, verify=False)
     for layer, info in eng.store.layers.items():
         eng.pager.acquire(layer, list(range(info.experts)))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, eng.config.vocab_size, (tokens,), generator=g).tolist()
     supports = prefill_cuda.supports
     last = {}
-    out = {"dense_quant": eng.dense_quant, "layers": eng.config.num_layers, "tokens": tokens}
+    out = {"dense_quant": eng.dense_quant, "layers": eng.config.num_layers, "tokens": tokens, "variant": variant}
     try:
         for path in ("grouped", "per_expert"):
             prefill_cuda.supports = supports if path == "grouped" else (lambda x, layout: False)
@@ -151,6 +161,7 @@ def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None) ->
         out["last_logits_rel_diff_grouped_vs_per_expert"] = float(d.norm() / last["per_expert"].norm())
     finally:
         prefill_cuda.supports = supports
+        prefill_cuda.variant = "auto"
         eng.close()
     return out
 
@@ -218,13 +229,22 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dense-quant", default="auto")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--variant", default="auto",
+                    help="q4 kernel variant for the prefill rows: auto, int_1, dequant, or best:KERNELS.json "
+                         "(the fastest at 128 tokens per expert in that --kernels output)")
     a = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.kernels:
         out["kernels"] = kernel_rows()
+    variant = a.variant
+    if variant.startswith("best:"):
+        with open(variant[5:]) as f:
+            variant = best_variant(json.load(f)["kernels"])
+    elif variant == "best" and "kernels" in out:
+        variant = best_variant(out["kernels"])
     if a.store:
-        out["prefill"] = prefill_rows(a.store, a.tokens, a.reps, a.dense_quant)
+        out["prefill"] = prefill_rows(a.store, a.tokens, a.reps, a.dense_quant, variant)
     print(json.dumps(out, indent=1))
 
 

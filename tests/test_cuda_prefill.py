@@ -38,12 +38,17 @@ def test_torch_grouped_ffn_is_expert_ffn_per_group():
 
 
 def test_engine_prefill_same_logits_whatever_the_grouping(oracles):
-    """Every used expert in one grouped call per layer, or the pager's capacity (k records) at a
-    time: the same logits, bit for bit (the per-token sums run in one order either way)."""
+    """Every used expert in one grouped call per layer (loading them), all of a layer's experts
+    in one call with the counts left on the device (all resident), or the pager's capacity (k
+    records) at a time: the same logits, bit for bit (the per-token sums run in one order)."""
     store = oracles("mixtral").store("q8")
     ids = list(range(5, 45))
     full = Engine(store, prefetch="off")
     ref = full.forward(ids)
+    full.reset()
+    for layer, info in full.store.layers.items():
+        full.pager.acquire(layer, list(range(info.experts)))
+    assert torch.equal(full.forward(ids), ref)
     size, k = full.store.layout.size, full.config.top_k
     full.close()
     small = Engine(store, ram_budget=k * size, prefetch="off")

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) 
     extern __shared__ __align__(16) uint8_t smem[];
     const int e = blockIdx.z;
     const int off = p.offsets[e], cnt = p.offsets[e + 1] - off;
-    const int tok0 = blockIdx.y * BN;
+    const int tok0 = blockIdx.x * BN;  // token tiles vary fastest: the blocks sharing a weight tile run together (L2)
     if (tok0 >= cnt) return;
     const int ntok = min(BN, cnt - tok0);
     const int N = (int)p.N, K = (int)p.K, KT = K / BK, inter = N / 2;
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) 
     // tile row -> weight row (SWIGLU: 128 gate rows, then the matching 128 up rows); rows past N
     // read row N-1 (valid memory) and are never stored
     auto wrow = [&](int i) -> int {
-        const int r = SWIGLU ? (i < BM / 2 ? blockIdx.x * (BM / 2) + i : inter + blockIdx.x * (BM / 2) + i - BM / 2)
-                             : blockIdx.x * BM + i;
+        const int r = SWIGLU ? (i < BM / 2 ? blockIdx.y * (BM / 2) + i : inter + blockIdx.y * (BM / 2) + i - BM / 2)
+                             : blockIdx.y * BM + i;
         return min(r, N - 1);
     };
 
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) 
     __syncthreads();
     if (SWIGLU) {
         // 64 tokens x 128 outputs = 1024 chunks of 8
-        const int col0 = blockIdx.x * (BM / 2);
+        const int col0 = blockIdx.y * (BM / 2);
 #pragma unroll
         for (int j = 0; j < 1024 / THREADS; ++j) {
             const int c = tid + j * THREADS, n = c >> 4, cc = c & 15;
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) 
             *(uint4 *)(p.y + (int64_t)(off + tok0 + n) * inter + col0 + cc * 8) = make_uint4(o[0], o[1], o[2], o[3]);
         }
     } else {
-        const int row0 = blockIdx.x * BM;
+        const int row0 = blockIdx.y * BM;
 #pragma unroll
         for (int j = 0; j < BN * BM / 8 / THREADS; ++j) {
             const int c = tid + j * THREADS, n = c >> 5, cc = c & 31;
@@ -372,7 +372,7 @@ int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t s
     err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return (int)err;
     const int64_t rows = SW ? p.N / 2 : p.N, per = SW ? BM / 2 : BM;
-    dim3 grid((unsigned)((rows + per - 1) / per), (unsigned)((max_count + BN - 1) / BN), (unsigned)E);
+    dim3 grid((unsigned)((max_count + BN - 1) / BN), (unsigned)((rows + per - 1) / per), (unsigned)E);
     k<<<grid, THREADS, smem, st>>>(p);
     err = cudaGetLastError();
     return err == cudaSuccess ? 0 : (int)err;
@@ -389,7 +389,7 @@ extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off
     if (((part_off | s_off | b_off) % 16) || N > (1 << 30) || K > (1 << 30)) return -1;
     if (N * (fmt == FMP_Q4 ? K / 2 : K) >= ((int64_t)1 << 31)) return -1;  // 32-bit offsets in the kernel
     if (max_count <= 0) return 0;
-    if (max_count > (int64_t)65535 * BN) return -1;
+    if (max_count > (int64_t)INT32_MAX || N > (int64_t)65535 * (BM / 2)) return -1;  // grid.x, grid.y
     cudaError_t err = cudaSetDevice(device);
     if (err != cudaSuccess) return (int)err;
     Params p{parts, part_off, s_off, b_off, N, K, offsets, (const __nv_bfloat16 *)x, (__nv_bfloat16 *)y};

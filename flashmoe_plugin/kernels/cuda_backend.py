@@ -147,13 +147,17 @@ class CudaBackend(Backend):
         km.dequant(layout.part_bytes(record, "w2"), p2.format, H, I, w2, stream)
         return F.linear(h, w2)
 
-    def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts: list[int], layout) -> torch.Tensor:
-        """Prefill through all of a layer's used experts in two launches of the grouped
-        tensor-core GEMM (kernels/prefill_cuda.py), when some expert has more tokens than the
-        fused kernel takes; else (or for other formats and dtypes) one expert_ffn per expert."""
+    def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts, layout,
+                    most: int | None = None) -> torch.Tensor:
+        """Prefill through a layer's experts in two launches of the grouped tensor-core GEMM
+        (kernels/prefill_cuda.py), when some expert may have more tokens than the fused kernel
+        takes (counts on the device: nothing is read back); else (or for other formats and
+        dtypes) one expert_ffn per expert."""
         from . import prefill_cuda
-        if max(counts) > self.fused_max_tokens and prefill_cuda.supports(x, layout):
-            return prefill_cuda.grouped_ffn(x, records, counts, layout)
+        on_device = isinstance(counts, torch.Tensor)
+        bound = (most or x.shape[0]) if on_device else max(counts, default=0)
+        if bound > self.fused_max_tokens and prefill_cuda.supports(x, layout):
+            return prefill_cuda.grouped_ffn(x, records, counts, layout, most=most)
         return super().grouped_ffn(x, records, counts, layout)
 
     def moe_decode(self, x: torch.Tensor, records: list[torch.Tensor], weights: torch.Tensor, layout) -> torch.Tensor:

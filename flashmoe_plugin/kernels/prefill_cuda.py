@@ -54,22 +54,33 @@ def permute8(x: torch.Tensor) -> torch.Tensor:
     return x.view(T, K // 8, 2, 4).transpose(2, 3).reshape(T, K)
 
 
-def grouped_ffn(x: torch.Tensor, records: list[torch.Tensor], counts: list[int], layout) -> torch.Tensor:
+def grouped_ffn(x: torch.Tensor, records: list[torch.Tensor], counts, layout, most: int | None = None) -> torch.Tensor:
     """x [sum(counts), H] bf16, tokens grouped per expert (counts[i] rows for records[i]) ->
-    [sum(counts), H]: each group through its expert's SwiGLU FFN."""
+    [sum(counts), H]: each group through its expert's SwiGLU FFN. counts: a list, or an integer
+    tensor on x's device (nothing is read back; `most`, default all of x's rows, bounds a count
+    and sizes the grid: token tiles past an expert's count end at once)."""
     g = kernels()
     dev = x.device
     E = len(records)
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + int(c))
-    # one small host-to-device copy carries the record addresses and the token offsets
-    meta = torch.tensor([r.data_ptr() for r in records] + offsets, dtype=torch.int64).pin_memory()
+    T = x.shape[0]
+    if isinstance(counts, torch.Tensor):
+        most = min(most or T, T)
+        offs = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+        offs[1:] = counts.cumsum(0)
+        host = []
+    else:
+        most = max(counts)
+        host = [0]
+        for c in counts:
+            host.append(host[-1] + int(c))
+    # one small host-to-device copy carries the record addresses (and the token offsets)
+    meta = torch.tensor([r.data_ptr() for r in records] + host, dtype=torch.int64).pin_memory()
     meta = meta.to(dev, non_blocking=True)
-    addrs, offs = meta[:E], meta[E:].to(torch.int32)
+    addrs = meta[:E]
+    if host:
+        offs = meta[E:].to(torch.int32)
     p13, p2 = layout.part("w13"), layout.part("w2")
     H, I = layout.hidden, layout.intermediate
-    T, most = x.shape[0], max(counts)
     perm = p13.format == "q4" and variant != "dequant"
     x = permute8(x) if perm else x.contiguous()
     fused = I % (g.TILE_ROWS // 2) == 0

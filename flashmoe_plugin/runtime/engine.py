@@ -224,19 +224,29 @@ class Engine:
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
-        # tokens grouped per expert with one read-back per layer (not one per expert): a stable
-        # sort keeps each expert's (token, slot) pairs in torch.where's order
+        # tokens grouped per expert (a stable sort keeps each expert's (token, slot) pairs in
+        # torch.where's order); each (token, slot) result lands in its place, then a token's k
+        # results are summed with their weights: the same additions however experts are grouped
         k = ids.shape[1]
-        order = torch.sort(ids.reshape(-1), stable=True).indices
-        counts = torch.bincount(ids.reshape(-1), minlength=1).tolist()
+        flat = ids.reshape(-1)
+        sorted_ids, order = torch.sort(flat, stable=True)
+        xs = x[order // k]
+        back = torch.empty_like(xs)
+        E = self.store.layers[layer].experts
+        if act is None and self.trace is None and E <= self.pager.capacity and \
+                all(self.pager.resident(layer, e) for e in range(E)):
+            # every expert resident: all of them in one call and nothing read back to the host
+            # (the host queues the next layers while this one runs; all E count as hits)
+            got = dict(self.pager.request(layer, range(E)))
+            offs = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device))
+            back[order] = be.grouped_ffn(xs, [got[e] for e in range(E)], offs.diff(), layout, most=x.shape[0])
+            return (back.view(-1, k, x.shape[-1]) * weights[..., None]).sum(1)
+        # one read-back per layer (not one per expert)
+        counts = torch.bincount(flat, minlength=1).tolist()
         start = [0]
         for c in counts:
             start.append(start[-1] + c)
         used = [e for e, c in enumerate(counts) if c]
-        xs = x[order // k]
-        # each (token, slot) result lands in its place, then a token's k results are summed with
-        # their weights: the same order of additions however the experts were grouped
-        back = torch.empty_like(xs)
         step = self.pager.capacity
         for g in range(0, len(used), step):
             group = used[g:g + step]
