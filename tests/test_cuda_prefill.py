@@ -138,10 +138,15 @@ def test_engine_prefill_on_gpu(oracles, monkeypatch):
     ref = cpu.forward(ids)
     cpu.close()
     eng = Engine(store, device="cuda", prefetch="off")
-    out = eng.forward(ids)
+    out = eng.forward(ids)  # loading the experts: the used ones, counts read back
+    for layer, info in eng.store.layers.items():
+        eng.pager.acquire(layer, list(range(info.experts)))
+    eng.reset()
+    resident = eng.forward(ids)  # all resident: every expert in the call, counts left on the GPU
     eng.reset()
     monkeypatch.setattr(pc, "supports", lambda x, layout: False)
     per_expert = eng.forward(ids)
     eng.close()
+    assert torch.equal(resident, out)
     assert rel_err(out, ref.double()) <= 3e-2
     assert rel_err(out, per_expert.double()) <= 1e-2
