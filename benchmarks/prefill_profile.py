@@ -172,7 +172,7 @@ def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 64, 128, 256, 512), reps=5) -> lis
     from flashmoe_plugin.kernels.cuda_backend import CudaBackend
     from flashmoe_plugin.store.layout import RecordLayout
     be, rows = CudaBackend(), []
-    for fmt, variants in (("q4", ("auto", "int_1", "dequant")), ("q8", ("auto",))):
+    for fmt, variants in (("q4", ("auto", "dequant")), ("q8", ("auto",))):
         layout = RecordLayout.build(fmt, H, I)
         recs = []
         for _ in range(E):
@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--dense-quant", default="auto")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--variant", default="auto",
-                    help="q4 kernel variant for the prefill rows: auto, int_1, dequant, or best:KERNELS.json "
+                    help="q4 kernel variant for the prefill rows: auto, dequant, or best:KERNELS.json "
                          "(the fastest at 128 tokens per expert in that --kernels output)")
     a = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

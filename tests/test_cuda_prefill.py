@@ -73,7 +73,7 @@ def test_permute8_order():
     assert permute8(x)[1].tolist() == [16, 20, 17, 21, 18, 22, 19, 23, 24, 28, 25, 29, 26, 30, 27, 31]
 
 
-@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "int_1"), ("q4", "dequant"), ("q8", "auto")])
+@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "dequant"), ("q8", "auto")])
 @pytest.mark.parametrize("H,I,counts", [
     (256, 384, [1, 64, 65, 130]),   # SwiGLU fused in the first launch's epilogue
     (320, 192, [63, 0, 13, 64]),    # no fusion (192 % 128), a partial 256-row tile (320), an empty expert
@@ -105,7 +105,7 @@ def test_grouped_gemm_matches_reference(fmt, variant, H, I, counts, monkeypatch)
 
 @pytest.mark.cuda
 @needs_gpu
-def test_backend_grouped_ffn_picks_the_kernel_and_falls_back():
+def test_backend_grouped_ffn_picks_the_kernel_and_falls_back(monkeypatch):
     pc = _kernel()
     from flashmoe_plugin.kernels.cuda_backend import CudaBackend
     gen = torch.Generator().manual_seed(5)
@@ -114,16 +114,26 @@ def test_backend_grouped_ffn_picks_the_kernel_and_falls_back():
     be = CudaBackend()
     x = torch.randn(40, 256, generator=gen).bfloat16().cuda()
     assert pc.supports(x, layout) and not pc.supports(x.float(), layout)
-    for counts in ([20, 20], [3, 37], [4, 4]):  # grouped kernel, grouped kernel, fused kernel per expert
-        xs = x[:sum(counts)]
-        out = be.grouped_ffn(xs, drecs, counts, layout)
-        ref = torch.cat([be.dequant_ffn(xs[a:a + c], r, layout)
-                         for r, a, c in zip(drecs, (0, counts[0]), counts)])
+    calls = []
+    kernel = pc.grouped_ffn
+    monkeypatch.setattr(pc, "grouped_ffn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    cases = [([20, 20], True), ([3, 37], True), ([4, 4], False),  # fused kernel per expert
+             (torch.tensor([20, 20], device="cuda"), True)]       # counts left on the device
+    for counts, grouped in cases:
+        n = int(sum(counts))
+        xs = x[:n]
+        calls.clear()
+        out = be.grouped_ffn(xs, drecs, counts, layout, most=20 if isinstance(counts, torch.Tensor) else None)
+        c = [int(v) for v in counts]
+        ref = torch.cat([be.dequant_ffn(xs[a:a + k], r, layout) for r, a, k in zip(drecs, (0, c[0]), c)])
         assert rel_err(out, ref.double()) <= 8e-3, counts
+        assert bool(calls) == grouped, counts
+    be.grouped_max_tokens = {"q4": 10}  # many tokens per expert: dequantize + cuBLAS per expert
+    calls.clear()
+    be.grouped_ffn(x, drecs, [20, 20], layout)
+    assert not calls
     # fp32 activations go through expert_ffn per expert
-    xf = x.float()
-    out = be.grouped_ffn(xf, drecs, [20, 20], layout)
-    assert out.dtype == torch.float32
+    assert be.grouped_ffn(x.float(), drecs, [20, 20], layout).dtype == torch.float32
 
 
 @pytest.mark.cuda
@@ -148,5 +158,8 @@ def test_engine_prefill_on_gpu(oracles, monkeypatch):
     per_expert = eng.forward(ids)
     eng.close()
     assert torch.equal(resident, out)
+    # bf16 activations either way; the q4 kernel multiplies the exact codes where dequantize +
+    # cuBLAS rounds each weight to bf16 (on the H200: 1.4e-2 apart, each ~as far from fp32)
     assert rel_err(out, ref.double()) <= 3e-2
-    assert rel_err(out, per_expert.double()) <= 1e-2
+    assert rel_err(per_expert, ref.double()) <= 3e-2
+    assert rel_err(out, per_expert.double()) <= 3e-2

@@ -79,8 +79,10 @@ template <int F> __device__ __forceinline__ unsigned pair(unsigned bits, float s
     }
 }
 
-template <int F, bool SWIGLU, bool INTA, int MINB>
-__global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) {
+// One block per SM (~165 registers): capped at 128 for two blocks per SM, the q4 kernel spilled
+// and ran 1.0-1.4x slower on the H200 (h200-p9-kernels.json, variant "auto" then).
+template <int F, bool SWIGLU, bool INTA>
+__global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
     using QF = Q<F>;
     extern __shared__ __align__(16) uint8_t smem[];
     const int e = blockIdx.z;
@@ -361,9 +363,9 @@ __global__ void __launch_bounds__(THREADS, MINB) grouped_kernel(const Params p) 
 
 typedef void (*Kern)(const Params);
 
-template <int F, bool SW, bool IA, int MINB = 1>
+template <int F, bool SW, bool IA>
 int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t st) {
-    Kern k = grouped_kernel<F, SW, IA, MINB>;
+    Kern k = grouped_kernel<F, SW, IA>;
     const int smem = Q<F>::SMEM > BN * SO * 2 ? Q<F>::SMEM : BN * SO * 2;
     int optin = 0;
     cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -383,7 +385,7 @@ int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t s
 extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off, int64_t s_off, int64_t b_off,
                                 int64_t N, int64_t K, int swiglu, int variant, const int32_t *offsets, int E,
                                 int64_t max_count, const void *x, void *y, int device, void *stream) {
-    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || (variant < FMP_AUTO || variant > FMP_INT_1) || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
+    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || (variant != FMP_AUTO && variant != FMP_DEQUANT) || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
         return -1;
     if (K % 64 || N % 64 || (swiglu && (N / 2) % (BM / 2)) || ((uintptr_t)x | (uintptr_t)y) % 16) return -1;
     if (((part_off | s_off | b_off) % 16) || N > (1 << 30) || K > (1 << 30)) return -1;
@@ -395,11 +397,8 @@ extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off
     Params p{parts, part_off, s_off, b_off, N, K, offsets, (const __nv_bfloat16 *)x, (__nv_bfloat16 *)y};
     cudaStream_t st = (cudaStream_t)stream;
     if (fmt == FMP_Q4 && variant == FMP_AUTO)
-        return swiglu ? launch<FMP_Q4, true, true, 2>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, true, 2>(p, max_count, E, device, st);
-    if (fmt == FMP_Q4 && variant == FMP_INT_1)
-        return swiglu ? launch<FMP_Q4, true, true, 1>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, true, 1>(p, max_count, E, device, st);
+        return swiglu ? launch<FMP_Q4, true, true>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, true>(p, max_count, E, device, st);
     if (fmt == FMP_Q4)
         return swiglu ? launch<FMP_Q4, true, false>(p, max_count, E, device, st)
                       : launch<FMP_Q4, false, false>(p, max_count, E, device, st);

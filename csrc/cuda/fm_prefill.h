@@ -21,9 +21,8 @@ enum fmp_format { FMP_Q8 = 3, FMP_Q4 = 4 };  /* as fm_cuda.h's FMC_Q8/FMC_Q4 */
  *                each 8 elements in the order 0,4,1,5,2,6,3,7 (and the SwiGLU output is written
  *                so); q8: as FMP_DEQUANT
  *   FMP_DEQUANT  each weight dequantized in fp32 (q s + b, one rounding), rounded to bf16
- *   FMP_INT_1    q4: as FMP_AUTO, compiled for one block per SM (no register cap; FMP_AUTO
- *                caps registers at 128 for two blocks per SM): for measurements */
-enum fmp_variant { FMP_AUTO = 0, FMP_DEQUANT = 1, FMP_INT_1 = 2 };
+ *                (measured 1.2x slower for q4 on the H200; kept for comparisons) */
+enum fmp_variant { FMP_AUTO = 0, FMP_DEQUANT = 1 };
 
 /* y = x @ W_e.T per expert e < E, all of them in one launch:
  *   parts: device array of E uint64 addresses; W_e = the part at parts[e] + part_off (format fmt,
