@@ -16,7 +16,7 @@ el built
 fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()" "$@"; }
 STORE=${STORE:-/tmp/m32}
 (fm synth --like mixtral-8x7b --quant q4 "$STORE" > "$OUT/synth.log" 2>&1; el synth) &
-TESTS=${TESTS:-tests/test_cuda_graph_decode.py tests/test_cuda_pager.py tests/test_cuda_kernels.py tests/test_hybrid.py tests/test_hybrid_cpu_gpu.py}
+TESTS=${TESTS:-tests/test_cuda_graph_decode.py tests/test_cuda_pager.py tests/test_cuda_kernels.py tests/test_hybrid.py tests/test_hybrid_cpu_gpu.py tests/test_cuda_prefill.py}
 timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -rf $TESTS -k "${K:-cuda or gpu or n_cpu_moe or host_compute}" \
   > "$OUT/pytest.log" 2>&1; el "tests: $(tail -1 "$OUT/pytest.log")"
 timeout 60 python3 benchmarks/gguf_cuda_check.py "$OUT/gguf-cuda.json" > "$OUT/gguf-cuda.log" 2>&1; el "gguf cuda: rc $?"

@@ -36,6 +36,22 @@ class Backend:
             out.add_(self.expert_ffn(x, rec, layout), alpha=w)
         return out
 
+    def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts, layout,
+                    most: int | None = None) -> torch.Tensor:
+        """Prefill through several experts at once: x [sum(counts), H] holds the tokens grouped per
+        expert (counts[i] rows for records[i], in order) -> [sum(counts), H]. counts: a list, or a
+        tensor on x's device (then nothing need be read back: `most` bounds each count). Here one
+        expert_ffn per non-empty group; the CUDA backend overrides it with one launch for all
+        (csrc/cuda/fm_prefill.cu)."""
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
+        outs, at = [], 0
+        for rec, c in zip(records, counts):
+            if c:
+                outs.append(self.expert_ffn(x[at:at + c], rec, layout))
+            at += c
+        return torch.cat(outs) if len(outs) > 1 else outs[0] if outs else x[:0].clone()
+
     def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
         """x [T, in] @ W.T for one weight part of format fmt and shape [out, in]. Native backends
         override this with a fused dequantizing product."""

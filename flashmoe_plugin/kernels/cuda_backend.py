@@ -14,6 +14,10 @@
   dequantize kernel (8 elements per thread) dequantize + cuBLAS is 230-238 us for the Mixtral
   expert at T = 1..64 (the fused kernel: 39/70/276 us at T = 1/4/16), near its own floor: it
   writes and then reads back 352 MB of bf16 weights: the crossover moves to ~13 tokens (12);
+- prefill through a layer's experts (`grouped_ffn`): up to `grouped_max_tokens` tokens per expert
+  on average, one launch for all experts' gate/up + SwiGLU and one for the down projections,
+  a mixed-input tensor-core GEMM (csrc/cuda/fm_prefill.cu, kernels/prefill_cuda.py), else per
+  expert as above;
 - raw (f32/f16/bf16) parts go through torch.
 
 Importing this module never needs a GPU or the compiled module: available() says what is missing.
@@ -48,6 +52,13 @@ class CudaBackend(Backend):
     # Tokens per expert up to which the fused kernel beats dequantize + cuBLAS (prefill): with
     # the coalesced dequantize, the Mixtral expert's crossover is ~13 tokens (H200, quick bench).
     fused_max_tokens = 12
+    # Mean tokens per expert up to which the grouped prefill kernel (csrc/cuda/fm_prefill.cu)
+    # runs a layer's experts, above that dequantize + cuBLAS per expert. H200, Mixtral expert,
+    # us per expert, grouped vs dequantize + cuBLAS (benchmarks/results/h200-p9-kernels.json):
+    # q4 93/141/273/537 vs 242/244/255/302 at 16/64/128/256 tokens, q8 116/167/328 vs
+    # 254/258/271 at 16/64/128. Mixtral, 512-token prompt (128 per expert), 32 layers: 4683 vs
+    # 4677 tok/s (the grouped call reads nothing back): a tie, kept for q4.
+    grouped_max_tokens = {"q4": 128, "q8": 96}
 
     def __init__(self):
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
@@ -146,6 +157,22 @@ class CudaBackend(Backend):
         w2 = torch.empty(H, I, dtype=x.dtype, device=x.device)
         km.dequant(layout.part_bytes(record, "w2"), p2.format, H, I, w2, stream)
         return F.linear(h, w2)
+
+    def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts, layout,
+                    most: int | None = None) -> torch.Tensor:
+        """Prefill through a layer's experts in two launches of the grouped tensor-core GEMM
+        (kernels/prefill_cuda.py; counts on the device: nothing is read back) when some expert
+        may have more tokens than the fused kernel takes and the experts have on average at most
+        grouped_max_tokens each; else (or for other formats and dtypes) one expert_ffn per expert
+        (dequantize + cuBLAS, which is faster for many tokens per expert)."""
+        from . import prefill_cuda
+        on_device = isinstance(counts, torch.Tensor)
+        bound = (most or x.shape[0]) if on_device else max(counts, default=0)
+        mean = x.shape[0] / max(len(records), 1)
+        if bound > self.fused_max_tokens and prefill_cuda.supports(x, layout) and \
+                mean <= self.grouped_max_tokens.get(layout.part("w13").format, 0):
+            return prefill_cuda.grouped_ffn(x, records, counts, layout, most=most)
+        return super().grouped_ffn(x, records, counts, layout)
 
     def moe_decode(self, x: torch.Tensor, records: list[torch.Tensor], weights: torch.Tensor, layout) -> torch.Tensor:
         if not self._native(layout):

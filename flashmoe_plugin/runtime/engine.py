@@ -226,25 +226,41 @@ class Engine:
                 else torch.zeros_like(x)
             there = [i for i, e in enumerate(chosen) if e in batch.on_host]
             return out + hc.run(xh, [got[chosen[i]] for i in there], [w[i] for i in there], x, layout)
-        out = torch.zeros_like(x)
-        # tokens grouped per expert with one read-back per layer (not one per expert): a stable
-        # sort keeps each expert's (token, slot) pairs in torch.where's order
+        # tokens grouped per expert (a stable sort keeps each expert's (token, slot) pairs in
+        # torch.where's order); each (token, slot) result lands in its place, then a token's k
+        # results are summed with their weights: the same additions however experts are grouped
         k = ids.shape[1]
-        order = torch.sort(ids.reshape(-1), stable=True).indices
-        counts = torch.bincount(ids.reshape(-1), minlength=1).tolist()
+        flat = ids.reshape(-1)
+        sorted_ids, order = torch.sort(flat, stable=True)
+        xs = x[order // k]
+        back = torch.empty_like(xs)
+        E = self.store.layers[layer].experts
+        if act is None and self.trace is None and E <= self.pager.capacity and \
+                all(self.pager.resident(layer, e) for e in range(E)):
+            # every expert resident: all of them in one call and nothing read back to the host
+            # (the host queues the next layers while this one runs; all E count as hits)
+            got = dict(self.pager.request(layer, range(E)))
+            offs = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device))
+            back[order] = be.grouped_ffn(xs, [got[e] for e in range(E)], offs.diff(), layout, most=x.shape[0])
+            return (back.view(-1, k, x.shape[-1]) * weights[..., None]).sum(1)
+        # one read-back per layer (not one per expert)
+        counts = torch.bincount(flat, minlength=1).tolist()
         start = [0]
         for c in counts:
             start.append(start[-1] + c)
         used = [e for e, c in enumerate(counts) if c]
         step = self.pager.capacity
         for g in range(0, len(used), step):
-            for e, rec in self.pager.request(layer, used[g:g + step]):
-                pick = order[start[e]:start[e + 1]]
-                tok, slot = pick // k, pick % k
-                y = be.expert_ffn(x[tok], rec, layout) if act is None else be.expert_general(x[tok], rec, layout, act)
-                y = y * weights[tok, slot, None]
-                out.index_add_(0, tok, y)
-        return out
+            group = used[g:g + step]
+            got = dict(self.pager.request(layer, group))
+            if act is None:  # the group's experts in one call (one grouped launch on CUDA)
+                a, b = start[group[0]], start[group[-1] + 1]
+                back[order[a:b]] = be.grouped_ffn(xs[a:b], [got[e] for e in group], [counts[e] for e in group], layout)
+                continue
+            for e in group:
+                a, b = start[e], start[e + 1]
+                back[order[a:b]] = be.expert_general(xs[a:b], got[e], layout, act)
+        return (back.view(-1, k, x.shape[-1]) * weights[..., None]).sum(1)
 
     def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
         """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
