@@ -44,7 +44,10 @@ def main(argv=None) -> None:
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--label", default="")
     ap.add_argument("--total-gib", type=float, default=1.1)
+    ap.add_argument("--stages", default="", help="comma-separated ring depths to time each case at "
+                    "(tune('stages'): 0 = auto); default: the build's default only")
     a = ap.parse_args(argv)
+    depths = [int(v) for v in a.stages.split(",") if v != ""] or [None]
     so = swap()
     import torch
 
@@ -61,10 +64,19 @@ def main(argv=None) -> None:
     out = {"label": a.label, "kernels_so": so, "device": torch.cuda.get_device_name(), "copy_gbps": bw,
            "entries": []}
 
+    def set_depth(sv):
+        """Set the ring depth knob; ' stages N' (the depth the next launch uses) for the label."""
+        if sv is None:
+            return ""
+        K.tune("stages", sv)
+        return f" stages {sv}" + (" (auto)" if sv == 0 else "")
+
     def emit(e):
+        if "stages" in e["what"]:
+            e["last_stages"] = K.tune("last_stages")
         out["entries"].append(e)
-        print(f"# {a.label} {e['what']}: {e['us']:.2f} us, {e['ratio_vs_copy']:.3f} of copy"
-              f"{'' if e.get('rel_err') is None else f', rel err {e['rel_err']:.2e}'}", file=sys.stderr, flush=True)
+        print(f"# {a.label} {e['what']}: {e['us']:.2f} us, {e['ratio_vs_copy']:.3f} of copy, grid {e['grid']}, "
+              f"rel err {e['rel_err']:.2e}", file=sys.stderr, flush=True)
 
     for fmt, (n, k) in (("q4", (14336, 4096)), ("q4", (4096, 14336)), ("q4", (4096, 1024)), ("q4", (1024, 4096)),
                         ("q8", (14336, 4096))):
@@ -82,10 +94,13 @@ def main(argv=None) -> None:
         y32 = torch.empty(1, n, device="cuda")
         K.linear(buf[0], fmt, n, k, x, y32)
         err = (y32[0].double() - ref).abs().max().item()
-        t = _graph_time(lambda i: K.linear(buf[i % count], fmt, n, k, x, y, st()), count)
-        emit({"what": f"gemv {fmt} {n}x{k}", "us": t * 1e6, "bytes": nb, "ratio_vs_copy": nb / t / 1e9 / bw,
-              "grid": K.tune("last_grid"), "blocks_per_sm": K.tune("last_blocks_per_sm"),
-              "max_abs_err": err, "rel_err": err / ref.abs().max().item()})
+        for sv in depths:
+            stages = set_depth(sv)
+            t = _graph_time(lambda i: K.linear(buf[i % count], fmt, n, k, x, y, st()), count)
+            emit({"what": f"gemv {fmt} {n}x{k}{stages}", "us": t * 1e6, "bytes": nb,
+                  "ratio_vs_copy": nb / t / 1e9 / bw, "grid": K.tune("last_grid"),
+                  "blocks_per_sm": K.tune("last_blocks_per_sm"), "smem": K.tune("last_smem"),
+                  "max_abs_err": err, "rel_err": err / ref.abs().max().item()})
         del buf
         torch.cuda.empty_cache()
 
@@ -105,12 +120,15 @@ def main(argv=None) -> None:
         ref = TorchBackend().moe_decode(x.double(), [recs[e] for e in range(k)], wt.double(), layout)
         err = (out32.double() - ref).abs().max().item()
         rel = err / ref.abs().max().item()
-        for mode in ("coop", "two"):
-            t = _graph_time(lambda i: K.moe([recs[(i % calls) * k + e] for e in range(k)], lt, wt, x, yb, ws, st(),
-                                            mode=mode), calls)
-            emit({"what": f"moe layer {fmt} H{H} I{I} k{k} {mode}", "us": t * 1e6, "bytes": k * rb,
-                  "ratio_vs_copy": k * rb / t / 1e9 / bw, "grid": K.tune("last_grid"),
-                  "max_abs_err": err, "rel_err": rel, "ref_max_abs": ref.abs().max().item()})
+        for sv in depths:
+            for mode in ("coop", "two"):
+                stages = set_depth(sv)
+                t = _graph_time(lambda i: K.moe([recs[(i % calls) * k + e] for e in range(k)], lt, wt, x, yb, ws,
+                                                st(), mode=mode), calls)
+                emit({"what": f"moe layer {fmt} H{H} I{I} k{k} {mode}{stages}", "us": t * 1e6, "bytes": k * rb,
+                      "ratio_vs_copy": k * rb / t / 1e9 / bw, "grid": K.tune("last_grid"),
+                      "blocks_per_sm": K.tune("last_blocks_per_sm"), "smem": K.tune("last_smem"),
+                      "max_abs_err": err, "rel_err": rel, "ref_max_abs": ref.abs().max().item()})
         del recs
         torch.cuda.empty_cache()
 

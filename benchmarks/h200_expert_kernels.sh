@@ -13,7 +13,7 @@ log build
 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 &
 if [ -n "${BEFORE_CU:-}" ]; then
   rm -rf /tmp/before && mkdir /tmp/before && tar --exclude=.git --exclude=build -cf - . | tar -C /tmp/before -xf - \
-    && cp "$BEFORE_CU" /tmp/before/csrc/cuda/fm_kernels.cu \
+    && cp "$BEFORE_CU" /tmp/before/csrc/cuda/fm_kernels.cu && cp "$(dirname "$BEFORE_CU")/fm_cuda.h" /tmp/before/csrc/cuda/ \
     && (cd /tmp/before && python3 setup.py build_ext --inplace > "$OUT/build-before.log" 2>&1) &
 fi
 wait
@@ -26,7 +26,7 @@ fi
 for v in before after; do
   so=""; [ $v = before ] && { [ -n "$BEFORE_SO" ] || continue; so=$BEFORE_SO; }
   log "kernels $v"
-  FMC_KERNELS_SO=$so timeout ${KERNELS_S:-80} python3 benchmarks/expert_kernels.py --label $v --json "$OUT/kernels-$v.json" \
+  FMC_KERNELS_SO=$so timeout ${KERNELS_S:-80} python3 benchmarks/expert_kernels.py --label $v $([ $v = after ] && echo "${STAGES_ARG:-}") --json "$OUT/kernels-$v.json" \
     2>&1 | grep -v Warning | tee -a "$OUT/progress.log" | tail -20
 done
 if [ "${DECODE:-0}" = 1 ]; then

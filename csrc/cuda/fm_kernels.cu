@@ -62,6 +62,7 @@ struct Params {
     void *out;
     int out_dtype, phase, b_from_x, accumulate;
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
+    int pd;                             // stages per warp's ring (see ring_depth)
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
 
@@ -378,20 +379,22 @@ __device__ void prefetch_b_first(const Params &p, const uint8_t *const *srec) {
 }
 
 // ---------------------------------------------------------------- the weight stream (cp.async rings)
-// Each warp streams its items' weights through a private ring of PD stages in shared memory
+// Each warp streams its items' weights through a private ring of pd stages in shared memory
 // with cp.async (16-byte copies of the packed weights, 4-byte copies of the words holding the
-// scales/biases): PD-1 stages are in flight while the warp computes one, so memory latency is
+// scales/biases): pd-1 stages are in flight while the warp computes one, so memory latency is
 // hidden without holding the loads in registers. The first stages are issued before the
 // prologue that builds the x images (and, in the cooperative decode, phase B's before the grid
 // barrier), so the weight loads overlap it. A lane only reads back what it copied itself, so
 // cp.async.wait_group is the only synchronisation the ring needs.
 // An item is two rows (phase A: gate row i and up row I+i of one expert; phase B: rows r, r+1
-// of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, PU per stage.
-constexpr int PD = 3;                      // stages per ring
-constexpr int PU = 1;                      // chunks per lane per row per stage
-constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
-constexpr int STAGE_BYTES = PU * USLOT;
-constexpr int RING_BYTES = WARPS * PD * STAGE_BYTES;
+// of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, one per stage.
+// The ring depth pd is chosen per launch (ring_depth on the host): the deepest of PD_DEPTHS
+// whose shared memory still fits as many blocks per SM as the shallowest, so a launch that
+// runs one block per SM (the Mixtral layer: 16 warps) keeps more bytes in flight per warp.
+constexpr int PD = 3;                      // the shallowest ring (sizes the expert grouping)
+constexpr int STAGE_BYTES = 1536;          // 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
+__host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
+constexpr int RING_BYTES = ring_bytes(PD);
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -401,6 +404,14 @@ __device__ __forceinline__ void cp4(uint32_t dst, const void *src) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+// All but the newest pd-2 groups complete (the stage to compute has landed); pd is one of
+// PD_DEPTHS (anything else waits for all: slower, still right).
+__device__ __forceinline__ void cp_wait_ring(int pd) {
+    if (pd == 3) cp_wait<2>();
+    else if (pd == 4) cp_wait<3>();
+    else if (pd == 6) cp_wait<5>();
+    else cp_wait<0>();
+}
 
 __device__ __forceinline__ float half_of(unsigned w, unsigned odd) {
     return __half2float(__ushort_as_half((unsigned short)(odd ? (w >> 16) : (w & 0xFFFFu))));
@@ -452,7 +463,7 @@ struct Pipe {
     const Params &p;
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
-    int nch, ngroups, nseg, img_stride, warp, lane, nj, sps;
+    int nch, ngroups, nseg, img_stride, warp, lane, nj, sps, pd;
     int64_t q_off, s_off, b_off;
     unsigned qrow;
     unsigned char *ring;
@@ -481,7 +492,8 @@ struct Pipe {
         sps = (nch + 31) / 32;  // stages per segment
         i_st = 0;
         i_left = nj * nseg * sps;
-        ring = ring_all + (size_t)warp * PD * STAGE_BYTES;
+        pd = p.pd;
+        ring = ring_all + (size_t)warp * pd * STAGE_BYTES;
         ring_s = (uint32_t)__cvta_generic_to_shared(ring);
         icur.ic.init(pa, first_item, p.I);
         icur.seg = 0;
@@ -546,7 +558,7 @@ struct Pipe {
                 }
                 if (i_left > 1) seek_issue();
             }
-            i_st = i_st + 1 == PD ? 0 : i_st + 1;
+            i_st = i_st + 1 == pd ? 0 : i_st + 1;
             --i_left;
         }
         cp_commit();
@@ -595,8 +607,7 @@ struct Pipe {
     }
 
     __device__ void prime() {
-#pragma unroll
-        for (int d = 0; d < PD - 1; ++d) issue();
+        for (int d = 0; d < pd - 1; ++d) issue();
     }
 
     // The main loop (after prime() and the prologue): every item of this warp, segment by
@@ -622,11 +633,11 @@ struct Pipe {
                 const unsigned odd0 = (par0 + g) & 1u, odd1 = (par1 + g) & 1u;
                 for (int c = lane; c < nch + lane; c += 32) {
                     issue();
-                    cp_wait<PD - 1>();
+                    cp_wait_ring(pd);
                     compute(c_st, c < nch, odd0, odd1, xp, mp, img_int4, acc);
                     xp += 32;
                     mp += 32;
-                    c_st = c_st + 1 == PD ? 0 : c_st + 1;
+                    c_st = c_st + 1 == pd ? 0 : c_st + 1;
                 }
             }
             warp_sum<NT>(acc);
@@ -701,7 +712,7 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     const uint8_t **srec = (const uint8_t **)smem;
     float *swt = (float *)(smem + FMC_MAX_K * 8);
     unsigned char *ring = smem + HDR_BYTES;
-    int4 *xdata = (int4 *)(smem + HDR_BYTES + RING_BYTES);
+    int4 *xdata = (int4 *)(smem + HDR_BYTES + ring_bytes(p.pd));
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (p.pdl) {
         pdl_trigger();
@@ -795,13 +806,15 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 
 constexpr int MAX_DEV = 64;
 struct DevInfo {
-    int init, sms, smem_optin, coop, cc_major;
+    int init, sms, smem_optin, smem_sm, coop, cc_major;
+    // last ring_depth decision per kernel: for the shallowest ring's smem and the stages knob
+    int rd_smem3[3][2][2], rd_tune[3][2][2], rd_pd[3][2][2], rd_smem[3][2][2], rd_bps[3][2][2];
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
     int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
 };
 DevInfo g_dev[MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -825,6 +838,9 @@ int set_device(int device, DevInfo **info) {
         if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
             return (int)err;
         if ((err = cudaDeviceGetAttribute(&d->coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess) return (int)err;
+        if ((err = cudaDeviceGetAttribute(&d->smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)) !=
+            cudaSuccess)
+            return (int)err;
         if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
             return (int)err;
         d->init = 1;
@@ -860,6 +876,47 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 }
 
 
+// The ring depth of a launch whose shallowest ring (PD stages) needs smem3 bytes of shared memory
+// at *bps blocks per SM: with FMC_TUNE_STAGES 0 the deepest of 6 and 4 stages that still fits
+// *bps blocks in the SM's shared memory (1 KiB reserved per block), else the knob's depth where
+// it fits one block; PD otherwise. Sets *pd, *smem and *bps for that depth (decisions are cached);
+// returns FMC_OK or prepare()'s error.
+int ring_depth(DevInfo *d, int f, int l, int n, size_t smem3, int *bps, size_t *smem, int *pd_out) {
+    const int want = (int)g_tune[FMC_TUNE_STAGES];
+    if (d->rd_smem3[f][l][n] == (int)smem3 && d->rd_tune[f][l][n] == want && d->rd_pd[f][l][n] > 0) {
+        *smem = (size_t)d->rd_smem[f][l][n];
+        *bps = d->rd_bps[f][l][n];
+        g_tune[FMC_TUNE_LAST_BPS] = *bps;
+        g_tune[FMC_TUNE_LAST_SMEM] = (int64_t)*smem;
+        g_tune[FMC_TUNE_LAST_STAGES] = *pd_out = d->rd_pd[f][l][n];
+        return FMC_OK;
+    }
+    int pd = PD, rc;
+    size_t s = smem3;
+    const int depths[2] = {6, 4};
+    for (int i = 0; i < 2; ++i) {
+        const int cand = depths[i];
+        if (want > 0 && cand != want) continue;
+        const size_t sc = smem3 + (size_t)ring_bytes(cand) - (size_t)RING_BYTES;
+        if (sc > (size_t)d->smem_optin) continue;
+        if (want == 0 && (size_t)*bps * (sc + 1024) > (size_t)d->smem_sm) continue;
+        int nb = 0;
+        if (prepare(d, f, l, n, sc, &nb) == FMC_OK && (want > 0 || nb >= *bps)) {
+            pd = cand;
+            s = sc;
+            break;
+        }
+    }
+    if ((rc = prepare(d, f, l, n, s, bps))) return rc;
+    d->rd_smem3[f][l][n] = (int)smem3;
+    d->rd_tune[f][l][n] = want;
+    d->rd_pd[f][l][n] = pd;
+    d->rd_smem[f][l][n] = (int)s;
+    d->rd_bps[f][l][n] = *bps;
+    g_tune[FMC_TUNE_LAST_STAGES] = *pd_out = pd;
+    *smem = s;
+    return FMC_OK;
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -933,7 +990,7 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter) {
 int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
-    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL)) g_tune[key] = value;
+    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES)) g_tune[key] = value;
     return old;
 }
 
@@ -987,6 +1044,8 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     if (n < 0) return FMC_ESMEM;
     int bps = 0;
     if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
+    int pd = PD;
+    if ((rc = ring_depth(d, f, l, n, smem, &bps, &smem, &pd))) return rc;
     const int NT = n ? 4 : 1;
     const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
@@ -1012,6 +1071,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     p.out = out;
     p.out_dtype = out_dtype;
     p.pf_ahead = g_tune[FMC_TUNE_PREFETCH];
+    p.pd = pd;
     for (int g0 = 0; g0 < k; g0 += kg) {
         const int kk = k - g0 < kg ? k - g0 : kg;
         p.k = kk;
@@ -1095,6 +1155,9 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
     }
     int bps = 0;
     if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
+    int pd = PD;
+    if ((rc = ring_depth(d, f, l, n, smem, &bps, &smem, &pd))) return rc;
+    p.pd = pd;
     const int NT = n ? 4 : 1;
     const int64_t items = (N + 1) / 2, cap = (int64_t)bps * d->sms;
     const int grid = (int)(ceil_div(items, WARPS) < cap ? ceil_div(items, WARPS) : cap);
