@@ -388,9 +388,9 @@ __device__ void prefetch_b_first(const Params &p, const uint8_t *const *srec) {
 // cp.async.wait_group is the only synchronisation the ring needs.
 // An item is two rows (phase A: gate row i and up row I+i of one expert; phase B: rows r, r+1
 // of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, one per stage.
-// The ring depth pd is chosen per launch (ring_depth on the host): the deepest of PD_DEPTHS
-// whose shared memory still fits as many blocks per SM as the shallowest, so a launch that
-// runs one block per SM (the Mixtral layer: 16 warps) keeps more bytes in flight per warp.
+// The ring depth pd is chosen per launch (launch_shape on the host): 4 stages where a launch
+// leaves one block (16 warps) per SM, whose 2 copies in flight per warp do not cover the memory
+// latency, else 3 (measured on the H200: at 32 warps per SM deeper rings were slower).
 constexpr int PD = 3;                      // the shallowest ring (sizes the expert grouping)
 constexpr int STAGE_BYTES = 1536;          // 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
 __host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
@@ -805,10 +805,14 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 #undef FMC_DQ_ROW
 
 constexpr int MAX_DEV = 64;
+// One launch_shape decision: for (smem with PD stages, items, stages per item, stages knob) the
+// depth, shared bytes and blocks per SM.
+struct LaunchShape { int smem3, items, spi, tune, pd, smem, bps; };
+constexpr int NSHAPES = 8;
 struct DevInfo {
     int init, sms, smem_optin, smem_sm, coop, cc_major;
-    // last ring_depth decision per kernel: for the shallowest ring's smem and the stages knob
-    int rd_smem3[3][2][2], rd_tune[3][2][2], rd_pd[3][2][2], rd_smem[3][2][2], rd_bps[3][2][2];
+    LaunchShape shapes[3][2][2][NSHAPES];        // launch_shape's last decisions per kernel
+    int shape_next[3][2][2];
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
     int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
 };
@@ -876,49 +880,53 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 }
 
 
-// The ring depth of a launch whose shallowest ring (PD stages) needs smem3 bytes of shared memory
-// at *bps blocks per SM: with FMC_TUNE_STAGES 0 the deepest of 6 and 4 stages that still fits
-// *bps blocks in the SM's shared memory (1 KiB reserved per block), else the knob's depth where
-// it fits one block; PD otherwise. Sets *pd, *smem and *bps for that depth (decisions are cached);
-// returns FMC_OK or prepare()'s error.
-int ring_depth(DevInfo *d, int f, int l, int n, size_t smem3, int *bps, size_t *smem, int *pd_out) {
-    const int want = (int)g_tune[FMC_TUNE_STAGES];
-    if (d->rd_smem3[f][l][n] == (int)smem3 && d->rd_tune[f][l][n] == want && d->rd_pd[f][l][n] > 0) {
-        *smem = (size_t)d->rd_smem[f][l][n];
-        *bps = d->rd_bps[f][l][n];
-        g_tune[FMC_TUNE_LAST_BPS] = *bps;
-        g_tune[FMC_TUNE_LAST_SMEM] = (int64_t)*smem;
-        g_tune[FMC_TUNE_LAST_STAGES] = *pd_out = d->rd_pd[f][l][n];
-        return FMC_OK;
-    }
-    int pd = PD, rc;
-    size_t s = smem3;
-    const int depths[2] = {6, 4};
-    for (int i = 0; i < 2; ++i) {
-        const int cand = depths[i];
-        if (want > 0 && cand != want) continue;
-        const size_t sc = smem3 + (size_t)ring_bytes(cand) - (size_t)RING_BYTES;
-        if (sc > (size_t)d->smem_optin) continue;
-        if (want == 0 && (size_t)*bps * (sc + 1024) > (size_t)d->smem_sm) continue;
-        int nb = 0;
-        if (prepare(d, f, l, n, sc, &nb) == FMC_OK && (want > 0 || nb >= *bps)) {
-            pd = cand;
-            s = sc;
-            break;
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The ring depth, shared bytes and blocks per SM of a launch of kernel (f, l, n) that needs smem3
+// bytes of shared memory with PD stages for `items` items of `spi` stages each: with
+// FMC_TUNE_STAGES 0, 4 stages where the grid leaves one block (16 warps) per SM and each warp
+// streams more than 4 stages (and 4 fit), else PD; with the knob set, its depth where that fits.
+// Decisions are cached (the last NSHAPES per kernel). FMC_OK or an error.
+int launch_shape(DevInfo *d, int f, int l, int n, size_t smem3, int64_t items, int spi, int *pd, size_t *smem,
+                 int *bps) {
+    const int tune = (int)g_tune[FMC_TUNE_STAGES];
+    const int it = items > (1 << 30) ? (1 << 30) : (int)items;
+    LaunchShape *c = d->shapes[f][l][n];
+    int i = 0;
+    while (i < NSHAPES &&
+           !(c[i].pd > 0 && c[i].smem3 == (int)smem3 && c[i].items == it && c[i].spi == spi && c[i].tune == tune))
+        ++i;
+    if (i == NSHAPES) {
+        int rc, b = 0;
+        if ((rc = prepare(d, f, l, n, smem3, &b))) return rc;
+        int cand = tune;
+        if (tune == 0) {
+            const int64_t want = ceil_div(items, WARPS), grid = want < (int64_t)b * d->sms ? want : (int64_t)b * d->sms;
+            const int64_t chain = ceil_div(items, grid * WARPS) * spi;  // stages per warp
+            cand = ceil_div(grid, d->sms) <= 1 && chain > 4 ? 4 : PD;
         }
+        LaunchShape r = {(int)smem3, it, spi, tune, PD, (int)smem3, b};
+        if (cand != PD && cand > 0) {
+            const size_t sc = smem3 + (size_t)ring_bytes(cand) - (size_t)RING_BYTES;
+            int bc = 0;
+            if (sc <= (size_t)d->smem_optin && prepare(d, f, l, n, sc, &bc) == FMC_OK) {
+                r.pd = cand;
+                r.smem = (int)sc;
+                r.bps = bc;
+            }
+        }
+        i = d->shape_next[f][l][n];
+        d->shape_next[f][l][n] = (i + 1) % NSHAPES;
+        c[i] = r;
     }
-    if ((rc = prepare(d, f, l, n, s, bps))) return rc;
-    d->rd_smem3[f][l][n] = (int)smem3;
-    d->rd_tune[f][l][n] = want;
-    d->rd_pd[f][l][n] = pd;
-    d->rd_smem[f][l][n] = (int)s;
-    d->rd_bps[f][l][n] = *bps;
-    g_tune[FMC_TUNE_LAST_STAGES] = *pd_out = pd;
-    *smem = s;
+    *pd = c[i].pd;
+    *smem = (size_t)c[i].smem;
+    *bps = c[i].bps;
+    g_tune[FMC_TUNE_LAST_BPS] = *bps;
+    g_tune[FMC_TUNE_LAST_SMEM] = (int64_t)*smem;
+    g_tune[FMC_TUNE_LAST_STAGES] = *pd;
     return FMC_OK;
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A plain (not cooperative) launch, with programmatic dependent launch where FMC_TUNE_PDL is on
 // and the device is sm_90+ (the kernel then waits for its predecessor inside, see pdl_wait).
@@ -1027,7 +1035,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     // Tokens per launch (4 when T > 1 and shared memory allows, else 1) and experts per launch
     // (all k unless their phase-B x images overflow shared memory: then groups, accumulated).
     int n = -1, kg = 0;
-    size_t smem = 0;
+    size_t smem = 0, smem_a = 0, smem_b = 0;
     for (int cand = T > 1 ? 1 : 0; cand >= 0; --cand) {
         const int NT = cand ? 4 : 1;
         const size_t sa = hdr + NT * img_bytes(f, limbs, L->hidden);
@@ -1038,18 +1046,33 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             n = cand;
             kg = g;
             smem = sa > sb ? sa : sb;
+            smem_a = sa;
+            smem_b = sb;
             break;
         }
     }
     if (n < 0) return FMC_ESMEM;
-    int bps = 0;
-    if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
-    int pd = PD;
-    if ((rc = ring_depth(d, f, l, n, smem, &bps, &smem, &pd))) return rc;
-    const int NT = n ? 4 : 1;
-    const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop);
+    // AUTO: two launches where programmatic dependent launch overlaps them (sm_90+, PDL on): on the
+    // H200 the Mixtral layer ran 63 us that way against 69 us cooperative (the grid barrier, and
+    // phase A sized apart from phase B's x images); else one cooperative launch where supported.
+    const bool pdl = g_tune[FMC_TUNE_PDL] && d->cc_major >= 9;
+    const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop && !pdl);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
-    const int64_t cap = (int64_t)bps * d->sms;
+    // One launch: both phases' shared memory; two launches: each phase its own (phase A, the
+    // larger part of the bytes, then fits more blocks per SM than phase B's x images allow).
+    const int64_t n_a = (int64_t)kg * L->inter, n_b = (L->hidden + 1) / 2;  // items per launch
+    const int spi_a = (int)ceil_div(L->hidden / epc_of(f), 32), spi_b = kg * (int)ceil_div(L->inter / epc_of(f), 32);
+    int pd = PD, pd_b = PD, bps = 0, bps_b = 0;
+    if (coop) {  // sized by phase A (the larger part of the bytes)
+        if ((rc = launch_shape(d, f, l, n, smem, n_a, spi_a, &pd, &smem, &bps))) return rc;
+        pd_b = pd;
+        bps_b = bps;
+    } else {
+        if ((rc = launch_shape(d, f, l, n, smem_b, n_b, spi_b, &pd_b, &smem_b, &bps_b))) return rc;
+        if ((rc = launch_shape(d, f, l, n, smem_a, n_a, spi_a, &pd, &smem, &bps))) return rc;
+    }
+    const int NT = n ? 4 : 1;
+    const int64_t cap = (int64_t)bps * d->sms, cap_b = (int64_t)bps_b * d->sms;
     cudaStream_t st = (cudaStream_t)stream;
     MoeFn fn = kMoe[f][l][n];
     const size_t wsize = w_dtype == FMC_F32 ? 4 : 2;
@@ -1091,7 +1114,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
         }
         const int64_t items_a = (int64_t)kk * L->inter, items_b = (L->hidden + 1) / 2;
         const int64_t ga = ceil_div(items_a, WARPS) < cap ? ceil_div(items_a, WARPS) : cap;
-        const int64_t gb = ceil_div(items_b, WARPS) < cap ? ceil_div(items_b, WARPS) : cap;
+        const int64_t gb = ceil_div(items_b, WARPS) < cap_b ? ceil_div(items_b, WARPS) : cap_b;
         for (int64_t t0 = 0; t0 < T; t0 += NT) {
             p.t0 = (int)t0;
             p.nt = (int)(T - t0 < NT ? T - t0 : NT);
@@ -1105,11 +1128,13 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
                 err = cudaLaunchCooperativeKernel((const void *)fn, dim3(grid), dim3(THREADS), args, smem, st);
             } else {
                 p.phase = 0;
+                p.pd = pd;
                 g_tune[FMC_TUNE_LAST_GRID] = ga;
                 err = launch(fn, (int)ga, smem, st, p, d);
                 if (err == cudaSuccess) {
                     p.phase = 1;
-                    err = launch(fn, (int)gb, smem, st, p, d);
+                    p.pd = pd_b;
+                    err = launch(fn, (int)gb, smem_b, st, p, d);
                 }
             }
             if (err != cudaSuccess) return (int)err;
@@ -1153,13 +1178,12 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
         n = 0;
         smem = hdr + img_bytes(f, l + 1, K);
     }
-    int bps = 0;
-    if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
-    int pd = PD;
-    if ((rc = ring_depth(d, f, l, n, smem, &bps, &smem, &pd))) return rc;
+    const int64_t items = (N + 1) / 2;
+    int bps = 0, pd = PD;
+    if ((rc = launch_shape(d, f, l, n, smem, items, (int)ceil_div(K / epc_of(f), 32), &pd, &smem, &bps))) return rc;
     p.pd = pd;
     const int NT = n ? 4 : 1;
-    const int64_t items = (N + 1) / 2, cap = (int64_t)bps * d->sms;
+    const int64_t cap = (int64_t)bps * d->sms;
     const int grid = (int)(ceil_div(items, WARPS) < cap ? ceil_div(items, WARPS) : cap);
     MoeFn fn = kMoe[f][l][n];
     g_tune[FMC_TUNE_LAST_GRID] = grid;
