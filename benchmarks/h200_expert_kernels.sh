@@ -29,6 +29,10 @@ for v in before after; do
   FMC_KERNELS_SO=$so timeout ${KERNELS_S:-80} python3 benchmarks/expert_kernels.py --label $v $([ $v = after ] && echo "${STAGES_ARG:-}") --json "$OUT/kernels-$v.json" \
     2>&1 | grep -v Warning | tee -a "$OUT/progress.log" | tail -20
 done
+log tests
+timeout ${TEST_S:-120} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_ring_depth.py tests/test_cuda_kernels.py tests/test_cuda_pdl.py} \
+  > "$OUT/tests.log" 2>&1
+log "tests: $(tail -1 "$OUT/tests.log")"
 if [ "${DECODE:-0}" = 1 ]; then
   wait
   for v in before after; do
@@ -40,7 +44,3 @@ if [ "${DECODE:-0}" = 1 ]; then
       "$OUT/decode-$v.json" 2>&1 | tee -a "$OUT/progress.log"
   done
 fi
-log tests
-timeout ${TEST_S:-120} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_kernels.py tests/test_cuda_pdl.py} \
-  > "$OUT/tests.log" 2>&1
-log "tests: $(tail -1 "$OUT/tests.log")"
