@@ -90,9 +90,9 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter);
  * device array of k uint64 addresses, else a host array. Expert weights: w_dev, a device array
  * of k values of w_dtype, or (w_dev == NULL) w_host, k host floats, or (both NULL) all 1.
  * T = 1 with k experts is the decode step of one layer: one launch (mode COOP: gate/up +
- * SwiGLU, grid barrier, down + weighted sum) or two (mode TWO_LAUNCH, each sized apart). AUTO
- * picks TWO_LAUNCH where programmatic dependent launch is on (sm_90+, FMC_TUNE_PDL), else COOP
- * where the device supports cooperative launch. device: the CUDA device of the pointers.
+ * SwiGLU, grid barrier, down + weighted sum) or two (mode TWO_LAUNCH, each launch's shared
+ * memory and ring sized apart). AUTO picks COOP where the device supports cooperative launch.
+ * device: the CUDA device of the pointers.
  * When k experts' phase-B inputs do not fit in shared memory (fp32 activations, very large
  * inter), the experts run in groups, each accumulating into out. */
 int fmc_moe(const fmc_layout *layout, int k, const uint64_t *recs, int recs_on_device,

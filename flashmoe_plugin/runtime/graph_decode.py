@@ -221,8 +221,7 @@ class DeviceDecode:
     def _capture(self):
         """Warm up on a side stream (compilation, lazy initialisations), then capture one step at
         the current position (it writes nothing a real step would not overwrite). Tried in order:
-        the compiled ops with the kernels' own MoE mode (two launches with programmatic dependent
-        launch on sm_90+, else cooperative), then with two plain launches, then the
+        the compiled ops with the cooperative MoE launch, then with two plain launches, then the
         ops as written; if nothing captures, steps stay uncaptured and `why_not` says why."""
         cur, side = torch.cuda.current_stream(self.e.device), self.stream
         tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
