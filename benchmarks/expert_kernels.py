@@ -26,17 +26,20 @@ GiB = 1 << 30
 
 
 def swap() -> str | None:
-    """Load $FMC_KERNELS_SO as flashmoe_plugin._kernels_cuda (before anything imports it)."""
+    """Load $FMC_KERNELS_SO as flashmoe_plugin._kernels_cuda (before anything imports it); set the
+    ring depth knob to $FMC_STAGES where given."""
     so = os.environ.get("FMC_KERNELS_SO")
-    if not so:
-        return None
-    spec = importlib.util.spec_from_file_location("flashmoe_plugin._kernels_cuda", so)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules["flashmoe_plugin._kernels_cuda"] = mod
-    import flashmoe_plugin
-    flashmoe_plugin._kernels_cuda = mod
-    return so
+    if so:
+        spec = importlib.util.spec_from_file_location("flashmoe_plugin._kernels_cuda", so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["flashmoe_plugin._kernels_cuda"] = mod
+        import flashmoe_plugin
+        flashmoe_plugin._kernels_cuda = mod
+    if os.environ.get("FMC_STAGES"):
+        import flashmoe_plugin._kernels_cuda as K
+        K.tune("stages", int(os.environ["FMC_STAGES"]))
+    return so or None
 
 
 def main(argv=None) -> None:

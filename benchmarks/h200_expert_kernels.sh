@@ -3,14 +3,20 @@
 # source ("before", $BEFORE_CU: e.g. main's csrc/cuda/fm_kernels.cu), built side by side and
 # measured in the same call (benchmarks/expert_kernels.py; FMC_KERNELS_SO swaps the module), then
 # the CUDA kernel tests on this tree; with DECODE=1 also decode tok/s on an 8-layer Mixtral-shaped
-# synth store, before and after. Run from this tree's root. Results and logs in $OUT.
+# synth store for each of DECODE_RUNS (default "before after"; "after:N" = this tree with the ring
+# depth knob at N). KERNELS=0 skips the kernel bench, TESTS=none the tests; INPLACE=1 builds with
+# `setup.py build_ext --inplace -j` instead of pip (faster). Run from this tree's root. Results in $OUT.
 set -u
 OUT=${OUT:-/tmp/fm-out}
 mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
 export FLASHMOE_CUDA=1 FLASHMOE_CUDA_ARCH="-gencode arch=compute_90,code=sm_90" PYTHONUNBUFFERED=1
 log build
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 &
+if [ "${INPLACE:-0}" = 1 ]; then
+  python3 setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1 &
+else
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 &
+fi
 if [ -n "${BEFORE_CU:-}" ]; then
   rm -rf /tmp/before && mkdir /tmp/before && tar --exclude=.git --exclude=build -cf - . | tar -C /tmp/before -xf - \
     && cp "$BEFORE_CU" /tmp/before/csrc/cuda/fm_kernels.cu && cp "$(dirname "$BEFORE_CU")/fm_cuda.h" /tmp/before/csrc/cuda/ \
@@ -24,23 +30,25 @@ if [ "${DECODE:-0}" = 1 ]; then
     > "$OUT/synth.log" 2>&1; echo synth-done >> "$OUT/synth.log") &
 fi
 for v in before after; do
+  [ "${KERNELS:-1}" = 1 ] || break
   so=""; [ $v = before ] && { [ -n "$BEFORE_SO" ] || continue; so=$BEFORE_SO; }
   log "kernels $v"
   FMC_KERNELS_SO=$so timeout ${KERNELS_S:-80} python3 benchmarks/expert_kernels.py --label $v $([ $v = after ] && echo "${STAGES_ARG:-}") --json "$OUT/kernels-$v.json" \
     2>&1 | grep -v Warning | tee -a "$OUT/progress.log" | tail -20
 done
-log tests
+[ "${TESTS:-}" = none ] || { log tests
 timeout ${TEST_S:-120} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_ring_depth.py tests/test_cuda_kernels.py tests/test_cuda_pdl.py} \
   > "$OUT/tests.log" 2>&1
-log "tests: $(tail -1 "$OUT/tests.log")"
+log "tests: $(tail -1 "$OUT/tests.log")"; }
 if [ "${DECODE:-0}" = 1 ]; then
   wait
-  for v in before after; do
-    so=""; [ $v = before ] && { [ -n "$BEFORE_SO" ] || continue; so=$BEFORE_SO; }
+  for v in ${DECODE_RUNS:-before after}; do
+    so=""; stages=""
+    case $v in before) [ -n "$BEFORE_SO" ] || continue; so=$BEFORE_SO ;; after:*) stages=${v#after:} ;; esac
     log "decode $v"
-    FMC_KERNELS_SO=$so timeout ${DECODE_S:-120} python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import expert_kernels as k; k.swap(); from flashmoe_plugin.cli import main; main()' \
-      bench /tmp/m8 --device cuda --dense-quant q8 --json > "$OUT/decode-$v.json" 2> "$OUT/decode-$v.log"
+    FMC_KERNELS_SO=$so FMC_STAGES=$stages timeout ${DECODE_S:-120} python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import expert_kernels as k; k.swap(); from flashmoe_plugin.cli import main; main()' \
+      bench /tmp/m8 --device cuda --dense-quant q8 --json ${DECODE_ARGS:-} > "$OUT/decode-${v/:/-}.json" 2> "$OUT/decode-${v/:/-}.log"
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('decode_tok_s','kernel_bound_tok_s','prefill_tok_s','host_ms_per_token','decode_graph')})" \
-      "$OUT/decode-$v.json" 2>&1 | tee -a "$OUT/progress.log"
+      "$OUT/decode-${v/:/-}.json" 2>&1 | tee -a "$OUT/progress.log"
   done
 fi
