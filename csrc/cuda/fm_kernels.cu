@@ -62,7 +62,7 @@ struct Params {
     void *out;
     int out_dtype, phase, b_from_x, accumulate;
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
-    int pd;                             // stages per warp's ring (see ring_depth)
+    int pd;                             // stages per warp's ring (see launch_shape)
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
 
@@ -387,12 +387,14 @@ __device__ void prefetch_b_first(const Params &p, const uint8_t *const *srec) {
 // barrier), so the weight loads overlap it. A lane only reads back what it copied itself, so
 // cp.async.wait_group is the only synchronisation the ring needs.
 // An item is two rows (phase A: gate row i and up row I+i of one expert; phase B: rows r, r+1
-// of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, one per stage.
+// of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, PU per stage.
 // The ring depth pd is chosen per launch (launch_shape on the host): 4 stages where a launch
 // leaves one block (16 warps) per SM, whose 2 copies in flight per warp do not cover the memory
 // latency, else 3 (measured on the H200: at 32 warps per SM deeper rings were slower).
 constexpr int PD = 3;                      // the shallowest ring (sizes the expert grouping)
-constexpr int STAGE_BYTES = 1536;          // 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
+constexpr int PU = 1;                      // chunks per lane per row per stage
+constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
+constexpr int STAGE_BYTES = PU * USLOT;
 __host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
 constexpr int RING_BYTES = ring_bytes(PD);
 
@@ -404,8 +406,8 @@ __device__ __forceinline__ void cp4(uint32_t dst, const void *src) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-// All but the newest pd-2 groups complete (the stage to compute has landed); pd is one of
-// PD_DEPTHS (anything else waits for all: slower, still right).
+// All but the newest pd-2 groups complete (the stage to compute has landed); pd is 3, 4 or 6
+// (anything else waits for all: slower, still right).
 __device__ __forceinline__ void cp_wait_ring(int pd) {
     if (pd == 3) cp_wait<2>();
     else if (pd == 4) cp_wait<3>();
@@ -432,7 +434,7 @@ struct ItemCursor {
         it += WARPS;
         if (pa) {
             i += WARPS;
-            while (i >= I) { i -= I; ++e; }
+            if (i >= I) { i -= I; ++e; }
         }
     }
     __device__ __forceinline__ void rows(bool pa, int I, int N, unsigned &r0, unsigned &r1, int &seg0) const {
@@ -448,32 +450,19 @@ struct ItemCursor {
     }
 };
 
-// Where a warp is in its work: item, segment of the item (phase B: one expert's w2 rows) and
-// the first chunk of the stage inside that segment. A stage never crosses a segment, so every
-// per-lane address of a segment is set once (seek) and then advanced by constants per stage:
-// the loop body is the copies and the dot products, not address arithmetic.
-struct Cursor {
-    ItemCursor ic;
-    int seg, cb;     // segment and its chunk base (multiple of 32)
-    int c;           // this lane's chunk in the segment (cb + lane)
-};
-
 template <int F, int LIMBS, int NT>
 struct Pipe {
     const Params &p;
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
-    int nch, ngroups, nseg, img_stride, warp, lane, nj, sps, pd;
+    int nch, ngroups, nseg, total, img_stride, warp, lane, nj, spi, pd;
+    float inv_nch;
     int64_t q_off, s_off, b_off;
     unsigned qrow;
     unsigned char *ring;
     uint32_t ring_s;
-    // issue side: cursor, stage slot, stages left, and this lane's source addresses for the stage
-    Cursor icur;
-    int i_st, i_left;
-    const uint8_t *aq0, *aq1;   // packed weights, rows r0 / r1, chunk c
-    uintptr_t as0, as1, ab0, ab1;  // 4-byte words holding the scale / bias of chunk c's group
-    int first_item;
+    ItemCursor ic;              // issue cursor
+    int i_base, i_st, i_left;
 
     __device__ Pipe(const Params &p_, const uint8_t *const *srec_, bool pa_, int64_t ib, int64_t ie, int K,
                     unsigned char *ring_all, int warp_, int lane_)
@@ -482,81 +471,64 @@ struct Pipe {
         ngroups = K / 64;
         nseg = pa ? 1 : (p.b_from_x ? 1 : p.k);
         img_stride = pa ? 0 : (p.b_from_x ? 0 : NT);
+        total = nseg * nch;
+        inv_nch = 1.f / (float)nch;
         q_off = pa ? p.a_q : p.b_q;
         s_off = pa ? p.a_s : p.b_s;
         b_off = pa ? p.a_b : p.b_b;
         qrow = (unsigned)nch * 16u;
         const int64_t first = ib + warp;
-        first_item = (int)first;
         nj = first < ie ? (int)((ie - first + WARPS - 1) / WARPS) : 0;
-        sps = (nch + 31) / 32;  // stages per segment
+        spi = (total + 32 * PU - 1) / (32 * PU);
+        ic.init(pa, (int)first, p.I);
+        i_base = 0;
         i_st = 0;
-        i_left = nj * nseg * sps;
+        i_left = nj * spi;
         pd = p.pd;
         ring = ring_all + (size_t)warp * pd * STAGE_BYTES;
         ring_s = (uint32_t)__cvta_generic_to_shared(ring);
-        icur.ic.init(pa, first_item, p.I);
-        icur.seg = 0;
-        icur.cb = 0;
-        icur.c = lane;
-        if (i_left > 0) seek_issue();
     }
 
-    // The issue addresses for icur (start of a segment: cb = 0).
-    __device__ __forceinline__ void seek_issue() {
-        unsigned r0, r1;
-        int seg0;
-        icur.ic.rows(pa, p.I, p.H, r0, r1, seg0);
-        const uint8_t *rb = srec[seg0 + icur.seg];
-        const unsigned c = (unsigned)icur.c, g = c / Fmt<F>::CPG;
-        aq0 = rb + q_off + (size_t)r0 * qrow + c * 16u;
-        aq1 = rb + q_off + (size_t)r1 * qrow + c * 16u;
-        const uintptr_t sp = (uintptr_t)(rb + s_off) + 2 * (size_t)g;
-        as0 = sp + 2 * ((size_t)r0 * ngroups);
-        as1 = sp + 2 * ((size_t)r1 * ngroups);
-        if (Fmt<F>::BIAS) {
-            const uintptr_t bp = (uintptr_t)(rb + b_off) + 2 * (size_t)g;
-            ab0 = bp + 2 * ((size_t)r0 * ngroups);
-            ab1 = bp + 2 * ((size_t)r1 * ngroups);
-        }
+    __device__ __forceinline__ void split(int f, int &seg, int &c) const {
+        seg = (int)((float)f * inv_nch);
+        c = f - seg * nch;
+        if (c < 0) { --seg; c += nch; }
+        else if (c >= nch) { ++seg; c -= nch; }
     }
 
     __device__ __forceinline__ void issue() {
         if (i_left > 0) {
-            const uint32_t d = ring_s + (uint32_t)i_st * STAGE_BYTES + lane * 16;
-            if (icur.c < nch) {
-                cp16(d, aq0);
-                cp16(d + 512, aq1);
-                const uint32_t ds = d - lane * 16 + 1024 + lane * 4;
-                cp4(ds, (const void *)(as0 & ~(uintptr_t)3));
-                cp4(ds + 128, (const void *)(as1 & ~(uintptr_t)3));
-                if (Fmt<F>::BIAS) {
-                    cp4(ds + 256, (const void *)(ab0 & ~(uintptr_t)3));
-                    cp4(ds + 384, (const void *)(ab1 & ~(uintptr_t)3));
+            const uint32_t st = ring_s + (uint32_t)i_st * STAGE_BYTES;
+            unsigned r0, r1;
+            int seg0;
+            ic.rows(pa, p.I, p.H, r0, r1, seg0);
+#pragma unroll
+            for (int u = 0; u < PU; ++u) {
+                const int f = i_base + 32 * u + lane;
+                if (f < total) {
+                    int seg = 0, c = f;
+                    if (nseg > 1) split(f, seg, c);
+                    const uint8_t *rb = srec[seg0 + seg];
+                    const uint8_t *q = rb + q_off + (unsigned)c * 16u;
+                    const uint32_t d = st + u * USLOT + lane * 16;
+                    cp16(d, q + (size_t)r0 * qrow);
+                    cp16(d + 512, q + (size_t)r1 * qrow);
+                    const unsigned g = (unsigned)c / Fmt<F>::CPG;
+                    const uintptr_t sp = (uintptr_t)(rb + s_off) + 2 * (size_t)g;
+                    const uint32_t ds = st + u * USLOT + 1024 + lane * 4;
+                    cp4(ds, (const void *)((sp + 2 * ((size_t)r0 * ngroups)) & ~(uintptr_t)3));
+                    cp4(ds + 128, (const void *)((sp + 2 * ((size_t)r1 * ngroups)) & ~(uintptr_t)3));
+                    if (Fmt<F>::BIAS) {
+                        const uintptr_t bp = (uintptr_t)(rb + b_off) + 2 * (size_t)g;
+                        cp4(ds + 256, (const void *)((bp + 2 * ((size_t)r0 * ngroups)) & ~(uintptr_t)3));
+                        cp4(ds + 384, (const void *)((bp + 2 * ((size_t)r1 * ngroups)) & ~(uintptr_t)3));
+                    }
                 }
             }
-            // next stage: 32 chunks on (32 * 2 / CPG bytes of scales: a multiple of 4, so the
-            // half of the word a lane reads stays the same), or the next segment / item
-            icur.cb += 32;
-            icur.c += 32;
-            if (icur.cb < nch) {
-                aq0 += 512;
-                aq1 += 512;
-                constexpr int SB = 64 / Fmt<F>::CPG;
-                as0 += SB;
-                as1 += SB;
-                if (Fmt<F>::BIAS) {
-                    ab0 += SB;
-                    ab1 += SB;
-                }
-            } else {
-                icur.cb = 0;
-                icur.c = lane;
-                if (++icur.seg == nseg) {
-                    icur.seg = 0;
-                    icur.ic.next(pa, p.I);
-                }
-                if (i_left > 1) seek_issue();
+            i_base += 32 * PU;
+            if (i_base >= total) {
+                i_base = 0;
+                ic.next(pa, p.I);
             }
             i_st = i_st + 1 == pd ? 0 : i_st + 1;
             --i_left;
@@ -564,44 +536,55 @@ struct Pipe {
         cp_commit();
     }
 
-    // One stage: this lane's chunk c of rows r0/r1, against x image(s) at xp (piece 0 of chunk c
-    // of image j = seg * img_stride + t, images img_int4 apart) and their meta at mp.
-    __device__ __forceinline__ void compute(int st_idx, bool valid, unsigned odd0, unsigned odd1, const int4 *xp,
-                                            const float2 *mp, size_t img_int4, float (&acc)[2][NT]) const {
+    // One stage of the item with rows r0/r1: chunks base + 32u + lane.
+    __device__ __forceinline__ void compute(int base, int st_idx, unsigned r0, unsigned r1, const int4 *xdata,
+                                            const float2 *meta, float (&acc)[2][NT]) const {
         using FM = Fmt<F>;
         constexpr int P = FM::P;
-        if (!valid) return;
-        const unsigned char *d = ring + st_idx * STAGE_BYTES;
-        const uint4 w0 = *(const uint4 *)(d + lane * 16);
-        const uint4 w1 = *(const uint4 *)(d + 512 + lane * 16);
-        const float sc0 = half_of(*(const unsigned *)(d + 1024 + lane * 4), odd0);
-        const float sc1 = half_of(*(const unsigned *)(d + 1152 + lane * 4), odd1);
-        float bi0 = 0.f, bi1 = 0.f;
-        if (FM::BIAS) {
-            bi0 = half_of(*(const unsigned *)(d + 1280 + lane * 4), odd0);
-            bi1 = half_of(*(const unsigned *)(d + 1408 + lane * 4), odd1);
-        }
-        int V0[2 * P], V1[2 * P];
-        unpack<F>(w0, V0);
-        unpack<F>(w1, V1);
+        const unsigned char *st = ring + st_idx * STAGE_BYTES;
+        const size_t img_int4 = (size_t)LIMBS * P * nch;
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const int4 *x = xp + (size_t)t * img_int4;
-            int d0 = 0, d1 = 0;
-            dot2<F>(V0, V1, x, nch, d0, d1);
-            float f0 = (float)d0, f1 = (float)d1;
-            if (LIMBS == 2) {
-                int e0 = 0, e1 = 0;
-                dot2<F>(V0, V1, x + (size_t)P * nch, nch, e0, e1);
-                f0 = fmaf((float)e0, 1.f / 65536.f, f0);
-                f1 = fmaf((float)e1, 1.f / 65536.f, f1);
-            }
-            const float2 mt = mp[(size_t)t * nch];
-            acc[0][t] = fmaf(sc0, mt.x * f0, acc[0][t]);
-            acc[1][t] = fmaf(sc1, mt.x * f1, acc[1][t]);
-            if (FM::BIAS) {
-                acc[0][t] = fmaf(bi0, mt.y, acc[0][t]);
-                acc[1][t] = fmaf(bi1, mt.y, acc[1][t]);
+        for (int u = 0; u < PU; ++u) {
+            const int f = base + 32 * u + lane;
+            if (f < total) {
+                int seg = 0, c = f;
+                if (nseg > 1) split(f, seg, c);
+                const unsigned char *d = st + u * USLOT;
+                const uint4 w0 = *(const uint4 *)(d + lane * 16);
+                const uint4 w1 = *(const uint4 *)(d + 512 + lane * 16);
+                const unsigned g = (unsigned)c / FM::CPG;
+                const unsigned odd0 = (r0 * (unsigned)ngroups + g) & 1u, odd1 = (r1 * (unsigned)ngroups + g) & 1u;
+                const float sc0 = half_of(*(const unsigned *)(d + 1024 + lane * 4), odd0);
+                const float sc1 = half_of(*(const unsigned *)(d + 1152 + lane * 4), odd1);
+                float bi0 = 0.f, bi1 = 0.f;
+                if (FM::BIAS) {
+                    bi0 = half_of(*(const unsigned *)(d + 1280 + lane * 4), odd0);
+                    bi1 = half_of(*(const unsigned *)(d + 1408 + lane * 4), odd1);
+                }
+                int V0[2 * P], V1[2 * P];
+                unpack<F>(w0, V0);
+                unpack<F>(w1, V1);
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    const int j = seg * img_stride + t;
+                    const int4 *xp = xdata + (size_t)j * img_int4 + c;
+                    int d0 = 0, d1 = 0;
+                    dot2<F>(V0, V1, xp, nch, d0, d1);
+                    float f0 = (float)d0, f1 = (float)d1;
+                    if (LIMBS == 2) {
+                        int e0 = 0, e1 = 0;
+                        dot2<F>(V0, V1, xp + (size_t)P * nch, nch, e0, e1);
+                        f0 = fmaf((float)e0, 1.f / 65536.f, f0);
+                        f1 = fmaf((float)e1, 1.f / 65536.f, f1);
+                    }
+                    const float2 mt = meta[(size_t)j * nch + c];
+                    acc[0][t] = fmaf(sc0, mt.x * f0, acc[0][t]);
+                    acc[1][t] = fmaf(sc1, mt.x * f1, acc[1][t]);
+                    if (FM::BIAS) {
+                        acc[0][t] = fmaf(bi0, mt.y, acc[0][t]);
+                        acc[1][t] = fmaf(bi1, mt.y, acc[1][t]);
+                    }
+                }
             }
         }
     }
@@ -610,12 +593,9 @@ struct Pipe {
         for (int d = 0; d < pd - 1; ++d) issue();
     }
 
-    // The main loop (after prime() and the prologue): every item of this warp, segment by
-    // segment, stage by stage.
+    // The main loop (after prime() and the prologue): every item of this warp, stage by stage.
     __device__ void run(const int4 *xdata, const float2 *meta) {
-        ItemCursor cc;
-        cc.init(pa, first_item, p.I);
-        const size_t img_int4 = (size_t)LIMBS * Fmt<F>::P * nch;
+        ItemCursor cc = first_cursor();
         int c_st = 0;
         for (int j = 0; j < nj; ++j) {
             unsigned r0, r1;
@@ -624,21 +604,11 @@ struct Pipe {
             float acc[2][NT];
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
-            const unsigned par0 = (r0 * (unsigned)ngroups) & 1u, par1 = (r1 * (unsigned)ngroups) & 1u;
-            for (int seg = 0; seg < nseg; ++seg) {
-                const int jb = seg * img_stride;
-                const int4 *xp = xdata + (size_t)jb * img_int4 + lane;
-                const float2 *mp = meta + (size_t)jb * nch + lane;
-                unsigned g = (unsigned)lane / Fmt<F>::CPG;
-                const unsigned odd0 = (par0 + g) & 1u, odd1 = (par1 + g) & 1u;
-                for (int c = lane; c < nch + lane; c += 32) {
-                    issue();
-                    cp_wait_ring(pd);
-                    compute(c_st, c < nch, odd0, odd1, xp, mp, img_int4, acc);
-                    xp += 32;
-                    mp += 32;
-                    c_st = c_st + 1 == pd ? 0 : c_st + 1;
-                }
+            for (int base = 0; base < total; base += 32 * PU) {
+                issue();
+                cp_wait_ring(pd);
+                compute(base, c_st, r0, r1, xdata, meta, acc);
+                c_st = c_st + 1 == pd ? 0 : c_st + 1;
             }
             warp_sum<NT>(acc);
 #pragma unroll
@@ -664,6 +634,13 @@ struct Pipe {
         }
         cp_wait<0>();
     }
+
+    int first_item;
+    __device__ __forceinline__ ItemCursor first_cursor() const {
+        ItemCursor c;
+        c.init(pa, first_item, p.I);
+        return c;
+    }
 };
 
 template <int F, int LIMBS, int NT>
@@ -674,6 +651,7 @@ __device__ void phase_a(const Params &p, const uint8_t *const *srec, const float
     block_range((int64_t)p.k * p.I, ib, ie);
     if (ib >= ie) return;
     Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, warp, lane);
+    pp.first_item = (int)(ib + warp);
     pp.prime();
     if (p.pdl) pdl_wait();  // x is the previous kernel's output
     float2 *meta = (float2 *)(xdata + NT * image_int4(F, LIMBS, K));
@@ -689,6 +667,7 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     int64_t ib, ie;
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
     Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
+    pp.first_item = (int)(ib + warp);
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
         pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
@@ -810,7 +789,7 @@ constexpr int MAX_DEV = 64;
 struct LaunchShape { int smem3, items, spi, tune, pd, smem, bps; };
 constexpr int NSHAPES = 8;
 struct DevInfo {
-    int init, sms, smem_optin, smem_sm, coop, cc_major;
+    int init, sms, smem_optin, coop, cc_major;
     LaunchShape shapes[3][2][2][NSHAPES];        // launch_shape's last decisions per kernel
     int shape_next[3][2][2];
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
@@ -842,9 +821,6 @@ int set_device(int device, DevInfo **info) {
         if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
             return (int)err;
         if ((err = cudaDeviceGetAttribute(&d->coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess) return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)) !=
-            cudaSuccess)
-            return (int)err;
         if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
             return (int)err;
         d->init = 1;
