@@ -69,8 +69,8 @@ typedef struct {
  *   FMC_TUNE_LAST_GRID / LAST_BPS / LAST_SMEM   grid, blocks per SM and shared bytes of the last launch
  *   FMC_TUNE_PDL        1 (default): plain (not cooperative) launches use programmatic dependent
  *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off
- *   FMC_TUNE_STAGES     stages per warp's weight ring: 0 (default) = the deepest of 6 and 4 that keeps
- *                       the blocks per SM of 3 stages, else 3, 4 or 6 where it fits
+ *   FMC_TUNE_STAGES     stages per warp's weight ring: 0 (default) = 4 where a launch leaves one block
+ *                       per SM and each warp streams more than 4 stages, else 3; or 3, 4 or 6 where it fits
  *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only) */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
@@ -90,9 +90,8 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter);
  * device array of k uint64 addresses, else a host array. Expert weights: w_dev, a device array
  * of k values of w_dtype, or (w_dev == NULL) w_host, k host floats, or (both NULL) all 1.
  * T = 1 with k experts is the decode step of one layer: one launch (mode COOP: gate/up +
- * SwiGLU, grid barrier, down + weighted sum) or two (mode TWO_LAUNCH, each launch's shared
- * memory and ring sized apart). AUTO picks COOP where the device supports cooperative launch.
- * device: the CUDA device of the pointers.
+ * SwiGLU, grid barrier, down + weighted sum) or two (mode TWO_LAUNCH). AUTO picks COOP where
+ * the device supports cooperative launch. device: the CUDA device of the pointers.
  * When k experts' phase-B inputs do not fit in shared memory (fp32 activations, very large
  * inter), the experts run in groups, each accumulating into out. */
 int fmc_moe(const fmc_layout *layout, int k, const uint64_t *recs, int recs_on_device,

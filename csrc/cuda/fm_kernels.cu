@@ -784,9 +784,9 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 #undef FMC_DQ_ROW
 
 constexpr int MAX_DEV = 64;
-// One launch_shape decision: for (smem with PD stages, items, stages per item, stages knob) the
-// depth, shared bytes and blocks per SM.
-struct LaunchShape { int smem3, items, spi, tune, pd, smem, bps; };
+// One launch_shape decision: for (smem with PD stages, items, stages per item, the stages and
+// blocks-per-SM knobs) the depth, shared bytes and blocks per SM.
+struct LaunchShape { int smem3, items, spi, tune, mbps, pd, smem, bps; };
 constexpr int NSHAPES = 8;
 struct DevInfo {
     int init, sms, smem_optin, coop, cc_major;
@@ -865,12 +865,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Decisions are cached (the last NSHAPES per kernel). FMC_OK or an error.
 int launch_shape(DevInfo *d, int f, int l, int n, size_t smem3, int64_t items, int spi, int *pd, size_t *smem,
                  int *bps) {
-    const int tune = (int)g_tune[FMC_TUNE_STAGES];
+    const int tune = (int)g_tune[FMC_TUNE_STAGES], mbps = (int)g_tune[FMC_TUNE_MAX_BLOCKS_PER_SM];
     const int it = items > (1 << 30) ? (1 << 30) : (int)items;
     LaunchShape *c = d->shapes[f][l][n];
     int i = 0;
-    while (i < NSHAPES &&
-           !(c[i].pd > 0 && c[i].smem3 == (int)smem3 && c[i].items == it && c[i].spi == spi && c[i].tune == tune))
+    while (i < NSHAPES && !(c[i].pd > 0 && c[i].smem3 == (int)smem3 && c[i].items == it && c[i].spi == spi &&
+                            c[i].tune == tune && c[i].mbps == mbps))
         ++i;
     if (i == NSHAPES) {
         int rc, b = 0;
@@ -881,7 +881,7 @@ int launch_shape(DevInfo *d, int f, int l, int n, size_t smem3, int64_t items, i
             const int64_t chain = ceil_div(items, grid * WARPS) * spi;  // stages per warp
             cand = ceil_div(grid, d->sms) <= 1 && chain > 4 ? 4 : PD;
         }
-        LaunchShape r = {(int)smem3, it, spi, tune, PD, (int)smem3, b};
+        LaunchShape r = {(int)smem3, it, spi, tune, mbps, PD, (int)smem3, b};
         if (cand != PD && cand > 0) {
             const size_t sc = smem3 + (size_t)ring_bytes(cand) - (size_t)RING_BYTES;
             int bc = 0;
@@ -1011,7 +1011,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     // Tokens per launch (4 when T > 1 and shared memory allows, else 1) and experts per launch
     // (all k unless their phase-B x images overflow shared memory: then groups, accumulated).
     int n = -1, kg = 0;
-    size_t smem = 0, smem_a = 0, smem_b = 0;
+    size_t smem = 0;
     for (int cand = T > 1 ? 1 : 0; cand >= 0; --cand) {
         const int NT = cand ? 4 : 1;
         const size_t sa = hdr + NT * img_bytes(f, limbs, L->hidden);
@@ -1022,8 +1022,6 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             n = cand;
             kg = g;
             smem = sa > sb ? sa : sb;
-            smem_a = sa;
-            smem_b = sb;
             break;
         }
     }
@@ -1032,21 +1030,14 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     // the q8 Qwen3.5 layer 6% slower, and an 8-layer decode 703 -> 668 tok/s (one run each).
     const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
-    // One launch: both phases' shared memory; two launches: each phase its own (phase A, the
-    // larger part of the bytes, then fits more blocks per SM than phase B's x images allow).
-    const int64_t n_a = (int64_t)kg * L->inter, n_b = (L->hidden + 1) / 2;  // items per launch
-    const int spi_a = (int)ceil_div(L->hidden / epc_of(f), 32), spi_b = kg * (int)ceil_div(L->inter / epc_of(f), 32);
-    int pd = PD, pd_b = PD, bps = 0, bps_b = 0;
-    if (coop) {  // sized by phase A (the larger part of the bytes)
-        if ((rc = launch_shape(d, f, l, n, smem, n_a, spi_a, &pd, &smem, &bps))) return rc;
-        pd_b = pd;
-        bps_b = bps;
-    } else {
-        if ((rc = launch_shape(d, f, l, n, smem_b, n_b, spi_b, &pd_b, &smem_b, &bps_b))) return rc;
-        if ((rc = launch_shape(d, f, l, n, smem_a, n_a, spi_a, &pd, &smem, &bps))) return rc;
-    }
+    // The ring depth by phase A (gate/up: two thirds of the bytes). Sizing each of the two launches
+    // apart (phase A then 2 blocks per SM on Mixtral) was measured no faster on the H200.
+    int pd = PD, bps = 0;
+    if ((rc = launch_shape(d, f, l, n, smem, (int64_t)kg * L->inter, (int)ceil_div(L->hidden / epc_of(f), 32), &pd,
+                           &smem, &bps)))
+        return rc;
     const int NT = n ? 4 : 1;
-    const int64_t cap = (int64_t)bps * d->sms, cap_b = (int64_t)bps_b * d->sms;
+    const int64_t cap = (int64_t)bps * d->sms;
     cudaStream_t st = (cudaStream_t)stream;
     MoeFn fn = kMoe[f][l][n];
     const size_t wsize = w_dtype == FMC_F32 ? 4 : 2;
@@ -1088,7 +1079,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
         }
         const int64_t items_a = (int64_t)kk * L->inter, items_b = (L->hidden + 1) / 2;
         const int64_t ga = ceil_div(items_a, WARPS) < cap ? ceil_div(items_a, WARPS) : cap;
-        const int64_t gb = ceil_div(items_b, WARPS) < cap_b ? ceil_div(items_b, WARPS) : cap_b;
+        const int64_t gb = ceil_div(items_b, WARPS) < cap ? ceil_div(items_b, WARPS) : cap;
         for (int64_t t0 = 0; t0 < T; t0 += NT) {
             p.t0 = (int)t0;
             p.nt = (int)(T - t0 < NT ? T - t0 : NT);
@@ -1102,13 +1093,11 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
                 err = cudaLaunchCooperativeKernel((const void *)fn, dim3(grid), dim3(THREADS), args, smem, st);
             } else {
                 p.phase = 0;
-                p.pd = pd;
                 g_tune[FMC_TUNE_LAST_GRID] = ga;
                 err = launch(fn, (int)ga, smem, st, p, d);
                 if (err == cudaSuccess) {
                     p.phase = 1;
-                    p.pd = pd_b;
-                    err = launch(fn, (int)gb, smem_b, st, p, d);
+                    err = launch(fn, (int)gb, smem, st, p, d);
                 }
             }
             if (err != cudaSuccess) return (int)err;
