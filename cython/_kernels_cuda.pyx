@@ -129,15 +129,16 @@ def workspace_bytes(int k, int64_t inter):
     return fmc_moe_workspace_bytes(k, inter)
 
 
-_TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4, "pdl": 5}
+_TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4, "pdl": 5,
+              "stages": 6, "last_stages": 7}
 
 
 def tune(key, value=None):
     """A tuning knob of the kernels (process-wide), for benchmarks; returns the previous value.
     keys: prefetch (phase-B L2 prefetch window per block, bytes; 0 = off, the default), max_blocks_per_sm
     (0: occupancy limit), pdl (1: programmatic dependent launch for plain launches on sm_90+, the
-    default; 0 off); read-only: last_grid,
-    last_blocks_per_sm, last_smem (what the last launch used). value None only reads."""
+    default; 0 off), stages (weight ring depth per warp: 0 = auto, the default, or 3, 4, 6); read-only:
+    last_grid, last_blocks_per_sm, last_smem, last_stages (what the last launch used). value None only reads."""
     try:
         k = _TUNE_KEYS[key]
     except KeyError:

@@ -68,10 +68,14 @@ typedef struct {
  *   FMC_TUNE_MAX_BLOCKS_PER_SM   cap on resident blocks per SM (0 = occupancy limit)
  *   FMC_TUNE_LAST_GRID / LAST_BPS / LAST_SMEM   grid, blocks per SM and shared bytes of the last launch
  *   FMC_TUNE_PDL        1 (default): plain (not cooperative) launches use programmatic dependent
- *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off */
+ *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off
+ *   FMC_TUNE_STAGES     stages per warp's weight ring: 0 (default) = 4 where a launch leaves one block
+ *                       per SM and each warp streams more than 4 stages, else 3; or 3, 4 or 6 where it fits
+ *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only) */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
-    FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5, FMC_TUNE_NKEYS = 6
+    FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
+    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_NKEYS = 8
 };
 int64_t fmc_tune(int key, int64_t value);
 

@@ -62,6 +62,7 @@ struct Params {
     void *out;
     int out_dtype, phase, b_from_x, accumulate;
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
+    int pd;                             // stages per warp's ring (see launch_shape)
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
 
@@ -378,20 +379,24 @@ __device__ void prefetch_b_first(const Params &p, const uint8_t *const *srec) {
 }
 
 // ---------------------------------------------------------------- the weight stream (cp.async rings)
-// Each warp streams its items' weights through a private ring of PD stages in shared memory
+// Each warp streams its items' weights through a private ring of pd stages in shared memory
 // with cp.async (16-byte copies of the packed weights, 4-byte copies of the words holding the
-// scales/biases): PD-1 stages are in flight while the warp computes one, so memory latency is
+// scales/biases): pd-1 stages are in flight while the warp computes one, so memory latency is
 // hidden without holding the loads in registers. The first stages are issued before the
 // prologue that builds the x images (and, in the cooperative decode, phase B's before the grid
 // barrier), so the weight loads overlap it. A lane only reads back what it copied itself, so
 // cp.async.wait_group is the only synchronisation the ring needs.
 // An item is two rows (phase A: gate row i and up row I+i of one expert; phase B: rows r, r+1
 // of every expert's w2, concatenated); lane l takes chunks l, l+32, ... of the item, PU per stage.
-constexpr int PD = 3;                      // stages per ring
+// The ring depth pd is chosen per launch (launch_shape on the host): 4 stages where a launch
+// leaves one block (16 warps) per SM, whose 2 copies in flight per warp do not cover the memory
+// latency, else 3 (measured on the H200: at 32 warps per SM deeper rings were slower).
+constexpr int PD = 3;                      // the shallowest ring (sizes the expert grouping)
 constexpr int PU = 1;                      // chunks per lane per row per stage
 constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 4 words x 32 lanes x 4 B
 constexpr int STAGE_BYTES = PU * USLOT;
-constexpr int RING_BYTES = WARPS * PD * STAGE_BYTES;
+__host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
+constexpr int RING_BYTES = ring_bytes(PD);
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -401,6 +406,14 @@ __device__ __forceinline__ void cp4(uint32_t dst, const void *src) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+// All but the newest pd-2 groups complete (the stage to compute has landed); pd is 3, 4 or 6
+// (anything else waits for all: slower, still right).
+__device__ __forceinline__ void cp_wait_ring(int pd) {
+    if (pd == 3) cp_wait<2>();
+    else if (pd == 4) cp_wait<3>();
+    else if (pd == 6) cp_wait<5>();
+    else cp_wait<0>();
+}
 
 __device__ __forceinline__ float half_of(unsigned w, unsigned odd) {
     return __half2float(__ushort_as_half((unsigned short)(odd ? (w >> 16) : (w & 0xFFFFu))));
@@ -442,7 +455,7 @@ struct Pipe {
     const Params &p;
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
-    int nch, ngroups, nseg, total, img_stride, warp, lane, nj, spi;
+    int nch, ngroups, nseg, total, img_stride, warp, lane, nj, spi, pd;
     float inv_nch;
     int64_t q_off, s_off, b_off;
     unsigned qrow;
@@ -471,7 +484,8 @@ struct Pipe {
         i_base = 0;
         i_st = 0;
         i_left = nj * spi;
-        ring = ring_all + (size_t)warp * PD * STAGE_BYTES;
+        pd = p.pd;
+        ring = ring_all + (size_t)warp * pd * STAGE_BYTES;
         ring_s = (uint32_t)__cvta_generic_to_shared(ring);
     }
 
@@ -516,7 +530,7 @@ struct Pipe {
                 i_base = 0;
                 ic.next(pa, p.I);
             }
-            i_st = i_st + 1 == PD ? 0 : i_st + 1;
+            i_st = i_st + 1 == pd ? 0 : i_st + 1;
             --i_left;
         }
         cp_commit();
@@ -576,8 +590,7 @@ struct Pipe {
     }
 
     __device__ void prime() {
-#pragma unroll
-        for (int d = 0; d < PD - 1; ++d) issue();
+        for (int d = 0; d < pd - 1; ++d) issue();
     }
 
     // The main loop (after prime() and the prologue): every item of this warp, stage by stage.
@@ -593,9 +606,9 @@ struct Pipe {
             for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
             for (int base = 0; base < total; base += 32 * PU) {
                 issue();
-                cp_wait<PD - 1>();
+                cp_wait_ring(pd);
                 compute(base, c_st, r0, r1, xdata, meta, acc);
-                c_st = c_st + 1 == PD ? 0 : c_st + 1;
+                c_st = c_st + 1 == pd ? 0 : c_st + 1;
             }
             warp_sum<NT>(acc);
 #pragma unroll
@@ -678,7 +691,7 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     const uint8_t **srec = (const uint8_t **)smem;
     float *swt = (float *)(smem + FMC_MAX_K * 8);
     unsigned char *ring = smem + HDR_BYTES;
-    int4 *xdata = (int4 *)(smem + HDR_BYTES + RING_BYTES);
+    int4 *xdata = (int4 *)(smem + HDR_BYTES + ring_bytes(p.pd));
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (p.pdl) {
         pdl_trigger();
@@ -771,14 +784,20 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 #undef FMC_DQ_ROW
 
 constexpr int MAX_DEV = 64;
+// One launch_shape decision: for (smem with PD stages, items, stages per item, the stages and
+// blocks-per-SM knobs) the depth, shared bytes and blocks per SM.
+struct LaunchShape { int smem3, items, spi, tune, mbps, pd, smem, bps; };
+constexpr int NSHAPES = 8;
 struct DevInfo {
     int init, sms, smem_optin, coop, cc_major;
+    LaunchShape shapes[3][2][2][NSHAPES];        // launch_shape's last decisions per kernel
+    int shape_next[3][2][2];
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
     int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
 };
 DevInfo g_dev[MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -837,8 +856,53 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 }
 
 
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The ring depth, shared bytes and blocks per SM of a launch of kernel (f, l, n) that needs smem3
+// bytes of shared memory with PD stages for `items` items of `spi` stages each: with
+// FMC_TUNE_STAGES 0, 4 stages where the grid leaves one block (16 warps) per SM and each warp
+// streams more than 4 stages (and 4 fit), else PD; with the knob set, its depth where that fits.
+// Decisions are cached (the last NSHAPES per kernel). FMC_OK or an error.
+int launch_shape(DevInfo *d, int f, int l, int n, size_t smem3, int64_t items, int spi, int *pd, size_t *smem,
+                 int *bps) {
+    const int tune = (int)g_tune[FMC_TUNE_STAGES], mbps = (int)g_tune[FMC_TUNE_MAX_BLOCKS_PER_SM];
+    const int it = items > (1 << 30) ? (1 << 30) : (int)items;
+    LaunchShape *c = d->shapes[f][l][n];
+    int i = 0;
+    while (i < NSHAPES && !(c[i].pd > 0 && c[i].smem3 == (int)smem3 && c[i].items == it && c[i].spi == spi &&
+                            c[i].tune == tune && c[i].mbps == mbps))
+        ++i;
+    if (i == NSHAPES) {
+        int rc, b = 0;
+        if ((rc = prepare(d, f, l, n, smem3, &b))) return rc;
+        int cand = tune;
+        if (tune == 0) {
+            const int64_t want = ceil_div(items, WARPS), grid = want < (int64_t)b * d->sms ? want : (int64_t)b * d->sms;
+            const int64_t chain = ceil_div(items, grid * WARPS) * spi;  // stages per warp
+            cand = ceil_div(grid, d->sms) <= 1 && chain > 4 ? 4 : PD;
+        }
+        LaunchShape r = {(int)smem3, it, spi, tune, mbps, PD, (int)smem3, b};
+        if (cand != PD && cand > 0) {
+            const size_t sc = smem3 + (size_t)ring_bytes(cand) - (size_t)RING_BYTES;
+            int bc = 0;
+            if (sc <= (size_t)d->smem_optin && prepare(d, f, l, n, sc, &bc) == FMC_OK) {
+                r.pd = cand;
+                r.smem = (int)sc;
+                r.bps = bc;
+            }
+        }
+        i = d->shape_next[f][l][n];
+        d->shape_next[f][l][n] = (i + 1) % NSHAPES;
+        c[i] = r;
+    }
+    *pd = c[i].pd;
+    *smem = (size_t)c[i].smem;
+    *bps = c[i].bps;
+    g_tune[FMC_TUNE_LAST_BPS] = *bps;
+    g_tune[FMC_TUNE_LAST_SMEM] = (int64_t)*smem;
+    g_tune[FMC_TUNE_LAST_STAGES] = *pd;
+    return FMC_OK;
+}
 
 // A plain (not cooperative) launch, with programmatic dependent launch where FMC_TUNE_PDL is on
 // and the device is sm_90+ (the kernel then waits for its predecessor inside, see pdl_wait).
@@ -910,7 +974,7 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter) {
 int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
-    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL)) g_tune[key] = value;
+    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES)) g_tune[key] = value;
     return old;
 }
 
@@ -962,11 +1026,17 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
         }
     }
     if (n < 0) return FMC_ESMEM;
-    int bps = 0;
-    if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
-    const int NT = n ? 4 : 1;
+    // AUTO stays cooperative: two PDL launches ran the Mixtral layer 5-9% faster on the H200 but
+    // the q8 Qwen3.5 layer 6% slower, and an 8-layer decode 703 -> 668 tok/s (one run each).
     const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
+    // The ring depth by phase A (gate/up: two thirds of the bytes). Sizing each of the two launches
+    // apart (phase A then 2 blocks per SM on Mixtral) was measured no faster on the H200.
+    int pd = PD, bps = 0;
+    if ((rc = launch_shape(d, f, l, n, smem, (int64_t)kg * L->inter, (int)ceil_div(L->hidden / epc_of(f), 32), &pd,
+                           &smem, &bps)))
+        return rc;
+    const int NT = n ? 4 : 1;
     const int64_t cap = (int64_t)bps * d->sms;
     cudaStream_t st = (cudaStream_t)stream;
     MoeFn fn = kMoe[f][l][n];
@@ -989,6 +1059,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     p.out = out;
     p.out_dtype = out_dtype;
     p.pf_ahead = g_tune[FMC_TUNE_PREFETCH];
+    p.pd = pd;
     for (int g0 = 0; g0 < k; g0 += kg) {
         const int kk = k - g0 < kg ? k - g0 : kg;
         p.k = kk;
@@ -1070,10 +1141,12 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
         n = 0;
         smem = hdr + img_bytes(f, l + 1, K);
     }
-    int bps = 0;
-    if ((rc = prepare(d, f, l, n, smem, &bps))) return rc;
+    const int64_t items = (N + 1) / 2;
+    int bps = 0, pd = PD;
+    if ((rc = launch_shape(d, f, l, n, smem, items, (int)ceil_div(K / epc_of(f), 32), &pd, &smem, &bps))) return rc;
+    p.pd = pd;
     const int NT = n ? 4 : 1;
-    const int64_t items = (N + 1) / 2, cap = (int64_t)bps * d->sms;
+    const int64_t cap = (int64_t)bps * d->sms;
     const int grid = (int)(ceil_div(items, WARPS) < cap ? ceil_div(items, WARPS) : cap);
     MoeFn fn = kMoe[f][l][n];
     g_tune[FMC_TUNE_LAST_GRID] = grid;

@@ -145,7 +145,8 @@ def bench_gemv(fmt: str, shape, mem_bw: float, total_bytes: int, dev: str, reps:
         K.linear(buf[i % count], fmt, n, k, x, y, st())
 
     t = _graph_time(step, count, reps)
-    grid, bps, smem = K.tune("last_grid"), K.tune("last_blocks_per_sm"), K.tune("last_smem")
+    grid, bps, smem, stages = (K.tune("last_grid"), K.tune("last_blocks_per_sm"), K.tune("last_smem"),
+                               K.tune("last_stages"))
     # accuracy on one part: bf16 x, fp32 out, against float64
     w = torch.empty(n, k, device="cuda")
     K.dequant(buf[0], fmt, n, k, w)
@@ -186,7 +187,7 @@ def bench_gemv(fmt: str, shape, mem_bw: float, total_bytes: int, dev: str, reps:
         "gbps": gbps, "mem_bw_gbps": mem_bw, "ratio_vs_mem_bw": gbps / mem_bw,
         "torch_gbps": tg, "ratio_vs_torch": gbps / tg, "max_abs_err": err, "max_rel_err": rel,
         "us": t * 1e6, "bytes": nb, "distinct_bytes": count * nb, "prefetch": K.tune("prefetch"),
-        "grid": grid, "blocks_per_sm": bps, "smem": smem,
+        "grid": grid, "blocks_per_sm": bps, "smem": smem, "ring_stages": stages,
         "torch_dequant_linear_us": t_torch * 1e6,
         "torch_int4pack_us": None if t_int4 is None else t_int4 * 1e6,
         "torch_bf16_weights_linear_us": t_bf16 * 1e6,
