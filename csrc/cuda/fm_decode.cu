@@ -1,0 +1,462 @@
+/* flashmoe fused decode kernels (see fm_decode.h): the per-layer small steps of one decode token
+ * in three launches, so that a captured step holds ~6 kernels per MoE layer instead of ~20. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "fm_cuda.h"
+#include "fm_decode.h"
+
+namespace {
+
+constexpr int THREADS = 256;     // attention and routing blocks: 8 warps
+constexpr int NORM_THREADS = 1024;
+constexpr int NW = THREADS / 32;
+constexpr int TILE = 4;          // query heads per pass over a block's keys (registers per lane)
+constexpr int EPL = FMD_MAX_HEAD_DIM / 32;  // head-dim elements per lane, at most
+
+int g_pdl = 1;
+
+// ---------------------------------------------------------------- activation dtypes
+template <typename T> struct Act;
+template <> struct Act<float> {
+    __device__ static float ld(const void *p, int64_t i) { return ((const float *)p)[i]; }
+    __device__ static void st(void *p, int64_t i, float v) { ((float *)p)[i] = v; }
+    __device__ static float rnd(float v) { return v; }
+};
+template <> struct Act<__nv_bfloat16> {
+    __device__ static float ld(const void *p, int64_t i) { return __bfloat162float(((const __nv_bfloat16 *)p)[i]); }
+    __device__ static void st(void *p, int64_t i, float v) { ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v); }
+    __device__ static float rnd(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+};
+template <> struct Act<__half> {
+    __device__ static float ld(const void *p, int64_t i) { return __half2float(((const __half *)p)[i]); }
+    __device__ static void st(void *p, int64_t i, float v) { ((__half *)p)[i] = __float2half_rn(v); }
+    __device__ static float rnd(float v) { return __half2float(__float2half_rn(v)); }
+};
+
+// Programmatic dependent launch (sm_90+; no-ops without the launch attribute): let the next
+// launch start (it waits for this grid before it reads what this one writes), then wait for the
+// previous kernel, whose outputs are this one's inputs.
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block, the same value in every thread, in a fixed order (deterministic).
+__device__ float block_sum(float v, float *red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // red may still be read by a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; i++) t += red[i];
+    return t;
+}
+
+// ---------------------------------------------------------------- residual add + RMSNorm
+template <typename T>
+__global__ void __launch_bounds__(NORM_THREADS)
+add_norm_kernel(const void *h, const void *delta, void *h_out, const void *w, void *x_out, int n, float eps) {
+    using A = Act<T>;
+    __shared__ float red[32];
+    pdl_enter();
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = A::rnd(A::ld(h, i) + A::ld(delta, i));
+        A::st(h_out, i, v);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, red) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)  // h_out[i] was written by this thread
+        A::st(x_out, i, A::rnd(A::rnd(A::ld(h_out, i) * r) * A::ld(w, i)));
+}
+
+// ---------------------------------------------------------------- attention of one token
+// Block (kv head, split): its query heads' and its K/V head's values are normed, clipped and
+// rotated in shared memory (every block of the head does this; it is a few hundred values), the
+// split-0 block writes K/V at pos, then each warp runs an online softmax over every NW-th key of
+// the block's share of 0..pos (the key at pos from shared memory, the others from the cache),
+// warps combine in shared memory, blocks through `partial`; the last block of the head to finish
+// combines the splits in split order and writes the output.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
+    using A = Act<T>;
+    extern __shared__ __align__(16) float sm[];
+    __shared__ float red[32];
+    __shared__ int last;
+    const int d = a.head_dim, g = a.heads / a.kv_heads, half = d / 2;
+    const int kvh = blockIdx.x, s = blockIdx.y;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int64_t nq = (int64_t)a.heads * d, nk = (int64_t)a.kv_heads * d;
+    float *qs = sm;                    // [g][d] rotated queries
+    float *ks = qs + g * d;            // [d] rotated key
+    float *vs = ks + d;                // [d]
+    float *raw = vs + d;               // [g + 2][d] before RoPE
+    float *wst = raw + (g + 2) * d;    // [NW][TILE][d + 2] per-warp softmax states
+    pdl_enter();
+    const int64_t pos = *a.pos;
+
+    float rq = 1.f, rk = 1.f;  // qk_norm 2 ("full"): one RMS over all heads' q, one over all k
+    if (a.qk_norm == 2) {
+        float sq = 0.f, sk = 0.f;
+        for (int64_t i = tid; i < nq; i += THREADS) { const float v = A::ld(a.qkv, i); sq += v * v; }
+        for (int64_t i = tid; i < nk; i += THREADS) { const float v = A::ld(a.qkv, nq + i); sk += v * v; }
+        rq = rsqrtf(block_sum(sq, red) / (float)nq + a.eps);
+        rk = rsqrtf(block_sum(sk, red) / (float)nk + a.eps);
+    }
+    for (int idx = tid; idx < (g + 2) * d; idx += THREADS) {
+        const int which = idx / d, e = idx - which * d;
+        int64_t gi;   // index into qkv
+        int64_t ni;   // index into the full-norm weight
+        if (which < g) gi = ni = (int64_t)(kvh * g + which) * d + e;
+        else if (which == g) { ni = (int64_t)kvh * d + e; gi = nq + ni; }
+        else { ni = 0; gi = nq + nk + (int64_t)kvh * d + e; }
+        float v = A::ld(a.qkv, gi);
+        if (a.qk_norm == 2 && which <= g)
+            v = A::rnd(A::rnd(v * (which < g ? rq : rk)) * A::ld(which < g ? a.q_norm : a.k_norm, ni));
+        if (a.has_clip) v = A::rnd(fminf(fmaxf(v, -a.clip), a.clip));
+        raw[idx] = v;
+    }
+    __syncthreads();
+    if (a.qk_norm == 1) {  // "head": RMSNorm of each head over head_dim
+        for (int hh = warp; hh <= g; hh += NW) {
+            float sq = 0.f;
+            for (int e = lane; e < d; e += 32) sq += raw[hh * d + e] * raw[hh * d + e];
+            const float r = rsqrtf(warp_sum(sq) / (float)d + a.eps);
+            const void *nw = hh < g ? a.q_norm : a.k_norm;
+            for (int e = lane; e < d; e += 32) raw[hh * d + e] = A::rnd(A::rnd(raw[hh * d + e] * r) * A::ld(nw, e));
+        }
+        __syncthreads();
+    }
+    for (int idx = tid; idx < (g + 1) * d; idx += THREADS) {  // RoPE as rotate_half: q*cos + rot(q)*sin
+        const int hh = idx / d, e = idx - hh * d, j = e < half ? e : e - half;
+        const float ang = (float)pos * a.inv_freq[j];
+        const float c = A::rnd(cosf(ang)), sn = A::rnd(sinf(ang));
+        const float partner = e < half ? -raw[idx + half] : raw[idx - half];
+        const float y = A::rnd(A::rnd(raw[idx] * c) + A::rnd(partner * sn));
+        if (hh < g) qs[idx] = y; else ks[e] = y;
+    }
+    for (int e = tid; e < d; e += THREADS) vs[e] = raw[(g + 1) * d + e];
+    __syncthreads();
+    if (s == 0)
+        for (int e = tid; e < d; e += THREADS) {
+            const int64_t at = (pos * a.kv_heads + kvh) * d + e;
+            A::st(a.K, at, ks[e]);
+            A::st(a.V, at, vs[e]);
+        }
+
+    const int64_t lo = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    const int64_t cnt = pos + 1 - lo, chunk = (cnt + a.splits - 1) / a.splits;
+    const int64_t kb = lo + s * chunk, ke = kb + chunk < pos + 1 ? kb + chunk : pos + 1;
+    const int64_t rowst = (int64_t)a.kv_heads * d;
+    float *part = a.partial + ((int64_t)kvh * a.splits + s) * g * (d + 2);
+
+    for (int i0 = 0; i0 < g; i0 += TILE) {
+        const int gt = g - i0 < TILE ? g - i0 : TILE;
+        float m[TILE], l[TILE], acc[TILE][EPL];
+#pragma unroll
+        for (int t = 0; t < TILE; t++) {
+            m[t] = -INFINITY; l[t] = 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) acc[t][e] = 0.f;
+        }
+        for (int64_t j = kb + warp; j < ke; j += NW) {
+            float kv[EPL], vv[EPL];
+            const bool cur = j == pos;
+            const int64_t base = j * rowst + (int64_t)kvh * d;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const int idx = lane + 32 * e;
+                kv[e] = vv[e] = 0.f;
+                if (idx < d) {
+                    kv[e] = cur ? ks[idx] : A::ld(a.K, base + idx);
+                    vv[e] = cur ? vs[idx] : A::ld(a.V, base + idx);
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TILE; t++) {
+                if (t >= gt) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    const int idx = lane + 32 * e;
+                    if (idx < d) dot += qs[(i0 + t) * d + idx] * kv[e];
+                }
+                const float sc = A::rnd(warp_sum(dot)) * a.scale;
+                const float mn = fmaxf(m[t], sc);
+                const float corr = expf(m[t] - mn), p = expf(sc - mn);
+                l[t] = l[t] * corr + p;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) acc[t][e] = acc[t][e] * corr + p * vv[e];
+                m[t] = mn;
+            }
+        }
+        for (int t = 0; t < gt; t++) {
+            float *w = wst + (warp * TILE + t) * (d + 2);
+            if (lane == 0) { w[0] = m[t]; w[1] = l[t]; }
+#pragma unroll
+            for (int e = 0; e < EPL; e++)
+                if (lane + 32 * e < d) w[2 + lane + 32 * e] = acc[t][e];
+        }
+        __syncthreads();
+        for (int idx = tid; idx < gt * d; idx += THREADS) {  // the warps' states, in warp order
+            const int t = idx / d, e = idx - t * d;
+            float M = -INFINITY;
+            for (int w = 0; w < NW; w++) M = fmaxf(M, wst[(w * TILE + t) * (d + 2)]);
+            float L = 0.f, S = 0.f;
+            if (M != -INFINITY)
+                for (int w = 0; w < NW; w++) {
+                    const float *st = wst + (w * TILE + t) * (d + 2);
+                    if (st[0] == -INFINITY) continue;
+                    const float f = expf(st[0] - M);
+                    L += f * st[1];
+                    S += f * st[2 + e];
+                }
+            float *pp = part + (i0 + t) * (d + 2);
+            if (e == 0) { pp[0] = M; pp[1] = L; }
+            pp[2 + e] = S;
+        }
+        __syncthreads();
+    }
+
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(a.counters + kvh, 1) == a.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float *p0 = a.partial + (int64_t)kvh * a.splits * g * (d + 2);
+    for (int idx = tid; idx < g * d; idx += THREADS) {  // the splits' states, in split order
+        const int t = idx / d, e = idx - t * d;
+        float M = -INFINITY;
+        for (int q = 0; q < a.splits; q++) M = fmaxf(M, __ldcg(p0 + ((int64_t)q * g + t) * (d + 2)));
+        float L = 0.f, S = 0.f;
+        for (int q = 0; q < a.splits; q++) {
+            const float *st = p0 + ((int64_t)q * g + t) * (d + 2);
+            const float mq = __ldcg(st);
+            if (mq == -INFINITY) continue;
+            const float f = expf(mq - M);
+            L += f * __ldcg(st + 1);
+            S += f * __ldcg(st + 2 + e);
+        }
+        A::st(a.out, (int64_t)(kvh * g + t) * d + e, S / L);
+    }
+    if (tid == 0) a.counters[kvh] = 0;
+}
+
+// ---------------------------------------------------------------- routing
+// Every block computes h + o and the FFN norm (n values, cheap), block 0 writes them, each warp
+// one router row; the last block to finish runs softmax, top-k and the slot lookup in one warp.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) route_kernel(const fmd_route_args r) {
+    using A = Act<T>;
+    extern __shared__ __align__(16) float xs[];  // [n]
+    __shared__ float red[32];
+    __shared__ float pr[FMD_MAX_EXPERTS];
+    __shared__ int last;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, n = r.n;
+    const bool first = blockIdx.x == 0;
+    pdl_enter();
+    float ss = 0.f;
+    for (int i = tid; i < n; i += THREADS) {
+        const float v = A::rnd(A::ld(r.h, i) + A::ld(r.o, i));
+        if (first) A::st(r.h_out, i, v);
+        xs[i] = v;
+        ss += v * v;
+    }
+    const float rs = rsqrtf(block_sum(ss, red) / (float)n + r.eps);
+    for (int i = tid; i < n; i += THREADS) {
+        const float x = A::rnd(A::rnd(xs[i] * rs) * A::ld(r.norm_w, i));
+        xs[i] = x;
+        if (first) A::st(r.x_out, i, x);
+    }
+    __syncthreads();
+    const int e = blockIdx.x * NW + warp;
+    if (e < r.experts) {
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        const int64_t row = (int64_t)e * n;
+        int c = lane;
+        for (; c + 96 < n; c += 128) {
+            s0 += xs[c] * A::ld(r.router_w, row + c);
+            s1 += xs[c + 32] * A::ld(r.router_w, row + c + 32);
+            s2 += xs[c + 64] * A::ld(r.router_w, row + c + 64);
+            s3 += xs[c + 96] * A::ld(r.router_w, row + c + 96);
+        }
+        for (; c < n; c += 32) s0 += xs[c] * A::ld(r.router_w, row + c);
+        const float dot = warp_sum((s0 + s1) + (s2 + s3));
+        if (lane == 0) r.logits[e] = A::rnd(dot);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(r.counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int E = r.experts;
+    for (int i = tid; i < E; i += THREADS) pr[i] = __ldcg(r.logits + i);
+    __syncthreads();
+    if (warp != 0) return;
+    float mx = -INFINITY;
+    for (int i = lane; i < E; i += 32) mx = fmaxf(mx, pr[i]);
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int i = lane; i < E; i += 32) sum += expf(pr[i] - mx);
+    sum = warp_sum(sum);
+    for (int i = lane; i < E; i += 32) pr[i] = expf(pr[i] - mx) / sum;
+    __syncwarp();
+    float wv[FMD_MAX_TOPK];
+    int wid[FMD_MAX_TOPK];
+    float tot = 0.f;
+    for (int k = 0; k < r.top_k; k++) {  // the largest probability, the lowest id on a tie
+        float bv = -INFINITY;
+        int bi = E;
+        for (int i = lane; i < E; i += 32)
+            if (pr[i] > bv) { bv = pr[i]; bi = i; }
+        for (int o = 16; o; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (bi >= E) bi = 0;  // NaN logits: never index past the table
+        wv[k] = bv;
+        wid[k] = bi;
+        tot += bv;
+        __syncwarp();
+        if (lane == 0) pr[bi] = -INFINITY;
+        __syncwarp();
+    }
+    if (lane == 0) {
+        const int64_t base = *r.base;
+        for (int k = 0; k < r.top_k; k++) {
+            r.ids[k] = wid[k];
+            A::st(r.weights, k, r.norm_topk ? wv[k] / tot : wv[k]);
+            r.addrs[k] = base + r.entries[wid[k]] * r.stride;
+        }
+        *r.counter = 0;
+    }
+}
+
+// ---------------------------------------------------------------- launches
+struct Dev { int sms = 0, cc_major = 0, smem_optin = 0; };
+Dev g_dev[64];
+
+const Dev *dev_info(int device) {
+    if (device < 0 || device >= 64) return nullptr;
+    Dev &d = g_dev[device];
+    if (!d.sms) {
+        cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+        cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    }
+    return &d;
+}
+
+template <typename Fn, typename... Args>
+int launch(Fn fn, dim3 grid, int threads, size_t smem, int device, void *stream, Args... args) {
+    const Dev *d = dev_info(device);
+    if (!d || !d->sms) return FMD_EINVAL;
+    if (smem > 48 * 1024) {
+        if ((int)smem > d->smem_optin) return FMD_EINVAL;
+        cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = (cudaStream_t)stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = g_pdl && d->cc_major >= 9 ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args...);
+    return e == cudaSuccess ? 0 : (int)e;
+}
+
+size_t attn_smem(int g, int d) {
+    return sizeof(float) * ((size_t)g * d + 2 * d + (size_t)(g + 2) * d + (size_t)NW * TILE * (d + 2));
+}
+
+}  // namespace
+
+extern "C" {
+
+const char *fmd_strerror(int code) {
+    if (code == 0) return "ok";
+    if (code == FMD_EINVAL) return "invalid argument (shape, dtype, or more shared memory than the device allows)";
+    return cudaGetErrorString((cudaError_t)code);
+}
+
+int fmd_pdl(int value) {
+    const int old = g_pdl;
+    if (value >= 0) g_pdl = value ? 1 : 0;
+    return old;
+}
+
+size_t fmd_attention_workspace(int kv_heads, int heads, int head_dim, int splits) {
+    if (kv_heads <= 0 || heads % kv_heads) return 0;
+    return (size_t)kv_heads * splits * (heads / kv_heads) * (head_dim + 2);
+}
+
+int fmd_default_splits(int kv_heads, int n_ctx, int device) {
+    const Dev *d = dev_info(device);
+    const int sms = d && d->sms ? d->sms : 132;
+    int s = sms / (kv_heads > 0 ? kv_heads : 1);
+    const int by_ctx = (n_ctx + 63) / 64;  // at least ~64 keys per block at a full context
+    if (s > by_ctx) s = by_ctx;
+    if (s > 64) s = 64;
+    return s < 1 ? 1 : s;
+}
+
+int fmd_add_norm(int dtype, const void *h, const void *delta, void *h_out, const void *w, void *x_out, int n,
+                 float eps, int device, void *stream) {
+    if (n <= 0) return FMD_EINVAL;
+    const int th = n < NORM_THREADS ? ((n + 31) / 32) * 32 : NORM_THREADS;
+    switch (dtype) {
+    case FMC_F32: return launch(add_norm_kernel<float>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
+    case FMC_BF16: return launch(add_norm_kernel<__nv_bfloat16>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
+    case FMC_F16: return launch(add_norm_kernel<__half>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
+    }
+    return FMD_EINVAL;
+}
+
+int fmd_attention(const fmd_attn *a, int device, void *stream) {
+    if (a->kv_heads <= 0 || a->heads % a->kv_heads || a->head_dim <= 0 || a->head_dim > FMD_MAX_HEAD_DIM ||
+        a->head_dim % 2 || a->splits < 1 || a->qk_norm < 0 || a->qk_norm > 2)
+        return FMD_EINVAL;
+    const size_t smem = attn_smem(a->heads / a->kv_heads, a->head_dim);
+    const dim3 grid(a->kv_heads, a->splits);
+    switch (a->dtype) {
+    case FMC_F32: return launch(attention_kernel<float>, grid, THREADS, smem, device, stream, *a);
+    case FMC_BF16: return launch(attention_kernel<__nv_bfloat16>, grid, THREADS, smem, device, stream, *a);
+    case FMC_F16: return launch(attention_kernel<__half>, grid, THREADS, smem, device, stream, *a);
+    }
+    return FMD_EINVAL;
+}
+
+int fmd_route(const fmd_route_args *r, int device, void *stream) {
+    if (r->n <= 0 || r->experts <= 0 || r->experts > FMD_MAX_EXPERTS || r->top_k < 1 || r->top_k > FMD_MAX_TOPK ||
+        r->top_k > r->experts)
+        return FMD_EINVAL;
+    const size_t smem = sizeof(float) * (size_t)r->n;
+    const dim3 grid((r->experts + NW - 1) / NW);
+    switch (r->dtype) {
+    case FMC_F32: return launch(route_kernel<float>, grid, THREADS, smem, device, stream, *r);
+    case FMC_BF16: return launch(route_kernel<__nv_bfloat16>, grid, THREADS, smem, device, stream, *r);
+    case FMC_F16: return launch(route_kernel<__half>, grid, THREADS, smem, device, stream, *r);
+    }
+    return FMD_EINVAL;
+}
+
+}  // extern "C"
