@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   log "tests (in the background)"
-  python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_fused_decode.py tests/test_cuda_graph_decode.py} \
+  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_fused_decode.py tests/test_cuda_graph_decode.py} \
     > "$OUT/tests.log" 2>&1 &
   tests=$!
 fi
