@@ -14,7 +14,7 @@ constexpr int THREADS = 256;     // attention and routing blocks: 8 warps
 constexpr int NORM_THREADS = 1024;
 constexpr int NW = THREADS / 32;
 constexpr int TILE = 4;          // query heads per pass over a block's keys (registers per lane)
-constexpr int EPL = FMD_MAX_HEAD_DIM / 32;  // head-dim elements per lane, at most
+constexpr int KEYS = 4;          // keys per warp whose K/V loads are in flight together
 
 int g_pdl = 1;
 
@@ -64,31 +64,55 @@ __device__ float block_sum(float v, float *red) {
 }
 
 // ---------------------------------------------------------------- residual add + RMSNorm
+// v = h + delta (rounded) into sv and h_out, w into sw, and the sum of squares; UNROLL elements
+// of a thread loaded before any is used (a few round trips to memory instead of n / threads).
+template <typename T>
+__device__ float add_into(const void *h, const void *delta, const void *w, void *h_out, float *sv, float *sw, int n) {
+    using A = Act<T>;
+    constexpr int UNROLL = 8;
+    float ss = 0.f;
+    for (int i0 = threadIdx.x; i0 < n; i0 += UNROLL * blockDim.x) {
+        float a[UNROLL], b[UNROLL], c[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < n) { a[u] = A::ld(h, i); b[u] = A::ld(delta, i); c[u] = A::ld(w, i); }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < n) {
+                const float v = A::rnd(a[u] + b[u]);
+                if (h_out) A::st(h_out, i, v);
+                sv[i] = v;
+                sw[i] = c[u];
+                ss += v * v;
+            }
+        }
+    }
+    return ss;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(NORM_THREADS)
 add_norm_kernel(const void *h, const void *delta, void *h_out, const void *w, void *x_out, int n, float eps) {
     using A = Act<T>;
+    extern __shared__ __align__(16) float sv[];  // [2n]: h + delta, then w
     __shared__ float red[32];
     pdl_enter();
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = A::rnd(A::ld(h, i) + A::ld(delta, i));
-        A::st(h_out, i, v);
-        ss += v * v;
-    }
-    const float r = rsqrtf(block_sum(ss, red) / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)  // h_out[i] was written by this thread
-        A::st(x_out, i, A::rnd(A::rnd(A::ld(h_out, i) * r) * A::ld(w, i)));
+    const float r = rsqrtf(block_sum(add_into<T>(h, delta, w, h_out, sv, sv + n, n), red) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)  // sv[i] was written by this thread
+        A::st(x_out, i, A::rnd(A::rnd(sv[i] * r) * sv[n + i]));
 }
 
 // ---------------------------------------------------------------- attention of one token
 // Block (kv head, split): its query heads' and its K/V head's values are normed, clipped and
 // rotated in shared memory (every block of the head does this; it is a few hundred values), the
-// split-0 block writes K/V at pos, then each warp runs an online softmax over every NW-th key of
+// split-0 block writes K/V at pos, then each warp runs an online softmax over batches of KEYS keys of
 // the block's share of 0..pos (the key at pos from shared memory, the others from the cache),
 // warps combine in shared memory, blocks through `partial`; the last block of the head to finish
 // combines the splits in split order and writes the output.
-template <typename T>
+template <typename T, int EPL>  // EPL: head-dim elements per lane (lane l holds l*EPL .. l*EPL+EPL-1)
 __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
     using A = Act<T>;
     extern __shared__ __align__(16) float sm[];
@@ -170,35 +194,41 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
 #pragma unroll
             for (int e = 0; e < EPL; e++) acc[t][e] = 0.f;
         }
-        for (int64_t j = kb + warp; j < ke; j += NW) {
-            float kv[EPL], vv[EPL];
-            const bool cur = j == pos;
-            const int64_t base = j * rowst + (int64_t)kvh * d;
+        for (int64_t j0 = kb + warp * KEYS; j0 < ke; j0 += NW * KEYS) {
+            float kv[KEYS][EPL], vv[KEYS][EPL];
 #pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                const int idx = lane + 32 * e;
-                kv[e] = vv[e] = 0.f;
-                if (idx < d) {
-                    kv[e] = cur ? ks[idx] : A::ld(a.K, base + idx);
-                    vv[e] = cur ? vs[idx] : A::ld(a.V, base + idx);
+            for (int u = 0; u < KEYS; u++) {
+                const int64_t j = j0 + u, base = j * rowst + (int64_t)kvh * d;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    const int idx = lane * EPL + e;
+                    kv[u][e] = vv[u][e] = 0.f;
+                    if (j < ke && idx < d) {
+                        kv[u][e] = j == pos ? ks[idx] : A::ld(a.K, base + idx);
+                        vv[u][e] = j == pos ? vs[idx] : A::ld(a.V, base + idx);
+                    }
                 }
             }
 #pragma unroll
-            for (int t = 0; t < TILE; t++) {
-                if (t >= gt) break;
-                float dot = 0.f;
+            for (int u = 0; u < KEYS; u++) {
+                if (j0 + u >= ke) break;
 #pragma unroll
-                for (int e = 0; e < EPL; e++) {
-                    const int idx = lane + 32 * e;
-                    if (idx < d) dot += qs[(i0 + t) * d + idx] * kv[e];
+                for (int t = 0; t < TILE; t++) {
+                    if (t >= gt) break;
+                    float dot = 0.f;
+#pragma unroll
+                    for (int e = 0; e < EPL; e++) {
+                        const int idx = lane * EPL + e;
+                        if (idx < d) dot += qs[(i0 + t) * d + idx] * kv[u][e];
+                    }
+                    const float sc = A::rnd(warp_sum(dot)) * a.scale;
+                    const float mn = fmaxf(m[t], sc);
+                    const float corr = expf(m[t] - mn), p = expf(sc - mn);
+                    l[t] = l[t] * corr + p;
+#pragma unroll
+                    for (int e = 0; e < EPL; e++) acc[t][e] = acc[t][e] * corr + p * vv[u][e];
+                    m[t] = mn;
                 }
-                const float sc = A::rnd(warp_sum(dot)) * a.scale;
-                const float mn = fmaxf(m[t], sc);
-                const float corr = expf(m[t] - mn), p = expf(sc - mn);
-                l[t] = l[t] * corr + p;
-#pragma unroll
-                for (int e = 0; e < EPL; e++) acc[t][e] = acc[t][e] * corr + p * vv[e];
-                m[t] = mn;
             }
         }
         for (int t = 0; t < gt; t++) {
@@ -206,7 +236,7 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
             if (lane == 0) { w[0] = m[t]; w[1] = l[t]; }
 #pragma unroll
             for (int e = 0; e < EPL; e++)
-                if (lane + 32 * e < d) w[2 + lane + 32 * e] = acc[t][e];
+                if (lane * EPL + e < d) w[2 + lane * EPL + e] = acc[t][e];
         }
         __syncthreads();
         for (int idx = tid; idx < gt * d; idx += THREADS) {  // the warps' states, in warp order
@@ -255,47 +285,45 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
 }
 
 // ---------------------------------------------------------------- routing
-// Every block computes h + o and the FFN norm (n values, cheap), block 0 writes them, each warp
-// one router row; the last block to finish runs softmax, top-k and the slot lookup in one warp.
+// Block e computes h + o and the FFN norm (n values, cheap; block 0 writes them) and router row
+// e with all its threads; the last block to finish runs softmax, top-k and the slot lookup in
+// one warp.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) route_kernel(const fmd_route_args r) {
     using A = Act<T>;
-    extern __shared__ __align__(16) float xs[];  // [n]
+    constexpr int UNROLL = 8;
+    extern __shared__ __align__(16) float xs[];  // [2n]: h + o, then the norm weight
     __shared__ float red[32];
     __shared__ float pr[FMD_MAX_EXPERTS];
     __shared__ int last;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, n = r.n;
     const bool first = blockIdx.x == 0;
     pdl_enter();
-    float ss = 0.f;
-    for (int i = tid; i < n; i += THREADS) {
-        const float v = A::rnd(A::ld(r.h, i) + A::ld(r.o, i));
-        if (first) A::st(r.h_out, i, v);
-        xs[i] = v;
-        ss += v * v;
-    }
-    const float rs = rsqrtf(block_sum(ss, red) / (float)n + r.eps);
-    for (int i = tid; i < n; i += THREADS) {
-        const float x = A::rnd(A::rnd(xs[i] * rs) * A::ld(r.norm_w, i));
+    const float rs = rsqrtf(block_sum(add_into<T>(r.h, r.o, r.norm_w, first ? r.h_out : nullptr, xs, xs + n, n), red) /
+                            (float)n + r.eps);
+    for (int i = tid; i < n; i += THREADS) {  // xs[i] was written by this thread
+        const float x = A::rnd(A::rnd(xs[i] * rs) * xs[n + i]);
         xs[i] = x;
         if (first) A::st(r.x_out, i, x);
     }
     __syncthreads();
-    const int e = blockIdx.x * NW + warp;
-    if (e < r.experts) {
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        const int64_t row = (int64_t)e * n;
-        int c = lane;
-        for (; c + 96 < n; c += 128) {
-            s0 += xs[c] * A::ld(r.router_w, row + c);
-            s1 += xs[c + 32] * A::ld(r.router_w, row + c + 32);
-            s2 += xs[c + 64] * A::ld(r.router_w, row + c + 64);
-            s3 += xs[c + 96] * A::ld(r.router_w, row + c + 96);
+    const int64_t row = (int64_t)blockIdx.x * n;
+    float acc = 0.f;
+    for (int c0 = tid; c0 < n; c0 += UNROLL * THREADS) {
+        float wv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + u * THREADS;
+            wv[u] = c < n ? A::ld(r.router_w, row + c) : 0.f;
         }
-        for (; c < n; c += 32) s0 += xs[c] * A::ld(r.router_w, row + c);
-        const float dot = warp_sum((s0 + s1) + (s2 + s3));
-        if (lane == 0) r.logits[e] = A::rnd(dot);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + u * THREADS;
+            if (c < n) acc += xs[c] * wv[u];
+        }
     }
+    const float dot = block_sum(acc, red);
+    if (tid == 0) r.logits[blockIdx.x] = A::rnd(dot);
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(r.counter, 1) == (int)gridDim.x - 1;
@@ -388,6 +416,12 @@ size_t attn_smem(int g, int d) {
     return sizeof(float) * ((size_t)g * d + 2 * d + (size_t)(g + 2) * d + (size_t)NW * TILE * (d + 2));
 }
 
+template <typename T, int EPL>
+int attention_launch(const fmd_attn *a, int device, void *stream) {
+    const size_t smem = attn_smem(a->heads / a->kv_heads, a->head_dim);
+    return launch(attention_kernel<T, EPL>, dim3(a->kv_heads, a->splits), THREADS, smem, device, stream, *a);
+}
+
 }  // namespace
 
 extern "C" {
@@ -423,10 +457,11 @@ int fmd_add_norm(int dtype, const void *h, const void *delta, void *h_out, const
                  float eps, int device, void *stream) {
     if (n <= 0) return FMD_EINVAL;
     const int th = n < NORM_THREADS ? ((n + 31) / 32) * 32 : NORM_THREADS;
+    const size_t sm = sizeof(float) * 2 * (size_t)n;
     switch (dtype) {
-    case FMC_F32: return launch(add_norm_kernel<float>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
-    case FMC_BF16: return launch(add_norm_kernel<__nv_bfloat16>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
-    case FMC_F16: return launch(add_norm_kernel<__half>, dim3(1), th, 0, device, stream, h, delta, h_out, w, x_out, n, eps);
+    case FMC_F32: return launch(add_norm_kernel<float>, dim3(1), th, sm, device, stream, h, delta, h_out, w, x_out, n, eps);
+    case FMC_BF16: return launch(add_norm_kernel<__nv_bfloat16>, dim3(1), th, sm, device, stream, h, delta, h_out, w, x_out, n, eps);
+    case FMC_F16: return launch(add_norm_kernel<__half>, dim3(1), th, sm, device, stream, h, delta, h_out, w, x_out, n, eps);
     }
     return FMD_EINVAL;
 }
@@ -435,12 +470,14 @@ int fmd_attention(const fmd_attn *a, int device, void *stream) {
     if (a->kv_heads <= 0 || a->heads % a->kv_heads || a->head_dim <= 0 || a->head_dim > FMD_MAX_HEAD_DIM ||
         a->head_dim % 2 || a->splits < 1 || a->qk_norm < 0 || a->qk_norm > 2)
         return FMD_EINVAL;
-    const size_t smem = attn_smem(a->heads / a->kv_heads, a->head_dim);
-    const dim3 grid(a->kv_heads, a->splits);
-    switch (a->dtype) {
-    case FMC_F32: return launch(attention_kernel<float>, grid, THREADS, smem, device, stream, *a);
-    case FMC_BF16: return launch(attention_kernel<__nv_bfloat16>, grid, THREADS, smem, device, stream, *a);
-    case FMC_F16: return launch(attention_kernel<__half>, grid, THREADS, smem, device, stream, *a);
+    const int epl = a->head_dim <= 32 ? 1 : a->head_dim <= 64 ? 2 : a->head_dim <= 128 ? 4 : 8;
+    switch (a->dtype * 16 + epl) {
+#define FMD_ATT(code, T, E) case code * 16 + E: return attention_launch<T, E>(a, device, stream);
+    FMD_ATT(FMC_F32, float, 1) FMD_ATT(FMC_F32, float, 2) FMD_ATT(FMC_F32, float, 4) FMD_ATT(FMC_F32, float, 8)
+    FMD_ATT(FMC_BF16, __nv_bfloat16, 1) FMD_ATT(FMC_BF16, __nv_bfloat16, 2) FMD_ATT(FMC_BF16, __nv_bfloat16, 4)
+    FMD_ATT(FMC_BF16, __nv_bfloat16, 8) FMD_ATT(FMC_F16, __half, 1) FMD_ATT(FMC_F16, __half, 2)
+    FMD_ATT(FMC_F16, __half, 4) FMD_ATT(FMC_F16, __half, 8)
+#undef FMD_ATT
     }
     return FMD_EINVAL;
 }
@@ -449,8 +486,8 @@ int fmd_route(const fmd_route_args *r, int device, void *stream) {
     if (r->n <= 0 || r->experts <= 0 || r->experts > FMD_MAX_EXPERTS || r->top_k < 1 || r->top_k > FMD_MAX_TOPK ||
         r->top_k > r->experts)
         return FMD_EINVAL;
-    const size_t smem = sizeof(float) * (size_t)r->n;
-    const dim3 grid((r->experts + NW - 1) / NW);
+    const size_t smem = sizeof(float) * 2 * (size_t)r->n;
+    const dim3 grid(r->experts);
     switch (r->dtype) {
     case FMC_F32: return launch(route_kernel<float>, grid, THREADS, smem, device, stream, *r);
     case FMC_BF16: return launch(route_kernel<__nv_bfloat16>, grid, THREADS, smem, device, stream, *r);
