@@ -111,9 +111,12 @@ def test_route(dt, experts, top_k, norm):
         rx, rids, rwts, raddrs = F.route_ref(h, o, ref_h2, w, rw, ref_ids_row, entries, base, 4096, top_k, norm, 1e-6)
         assert torch.equal(h2, ref_h2)
         _close(x, rx, dt, "x")
-        assert torch.equal(ids, rids) and torch.equal(ids_row, ref_ids_row), (ids, rids)
+        assert torch.equal(ids_row, ids)
+        # the same experts; the order may differ only between equal probabilities (bf16 logits tie)
+        assert torch.equal(ids.sort().values, rids.sort().values), (ids, rids)
         _close(wts, rwts, dt, "weights")
-        assert torch.equal(addrs, raddrs)
+        assert torch.equal(wts.sort(descending=True).values, wts), "top-k not in descending order"
+        assert torch.equal(addrs, base + entries[ids] * 4096)
         assert int(router.counter.item()) == 0
 
 

@@ -138,18 +138,28 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
         rq = rsqrtf(block_sum(sq, red) / (float)nq + a.eps);
         rk = rsqrtf(block_sum(sk, red) / (float)nk + a.eps);
     }
-    for (int idx = tid; idx < (g + 2) * d; idx += THREADS) {
-        const int which = idx / d, e = idx - which * d;
-        int64_t gi;   // index into qkv
-        int64_t ni;   // index into the full-norm weight
-        if (which < g) gi = ni = (int64_t)(kvh * g + which) * d + e;
-        else if (which == g) { ni = (int64_t)kvh * d + e; gi = nq + ni; }
-        else { ni = 0; gi = nq + nk + (int64_t)kvh * d + e; }
-        float v = A::ld(a.qkv, gi);
-        if (a.qk_norm == 2 && which <= g)
-            v = A::rnd(A::rnd(v * (which < g ? rq : rk)) * A::ld(which < g ? a.q_norm : a.k_norm, ni));
-        if (a.has_clip) v = A::rnd(fminf(fmaxf(v, -a.clip), a.clip));
-        raw[idx] = v;
+    constexpr int PRE = 4;  // values per thread loaded together
+    for (int i0 = tid; i0 < (g + 2) * d; i0 += PRE * THREADS) {
+        float v[PRE];
+#pragma unroll
+        for (int u = 0; u < PRE; u++) {
+            const int idx = i0 + u * THREADS, which = idx / d, e = idx - which * d;
+            const int64_t gi = which < g ? (int64_t)(kvh * g + which) * d + e  // index into qkv
+                             : which == g ? nq + (int64_t)kvh * d + e : nq + nk + (int64_t)kvh * d + e;
+            v[u] = idx < (g + 2) * d ? A::ld(a.qkv, gi) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < PRE; u++) {
+            const int idx = i0 + u * THREADS, which = idx / d, e = idx - which * d;
+            if (idx >= (g + 2) * d) break;
+            float x = v[u];
+            if (a.qk_norm == 2 && which <= g)  // the full-norm weight's index: the value's in q or in k
+                x = A::rnd(A::rnd(x * (which < g ? rq : rk)) *
+                           A::ld(which < g ? a.q_norm : a.k_norm, which < g ? (int64_t)(kvh * g + which) * d + e
+                                                                            : (int64_t)kvh * d + e));
+            if (a.has_clip) x = A::rnd(fminf(fmaxf(x, -a.clip), a.clip));
+            raw[idx] = x;
+        }
     }
     __syncthreads();
     if (a.qk_norm == 1) {  // "head": RMSNorm of each head over head_dim
@@ -211,23 +221,31 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
             }
 #pragma unroll
             for (int u = 0; u < KEYS; u++) {
-                if (j0 + u >= ke) break;
+                float dot[TILE];  // every head of the tile at once: independent shuffle chains
 #pragma unroll
                 for (int t = 0; t < TILE; t++) {
-                    if (t >= gt) break;
-                    float dot = 0.f;
+                    dot[t] = 0.f;
 #pragma unroll
                     for (int e = 0; e < EPL; e++) {
                         const int idx = lane * EPL + e;
-                        if (idx < d) dot += qs[(i0 + t) * d + idx] * kv[u][e];
+                        if (idx < d && t < gt) dot[t] += qs[(i0 + t) * d + idx] * kv[u][e];
                     }
-                    const float sc = A::rnd(warp_sum(dot)) * a.scale;
-                    const float mn = fmaxf(m[t], sc);
-                    const float corr = expf(m[t] - mn), p = expf(sc - mn);
-                    l[t] = l[t] * corr + p;
+                }
 #pragma unroll
-                    for (int e = 0; e < EPL; e++) acc[t][e] = acc[t][e] * corr + p * vv[u][e];
-                    m[t] = mn;
+                for (int o = 16; o; o >>= 1)
+#pragma unroll
+                    for (int t = 0; t < TILE; t++) dot[t] += __shfl_xor_sync(0xffffffffu, dot[t], o);
+                if (j0 + u < ke) {
+#pragma unroll
+                    for (int t = 0; t < TILE; t++) {
+                        const float sc = A::rnd(dot[t]) * a.scale;
+                        const float mn = fmaxf(m[t], sc);
+                        const float corr = expf(m[t] - mn), p = expf(sc - mn);
+                        l[t] = l[t] * corr + p;
+#pragma unroll
+                        for (int e = 0; e < EPL; e++) acc[t][e] = acc[t][e] * corr + p * vv[u][e];
+                        m[t] = mn;
+                    }
                 }
             }
         }
@@ -265,21 +283,36 @@ __global__ void __launch_bounds__(THREADS) attention_kernel(const fmd_attn a) {
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // the splits' states, in split order: (m, l) of each (split, head) into shared memory, then
+    // per head the scale exp(m - M) of each split and 1 / sum(l * scale), then the outputs
     const float *p0 = a.partial + (int64_t)kvh * a.splits * g * (d + 2);
-    for (int idx = tid; idx < g * d; idx += THREADS) {  // the splits' states, in split order
-        const int t = idx / d, e = idx - t * d;
-        float M = -INFINITY;
-        for (int q = 0; q < a.splits; q++) M = fmaxf(M, __ldcg(p0 + ((int64_t)q * g + t) * (d + 2)));
-        float L = 0.f, S = 0.f;
+    float *f = wst, *inv = wst + 2 * a.splits * g;  // f[(q * g + t) * 2 + {0, 1}]: m then scale, l
+    for (int i = tid; i < a.splits * g; i += THREADS) {
+        f[2 * i] = __ldcg(p0 + (int64_t)i * (d + 2));
+        f[2 * i + 1] = __ldcg(p0 + (int64_t)i * (d + 2) + 1);
+    }
+    __syncthreads();
+    for (int t = tid; t < g; t += THREADS) {
+        float M = -INFINITY, L = 0.f;
+        for (int q = 0; q < a.splits; q++) M = fmaxf(M, f[2 * (q * g + t)]);
         for (int q = 0; q < a.splits; q++) {
-            const float *st = p0 + ((int64_t)q * g + t) * (d + 2);
-            const float mq = __ldcg(st);
-            if (mq == -INFINITY) continue;
-            const float f = expf(mq - M);
-            L += f * __ldcg(st + 1);
-            S += f * __ldcg(st + 2 + e);
+            const float mq = f[2 * (q * g + t)], sc = mq == -INFINITY ? 0.f : expf(mq - M);
+            f[2 * (q * g + t)] = sc;
+            L += sc * f[2 * (q * g + t) + 1];
         }
-        A::st(a.out, (int64_t)(kvh * g + t) * d + e, S / L);
+        inv[t] = 1.f / L;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < g * d; idx += THREADS) {
+        const int t = idx / d, e = idx - t * d;
+        float S = 0.f;
+#pragma unroll 8
+        for (int q = 0; q < a.splits; q++) {
+            const float sc = f[2 * (q * g + t)];
+            const float v = __ldcg(p0 + ((int64_t)q * g + t) * (d + 2) + 2 + e);
+            S += sc == 0.f ? 0.f : sc * v;
+        }
+        A::st(a.out, (int64_t)(kvh * g + t) * d + e, S * inv[t]);
     }
     if (tid == 0) a.counters[kvh] = 0;
 }
@@ -412,13 +445,14 @@ int launch(Fn fn, dim3 grid, int threads, size_t smem, int device, void *stream,
     return e == cudaSuccess ? 0 : (int)e;
 }
 
-size_t attn_smem(int g, int d) {
-    return sizeof(float) * ((size_t)g * d + 2 * d + (size_t)(g + 2) * d + (size_t)NW * TILE * (d + 2));
+size_t attn_smem(int g, int d, int splits) {
+    size_t states = (size_t)NW * TILE * (d + 2), combine = (size_t)2 * splits * g + g;
+    return sizeof(float) * ((size_t)g * d + 2 * d + (size_t)(g + 2) * d + (states > combine ? states : combine));
 }
 
 template <typename T, int EPL>
 int attention_launch(const fmd_attn *a, int device, void *stream) {
-    const size_t smem = attn_smem(a->heads / a->kv_heads, a->head_dim);
+    const size_t smem = attn_smem(a->heads / a->kv_heads, a->head_dim, a->splits);
     return launch(attention_kernel<T, EPL>, dim3(a->kv_heads, a->splits), THREADS, smem, device, stream, *a);
 }
 
