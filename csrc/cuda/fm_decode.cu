@@ -328,10 +328,13 @@ __global__ void __launch_bounds__(THREADS) route_kernel(const fmd_route_args r) 
     extern __shared__ __align__(16) float xs[];  // [2n]: h + o, then the norm weight
     __shared__ float red[32];
     __shared__ float pr[FMD_MAX_EXPERTS];
+    __shared__ int64_t slot[FMD_MAX_EXPERTS + 1];  // the layer's table row, then the base address
     __shared__ int last;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, n = r.n;
     const bool first = blockIdx.x == 0;
     pdl_enter();
+    for (int i = tid; i <= r.experts; i += THREADS)  // in flight with the loads below
+        slot[i] = i < r.experts ? r.entries[i] : *r.base;
     const float rs = rsqrtf(block_sum(add_into<T>(r.h, r.o, r.norm_w, first ? r.h_out : nullptr, xs, xs + n, n), red) /
                             (float)n + r.eps);
     for (int i = tid; i < n; i += THREADS) {  // xs[i] was written by this thread
@@ -397,11 +400,10 @@ __global__ void __launch_bounds__(THREADS) route_kernel(const fmd_route_args r) 
         __syncwarp();
     }
     if (lane == 0) {
-        const int64_t base = *r.base;
         for (int k = 0; k < r.top_k; k++) {
             r.ids[k] = wid[k];
             A::st(r.weights, k, r.norm_topk ? wv[k] / tot : wv[k]);
-            r.addrs[k] = base + r.entries[wid[k]] * r.stride;
+            r.addrs[k] = slot[E] + slot[wid[k]] * r.stride;
         }
         *r.counter = 0;
     }
