@@ -1,7 +1,7 @@
 """The fused decode kernels (csrc/cuda/fm_decode.cu) against their torch references
 (runtime/fused_decode.py's *_ref, which tests/test_fused_decode.py checks on CPU), and the fused
-device step against decode_ops' step on the GPU. The graph-vs-eager equality of the fused step in
-every family, with and without misses, is tests/test_cuda_graph_decode.py (fused by default).
+device step against decode_ops' step on the GPU. The fused step is off by default (FLASHMOE_DECODE_FUSED=1 turns it on): the last test runs
+tests/test_cuda_graph_decode.py's graph-vs-eager check with it in every family.
 Skipped without a CUDA GPU (CI has none)."""
 import math
 
@@ -121,22 +121,32 @@ def test_route(dt, experts, top_k, norm):
 
 
 def test_fused_step_matches_the_decode_ops_step(oracles, monkeypatch):
-    """Engine level, Mixtral test model, fp32: fused (the default) vs decode_ops' compiled step."""
+    """Engine level, Mixtral test model, fp32: fused vs decode_ops' compiled step (the default),
+    and the fused step captured vs eager (same kernels: torch.equal), with and without misses."""
     from flashmoe_plugin.runtime.engine import Engine
     _kernels()
     store = oracles("mixtral").store("q4")
     g = torch.Generator().manual_seed(3)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (8,), generator=g).tolist()
     outs = {}
-    for env in ("auto", "0"):
+    for env in ("1", "0"):
         monkeypatch.setenv("FLASHMOE_DECODE_FUSED", env)
         eng = Engine(store, device="cuda", dtype=torch.float32, prefetch="off", decode_graph="on")
         try:
-            assert (eng.fast.fused is not None) == (env == "auto"), eng.fast.fused_note
+            assert (eng.fast.fused is not None) == (env == "1"), eng.fast.fused_note
             assert eng.fast.captured, eng.fast.why_not
             outs[env] = run_sequence(eng, ids, steps)
-            if env == "auto":
+            if env == "1":
                 assert eng.fast.fused is not None and eng.fast.fused.native, eng.fast.fused_note
         finally:
             eng.close()
     assert (outs["auto"] - outs["0"]).abs().max() < 1e-3
+
+
+def test_fused_graph_equals_eager_in_every_family(oracles, family, monkeypatch):
+    """tests/test_cuda_graph_decode.py's check (captured == eager with the same kernels, with and
+    without misses; within the GPU tolerance of the CPU engine) with the fused kernels on."""
+    import test_cuda_graph_decode
+    _kernels()
+    monkeypatch.setenv("FLASHMOE_DECODE_FUSED", "1")
+    test_cuda_graph_decode.test_graph_decode_equals_eager_in_every_family(oracles, family)

@@ -33,7 +33,7 @@ def test_fused_twin_equals_the_decode_ops_step(oracles, family, monkeypatch):
         return  # test_graph_decode checks the refusal
     for budget in (None, k * size):  # everything resident; one layer's worth (misses, fallbacks)
         kw = {} if budget is None else {"ram_budget": budget}
-        fused, layers, note, fb = _run(store, "auto", monkeypatch, **kw)
+        fused, layers, note, fb = _run(store, "1", monkeypatch, **kw)
         plain, none, why_off, _ = _run(store, "0", monkeypatch, **kw)
         assert layers is not None and not layers.native, note
         assert none is None and why_off == "FLASHMOE_DECODE_FUSED=0"
@@ -42,10 +42,20 @@ def test_fused_twin_equals_the_decode_ops_step(oracles, family, monkeypatch):
             assert fb > 0
 
 
+def test_off_by_default(oracles, monkeypatch):
+    monkeypatch.delenv("FLASHMOE_DECODE_FUSED", raising=False)
+    eng = Engine(oracles("mixtral").store("q4"), prefetch="off", decode_graph="on")
+    try:
+        assert eng.fast.fused is None and "FLASHMOE_DECODE_FUSED=1" in eng.fast.fused_note
+    finally:
+        eng.close()
+
+
 def test_unfusable_models_keep_the_decode_ops_step(oracles, monkeypatch):
     from flashmoe_plugin.runtime import graph_decode
     store = oracles("mixtral").store("q4")
     monkeypatch.setattr(graph_decode, "unfusable", lambda engine: "head_dim 512 (test)")
+    monkeypatch.setenv("FLASHMOE_DECODE_FUSED", "1")
     eng = Engine(store, prefetch="off", decode_graph="on")
     try:
         assert eng.fast.fused is None and eng.fast.fused_note == "head_dim 512 (test)"

@@ -428,8 +428,8 @@ template <typename Fn, typename... Args>
 int launch(Fn fn, dim3 grid, int threads, size_t smem, int device, void *stream, Args... args) {
     const Dev *d = dev_info(device);
     if (!d || !d->sms) return FMD_EINVAL;
-    if (smem > 48 * 1024) {
-        if ((int)smem > d->smem_optin) return FMD_EINVAL;
+    if (smem > 32 * 1024) {  // with the kernels' static shared memory (up to 12 KiB) past the default 48
+        if ((int)smem + 12 * 1024 > d->smem_optin) return FMD_EINVAL;
         cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }

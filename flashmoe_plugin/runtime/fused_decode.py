@@ -16,8 +16,11 @@ CPU (the twin CI runs) the fused structure gives decode_ops' results exactly; th
 round every intermediate the reference rounds and differ only in summation order (and in the
 attention's softmax: fp32 probabilities where torch rounds them to the activation dtype).
 
-FLASHMOE_DECODE_FUSED=0 turns it off (decode_ops' compiled path, for comparisons); by default it
-is on where the kernels are built (CUDA) and for the CPU twin.
+Off by default: FLASHMOE_DECODE_FUSED=1 turns it on (on CUDA where the kernels are built; on CPU
+the references). Its one measurement on the H200 (benchmarks/README.md, issue 9: 8 Mixtral layers,
+q8 dense part) had it slower than decode_ops' compiled step, 594 against 718 tok/s, from the
+attention kernel's serial split combine and the routing kernel's round trips; both were reworked
+after that run and are not measured yet.
 """
 from __future__ import annotations
 
@@ -72,8 +75,10 @@ def route_ref(h, o, h_out, norm_w, router_w, ids_row, entries_row, base, stride,
 # ---------------------------------------------------------------- the fused layer
 def fused_mode(dev: torch.device) -> tuple[bool, str]:
     """(use the fused steps, why not) for a device step on `dev`."""
-    if os.environ.get("FLASHMOE_DECODE_FUSED", "auto") == "0":
-        return False, "FLASHMOE_DECODE_FUSED=0"
+    env = os.environ.get("FLASHMOE_DECODE_FUSED", "")
+    if env != "1":
+        return False, "FLASHMOE_DECODE_FUSED=0" if env == "0" else \
+            "off by default (measured slower than the compiled ops on the H200); FLASHMOE_DECODE_FUSED=1 turns it on"
     if dev.type != "cuda":
         return True, ""
     return decode_cuda.available()

@@ -16,10 +16,10 @@ so the step is recomputed from that layer's saved input through the engine's per
 (demand reads, copies, host compute, prefetch), layer by layer, with the same kernels. Layers
 before the first miss keep the graph's results; the host never stalls them.
 
-Where the fused decode kernels are built (runtime/fused_decode.py, csrc/cuda/fm_decode.cu), a
-layer's norms, attention and routing run as three of them (6 launches per MoE layer with the GEMVs
-and the expert kernel); otherwise (or with FLASHMOE_DECODE_FUSED=0, or if they fail to capture)
-the step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
+With FLASHMOE_DECODE_FUSED=1 (runtime/fused_decode.py, csrc/cuda/fm_decode.cu; off by default
+until measured faster) a layer's norms, attention and routing run as three fused kernels (6
+launches per MoE layer with the GEMVs and the expert kernel); otherwise (or if they fail to
+capture) the step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
 (~19 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
 step resumed from a saved bf16 residual sees what the fused kernel saw), and everything runs on a
 decode stream of its own, the one the graph was captured on (eager steps then make the same cuBLAS
