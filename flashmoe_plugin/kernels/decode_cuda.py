@@ -8,6 +8,8 @@ the current CUDA stream (capturable in a CUDA graph); shapes and dtypes are chec
         .run(qkv, ...) -> out [1, heads * head_dim]
     Router(experts, device)                                workspace of one model's routing
         .run(h, o, h_out, ...) -> x, ids [k], weights [k], addresses [k]
+
+FLASHMOE_DECODE_PDL=0 launches them without programmatic dependent launch (benchmarks).
 """
 from __future__ import annotations
 
