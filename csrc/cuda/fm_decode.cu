@@ -36,13 +36,15 @@ template <> struct Act<__half> {
     __device__ static float rnd(float v) { return __half2float(__float2half_rn(v)); }
 };
 
-// Programmatic dependent launch (sm_90+; no-ops without the launch attribute): let the next
-// launch start (it waits for this grid before it reads what this one writes), then wait for the
-// previous kernel, whose outputs are this one's inputs.
+// Programmatic dependent launch (sm_90+; no-ops without the launch attribute): wait for the
+// previous kernel, whose outputs are this one's inputs, then let the next launch start (it
+// streams its weights while this one runs, and waits for this grid before it reads what this
+// one writes). Triggering only after the wait keeps the early start one kernel deep: a chain of
+// waiting grids would hold SM resources the running kernel may need.
 __device__ __forceinline__ void pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
 
