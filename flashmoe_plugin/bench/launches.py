@@ -10,6 +10,8 @@
 - moe_kernels_per_token: those kernels that are the fused expert kernel (fm_kernels.cu's
   moe_kernel): one per MoE layer when a layer's experts run in one cooperative launch, two where
   the device needs the two-launch form;
+- kernel_us_by_name: the kernels' device time per token by kernel name (the 20 costliest, names
+  cut to 90 characters): [name, kernels per token, microseconds per token];
 - host_ms_per_token: wall time of the profiled steps less the time the host sat in calls that
   wait for the GPU (stream/event/device synchronize, cudaMemcpyAsync), per token.
   The profiler adds its own per-call cost, so this is an upper bound of the host time.
@@ -43,12 +45,16 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
         wall = time.perf_counter() - t0
     launches = kernels = moe = 0
     wait_us = 0.0
+    by_name: dict = {}
     for ev in prof.events():
         name = ev.name
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             if not name.startswith(("Memcpy", "Memset")):
                 kernels += 1
                 moe += "moe_kernel" in name
+                n_us = by_name.setdefault(name[:90], [0, 0.0])
+                n_us[0] += 1
+                n_us[1] += ev.time_range.elapsed_us()
         else:
             launches += name in LAUNCH
             if name in WAIT:
@@ -58,6 +64,8 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
             "launches_per_token": launches / steps, "kernels_per_token": kernels / steps,
             "moe_kernels_per_token": moe / steps,
             "graph_nodes": (fast.nodes or None) if fast is not None and fast.graph is not None else None,
+            "kernel_us_by_name": [[n, c / steps, round(us / steps, 2)] for n, (c, us) in
+                                  sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]],
             "profiled_steps": steps,
             "launch_count_method": "torch.profiler: host launch/copy API calls and device kernel records per "
                                    "token; host time = wall - time in synchronize and memcpy calls (profiler "
