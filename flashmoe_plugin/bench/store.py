@@ -247,7 +247,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     store = open_model(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
-    direct_io = default_direct_io() if direct_io is None else direct_io
+    direct_io = default_direct_io(store.expert_bytes, available_ram()) if direct_io is None else direct_io
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     torch_dtype = DTYPES[dtype]

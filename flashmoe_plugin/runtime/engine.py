@@ -21,6 +21,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
+from .landed import expert_out, moe_as_landed, routing_order_sum
 
 
 class ContextError(ValueError):
@@ -73,7 +74,7 @@ class Engine:
         opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
                 "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
-                                 direct_io=default_direct_io() if direct_io is None else direct_io, verify=verify, **opts)
+                                 direct_io=default_direct_io(self.store.expert_bytes, free) if direct_io is None else direct_io, verify=verify, **opts)
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
@@ -101,7 +102,7 @@ class Engine:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
             if self.device.type == "cpu" and self.store.expert_bytes + 2 * self._dense_stored_bytes() > available_ram():
                 dtype = torch.bfloat16
-        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device)
+        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device, available_ram())
         return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
 
     def _dense_stored_bytes(self) -> int:
@@ -209,9 +210,13 @@ class Engine:
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            batch = self.pager.request(layer, chosen, host_ok=hc.share if hc.mode != "off" else False)
+            landed = self.device.type == "cpu" and act is None and hc.mode == "off"
+            ask = self.pager.ready_first(layer, chosen) if landed else chosen
+            batch = self.pager.request(layer, ask, host_ok=hc.share if hc.mode != "off" else False)
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
+            if landed:  # resident experts computed while the missing ones are read (runtime/landed.py)
+                return moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
             got = dict(batch)
             if not batch.on_host:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
@@ -245,8 +250,12 @@ class Engine:
         return out
 
     def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
-        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
+        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts on GPUs,
+        one call per expert summed in routing order on the CPU (as moe_as_landed)."""
         act = self.model.expert_act
+        if act is None and self.device.type == "cpu":  # as moe_as_landed computes it: the same bits
+            return routing_order_sum([expert_out(self.backend, x, r, weights[i:i + 1], layout)
+                                      for i, r in enumerate(records)])
         if act is None:
             return self.backend.moe_decode(x, records, weights, layout)
         out = torch.zeros_like(x)
