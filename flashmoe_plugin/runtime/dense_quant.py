@@ -88,7 +88,9 @@ def load(store, mode: str, device: torch.device, dtype: torch.dtype, backend) ->
     out = {}
     for name in list(raw):
         w = raw.pop(name)
-        out[name] = _one(name, w, "keep_blocks" if gguf and mode == "keep" else mode, device, dtype, backend)
+        t = out[name] = _one(name, w, "keep_blocks" if gguf and mode == "keep" else mode, device, dtype, backend)
+        if mode in ("q8", "q4") and isinstance(t, torch.Tensor) and t.data_ptr() == w.data_ptr():
+            out[name] = t.clone()  # a norm or router still in the mapped file would keep all of it mapped
     return out
 
 
