@@ -74,7 +74,7 @@ class Engine:
         opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
                 "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
-                                 direct_io=default_direct_io(self.store.expert_bytes, free) if direct_io is None else direct_io, verify=verify, **opts)
+                                 direct_io=self._direct_default(free) if direct_io is None else direct_io, verify=verify, **opts)
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
@@ -104,6 +104,10 @@ class Engine:
                 dtype = torch.bfloat16
         self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device, available_ram())
         return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
+
+    def _direct_default(self, free: int) -> bool:
+        """O_DIRECT when the free RAM cannot hold the experts beside the stored dense part."""
+        return default_direct_io(self.store.expert_bytes + self._dense_stored_bytes(), free)
 
     def _dense_stored_bytes(self) -> int:
         return getattr(self.store, "dense_bytes", None) or (self.store.path / "dense.safetensors").stat().st_size
