@@ -4,6 +4,9 @@ hold the experts, and the one-pass q8 quantizer behind that default equals its t
 Oracles: the same engine without delays (bit for bit), quant.py's reference (bit for bit)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,22 @@ def test_resident_experts_run_while_the_missing_records_are_read(monkeypatch):
     out = run(eng)
     assert torch.equal(out, ref)  # landing order never changes the sum
     assert max(pending) > 0, "every expert waited for all of its step's reads"
+
+
+def test_fused_call_equals_the_per_expert_sum_in_routing_order():
+    """What lets a step use one fused call when its records are resident and per-expert calls
+    when it waits, with the same bits either way."""
+    eng = Engine(DEMO, prefetch="off")
+    g = torch.Generator().manual_seed(5)
+    for layer in range(eng.config.num_layers):
+        ids = torch.randperm(eng.config.num_experts, generator=g)[:eng.config.top_k].tolist()
+        recs = eng.pager.acquire(layer, ids)
+        x = torch.randn(1, eng.config.hidden_size, generator=g)
+        w = torch.softmax(torch.randn(len(ids), generator=g), 0)
+        fused = eng.backend.moe_decode(x, recs, w, eng.store.layout)
+        each = [landed.expert_out(eng.backend, x, r, w[i:i + 1], eng.store.layout) for i, r in enumerate(recs)]
+        assert torch.equal(fused, landed.routing_order_sum(each)), layer
+    eng.close()
 
 
 def test_ready_first_orders_resident_then_in_flight_then_disk():
@@ -86,3 +105,11 @@ def test_tight_ram_defaults_to_o_direct_and_a_q8_dense_part(monkeypatch):
     torch.testing.assert_close(tight.forward(ids), ref.forward(ids), atol=0, rtol=0)
     tight.close()
     ref.close()
+
+
+def test_torch_openmp_workers_sleep_unless_the_user_says_otherwise():
+    code = "import flashmoe_plugin, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run_ = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True).stdout.strip()
+    assert run_(env) == "PASSIVE"
+    assert run_({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

@@ -422,6 +422,7 @@ class _Batch:
         self.p, self.plan, self.count = pager, plan, count
         self.todo = deque(key for key, state in plan if state == "disk")
         self.on_host = {key[1] for key, state in plan if state == "host" and key not in pager.t0}
+        self.waits = bool(self.todo) or any(isinstance(state, _Read) for _, state in plan)  # a read to wait for
         self._submit_ahead()
 
     def _submit_ahead(self, need=None):

@@ -21,7 +21,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
-from .landed import expert_out, moe_as_landed, routing_order_sum
+from .landed import moe_as_landed
 
 
 class ContextError(ValueError):
@@ -254,12 +254,8 @@ class Engine:
         return out
 
     def _decode_sum(self, x: torch.Tensor, records, weights: torch.Tensor, layout) -> torch.Tensor:
-        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts on GPUs,
-        one call per expert summed in routing order on the CPU (as moe_as_landed)."""
+        """sum_i weights[i] * expert_i(x) for one token: one fused call for SwiGLU experts."""
         act = self.model.expert_act
-        if act is None and self.device.type == "cpu":  # as moe_as_landed computes it: the same bits
-            return routing_order_sum([expert_out(self.backend, x, r, weights[i:i + 1], layout)
-                                      for i, r in enumerate(records)])
         if act is None:
             return self.backend.moe_decode(x, records, weights, layout)
         out = torch.zeros_like(x)

@@ -147,7 +147,7 @@ class DeviceDecode:
             return e.backend.moe_addresses(x, addrs, weights[0], e.store.layout, self.ws, self.kernel_mode)
         slots = self.table.entries[self.table.rows[layer]].index_select(0, ids[0]).tolist()
         rows = e.pager.t0.slots
-        return e._decode_sum(x, [rows[s] for s in slots], weights[0], e.store.layout)
+        return e.backend.moe_decode(x, [rows[s] for s in slots], weights[0], e.store.layout)
 
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""

@@ -6,9 +6,11 @@ ones, and each missing expert runs as soon as its record is in (Engine._experts)
 layer's predicted records are read behind them (the predictor's prefetch). On a 2-core machine
 the reads must not cost the cores the kernels need: that is O_DIRECT's job (pager.default_direct_io).
 
-Every expert is one kernel call and the weighted outputs are summed in routing order, whatever
-order the records landed in: the logits do not depend on the budget, the residency or the
-disk's timing (the pager tests compare them bit for bit)."""
+When every record is resident the step is one fused call (Backend.moe_decode). Otherwise every
+expert is one kernel call and the weighted outputs are summed in routing order, whatever order
+the records landed in: the fused kernel sums its experts in that order too (y = 0, then y +=
+w_e * expert_e(x), e = 0..k-1, in plain C without FMA contraction), so the logits do not depend on
+the budget, the residency or the disk's timing (the pager tests compare them bit for bit)."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +31,9 @@ def routing_order_sum(outs: list) -> torch.Tensor:
 def moe_as_landed(backend, x: torch.Tensor, batch, chosen: list, weights: torch.Tensor, layout) -> torch.Tensor:
     """sum_i weights[i] * expert_{chosen[i]}(x), each expert computed when the pager's batch
     yields its record (the batch was requested in pager.ready_first order)."""
+    if not batch.waits:
+        got = dict(batch)
+        return backend.moe_decode(x, [got[e] for e in chosen], weights, layout)
     at = {e: i for i, e in enumerate(chosen)}
     outs = [None] * len(chosen)
     for e, rec in batch:
