@@ -30,6 +30,7 @@ def run(eng):
 
 
 def test_resident_experts_run_while_the_missing_records_are_read(monkeypatch):
+    monkeypatch.setattr(landed, "MIN_RECORD_BYTES", 0)  # the demo's records are 56 KiB
     opts = dict(ram_budget=12 * 57344, prefetch="off", io_threads=2)  # 12 of 256 records: misses
     ref = run(Engine(DEMO, **opts))
     pending = []

@@ -21,6 +21,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
+from . import landed as landed_mod
 from .landed import moe_as_landed
 
 
@@ -214,7 +215,8 @@ class Engine:
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            landed = self.device.type == "cpu" and act is None and hc.mode == "off"
+            landed = self.device.type == "cpu" and act is None and hc.mode == "off" \
+                and layout.size >= landed_mod.MIN_RECORD_BYTES
             ask = self.pager.ready_first(layer, chosen) if landed else chosen
             batch = self.pager.request(layer, ask, host_ok=hc.share if hc.mode != "off" else False)
             if self.predictor is not None:

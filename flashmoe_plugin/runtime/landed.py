@@ -1,6 +1,6 @@
 """One decode token's routed experts on the CPU, computed as their records land.
 
-A token's k records are requested resident-first (then those a prefetch is already reading, then
+A token's k records (each at least MIN_RECORD_BYTES) are requested resident-first (then those a prefetch is already reading, then
 the rest), so the kernels run the resident experts while the reader threads fetch the missing
 ones, and each missing expert runs as soon as its record is in (Engine._experts); the next
 layer's predicted records are read behind them (the predictor's prefetch). On a 2-core machine
@@ -14,6 +14,12 @@ the budget, the residency or the disk's timing (the pager tests compare them bit
 from __future__ import annotations
 
 import torch
+
+# Records smaller than this run in one fused call after they have all landed: a kernel call costs
+# tens of microseconds of dispatch and activation preparation, a few percent of a 16 MiB expert's
+# compute on 2 cores, and many small experts (Qwen3.5: 10 of ~7 MB per token and layer) gain
+# more from one call spreading them over the cores than from starting early.
+MIN_RECORD_BYTES = 16 << 20
 
 
 def expert_out(backend, x: torch.Tensor, record, weight: torch.Tensor, layout) -> torch.Tensor:
