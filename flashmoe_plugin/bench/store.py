@@ -237,9 +237,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
               dtype: str = "auto", progress=NO_PROGRESS, dense_quant: str = "auto") -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
-    from ..runtime.dense_quant import stored_bytes
     from ..pager.stats import COUNTERS
     from ..pager.trace import RoutingTrace
+    from ..runtime.dense_quant import stored_bytes
     from ..runtime.engine import Engine, resolve_device
     from ..store.model import open_model
 

@@ -45,9 +45,10 @@ class BudgetError(ValueError):
 
 def default_direct_io(need: int | None = None, free: int | None = None) -> bool:
     """O_DIRECT when what the model needs in RAM (`need`: its experts and dense part) exceeds the
-    free RAM (`free` bytes): the page cache cannot keep the experts anyway, and its copies and reclaim take the cores the kernels need (Mixtral on the
-    2-core box: 1.15 tok/s with O_DIRECT, 0.77 buffered; benchmarks/README.md, issue 10). Buffered
-    otherwise: records evicted from the tiers may come back from the page cache."""
+    free RAM (`free` bytes): the page cache cannot keep the experts anyway, and its copies and
+    reclaim take the cores the kernels need (Mixtral on the 2-core box: 1.15 tok/s with O_DIRECT,
+    0.77 buffered; benchmarks/README.md, issue 10). Buffered otherwise: records evicted from the
+    tiers may come back from the page cache."""
     return need is not None and free is not None and need > free
 
 

@@ -13,7 +13,7 @@ through kernels/packed.py instead of being dequantized to floats at load.
            store's dense matrices in their stored dtype (bf16: half of fp32's RAM on CPU)
     auto   (the default) on CPU, keep for a GGUF whose dense matrices are in block formats
            (what llama.cpp computes too); q8 when RAM is tight (the experts and the stored dense
-           part exceed the free RAM: Mixtral's 3.2 GB of bf16 becomes 1.5 GB, ~18 more expert
+           part exceed the free RAM: Mixtral's 3.2 GB of bf16 becomes 1.7 GB, ~15 more expert
            records, and its GEMVs read half the bytes); none otherwise (the float oracles stay
            exact); on GPUs
            none (bf16): CUDA has no fused GEMV for llama.cpp's blocks yet, and dequantizing

@@ -22,7 +22,6 @@ from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
 from . import landed as landed_mod
-from .landed import moe_as_landed
 
 
 class ContextError(ValueError):
@@ -222,7 +221,7 @@ class Engine:
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
             if landed:  # resident experts computed while the missing ones are read (runtime/landed.py)
-                return moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
+                return landed_mod.moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
             got = dict(batch)
             if not batch.on_host:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)

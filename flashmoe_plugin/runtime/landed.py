@@ -1,10 +1,11 @@
 """One decode token's routed experts on the CPU, computed as their records land.
 
-A token's k records (each at least MIN_RECORD_BYTES) are requested resident-first (then those a prefetch is already reading, then
-the rest), so the kernels run the resident experts while the reader threads fetch the missing
-ones, and each missing expert runs as soon as its record is in (Engine._experts); the next
-layer's predicted records are read behind them (the predictor's prefetch). On a 2-core machine
-the reads must not cost the cores the kernels need: that is O_DIRECT's job (pager.default_direct_io).
+A token's k records (each at least MIN_RECORD_BYTES) are requested resident-first (then those a
+prefetch is already reading, then the rest), so the kernels run the resident experts while the
+reader threads fetch the missing ones, and each missing expert runs as soon as its record is in
+(Engine._experts); the next layer's predicted records are read behind them (the predictor's
+prefetch). On a 2-core machine the reads must not cost the cores the kernels need: that is
+O_DIRECT's job (pager.default_direct_io).
 
 When every record is resident the step is one fused call (Backend.moe_decode). Otherwise every
 expert is one kernel call and the weighted outputs are summed in routing order, whatever order
