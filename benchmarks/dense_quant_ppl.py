@@ -30,12 +30,15 @@ def dense_names(eng) -> list[str]:
 
 
 def quantize_dense(eng, fmt: str) -> int:
-    """Replace the dense matrices by their fmt round trip; returns the quantized bytes."""
+    """Replace the dense matrices by their fmt round trip; returns the quantized bytes.
+    q8-absmax: q8 with the plain absmax scale (quant.quantize_q8_absmax, the load-time quantizer)."""
     w, nbytes = eng.model.w, 0
     for name in dense_names(eng):
         t = w[name]
-        w[name].copy_(quant.dequantize(quant.quantize(t.float(), fmt), fmt, tuple(t.shape)).to(t.dtype))
-        nbytes += quant.part_nbytes(fmt, tuple(t.shape))
+        packed = quant.quantize_q8_absmax(t.float()) if fmt == "q8-absmax" else quant.quantize(t.float(), fmt)
+        fmt_ = "q8" if fmt == "q8-absmax" else fmt
+        w[name].copy_(quant.dequantize(packed, fmt_, tuple(t.shape)).to(t.dtype))
+        nbytes += quant.part_nbytes(fmt_, tuple(t.shape))
     eng.model.lm_head = w["embed.weight"] if eng.config.tie_word_embeddings else w["lm_head.weight"]
     return nbytes
 
@@ -54,13 +57,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--formats", default="none,q8,q4", help="comma-separated: none, q8, q8-absmax, q4")
     a = ap.parse_args(argv)
     folder = demo_model_path().parent
     data = json.loads((folder / "heldout_slice.json").read_text())
     L, ids = data["seq_len"], data["token_ids"]
     out = {"what": __doc__.splitlines()[0], "windows": a.windows, "seq_len": L, "experts": "q4 (shipped store)",
            "results": {}}
-    for fmt in ("none", "q8", "q4"):
+    for fmt in a.formats.split(","):
         eng = Engine(demo_model_path(), n_ctx=L, prefetch="off")
         names = dense_names(eng)
         raw = sum(eng.model.w[n].numel() * 2 for n in names)  # as bf16

@@ -29,7 +29,8 @@ def engine_options(f):
     f = click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="predict the next layers' experts and load them early (auto: only while it pays)")(f)
     f = click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="O_DIRECT reads (bypass the page cache), buffered, or this platform's measured default")(f)
+                     help="O_DIRECT reads (bypass the page cache), buffered, or auto: O_DIRECT when the free RAM "
+                     "cannot hold the experts and the dense part")(f)
     f = click.option("--backend", default=None, help="kernel backend (default: best available for the device)")(f)
     f = click.option("--n-cpu-moe", default=0, show_default=True,
                      help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")(f)
@@ -51,7 +52,8 @@ DENSE_QUANT = click.option("--dense-quant", "dense_quant", type=click.Choice(["a
                            default="auto", show_default=True,
                            help="the dense part (attention, shared experts, output head, embedding): none = floats; "
                            "q8/q4 = quantized at load and computed packed; keep = a GGUF's own blocks (or a store's "
-                           "stored dtype) kept as they are; auto = keep for a quantized GGUF on CPU, else none")
+                           "stored dtype) kept as they are; auto = keep for a quantized GGUF on CPU, q8 on CPU when the free "
+                           "RAM cannot hold the experts and the dense part, else none")
 
 
 def tri(value: str):

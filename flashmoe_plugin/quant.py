@@ -193,6 +193,24 @@ def quantize(w: torch.Tensor, fmt: str, rows_per_chunk: int | None = None) -> to
     return buf
 
 
+def quantize_q8_absmax(w: torch.Tensor, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """q8 with the plain absmax scale per group, s = fp16(max|w| / 127), codes round(w * (1 / s)):
+    one pass, no search. The load-time quantizer of `--dense-quant q8` (its native twin runs
+    ~50x faster than the searched fit: seconds, not minutes, for Mixtral's 1.47 G dense weights);
+    at 8 bits the search buys little (benchmarks/results/devbox-c10-q8-absmax.json)."""
+    out, inp = check_shape("q8", w.shape)
+    buf = torch.zeros(part_nbytes("q8", (out, inp)), dtype=torch.uint8)
+    dst = views(buf, "q8", (out, inp))
+    step = rows_per_chunk or max(1, (1 << 22) // inp)
+    for r in range(0, out, step):
+        g = w[r:r + step].reshape(-1, GROUP).float()
+        s = (g.abs().amax(dim=1) / 127).clamp_min(2 ** -24).half()
+        q = torch.clamp(torch.round(g * (1.0 / s.float())[:, None]), -127, 127).to(torch.int8)
+        dst["q"][r:r + step] = q.view(-1, inp)
+        dst["scales"][r:r + step] = s.view(-1, inp // GROUP)
+    return buf
+
+
 def dequantize(buf: torch.Tensor, fmt: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float matrix a part encodes: the reference every kernel is checked against."""
     if quant_gguf.is_block_format(fmt):

@@ -122,3 +122,43 @@ int fmq_quantize(const float *w, int64_t rows, int64_t cols, int bits,
     }
     return 0;
 }
+
+/* q8 with the plain absmax scale per group (no search): s = fp16(max|w| / 127), codes
+ * round(w * (1 / s)). One pass over the weights, loops the compiler vectorises: the load-time
+ * quantizer of the dense part (quant.quantize_q8_absmax is its reference). bf16 != 0: w holds
+ * bfloat16 values (the stored dtype of a bf16 dense part, read without a float32 copy). */
+int fmq_quantize_q8_absmax(const void *w, int bf16, int64_t rows, int64_t cols, int8_t *q, uint16_t *scales) {
+    if (!w || !q || !scales || rows < 0 || cols <= 0 || cols % FMQ_GROUP) return -1;
+    const int64_t groups = cols / FMQ_GROUP;
+    float buf[FMQ_GROUP];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = r * cols + g * FMQ_GROUP;
+            const float *wg;
+            if (bf16) {
+                const uint16_t *src = (const uint16_t *)w + at;
+                for (int i = 0; i < FMQ_GROUP; i++) {
+                    uint32_t u = (uint32_t)src[i] << 16;
+                    memcpy(&buf[i], &u, 4);
+                }
+                wg = buf;
+            } else {
+                wg = (const float *)w + at;
+            }
+            float amax = 0;
+            for (int i = 0; i < FMQ_GROUP; i++) {
+                const float a = fabsf(wg[i]);
+                amax = a > amax ? a : amax;
+            }
+            float s = amax / 127;
+            if (s < 0x1p-24f) s = 0x1p-24f; /* an all-zero group: codes 0 */
+            uint16_t sb;
+            s = to_half_and_back(s, &sb);
+            const float inv = 1.0f / s;
+            int8_t *dst = q + at;
+            for (int i = 0; i < FMQ_GROUP; i++) dst[i] = (int8_t)round_clamped(wg[i] * inv, -127, 127);
+            scales[r * groups + g] = sb;
+        }
+    }
+    return 0;
+}

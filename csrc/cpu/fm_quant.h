@@ -13,4 +13,8 @@
 int fmq_quantize(const float *w, int64_t rows, int64_t cols, int bits,
                  uint8_t *q, uint16_t *scales, uint16_t *biases);
 
+/* q8 with the plain absmax scale per group (one pass, no search: the dense part's load-time
+ * quantizer). w: rows x cols float32, or bfloat16 when bf16 != 0. Returns 0, or -1. */
+int fmq_quantize_q8_absmax(const void *w, int bf16, int64_t rows, int64_t cols, int8_t *q, uint16_t *scales);
+
 #endif

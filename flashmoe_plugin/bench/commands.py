@@ -39,7 +39,8 @@ def register_commands(cli):
                   help="keep the experts of the first N MoE layers in RAM and compute them on the CPU")
     @click.option("--io-threads", default=4, show_default=True, help="reader threads")
     @click.option("--direct-io", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                  help="O_DIRECT reads (bypass the page cache), buffered, or the platform's measured default")
+                  help="O_DIRECT reads (bypass the page cache), buffered, or auto: O_DIRECT when the free RAM "
+                  "cannot hold the experts and the dense part")
     @click.option("--drop-caches", is_flag=True, help="drop the OS page cache first (needs root; else the "
                   "store's files are evicted)")
     @click.option("--no-verify", is_flag=True, help="skip per-record checksum checks on reads")

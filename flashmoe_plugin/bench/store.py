@@ -239,6 +239,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
     from ..pager.trace import RoutingTrace
+    from ..runtime.dense_quant import stored_bytes
     from ..runtime.engine import Engine, resolve_device
     from ..store.model import open_model
 
@@ -247,7 +248,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     store = open_model(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
-    direct_io = default_direct_io() if direct_io is None else direct_io
+    direct_io = default_direct_io(store.expert_bytes + stored_bytes(store), available_ram()) if direct_io is None else direct_io
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     torch_dtype = DTYPES[dtype]

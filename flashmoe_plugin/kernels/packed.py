@@ -52,10 +52,12 @@ class PackedWeight:
                              f"got {data.dtype} {list(data.shape)}")
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, fmt: str, backend, dtype: torch.dtype, device=None) -> "PackedWeight":
-        """Pack a float matrix into one of our formats (the converter's quantizer)."""
+    def quantize(cls, w: torch.Tensor, fmt: str, backend, dtype: torch.dtype, device=None,
+                 fit: str = "search") -> "PackedWeight":
+        """Pack a float matrix into one of our formats (the converter's quantizer; fit="absmax":
+        the one-pass q8 of kernels/quantize.py)."""
         from .quantize import quantize
-        data = quantize(w.to(torch.float32), fmt)
+        data = quantize(w if fit == "absmax" else w.to(torch.float32), fmt, fit=fit)
         return cls(data.to(device or w.device), fmt, w.shape, backend, dtype)
 
     @property

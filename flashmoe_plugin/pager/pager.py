@@ -43,9 +43,13 @@ class BudgetError(ValueError):
     pass
 
 
-def default_direct_io() -> bool:
-    """Buffered reads unless measured otherwise for this platform (see benchmarks/README.md)."""
-    return False
+def default_direct_io(need: int | None = None, free: int | None = None) -> bool:
+    """O_DIRECT when what the model needs in RAM (`need`: its experts and dense part) exceeds the
+    free RAM (`free` bytes): the page cache cannot keep the experts anyway, and its copies and
+    reclaim take the cores the kernels need (Mixtral on the 2-core box: 1.15 tok/s with O_DIRECT,
+    0.77 buffered; benchmarks/README.md, issue 10). Buffered otherwise: records evicted from the
+    tiers may come back from the page cache."""
+    return need is not None and free is not None and need > free
 
 
 class _Read:
@@ -123,6 +127,14 @@ class ExpertPager:
 
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.t0
+
+    def ready_first(self, layer: int, experts) -> list[int]:
+        """experts reordered for a request whose records are used as they land: resident ones
+        first, then those a read is already bringing, then the rest (stable)."""
+        def rank(e):
+            key = (layer, int(e))
+            return 0 if key in self.t0 or (self.t1 is not None and key in self.t1) else 1 if key in self.reads else 2
+        return sorted(experts, key=rank)
 
     def note_hits(self, layer: int, experts):
         """Records a graph-captured decode step read straight from tier 0 (through the slot
@@ -411,6 +423,7 @@ class _Batch:
         self.p, self.plan, self.count = pager, plan, count
         self.todo = deque(key for key, state in plan if state == "disk")
         self.on_host = {key[1] for key, state in plan if state == "host" and key not in pager.t0}
+        self.waits = bool(self.todo) or any(isinstance(state, _Read) for _, state in plan)  # a read to wait for
         self._submit_ahead()
 
     def _submit_ahead(self, need=None):

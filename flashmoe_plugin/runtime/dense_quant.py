@@ -5,12 +5,17 @@ through kernels/packed.py instead of being dequantized to floats at load.
     none   every dense matrix as a float tensor in the activation dtype (fp32 on CPU, bf16 on
            GPUs): exact against the oracles; a Q4_0 GGUF's 0.9 GB of dense blocks become 6.4 GB
            of fp32 for Mixtral
-    q8/q4  our group formats, quantized at load (quant.py; held-out perplexity of the demo model
-           +0.1% / +1.6%, benchmarks/results/devbox-dense-quant-ppl.json)
+    q8/q4  our group formats, quantized at load (held-out perplexity of the demo model +0.1% /
+           +1.6%, benchmarks/results/devbox-dense-quant-ppl.json); q8 by the one-pass absmax
+           quantizer (quant.quantize_q8_absmax: seconds for Mixtral's dense part, where the
+           searched fit of the converter takes minutes on 2 cores)
     keep   a GGUF's blocks (q4_0, q8_0, q4_k, q6_k, ...) kept as they lie in the file, or a
            store's dense matrices in their stored dtype (bf16: half of fp32's RAM on CPU)
     auto   (the default) on CPU, keep for a GGUF whose dense matrices are in block formats
-           (what llama.cpp computes too), none otherwise (the float oracles stay exact); on GPUs
+           (what llama.cpp computes too); q8 when RAM is tight (the experts and the stored dense
+           part exceed the free RAM: Mixtral's 3.2 GB of bf16 becomes 1.7 GB, ~15 more expert
+           records, and its GEMVs read half the bytes); none otherwise (the float oracles stay
+           exact); on GPUs
            none (bf16): CUDA has no fused GEMV for llama.cpp's blocks yet, and dequantizing
            them for cuBLAS at every step moves ~6x the bytes of a bf16 matrix
 
@@ -38,15 +43,27 @@ def packable(name: str) -> bool:
     return name in TOP or name.endswith(PACKED)
 
 
-def resolve(mode: str | None, store, device="cpu") -> str:
+def resolve(mode: str | None, store, device="cpu", free: int | None = None) -> str:
     """The mode a store runs with: auto picks keep for a GGUF with block-format dense matrices
-    on CPU, none otherwise."""
+    on CPU, q8 on CPU when `free` bytes of RAM cannot hold the experts and the stored dense part,
+    none otherwise."""
     mode = "auto" if mode is None else str(mode).lower()
     if mode not in MODES:
         raise ValueError(f"dense_quant must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "auto":
         return mode
-    return "keep" if torch.device(device).type == "cpu" and _gguf_blocks(store) else "none"
+    if torch.device(device).type != "cpu":
+        return "none"
+    if _gguf_blocks(store):
+        return "keep"
+    if free is not None and getattr(store, "meta", None) is None and store.expert_bytes + stored_bytes(store) > free:
+        return "q8"
+    return "none"
+
+
+def stored_bytes(store) -> int:
+    """Bytes of the dense part as stored (a store's dense.safetensors, a GGUF's dense tensors)."""
+    return getattr(store, "dense_bytes", None) or (store.path / "dense.safetensors").stat().st_size
 
 
 def _gguf_blocks(store) -> bool:
@@ -71,7 +88,9 @@ def load(store, mode: str, device: torch.device, dtype: torch.dtype, backend) ->
     out = {}
     for name in list(raw):
         w = raw.pop(name)
-        out[name] = _one(name, w, "keep_blocks" if gguf and mode == "keep" else mode, device, dtype, backend)
+        t = out[name] = _one(name, w, "keep_blocks" if gguf and mode == "keep" else mode, device, dtype, backend)
+        if mode in ("q8", "q4") and isinstance(t, torch.Tensor) and t.data_ptr() == w.data_ptr():
+            out[name] = t.clone()  # a norm or router still in the mapped file would keep all of it mapped
     return out
 
 
@@ -90,7 +109,7 @@ def _one(name: str, w, mode: str, device, dtype, backend):
         return PackedWeight(data.to(device), fmt, w.shape, backend, dtype)
     if w.shape[1] % quant.GROUP:
         return w.to(device=device, dtype=dtype)
-    return PackedWeight.quantize(w, mode, backend, dtype, device)
+    return PackedWeight.quantize(w, mode, backend, dtype, device, fit="absmax" if mode == "q8" else "search")
 
 
 def dense_bytes(weights: dict) -> int:

@@ -22,6 +22,7 @@ from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
 from .hybrid_decode import HybridDecode
+from . import landed as landed_mod
 
 
 class ContextError(ValueError):
@@ -74,7 +75,7 @@ class Engine:
         opts = {"device": self.device, "host_budget": host_budget, "storage": storage,
                 "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
-                                 direct_io=default_direct_io() if direct_io is None else direct_io, verify=verify, **opts)
+                                 direct_io=self._direct_default(free) if direct_io is None else direct_io, verify=verify, **opts)
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
@@ -103,8 +104,12 @@ class Engine:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
             if self.device.type == "cpu" and self.store.expert_bytes + 2 * self._dense_stored_bytes() > available_ram():
                 dtype = torch.bfloat16
-        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device)
+        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device, available_ram())
         return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
+
+    def _direct_default(self, free: int) -> bool:
+        """O_DIRECT when the free RAM cannot hold the experts beside the stored dense part."""
+        return default_direct_io(self.store.expert_bytes + self._dense_stored_bytes(), free)
 
     def _dense_stored_bytes(self) -> int:
         return getattr(self.store, "dense_bytes", None) or (self.store.path / "dense.safetensors").stat().st_size
@@ -211,9 +216,14 @@ class Engine:
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
             hc = self.host_compute
-            batch = self.pager.request(layer, chosen, host_ok=hc.share if hc.mode != "off" else False)
+            landed = self.device.type == "cpu" and act is None and hc.mode == "off" \
+                and layout.size >= landed_mod.MIN_RECORD_BYTES
+            ask = self.pager.ready_first(layer, chosen) if landed else chosen
+            batch = self.pager.request(layer, ask, host_ok=hc.share if hc.mode != "off" else False)
             if self.predictor is not None:
                 self._look_ahead(layer, chosen, h)
+            if landed:  # resident experts computed while the missing ones are read (runtime/landed.py)
+                return landed_mod.moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
             got = dict(batch)
             if not batch.on_host:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
