@@ -31,8 +31,15 @@ def embed(tokens: torch.Tensor, w) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w as ggml computes it, bit for bit: fp32 squares summed in
+    fp64, the mean rounded to fp32, a correctly rounded sqrt (torch's fp32 sqrt on the CPU is a
+    SIMD approximation, one ulp off in ~10% of rows), 1/that, x * scale, then * w. llama.cpp
+    quantizes a norm's output to 8 bits for the next matmul, so a one-ulp difference here flips
+    a rounding there, and through attention every later position (issue 11: Q4_0's agreement)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    mean = ((xf * xf).sum(-1, keepdim=True, dtype=torch.float64) / x.shape[-1]).float()
+    scale = 1.0 / torch.sqrt((mean + eps).double()).float()
+    return (xf * scale).to(x.dtype) * w
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
