@@ -233,15 +233,16 @@ static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
         }
         break;
     }
-    case FMG_Q6_K:
-        for (int64_t i = 0; i < n; i += QK_K, b += 210, w += QK_K) {
+    case FMG_Q6_K:  /* ggml's dequantize_row_q6_K order: runs of 32 bytes, which the compiler vectorizes */
+        for (int64_t i = 0; i < n; i += QK_K, b += 210) {
             const uint8_t *ql = b, *qh = b + 128;
-            for (int g = 0; g < 16; g++) {
-                const int h = g / 8, s = (g / 4) & 1, c = (g / 2) & 1, sh = 2 * ((g / 2) & 3), o = 16 * (g & 1);
-                const uint8_t *lq = ql + 64 * h + 32 * c + o, *hq = qh + 32 * h + o;
-                for (int l = 0; l < 16; l++)
-                    w[16 * g + l] = (int8_t)((((lq[l] >> (4 * s)) & 15) | (((hq[l] >> sh) & 3) << 4)) - 32);
-            }
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, w += 128)
+                for (int l = 0; l < 32; l++) {
+                    w[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+                    w[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    w[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    w[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
         }
         break;
     }
