@@ -82,7 +82,7 @@ int fmg_q8_supported(int type)
 {
     switch (type) {
     case FMG_Q4_0: case FMG_Q4_1: case FMG_Q5_0: case FMG_Q5_1: case FMG_Q8_0:
-    case FMG_Q4_K: case FMG_Q5_K: case FMG_Q6_K:
+    case FMG_Q4_K: case FMG_Q5_K: case FMG_Q6_K: case FMG_MXFP4:
         return 1;
     default:
         return 0;
@@ -188,24 +188,48 @@ static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *m)
     }
 }
 
+/* MXFP4: an e2m1 code doubled (ggml's kvalues_mxfp4: 0 1 2 3 4 6 8 12, bit 3 the sign), by
+ * arithmetic rather than a table so that the unpacking loop vectorizes. */
+static inline int8_t mxfp4_value(uint8_t c)
+{
+    const uint8_t m = c & 7, v = m < 4 ? m : (uint8_t)(m + m - 4 + (m == 7 ? 2 : 0)), s = (uint8_t)(0 - (c >> 3));
+    return (int8_t)((v ^ s) - s);  /* s = 0 or 0xFF: v or -v */
+}
+
+static inline float e8m0_half(uint8_t x)
+{
+    return bits2f(x < 2 ? (uint32_t)0x00200000 << x : (uint32_t)(x - 1) << 23);
+}
+
 /* The row's quants as int8, in element order: Q4_0 q-8, Q5_0 q-16, Q6_K q-32, the others as
- * stored (unsigned ones fit: at most 31). */
-static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
+ * stored (unsigned ones fit: at most 31), MXFP4 its doubled e2m1 values. */
+static void unpack_row(int type, const uint8_t *restrict b, int64_t n, int8_t *restrict w)
 {
     switch (type) {
     case FMG_Q8_0:
         for (int64_t i = 0; i < n; i += QK, b += 34, w += QK) memcpy(w, b + 2, QK);
         break;
-    case FMG_Q4_0:
-    case FMG_Q4_1: {
-        const int off = type == FMG_Q4_0 ? 8 : 0, hd = type == FMG_Q4_0 ? 2 : 4, bs = type == FMG_Q4_0 ? 18 : 20;
-        for (int64_t i = 0; i < n; i += QK, b += bs, w += QK)
+    case FMG_MXFP4:  /* 1 scale byte, 16 code bytes: low nibbles are elements 0..15, high 16..31 */
+        for (int64_t i = 0; i < n; i += QK, b += 17, w += QK)
             for (int j = 0; j < 16; j++) {
-                w[j] = (int8_t)((b[hd + j] & 15) - off);
-                w[j + 16] = (int8_t)((b[hd + j] >> 4) - off);
+                w[j] = mxfp4_value(b[1 + j] & 15);
+                w[j + 16] = mxfp4_value(b[1 + j] >> 4);
             }
         break;
-    }
+    case FMG_Q4_0:  /* each format with its constants: loops the compiler vectorizes */
+        for (int64_t i = 0; i < n; i += QK, b += 18, w += QK)
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)((b[2 + j] & 15) - 8);
+                w[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+            }
+        break;
+    case FMG_Q4_1:
+        for (int64_t i = 0; i < n; i += QK, b += 20, w += QK)
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)(b[4 + j] & 15);
+                w[j + 16] = (int8_t)(b[4 + j] >> 4);
+            }
+        break;
     case FMG_Q5_0:
     case FMG_Q5_1: {
         const int q51 = type == FMG_Q5_1, bs = q51 ? 24 : 22, off = q51 ? 0 : 16;
@@ -337,6 +361,12 @@ static float combine(int type, const uint8_t *b, const int32_t *s16, const float
         }
         break;
     }
+    case FMG_MXFP4:  /* ggml_vec_dot_mxfp4_q8_0: d = x's fp16 scale times half the e8m0 one */
+        for (int64_t i = 0; i < n / QK; i++, b += 17) {
+            const float d = xd[i] * e8m0_half(b[0]);
+            acc += d * (float)(s16[2 * i] + s16[2 * i + 1]);
+        }
+        break;
     case FMG_Q4_1: case FMG_Q5_1: {
         const int bs = type == FMG_Q4_1 ? 20 : 24;
         for (int64_t i = 0; i < n / QK; i++, b += bs) {
