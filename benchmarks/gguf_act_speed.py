@@ -37,7 +37,7 @@ def median_s(fn, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default="q4_0,q8_0,q4_k,q6_k")
+    ap.add_argument("--formats", default="q4_0,q8_0,q4_k,q6_k,mxfp4")
     ap.add_argument("--out", default="benchmarks/results/devbox-gguf-act-speed.json")
     a = ap.parse_args()
     K.set_num_threads(a.threads)

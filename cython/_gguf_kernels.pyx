@@ -19,7 +19,7 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
         x's rows as act="q8" quantizes them for weights of format fmt (d: Q8_0/Q8_1 scales, fp16
         values; Q8_K: one fp32 scale per 256 in the first n/256 columns; s: Q8_1 only; bsum: Q8_K only)
     get_num_threads() / set_num_threads(n) / isa()
-    q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx2" or "portable"; exact
+    q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx512", "avx2" or "portable"; exact
         integer sums, so both give the same results; forcing one is for the tests)
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t

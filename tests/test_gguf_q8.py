@@ -18,7 +18,7 @@ from gguf_oracles import gguf_layout, random_part  # noqa: E402
 
 from flashmoe_plugin import quant_gguf  # noqa: E402
 
-BLOCK = sorted(f for f in quant_gguf.BLOCK_FORMATS if f != "mxfp4")  # MXFP4 still takes fp32 activations
+BLOCK = sorted(quant_gguf.BLOCK_FORMATS)  # MXFP4 too: Q8_0 activations, as llama.cpp
 TOL = 2e-6  # of the largest |y|: float summation order only
 
 
@@ -125,15 +125,17 @@ def test_silu_port_is_close_to_silu():
     assert np.allclose(ggml_cpu.silu(g), exact, rtol=3e-7, atol=1e-30)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("fmt", BLOCK)
-def test_integer_dot_twins_agree_bit_for_bit(fmt):
-    rows, cols = 16, 768  # 768: a tail of 128-element steps for the AVX2 loop
+def test_integer_dot_twins_agree_bit_for_bit(fmt, isa):
+    # 3 AVX-512 steps of 256, and for the 32-element blocks a tail of 128 (the AVX2 loop's step)
+    rows, cols = 16, 768 if fmt in ("q4_k", "q5_k", "q6_k") else 896
     part = random_part(fmt, rows, cols, seed=9)
     x = activations(3, cols, seed=9)
     try:
-        kernels.set_q8_isa("avx2")
+        kernels.set_q8_isa(isa)
     except ValueError:
-        pytest.skip("no AVX2 on this CPU: only the portable integer dot runs here")
+        pytest.skip(f"no {isa} on this CPU: the portable integer dot checks itself only")
     try:
         fast = kernels.linear(x, part, fmt, (rows, cols))
         kernels.set_q8_isa("portable")

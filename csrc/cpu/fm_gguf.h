@@ -8,7 +8,7 @@
  * the products over block formats compute as llama.cpp's CPU matmuls do: the activation rows are
  * quantized to the weight type's vec_dot_type (Q8_0, Q8_1 or Q8_K) and dotted in integers
  * (fm_gguf_q8.h); FMG_ACT_F32 dots fp32 activations with the exactly dequantized rows. F32, F16,
- * BF16 and (not done yet) MXFP4 weights always take fp32 activations.
+ * BF16 weights always take fp32 activations (MXFP4 takes Q8_0 ones, as llama.cpp).
  *
  * The fused kernels dequantize one row at a time into a small buffer and dot it with every
  * token; they are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time

@@ -82,7 +82,7 @@ int fmg_q8_supported(int type)
 {
     switch (type) {
     case FMG_Q4_0: case FMG_Q4_1: case FMG_Q5_0: case FMG_Q5_1: case FMG_Q8_0:
-    case FMG_Q4_K: case FMG_Q5_K: case FMG_Q6_K:
+    case FMG_Q4_K: case FMG_Q5_K: case FMG_Q6_K: case FMG_MXFP4:
         return 1;
     default:
         return 0;
@@ -188,24 +188,48 @@ static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *m)
     }
 }
 
+/* MXFP4: an e2m1 code doubled (ggml's kvalues_mxfp4: 0 1 2 3 4 6 8 12, bit 3 the sign), by
+ * arithmetic rather than a table so that the unpacking loop vectorizes. */
+static inline int8_t mxfp4_value(uint8_t c)
+{
+    const uint8_t m = c & 7, v = m < 4 ? m : (uint8_t)(m + m - 4 + (m == 7 ? 2 : 0)), s = (uint8_t)(0 - (c >> 3));
+    return (int8_t)((v ^ s) - s);  /* s = 0 or 0xFF: v or -v */
+}
+
+static inline float e8m0_half(uint8_t x)
+{
+    return bits2f(x < 2 ? (uint32_t)0x00200000 << x : (uint32_t)(x - 1) << 23);
+}
+
 /* The row's quants as int8, in element order: Q4_0 q-8, Q5_0 q-16, Q6_K q-32, the others as
- * stored (unsigned ones fit: at most 31). */
-static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
+ * stored (unsigned ones fit: at most 31), MXFP4 its doubled e2m1 values. */
+static void unpack_row(int type, const uint8_t *restrict b, int64_t n, int8_t *restrict w)
 {
     switch (type) {
     case FMG_Q8_0:
         for (int64_t i = 0; i < n; i += QK, b += 34, w += QK) memcpy(w, b + 2, QK);
         break;
-    case FMG_Q4_0:
-    case FMG_Q4_1: {
-        const int off = type == FMG_Q4_0 ? 8 : 0, hd = type == FMG_Q4_0 ? 2 : 4, bs = type == FMG_Q4_0 ? 18 : 20;
-        for (int64_t i = 0; i < n; i += QK, b += bs, w += QK)
+    case FMG_MXFP4:  /* 1 scale byte, 16 code bytes: low nibbles are elements 0..15, high 16..31 */
+        for (int64_t i = 0; i < n; i += QK, b += 17, w += QK)
             for (int j = 0; j < 16; j++) {
-                w[j] = (int8_t)((b[hd + j] & 15) - off);
-                w[j + 16] = (int8_t)((b[hd + j] >> 4) - off);
+                w[j] = mxfp4_value(b[1 + j] & 15);
+                w[j + 16] = mxfp4_value(b[1 + j] >> 4);
             }
         break;
-    }
+    case FMG_Q4_0:  /* each format with its constants: loops the compiler vectorizes */
+        for (int64_t i = 0; i < n; i += QK, b += 18, w += QK)
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)((b[2 + j] & 15) - 8);
+                w[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+            }
+        break;
+    case FMG_Q4_1:
+        for (int64_t i = 0; i < n; i += QK, b += 20, w += QK)
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)(b[4 + j] & 15);
+                w[j + 16] = (int8_t)(b[4 + j] >> 4);
+            }
+        break;
     case FMG_Q5_0:
     case FMG_Q5_1: {
         const int q51 = type == FMG_Q5_1, bs = q51 ? 24 : 22, off = q51 ? 0 : 16;
@@ -233,15 +257,16 @@ static void unpack_row(int type, const uint8_t *b, int64_t n, int8_t *w)
         }
         break;
     }
-    case FMG_Q6_K:
-        for (int64_t i = 0; i < n; i += QK_K, b += 210, w += QK_K) {
+    case FMG_Q6_K:  /* ggml's dequantize_row_q6_K order: runs of 32 bytes, which the compiler vectorizes */
+        for (int64_t i = 0; i < n; i += QK_K, b += 210) {
             const uint8_t *ql = b, *qh = b + 128;
-            for (int g = 0; g < 16; g++) {
-                const int h = g / 8, s = (g / 4) & 1, c = (g / 2) & 1, sh = 2 * ((g / 2) & 3), o = 16 * (g & 1);
-                const uint8_t *lq = ql + 64 * h + 32 * c + o, *hq = qh + 32 * h + o;
-                for (int l = 0; l < 16; l++)
-                    w[16 * g + l] = (int8_t)((((lq[l] >> (4 * s)) & 15) | (((hq[l] >> sh) & 3) << 4)) - 32);
-            }
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, w += 128)
+                for (int l = 0; l < 32; l++) {
+                    w[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
+                    w[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    w[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    w[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
         }
         break;
     }
@@ -280,6 +305,32 @@ __attribute__((target("avx2"))) static void idot16_avx2(const int8_t *a, const i
     }
     if (j < n) idot16_portable(a + j, b + j, n - j, s + j / 16);
 }
+
+/* AVX-512BW twin: 16 groups of 16 per step. No vpsignb at 512 bits: b is negated where a < 0
+ * (a byte mask) and |a| taken, then the same u8 x s8 pairs; the four int32 of each group are
+ * added by two unpack rounds per 128-bit lane and one 4x4 transpose. */
+__attribute__((target("avx512f,avx512bw"))) static void idot16_avx512(const int8_t *a, const int8_t *b, int64_t n,
+                                                                    int32_t *s)
+{
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    int64_t j = 0;
+    for (; j + 256 <= n; j += 256) {
+        __m512i r[4];
+        for (int k = 0; k < 4; k++) {
+            const __m512i va = _mm512_loadu_si512((const void *)(a + j + 64 * k));
+            const __m512i vb = _mm512_loadu_si512((const void *)(b + j + 64 * k));
+            const __m512i sb = _mm512_mask_sub_epi8(vb, _mm512_movepi8_mask(va), zero, vb);
+            r[k] = _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(va), sb), ones);
+        }
+        /* r[k]: each 128-bit lane holds one group's four quarter sums (group 4k + lane) */
+        const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(r[0], r[1]), _mm512_unpackhi_epi32(r[0], r[1]));
+        const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi32(r[2], r[3]), _mm512_unpackhi_epi32(r[2], r[3]));
+        const __m512i g = _mm512_add_epi32(_mm512_unpacklo_epi64(t, u), _mm512_unpackhi_epi64(t, u));
+        _mm512_storeu_si512((void *)(s + j / 16), _mm512_permutexvar_epi32(tr, g));
+    }
+    if (j < n) idot16_avx2(a + j, b + j, n - j, s + j / 16);
+}
 #endif
 
 typedef void (*idot16_fn)(const int8_t *, const int8_t *, int64_t, int32_t *);
@@ -293,11 +344,15 @@ int fmg_q8_set_isa(const char *isa)
     }
 #ifdef FMG_HAVE_AVX2
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) {
-        if (!isa || !strcmp(isa, "avx2")) {
-            g_idot16 = idot16_avx2;
-            return 0;
-        }
+    const int avx2 = __builtin_cpu_supports("avx2");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (avx512 && (!isa || !strcmp(isa, "avx512"))) {
+        g_idot16 = idot16_avx512;
+        return 0;
+    }
+    if (avx2 && (!isa || !strcmp(isa, "avx2"))) {
+        g_idot16 = idot16_avx2;
+        return 0;
     }
 #endif
     if (!isa) {
@@ -311,6 +366,7 @@ const char *fmg_q8_isa(void)
 {
     if (!g_idot16) fmg_q8_set_isa(NULL);
 #ifdef FMG_HAVE_AVX2
+    if (g_idot16 == idot16_avx512) return "avx512";
     if (g_idot16 == idot16_avx2) return "avx2";
 #endif
     return "portable";
@@ -336,6 +392,12 @@ static float combine(int type, const uint8_t *b, const int32_t *s16, const float
         }
         break;
     }
+    case FMG_MXFP4:  /* ggml_vec_dot_mxfp4_q8_0: d = x's fp16 scale times half the e8m0 one */
+        for (int64_t i = 0; i < n / QK; i++, b += 17) {
+            const float d = xd[i] * e8m0_half(b[0]);
+            acc += d * (float)(s16[2 * i] + s16[2 * i + 1]);
+        }
+        break;
     case FMG_Q4_1: case FMG_Q5_1: {
         const int bs = type == FMG_Q4_1 ? 20 : 24;
         for (int64_t i = 0; i < n / QK; i++, b += bs) {

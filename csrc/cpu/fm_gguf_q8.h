@@ -1,5 +1,5 @@
 /* llama.cpp's quantized matmul numerics (internal to fm_gguf.c): the activation row is quantized
- * to the weight type's `vec_dot_type` as ggml-cpu does on x86 (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for
+ * to the weight type's `vec_dot_type` as ggml-cpu does on x86 (Q8_0 for Q4_0/Q5_0/Q8_0/MXFP4, Q8_1 for
  * Q4_1/Q5_1, Q8_K for Q4_K/Q5_K/Q6_K), then each weight row is dotted with it in integers; the
  * per-block integer sums are combined with the block scales in float, in block order.
  *

@@ -31,8 +31,17 @@ def embed(tokens: torch.Tensor, w) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w as ggml computes it, bit for bit: fp32 squares summed in
+    fp64, the mean rounded to fp32, a correctly rounded sqrt (torch's fp32 sqrt on the CPU is a
+    SIMD approximation, one ulp off in ~10% of rows), 1/that, x * scale, then * w. llama.cpp
+    quantizes a norm's output to 8 bits for the next matmul, so a one-ulp difference here flips
+    a rounding there, and through attention every later position (issue 11: Q4_0's agreement).
+    Metal has no fp64: there the sums and the sqrt stay in fp32."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    mean = ((xf * xf).sum(-1, keepdim=True, dtype=acc) / x.shape[-1]).float()
+    scale = 1.0 / torch.sqrt((mean + eps).to(acc)).float()
+    return (xf * scale).to(x.dtype) * w
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
