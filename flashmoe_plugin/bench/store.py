@@ -288,10 +288,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  "decode_graph_note": eng.decode_graph_reason if eng.fast is None or not eng.fast.why_not
                  else eng.fast.why_not,
                  # steps redone layer by layer from a missing expert (n_cpu_moe layers never miss)
-                 "decode_graph_fallbacks": None if eng.fast is None else eng.fast.fallbacks,
-                 # runtime/fused_decode.py's kernels in the step (None: decode_ops' compiled ops; why)
-                 "decode_fused": None if eng.fast is None else eng.fast.fused is not None,
-                 "decode_fused_note": None if eng.fast is None else eng.fast.fused_note}
+                 "decode_graph_fallbacks": None if eng.fast is None else eng.fast.fallbacks}
         cl = eng.cpu_layers
         if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/host_compute.py)
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "decode_plan_of_k": dict(zip(("whole_on_cpu", "shared"), cl.plan(k))),

@@ -16,10 +16,7 @@ so the step is recomputed from that layer's saved input through the engine's per
 (demand reads, copies, host compute, prefetch), layer by layer, with the same kernels. Layers
 before the first miss keep the graph's results; the host never stalls them.
 
-With FLASHMOE_DECODE_FUSED=1 (runtime/fused_decode.py, csrc/cuda/fm_decode.cu; off by default
-until measured faster) a layer's norms, attention and routing run as three fused kernels (6
-launches per MoE layer with the GEMVs and the expert kernel); otherwise (or if they fail to
-capture) the step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
+The step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
 (~19 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
 step resumed from a saved bf16 residual sees what the fused kernel saw), and everything runs on a
 decode stream of its own, the one the graph was captured on (eager steps then make the same cuBLAS
@@ -43,7 +40,6 @@ from ..kernels.packed import concat_rows
 from ..models.layers import embed
 from ..pager.slot_table import SlotTable
 from .decode_ops import Ops
-from .fused_decode import FusedLayers, fused_mode, unfusable
 
 MODES = ("auto", "on", "eager", "off")
 
@@ -108,9 +104,6 @@ class DeviceDecode:
                            eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm, clip=cfg.clip_qkv,
                            window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
         self.ops = Ops.get(compile=self.cuda and mode in ("on", "eager"))
-        use, self.fused_note = fused_mode(dev)  # runtime/fused_decode.py: 3 kernels for ~20 per layer
-        self.fused_note = self.fused_note or (unfusable(engine) if use else "")
-        self.fused = FusedLayers(engine, native=self.cuda) if use and not self.fused_note else None
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
         self.ws = None
         if self.native:
@@ -161,14 +154,12 @@ class DeviceDecode:
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
         h = embed(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
         delta = self.zero
-        lay = self.fused or ops
-        native = self.fused is not None and self.fused.native  # RoPE inside the attention kernel
-        cos, sin = (None, None) if native else ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
+        cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):
             p, at = f"layers.{i}.", dict(cos=cos, sin=sin, pos=self.pos, kpos=self.kpos, **self.args[i], **self.consts)
             if i in t.rows:
                 r = t.rows[i]
-                h, x, ids, wts, addrs = lay.moe_layer(
+                h, x, ids, wts, addrs = ops.moe_layer(
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
                     norm_topk=c.norm_topk_prob, stride=t._stride, **at)
@@ -176,7 +167,7 @@ class DeviceDecode:
                 if c.shared_expert_intermediate_size:
                     delta = delta + m.shared(i, x)
             else:
-                h = lay.attention(h, delta, self.hs[i], **at)
+                h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
         ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
         self.pos.add_(1)
@@ -234,13 +225,9 @@ class DeviceDecode:
         ops as written; if nothing captures, steps stay uncaptured and `why_not` says why."""
         cur, side = torch.cuda.current_stream(self.e.device), self.stream
         tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
-        if self.fused is not None:  # the fused kernels first; without them if they do not capture
-            tries = [("auto", "fused"), ("two", "fused")] + tries
         for kmode, compiled in tries:
-            if compiled == "fused" and self.fused is None or compiled is True and not self.ops.compiled:
+            if compiled and not self.ops.compiled:
                 continue
-            if compiled != "fused" and self.fused is not None:
-                self.fused, self.fused_note = None, self.why_not
             self.kernel_mode = kmode
             side.wait_stream(cur)
             try:
@@ -261,7 +248,7 @@ class DeviceDecode:
                 torch.cuda.synchronize(self.e.device)
                 self.pos.fill_(self.pos_value)
                 self.why_not = f"capture failed ({kmode}, compiled={compiled}): {type(err).__name__}: {err}"[:500]
-                if compiled is True and kmode == "two":
+                if compiled and kmode == "two":
                     self.ops.uncompile(self.why_not)
         self.kernel_mode = "auto"
 
