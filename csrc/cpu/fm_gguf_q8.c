@@ -379,13 +379,18 @@ static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *
 }
 
 /* The row's dot from its per-16 integer sums and the block scales, block by block. */
-static float combine(int type, const uint8_t *b, const int32_t *s16, const float *xd, const float *xs,
-                     const int32_t *bsum, int64_t n)
+static inline __attribute__((always_inline)) float combine(int type, const uint8_t *b, const int32_t *s16,
+                                                           const float *xd, const float *xs,
+                                                           const int32_t *bsum, int64_t n)
 {
     float acc = 0.0f;
     switch (type) {
-    case FMG_Q8_0: case FMG_Q4_0: case FMG_Q5_0: {
-        const int bs = type == FMG_Q8_0 ? 34 : type == FMG_Q4_0 ? 18 : 22;
+    case FMG_Q4_0:  /* ggml's repacked Q4_0 (q4_0_8x8, its x86 GEMV and GEMM): one fused multiply-add a block */
+        for (int64_t i = 0; i < n / QK; i++, b += 18)
+            acc = fmaf((float)(s16[2 * i] + s16[2 * i + 1]), fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i], acc);
+        break;
+    case FMG_Q8_0: case FMG_Q5_0: {
+        const int bs = type == FMG_Q8_0 ? 34 : 22;
         for (int64_t i = 0; i < n / QK; i++, b += bs) {
             const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
             acc += (float)(s16[2 * i] + s16[2 * i + 1]) * d;
@@ -441,6 +446,11 @@ int64_t fmg_q8_scratch_bytes(int64_t n)
     return n + n / 16 * (int64_t)sizeof(int32_t) + 64;
 }
 
+/* Cloned for x86-64-v3 (FMA: fmaf inlined as one instruction, not a libm call) and the baseline;
+ * fmaf is one rounding either way and this file forbids contraction, so the clones agree. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
 void fmg_q8_rows_dot(int type, const uint8_t *data, int64_t row_bytes, int64_t r0, int64_t r1, const fmg_qact *a,
                      float *out, int64_t ldo, void *scratch)
 {
