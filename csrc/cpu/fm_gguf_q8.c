@@ -372,6 +372,40 @@ const char *fmg_q8_isa(void)
     return "portable";
 }
 
+/* s[j] = sum of a[4j + l] * b[4j + l], l < 4: Q8_0's lanes (exact integers, as idot16). */
+static void idot4_portable(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    for (int64_t j = 0; j < n / 4; j++)
+        s[j] = (int16_t)a[4 * j] * b[4 * j] + (int16_t)a[4 * j + 1] * b[4 * j + 1] + (int16_t)a[4 * j + 2] * b[4 * j + 2] +
+               (int16_t)a[4 * j + 3] * b[4 * j + 3];
+}
+
+#ifdef FMG_HAVE_AVX2
+__attribute__((target("avx2"))) static void idot4_avx2(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m256i va = _mm256_loadu_si256((const __m256i *)(a + j)), vb = _mm256_loadu_si256((const __m256i *)(b + j));
+        _mm256_storeu_si256((__m256i *)(s + j / 4),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va)), ones));
+    }
+    if (j < n) idot4_portable(a + j, b + j, n - j, s + j / 4);
+}
+#endif
+
+static inline void idot4(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
+{
+    if (!g_idot16) fmg_q8_set_isa(NULL);
+#ifdef FMG_HAVE_AVX2
+    if (g_idot16 != idot16_portable) {  /* the AVX2 and AVX-512 choices */
+        idot4_avx2(a, b, n, s);
+        return;
+    }
+#endif
+    idot4_portable(a, b, n, s);
+}
+
 static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *s)
 {
     if (!g_idot16) fmg_q8_set_isa(NULL);
@@ -379,13 +413,29 @@ static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *
 }
 
 /* The row's dot from its per-16 integer sums and the block scales, block by block. */
-static float combine(int type, const uint8_t *b, const int32_t *s16, const float *xd, const float *xs,
-                     const int32_t *bsum, int64_t n)
+static inline __attribute__((always_inline)) float combine(int type, const uint8_t *b, const int32_t *s16,
+                                                           const float *xd, const float *xs,
+                                                           const int32_t *bsum, int64_t n)
 {
     float acc = 0.0f;
     switch (type) {
-    case FMG_Q8_0: case FMG_Q4_0: case FMG_Q5_0: {
-        const int bs = type == FMG_Q8_0 ? 34 : type == FMG_Q4_0 ? 18 : 22;
+    case FMG_Q4_0:  /* ggml's repacked Q4_0 (q4_0_8x8, its x86 GEMV and GEMM): one fused multiply-add a block */
+        for (int64_t i = 0; i < n / QK; i++, b += 18)
+            acc = fmaf((float)(s16[2 * i] + s16[2 * i + 1]), fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i], acc);
+        break;
+    case FMG_Q8_0: {  /* ggml_vec_dot_q8_0_q8_0 (AVX2) and llamafile's tinyBLAS_Q0: 8 lanes of 4
+                       * elements (s16 holds sums of 4 here), a fused multiply-add a block in each,
+                       * then hsum_float_8's order */
+        float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n / QK; i++, b += 34, s16 += 8) {
+            const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
+            for (int k = 0; k < 8; k++) l[k] = fmaf((float)s16[k], d, l[k]);
+        }
+        acc = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        break;
+    }
+    case FMG_Q5_0: {
+        const int bs = 22;
         for (int64_t i = 0; i < n / QK; i++, b += bs) {
             const float d = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
             acc += (float)(s16[2 * i] + s16[2 * i + 1]) * d;
@@ -438,20 +488,28 @@ static float combine(int type, const uint8_t *b, const int32_t *s16, const float
 
 int64_t fmg_q8_scratch_bytes(int64_t n)
 {
-    return n + n / 16 * (int64_t)sizeof(int32_t) + 64;
+    return n + n / 4 * (int64_t)sizeof(int32_t) + 64;  /* Q8_0 keeps sums of 4, the others of 16 */
 }
 
+/* Cloned for x86-64-v3 (FMA: fmaf inlined as one instruction, not a libm call) and the baseline;
+ * fmaf is one rounding either way and this file forbids contraction, so the clones agree. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
 void fmg_q8_rows_dot(int type, const uint8_t *data, int64_t row_bytes, int64_t r0, int64_t r1, const fmg_qact *a,
                      float *out, int64_t ldo, void *scratch)
 {
     const int64_t n = a->n;
     int32_t *s16 = (int32_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    int8_t *w = (int8_t *)(s16 + n / 16);
+    int8_t *w = (int8_t *)(s16 + n / 4);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *b = data + r * row_bytes;
         unpack_row(type, b, n, w);
         for (int64_t t = 0; t < a->T; t++) {
-            idot16(w, a->q + t * n, n, s16);
+            if (type == FMG_Q8_0)
+                idot4(w, a->q + t * n, n, s16);
+            else
+                idot16(w, a->q + t * n, n, s16);
             out[t * ldo + r - r0] = combine(type, b, s16, a->d + t * (n / QK), a->s + t * (n / QK),
                                             a->bsum + t * (n / 16), n);
         }
