@@ -187,19 +187,23 @@ class DeviceDecode:
             self.tok.fill_(token)
             self.pos_value = n_past + 1
             self.table.ready()
-            if self.mode == "eager":
-                self._body(0, fast=False)
-            else:
-                if self.graph is not None:
-                    self.graph.replay()
-                    self.replays += 1
-                else:
-                    self._body(0, fast=True)
-                self._settle()
+            self._run()
             out = self.logits.clone()
         if cur is not None:
             cur.wait_stream(self.stream)
         return out
+
+    def _run(self):
+        """The token's layers: replayed (or run fast) and settled, or eager."""
+        if self.mode == "eager":
+            self._body(0, fast=False)
+            return
+        if self.graph is not None:
+            self.graph.replay()
+            self.replays += 1
+        else:
+            self._body(0, fast=True)
+        self._settle()
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()

@@ -93,32 +93,19 @@ class HybridDecode(DeviceDecode):
         e.cpu_layers.decode(layer, self.pack_host[:H].view(1, H), chosen, vals[:k], self.x_buf, out=self.delta_buf)
 
     # ------------------------------------------------------------------ a decode step
-    def step(self, token: int, n_past: int) -> torch.Tensor:
+    def _run(self):
+        """The segments replayed (or run) in turn, each CPU layer computed by the host between them."""
         if self.mode == "eager":
-            return super().step(token, n_past)
-        self.steps += 1
-        cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
-        if cur is not None:
-            self.stream.wait_stream(cur)
-        with self._on_stream():
-            if self.pos_value != n_past:
-                self.pos.fill_(n_past)
-            self.tok.fill_(token)
-            self.pos_value = n_past + 1
-            self.table.ready()
-            for j in range(len(self.cpu) + 1):
-                if self.graphs:
-                    self.graphs[j].replay()
-                else:
-                    self._segment(j)
-                if j < len(self.cpu):
-                    self._host_layer(j)
-            self.replays += bool(self.graphs)
-            self._settle_after()
-            out = self.logits.clone()
-        if cur is not None:
-            cur.wait_stream(self.stream)
-        return out
+            return super()._run()
+        for j in range(len(self.cpu) + 1):
+            if self.graphs:
+                self.graphs[j].replay()
+            else:
+                self._segment(j)
+            if j < len(self.cpu):
+                self._host_layer(j)
+        self.replays += bool(self.graphs)
+        self._settle_after()
 
     def _settle_after(self):
         """As DeviceDecode._settle for the layers after the last CPU layer (the CPU layers' experts
