@@ -112,7 +112,7 @@ class Engine:
         return default_direct_io(self.store.expert_bytes + self._dense_stored_bytes(), free)
 
     def _dense_stored_bytes(self) -> int:
-        return getattr(self.store, "dense_bytes", None) or (self.store.path / "dense.safetensors").stat().st_size
+        return dense_quant_mod.stored_bytes(self.store)
 
     def _budgets(self, ram_budget, vram_budget) -> tuple[int | None, int | None]:
         """(device tier budget, host tier budget). CPU: the RAM budget is the device tier. CUDA:

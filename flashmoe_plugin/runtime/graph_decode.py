@@ -208,11 +208,14 @@ class DeviceDecode:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
-    def _settle(self):
-        """Read the routed ids back; count the hits; recompute from the first layer that missed."""
+    def _settle(self, skip=frozenset()):
+        """Read the routed ids back; count the hits; recompute from the first layer that missed
+        (`skip`: layers whose experts were never looked up, HybridDecode's CPU layers)."""
         e, p = self.e, self.e.pager
         ids = self.ids.tolist()
         for row, layer in enumerate(self.order):
+            if layer in skip:
+                continue
             if not self.table.resident(layer, ids[row]):
                 self.fallbacks += 1
                 self.pos.sub_(1)

@@ -105,24 +105,7 @@ class HybridDecode(DeviceDecode):
             if j < len(self.cpu):
                 self._host_layer(j)
         self.replays += bool(self.graphs)
-        self._settle_after()
-
-    def _settle_after(self):
-        """As DeviceDecode._settle for the layers after the last CPU layer (the CPU layers' experts
-        were computed from RAM, never looked up)."""
-        e, p, cpu = self.e, self.e.pager, set(self.cpu)
-        ids = self.ids.tolist()
-        for row, layer in enumerate(self.order):
-            if layer in cpu:
-                continue
-            if not self.table.resident(layer, ids[row]):
-                self.fallbacks += 1
-                self.pos.sub_(1)
-                self._body(layer, fast=False)
-                return
-            if e.trace is not None:
-                e.trace.route(layer, [ids[row]])
-            p.note_hits(layer, ids[row])
+        self._settle(skip=set(self.cpu))  # the CPU layers' experts came from RAM, never looked up
 
     def _capture(self):
         """DeviceDecode._capture for the segments: warm up on the side stream, then capture each
