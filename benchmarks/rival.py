@@ -49,6 +49,8 @@ ROWS = {
         ("REFERENCE (H200)", "8 GiB RAM cgroup, experts beyond VRAM (llama.cpp ~0.2 tok/s: short run)",
          ["-ngl", "99", "--n-cpu-moe", "24", "--repack", "0", "-lm", "mmap"],
          ["--device", "cuda", "--vram-budget", "8G", "--ram-budget", "5G", "--direct-io", "on"], 8 << 30, (16, 8)),
+        ("issue 9", "every expert in VRAM, dense part in q4 (--dense-quant q4: the GGUF's bytes per token)",
+         ["-ngl", "99"], ["--device", "cuda", "--dense-quant", "q4"], None, (512, 32)),
     ],
     "cpu": [
         ("issue 10 (2-core)", "whole machine (model ~1.1x RAM)", ["-ngl", "0", "--repack", "0", "-lm", "mmap"],
