@@ -24,6 +24,8 @@ Importing this module never needs a GPU or the compiled module: available() says
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +61,9 @@ class CudaBackend(Backend):
     # 254/258/271 at 16/64/128. Mixtral, 512-token prompt (128 per expert), 32 layers: 4683 vs
     # 4677 tok/s (the grouped call reads nothing back): a tie, kept for q4.
     grouped_max_tokens = {"q4": 128, "q8": 96}
+    # Dense q8/q4 products of 1..4 tokens through the decode GEMV (csrc/cuda/fm_gemv.cu);
+    # FLASHMOE_GEMV=0 routes them back to fmc_linear (the old path, for before/after benchmarks).
+    gemv = os.environ.get("FLASHMOE_GEMV", "1") != "0"
 
     def __init__(self):
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
@@ -215,18 +220,39 @@ class CudaBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ packed dense weights
+    def _gemv_takes(self, x: torch.Tensor, fmt: str, cols: int) -> bool:
+        """Whether the decode GEMV (csrc/cuda/fm_gemv.cu) runs this product: q8/q4, 1..4 tokens of
+        bf16/f16 x's image within shared memory (K up to 16384 at 4 tokens)."""
+        return self.gemv and fmt in ("q8", "q4") and 1 <= x.shape[0] <= 4 and x.dtype in _ACT16 and \
+            x.shape[0] * cols <= 1 << 16
+
     def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
-        """x [T, in] @ W.T for a packed dense weight (kernels/packed.py). q8/q4/q2: the fused
-        GEMV kernel up to fused_max_tokens tokens, else dequantize + cuBLAS; llama.cpp block
-        formats: our bit-exact dequantize kernel, then cuBLAS (no fused GGUF GEMV on CUDA yet);
-        raw formats: torch. Every path launches on the current stream (capturable)."""
+        """x [T, in] @ W.T for a packed dense weight (kernels/packed.py). q8/q4 at 1..4 tokens of
+        16-bit x: the decode GEMV (fm_gemv.cu); q8/q4/q2 otherwise: the fused kernel up to
+        fused_max_tokens tokens, else dequantize + cuBLAS; llama.cpp block formats: our bit-exact
+        dequantize kernel, then cuBLAS (no fused GGUF GEMV on CUDA yet); raw formats: torch.
+        Every path launches on the current stream (capturable)."""
         rows, cols = int(shape[0]), int(shape[1])
+        if self._gemv_takes(x, fmt, cols):
+            return self.linear_stack(x, [part], fmt, [shape])
         if fmt in ("q8", "q4", "q2") and x.shape[0] <= self.fused_max_tokens and x.dtype in _ACT:
             km = self._require()
             out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
             km.linear(part, fmt, rows, cols, x.contiguous(), out, torch.cuda.current_stream(x.device).cuda_stream)
             return out
         return F.linear(x, self.dequantize(part, fmt, shape, x.dtype))
+
+    def linear_stack(self, x: torch.Tensor, parts: list[torch.Tensor], fmt: str, shapes) -> torch.Tensor:
+        """The parts stacked along their rows in one launch of the decode GEMV where it takes them
+        (q, k and v of a decode step: one kernel, no copy of the weights, no cat), else per part."""
+        cols = int(shapes[0][1])
+        km = self._require()
+        if self._gemv_takes(x, fmt, cols) and len(parts) <= km.GEMV_MAX_PARTS:
+            rows = [int(s[0]) for s in shapes]
+            out = torch.empty((x.shape[0], sum(rows)), dtype=x.dtype, device=x.device)
+            km.gemv(parts, fmt, rows, cols, x.contiguous(), out, torch.cuda.current_stream(x.device).cuda_stream)
+            return out
+        return super().linear_stack(x, parts, fmt, shapes)
 
     def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
         from ..quant_gguf import is_block_format
@@ -242,3 +268,4 @@ class CudaBackend(Backend):
 
 
 _ACT = (torch.float32, torch.bfloat16, torch.float16)
+_ACT16 = (torch.bfloat16, torch.float16)
