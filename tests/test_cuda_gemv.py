@@ -143,9 +143,10 @@ def test_gemv_refuses_what_it_does_not_take():
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_backend_and_packed_stack_run_the_gemv(fmt, monkeypatch):
-    """PackedStack (q, k, v) and CudaBackend.linear at 1..4 bf16 tokens run the GEMV (the stack in
-    one launch, bit-identical to the kernel's own call); 5+ tokens, fp32 x, and the switch
-    CudaBackend.gemv off (FLASHMOE_GEMV=0) take fmc_linear per part + cat, bit for bit."""
+    """PackedStack (q, k, v) at 1..4 bf16 tokens runs the GEMV in one launch, bit-identical to the
+    kernel's own call; one part (CudaBackend.linear) only at one token and up to gemv_max_elems;
+    5+ tokens, fp32 x, and the switch CudaBackend.gemv off (FLASHMOE_GEMV=0) take fmc_linear per
+    part + cat, bit for bit."""
     from flashmoe_plugin import kernels
     from flashmoe_plugin.kernels.packed import PackedStack, PackedWeight
     be = kernels.select("cuda")
@@ -168,7 +169,13 @@ def test_backend_and_packed_stack_run_the_gemv(fmt, monkeypatch):
         assert rel_err(y, x.double().cpu() @ ref_w.T) <= TOL16
         if T <= 4 and dtype != torch.float32:
             assert torch.equal(y, K().gemv(parts, fmt, rows, cols, x, torch.empty_like(y)))
-            assert torch.equal(ws[0].linear(x), K().gemv(parts[:1], fmt, rows[:1], cols, x, torch.empty_like(y[:, :256])))
+            one = torch.empty(T, rows[0], dtype=dtype, device="cuda")
+            want = K().gemv(parts[:1], fmt, rows[:1], cols, x, one) if T == 1 else \
+                K().linear(parts[0], fmt, rows[0], cols, x, one)  # one part: the GEMV at one token only
+            assert torch.equal(ws[0].linear(x), want)
+            monkeypatch.setattr(type(be), "gemv_max_elems", 1000)  # larger parts: fmc_linear
+            assert torch.equal(ws[0].linear(x), K().linear(parts[0], fmt, rows[0], cols, x, torch.empty_like(one)))
+            monkeypatch.undo()
             monkeypatch.setattr(type(be), "gemv", False)
             assert torch.equal(stack.linear(x), old(x))
             monkeypatch.setattr(type(be), "gemv", True)

@@ -13,7 +13,9 @@
 //     issued together, read past L1 (ld.global.nc.L1::no_allocate): 2*U loads in flight per lane;
 //   - the first batch is issued before the block builds x's image (and before the programmatic-
 //     dependent-launch wait), so the prologue hides under the weight loads;
-//   - many small blocks (no persistent loop), so the hardware scheduler balances the tail.
+//   - many small blocks (no persistent loop). Each block's fixed cost (~1.3-2.4 us on the H200,
+//     inferred from timings at constant bytes) makes this lose to fmc_linear's persistent grid on
+//     large matrices; CudaBackend runs it where it measured faster (see cuda_backend.py).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -318,14 +320,20 @@ int gemv_device(int device, GemvDev **info) {
     return FMC_OK;
 }
 
-// The split S (warps per row pair) and warps per block W: W = 8; S the smallest of 1, 2, 4, 8
-// that gives at least 4 blocks per SM, as long as each slice keeps >= 64 chunks (2 per lane).
-void gemv_shape(int64_t pairs, int nch, int sms, int *split, int *warps) {
+// The split S (warps per row pair) and warps per block W = 8. Measured on the H200
+// (benchmarks/results/h200-g9-dense-gemv.json): every block pays ~2 us of prologue (x's image)
+// that only other blocks' streams hide, so time grows with the block count (q8 4096x4096 at one
+// token: 7.0 / 8.2 / 11.7 / 21.2 us at S = 1 / 2 / 4 / 8). At one token S stays 1 unless the
+// grid would leave SMs without a block (k/v 1024x4096: 64 blocks; S = 2 took q8 from 5.1 to
+// 2.9 us); at 2..4 tokens S is the smallest giving 4 blocks per SM (q/k/v stacked at 4 tokens:
+// 26 us at S = 2, three fmc_linear launches + cat 38 us). Each slice keeps >= 64 chunks.
+void gemv_shape(int64_t pairs, int nch, int sms, int T, int *split, int *warps) {
     int W = g_gtune[FMC_GEMV_TUNE_WARPS] > 0 ? (int)g_gtune[FMC_GEMV_TUNE_WARPS] : 8;
     int S = (int)g_gtune[FMC_GEMV_TUNE_SPLIT];
     if (S <= 0) {
+        const int64_t want = T == 1 ? (9LL * sms + 9) / 10 : 4LL * sms;
         S = 1;
-        while (S < W && S < 8 && (pairs * S + W - 1) / W < 4LL * sms && nch / (2 * S) >= 64) S *= 2;
+        while (S < W && S < 8 && (pairs * S + W - 1) / W < want && nch / (2 * S) >= 64) S *= 2;
     }
     *split = S;
     *warps = W;
@@ -372,7 +380,7 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     if (rc) return rc;
     const int nch = (int)(K / (f ? 32 : 16)), P = f ? 4 : 2;
     int S, W;
-    gemv_shape(pairs, nch, d->sms, &S, &W);
+    gemv_shape(pairs, nch, d->sms, (int)T, &S, &W);
     if (W < 1 || W > MAXW || S < 1 || W % S) return FMC_EINVAL;
     const size_t smem = (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)W * 2 * T * 4;
     if (smem > (size_t)d->smem_optin) return FMC_ESMEM;
