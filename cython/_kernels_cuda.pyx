@@ -1,4 +1,4 @@
-# distutils: sources = csrc/cuda/fm_kernels.cu
+# distutils: sources = csrc/cuda/fm_kernels.cu csrc/cuda/fm_gemv.cu
 # distutils: include_dirs = csrc/cuda
 # distutils: depends = csrc/cuda/fm_cuda.h
 # cython: language_level=3, boundscheck=False, wraparound=False
@@ -17,6 +17,10 @@ GIL released.
     workspace_bytes(k, inter) -> int         bytes of the workspace moe() needs (first 256 zeroed)
     linear(part, fmt, rows, cols, x, out, stream=None)
                                              out[T, rows] = x[T, cols] @ W.T   (GEMV at T = 1)
+    gemv(parts, fmt, rows, cols, x, out, stream=None)
+                                             out[T, sum rows] = x @ [W_0; W_1; ...].T in one launch
+        (csrc/cuda/fm_gemv.cu: q8/q4 parts, T = 1..4, bf16/f16 x; up to GEMV_MAX_PARTS parts)
+    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl) and last launch figures
     moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
                                              out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
         records: list of uint8 CUDA tensors (k <= 32), or an int64 CUDA tensor of k record addresses
@@ -67,11 +71,18 @@ cdef extern from "fm_cuda.h" nogil:
                    int64_t T, void *y, int y_dtype, int device, void *stream)
     int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int out_dtype,
                     int device, void *stream)
+    enum:
+        FMC_GEMV_MAX_PARTS
+    int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
+                 int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream)
+    int64_t fmc_gemv_tune(int key, int64_t value)
 
 
 FORMATS = {"q8": FMC_Q8, "q4": FMC_Q4, "q2": FMC_Q2}
 MAX_K = FMC_MAX_K
 MAX_TOKENS_PER_LAUNCH = FMC_MAX_NT
+GEMV_MAX_PARTS = FMC_GEMV_MAX_PARTS
+GEMV_MAX_TOKENS = 4
 _MODES = {"auto": FMC_MODE_AUTO, "coop": FMC_MODE_COOP, "two": FMC_MODE_TWO_LAUNCH}
 _DTYPES = {_torch.float32: FMC_F32, _torch.float16: FMC_F16, _torch.bfloat16: FMC_BF16}
 
@@ -216,6 +227,59 @@ def linear(part, fmt, int64_t rows, int64_t cols, x, out, stream=None):
                         <void *>sp)
     _check(rc, "linear")
     return out
+
+
+def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
+    """out[T, sum(rows)] = x[T, cols] @ [W_0; W_1; ...].T: the parts (uint8 tensors, each a q8/q4 part
+    [rows[i], cols]) stacked along the rows in one launch of the decode GEMV; T <= GEMV_MAX_TOKENS,
+    x bfloat16/float16."""
+    cdef int f = _fmt(fmt)
+    if f == FMC_Q2:
+        raise ValueError("gemv takes q8 and q4 parts (q2: linear)")
+    cdef int n = len(parts), i
+    if n < 1 or n > FMC_GEMV_MAX_PARTS or len(rows) != n:
+        raise ValueError(f"gemv takes 1..{FMC_GEMV_MAX_PARTS} parts with one row count each, got {n} parts, "
+                         f"{len(rows)} row counts")
+    cdef int dev = _device(x, "x", -1)
+    cdef uintptr_t pp[FMC_GEMV_MAX_PARTS]
+    cdef int64_t rr[FMC_GEMV_MAX_PARTS]
+    total = 0
+    for i in range(n):
+        r = int(rows[i])
+        _check_part(parts[i], f"parts[{i}]", f, r, cols, part_nbytes(fmt, r, cols), dev)
+        pp[i] = parts[i].data_ptr()
+        rr[i] = r
+        total += r
+    _device(out, "out", dev)
+    T, xd = _act2d(x, "x", cols)
+    T2, yd = _act2d(out, "out", total)
+    if T2 != T:
+        raise ValueError(f"out has {T2} rows, x has {T}")
+    if T > GEMV_MAX_TOKENS or xd == FMC_F32:
+        raise ValueError(f"gemv takes 1..{GEMV_MAX_TOKENS} tokens of bfloat16/float16 x, got {T} of {x.dtype}")
+    cdef uintptr_t xp = x.data_ptr(), yp = out.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int64_t t = T
+    cdef int xdt = xd, ydt = yd, rc
+    with nogil:
+        rc = fmc_gemv(f, n, <const void *const *>pp, rr, cols, <const void *>xp, xdt, t, <void *>yp, ydt, dev,
+                      <void *>sp)
+    _check(rc, "gemv")
+    return out
+
+
+_GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5}
+
+
+def gemv_tune(key, value=None):
+    """A knob of gemv (process-wide), for benchmarks; returns the previous value. keys: split (warps
+    per row pair, 1/2/4/8; 0 = auto, the default), warps (per block, 1..8; 0 = auto: 8), pdl (1, the
+    default: programmatic dependent launch on sm_90+); read-only: last_split, last_warps, last_grid."""
+    try:
+        k = _GEMV_KEYS[key]
+    except KeyError:
+        raise ValueError(f"unknown gemv tuning key {key!r}; known: {', '.join(_GEMV_KEYS)}") from None
+    return fmc_gemv_tune(k, -1 if value is None else int(value))
 
 
 def dequant(part, fmt, int64_t rows, int64_t cols, out, stream=None):

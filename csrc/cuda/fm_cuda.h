@@ -109,6 +109,25 @@ int fmc_linear(int fmt, const void *part, int64_t N, int64_t K, const void *x, i
 int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int out_dtype,
                 int device, void *stream);
 
+/* The decode GEMV of dense matrices (csrc/cuda/fm_gemv.cu): y[t] = [W_0; W_1; ...] · x[t], up to
+ * FMC_GEMV_MAX_PARTS parts of format fmt (q8 or q4), part i [rows[i], K] at parts[i] (16-byte
+ * aligned, sections as fmc_part_sections), stacked along the rows where they lie: y [T, sum rows]
+ * contiguous (part i's rows are columns rows[0] + .. + rows[i-1] onwards). T = 1..4 tokens, x
+ * [T, K] bf16/f16 (16-byte aligned), y f32/bf16/f16. fmc_linear's arithmetic (x in 16-bit fixed
+ * point per group of 64, exact int dot products, fp32 sums); a different work split (a warp per
+ * row pair and K slice, many small blocks, every lane 2x8 16-byte loads in flight). FMC_EINVAL
+ * for what it does not take (q2, fp32 x, T > 4): the caller uses fmc_linear then. */
+#define FMC_GEMV_MAX_PARTS 4
+int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
+             int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream);
+/* Knobs of fmc_gemv (as fmc_tune): SPLIT warps per row pair (0 = auto), WARPS per block (0 = auto: 8),
+ * PDL (1 = programmatic dependent launch on sm_90+); read-only: what the last launch used. */
+enum fmc_gemv_tune_key {
+    FMC_GEMV_TUNE_SPLIT = 0, FMC_GEMV_TUNE_WARPS = 1, FMC_GEMV_TUNE_PDL = 2,
+    FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5, FMC_GEMV_TUNE_NKEYS = 6
+};
+int64_t fmc_gemv_tune(int key, int64_t value);
+
 #ifdef __cplusplus
 }
 #endif

@@ -57,6 +57,12 @@ class Backend:
         override this with a fused dequantizing product."""
         return F.linear(x, quant.dequantize(part, fmt, shape, x.dtype))
 
+    def linear_stack(self, x: torch.Tensor, parts: list[torch.Tensor], fmt: str, shapes) -> torch.Tensor:
+        """x [T, in] @ [W_0; W_1; ...].T for weight parts of one format stacked along their rows
+        (q, k and v): [T, sum of outs]. Here one linear per part, concatenated; the CUDA backend
+        overrides it with one launch over the parts where they lie."""
+        return torch.cat([self.linear(x, p, fmt, s) for p, s in zip(parts, shapes)], dim=-1)
+
     def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """The float matrix [out, in] of one weight part, on the part's device (packed embeddings)."""
         return quant.dequantize(part, fmt, shape, dtype)

@@ -24,6 +24,8 @@ Importing this module never needs a GPU or the compiled module: available() says
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +61,15 @@ class CudaBackend(Backend):
     # 254/258/271 at 16/64/128. Mixtral, 512-token prompt (128 per expert), 32 layers: 4683 vs
     # 4677 tok/s (the grouped call reads nothing back): a tie, kept for q4.
     grouped_max_tokens = {"q4": 128, "q8": 96}
+    # Dense q8/q4 products through the decode GEMV (csrc/cuda/fm_gemv.cu) where it measured faster
+    # than fmc_linear on the H200 (benchmarks/results/h200-g9-dense-gemv.json, us per call):
+    # stacked parts at 1..4 tokens (q/k/v 6144x4096: q8 12.5 vs 20.0 at one token, 26 vs 38 at
+    # four; q4 8.2 vs 16.5), one part at one token up to gemv_max_elems weights (o 4096x4096: q8
+    # 7.0 vs 8.5, q4 5.0 vs 6.2; k/v 1024x4096: 2.9 vs 5.3). Larger parts (lm_head 32000x4096,
+    # 14336-wide MLPs) stay on fmc_linear's persistent stream (q8 32000x4096: 39 vs 49 us), and so
+    # do single parts at 2..4 tokens. FLASHMOE_GEMV=0 routes everything back to fmc_linear (before/after).
+    gemv = os.environ.get("FLASHMOE_GEMV", "1") != "0"
+    gemv_max_elems = 1 << 25
 
     def __init__(self):
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
@@ -215,18 +226,44 @@ class CudaBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ packed dense weights
+    def _gemv_takes(self, x: torch.Tensor, fmt: str, cols: int, rows: int | None = None) -> bool:
+        """Whether the decode GEMV (csrc/cuda/fm_gemv.cu) runs this product: q8/q4, 1..4 tokens of
+        bf16/f16 x (x's image within shared memory: K up to 16384 at 4 tokens); for one part
+        (rows given) only at one token and up to gemv_max_elems weights (see above)."""
+        T = x.shape[0]
+        ok = self.gemv and fmt in ("q8", "q4") and 1 <= T <= 4 and x.dtype in _ACT16 and T * cols <= 1 << 16
+        return ok and (rows is None or (T == 1 and rows * cols <= self.gemv_max_elems))
+
+    def _gemv(self, x: torch.Tensor, parts: list[torch.Tensor], fmt: str, rows: list[int], cols: int) -> torch.Tensor:
+        out = torch.empty((x.shape[0], sum(rows)), dtype=x.dtype, device=x.device)
+        self._require().gemv(parts, fmt, rows, cols, x.contiguous(), out, torch.cuda.current_stream(x.device).cuda_stream)
+        return out
+
     def linear(self, x: torch.Tensor, part: torch.Tensor, fmt: str, shape) -> torch.Tensor:
-        """x [T, in] @ W.T for a packed dense weight (kernels/packed.py). q8/q4/q2: the fused
-        GEMV kernel up to fused_max_tokens tokens, else dequantize + cuBLAS; llama.cpp block
+        """x [T, in] @ W.T for a packed dense weight (kernels/packed.py). q8/q4 at one token of
+        16-bit x, up to gemv_max_elems weights: the decode GEMV (fm_gemv.cu); q8/q4/q2 otherwise:
+        the fused kernel up to fused_max_tokens tokens, else dequantize + cuBLAS; llama.cpp block
         formats: our bit-exact dequantize kernel, then cuBLAS (no fused GGUF GEMV on CUDA yet);
         raw formats: torch. Every path launches on the current stream (capturable)."""
         rows, cols = int(shape[0]), int(shape[1])
+        if self._gemv_takes(x, fmt, cols, rows):
+            return self._gemv(x, [part], fmt, [rows], cols)
         if fmt in ("q8", "q4", "q2") and x.shape[0] <= self.fused_max_tokens and x.dtype in _ACT:
             km = self._require()
             out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
             km.linear(part, fmt, rows, cols, x.contiguous(), out, torch.cuda.current_stream(x.device).cuda_stream)
             return out
         return F.linear(x, self.dequantize(part, fmt, shape, x.dtype))
+
+    def linear_stack(self, x: torch.Tensor, parts: list[torch.Tensor], fmt: str, shapes) -> torch.Tensor:
+        """The parts stacked along their rows in one launch of the decode GEMV at 1..4 tokens (q, k
+        and v of a decode step: one kernel, no copy of the weights, no cat), else per part."""
+        if len(parts) == 1:
+            return self.linear(x, parts[0], fmt, shapes[0])
+        cols = int(shapes[0][1])
+        if self._gemv_takes(x, fmt, cols) and len(parts) <= self._require().GEMV_MAX_PARTS:
+            return self._gemv(x, parts, fmt, [int(s[0]) for s in shapes], cols)
+        return super().linear_stack(x, parts, fmt, shapes)
 
     def dequantize(self, part: torch.Tensor, fmt: str, shape, dtype: torch.dtype) -> torch.Tensor:
         from ..quant_gguf import is_block_format
@@ -242,3 +279,4 @@ class CudaBackend(Backend):
 
 
 _ACT = (torch.float32, torch.bfloat16, torch.float16)
+_ACT16 = (torch.bfloat16, torch.float16)

@@ -40,6 +40,19 @@ def _(x, data, fmt, rows, cols, backend):
     return x.new_empty((*x.shape[:-1], rows))
 
 
+@torch.library.custom_op("flashmoe::packed_linear_stack", mutates_args=())
+def packed_linear_stack(x: torch.Tensor, data: list[torch.Tensor], fmt: str, rows: list[int], cols: int,
+                        backend: str) -> torch.Tensor:
+    """x [T, cols] @ [W_0; W_1; ...].T for packed parts of one format: Backend.linear_stack."""
+    shapes = [(r, cols) for r in rows]
+    return _backend(backend, x.device.type).linear_stack(x.contiguous(), list(data), fmt, shapes).to(x.dtype)
+
+
+@packed_linear_stack.register_fake
+def _(x, data, fmt, rows, cols, backend):
+    return x.new_empty((*x.shape[:-1], sum(rows)))
+
+
 class PackedWeight:
     """One weight [out, in] in a packed format; `dtype` is the activation dtype it computes in."""
 
@@ -103,18 +116,29 @@ class PackedWeight:
 
 class PackedStack:
     """Several packed weights that share an input, computed as one [sum of outs, in] product
-    (the graph decode's fused q/k/v): each part runs its own kernel, the outputs are concatenated."""
+    (the graph decode's fused q/k/v). Parts of one format and backend go through one
+    Backend.linear_stack call (on CUDA one launch over the parts where they lie: no copy, no
+    cat); otherwise (a float tensor among them) each part runs its own product, concatenated."""
 
     def __init__(self, parts: list):  # PackedWeights (a float tensor among them is fine)
         self.parts = parts
         self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        first = parts[0]
+        self.uniform = all(isinstance(p, PackedWeight) and p.fmt == first.fmt and p.backend is first.backend
+                           and p.device == first.device and p.shape[1] == first.shape[1] for p in parts)
 
     @property
     def device(self):
         return self.parts[0].device
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.cat([F.linear(x, p) if isinstance(p, torch.Tensor) else p.linear(x) for p in self.parts], dim=-1)
+        if self.uniform:
+            lead, p0 = x.shape[:-1], self.parts[0]
+            y = torch.ops.flashmoe.packed_linear_stack(x.reshape(-1, self.shape[1]), [p.data for p in self.parts],
+                                                       p0.fmt, [p.shape[0] for p in self.parts], self.shape[1],
+                                                       p0.backend.name).view(*lead, self.shape[0])
+        else:
+            y = torch.cat([F.linear(x, p) if isinstance(p, torch.Tensor) else p.linear(x) for p in self.parts], dim=-1)
         return y if bias is None else y + bias
 
 

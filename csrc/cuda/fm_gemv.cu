@@ -1,0 +1,425 @@
+// The decode GEMV for dense matrices (fmc_gemv in fm_cuda.h): y[t] = W x[t] for T = 1..4 tokens,
+// W one q8/q4 part or up to FMC_GEMV_MAX_PARTS parts stacked along the rows (q, k and v in one
+// launch, each part where it lies: nothing is copied).
+//
+// The arithmetic is fmc_linear's (fm_kernels.cu's header): x as 16-bit fixed point per group of
+// 64 in shared memory, exact int32 dp2a dot products per 16-byte chunk of weights, fp32 sums
+// over chunks; the chunk layout of x (q8 natural order, q4 [0,2,4,6,1,3,5,7] per 8) is the same.
+// What differs is how the weights stream:
+//   - a block is `warps` warps; warp w takes the row pair  blockIdx * (warps / S) + w / S  and
+//     K-slice w % S of it (split-K over S warps of one block, partial sums added in slice order
+//     through shared memory: deterministic);
+//   - each lane holds U 16-byte chunks of both rows (plus their scales/biases) in registers,
+//     issued together, read past L1 (ld.global.nc.L1::no_allocate): 2*U loads in flight per lane;
+//   - the first batch is issued before the block builds x's image (and before the programmatic-
+//     dependent-launch wait), so the prologue hides under the weight loads;
+//   - many small blocks (no persistent loop). Each block's fixed cost (~1.3-2.4 us on the H200,
+//     inferred from timings at constant bytes) makes this lose to fmc_linear's persistent grid on
+//     large matrices; CudaBackend runs it where it measured faster (see cuda_backend.py).
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "fm_cuda.h"
+
+namespace {
+
+constexpr unsigned FULL = 0xffffffffu;
+constexpr int U = 4;          // chunks per lane per row per batch
+constexpr int MAXW = 8;       // most warps per block
+constexpr int NP = FMC_GEMV_MAX_PARTS;
+
+template <int F> struct G;    // F 0: q8, 1: q4 (elements per chunk, chunks per group, x pieces per chunk)
+template <> struct G<0> { static constexpr int EPC = 16, CPG = 4, P = 2, BIAS = 0; };
+template <> struct G<1> { static constexpr int EPC = 32, CPG = 2, P = 4, BIAS = 1; };
+
+struct GemvParams {
+    const uint8_t *q[NP];
+    const unsigned short *s[NP], *b[NP];   // fp16 scales / biases per (row, group of 64)
+    int pair_end[NP];                      // cumulative row pairs (pairs never straddle parts)
+    int rows[NP], col0[NP];                // each part's rows and its first output column
+    int nparts, N, K, T, split, pairs_per_block, total_pairs, pdl;
+    const void *x;
+    int x_dtype, y_dtype;
+    void *y;
+};
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+__device__ __forceinline__ uint4 ld_stream(const void *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float ld_half(const unsigned short *p) { return __half2float(__ushort_as_half(__ldg(p))); }
+
+__device__ __forceinline__ unsigned pack16(int a, int b) { return (unsigned)(a & 0xFFFF) | ((unsigned)b << 16); }
+__device__ __forceinline__ int clamp16(int v) { return v > 32767 ? 32767 : (v < -32767 ? -32767 : v); }
+
+// One lane's 8 consecutive x values (t, 8*e8 ..) into the x image: piece (e8 % TPC) of chunk
+// e8 / TPC, and the chunk's {xs, sum(x)} from the first lane of the chunk. The whole warp runs
+// this (shuffles over the 8 lanes of a group of 64); `valid` guards the stores.
+template <int F>
+__device__ __forceinline__ void prep8(bool valid, int t, int e8, const float (&v)[8], int nch, int4 *img,
+                                      float2 *meta, int lane) {
+    constexpr int P = G<F>::P, TPC = G<F>::EPC / 8;
+    float m = 0.f, sum = 0.f;
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        m = fmaxf(m, fabsf(v[i]));
+        sum += v[i];
+        bad |= !isfinite(v[i]);
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+#pragma unroll
+    for (int o = 1; o < TPC; o <<= 1) sum += __shfl_xor_sync(FULL, sum, o);
+    const unsigned ballot = __ballot_sync(FULL, bad);
+    float xs = m * (1.f / 32767.f);
+    const float inv = m > 0.f ? __fdividef(32767.f, m) : 0.f;
+    if ((ballot >> (lane & ~7)) & 0xFFu) xs = __int_as_float(0x7fc00000);  // NaN/inf in x -> NaN out
+    if (!valid) return;
+    int z[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) z[i] = clamp16(__float2int_rn(v[i] * inv));
+    const int c = e8 / TPC, sub = e8 - c * TPC;
+    int4 *dst = img + (size_t)t * P * nch + (size_t)sub * nch + c;
+    if (F == 0)
+        *dst = make_int4(pack16(z[0], z[1]), pack16(z[2], z[3]), pack16(z[4], z[5]), pack16(z[6], z[7]));
+    else
+        *dst = make_int4(pack16(z[0], z[2]), pack16(z[4], z[6]), pack16(z[1], z[3]), pack16(z[5], z[7]));
+    if (sub == 0) meta[(size_t)t * nch + c] = make_float2(xs, sum);
+}
+
+template <int F> __device__ __forceinline__ void unpack(const uint4 &w, int (&V)[2 * G<F>::P]);
+template <> __device__ __forceinline__ void unpack<0>(const uint4 &w, int (&V)[4]) {
+    V[0] = (int)w.x; V[1] = (int)w.y; V[2] = (int)w.z; V[3] = (int)w.w;
+}
+template <> __device__ __forceinline__ void unpack<1>(const uint4 &w, int (&V)[8]) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        V[2 * j] = (int)(ws[j] & 0x0F0F0F0Fu);
+        V[2 * j + 1] = (int)((ws[j] >> 4) & 0x0F0F0F0Fu);
+    }
+}
+
+template <int F, int NT>
+__global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) {
+    using FM = G<F>;
+    constexpr int P = FM::P;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int K = p.K, nch = K / FM::EPC, ngroups = K >> 6;
+    int4 *img = (int4 *)smem;                                  // NT images of P * nch pieces
+    float2 *meta = (float2 *)(img + (size_t)NT * P * nch);     // NT x nch {xs, chunk sum}
+    float *red = (float *)(meta + (size_t)NT * nch);           // warps x 2 x NT partial sums
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (p.pdl) pdl_trigger();
+
+    // This warp's row pair (r0, r1 = r0 + 1 unless the part has an odd row count) and K slice.
+    const int S = p.split;
+    const int pair = blockIdx.x * p.pairs_per_block + warp / S, sl = warp - (warp / S) * S;
+    const bool active = pair < p.total_pairs;
+    int part = 0;
+    if (active)
+        while (part + 1 < p.nparts && pair >= p.pair_end[part]) ++part;
+    const int r0 = active ? 2 * (pair - (part ? p.pair_end[part - 1] : 0)) : 0;
+    const bool two = active && r0 + 1 < p.rows[part];
+    const int r1 = two ? r0 + 1 : r0;
+    const int cs = (nch + S - 1) / S, c_end = min(nch, (sl + 1) * cs);
+    int cb = sl * cs;
+    const uint8_t *q0 = p.q[part] + (size_t)r0 * nch * 16, *q1 = p.q[part] + (size_t)r1 * nch * 16;
+    const unsigned short *s0 = p.s[part] + (size_t)r0 * ngroups, *s1 = p.s[part] + (size_t)r1 * ngroups;
+    const unsigned short *b0 = FM::BIAS ? p.b[part] + (size_t)r0 * ngroups : nullptr;
+    const unsigned short *b1 = FM::BIAS ? p.b[part] + (size_t)r1 * ngroups : nullptr;
+
+    uint4 w0[U], w1[U];
+    float sc0[U], sc1[U], bi0[U], bi1[U];
+    auto load = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + 32 * u + lane;
+            if (c < c_end) {
+                w0[u] = ld_stream(q0 + (size_t)c * 16);
+                w1[u] = ld_stream(q1 + (size_t)c * 16);
+                const int g = c / FM::CPG;
+                sc0[u] = ld_half(s0 + g);
+                sc1[u] = ld_half(s1 + g);
+                if (FM::BIAS) {
+                    bi0[u] = ld_half(b0 + g);
+                    bi1[u] = ld_half(b1 + g);
+                }
+            }
+        }
+    };
+    const bool work = active && cb < c_end;
+    if (work) load(cb);  // weights never depend on the previous kernel: stream them first
+    if (p.pdl) pdl_wait();
+
+    // x's image (every token's), built by the whole block while the first batch is in flight.
+    {
+        const int per = K >> 3, total = NT * per;
+        for (int base = warp * 32; base < total; base += nw * 32) {  // warp-uniform
+            const int task = base + lane;
+            const bool valid = task < total;
+            const int t = valid ? task / per : 0, e8 = valid ? task - t * per : 0;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = 0.f;
+            if (valid) {
+                const uint4 u4 = __ldg((const uint4 *)((const uint16_t *)p.x + (size_t)t * K + 8 * (size_t)e8));
+                const unsigned wv[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    if (p.x_dtype == FMC_BF16) {
+                        v[2 * i] = __uint_as_float(wv[i] << 16);
+                        v[2 * i + 1] = __uint_as_float(wv[i] & 0xFFFF0000u);
+                    } else {
+                        v[2 * i] = __half2float(__ushort_as_half((unsigned short)(wv[i] & 0xFFFFu)));
+                        v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(wv[i] >> 16)));
+                    }
+                }
+            }
+            prep8<F>(valid, t, e8, v, nch, img, meta, lane);
+        }
+    }
+    __syncthreads();
+
+    float acc[2][NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
+    if (work) {
+        for (;;) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = cb + 32 * u + lane;
+                if (c < c_end) {
+                    int V0[2 * P], V1[2 * P];
+                    unpack<F>(w0[u], V0);
+                    unpack<F>(w1[u], V1);
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        const int4 *xp = img + (size_t)t * P * nch + c;
+                        int d0 = 0, d1 = 0;
+#pragma unroll
+                        for (int m = 0; m < P; ++m) {
+                            const int4 a = xp[m * nch];
+                            d0 = __dp2a_lo(a.x, V0[2 * m], d0);
+                            d0 = __dp2a_hi(a.y, V0[2 * m], d0);
+                            d0 = __dp2a_lo(a.z, V0[2 * m + 1], d0);
+                            d0 = __dp2a_hi(a.w, V0[2 * m + 1], d0);
+                            d1 = __dp2a_lo(a.x, V1[2 * m], d1);
+                            d1 = __dp2a_hi(a.y, V1[2 * m], d1);
+                            d1 = __dp2a_lo(a.z, V1[2 * m + 1], d1);
+                            d1 = __dp2a_hi(a.w, V1[2 * m + 1], d1);
+                        }
+                        const float2 mt = meta[(size_t)t * nch + c];
+                        acc[0][t] = fmaf(sc0[u], mt.x * (float)d0, acc[0][t]);
+                        acc[1][t] = fmaf(sc1[u], mt.x * (float)d1, acc[1][t]);
+                        if (FM::BIAS) {
+                            acc[0][t] = fmaf(bi0[u], mt.y, acc[0][t]);
+                            acc[1][t] = fmaf(bi1[u], mt.y, acc[1][t]);
+                        }
+                    }
+                }
+            }
+            cb += 32 * U;
+            if (cb >= c_end) break;
+            load(cb);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+
+    if (S > 1) {  // the slices' partial sums, added in slice order by the pair's first warp
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int t = 0; t < NT; ++t) red[(warp * 2 + r) * NT + t] = acc[r][t];
+        __syncthreads();
+        if (sl != 0) return;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                float v = red[(warp * 2 + r) * NT + t];
+                for (int j = 1; j < S; ++j) v += red[((warp + j) * 2 + r) * NT + t];
+                acc[r][t] = v;
+            }
+    }
+    if (!active || lane >= NT) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        if (t != lane) continue;
+        const size_t o = (size_t)t * p.N + p.col0[part] + r0;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (r == 1 && !two) break;
+            const float v = acc[r][t];
+            if (p.y_dtype == FMC_F32) ((float *)p.y)[o + r] = v;
+            else if (p.y_dtype == FMC_BF16) ((__nv_bfloat16 *)p.y)[o + r] = __float2bfloat16(v);
+            else ((__half *)p.y)[o + r] = __float2half(v);
+        }
+    }
+}
+
+typedef void (*GemvFn)(const GemvParams);
+const GemvFn kGemv[2][4] = {
+    {gemv_kernel<0, 1>, gemv_kernel<0, 2>, gemv_kernel<0, 3>, gemv_kernel<0, 4>},
+    {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 3>, gemv_kernel<1, 4>},
+};
+
+constexpr int MAX_DEV = 64;
+struct GemvDev {
+    int init, sms, smem_optin, cc_major;
+    int smem_set[2][4];  // dynamic shared memory limit raised so far, per kernel
+};
+GemvDev g_gdev[MAX_DEV];
+// FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid.
+int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0};
+
+int gemv_device(int device, GemvDev **info) {
+    cudaError_t err;
+    if (device < 0) {
+        if ((err = cudaGetDevice(&device)) != cudaSuccess) return (int)err;
+    } else {
+        int cur = -1;
+        if ((err = cudaGetDevice(&cur)) != cudaSuccess) return (int)err;
+        if (cur != device && (err = cudaSetDevice(device)) != cudaSuccess) return (int)err;
+    }
+    if (device >= MAX_DEV) return FMC_EINVAL;
+    GemvDev *d = &g_gdev[device];
+    if (!d->init) {
+        if ((err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)err;
+        if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
+            return (int)err;
+        if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
+            return (int)err;
+        d->init = 1;
+    }
+    *info = d;
+    return FMC_OK;
+}
+
+// The split S (warps per row pair) and warps per block W = 8. Measured on the H200
+// (benchmarks/results/h200-g9-dense-gemv.json): every block pays ~2 us of prologue (x's image)
+// that only other blocks' streams hide, so time grows with the block count (q8 4096x4096 at one
+// token: 7.0 / 8.2 / 11.7 / 21.2 us at S = 1 / 2 / 4 / 8). At one token S stays 1 unless the
+// grid would leave SMs without a block (k/v 1024x4096: 64 blocks; S = 2 took q8 from 5.1 to
+// 2.9 us); at 2..4 tokens S is the smallest giving 4 blocks per SM (q/k/v stacked at 4 tokens:
+// 26 us at S = 2, three fmc_linear launches + cat 38 us). Each slice keeps >= 64 chunks.
+void gemv_shape(int64_t pairs, int nch, int sms, int T, int *split, int *warps) {
+    int W = g_gtune[FMC_GEMV_TUNE_WARPS] > 0 ? (int)g_gtune[FMC_GEMV_TUNE_WARPS] : 8;
+    int S = (int)g_gtune[FMC_GEMV_TUNE_SPLIT];
+    if (S <= 0) {
+        const int64_t want = T == 1 ? (9LL * sms + 9) / 10 : 4LL * sms;
+        S = 1;
+        while (S < W && S < 8 && (pairs * S + W - 1) / W < want && nch / (2 * S) >= 64) S *= 2;
+    }
+    *split = S;
+    *warps = W;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t fmc_gemv_tune(int key, int64_t value) {
+    if (key < 0 || key >= FMC_GEMV_TUNE_NKEYS) return -1;
+    const int64_t old = g_gtune[key];
+    if (value >= 0 && key <= FMC_GEMV_TUNE_PDL) g_gtune[key] = value;
+    return old;
+}
+
+int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
+             int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream) {
+    const int f = fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : -1);
+    if (f < 0 || nparts < 1 || nparts > NP || !parts || !rows || !x || !y || T < 1 || T > 4) return FMC_EINVAL;
+    if (K < 64 || K % 64 || K > (1 << 20)) return FMC_EINVAL;
+    if (x_dtype != FMC_BF16 && x_dtype != FMC_F16) return FMC_EINVAL;
+    if (y_dtype != FMC_F32 && y_dtype != FMC_BF16 && y_dtype != FMC_F16) return FMC_EINVAL;
+    if ((uintptr_t)x % 16 || (uintptr_t)y % 4) return FMC_EALIGN;
+    GemvParams p = {};
+    int64_t pairs = 0, n = 0;
+    for (int i = 0; i < nparts; ++i) {
+        int64_t off[3], nb;
+        if (!parts[i] || rows[i] < 1 || fmc_part_sections(fmt, rows[i], K, off, &nb)) return FMC_EINVAL;
+        if ((uintptr_t)parts[i] % 16) return FMC_EALIGN;
+        const uint8_t *b = (const uint8_t *)parts[i];
+        p.q[i] = b + off[0];
+        p.s[i] = (const unsigned short *)(b + off[1]);
+        p.b[i] = f ? (const unsigned short *)(b + off[2]) : nullptr;
+        p.rows[i] = (int)rows[i];
+        p.col0[i] = (int)n;
+        n += rows[i];
+        pairs += (rows[i] + 1) / 2;
+        p.pair_end[i] = (int)pairs;
+    }
+    if (n > (1 << 30)) return FMC_EINVAL;
+    GemvDev *d;
+    int rc = gemv_device(device, &d);
+    if (rc) return rc;
+    const int nch = (int)(K / (f ? 32 : 16)), P = f ? 4 : 2;
+    int S, W;
+    gemv_shape(pairs, nch, d->sms, (int)T, &S, &W);
+    if (W < 1 || W > MAXW || S < 1 || W % S) return FMC_EINVAL;
+    const size_t smem = (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)W * 2 * T * 4;
+    if (smem > (size_t)d->smem_optin) return FMC_ESMEM;
+    GemvFn fn = kGemv[f][T - 1];
+    cudaError_t err;
+    if ((int)smem > 48 * 1024 && (int)smem > d->smem_set[f][T - 1]) {
+        if ((err = cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) !=
+            cudaSuccess)
+            return (int)err;
+        d->smem_set[f][T - 1] = (int)smem;
+    }
+    p.nparts = nparts;
+    p.N = (int)n;
+    p.K = (int)K;
+    p.T = (int)T;
+    p.split = S;
+    p.pairs_per_block = W / S;
+    p.total_pairs = (int)pairs;
+    p.x = x;
+    p.x_dtype = x_dtype;
+    p.y = y;
+    p.y_dtype = y_dtype;
+    const int64_t grid = (pairs + p.pairs_per_block - 1) / p.pairs_per_block;
+    g_gtune[FMC_GEMV_TUNE_LAST_SPLIT] = S;
+    g_gtune[FMC_GEMV_TUNE_LAST_WARPS] = W;
+    g_gtune[FMC_GEMV_TUNE_LAST_GRID] = grid;
+    p.pdl = g_gtune[FMC_GEMV_TUNE_PDL] && d->cc_major >= 9;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid);
+    cfg.blockDim = dim3(W * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = (cudaStream_t)stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = p.pdl ? 1 : 0;
+    err = cudaLaunchKernelEx(&cfg, fn, (const GemvParams)p);
+    return err == cudaSuccess ? FMC_OK : (int)err;
+}
+
+}  // extern "C"
