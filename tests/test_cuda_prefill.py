@@ -6,7 +6,8 @@
 - on a GPU: the grouped tensor-core GEMM (csrc/cuda/fm_prefill.cu) against float64 math on the
   dequantized weights, and against dequantize + cuBLAS, for q4 and q8, with the SwiGLU in its
   epilogue and without (an intermediate size not a multiple of 128), partial row tiles (N not a
-  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert, each kernel variant.
+  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert, each kernel variant
+  (the q4 variants that multiply the integer codes give the same bits however they schedule it).
 Tolerance 8e-3 relative (bf16 activations, weights rounded to bf16, the SwiGLU's product rounded
 to bf16 as torch's reference does), as the other CUDA kernels' bf16 tests.
 """
@@ -73,7 +74,7 @@ def test_permute8_order():
     assert permute8(x)[1].tolist() == [16, 20, 17, 21, 18, 22, 19, 23, 24, 28, 25, 29, 26, 30, 27, 31]
 
 
-@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "dequant"), ("q8", "auto")])
+@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "dequant"), ("q4", "chain"), ("q4", "ilp6"), ("q8", "auto")])
 @pytest.mark.parametrize("H,I,counts", [
     (256, 384, [1, 64, 65, 130]),   # SwiGLU fused in the first launch's epilogue
     (320, 192, [63, 0, 13, 64]),    # no fusion (192 % 128), a partial 256-row tile (320), an empty expert
@@ -101,6 +102,25 @@ def test_grouped_gemm_matches_reference(fmt, variant, H, I, counts, monkeypatch)
             cublas = be.dequant_ffn(x[at:at + c].cuda(), drec, layout)
             assert rel_err(got, cublas.double()) <= 8e-3, f"{fmt} count {c} vs dequantize + cuBLAS"
         at += c
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_q4_variants_are_bit_identical(monkeypatch):
+    """chain, ilp and ilp6 schedule the same fp32 operations in the same order per sum: the
+    same bits (a partial last token tile, SwiGLU fused and not)."""
+    pc = _kernel()
+    gen = torch.Generator().manual_seed(17)
+    for H, I, counts in ((256, 384, [70, 1, 130]), (320, 192, [9, 64, 0])):
+        layout = RecordLayout.build("q4", H, I)
+        recs = [rand_record(layout, gen).cuda() for _ in counts]
+        x = torch.randn(sum(counts), H, generator=gen).bfloat16().cuda()
+        outs = {}
+        for v in ("chain", "ilp", "ilp6", "auto"):
+            monkeypatch.setattr(pc, "variant", v)
+            outs[v] = pc.grouped_ffn(x, recs, counts, layout)
+        for v in ("ilp", "ilp6", "auto"):
+            assert torch.equal(outs[v], outs["chain"]), (v, H, I)
 
 
 @pytest.mark.cuda
@@ -163,3 +183,24 @@ def test_engine_prefill_on_gpu(oracles, monkeypatch):
     assert rel_err(out, ref.double()) <= 3e-2
     assert rel_err(per_expert, ref.double()) <= 3e-2
     assert rel_err(out, per_expert.double()) <= 3e-2
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_prompt_attention_causal_and_masked_agree(oracles):
+    """A GPU prompt from position 0 runs SDPA with is_causal and no mask (flash attention, GQA
+    included); a later chunk keeps the explicit mask. The same prompt whole and in two chunks
+    gives the same logits within bf16's rounding, and the whole one those of the CPU engine."""
+    store = oracles("mixtral").store("q4")
+    ids = list(range(3, 3 + 96))
+    cpu = Engine(store, prefetch="off")
+    ref = cpu.forward(ids)
+    cpu.close()
+    eng = Engine(store, device="cuda", prefetch="off")
+    assert eng.config.num_heads != eng.config.num_kv_heads  # the GQA case that had no flash path
+    whole = eng.forward(ids)
+    eng.reset()
+    chunked = torch.cat([eng.forward(ids[:40]), eng.forward(ids[40:])])
+    eng.close()
+    assert rel_err(whole, ref.double()) <= 3e-2
+    assert rel_err(chunked, whole.double()) <= 3e-2
