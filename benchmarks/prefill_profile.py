@@ -17,8 +17,8 @@ CudaBackend.fused_max_tokens tokens):
   - the timed prefills again after the profiler ran (tok_s_after_profiler_median): Kineto leaves
     CUPTI attached, which slows later launches (pytorch/pytorch#144455).
 With --kernels: the grouped kernel against dequantize + cuBLAS on Mixtral-8x7B's expert shape
-(4096 -> 14336), 8 experts of T tokens each, T = 16..512, q4 (each variant: chain, ilp, ilp6,
-dequant) and q8: microseconds per expert.
+(4096 -> 14336), 8 experts of T tokens each, T = 16..512, q4 (each variant) and q8: microseconds
+per expert.
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def kernel_rows(H=4096, I=14336, E=8, Ts=(16, 64, 128, 256, 512), reps=5) -> lis
     from flashmoe_plugin.kernels.cuda_backend import CudaBackend
     from flashmoe_plugin.store.layout import RecordLayout
     be, rows = CudaBackend(), []
-    for fmt, variants in (("q4", ("chain", "ilp", "ilp6", "dequant")), ("q8", ("auto",))):
+    for fmt, variants in (("q4", ("auto", "dequant")), ("q8", ("auto",))):
         layout = RecordLayout.build(fmt, H, I)
         recs = []
         for _ in range(E):

@@ -27,11 +27,10 @@ cdef extern from "fm_prefill.h" nogil:
     int fmp_device_count()
 
 FORMATS = {"q8": 3, "q4": 4}
-VARIANTS = {"auto": 0, "dequant": 1, "chain": 2, "ilp": 3, "ilp6": 4}
-"""fm_prefill.h's fmp_variant. auto: q4's fastest ("ilp"), q8 dequantizes; dequant: every weight
-dequantized to bf16 in registers (q4 too; for comparisons); chain, ilp, ilp6: q4 multiplies its
-integer codes and scales the sums (x's every 8 elements in the order 0,4,1,5,2,6,3,7, the SwiGLU
-output written so), bit-identical to each other, differing in how the mma are scheduled."""
+VARIANTS = {"auto": 0, "dequant": 1}
+"""auto: q4 multiplies its integer codes and scales the sums (x's every 8 elements in the order
+0,4,1,5,2,6,3,7, the SwiGLU output written so), q8 dequantizes; dequant: every weight dequantized
+to bf16 in registers (q4 too; for comparisons)."""
 TILE_ROWS = 256
 """Weight rows per block; with swiglu the intermediate size must be a multiple of half of it."""
 

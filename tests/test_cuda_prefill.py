@@ -6,8 +6,9 @@
 - on a GPU: the grouped tensor-core GEMM (csrc/cuda/fm_prefill.cu) against float64 math on the
   dequantized weights, and against dequantize + cuBLAS, for q4 and q8, with the SwiGLU in its
   epilogue and without (an intermediate size not a multiple of 128), partial row tiles (N not a
-  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert, each kernel variant
-  (the q4 variants that multiply the integer codes give the same bits however they schedule it).
+  multiple of 256), token counts of 0, 1, 63, 64, 65 and 130 per expert, each kernel variant;
+- on a GPU: a prompt from position 0 (attention with is_causal) and one in two chunks (the
+  second with an explicit mask) give the same logits within bf16's rounding.
 Tolerance 8e-3 relative (bf16 activations, weights rounded to bf16, the SwiGLU's product rounded
 to bf16 as torch's reference does), as the other CUDA kernels' bf16 tests.
 """
@@ -74,7 +75,7 @@ def test_permute8_order():
     assert permute8(x)[1].tolist() == [16, 20, 17, 21, 18, 22, 19, 23, 24, 28, 25, 29, 26, 30, 27, 31]
 
 
-@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "dequant"), ("q4", "chain"), ("q4", "ilp6"), ("q8", "auto")])
+@pytest.mark.parametrize("fmt,variant", [("q4", "auto"), ("q4", "dequant"), ("q8", "auto")])
 @pytest.mark.parametrize("H,I,counts", [
     (256, 384, [1, 64, 65, 130]),   # SwiGLU fused in the first launch's epilogue
     (320, 192, [63, 0, 13, 64]),    # no fusion (192 % 128), a partial 256-row tile (320), an empty expert
@@ -102,25 +103,6 @@ def test_grouped_gemm_matches_reference(fmt, variant, H, I, counts, monkeypatch)
             cublas = be.dequant_ffn(x[at:at + c].cuda(), drec, layout)
             assert rel_err(got, cublas.double()) <= 8e-3, f"{fmt} count {c} vs dequantize + cuBLAS"
         at += c
-
-
-@pytest.mark.cuda
-@needs_gpu
-def test_q4_variants_are_bit_identical(monkeypatch):
-    """chain, ilp and ilp6 schedule the same fp32 operations in the same order per sum: the
-    same bits (a partial last token tile, SwiGLU fused and not)."""
-    pc = _kernel()
-    gen = torch.Generator().manual_seed(17)
-    for H, I, counts in ((256, 384, [70, 1, 130]), (320, 192, [9, 64, 0])):
-        layout = RecordLayout.build("q4", H, I)
-        recs = [rand_record(layout, gen).cuda() for _ in counts]
-        x = torch.randn(sum(counts), H, generator=gen).bfloat16().cuda()
-        outs = {}
-        for v in ("chain", "ilp", "ilp6", "auto"):
-            monkeypatch.setattr(pc, "variant", v)
-            outs[v] = pc.grouped_ffn(x, recs, counts, layout)
-        for v in ("ilp", "ilp6", "auto"):
-            assert torch.equal(outs[v], outs["chain"]), (v, H, I)
 
 
 @pytest.mark.cuda

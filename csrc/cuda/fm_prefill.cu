@@ -21,16 +21,10 @@
 
 namespace {
 
-constexpr int BM = 256, BN = 64, BK = 64, THREADS = 256;
+constexpr int BM = 256, BN = 64, BK = 64, STAGES = 4, THREADS = 256;
 constexpr int SO = BM + 8;  // epilogue row stride (bf16 elements): 528 bytes, 16-byte aligned
 
-// How the weights meet the tensor cores (fm_prefill.h's variants): each weight dequantized to
-// bf16; q4's integer codes with the group's sums scaled after each step, one group's 4 mma of a
-// tile in a chain ("chain"); or all 16 tiles' sums of a group kept apart, so 16 independent mma
-// run back to back ("ilp": 64 more registers, fewer stalls on the mma's latency).
-enum Mode { DEQ = 0, CHAIN = 1, ILP = 2 };
-
-template <int F, int STAGES> struct Q {
+template <int F> struct Q {
     static constexpr int ROW = F == FMP_Q4 ? 32 : 64;  // packed bytes per row per step
     static constexpr int A_BYTES = BM * ROW;
     static constexpr int X_BYTES = BN * BK * 2;
@@ -87,10 +81,9 @@ template <int F> __device__ __forceinline__ unsigned pair(unsigned bits, float s
 
 // One block per SM (~165 registers): capped at 128 for two blocks per SM, the q4 kernel spilled
 // and ran 1.0-1.4x slower on the H200 (h200-p9-kernels.json, variant "auto" then).
-template <int F, bool SWIGLU, int MODE, int STAGES>
+template <int F, bool SWIGLU, bool INTA>
 __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
-    constexpr bool INTA = MODE != DEQ;
-    using QF = Q<F, STAGES>;
+    using QF = Q<F>;
     extern __shared__ __align__(16) uint8_t smem[];
     const int e = blockIdx.z;
     const int off = p.offsets[e], cnt = p.offsets[e + 1] - off;
@@ -257,47 +250,6 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
                         af[m][s][2 + h] = ((w >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
                     }
             const float *xs = sxs + (kt & 1) * BN;
-            if constexpr (MODE == ILP) {
-                // the same sums in the same order as the chain below (bit-identical results), but
-                // step-major: 16 independent mma per k16 step instead of chains of 4
-                float tmp[2][8][4];
-#pragma unroll
-                for (int m = 0; m < 2; ++m)
-#pragma unroll
-                    for (int n = 0; n < 8; ++n)
-#pragma unroll
-                        for (int v = 0; v < 4; ++v) tmp[m][n][v] = 0.f;
-#pragma unroll
-                for (int sp2 = 0; sp2 < 2; ++sp2) {
-                    uint4 braw[8];
-#pragma unroll
-                    for (int n = 0; n < 8; ++n)
-                        if (n * 8 < ntok) braw[n] = *(const uint4 *)(sx + (n * 8 + g) * 128 + (((2 * t + sp2) ^ g) << 4));
-#pragma unroll
-                    for (int ss = 0; ss < 2; ++ss)
-#pragma unroll
-                        for (int n = 0; n < 8; ++n) {
-                            if (n * 8 >= ntok) break;
-                            const unsigned b0 = ss ? braw[n].z : braw[n].x, b1 = ss ? braw[n].w : braw[n].y;
-#pragma unroll
-                            for (int m = 0; m < 2; ++m) mma(tmp[m][n], af[m][2 * sp2 + ss], b0, b1);
-                        }
-                }
-#pragma unroll
-                for (int n = 0; n < 8; ++n) {
-                    if (n * 8 >= ntok) break;
-                    const float2 xv = *(const float2 *)(xs + n * 8 + 2 * t);
-#pragma unroll
-                    for (int m = 0; m < 2; ++m) {
-                        float *c = acc[m][n];
-                        const float *d = tmp[m][n];
-                        c[0] = fmaf(sc[2 * m], d[0], fmaf(bi[2 * m], xv.x, c[0]));
-                        c[1] = fmaf(sc[2 * m], d[1], fmaf(bi[2 * m], xv.y, c[1]));
-                        c[2] = fmaf(sc[2 * m + 1], d[2], fmaf(bi[2 * m + 1], xv.x, c[2]));
-                        c[3] = fmaf(sc[2 * m + 1], d[3], fmaf(bi[2 * m + 1], xv.y, c[3]));
-                    }
-                }
-            } else
 #pragma unroll
             for (int n = 0; n < 8; ++n) {
                 if (n * 8 >= ntok) break;
@@ -411,11 +363,10 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_kernel(const Params p) {
 
 typedef void (*Kern)(const Params);
 
-template <int F, bool SW, int MODE, int STAGES>
+template <int F, bool SW, bool IA>
 int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t st) {
-    Kern k = grouped_kernel<F, SW, MODE, STAGES>;
-    constexpr int qs = Q<F, STAGES>::SMEM;
-    const int smem = qs > BN * SO * 2 ? qs : BN * SO * 2;
+    Kern k = grouped_kernel<F, SW, IA>;
+    const int smem = Q<F>::SMEM > BN * SO * 2 ? Q<F>::SMEM : BN * SO * 2;
     int optin = 0;
     cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (err != cudaSuccess) return (int)err;
@@ -434,7 +385,7 @@ int launch(const Params &p, int64_t max_count, int E, int device, cudaStream_t s
 extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off, int64_t s_off, int64_t b_off,
                                 int64_t N, int64_t K, int swiglu, int variant, const int32_t *offsets, int E,
                                 int64_t max_count, const void *x, void *y, int device, void *stream) {
-    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || variant < FMP_AUTO || variant > FMP_ILP6 || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
+    if ((fmt != FMP_Q4 && fmt != FMP_Q8) || (variant != FMP_AUTO && variant != FMP_DEQUANT) || !parts || !offsets || !x || !y || E <= 0 || N <= 0 || K <= 0)
         return -1;
     if (K % 64 || N % 64 || (swiglu && (N / 2) % (BM / 2)) || ((uintptr_t)x | (uintptr_t)y) % 16) return -1;
     if (((part_off | s_off | b_off) % 16) || N > (1 << 30) || K > (1 << 30)) return -1;
@@ -445,21 +396,14 @@ extern "C" int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off
     if (err != cudaSuccess) return (int)err;
     Params p{parts, part_off, s_off, b_off, N, K, offsets, (const __nv_bfloat16 *)x, (__nv_bfloat16 *)y};
     cudaStream_t st = (cudaStream_t)stream;
-    if (fmt == FMP_Q4 && variant == FMP_AUTO) variant = FMP_ILP;  // measured: see fm_prefill.h
-    if (fmt == FMP_Q4 && variant == FMP_ILP)
-        return swiglu ? launch<FMP_Q4, true, ILP, 4>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, ILP, 4>(p, max_count, E, device, st);
-    if (fmt == FMP_Q4 && variant == FMP_ILP6)
-        return swiglu ? launch<FMP_Q4, true, ILP, 6>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, ILP, 6>(p, max_count, E, device, st);
-    if (fmt == FMP_Q4 && variant == FMP_CHAIN)
-        return swiglu ? launch<FMP_Q4, true, CHAIN, 4>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, CHAIN, 4>(p, max_count, E, device, st);
+    if (fmt == FMP_Q4 && variant == FMP_AUTO)
+        return swiglu ? launch<FMP_Q4, true, true>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, true>(p, max_count, E, device, st);
     if (fmt == FMP_Q4)
-        return swiglu ? launch<FMP_Q4, true, DEQ, 4>(p, max_count, E, device, st)
-                      : launch<FMP_Q4, false, DEQ, 4>(p, max_count, E, device, st);
-    return swiglu ? launch<FMP_Q8, true, DEQ, 4>(p, max_count, E, device, st)
-                  : launch<FMP_Q8, false, DEQ, 4>(p, max_count, E, device, st);
+        return swiglu ? launch<FMP_Q4, true, false>(p, max_count, E, device, st)
+                      : launch<FMP_Q4, false, false>(p, max_count, E, device, st);
+    return swiglu ? launch<FMP_Q8, true, false>(p, max_count, E, device, st)
+                  : launch<FMP_Q8, false, false>(p, max_count, E, device, st);
 }
 
 extern "C" int fmp_device_count(void) {

@@ -15,20 +15,14 @@ extern "C" {
 
 enum fmp_format { FMP_Q8 = 3, FMP_Q4 = 4 };  /* as fm_cuda.h's FMC_Q8/FMC_Q4 */
 /* How the weights reach the tensor cores:
- *   FMP_AUTO     q4: FMP_ILP (the fastest on the H200: benchmarks/README.md, issue 9); q8: as
- *                FMP_DEQUANT
- *   FMP_DEQUANT  each weight dequantized in fp32 (q s + b, one rounding), rounded to bf16
- *                (measured 1.2x slower for q4 on the H200; kept for comparisons)
- *   FMP_CHAIN    q4: the integer codes themselves (bf16 128 + q, made from the nibbles by bit
+ *   FMP_AUTO     q4: the integer codes themselves (bf16 128 + q, made from the nibbles by bit
  *                operations), the group's scale and bias applied to the fp32 sums after each
  *                64-wide step (w.x = s (128+q).x + (b - 128 s) sum(x)); x is then expected with
  *                each 8 elements in the order 0,4,1,5,2,6,3,7 (and the SwiGLU output is written
- *                so); a tile's 4 mma of a step in one dependent chain
- *   FMP_ILP      q4: FMP_CHAIN's arithmetic in the same order (bit-identical results), the sums
- *                of all 16 tiles of a warp kept apart, so its mma run without waiting on each
- *                other; FMP_ILP6 the same with a 6-stage copy ring (4 otherwise)
- * The q4 variants other than FMP_DEQUANT take x permuted as FMP_CHAIN says. */
-enum fmp_variant { FMP_AUTO = 0, FMP_DEQUANT = 1, FMP_CHAIN = 2, FMP_ILP = 3, FMP_ILP6 = 4 };
+ *                so); q8: as FMP_DEQUANT
+ *   FMP_DEQUANT  each weight dequantized in fp32 (q s + b, one rounding), rounded to bf16
+ *                (measured 1.2x slower for q4 on the H200; kept for comparisons) */
+enum fmp_variant { FMP_AUTO = 0, FMP_DEQUANT = 1 };
 
 /* y = x @ W_e.T per expert e < E, all of them in one launch:
  *   parts: device array of E uint64 addresses; W_e = the part at parts[e] + part_off (format fmt,
@@ -39,7 +33,7 @@ enum fmp_variant { FMP_AUTO = 0, FMP_DEQUANT = 1, FMP_CHAIN = 2, FMP_ILP = 3, FM
  *      (swiglu = 1: W holds gate rows then up rows, y = silu(x W_gate.T) * (x W_up.T), each
  *      product rounded to bf16 first, as the torch reference computes it);
  *   max_count: the largest offsets[e+1] - offsets[e] (sizes the grid; larger counts are cut);
- *   variant: fmp_variant (for q4 but FMP_DEQUANT, x's element order is permuted as said there).
+ *   variant: fmp_variant (for q4 with FMP_AUTO, x's element order is permuted as said there).
  * K % 64 == 0, N % 64 == 0 (swiglu: N/2 % 128 == 0), x and y 16-byte aligned.
  * Returns 0, -1 (bad argument), -2 (not enough shared memory) or a positive cudaError_t. */
 int fmp_grouped_gemm(int fmt, const uint64_t *parts, int64_t part_off, int64_t s_off, int64_t b_off,

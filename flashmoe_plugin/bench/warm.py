@@ -1,11 +1,11 @@
 """Warm prefill: the same prompt again on an engine whose experts are resident where they fit
 (llama-bench's repetitions), timed a few times and reported as the median.
 
-One warm prompt is a noisy figure (on the H200 a 512-token Mixtral prompt takes ~0.1 s), and it
-must come before anything runs torch.profiler in the process: Kineto leaves CUPTI attached after
-a profile ends (pytorch/pytorch#144455), which slows every later kernel launch (issue 9: the
-rival's 3660 tok/s after `flashmoe bench`'s profiled decode steps, against 4683 in a process
-never profiled).
+One warm prompt is a noisy figure (the first one after the decode runs ~3.5% slower on the H200),
+and they come before anything runs torch.profiler in the process: Kineto leaves CUPTI attached
+after a profile ends (pytorch/pytorch#144455), which slows every later launch. Measured on the
+H200 (benchmarks/results/h200-p9b-prefill-32l.json): 7% on a host-bound prefill (an expert at a
+time: 5942 -> 5535 tok/s), 1% where the GPU is the bound (the grouped kernel: 4168 -> 4114).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from .. import quant
 _G = None
 _G_ERROR = ""
 variant = "auto"
-"""The kernel variant (_prefill_cuda.VARIANTS): "auto", or another one for comparisons."""
+"""The kernel variant (_prefill_cuda.VARIANTS): "auto", or "dequant" for comparisons."""
 
 
 def kernels():
