@@ -57,10 +57,10 @@ class CudaBackend(Backend):
     # us per expert, grouped vs dequantize + cuBLAS (benchmarks/results/h200-p9b-kernels.json):
     # q4 96/141/274/542 vs 241/248/257/301 at 16/64/128/256 tokens, q8 132/179/341 vs
     # 257/264/273 at 16/64/128. The kernel's cost steps with each 64-token tile, and real counts
-    # spread around the mean: Mixtral's 512-token prompt (128 per expert), 32 layers, warm:
-    # 4168 tok/s grouped (the tiles of 65+ tokens) against 5942 an expert at a time
-    # (benchmarks/results/h200-p9b-prefill-32l.json). Up to 64 a layer's experts mostly fit one
-    # tile each, where the kernel is 1.5-2.5x faster.
+    # spread around the mean, so tiles run part empty: Mixtral's 512-token prompt (128 per
+    # expert), 32 layers, warm: 5942 tok/s an expert at a time against 4168 grouped (through a
+    # variant 1.2x slower than this kernel, whose time would make it ~5000; h200-p9b-prefill-32l
+    # .json). Up to a mean of 64 most experts fit one tile, where the kernel is 1.5-2.5x faster.
     grouped_max_tokens = {"q4": 64, "q8": 64}
 
     def __init__(self):

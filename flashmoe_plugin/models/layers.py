@@ -219,7 +219,8 @@ class Decoder:
         else:
             # a GPU prompt from position 0 whose mask is plain causal: is_causal, no mask, so SDPA
             # can take flash attention (GQA included). With a mask and GQA it fell back to its
-            # fp32 math path: ~7 of a 512-token Mixtral prefill's ~105 ms on an H200 (issue 9).
+            # fp32 math path: 9 ms of device time per 512-token Mixtral prompt on an H200 (issue 9,
+            # benchmarks/results/h200-p9b-prefill-32l.json).
             causal_only = x.is_cuda and T > 1 and start == 0 and not c.attn_sinks and \
                 (i not in self.windowed or T <= c.sliding_window)
             with sdpa_kernel(SDPA_BACKENDS):
