@@ -4,15 +4,21 @@ time (issue 9). One JSON on stdout.
     python benchmarks/prefill_profile.py STORE [--tokens 512] [--reps 3] [--kernels] > out.json
 
 For each path ("grouped": csrc/cuda/fm_prefill.cu, two launches per layer for all experts;
-"per_expert": the path before it, one expert at a time, dequantize + cuBLAS above
+"grouped_masked_attention": the same with attention as before issue 9's change, an explicit mask
+(SDPA's fp32 math path under GQA); "per_expert": one expert at a time, dequantize + cuBLAS above
 CudaBackend.fused_max_tokens tokens):
   - warm prefill tok/s (every expert resident in VRAM, one untimed prefill first, then `reps`
-    timed ones, each after eng.reset(); median and all);
+    timed ones, each after eng.reset(); median and all), every path before any profiling;
+  - the host's time to queue a prompt (the model's forward, no read-back) against the time until
+    the GPU is done (host_enqueue_ms_median, gpu_done_ms_median);
   - one more prefill under torch.profiler: device time per kernel (top kernels and by category),
     per stream, GPU idle time (wall less the union of kernel intervals), the runtime calls that
-    wait for the GPU (synchronize, memcpy) and host time (wall less those waits).
+    wait for the GPU (synchronize, memcpy) and host time (wall less those waits);
+  - the timed prefills again after the profiler ran (tok_s_after_profiler_median): Kineto leaves
+    CUPTI attached, which slows later launches (pytorch/pytorch#144455).
 With --kernels: the grouped kernel against dequantize + cuBLAS on Mixtral-8x7B's expert shape
-(4096 -> 14336), 8 experts of T tokens each, T = 16..512, q4 and q8: microseconds per expert.
+(4096 -> 14336), 8 experts of T tokens each, T = 16..512, q4 (each variant) and q8: microseconds
+per expert.
 """
 from __future__ import annotations
 
@@ -118,8 +124,25 @@ def best_variant(kernels: list[dict], tokens_per_expert: int = 128) -> str:
     return min(times, key=times.get)
 
 
+def _masked_sdpa():
+    """F.scaled_dot_product_attention as it was called before issue 9's change: is_causal turned
+    back into an explicit boolean mask (with GQA that sends SDPA to its fp32 math path)."""
+    import torch.nn.functional as F
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        if is_causal:
+            T, S = q.shape[-2], k.shape[-2]
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return orig(q, k, v, attn_mask=attn_mask, is_causal=False, **kw)
+    return orig, sdpa
+
+
 def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None, variant: str = "auto") -> dict:
+    """Every path's timed prompts first, then each path profiled, then every path timed again:
+    torch.profiler leaves CUPTI attached (pytorch/pytorch#144455), which slows later launches."""
     from flashmoe_plugin.kernels import prefill_cuda
+    from flashmoe_plugin.models import layers
     from flashmoe_plugin.runtime.engine import Engine
     prefill_cuda.variant = variant
     # verify=False: records are not checksummed as they load (load time only; nothing timed)
@@ -129,38 +152,75 @@ def prefill_rows(store: str, tokens: int, reps: int, dense_quant: str | None, va
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, eng.config.vocab_size, (tokens,), generator=g).tolist()
     supports = prefill_cuda.supports
-    last = {}
-    out = {"dense_quant": eng.dense_quant, "layers": eng.config.num_layers, "tokens": tokens, "variant": variant}
-    try:
-        for path in ("grouped", "per_expert"):
-            prefill_cuda.supports = supports if path == "grouped" else (lambda x, layout: False)
+    sdpa, masked = _masked_sdpa()
+    out = {"dense_quant": eng.dense_quant, "layers": eng.config.num_layers, "tokens": tokens, "variant": variant,
+           "paths": {"grouped": "the grouped kernel, attention with is_causal (flash)",
+                     "grouped_masked_attention": "the grouped kernel, attention with an explicit mask (SDPA's "
+                                                 "fp32 math path with GQA: before issue 9's change)",
+                     "per_expert": "an expert at a time (dequantize + cuBLAS), attention with is_causal"}}
+    paths = list(out["paths"])
 
-            def run():
-                eng.reset()
-                return eng.forward(ids, last_only=True)
+    def use(path):
+        prefill_cuda.supports = (lambda x, layout: False) if path == "per_expert" else supports
+        layers.F.scaled_dot_product_attention = masked if path == "grouped_masked_attention" else sdpa
+
+    def run():
+        eng.reset()
+        return eng.forward(ids, last_only=True)
+
+    def timed(n):
+        secs = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = run()
+            secs.append(time.perf_counter() - t0)
+        return secs, logits
+    def enqueue():
+        # the model's forward without Engine.forward's read-back: when the host returns, and
+        # when the GPU is done (the host runs ahead when the first is well below the second)
+        eng.reset()
+        t = torch.tensor(ids, dtype=torch.long, device=eng.device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            eng.model.forward(t, 0, eng.kv, eng._experts, last_only=True)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return 1000 * (t1 - t0), 1000 * (time.perf_counter() - t0)
+    last = {}
+    try:
+        for path in paths:
+            use(path)
             first = run()
             torch.cuda.synchronize()
-            secs = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                logits = run()
-                secs.append(time.perf_counter() - t0)
-            row = {"tok_s_median": tokens / statistics.median(secs), "tok_s_all": [tokens / s for s in secs],
-                   "ms_median": 1000 * statistics.median(secs), "profile": profile_once(run)}
+            secs, logits = timed(reps)
+            host = [enqueue() for _ in range(reps)]
+            out[path] = {"tok_s_median": tokens / statistics.median(secs), "tok_s_all": [tokens / s for s in secs],
+                         "ms_median": 1000 * statistics.median(secs), "last_logits_argmax": int(logits.argmax()),
+                         "first_vs_repeat_max_abs": float((first - logits).abs().max()),
+                         "host_enqueue_ms_median": statistics.median(h for h, _ in host),
+                         "gpu_done_ms_median": statistics.median(d for _, d in host)}
+            last[path] = logits.float()
+        for path in paths:
+            use(path)
+            row = out[path]
+            row["profile"] = profile_once(run)
             print(f"# prefill {path}: {row['tok_s_median']:.0f} tok/s ({row['tok_s_all']}), profiled: "
                   f"wall {row['profile']['wall_ms']:.1f} ms, GPU busy {row['profile']['gpu_busy_ms']:.1f}, "
                   f"{row['profile']['by_category_ms']}", file=sys.stderr, flush=True)
-            row["last_logits_argmax"] = int(logits.argmax())
-            row["first_vs_repeat_max_abs"] = float((first - logits).abs().max())
-            out[path] = row
-            last[path] = logits.float()
+        for path in paths:
+            use(path)
+            secs, _ = timed(reps)
+            out[path]["tok_s_after_profiler_median"] = tokens / statistics.median(secs)
         a, b = out["grouped"], out["per_expert"]
         out["speedup"] = a["tok_s_median"] / b["tok_s_median"]
-        d = last["grouped"] - last["per_expert"]
-        out["last_logits_rel_diff_grouped_vs_per_expert"] = float(d.norm() / last["per_expert"].norm())
+        for other in ("per_expert", "grouped_masked_attention"):
+            d = last["grouped"] - last[other]
+            out[f"last_logits_rel_diff_grouped_vs_{other}"] = float(d.norm() / last[other].norm())
     finally:
         prefill_cuda.supports = supports
+        layers.F.scaled_dot_product_attention = sdpa
         prefill_cuda.variant = "auto"
         eng.close()
     return out

@@ -176,7 +176,8 @@ def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, t
     return out
 
 
-KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "ttft_s", "hit_rate", "belady_hit_rate",
+KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok_s_all", "prefill_warm_method",
+        "prefill_warm_after_profiler_tok_s", "ttft_s", "hit_rate", "belady_hit_rate",
         "hit_rate_vs_belady", "io_bound_tok_s", "io_efficiency", "bytes_read_per_token", "disk_bandwidth_gbps",
         "tiers", "capacity_records", "host_capacity_records", "budget_note", "peak_rss_bytes", "host_compute",
         "n_cpu_moe", "policy", "policy_note", "direct_io", "notes")

@@ -110,6 +110,10 @@ def test_bench_everything_resident(tiny):
     assert out["capacity_records"] == out["total_records"] and out["hit_rate_run"] == out["belady_hit_rate"]
     assert (out["io_bound_tok_s"] is None) == (out["missed_bytes_per_token"] == 0)
     assert (out["io_efficiency"] is None) == (out["io_bound_tok_s"] is None)
+    # warm prefill: the median of the warm prompts (several: each takes milliseconds here)
+    warm = out["prefill_warm_tok_s_all"]
+    assert len(warm) == 5 and out["prefill_warm_tok_s"] == sorted(warm)[2] and "median" in out["prefill_warm_method"]
+    assert out["prefill_warm_after_profiler_tok_s"] is None  # a CPU run profiles nothing
 
 
 def test_bench_dtype(tiny):

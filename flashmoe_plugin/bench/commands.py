@@ -158,7 +158,8 @@ def _store_table(r: dict) -> str:
         f"{r['store']}: {r['architecture']} {r['quant']}, policy {r['policy']}, device tier {r['capacity_records']}"
         f" + host tier {r['host_capacity_records']} of {r['total_records']} records, backend {r['backend']}, "
         f"prefetch {r['prefetch']}",
-        f"prefill {r['prompt_tokens']} tokens: TTFT {f(r['ttft_s'])} s, {f(r['prefill_tok_s'])} tok/s",
+        f"prefill {r['prompt_tokens']} tokens: TTFT {f(r['ttft_s'])} s, {f(r['prefill_tok_s'])} tok/s, warm "
+        f"{f(r.get('prefill_warm_tok_s'))} tok/s (median of {len(r.get('prefill_warm_tok_s_all') or [])})",
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
         f"decode graph {r.get('decode_graph')} | per token: host {f(r.get('host_ms_per_token'))} ms, "

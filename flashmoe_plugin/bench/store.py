@@ -11,7 +11,7 @@ run_bench, in order:
    expert files evicted again; prefill of a `prompt_tokens` prompt (TTFT, prefill tok/s), then
    `tokens` decode steps, sampled at `temp` with a fixed seed so runs repeat (0 = greedy):
    decode tok/s, hit rate per tier, bytes read and copied and stall per token, predictor
-   precision/recall;
+   precision/recall; then the same prompt again, warm (bench/warm.py: the median of a few);
 3. I/O bound = disk bandwidth / bytes read from disk per decode token (prefetches included);
    io_efficiency = tok/s / bound; on CUDA likewise the copy bound (h2d bandwidth / bytes
    copied per token);
@@ -38,6 +38,8 @@ from ..progress import NO_PROGRESS
 from ..runtime.dense_quant import dense_bytes
 from ..sizes import available_ram, format_size, parse_size
 from .launches import decode_launches
+from .warm import METHOD as WARM_METHOD
+from .warm import median, warm_prefills
 
 GPU_KEYS = ("h2d_gbps", "vram_budget", "vram_hit_rate", "bytes_copied_to_device_per_token", "copy_bound_tok_s",
             "hbm_gbps", "kernel_bound_tok_s")
@@ -294,11 +296,10 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "decode_plan_of_k": dict(zip(("whole_on_cpu", "shared"), cl.plan(k))),
                                         "decode_experts_on_gpu": cl.split_up, "prefill_experts_on_gpu": cl.copied_up}
         eng.record(None)
+        warm = warm_prefills(eng, ids)  # before the profiled steps below: bench/warm.py says why
         graph.update(decode_launches(eng, logits))
-        eng.reset()  # the same prompt again, experts now resident where they fit (llama-bench's warm runs)
-        t0 = time.perf_counter()
-        eng.forward(ids, last_only=True)
-        prefill_warm = len(ids) / (time.perf_counter() - t0)
+        # the same after torch.profiler ran (what the warm figure was before issue 9 moved it)
+        after = warm_prefills(eng, ids, reps=3) if cuda else []
     finally:
         eng.record(None)
         eng.close()
@@ -372,7 +373,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         if peak_rss else None,
         "dtype": act_dtype, "direct_io": direct_io, "verify": verify, "drop_caches": drop_caches, "io_threads": io_threads,
         "prompt_tokens": len(ids), "tokens": tokens, "temp": temp, "seed": seed, "experts_per_token": k,
-        "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "prefill_warm_tok_s": prefill_warm, "decode_tok_s": decode_tok_s,
+        "ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "prefill_warm_tok_s": median(warm),
+        "prefill_warm_tok_s_all": warm, "prefill_warm_method": WARM_METHOD,
+        "prefill_warm_after_profiler_tok_s": median(after), "decode_tok_s": decode_tok_s,
         "hit_rate": _rate(dec["hits"], n_dec), "hit_rate_prefill": _rate(pre["hits"], n_pre),
         "hit_rate_run": hit_rate_run, "tiers": tiers,
         "bytes_read_per_token": read_per_token, "missed_bytes_per_token": dec["misses"] * size / tokens,

@@ -56,11 +56,14 @@ class CudaBackend(Backend):
     fused_max_tokens = 12
     # Mean tokens per expert up to which the grouped prefill kernel (csrc/cuda/fm_prefill.cu)
     # runs a layer's experts, above that dequantize + cuBLAS per expert. H200, Mixtral expert,
-    # us per expert, grouped vs dequantize + cuBLAS (benchmarks/results/h200-p9-kernels.json):
-    # q4 93/141/273/537 vs 242/244/255/302 at 16/64/128/256 tokens, q8 116/167/328 vs
-    # 254/258/271 at 16/64/128. Mixtral, 512-token prompt (128 per expert), 32 layers: 4683 vs
-    # 4677 tok/s (the grouped call reads nothing back): a tie, kept for q4.
-    grouped_max_tokens = {"q4": 128, "q8": 96}
+    # us per expert, grouped vs dequantize + cuBLAS (benchmarks/results/h200-p9b-kernels.json):
+    # q4 96/141/274/542 vs 241/248/257/301 at 16/64/128/256 tokens, q8 132/179/341 vs
+    # 257/264/273 at 16/64/128. The kernel's cost steps with each 64-token tile, and real counts
+    # spread around the mean, so tiles run part empty: Mixtral's 512-token prompt (128 per
+    # expert), 32 layers, warm: 5942 tok/s an expert at a time against 4168 grouped (through a
+    # variant 1.2x slower than this kernel, whose time would make it ~5000; h200-p9b-prefill-32l
+    # .json). Up to a mean of 64 most experts fit one tile, where the kernel is 1.5-2.5x faster.
+    grouped_max_tokens = {"q4": 64, "q8": 64}
     # Dense q8/q4 products through the decode GEMV (csrc/cuda/fm_gemv.cu) where it measured faster
     # than fmc_linear on the H200 (benchmarks/results/h200-g9-dense-gemv.json, us per call):
     # stacked parts at 1..4 tokens (q/k/v 6144x4096: q8 12.5 vs 20.0 at one token, 26 vs 38 at

@@ -217,10 +217,17 @@ class Decoder:
         if c.attn_softcap:
             out = self.softcapped(q, keys, vals, mask)
         else:
+            # a GPU prompt from position 0 whose mask is plain causal: is_causal, no mask, so SDPA
+            # can take flash attention (GQA included). With a mask and GQA it fell back to its
+            # fp32 math path: 9 ms of device time per 512-token Mixtral prompt on an H200 (issue 9,
+            # benchmarks/results/h200-p9b-prefill-32l.json).
+            causal_only = x.is_cuda and T > 1 and start == 0 and not c.attn_sinks and \
+                (i not in self.windowed or T <= c.sliding_window)
             with sdpa_kernel(SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
-                    attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads, scale=c.attn_scale)[0]
+                    attn_mask=None if causal_only else mask, is_causal=causal_only,
+                    enable_gqa=c.num_heads != c.num_kv_heads, scale=c.attn_scale)[0]
         out = linear(out.transpose(0, 1).reshape(T, -1), w[p + "o.weight"], w.get(p + "o.bias"))
         if c.sandwich_norms:
             out = rms_norm(out, w[f"layers.{i}.attn_post_norm.weight"], c.rms_norm_eps)
