@@ -47,22 +47,51 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     if window:
         mask = mask & (pos - kpos < window)
     g = heads // kv_heads
-    s = torch.matmul(q.view(kv_heads, g, head_dim), K.permute(1, 2, 0)).float() * scale
+    # scores [kv_heads, g, n_ctx] and the output [kv_heads, g, d] (head order as the query's) as
+    # sums of products, not matmuls: inductor makes each one reduction kernel, the RoPE of q and
+    # the softmax's scaling inlined, where cuBLAS took two launches per product plus copies
+    s = _dot(q.view(kv_heads, g, 1, head_dim), K.permute(1, 0, 2)[:, None], -1).to(q.dtype).float() * scale
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
-    out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]: head order as the query's
+    out = _dot(p[..., None], V.permute(1, 0, 2)[:, None], -2).to(q.dtype)
     return h + linear(out.reshape(1, nq), wo)
+
+
+def _dot(a, b, dim: int):
+    """sum(a * b) over `dim` in fp32 (as a matmul of a bf16 GEMM accumulates), broadcasting."""
+    return (a.float() * b.float()).sum(dim)
 
 
 def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float):
     """The FFN input x and the routing of one token on the device: ids [1, k] (also written to
     ids_row for the host to read after the step) and weights [1, k] (as Decoder.route)."""
     x = rms_norm(h, norm_w, eps)
-    probs = torch.softmax(linear(x, router_w).float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # the router [E, H] as one reduction kernel (cuBLAS took a split-K GEMV and its reduce), its
+    # logits rounded to x's dtype as F.linear's are
+    logits = _dot(x[:, None, :], router_w, -1).to(x.dtype) if isinstance(router_w, torch.Tensor) else linear(x, router_w)
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = top_k_of(probs, top_k, normalize=norm_topk)
     ids_row.copy_(ids[0])
     return x, ids, weights.to(x.dtype)
+
+
+def top_k_of(p, k: int, normalize: bool = False):
+    """torch.topk(p, k) over [1, E] for a few k, the values divided by their sum if `normalize`:
+    k rounds of max and masking, which inductor fuses with the softmax and the division into one
+    kernel (torch.topk is a sort and a gather, and the sum over [1, k] one more kernel). Ties go to
+    the lower expert id; values in descending order, as torch.topk returns them."""
+    e = torch.arange(p.shape[-1], device=p.device)
+    vals, ids = [], []
+    for _ in range(k):
+        v, i = p.max(dim=-1, keepdim=True)  # the first index of the maximum
+        vals.append(v)
+        ids.append(i)
+        p = p.masked_fill(e == i, float("-inf"))
+    if normalize:  # the sum as scalar adds in id order, where a [1, k] sum would be a kernel of its own
+        total = vals[0]
+        for v in vals[1:]:
+            total = total + v
+        vals = [v / total for v in vals]
+    return torch.cat(vals, dim=-1), torch.cat(ids, dim=-1)
 
 
 def addresses(entries_row, ids, base, stride: int):
