@@ -2,7 +2,7 @@
 # Issue 9, the small kernels of a decode step (runtime/decode_ops.py) on one H200: an 8-layer
 # Mixtral-shaped q4 store, `flashmoe bench --dense-quant q8` with another checkout's decode_ops
 # functions (BEFORE_OPS, e.g. main's runtime/decode_ops.py, through decode_ops_variant.py) and
-# with this tree's, back to back; the CUDA graph-decode tests first, while the store is written.
+# with this tree's, back to back; then the CUDA graph-decode tests.
 # Uses the compiled modules in flashmoe_plugin/ if they import (built elsewhere for this python),
 # else builds them. JSON and logs in $OUT.
 set -u
@@ -22,15 +22,7 @@ if ! python3 -c "import flashmoe_plugin._kernels_cuda" 2>>"$OUT/progress.log"; t
 fi
 log synth
 python3 -c 'from flashmoe_plugin.cli import main; main()' synth --like mixtral-8x7b --quant q4 --layers 8 "$STORE" \
-  > "$OUT/synth.log" 2>&1 &
-synth=$!
-if [ "${RUN_TESTS:-1}" = 1 ]; then
-  log tests
-  timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_graph_decode.py \
-    tests/test_decode_ops.py} > "$OUT/tests.log" 2>&1
-  log "tests: $(tail -1 "$OUT/tests.log")"
-fi
-wait $synth
+  > "$OUT/synth.log" 2>&1
 log "synth: $(tail -1 "$OUT/synth.log")"
 bench() {  # name, then the command's prefix
   local name=$1; shift
@@ -48,4 +40,10 @@ PY
 [ -n "$BEFORE_OPS" ] && bench before python3 benchmarks/decode_ops_variant.py "$BEFORE_OPS"
 bench after python3 -c 'from flashmoe_plugin.cli import main; main()'
 cat /proc/loadavg >> "$OUT/progress.log"
+if [ "${RUN_TESTS:-1}" = 1 ]; then  # last: a timeout then costs only test coverage
+  log tests
+  timeout ${TEST_TIMEOUT:-60} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_graph_decode.py \
+    tests/test_decode_ops.py} > "$OUT/tests.log" 2>&1
+  log "tests: $(tail -1 "$OUT/tests.log")"
+fi
 log done
