@@ -36,3 +36,10 @@ def test_dot_is_the_matmul():
     x, W = torch.randn(1, 32, generator=g, dtype=torch.bfloat16), torch.randn(8, 32, generator=g, dtype=torch.bfloat16)
     assert _dot(x[:, None, :], W, -1).dtype == torch.float32
     torch.testing.assert_close(_dot(x[:, None, :], W, -1).to(torch.bfloat16), torch.nn.functional.linear(x, W))
+
+
+def test_rotate_half_equals_the_models():
+    from flashmoe_plugin.models.layers import rotate_half
+    from flashmoe_plugin.runtime.decode_ops import _rotate_half
+    x = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    assert torch.equal(_rotate_half(x), rotate_half(x))

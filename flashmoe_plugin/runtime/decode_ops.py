@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import linear, rms_norm, rotate_half
+from ..models.layers import linear, rms_norm
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -39,8 +39,8 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
     K.index_copy_(0, pos, k)
     V.index_copy_(0, pos, v)
     mask = kpos <= pos
@@ -56,6 +56,15 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     return h + linear(out.reshape(1, nq), wo)
 
 
+def _rotate_half(x):
+    """models.layers.rotate_half (cat(-b, a) of the halves a, b) as a flip of the halves and a
+    sign, the same values: inductor keeps it inside the kernel that reads it, where a cat of
+    slices can become copy kernels of its own."""
+    r = x.unflatten(-1, (2, -1)).flip(-2)  # [..., (b, a), d/2]
+    first = torch.arange(2, device=x.device)[:, None] == 0
+    return torch.where(first, -r, r).flatten(-2)
+
+
 def _dot(a, b, dim: int):
     """sum(a * b) over `dim` in fp32 (as a matmul of a bf16 GEMM accumulates), broadcasting."""
     return (a.float() * b.float()).sum(dim)
@@ -69,16 +78,17 @@ def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float)
     # logits rounded to x's dtype as F.linear's are
     logits = _dot(x[:, None, :], router_w, -1).to(x.dtype) if isinstance(router_w, torch.Tensor) else linear(x, router_w)
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = top_k_of(probs, top_k, normalize=norm_topk)
+    weights, ids = top_k_of(probs, top_k, normalize=norm_topk, dtype=x.dtype)
     ids_row.copy_(ids[0])
-    return x, ids, weights.to(x.dtype)
+    return x, ids, weights
 
 
-def top_k_of(p, k: int, normalize: bool = False):
+def top_k_of(p, k: int, normalize: bool = False, dtype=None):
     """torch.topk(p, k) over [1, E] for a few k, the values divided by their sum if `normalize`:
     k rounds of max and masking, which inductor fuses with the softmax and the division into one
     kernel (torch.topk is a sort and a gather, and the sum over [1, k] one more kernel). Ties go to
-    the lower expert id; values in descending order, as torch.topk returns them."""
+    the lower expert id; values in descending order, as torch.topk returns them, in `dtype` if
+    given (converted before they are joined: the join then stays in the same kernel)."""
     e = torch.arange(p.shape[-1], device=p.device)
     vals, ids = [], []
     for _ in range(k):
@@ -91,6 +101,8 @@ def top_k_of(p, k: int, normalize: bool = False):
         for v in vals[1:]:
             total = total + v
         vals = [v / total for v in vals]
+    if dtype is not None:
+        vals = [v.to(dtype) for v in vals]
     return torch.cat(vals, dim=-1), torch.cat(ids, dim=-1)
 
 
@@ -142,6 +154,11 @@ class Ops:
                 # saved bf16 residual (after a miss) must see the values the fused kernel saw
                 if hasattr(ic, "emulate_precision_casts"):
                     ic.emulate_precision_casts = True
+                # fuse kernels that share only a few bytes (the K and V writes share the position):
+                # a decode step's kernels are launch-bound, one launch fewer is worth more than
+                # the memory a fusion saves (default: fuse only past 10 bytes shared)
+                if hasattr(ic, "score_fusion_memory_threshold"):
+                    ic.score_fusion_memory_threshold = 1
                 fns = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in fns.items()}
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - no compiler here: run as written
