@@ -14,7 +14,18 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
 cat /proc/loadavg >> "$OUT/progress.log"
-if ! python3 -c "import flashmoe_plugin._kernels_cuda" 2>>"$OUT/progress.log"; then
+if python3 -c "import flashmoe_plugin._kernels_cuda" 2>>"$OUT/progress.log"; then
+  # not installed: the architectures registered as entry points (deepseek_v3, gpt_oss, grok)
+  # need a dist-info on the path
+  python3 - <<'PY'
+import pathlib, tomllib
+eps = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]["entry-points"]
+d = pathlib.Path("flashmoe_plugin-0+local.dist-info")
+d.mkdir(exist_ok=True)
+(d / "METADATA").write_text("Metadata-Version: 2.1\nName: flashmoe-plugin\nVersion: 0+local\n")
+(d / "entry_points.txt").write_text("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in e.items()) for g, e in eps.items()))
+PY
+else
   log "build"
   rm -f flashmoe_plugin/*.so
   FLASHMOE_CUDA_ARCH=${FLASHMOE_CUDA_ARCH:-"-gencode arch=compute_90,code=sm_90"} \
