@@ -31,10 +31,12 @@ else
   FLASHMOE_CUDA_ARCH=${FLASHMOE_CUDA_ARCH:-"-gencode arch=compute_90,code=sm_90"} \
     python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || log "build failed"
 fi
-log synth
-python3 -c 'from flashmoe_plugin.cli import main; main()' synth --like mixtral-8x7b --quant q4 --layers 8 "$STORE" \
-  > "$OUT/synth.log" 2>&1
-log "synth: $(tail -1 "$OUT/synth.log")"
+if [ ! -d "$STORE" ]; then
+  log synth
+  python3 -c 'from flashmoe_plugin.cli import main; main()' synth --like mixtral-8x7b --quant q4 --layers 8 "$STORE" \
+    > "$OUT/synth.log" 2>&1
+  log "synth: $(tail -1 "$OUT/synth.log")"
+fi
 bench() {  # name, then the command's prefix
   local name=$1; shift
   log "bench $name"
