@@ -81,7 +81,10 @@ def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float)
     x = rms_norm(h, norm_w, eps)
     # the router [E, H] as one reduction kernel (cuBLAS took a split-K GEMV and its reduce), its
     # logits rounded to x's dtype as F.linear's are
-    logits = _dot(x[:, None, :], router_w, -1).to(x.dtype) if isinstance(router_w, torch.Tensor) else linear(x, router_w)
+    if isinstance(router_w, torch.Tensor):
+        logits = _dot(x[:, None, :], router_w, -1).to(x.dtype)
+    else:
+        logits = linear(x, router_w)
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = top_k_of(probs, top_k, normalize=norm_topk, dtype=x.dtype)
     ids_row.copy_(ids[0])
@@ -101,7 +104,7 @@ def top_k_of(p, k: int, normalize: bool = False, dtype=None):
         vals.append(v)
         ids.append(i)
         p = p.masked_fill(e == i, float("-inf"))
-    if normalize:  # the sum as scalar adds in id order, where a [1, k] sum would be a kernel of its own
+    if normalize:  # the sum as scalar adds in rank order, where a [1, k] sum would be a kernel of its own
         total = vals[0]
         for v in vals[1:]:
             total = total + v
