@@ -1,8 +1,13 @@
 """The pieces of one decode token (runtime/graph_decode.py) as pure functions of tensors, so that
-on CUDA torch.compile fuses each into a few kernels: a captured step then holds ~15 kernels per
-layer instead of ~60, and at a few microseconds per kernel that is most of a token's time.
+on CUDA torch.compile fuses each into a few kernels: a captured step then holds ~16 kernels per
+MoE layer instead of ~60, and at a few microseconds per kernel that is most of a token's time.
 Everything a layer needs comes in as arguments (weights, cache, position), never from `self`, so
 one compiled function serves every layer. On CPU they run as written (the CI twin).
+
+Written for inductor's fusion: the router, the attention scores and the top-k are sums and maxima
+(reduction kernels that take their neighbours' elementwise work in), not cuBLAS GEMVs, a matmul
+and torch.topk's sort + gather; RoPE has no cat. Per Mixtral layer on the H200 that took the
+routing from 19.8 to 7.1 us of device time (benchmarks/results/h200-s9-decode-ops-8l.json).
 
     h2 = attention(h, delta, hs_row, ...)   # h + delta (the previous layer's FFN output), saved to
                                            # hs_row, then attention over the whole masked cache
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import linear, rms_norm, rotate_half
+from ..models.layers import linear, rms_norm
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -39,30 +44,74 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
     K.index_copy_(0, pos, k)
     V.index_copy_(0, pos, v)
     mask = kpos <= pos
     if window:
         mask = mask & (pos - kpos < window)
     g = heads // kv_heads
-    s = torch.matmul(q.view(kv_heads, g, head_dim), K.permute(1, 2, 0)).float() * scale
+    # the scores [kv_heads, g, n_ctx] as a sum of products, one reduction kernel (2.3 us per layer
+    # on the H200, cuBLAS's product 2.9); p @ V stays a cuBLAS product: as a reduction over the
+    # cache's rows inductor read V across rows, 13 us against cuBLAS's 3.4 (h200-s9-*.json)
+    s = _dot(q.view(kv_heads, g, 1, head_dim), K.permute(1, 0, 2)[:, None], -1).to(q.dtype).float() * scale
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]: head order as the query's
     return h + linear(out.reshape(1, nq), wo)
+
+
+def _rotate_half(x):
+    """models.layers.rotate_half (cat(-b, a) of the halves a, b) as a flip of the halves and a
+    sign, the same values: inductor keeps it inside the kernel that reads it, where a cat of
+    slices can become copy kernels of its own."""
+    r = x.unflatten(-1, (2, -1)).flip(-2)  # [..., (b, a), d/2]
+    first = torch.arange(2, device=x.device)[:, None] == 0
+    return torch.where(first, -r, r).flatten(-2)
+
+
+def _dot(a, b, dim: int):
+    """sum(a * b) over `dim` in fp32 (as a matmul of a bf16 GEMM accumulates), broadcasting."""
+    return (a.float() * b.float()).sum(dim)
 
 
 def route(h, norm_w, router_w, ids_row, top_k: int, norm_topk: bool, eps: float):
     """The FFN input x and the routing of one token on the device: ids [1, k] (also written to
     ids_row for the host to read after the step) and weights [1, k] (as Decoder.route)."""
     x = rms_norm(h, norm_w, eps)
-    probs = torch.softmax(linear(x, router_w).float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # the router [E, H] as one reduction kernel (cuBLAS took a split-K GEMV and its reduce), its
+    # logits rounded to x's dtype as F.linear's are
+    if isinstance(router_w, torch.Tensor):
+        logits = _dot(x[:, None, :], router_w, -1).to(x.dtype)
+    else:
+        logits = linear(x, router_w)
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = top_k_of(probs, top_k, normalize=norm_topk, dtype=x.dtype)
     ids_row.copy_(ids[0])
-    return x, ids, weights.to(x.dtype)
+    return x, ids, weights
+
+
+def top_k_of(p, k: int, normalize: bool = False, dtype=None):
+    """torch.topk(p, k) over [1, E] for a few k, the values divided by their sum if `normalize`:
+    k rounds of max and masking, which inductor fuses with the softmax and the division into one
+    kernel (torch.topk is a sort and a gather, and the sum over [1, k] one more kernel). Ties go to
+    the lower expert id; values in descending order, as torch.topk returns them, in `dtype` if
+    given (converted before they are joined: the join then stays in the same kernel)."""
+    e = torch.arange(p.shape[-1], device=p.device)
+    vals, ids = [], []
+    for _ in range(k):
+        v, i = p.max(dim=-1, keepdim=True)  # the first index of the maximum
+        vals.append(v)
+        ids.append(i)
+        p = p.masked_fill(e == i, float("-inf"))
+    if normalize:  # the sum as scalar adds in rank order, where a [1, k] sum would be a kernel of its own
+        total = vals[0]
+        for v in vals[1:]:
+            total = total + v
+        vals = [v / total for v in vals]
+    if dtype is not None:
+        vals = [v.to(dtype) for v in vals]
+    return torch.cat(vals, dim=-1), torch.cat(ids, dim=-1)
 
 
 def addresses(entries_row, ids, base, stride: int):
@@ -113,6 +162,11 @@ class Ops:
                 # saved bf16 residual (after a miss) must see the values the fused kernel saw
                 if hasattr(ic, "emulate_precision_casts"):
                     ic.emulate_precision_casts = True
+                # fuse kernels that share only a few bytes (the K and V writes share the position):
+                # a decode step's kernels are launch-bound, one launch fewer is worth more than
+                # the memory a fusion saves (default: fuse only past 10 bytes shared)
+                if hasattr(ic, "score_fusion_memory_threshold"):
+                    ic.score_fusion_memory_threshold = 1
                 fns = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in fns.items()}
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - no compiler here: run as written

@@ -17,7 +17,7 @@ so the step is recomputed from that layer's saved input through the engine's per
 before the first miss keep the graph's results; the host never stalls them.
 
 The step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
-(~19 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
+(~16 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
 step resumed from a saved bf16 residual sees what the fused kernel saw), and everything runs on a
 decode stream of its own, the one the graph was captured on (eager steps then make the same cuBLAS
 choices as the captured ones).
