@@ -5,6 +5,10 @@ only (records still sliced), ",noslice" records never sliced (store/slices.py of
 
     python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,whole|,noslice] ...   e.g.  /tmp/m12 r.json 9,noslice 9 12
 
+Each row also carries "probe": host wall time per CPU layer of the decode steps (HybridDecode._host_layer
+whole, its wait for the packed row, CpuLayers.decode, the C kernels' call in it) and per graph replay,
+means in ms from perf_counter wrappers (about a microsecond each).
+
 DEVICE=cpu tries it on the CPU twin. Prints one line per row; writes {row: run_bench's dict} to OUT.json after every row."""
 from __future__ import annotations
 
@@ -12,10 +16,53 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 
 from flashmoe_plugin.bench.store import run_bench
 from flashmoe_plugin.runtime.host_compute import CpuLayers
 from flashmoe_plugin.store import slices
+
+
+class Probe:
+    """perf_counter sums around a few calls, each counted only inside its caller's (nesting by `inside`)."""
+
+    def __init__(self):
+        self.t, self.n, self.inside, self.undo = defaultdict(float), defaultdict(int), None, []
+
+    def wrap(self, owner, name, key, only_in=None):
+        f = getattr(owner, name)
+
+        def timed(*a, **kw):
+            if only_in is not None and self.inside != only_in:
+                return f(*a, **kw)
+            prev, self.inside = self.inside, key
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+                self.n[key] += 1
+                self.inside = prev
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, f))
+
+    def result(self) -> dict:
+        for owner, name, f in reversed(self.undo):
+            setattr(owner, name, f)
+        return {k: {"calls": self.n[k], "mean_ms": round(self.t[k] / max(1, self.n[k]) * 1e3, 4)} for k in self.t}
+
+
+def probed():
+    import torch
+    from flashmoe_plugin import _cpu_kernels
+    from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
+    p = Probe()
+    p.wrap(HybridDecode, "_host_layer", "host_layer")
+    p.wrap(torch.cuda.Event, "synchronize", "wait_packed", only_in="host_layer")
+    p.wrap(CpuLayers, "decode", "decode", only_in="host_layer")
+    p.wrap(_cpu_kernels, "moe", "cpu_kernels", only_in="decode")
+    p.wrap(torch.cuda.CUDAGraph, "replay", "replay")
+    return p
 
 
 def main(store: str, out: str, rows: list[str]):
@@ -30,6 +77,7 @@ def main(store: str, out: str, rows: list[str]):
         if mode == "noslice":
             slices.SMALLEST = 1 << 40
         t0 = time.time()
+        probe = probed()
         try:
             r = run_bench(store, device=os.environ.get("DEVICE", "cuda"), tokens=32, prompt_tokens=512, io_threads=8, compute_bound=False,
                           n_cpu_moe=int(n))
@@ -39,10 +87,12 @@ def main(store: str, out: str, rows: list[str]):
             continue
         finally:
             CpuLayers.plan, slices.SMALLEST = plan, smallest
+            r_probe = probe.result()
+        r["probe"] = r_probe
         doc[row] = r
         print(f"n_cpu_moe {row}: decode {r['decode_tok_s']:.2f} tok/s, prefill cold {r['prefill_tok_s']:.0f} warm "
               f"{r['prefill_warm_tok_s']:.0f}, host {r.get('host_ms_per_token')} ms/token, graph {r['decode_graph']} "
-              f"fallbacks {r['decode_graph_fallbacks']}, split {r.get('n_cpu_moe_split')} ({time.time() - t0:.0f} s)",
+              f"fallbacks {r['decode_graph_fallbacks']}, split {r.get('n_cpu_moe_split')} probe {r_probe} ({time.time() - t0:.0f} s)",
               flush=True)
         with open(out, "w") as f:
             json.dump(doc, f, indent=1)
