@@ -1,9 +1,10 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
 bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
 ",cpu" every CPU-layer expert of a decode token on the CPU, ",whole" the share cut at whole experts
-only (records still sliced), ",noslice" records never sliced (store/slices.py off: as before h10b).
+only (records still sliced), ",noslice" records never sliced (store/slices.py off: as before h10b),
+",wantN" slices cut so that a token has at least N (slice_count's `want`, default 8).
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,whole|,noslice] ...   e.g.  /tmp/m12 r.json 9,noslice 9 12
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,whole|,noslice|,wantN] ...   e.g.  /tmp/m12 r.json 9,noslice 9 12
 
 Each row also carries "probe": host wall time per CPU layer of the decode steps (HybridDecode._host_layer
 whole, its wait for the packed row, CpuLayers.decode, the C kernels' call in it) and per graph replay,
@@ -19,6 +20,7 @@ import time
 from collections import defaultdict
 
 from flashmoe_plugin.bench.store import run_bench
+from flashmoe_plugin.runtime import host_compute
 from flashmoe_plugin.runtime.host_compute import CpuLayers
 from flashmoe_plugin.store import slices
 
@@ -66,7 +68,7 @@ def probed():
 
 
 def main(store: str, out: str, rows: list[str]):
-    plan, smallest = CpuLayers.plan, slices.SMALLEST
+    plan, smallest, count = CpuLayers.plan, slices.SMALLEST, host_compute.slice_count
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")
@@ -76,6 +78,8 @@ def main(store: str, out: str, rows: list[str]):
             CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
         if mode == "noslice":
             slices.SMALLEST = 1 << 40
+        if mode.startswith("want"):
+            host_compute.slice_count = lambda layout, k, want=int(mode[4:]): count(layout, k, want)
         t0 = time.time()
         probe = probed()
         try:
@@ -86,7 +90,7 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            CpuLayers.plan, slices.SMALLEST = plan, smallest
+            CpuLayers.plan, slices.SMALLEST, host_compute.slice_count = plan, smallest, count
             r_probe = probe.result()
         r["probe"] = r_probe
         doc[row] = r
