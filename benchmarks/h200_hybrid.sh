@@ -14,7 +14,7 @@ el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()" "$@"; }
 rows() { python3 benchmarks/h200_hybrid_rows.py $STORE "$OUT/h200-hybrid-${LAYERS}l-$1.json" $2 2>> "$OUT/rows.err" \
   | grep -v "^$"; el rows $2; }
-STORE=/tmp/m$LAYERS
+STORE=${STORE:-/tmp/m$LAYERS}  # override to keep apart from other stores
 [ -f $STORE/manifest.json ] || (fm synth --like mixtral-8x7b --quant q4 --layers "$LAYERS" $STORE > "$OUT/synth.log" 2>&1; el synth) &
 FLASHMOE_CUDA=1 FLASHMOE_CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
