@@ -1,14 +1,17 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
 bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
-",cpu" every CPU-layer expert of a decode token on the CPU, ",whole" the share cut at whole experts
-only (records still sliced), ",noslice" records never sliced (store/slices.py off: as before h10b),
-",wantN" slices cut so that a token has at least N (slice_count's `want`, default 8).
+",cpu" every CPU-layer expert of a decode token on the CPU, ",slice" experts cut into slices of their
+intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
+that a token has at least N (slice_count's `want`, default 8), ",whole" sliced records but the
+share cut at whole experts only.
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,whole|,noslice|,wantN] ...   e.g.  /tmp/m12 r.json 9,noslice 9 12
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole] ...   e.g.  /tmp/m12 r.json 9 9,slice 12
 
-Each row also carries "probe": host wall time per CPU layer of the decode steps (HybridDecode._host_layer
-whole, its wait for the packed row, CpuLayers.decode, the C kernels' call in it) and per graph replay,
-means in ms from perf_counter wrappers (about a microsecond each).
+Each row also carries "probe": host wall time per CPU layer of the decode steps, means in ms from
+perf_counter wrappers (about a microsecond each): HybridDecode._host_layer whole; inside it the wait
+for the packed row and CpuLayers.decode; inside that the C kernels' call, the copy's issue
+(CudaCopies.copy) and the GPU share's launch (CudaBackend.moe_decode), the rest of decode being
+the CPU sum's way to the device and Python; and per graph replay.
 
 DEVICE=cpu tries it on the CPU twin. Prints one line per row; writes {row: run_bench's dict} to OUT.json after every row."""
 from __future__ import annotations
@@ -22,7 +25,6 @@ from collections import defaultdict
 from flashmoe_plugin.bench.store import run_bench
 from flashmoe_plugin.runtime import host_compute
 from flashmoe_plugin.runtime.host_compute import CpuLayers
-from flashmoe_plugin.store import slices
 
 
 class Probe:
@@ -57,18 +59,22 @@ class Probe:
 def probed():
     import torch
     from flashmoe_plugin import _cpu_kernels
+    from flashmoe_plugin.kernels.cuda_backend import CudaBackend
+    from flashmoe_plugin.pager.tiers import CudaCopies
     from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
     p = Probe()
     p.wrap(HybridDecode, "_host_layer", "host_layer")
     p.wrap(torch.cuda.Event, "synchronize", "wait_packed", only_in="host_layer")
     p.wrap(CpuLayers, "decode", "decode", only_in="host_layer")
     p.wrap(_cpu_kernels, "moe", "cpu_kernels", only_in="decode")
+    p.wrap(CudaCopies, "copy", "copy_issue", only_in="decode")
+    p.wrap(CudaBackend, "moe_decode", "gpu_launch", only_in="decode")
     p.wrap(torch.cuda.CUDAGraph, "replay", "replay")
     return p
 
 
 def main(store: str, out: str, rows: list[str]):
-    plan, smallest, count = CpuLayers.plan, slices.SMALLEST, host_compute.slice_count
+    plan, count, env = CpuLayers.plan, host_compute.slice_count, os.environ.get("FLASHMOE_SLICE_EXPERTS")
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")
@@ -76,8 +82,7 @@ def main(store: str, out: str, rows: list[str]):
             CpuLayers.plan = lambda self, k, q=1: k * q
         if mode == "whole":
             CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
-        if mode == "noslice":
-            slices.SMALLEST = 1 << 40
+        os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("slice", "whole") or mode.startswith("want") else "0"
         if mode.startswith("want"):
             host_compute.slice_count = lambda layout, k, want=int(mode[4:]): count(layout, k, want)
         t0 = time.time()
@@ -90,7 +95,8 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            CpuLayers.plan, slices.SMALLEST, host_compute.slice_count = plan, smallest, count
+            CpuLayers.plan, host_compute.slice_count = plan, count
+            os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
             r_probe = probe.result()
         r["probe"] = r_probe
         doc[row] = r

@@ -44,7 +44,8 @@ def test_n_cpu_moe_through_the_device_step(oracles, family, monkeypatch):
     from flashmoe_plugin.io import aligned_empty
     from flashmoe_plugin.runtime.graph_decode import unsupported
     from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
-    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)  # the test models' experts sliced in 2
+    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
@@ -110,7 +111,8 @@ def test_share_balances_copy_and_compute():
 def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     """Dense part on the GPU, the first layers' experts on the CPU: the GPU engine's all-resident
     logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4)."""
-    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)  # the test models' experts sliced in 2
+    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(3)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
@@ -140,7 +142,8 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s, monkey
     experts are shared by CpuLayers.plan between the CPU and the "GPU", cut at a slice of their
     intermediate rows ((1.8, 1.1) are the H200's measured Mixtral costs: one expert's tail goes up)."""
     from flashmoe_plugin.io import aligned_empty
-    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)  # the test models' experts sliced in 2
+    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
@@ -191,6 +194,20 @@ def test_slices_sum_to_the_expert(oracles, family):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (family, name, q, (got - want).abs().max())
     with pytest.raises(ValueError, match="slices need"):
         cut(rec, lay, q, dst[:-1])
+
+
+def test_slices_are_opt_in(oracles, monkeypatch):
+    """Without FLASHMOE_SLICE_EXPERTS=1 the records stay whole when the GPU side is attached (slices
+    measured slower on the H200) and the plan cuts at whole experts."""
+    from flashmoe_plugin.io import aligned_empty
+    monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
+    eng = Engine(oracles("mixtral").store("q4"), n_cpu_moe=1, prefetch="off")
+    cl = eng.cpu_layers
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=1.8, cpu_s=1.1)
+    eng.close()
+    assert cl.stride == eng.store.layout.size and cl.cut[cl.layers[0]][0] == 1
+    assert cl.plan_of(2) == {"slices_per_expert": 1, "slices_on_cpu": 1, "of": 2}
 
 
 def test_plan_balances_pcie_and_cpu():

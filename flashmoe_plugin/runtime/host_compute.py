@@ -123,12 +123,12 @@ class CpuLayers:
     Decode: a token's k experts of such a layer are shared between the CPU (the C kernels on every
     physical core) and the GPU (copied over PCIe into a small ring of VRAM slots, then the fused
     kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's 16 cores,
-    the copy engine adds ~55 GB/s. Once a GPU side is attached, each record is re-laid out as q
-    slices along its intermediate dimension (store/slices.py: q records of I/q rows, summing to
-    the expert), so the share is cut at a slice rather than a whole expert: `plan(k, q)` gives the
-    CPU the first c of the token's k*q slices (whole experts, then the head of the next one) and
-    the GPU the rest (that expert's tail, one copy, and the later experts), c making the slower
-    side shortest by costs measured at start (without a GPU: all on the CPU, records unsliced).
+    the copy engine adds ~55 GB/s. `plan(k, q)` gives the CPU the first c of the token's k*q
+    slices (whole experts, then the head of the next one) and the GPU the rest (that expert's
+    tail, one copy, and the later experts), c making the slower side shortest by costs measured
+    at start (without a GPU: all on the CPU). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1:
+    then, once a GPU side is attached, each record is re-laid out as q slices along its
+    intermediate dimension (store/slices.py: q records of I/q rows, summing to the expert).
     Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
     time) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
@@ -149,8 +149,10 @@ class CpuLayers:
         self.experts = {layer: store.layers[layer].experts for layer in self.layers}
         self.layout, size = store.layout, store.layout.size
         self.k = store.config.top_k
-        # slices per expert once a GPU side is attached (records stay whole until then)
-        self._q = {layer: slice_count(lay, self.k) for layer, lay in self.layouts.items()}
+        # slices per expert once a GPU side is attached (records stay whole until then); opt-in:
+        # measured slower on the H200 (see plan)
+        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "0") == "1"
+        self._q = {layer: slice_count(lay, self.k) if sliced else 1 for layer, lay in self.layouts.items()}
         self.cut = {layer: (1, lay) for layer, lay in self.layouts.items()}  # (q, slice layout) in use
         # a record's room in RAM and in a ring slot: whole, or its q slices (each page-aligned)
         self.stride = max([size] + [q * slice_layout(self.layouts[l], q).size for l, q in self._q.items()])
@@ -302,9 +304,13 @@ class CpuLayers:
         copied up. c makes the slower side shortest by the costs measured at start (copy_s per
         record, cpu_s per expert, a slice costing 1/q of either; beside a GPU cpu_s follows the
         decode's own CPU calls, which share RAM bandwidth with the copies); ties go to the CPU
-        (one copy less). On the H200 (Mixtral, k = 2, 16 cores, q = 4): copy 1.8 ms, CPU ~1.15 ms
-        per expert: 5 of 8 slices here (one expert and a quarter of the other, ~1.44 ms), 3 up
-        (~1.35 ms), where whole experts gave max(1.8, 1.15). Without a GPU: all here."""
+        (one copy less). Without a GPU: all here.
+        On the H200 (Mixtral, k = 2, 16 cores) whole experts give one each side. With q = 4 the plan
+        took 5 of 8 slices here, but decode measured slower (12 layers, 9 on the CPU: 40.9 against
+        44.5 tok/s, benchmarks/results/h200-h10b-hybrid-12l.json): beside the copy the CPU streams
+        an expert in ~1.47 ms (1.05-1.24 alone: both read the same RAM), and ~0.5 ms of each CPU
+        layer's host time outside the C kernels sits on the CPU's side, so whole experts were
+        already balanced (~2.0 ms each side). Hence slices are opt-in."""
         if self.gpu is None:
             return k * q
         u, c = self.copy_s / q, self.cpu_s / q
