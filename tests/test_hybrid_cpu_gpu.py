@@ -110,9 +110,13 @@ def test_share_balances_copy_and_compute():
 @pytest.mark.parametrize("n_cpu", [1, "all"])
 def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     """Dense part on the GPU, the first layers' experts on the CPU: the GPU engine's all-resident
-    logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4)."""
-    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
-    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
+    logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4). n_cpu 1
+    with expert slices (opt-in; the test models' experts in 2), "all" with whole experts (default)."""
+    if n_cpu == 1:
+        monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")
+        monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
+    else:
+        monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(3)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
@@ -132,6 +136,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     # the device step, when it implements the family: segments captured (runtime/hybrid_decode.py)
     assert fast is None or segments == n + 1, (family, segments, fast.why_not)
     assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1 or eng.model.expert_act is not None
+    assert cl.cut[cl.layers[0]][0] == (2 if n_cpu == 1 and eng.model.expert_act is None else 1), cl.cut
 
 
 @pytest.mark.parametrize("copy_s,cpu_s", [(0.5, 1.0), (1.8, 1.1)])
