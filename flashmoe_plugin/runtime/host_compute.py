@@ -189,8 +189,10 @@ class CpuLayers:
         self.cut_s = 0.0       # seconds spent slicing the records (once, at attach)
         self._host_out = torch.zeros(1, store.layout.hidden)
         self._adapt = cuda  # cpu_s follows the decode's CPU calls (the twin keeps the costs it is given)
+        self._dev_out = None  # the CPU's sum on the device in fp32 (beside a GPU)
         if cuda:
             self._host_out = self._host_out.pin_memory()
+            self._dev_out = torch.empty(1, store.layout.hidden, device=device)
             ring = torch.empty(self.ring_size() * self.stride, dtype=torch.uint8, device=device)
             self.attach(gpu_backend, ring)
             layer = self.layers[0]
@@ -367,7 +369,12 @@ class CpuLayers:
             self.cpu_s = 0.9 * self.cpu_s + 0.1 * (time.perf_counter() - t0) * q / len(recs)
         if out is None:
             out = torch.empty_like(x)
-        out.copy_(host, non_blocking=True)
+        if self._dev_out is not None and x.is_cuda:
+            # fp32 to fp32 from pinned memory, converted on the device: torch would convert a bf16
+            # `out`'s copy on the CPU into pageable memory, whose copy may wait for the GPU's share
+            out.copy_(self._dev_out.copy_(host, non_blocking=True))
+        else:
+            out.copy_(host)
         return out if gpu_out is None else out.add_(gpu_out)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
