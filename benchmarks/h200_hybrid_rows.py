@@ -1,9 +1,17 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
 bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
-",cpu" every CPU-layer expert of a decode token on the CPU (as before the split), ",whole" whole
-experts only (no expert shared between the GPU's gate/up and the CPU's down product).
+",cpu" every CPU-layer expert of a decode token on the CPU, ",slice" experts cut into slices of their
+intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
+that a token has at least N (slice_count's `want`, default 8), ",whole" sliced records but the
+share cut at whole experts only.
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,whole] ...   e.g.  /tmp/m12 r.json 9 9,whole 12 0
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole] ...   e.g.  /tmp/m12 r.json 9 9,slice 12
+
+Each row also carries "probe": host wall time per CPU layer of the decode steps, means in ms from
+perf_counter wrappers (about a microsecond each): HybridDecode._host_layer whole; inside it the wait
+for the packed row and CpuLayers.decode; inside that the C kernels' call, the copy's issue
+(CudaCopies.copy) and the GPU share's launch (CudaBackend.moe_decode), the rest of decode being
+the CPU sum's way to the device and Python; and per graph replay.
 
 DEVICE=cpu tries it on the CPU twin. Prints one line per row; writes {row: run_bench's dict} to OUT.json after every row."""
 from __future__ import annotations
@@ -12,21 +20,73 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 
 from flashmoe_plugin.bench.store import run_bench
+from flashmoe_plugin.runtime import host_compute
 from flashmoe_plugin.runtime.host_compute import CpuLayers
 
 
+class Probe:
+    """perf_counter sums around a few calls, each counted only inside its caller's (nesting by `inside`)."""
+
+    def __init__(self):
+        self.t, self.n, self.inside, self.undo = defaultdict(float), defaultdict(int), None, []
+
+    def wrap(self, owner, name, key, only_in=None):
+        f = getattr(owner, name)
+
+        def timed(*a, **kw):
+            if only_in is not None and self.inside != only_in:
+                return f(*a, **kw)
+            prev, self.inside = self.inside, key
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+                self.n[key] += 1
+                self.inside = prev
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, f))
+
+    def result(self) -> dict:
+        for owner, name, f in reversed(self.undo):
+            setattr(owner, name, f)
+        return {k: {"calls": self.n[k], "mean_ms": round(self.t[k] / max(1, self.n[k]) * 1e3, 4)} for k in self.t}
+
+
+def probed():
+    import torch
+    from flashmoe_plugin import _cpu_kernels
+    from flashmoe_plugin.kernels.cuda_backend import CudaBackend
+    from flashmoe_plugin.pager.tiers import CudaCopies
+    from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
+    p = Probe()
+    p.wrap(HybridDecode, "_host_layer", "host_layer")
+    p.wrap(torch.cuda.Event, "synchronize", "wait_packed", only_in="host_layer")
+    p.wrap(CpuLayers, "decode", "decode", only_in="host_layer")
+    p.wrap(_cpu_kernels, "moe", "cpu_kernels", only_in="decode")
+    p.wrap(CudaCopies, "copy", "copy_issue", only_in="decode")
+    p.wrap(CudaBackend, "moe_decode", "gpu_launch", only_in="decode")
+    p.wrap(torch.cuda.CUDAGraph, "replay", "replay")
+    return p
+
+
 def main(store: str, out: str, rows: list[str]):
-    plan, share = CpuLayers.plan, CpuLayers.__dict__["w13_share"]  # the staticmethod itself
+    plan, count, env = CpuLayers.plan, host_compute.slice_count, os.environ.get("FLASHMOE_SLICE_EXPERTS")
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")
         if mode == "cpu":
-            CpuLayers.plan = lambda self, k: (k, False)
+            CpuLayers.plan = lambda self, k, q=1: k * q
         if mode == "whole":
-            CpuLayers.w13_share = staticmethod(lambda layout: 0.0)
+            CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
+        os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("slice", "whole") or mode.startswith("want") else "0"
+        if mode.startswith("want"):
+            host_compute.slice_count = lambda layout, k, want=int(mode[4:]): count(layout, k, want)
         t0 = time.time()
+        probe = probed()
         try:
             r = run_bench(store, device=os.environ.get("DEVICE", "cuda"), tokens=32, prompt_tokens=512, io_threads=8, compute_bound=False,
                           n_cpu_moe=int(n))
@@ -35,11 +95,14 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            CpuLayers.plan, CpuLayers.w13_share = plan, share
+            CpuLayers.plan, host_compute.slice_count = plan, count
+            os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
+            r_probe = probe.result()
+        r["probe"] = r_probe
         doc[row] = r
         print(f"n_cpu_moe {row}: decode {r['decode_tok_s']:.2f} tok/s, prefill cold {r['prefill_tok_s']:.0f} warm "
               f"{r['prefill_warm_tok_s']:.0f}, host {r.get('host_ms_per_token')} ms/token, graph {r['decode_graph']} "
-              f"fallbacks {r['decode_graph_fallbacks']}, split {r.get('n_cpu_moe_split')} ({time.time() - t0:.0f} s)",
+              f"fallbacks {r['decode_graph_fallbacks']}, split {r.get('n_cpu_moe_split')} probe {r_probe} ({time.time() - t0:.0f} s)",
               flush=True)
         with open(out, "w") as f:
             json.dump(doc, f, indent=1)

@@ -36,7 +36,7 @@ def test_n_cpu_moe_matches_the_all_resident_run(oracles, family):
         Engine(store, n_cpu_moe=n_moe + 1)
 
 
-def test_n_cpu_moe_through_the_device_step(oracles, family):
+def test_n_cpu_moe_through_the_device_step(oracles, family, monkeypatch):
     # the device decode step (its CPU twin) with n_cpu_moe layers (runtime/hybrid_decode.py): the
     # token runs in segments cut at each CPU layer's experts, which the host computes between
     # two segments (here split with a stand-in "GPU": the CPU backend and a host ring); the
@@ -44,6 +44,8 @@ def test_n_cpu_moe_through_the_device_step(oracles, family):
     from flashmoe_plugin.io import aligned_empty
     from flashmoe_plugin.runtime.graph_decode import unsupported
     from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
+    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
@@ -57,7 +59,7 @@ def test_n_cpu_moe_through_the_device_step(oracles, family):
         eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
         cl = eng.cpu_layers
         if split:
-            cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=0.5, cpu_s=1.0)
+            cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=0.5, cpu_s=1.0)
         out = [eng.forward(ids)]
         for layer in sorted(set(eng.store.layers) - set(cl.layers)):  # no first-use misses
             list(eng.pager.request(layer, list(range(eng.config.num_experts))))
@@ -68,6 +70,8 @@ def test_n_cpu_moe_through_the_device_step(oracles, family):
         assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, n, (out - ref).abs().max())
         assert fast.steps == len(steps) and fast.fallbacks == 0, (fast.steps, fast.fallbacks)
         assert (cl.split_up > 0) == (split and k > 1), (n, cl.split_up)
+        # sliced once the "GPU" is attached: the test models' experts in 2 (gpt-oss's, with biases, stay whole)
+        assert cl.cut[cl.layers[0]][0] == (2 if split and eng.model.expert_act is None else 1), cl.cut
 
 
 def test_copy_or_compute_split_by_measured_costs(oracles, family):
@@ -104,9 +108,15 @@ def test_share_balances_copy_and_compute():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
 @pytest.mark.parametrize("n_cpu", [1, "all"])
-def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
+def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     """Dense part on the GPU, the first layers' experts on the CPU: the GPU engine's all-resident
-    logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4)."""
+    logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4). n_cpu 1
+    with expert slices (opt-in; the test models' experts in 2), "all" with whole experts (default)."""
+    if n_cpu == 1:
+        monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")
+        monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
+    else:
+        monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(3)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
@@ -116,8 +126,8 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     full.close()
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
-    if n_cpu == 1:  # the measured Mixtral costs: experts split between the CPU, the GPU and shared
-        cl.copy_s, cl.cpu_s, cl.down_s = 1.8, 1.1, None
+    if n_cpu == 1:  # the measured Mixtral costs: one expert split between the CPU and the GPU at a slice
+        cl.copy_s, cl.cpu_s, cl._adapt = 1.8, 1.1, False
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None
@@ -126,16 +136,19 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu):
     # the device step, when it implements the family: segments captured (runtime/hybrid_decode.py)
     assert fast is None or segments == n + 1, (family, segments, fast.why_not)
     assert cl.split_up > 0 or n_cpu != 1 or eng.config.top_k == 1 or eng.model.expert_act is not None
+    assert cl.cut[cl.layers[0]][0] == (2 if n_cpu == 1 and eng.model.expert_act is None else 1), cl.cut
 
 
 @pytest.mark.parametrize("copy_s,cpu_s", [(0.5, 1.0), (1.8, 1.1)])
-def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s):
+def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s, monkeypatch):
     """The GPU side of CpuLayers on the CPU twin: the engine's own backend stands for the GPU's
     and host memory for its ring of slots; costs set so that every prefill expert is copied up
     (through the ring, several copies ahead and into the next CPU layer) and a decode token's
-    experts are split by CpuLayers.plan between the CPU, the "GPU" and one shared between them
-    (gate/up product up there, down product here; (1.8, 1.1) are the H200's measured Mixtral costs)."""
+    experts are shared by CpuLayers.plan between the CPU and the "GPU", cut at a slice of their
+    intermediate rows ((1.8, 1.1) are the H200's measured Mixtral costs: one expert's tail goes up)."""
     from flashmoe_plugin.io import aligned_empty
+    monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
@@ -143,33 +156,79 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s):
     n_moe = len(Engine(store, prefetch="off", ram_budget=k * size).store.layers)
     eng = Engine(store, n_cpu_moe=min(2, n_moe), ram_budget=k * size, prefetch="off")
     cl = eng.cpu_layers
-    cl.attach(eng.backend, aligned_empty(cl.ring_size() * size), copy_s=copy_s, cpu_s=cpu_s)
-    n, shared = cl.plan(k)
-    assert n + shared <= k and (n < k or k == 1) and (shared or cl.shareable == 0), (n, shared)
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=copy_s, cpu_s=cpu_s)
+    q = cl.cut[cl.layers[0]][0]
+    c = cl.plan(k, q)
+    assert 0 < c < k * q or k == 1, (c, k, q)
+    sliced = eng.model.expert_act is None  # gpt-oss's experts (biases) stay whole
+    assert (q > 1) == sliced, q
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, (out - ref).abs().max())
     assert cl.copied_up > 0
     # the split is for plain SwiGLU experts (one fused call each side); gpt-oss's go up whole
-    assert cl.split_up > 0 or k == 1 or eng.model.expert_act is not None
+    assert cl.split_up > 0 or k == 1 or not sliced
+
+
+def test_slices_sum_to_the_expert(oracles, family):
+    """store/slices.py: an expert's q slices (each a record of intermediate I/q) sum to the
+    expert, through the C kernels and the torch reference alike."""
+    from flashmoe_plugin import kernels
+    from flashmoe_plugin.store.format import Store
+    from flashmoe_plugin.store.slices import cut, slice_count, slice_layout
+    st = Store.open(oracles(family).store("q4"))
+    layer = sorted(st.layers)[0]
+    lay = st.layout_of(layer)
+    q = slice_count(lay, st.config.top_k, want=4, smallest=64)
+    if q == 1:
+        assert lay.has("b2"), "only experts with biases stay whole here"
+        pytest.skip(f"{family}: experts with biases are not sliced")
+    rec = torch.zeros(lay.size, dtype=torch.uint8)
+    for f, off, nbytes, into, _ in st.record_reads(layer, 1):
+        with open(f, "rb") as fh:
+            fh.seek(off)
+            rec[into:into + nbytes] = torch.frombuffer(bytearray(fh.read(nbytes)), dtype=torch.uint8)
+    sub = slice_layout(lay, q)
+    dst = torch.zeros(q * sub.size, dtype=torch.uint8)
+    cut(rec, lay, q, dst)
+    x = torch.randn(3, lay.hidden, generator=torch.Generator().manual_seed(1))
+    for name in ("cpu", "torch"):
+        be = kernels.select("cpu", name)
+        want = be.expert_ffn(x, rec, lay)
+        got = sum(be.expert_ffn(x, dst[j * sub.size:(j + 1) * sub.size], sub) for j in range(q))
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (family, name, q, (got - want).abs().max())
+    with pytest.raises(ValueError, match="slices need"):
+        cut(rec, lay, q, dst[:-1])
+
+
+def test_slices_are_opt_in(oracles, monkeypatch):
+    """Without FLASHMOE_SLICE_EXPERTS=1 the records stay whole when the GPU side is attached (slices
+    measured slower on the H200) and the plan cuts at whole experts."""
+    from flashmoe_plugin.io import aligned_empty
+    monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
+    monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
+    eng = Engine(oracles("mixtral").store("q4"), n_cpu_moe=1, prefetch="off")
+    cl = eng.cpu_layers
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=1.8, cpu_s=1.1)
+    eng.close()
+    assert cl.stride == eng.store.layout.size and cl.cut[cl.layers[0]][0] == 1
+    assert cl.plan_of(2) == {"slices_per_expert": 1, "slices_on_cpu": 1, "of": 2}
 
 
 def test_plan_balances_pcie_and_cpu():
-    """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert, w13
-    two thirds of a record): one expert on the CPU and the other shared (its w13 up, its down here)
-    while the down product costs its bytes' share, whole experts once it is slower."""
+    """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert):
+    whole experts give max(1.8, 1.1); 8 slices per expert give the CPU one expert and a quarter
+    of the other (1.375 ms) and the copy the rest (1.35 ms)."""
     from flashmoe_plugin.runtime.host_compute import CpuLayers
     cl = CpuLayers.__new__(CpuLayers)
-    cl.gpu, cl.copy_s, cl.cpu_s, cl.shareable, cl.down_s = object(), 1.8, 1.1, 2 / 3, None
-    assert cl.plan(2) == (1, True)  # the down product at its bytes' share of the expert: 1.57 ms
-    cl.down_s = 0.66  # a slow down product: 1.86 ms against 1.8, whole experts win
-    assert cl.plan(2) == (1, False)
-    cl.down_s = None
-    cl.shareable = 0.0  # experts with biases: whole experts only
-    assert cl.plan(2) == (1, False)
-    cl.shareable, cl.copy_s = 2 / 3, 100.0  # a slow link: everything here
-    assert cl.plan(2) == (2, False)
+    cl.gpu, cl.copy_s, cl.cpu_s = object(), 1.8, 1.1
+    assert cl.plan(2) == 1  # whole experts: one each side
+    assert cl.plan(2, 8) == 10
+    cl.copy_s = 100.0  # a slow link: everything here
+    assert cl.plan(2, 8) == 16
     cl.copy_s, cl.cpu_s = 1.0, 100.0  # a slow CPU: everything up
-    assert cl.plan(2) == (0, False)
+    assert cl.plan(2, 8) == 0
+    cl.copy_s, cl.cpu_s = 1.0, 1.0  # equal costs: half each side, k = 8 experts of 2 slices
+    assert cl.plan(8, 2) == 8
     cl.gpu = None
-    assert cl.plan(8) == (8, False)
+    assert cl.plan(8) == 8 and cl.plan(2, 8) == 16

@@ -23,10 +23,10 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..pager.tiers import event_times
+from ..store.slices import cut, slice_count, slice_layout
 
 
 def physical_cores() -> int:
@@ -120,11 +120,15 @@ class CpuLayers:
     """`n_cpu_moe`: the expert records of the first N MoE layers, read into RAM (pinned beside a
     GPU) at start and never paged.
 
-    Decode: a token's k experts of such a layer are split between the CPU (the C kernels on every
-    physical core) and the GPU (the record copied over PCIe into a small ring of VRAM slots, then
-    the fused kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's
-    16 cores, the copy engine adds ~55 GB/s. `plan(k)` picks the split that makes the slower side
-    shortest by costs measured at start (without a GPU: all on the CPU).
+    Decode: a token's k experts of such a layer are shared between the CPU (the C kernels on every
+    physical core) and the GPU (copied over PCIe into a small ring of VRAM slots, then the fused
+    kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's 16 cores,
+    the copy engine adds ~55 GB/s. `plan(k, q)` gives the CPU the first c of the token's k*q
+    slices (whole experts, then the head of the next one) and the GPU the rest (that expert's
+    tail, one copy, and the later experts), c making the slower side shortest by costs measured
+    at start (without a GPU: all on the CPU). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1:
+    then, once a GPU side is attached, each record is re-laid out as q slices along its
+    intermediate dimension (store/slices.py: q records of I/q rows, summing to the expert).
     Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
     time) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
@@ -145,10 +149,16 @@ class CpuLayers:
         self.experts = {layer: store.layers[layer].experts for layer in self.layers}
         self.layout, size = store.layout, store.layout.size
         self.k = store.config.top_k
-        self.shareable = min([self.w13_share(lay) for lay in self.layouts.values()], default=0.0)
+        # slices per expert once a GPU side is attached (records stay whole until then); opt-in:
+        # measured slower on the H200 (see plan)
+        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "0") == "1"
+        self._q = {layer: slice_count(lay, self.k) if sliced else 1 for layer, lay in self.layouts.items()}
+        self.cut = {layer: (1, lay) for layer, lay in self.layouts.items()}  # (q, slice layout) in use
+        # a record's room in RAM and in a ring slot: whole, or its q slices (each page-aligned)
+        self.stride = max([size] + [q * slice_layout(self.layouts[l], q).size for l, q in self._q.items()])
         self.backend = cpu_backend(device)
         count = sum(store.layers[l].experts for l in self.layers)
-        self.bytes = count * size
+        self.bytes = count * self.stride
         self.device, self.gpu = device, None
         cuda = device.type == "cuda" and gpu_backend is not None and count > 0
         self.copies = CudaCopies(device) if cuda else HostCopies()  # pinned: copies up at full PCIe speed
@@ -160,43 +170,40 @@ class CpuLayers:
             for layer in self.layers:
                 jobs = []
                 for e in range(store.layers[layer].experts):
-                    rec = self.mem[at:at + size]
+                    rec = self.mem[at:at + self.stride]
                     for f, off, nbytes, into, crc in store.record_reads(layer, e, verify):
                         if f not in fids:
                             fids[f] = reader.open(str(f))
                         jobs.append((fids[f], off, nbytes, rec[into:into + nbytes], crc))
                     self.records[(layer, e)] = rec
-                    at += size
+                    at += self.stride
                 try:
                     reader.read(jobs)
                 except OSError as err:
                     from ..store.format import StoreError
                     raise StoreError(f"{store.layer_path(layer)}: layer {layer}: {err}") from err
-        self.cpu_s = self.copy_s = self.down_s = None
+        self.cpu_s = self.copy_s = None
         self.slots, self._ahead, self._busy = None, {}, set()
         self.copied_up = 0     # prefill experts run on the GPU (for bench and tests)
-        self.split_up = 0      # decode experts run on the GPU beside the CPU's (for bench and tests)
+        self.split_up = 0      # decode experts (whole or their tail slices) run on the GPU (bench, tests)
+        self.cut_s = 0.0       # seconds spent slicing the records (once, at attach)
         self._host_out = torch.zeros(1, store.layout.hidden)
-        inter = max([lay.intermediate for lay in self.layouts.values()], default=1)
-        self._hid_host = torch.zeros(1, inter)  # a shared expert's gate/up product
+        self._adapt = cuda  # cpu_s follows the decode's CPU calls (the twin keeps the costs it is given)
+        self._dev_out = None  # the CPU's sum on the device in fp32 (beside a GPU)
         if cuda:
-            self._host_out, self._hid_host = self._host_out.pin_memory(), self._hid_host.pin_memory()
-            ring = torch.empty(self.ring_size() * size, dtype=torch.uint8, device=device)
+            self._host_out = self._host_out.pin_memory()
+            self._dev_out = torch.empty(1, store.layout.hidden, device=device)
+            ring = torch.empty(self.ring_size() * self.stride, dtype=torch.uint8, device=device)
             self.attach(gpu_backend, ring)
-            rec = next(iter(self.records.values()))
-            self.copy_s = min(event_times(lambda: self.slots[0].copy_(rec, non_blocking=True), 3))
-            lay = self.layouts[self.layers[0]]
-            x = torch.zeros(1, lay.hidden)
-            self.backend.expert_ffn(x, rec, lay)  # warm
+            layer = self.layers[0]
+            q, lay = self.cut[layer]
+            rec = self.records[(layer, 0)]
+            self.copy_s = min(event_times(lambda: self.slots[0][:q * lay.size].copy_(rec[:q * lay.size], non_blocking=True), 3))
+            x, pieces = torch.zeros(1, lay.hidden), self._pieces(rec, layer, 0, q)
+            self.backend.moe(x, pieces, [1.0] * q, lay)  # warm
             t0 = time.perf_counter()
-            self.backend.expert_ffn(x, rec, lay)
+            self.backend.moe(x, pieces, [1.0] * q, lay)
             self.cpu_s = time.perf_counter() - t0
-            if self.shareable:  # a shared expert's down product alone, timed rather than assumed
-                p2, hid = lay.part("w2"), torch.zeros(1, lay.intermediate)
-                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)  # warm
-                t0 = time.perf_counter()
-                self.backend.linear(hid, lay.part_bytes(rec, "w2"), p2.format, p2.shape)
-                self.down_s = time.perf_counter() - t0
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
@@ -204,17 +211,29 @@ class CpuLayers:
         return max(4, 2 * self.k)
 
     def attach(self, gpu_backend, ring: torch.Tensor, copy_s=None, cpu_s=None):
-        """The GPU side: its kernel backend and the ring of record slots (device memory; the CPU
-        twin passes the CPU backend and host memory, with costs of its choosing)."""
-        size = self.layout.size
+        """The GPU side: its kernel backend and the ring of record slots (device memory, ring_size()
+        x stride bytes; the CPU twin passes the CPU backend and host memory, with costs of its
+        choosing). The records are cut into their slices here, once."""
         self.gpu = gpu_backend
-        self.slots = ring[:self.ring_size() * size].view(self.ring_size(), size)
+        self.slots = ring[:self.ring_size() * self.stride].view(self.ring_size(), self.stride)
         self._fence = [None] * self.ring_size()  # compute-stream event of each slot's last reader
         self._lru = list(range(self.ring_size()))  # slots, least recently taken first
         self._busy: set = set()  # slots whose copy is queued and whose kernels are not yet
         self._ahead: dict = {}  # (layer, expert) -> (slot, copy event): copied before asked for
         if copy_s is not None:
             self.copy_s, self.cpu_s = copy_s, cpu_s
+        t0 = time.perf_counter()
+        for layer in self.layers:
+            q, lay = self._q[layer], self.layouts[layer]
+            if self.cut[layer][0] == q:
+                continue
+            tmp = torch.empty(lay.size, dtype=torch.uint8)
+            for e in range(self.experts[layer]):
+                rec = self.records[(layer, e)]
+                tmp.copy_(rec[:lay.size])
+                cut(tmp, lay, q, rec)
+            self.cut[layer] = (q, slice_layout(lay, q))
+        self.cut_s += time.perf_counter() - t0
 
     def close(self):
         self.copies.close()  # unpins the records
@@ -225,27 +244,42 @@ class CpuLayers:
     def __contains__(self, layer: int) -> bool:
         return layer in self._set
 
-    @staticmethod
-    def _ffn(backend, x, rec, layout, act):
-        return backend.expert_ffn(x, rec, layout) if act is None else backend.expert_general(x, rec, layout, act)
+    def _pieces(self, base: torch.Tensor, layer: int, lo: int, hi: int) -> list:
+        """Slices lo..hi-1 of an expert held at `base` (its record in RAM, or the ring slot it was
+        copied into), each a record of the layer's slice layout."""
+        q, lay = self.cut[layer]
+        return [base[j * lay.size:(j + 1) * lay.size] for j in range(lo, hi)]
+
+    def _expert(self, backend, x, base, layer: int, act):
+        """One expert (every slice of it) from `base`, for x [T, H] on the backend's device."""
+        q, lay = self.cut[layer]
+        if q == 1:
+            return backend.expert_ffn(x, base, lay) if act is None else backend.expert_general(x, base, lay, act)
+        pieces = self._pieces(base, layer, 0, q)
+        if act is None and hasattr(backend, "moe"):  # the C kernels: the slices in one call
+            return backend.moe(x, pieces, [1.0] * q, lay)
+        y = None
+        for p in pieces:
+            o = backend.expert_ffn(x, p, lay) if act is None else backend.expert_general(x, p, lay, act)
+            y = o if y is None else y.add_(o)
+        return y
 
     # ------------------------------------------------------------------ copies up (the ring)
-    def _up(self, layer: int, e: int, part: str | None = None):
-        """Queue the copy of one record (or one part of it, at its offset) into the least recently
-        used ring slot that no queued kernel still waits to read (the copy also waits for that
-        slot's last reader): (slot, copy event). A slot is busy from here until `_used`."""
-        ahead = self._ahead.pop((layer, e), None) if part is None else None
-        if ahead is not None:
+    def _up(self, layer: int, e: int, lo: int = 0):
+        """Queue the copy of one expert's slices lo.. (its tail; lo = 0: all of it) into the least
+        recently used ring slot that no queued kernel still waits to read, at their offsets in the
+        record (the copy also waits for that slot's last reader): (slot, copy event). A slot is
+        busy from here until `_used`."""
+        ahead = self._ahead.pop((layer, e), None)
+        if ahead is not None:  # the whole record is up already
             return ahead
         s = next(s for s in self._lru if s not in self._busy)
         self._lru.remove(s)
         self._lru.append(s)
         self._busy.add(s)
-        dst, src = self.slots[s], self.records[(layer, e)]
-        if part is not None:
-            lay = self.layouts[layer]
-            dst, src = lay.part_bytes(dst, part), lay.part_bytes(src, part)
-        return s, self.copies.copy(dst, src, after=(self._fence[s],))
+        q, lay = self.cut[layer]
+        a, b = lo * lay.size, q * lay.size
+        return s, self.copies.copy(self.slots[s][a:b], self.records[(layer, e)][a:b], after=(self._fence[s],))
 
     def _used(self, s: int):
         """The kernels reading slot s are queued: a later copy into it waits for them."""
@@ -266,103 +300,87 @@ class CpuLayers:
             if (layer, e) not in self._ahead:
                 self._ahead[(layer, e)] = self._up(layer, e)
 
-    def split(self, k: int) -> int:
-        """How many of a decode token's k experts the CPU computes whole (the rest go up to the GPU,
-        but for one shared expert where plan(k) says so)."""
-        return self.plan(k)[0]
-
-    def plan(self, k: int) -> tuple[int, bool]:
-        """(n, shared) for a decode token's k experts: n computed whole on the CPU; with shared,
-        expert n is shared (its w13 part copied up and its gate/up product computed on the GPU, its
-        down product here, once the CPU has done its own n); the rest go up whole. Chosen to make
-        the slower side shortest by the costs measured at start (copy_s per record, in proportion
-        for the w13 part; cpu_s per expert; down_s for a down product alone). On the H200 (Mixtral,
-        k = 2, 16 cores): copy 1.8 ms, CPU 1.05-1.24 ms per expert: one expert here and one up
-        whole. Sharing the second instead (its w13 up in 1.2 ms, its down product here after the
-        first) measured no faster there (43.9 against 45.2 tok/s, 12 layers, 9 on the CPU, two
-        runs): likely the down product alone streams slower than the fused expert (not timed
-        apart there), so the plan now takes down_s, timed at start, instead of its bytes' share.
-        Without a GPU: all here."""
+    def plan(self, k: int, q: int = 1) -> int:
+        """How many of a decode token's k*q slices (q per expert) the CPU computes: the first c in
+        routing order (c // q experts whole, then the head of the next); the GPU takes the rest,
+        copied up. c makes the slower side shortest by the costs measured at start (copy_s per
+        record, cpu_s per expert, a slice costing 1/q of either; beside a GPU cpu_s follows the
+        decode's own CPU calls, which share RAM bandwidth with the copies); ties go to the CPU
+        (one copy less). Without a GPU: all here.
+        On the H200 (Mixtral, k = 2, 16 cores) whole experts give one each side. With q = 4 the plan
+        took 5 of 8 slices here, but decode measured slower (12 layers, 9 on the CPU: 40.9 against
+        44.5 tok/s, benchmarks/results/h200-h10b-hybrid-12l.json): beside the copy the CPU streams
+        an expert in ~1.47 ms (1.05-1.24 alone: both read the same RAM), and ~0.5 ms of each CPU
+        layer's host time outside the C kernels sits on the CPU's side, so whole experts were
+        already balanced (~2.0 ms each side). Hence slices are opt-in."""
         if self.gpu is None:
-            return k, False
-        u, c, f = self.copy_s, self.cpu_s, self.shareable
-        d = self.down_s if self.down_s is not None else (1 - f) * c
-        best = []
-        for n in range(k + 1):
-            best.append((max((k - n) * u, n * c), 0, -n, n, False))
-            if n < k and f:  # the shared expert's w13 copy goes first, its down product waits for it
-                best.append((max(f * u + (k - n - 1) * u, max(n * c, f * u) + d), 1, -n, n, True))
-        _, _, _, n, shared = min(best)  # ties: whole experts (one wait less), then more on the CPU
-        return n, shared
+            return k * q
+        u, c = self.copy_s / q, self.cpu_s / q
+        return min(range(k * q + 1), key=lambda n: (max((k * q - n) * u, n * c), -n))
 
-    @staticmethod
-    def w13_share(layout) -> float:
-        """The w13 part's share of a record's bytes, or 0 where an expert cannot be shared (biases)."""
-        if not layout.has("w13") or not layout.has("w2") or len(layout.parts) != 2:
-            return 0.0
-        n13, n2 = layout.part("w13").nbytes, layout.part("w2").nbytes
-        return n13 / (n13 + n2)
+    def plan_of(self, k: int) -> dict:
+        """The decode plan of the first CPU layer, for bench."""
+        q = self.cut[self.layers[0]][0] if self.layers else 1
+        return {"slices_per_expert": q, "slices_on_cpu": self.plan(k, q), "of": k * q}
 
     # ------------------------------------------------------------------ compute
     def decode(self, layer: int, xh: torch.Tensor, chosen: list[int], weights: list[float], x: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        """One token's routed experts of `layer` (SwiGLU) by plan(k): xh [1, H] fp32 on the host, x
-        the same activation on the compute device. The GPU's share is queued first (copies, then
-        its kernels), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
+        """One token's routed experts of `layer` (SwiGLU) by plan(k, q): xh [1, H] fp32 on the host,
+        x the same activation on the compute device. The GPU's share is queued first (copies, then
+        its kernel), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
         tensor) on x's device and dtype."""
-        lay = self.layouts[layer]
-        n, shared = self.plan(len(chosen))
-        whole = chosen[n + shared:]  # experts computed whole on the GPU
+        q, lay = self.cut[layer]
+        k = len(chosen)
+        n, m = divmod(self.plan(k, q), q)  # n experts whole here, then m slices of expert n
+        up_ = [(chosen[i], m if i == n else 0, weights[i]) for i in range(n, k)]  # the GPU's: (expert, first slice, weight)
         if self._ahead:
-            self._keep_ahead(layer, whole)
-        half = None
-        if shared:  # its w13 copy first: the CPU's down product waits for it
-            s, ev = self._up(layer, chosen[n], "w13")
-            self.copies.use(ev)
-            p13 = lay.part("w13")
-            gate, up = self.gpu.linear(x, lay.part_bytes(self.slots[s], "w13"), p13.format, p13.shape).chunk(2, dim=-1)
-            self._used(s)
-            hid = self._hid_host[:, :gate.shape[1]]
-            hid.copy_((F.silu(gate) * up).float(), non_blocking=True)
-            half = (hid, self.copies.fence())
-            self.split_up += 1
+            self._keep_ahead(layer, [e for e, _, _ in up_])
         gpu_out = None
-        if whole:
-            up = [self._up(layer, e) for e in whole]
-            for _, ev in up:
+        if up_:
+            ups = [self._up(layer, e, lo) for e, lo, _ in up_]
+            for _, ev in ups:
                 self.copies.use(ev)
-            gpu_out = self.gpu.moe_decode(x, [self.slots[s] for s, _ in up], torch.tensor(weights[n + shared:]), lay)
-            for s, _ in up:
+            recs, ws = [], []
+            for (s, _), (e, lo, w) in zip(ups, up_):
+                recs += self._pieces(self.slots[s], layer, lo, q)
+                ws += [w] * (q - lo)
+            gpu_out = self.gpu.moe_decode(x, recs, torch.tensor(ws), lay)
+            for s, _ in ups:
                 self._used(s)
-            self.split_up += len(up)
-        if n == 0 and half is None:
+            self.split_up += len(ups)
+        if n == 0 and m == 0:
             return gpu_out if out is None else out.copy_(gpu_out)
         # pinned: the copy up to `out` is asynchronous; the next call reuses it only after the
         # host has waited for later work on the same stream (the next layer's routing)
         host = self._host_out
-        recs = tuple(self.records[(layer, e)] for e in chosen[:n])
+        recs, ws = [], []
+        for i in range(n + bool(m)):
+            hi = q if i < n else m
+            recs += self._pieces(self.records[(layer, chosen[i])], layer, 0, hi)
+            ws += [float(weights[i])] * hi
+        t0 = time.perf_counter()
         if _native_cpu(self.backend, lay):
             host.zero_()
-            if n:
-                self.backend.module.moe(xh, recs, weights[:n], self.backend.spec(lay), host)  # adds into host
+            self.backend.module.moe(xh, tuple(recs), ws, self.backend.spec(lay), host)  # adds into host
         else:
-            host.copy_(self.backend.moe(xh, recs, weights[:n], lay) if n else torch.zeros_like(host))
-        if half is not None:
-            hid, ev = half
-            self.copies.wait(ev)
-            p2 = lay.part("w2")
-            y = self.backend.linear(hid, lay.part_bytes(self.records[(layer, chosen[n])], "w2"), p2.format, p2.shape)
-            host.add_(y, alpha=weights[n])
+            host.copy_(self.backend.moe(xh, recs, ws, lay))
+        if self._adapt:  # the CPU's cost per expert as it runs beside the copies
+            self.cpu_s = 0.9 * self.cpu_s + 0.1 * (time.perf_counter() - t0) * q / len(recs)
         if out is None:
             out = torch.empty_like(x)
-        out.copy_(host, non_blocking=True)
+        if self._dev_out is not None and x.is_cuda:
+            # fp32 to fp32 from pinned memory, converted on the device: torch would convert a bf16
+            # `out`'s copy on the CPU into pageable memory, whose copy may wait for the GPU's share
+            out.copy_(self._dev_out.copy_(host, non_blocking=True))
+        else:
+            out.copy_(host)
         return out if gpu_out is None else out.add_(gpu_out)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
         """The routed experts of `layer` for x [T, H] (any device), computed on the CPU and, beside
         a GPU, partly there (act: the family's activation where it is not SwiGLU, as Engine gets it
         from the model)."""
-        lay = self.layouts[layer]
         if x.shape[0] == 1 and act is None:  # decode: one copy to the host, the split, one native call
             k, H = ids.shape[1], x.shape[1]
             packed = torch.cat((x.float().view(-1), weights.float().view(-1), ids.float().view(-1))).cpu()
@@ -391,7 +409,7 @@ class CpuLayers:
             self.copies.use(ev)
             pick = order[start[e]:start[e + 1]]
             tok, slot = pick // k, pick % k
-            y = self._ffn(self.gpu, x[tok], self.slots[s], lay, act) * weights[tok, slot, None]
+            y = self._expert(self.gpu, x[tok], self.slots[s], layer, act) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(x.dtype))
             self._used(s)
             self.copied_up += 1
@@ -407,7 +425,7 @@ class CpuLayers:
             for e in on_cpu:
                 pick = order_h[start[e]:start[e + 1]]
                 tok, slot = pick // k, pick % k
-                y = self._ffn(self.backend, xh[tok], self.records[(layer, e)], lay, act) * w_h[tok, slot, None]
+                y = self._expert(self.backend, xh[tok], self.records[(layer, e)], layer, act) * w_h[tok, slot, None]
                 acc.index_add_(0, tok, y)
             out += acc.to(x.device, x.dtype)
         return out
