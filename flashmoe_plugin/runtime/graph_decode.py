@@ -109,7 +109,7 @@ class DeviceDecode:
         if self.native:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
                                   dtype=torch.uint8, device=dev)
-        self.graph, self.captured = None, False
+        self.graph, self.graphs, self.captured = None, [], False
         self.nodes: dict = {}
         self.kernel_mode = "auto"
         self.why_not = "" if mode == "on" and self.cuda and self.native else \
@@ -225,11 +225,17 @@ class DeviceDecode:
                 e.trace.route(layer, [ids[row]])
             p.note_hits(layer, ids[row])
 
+    def _pieces(self) -> list:
+        """What one step runs, as the callables captured one graph each (here the whole token;
+        HybridDecode: its segments between CPU layers, replayed in order)."""
+        return [lambda: self._body(0, fast=True)]
+
     def _capture(self):
         """Warm up on a side stream (compilation, lazy initialisations), then capture one step at
-        the current position (it writes nothing a real step would not overwrite). Tried in order:
-        the compiled ops with the cooperative MoE launch, then with two plain launches, then the
-        ops as written; if nothing captures, steps stay uncaptured and `why_not` says why."""
+        the current position (it writes nothing a real step would not overwrite), one graph per
+        piece in one memory pool. Tried in order: the compiled ops with the cooperative MoE
+        launch, then with two plain launches, then the ops as written; if nothing captures, steps
+        stay uncaptured and `why_not` says why."""
         cur, side = torch.cuda.current_stream(self.e.device), self.stream
         tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
         for kmode, compiled in tries:
@@ -239,21 +245,28 @@ class DeviceDecode:
             side.wait_stream(cur)
             try:
                 with torch.cuda.stream(side):
-                    self._body(0, fast=True)
+                    for piece in self._pieces():
+                        piece()
                     self.pos.sub_(1)
                 cur.wait_stream(side)
-                g = _new_graph()
-                with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
-                    self._body(0, fast=True)
-                self.nodes = _graph_nodes(g)
-                if hasattr(g, "instantiate"):
-                    g.instantiate()
-                self.graph, self.captured, self.why_not = g, True, ""
+                pool, graphs, nodes = torch.cuda.graph_pool_handle(), [], {}
+                for piece in self._pieces():
+                    g = _new_graph()
+                    with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        piece()
+                    for kind, n in _graph_nodes(g).items():
+                        nodes[kind] = nodes.get(kind, 0) + n
+                    if hasattr(g, "instantiate"):
+                        g.instantiate()
+                    graphs.append(g)
+                self.graphs, self.nodes = graphs, nodes
+                self.graph, self.captured, self.why_not = graphs[-1], True, ""
                 return
             except Exception as err:  # noqa: BLE001 - a launch or a compilation the capture cannot take
                 cur.wait_stream(side)
                 torch.cuda.synchronize(self.e.device)
                 self.pos.fill_(self.pos_value)
+                self.graphs = []
                 self.why_not = f"capture failed ({kmode}, compiled={compiled}): {type(err).__name__}: {err}"[:500]
                 if compiled and kmode == "two":
                     self.ops.uncompile(self.why_not)
@@ -264,7 +277,7 @@ class DeviceDecode:
         return self.nodes.get("kernel") if self.graph is not None and self.nodes else None
 
     def close(self):
-        self.captured, self.graph = self.graph is not None, None
+        self.captured, self.graph, self.graphs = self.graph is not None, None, []
         self.table.detach()
 
 

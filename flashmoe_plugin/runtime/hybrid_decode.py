@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import embed
-from .graph_decode import DeviceDecode, _graph_nodes, _new_graph
+from .graph_decode import DeviceDecode
 
 
 class HybridDecode(DeviceDecode):
@@ -37,7 +37,6 @@ class HybridDecode(DeviceDecode):
         if dev.type == "cuda":
             self.pack_host = self.pack_host.pin_memory()
             self.packed = torch.cuda.Event()
-        self.graphs: list = []
         super().__init__(engine, mode)
 
     # ------------------------------------------------------------------ a segment
@@ -107,45 +106,6 @@ class HybridDecode(DeviceDecode):
         self.replays += bool(self.graphs)
         self._settle(skip=set(self.cpu))  # the CPU layers' experts came from RAM, never looked up
 
-    def _capture(self):
-        """DeviceDecode._capture for the segments: warm up on the side stream, then capture each
-        segment as a graph of its own (one memory pool: they replay in capture order)."""
-        cur, side = torch.cuda.current_stream(self.e.device), self.stream
-        tries = [("auto", True), ("two", True), ("auto", False), ("two", False)]
-        for kmode, compiled in tries:
-            if compiled and not self.ops.compiled:
-                continue
-            self.kernel_mode = kmode
-            side.wait_stream(cur)
-            try:
-                with torch.cuda.stream(side):
-                    for j in range(len(self.cpu) + 1):
-                        self._segment(j)
-                    self.pos.sub_(1)
-                cur.wait_stream(side)
-                pool, graphs, nodes = torch.cuda.graph_pool_handle(), [], {}
-                for j in range(len(self.cpu) + 1):
-                    g = _new_graph()
-                    with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
-                        self._segment(j)
-                    for kind, n in _graph_nodes(g).items():
-                        nodes[kind] = nodes.get(kind, 0) + n
-                    if hasattr(g, "instantiate"):
-                        g.instantiate()
-                    graphs.append(g)
-                self.graphs, self.nodes = graphs, nodes
-                self.graph, self.captured, self.why_not = graphs[-1], True, ""
-                return
-            except Exception as err:  # noqa: BLE001 - a launch or a compilation the capture cannot take
-                cur.wait_stream(side)
-                torch.cuda.synchronize(self.e.device)
-                self.pos.fill_(self.pos_value)
-                self.graphs = []
-                self.why_not = f"capture failed ({kmode}, compiled={compiled}): {type(err).__name__}: {err}"[:500]
-                if compiled and kmode == "two":
-                    self.ops.uncompile(self.why_not)
-        self.kernel_mode = "auto"
-
-    def close(self):
-        self.graphs = []
-        super().close()
+    def _pieces(self) -> list:
+        """The segments between CPU layers, each captured as a graph of its own (DeviceDecode._capture)."""
+        return [lambda j=j: self._segment(j) for j in range(len(self.cpu) + 1)]
