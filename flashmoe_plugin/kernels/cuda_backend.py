@@ -58,12 +58,12 @@ class CudaBackend(Backend):
     # runs a layer's experts, above that dequantize + cuBLAS per expert. H200, Mixtral expert,
     # us per expert, grouped vs dequantize + cuBLAS (benchmarks/results/h200-p9b-kernels.json):
     # q4 96/141/274/542 vs 241/248/257/301 at 16/64/128/256 tokens, q8 132/179/341 vs
-    # 257/264/273 at 16/64/128. The kernel's cost steps with each 64-token tile, and real counts
-    # spread around the mean, so tiles run part empty: Mixtral's 512-token prompt (128 per
-    # expert), 32 layers, warm: 5942 tok/s an expert at a time against 4168 grouped (through a
-    # variant 1.2x slower than this kernel, whose time would make it ~5000; h200-p9b-prefill-32l
-    # .json). Up to a mean of 64 most experts fit one tile, where the kernel is 1.5-2.5x faster.
-    grouped_max_tokens = {"q4": 64, "q8": 64}
+    # 257/264/273 at 16/64/128. At Mixtral's 128 per expert (512-token prompt) an expert at a
+    # time is faster on the device but host-bound (one read-back of the counts per layer and ~3900
+    # launches per prompt): 5942 tok/s in prefill_profile.py's engine, but 3141 (bf16 dense) and
+    # 4429 (q8) inside `flashmoe bench` in the rival run (h200-lead-call-a.json), where the grouped
+    # kernel reads nothing back and does not depend on the host's pace.
+    grouped_max_tokens = {"q4": 128, "q8": 96}
     # Dense q8/q4 products through the decode GEMV (csrc/cuda/fm_gemv.cu) where it measured faster
     # than fmc_linear on the H200 (benchmarks/results/h200-g9-dense-gemv.json, us per call):
     # stacked parts at 1..4 tokens (q/k/v 6144x4096: q8 12.5 vs 20.0 at one token, 26 vs 38 at
