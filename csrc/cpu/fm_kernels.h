@@ -67,6 +67,12 @@ const char *fm_isa_name(int isa);
 int fm_get_num_threads(void);
 void fm_set_num_threads(int n);  /* n <= 0: number of CPUs usable by this process */
 
+/* Decode (one token) of q4 / q8 weights with the activations as 21-bit integers per group of 64
+ * and integer dot products (fm_kernels_xi.c; error ~ fp32 rounding), on by default; off: fp32
+ * activations. Env FLASHMOE_CPU_ACT=int|f32 sets the start value. */
+int fm_get_int_act(void);
+void fm_set_int_act(int on);
+
 /* ---- kernels -------------------------------------------------------------------------------- */
 /* Y[t, r] = alpha * W[r]·X[t] (+ Y[t, r] if accumulate), t < T; X rows stride ldx, Y rows ldy.
  * T = 1 is the decode GEMV; T > 1 reuses each dequantized register tile for a block of tokens. */
