@@ -30,12 +30,15 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--total-mib", type=float, default=400)
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: the pool's)")
     a = ap.parse_args(argv)
     from flashmoe_plugin import quant
     from flashmoe_plugin.bench.kernels import _module, _pass_times, _records, _replicate, mem_bandwidth, random_part
     from flashmoe_plugin.store.layout import RecordLayout
 
     K = _module()
+    if a.threads:
+        K.set_num_threads(a.threads)
     total = int(a.total_mib * MiB)
     torch.manual_seed(0)
     cases = []
