@@ -9,7 +9,8 @@
  * Quantized formats use groups of 64 along cols: W = q*s_g + b_g, computed in FMA form
  *   W[r]·x = sum_g s_g*(q_g·x_g) + b_g*sum(x_g),  fp32 accumulation.
  *
- * Activations are fp32. All entry points are thread-safe (calls are serialised) and run on an
+ * Activations are fp32 (decode of q4 / q8 quantizes them to 21-bit integers per group of 64 on the
+ * way in: fm_set_int_act, fm_kernels_xi.c). All entry points are thread-safe (calls are serialised) and run on an
  * own pthread pool (no OpenMP). No function reads outside the ranges described by its
  * arguments; the caller (cython/_cpu_kernels.pyx) validates buffer sizes with fm_part_nbytes.
  */
