@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c
+# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h
+# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h csrc/cpu/fm_kernels_xi.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._cpu_kernels: fused dequant kernels for CPU (csrc/cpu/fm_kernels*.c).
