@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c
+# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h
+# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h csrc/cpu/fm_kernels_xi.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._cpu_kernels: fused dequant kernels for CPU (csrc/cpu/fm_kernels*.c).
@@ -22,6 +22,9 @@ kernels run with the GIL released on the module's own thread pool.
     get_num_threads() / set_num_threads(n)   the pool size (n <= 0: all usable CPUs)
     isa() / max_isa() / set_isa(name) / isa_levels()   "portable" | "avx2" | "avx512"
                                          (env FLASHMOE_CPU_ISA picks the level at import)
+    int_act() / set_int_act(on)          decode (one token) of q4 / q8 with 21-bit integer
+                                         activations and integer dots (default; env
+                                         FLASHMOE_CPU_ACT=f32 turns it off at import)
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -62,6 +65,8 @@ cdef extern from "fm_kernels.h" nogil:
                   float alpha, int accumulate)
     int fm_moe(const fm_expert *experts, const float *weights, int k, const float *x, int64_t T, float *y)
     int fm_dequant(const fm_mat *w, int64_t r0, int64_t r1, void *out, int64_t ldo, int out_fmt)
+    int fm_get_int_act()
+    void fm_set_int_act(int on)
 
 cdef extern from "fm_kernels_internal.h":
     enum:
@@ -389,3 +394,13 @@ def set_isa(str name):
                 raise ValueError(f"set_isa: {name!r} is not supported on this CPU (best: {max_isa()!r})")
             return
     raise ValueError(f"set_isa: unknown level {name!r}; expected one of portable, avx2, avx512")
+
+
+def int_act():
+    """Whether decode of q4 / q8 weights uses integer activations (csrc/cpu/fm_kernels_xi.c)."""
+    return bool(fm_get_int_act())
+
+
+def set_int_act(bint on):
+    """Integer activations for decode of q4 / q8 (on, the default) or fp32 activations (off)."""
+    fm_set_int_act(on)

@@ -93,6 +93,7 @@ static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 int fm_prefetch_bytes = 4096;
 static int g_max_isa = FM_ISA_PORTABLE;
 static _Atomic int g_isa = FM_ISA_PORTABLE;
+static _Atomic int g_int_act = 1;
 
 static const fm_isa_impl *impl_of(int isa)
 {
@@ -132,6 +133,8 @@ static void global_init(void)
             if (!strcmp(env, fm_isa_name(i)) && i <= g_max_isa) isa = i;
     }
     atomic_store(&g_isa, isa);
+    const char *act = getenv("FLASHMOE_CPU_ACT");
+    if (act && !strcmp(act, "f32")) atomic_store(&g_int_act, 0);
     const char *pf = getenv("FLASHMOE_CPU_PREFETCH");
     if (pf && *pf) {
         long v = atol(pf);
@@ -158,6 +161,31 @@ int fm_set_isa(int isa)
     if (isa < 0 || isa >= FM_NISA || isa > g_max_isa) return FMK_EISA;
     atomic_store(&g_isa, isa);
     return FMK_OK;
+}
+
+int fm_get_int_act(void)
+{
+    pthread_once(&g_once, global_init);
+    return atomic_load(&g_int_act);
+}
+
+void fm_set_int_act(int on)
+{
+    pthread_once(&g_once, global_init);
+    atomic_store(&g_int_act, on ? 1 : 0);
+}
+
+/* The integer-activation level for a T-token product with weights of format fmt, or -1 for the
+ * fp32 path (fm_kernels_xi.c covers decode of q4 and q8). */
+static int xi_level_for(int isa, int fmt, int64_t T)
+{
+    if (T != 1 || (fmt != FM_Q4 && fmt != FM_Q8) || !atomic_load(&g_int_act)) return -1;
+    return fm_xi_level(isa);
+}
+
+static fm_rows_fn rows_for(const fm_isa_impl *impl, int fmt, int xi)
+{
+    return xi >= 0 ? fm_xi_rows(xi, fmt) : impl->rows[fmt];
 }
 
 /* ------------------------------------------------------------------ thread pool
@@ -404,8 +432,9 @@ static void prep_block(const float *x, int n, int F, int bits, float *out)
 }
 
 /* Prepare one activation vector x [K] for matrices of format fmt under impl:
- * xp [K] (the permuted, field-scaled order the kernels read) and xs [K/64] group sums. */
-static void fm_prepare(const fm_isa_impl *impl, int fmt, const float *x, int64_t K, float *xp, float *xs)
+ * xp [K] (the permuted, field-scaled order the kernels read) and xs [K/64] group sums; with
+ * xi >= 0 xp is the integer form of fm_kernels_xi.c (K + K/64 floats). */
+static void fm_prepare(const fm_isa_impl *impl, int fmt, const float *x, int64_t K, float *xp, float *xs, int xi)
 {
     if (!is_quant(fmt)) {
         memcpy(xp, x, (size_t)K * sizeof(float));
@@ -418,6 +447,10 @@ static void fm_prepare(const fm_isa_impl *impl, int fmt, const float *x, int64_t
         for (int i = 0; i < 64; i += 8)
             for (int l = 0; l < 8; l++) a[l] += v[i + l];
         xs[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
+    if (xi >= 0) {
+        fm_xi_prepare(xi, fmt, x, K, xp);
+        return;
     }
     int64_t g = 0;
     if (fmt == FM_Q4 || fmt == FM_Q2) {
@@ -550,6 +583,7 @@ static float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 typedef struct {
     const fm_isa_impl *impl;
+    fm_rows_fn rows;
     const fm_mat *w;
     const float *xp, *xs;
     int64_t ldxp, ldxs, T, chunk;
@@ -572,7 +606,7 @@ static void linear_task(void *vctx, int64_t task, int tid)
     for (int64_t t0 = 0; t0 < c->T; t0 += mnt) {
         fm_act a = {c->xp + t0 * c->ldxp, c->xs + t0 * c->ldxs, c->ldxp, c->ldxs,
                     (int)(c->T - t0 < mnt ? c->T - t0 : mnt)};
-        c->impl->rows[c->w->fmt](c->w, r0, r1, &a, tmp, FM_TMP_ROWS);
+        c->rows(c->w, r0, r1, &a, tmp, FM_TMP_ROWS);
         for (int t = 0; t < a.nt; t++) {
             float *yr = c->y + (t0 + t) * c->ldy;
             const float *src = tmp + t * FM_TMP_ROWS;
@@ -591,13 +625,14 @@ typedef struct {
     int64_t ldx, K;
     float *xp, *xs;
     int64_t ldxp, ldxs;
+    int xi;
 } prep_ctx;
 
 static void prep_task(void *vctx, int64_t t, int tid)
 {
     (void)tid;
     const prep_ctx *c = vctx;
-    fm_prepare(c->impl, c->fmt, c->x + t * c->ldx, c->K, c->xp + t * c->ldxp, c->xs + t * c->ldxs);
+    fm_prepare(c->impl, c->fmt, c->x + t * c->ldx, c->K, c->xp + t * c->ldxp, c->xs + t * c->ldxs, c->xi);
 }
 
 static void run_prep(fm_pool *p, prep_ctx *pc, int64_t T)
@@ -609,6 +644,8 @@ static void run_prep(fm_pool *p, prep_ctx *pc, int64_t T)
 }
 
 static int64_t pad16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+/* floats of one token's prepared activations: K (fp32), or 4K bytes + K/64 floats (integers) */
+static int64_t prep_floats(int64_t K) { return pad16(K + K / 64); }
 
 int fm_linear(const fm_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy, float alpha,
               int accumulate)
@@ -617,9 +654,11 @@ int fm_linear(const fm_mat *w, const float *x, int64_t T, int64_t ldx, float *y,
     if (T == 0) return FMK_OK;
     if (ldx < w->cols || ldy < w->rows) return FMK_EINVAL;
     pthread_once(&g_once, global_init);
-    const fm_isa_impl *impl = impl_of(atomic_load(&g_isa));
+    const int isa = atomic_load(&g_isa);
+    const fm_isa_impl *impl = impl_of(isa);
     const int64_t K = w->cols, G = K / 64;
-    const int64_t ldxp = pad16(K), ldxs = pad16(G + 1);
+    const int64_t ldxp = prep_floats(K), ldxs = pad16(G + 1);
+    const int xi = xi_level_for(isa, w->fmt, T);
     pthread_mutex_lock(&g_call_mu);
     fm_pool *p = pool_get();
     int rc = FMK_OK;
@@ -635,9 +674,10 @@ int fm_linear(const fm_mat *w, const float *x, int64_t T, int64_t ldx, float *y,
     const int nth = p ? p->n : 1;
     for (int64_t t0 = 0; t0 < T; t0 += Tc) {
         const int64_t nt = T - t0 < Tc ? T - t0 : Tc;
-        prep_ctx pc = {impl, w->fmt, x + t0 * ldx, ldx, K, ws, ws + Tc * ldxp, ldxp, ldxs};
+        prep_ctx pc = {impl, w->fmt, x + t0 * ldx, ldx, K, ws, ws + Tc * ldxp, ldxp, ldxs, xi};
         run_prep(p, &pc, nt);
-        linear_ctx c = {impl, w, ws, ws + Tc * ldxp, ldxp, ldxs, nt, 0, y + t0 * ldy, ldy, alpha, accumulate};
+        linear_ctx c = {impl, rows_for(impl, w->fmt, xi), w, ws, ws + Tc * ldxp, ldxp, ldxs, nt, 0, y + t0 * ldy,
+                        ldy, alpha, accumulate};
         c.chunk = chunk_rows(w, w->rows, nth, nt);
         if (c.chunk > FM_TMP_ROWS) c.chunk = FM_TMP_ROWS;
         pool_run(p, ceil_div(w->rows, c.chunk), linear_task, &c);
@@ -652,6 +692,8 @@ out:
 
 typedef struct {
     const fm_isa_impl *impl;
+    fm_rows_fn rows1, rows2; /* w13's and w2's row kernels */
+    int xi2;                 /* integer activations for w2 (level), or -1 */
     const fm_expert *ex;
     const float *wts;
     int k;
@@ -677,8 +719,8 @@ static void moe_phase1(void *vctx, int64_t task, int tid)
     for (int64_t t0 = 0; t0 < c->T; t0 += mnt) {
         fm_act a = {c->xp + t0 * c->ldxp, c->xs + t0 * c->ldxs, c->ldxp, c->ldxs,
                     (int)(c->T - t0 < mnt ? c->T - t0 : mnt)};
-        c->impl->rows[w->fmt](w, i0, i1, &a, g, FM_TMP_ROWS);
-        c->impl->rows[w->fmt](w, c->I + i0, c->I + i1, &a, u, FM_TMP_ROWS);
+        c->rows1(w, i0, i1, &a, g, FM_TMP_ROWS);
+        c->rows1(w, c->I + i0, c->I + i1, &a, u, FM_TMP_ROWS);
         for (int t = 0; t < a.nt; t++) {
             float *dst = c->act + (e * c->T + t0 + t) * c->I;
             for (int64_t i = i0; i < i1; i++)
@@ -691,7 +733,8 @@ static void moe_prep2(void *vctx, int64_t task, int tid)
 {
     (void)tid;
     const moe_ctx *c = vctx;
-    fm_prepare(c->impl, c->ex[0].w2.fmt, c->act + task * c->I, c->I, c->ap + task * c->ldap, c->as + task * c->ldas);
+    fm_prepare(c->impl, c->ex[0].w2.fmt, c->act + task * c->I, c->I, c->ap + task * c->ldap, c->as + task * c->ldas,
+               c->xi2);
 }
 
 static void moe_phase2(void *vctx, int64_t task, int tid)
@@ -706,7 +749,7 @@ static void moe_phase2(void *vctx, int64_t task, int tid)
         for (int e = 0; e < c->k; e++) {
             const fm_mat *w = &c->ex[e].w2;
             fm_act a = {c->ap + (e * c->T + t0) * c->ldap, c->as + (e * c->T + t0) * c->ldas, c->ldap, c->ldas, nt};
-            c->impl->rows[w->fmt](w, h0, h1, &a, tmp, FM_TMP_ROWS);
+            c->rows2(w, h0, h1, &a, tmp, FM_TMP_ROWS);
             const float we = c->wts[e];
             for (int t = 0; t < nt; t++) {
                 float *yr = c->y + (t0 + t) * c->H;
@@ -734,8 +777,10 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
         if (E->w13.fmt != ex[0].w13.fmt || E->w2.fmt != ex[0].w2.fmt) return FMK_EINVAL;
     }
     pthread_once(&g_once, global_init);
-    const fm_isa_impl *impl = impl_of(atomic_load(&g_isa));
-    const int64_t ldxp = pad16(H), ldxs = pad16(H / 64 + 1), ldap = pad16(I), ldas = pad16(I / 64 + 1);
+    const int isa = atomic_load(&g_isa);
+    const fm_isa_impl *impl = impl_of(isa);
+    const int64_t ldxp = prep_floats(H), ldxs = pad16(H / 64 + 1), ldap = prep_floats(I), ldas = pad16(I / 64 + 1);
+    const int xi1 = xi_level_for(isa, ex[0].w13.fmt, T), xi2 = xi_level_for(isa, ex[0].w2.fmt, T);
     pthread_mutex_lock(&g_call_mu);
     fm_pool *p = pool_get();
     const int nth = p ? p->n : 1;
@@ -751,6 +796,9 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
     }
     moe_ctx c;
     c.impl = impl;
+    c.rows1 = rows_for(impl, ex[0].w13.fmt, xi1);
+    c.rows2 = rows_for(impl, ex[0].w2.fmt, xi2);
+    c.xi2 = xi2;
     c.ex = ex;
     c.wts = wts;
     c.k = k;
@@ -768,7 +816,7 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
     for (int64_t t0 = 0; t0 < T; t0 += Tc) {
         c.T = T - t0 < Tc ? T - t0 : Tc;
         c.y = y + t0 * H;
-        prep_ctx pc = {impl, ex[0].w13.fmt, x + t0 * H, H, H, (float *)c.xp, (float *)c.xs, ldxp, ldxs};
+        prep_ctx pc = {impl, ex[0].w13.fmt, x + t0 * H, H, H, (float *)c.xp, (float *)c.xs, ldxp, ldxs, xi1};
         run_prep(p, &pc, c.T);
         /* phase 1: a chunk is a range of i covering gate rows i and up rows I+i */
         int64_t ch1 = chunk_rows(&ex[0].w13, 2 * I * k, nth, c.T) / 2;

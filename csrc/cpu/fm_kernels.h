@@ -9,7 +9,8 @@
  * Quantized formats use groups of 64 along cols: W = q*s_g + b_g, computed in FMA form
  *   W[r]·x = sum_g s_g*(q_g·x_g) + b_g*sum(x_g),  fp32 accumulation.
  *
- * Activations are fp32. All entry points are thread-safe (calls are serialised) and run on an
+ * Activations are fp32 (decode of q4 / q8 quantizes them to 21-bit integers per group of 64 on the
+ * way in: fm_set_int_act, fm_kernels_xi.c). All entry points are thread-safe (calls are serialised) and run on an
  * own pthread pool (no OpenMP). No function reads outside the ranges described by its
  * arguments; the caller (cython/_cpu_kernels.pyx) validates buffer sizes with fm_part_nbytes.
  */
@@ -66,6 +67,12 @@ int fm_set_isa(int isa);         /* FMK_EISA if above fm_max_isa(); env FLASHMOE
 const char *fm_isa_name(int isa);
 int fm_get_num_threads(void);
 void fm_set_num_threads(int n);  /* n <= 0: number of CPUs usable by this process */
+
+/* Decode (one token) of q4 / q8 weights with the activations as 21-bit integers per group of 64
+ * and integer dot products (fm_kernels_xi.c; error ~ fp32 rounding), on by default; off: fp32
+ * activations. Env FLASHMOE_CPU_ACT=int|f32 sets the start value. */
+int fm_get_int_act(void);
+void fm_set_int_act(int on);
 
 /* ---- kernels -------------------------------------------------------------------------------- */
 /* Y[t, r] = alpha * W[r]·X[t] (+ Y[t, r] if accumulate), t < T; X rows stride ldx, Y rows ldy.

@@ -45,6 +45,13 @@ extern const fm_isa_impl fm_impl_avx2;
 extern const fm_isa_impl fm_impl_avx512;
 #endif
 
+/* Integer activations for decode of q4 / q8 (fm_kernels_xi.c): the level whose kernels run
+ * under ISA level isa (AVX-512 needs VNNI, else AVX2's), the preparation of one token's
+ * activations x [K] into xp (fm_xi_prep_floats(K) floats) and the row kernels (one token). */
+int fm_xi_level(int isa);
+void fm_xi_prepare(int level, int fmt, const float *x, int64_t K, float *xp);
+fm_rows_fn fm_xi_rows(int level, int fmt);
+
 /* Software prefetch distance in bytes for the packed-weight stream (default 4096; 0: rely on
  * the hardware prefetchers alone); env FLASHMOE_CPU_PREFETCH sets it at first use. */
 extern int fm_prefetch_bytes;

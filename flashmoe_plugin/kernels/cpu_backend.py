@@ -6,6 +6,9 @@ kernels run on the module's own thread pool with the GIL released; its size defa
 torch.get_num_threads() when the backend is created, so that torch's threads and ours take turns
 on the same cores instead of oversubscribing them. `CpuBackend.set_num_threads(n)` changes it.
 FLASHMOE_CPU_ISA=portable|avx2|avx512 forces an instruction-set level (for comparisons).
+Decode (one token) of q4 / q8 weights takes the activations as 21-bit integers per group of 64 and
+dots them with the codes in integers (csrc/cpu/fm_kernels_xi.c; error at fp32 rounding's level);
+FLASHMOE_CPU_ACT=f32 (or the module's set_int_act(False)) keeps fp32 activations there too.
 
 llama.cpp's block formats (a GGUF store's parts, csrc/cpu/fm_gguf*.c) compute as llama.cpp's CPU
 matmuls do by default: each activation row is quantized to the weight type's Q8_0 / Q8_1 / Q8_K
