@@ -176,7 +176,7 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
 
 /* ------------------------------------------------------------------ a small thread pool */
 
-typedef void (*task_fn)(void *ctx, int64_t task, float *scratch);
+typedef fmg_task_fn task_fn;
 
 static int g_threads = 0;
 
@@ -237,6 +237,11 @@ static int run(task_fn fn, void *ctx, int64_t ntasks, size_t scratch)
     worker(&j);
     for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
     return atomic_load(&j.failed) ? FMG_ENOMEM : FMG_OK;
+}
+
+int fmg_run(fmg_task_fn fn, void *ctx, int64_t ntasks, size_t scratch)
+{
+    return run(fn, ctx, ntasks, scratch);
 }
 
 /* ------------------------------------------------------------------ exact dequantization */

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fm_ggml_f32.h" /* fmg_expf */
 #include "fm_gguf.h"
 #include "fm_kernels_internal.h" /* fm_h2f, fm_ld16 */
 
@@ -59,23 +60,9 @@ static inline int nearest_int(float v)
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* ggml-cpu's vectorized expf (vec.h ggml_v_expf, the AVX-512 variant, which llama.cpp builds for
- * this class of CPU use), lane by lane: fmaf is the same single rounding as the vector FMA and
- * ldexpf the same as scalef; then ggml_v_silu's x / (1 + e^-x). */
-static float ggml_expf(float x)
-{
-    const float r = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, r), n = z - r;
-    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-    if (fabsf(n) > 192) return n <= 0 ? 0.0f : INFINITY;
-    const float u = b * b;
-    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
-                         fmaf(0x1.ffffecp-1f, b, 1.0f));
-    return ldexpf(j, (int)n);
-}
-
 float fmg_q8_silu(float x)
 {
-    return x / (1.0f + ggml_expf(0.0f - x));
+    return x / (1.0f + fmg_expf(0.0f - x)); /* ggml_v_silu, with ggml's own expf */
 }
 
 int fmg_q8_supported(int type)
