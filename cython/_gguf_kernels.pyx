@@ -240,7 +240,8 @@ cdef extern from "fm_ggml_f32.h" nogil:
     void fmg_rope_apply(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld, const float *cos_t,
                         const float *sin_t)
     int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
-                      int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, float *out, int64_t ldo)
+                      int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, int interleaved, float *out,
+                      int64_t ldo)
 
 
 def f32_matmul(x, w):
@@ -299,9 +300,10 @@ def rope_apply_(x, cos, sin):
     return x
 
 
-def attention(q, k, v, int64_t start, float scale):
+def attention(q, k, v, int64_t start, float scale, bint interleaved=False):
     """Causal attention as llama.cpp's non-flash CPU path: q [T, H, d] at positions start..,
-    k, v [S, Hkv, d] (S >= start + T) -> [T, H * d]."""
+    k, v [S, Hkv, d] (S >= start + T) -> [T, H * d]. interleaved: K.Q summed in the order of
+    llama.cpp's permuted q/k rows (pairs (i, i + d/2) side by side)."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape or k.shape[2] != q.shape[2]:
         raise ValueError(f"attention: q [T, H, d], k and v [S, Hkv, d] expected, got {list(q.shape)}, "
                          f"{list(k.shape)}, {list(v.shape)}")
@@ -315,6 +317,6 @@ def attention(q, k, v, int64_t start, float scale):
     cdef float *op = <float *><uintptr_t>out.data_ptr()
     cdef int rc
     with nogil:
-        rc = fmg_attention(qp, H * d, kp, Hkv * d, vp, Hkv * d, T, start, H, Hkv, d, scale, op, H * d)
+        rc = fmg_attention(qp, H * d, kp, Hkv * d, vp, Hkv * d, T, start, H, Hkv, d, scale, interleaved, op, H * d)
     _check(rc, "attention")
     return out

@@ -161,11 +161,40 @@ static void att_task(void *vc, int64_t task, float *scratch)
     }
 }
 
-int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
-                  int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, float *out, int64_t ldo)
+/* rows of d: the halves' pairs side by side, (x[0], x[d/2], x[1], x[d/2 + 1], ...) */
+static float *interleave(const float *x, int64_t rows, int64_t ld, int64_t heads, int64_t d)
 {
-    if (T < 1 || H < 1 || Hkv < 1 || H % Hkv || d < 1) return FMG_EINVAL;
+    float *o = malloc(sizeof(float) * rows * heads * d);
+    if (!o) return NULL;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t i = 0; i < d / 2; i++) {
+                o[(r * heads + h) * d + 2 * i] = x[r * ld + h * d + i];
+                o[(r * heads + h) * d + 2 * i + 1] = x[r * ld + h * d + d / 2 + i];
+            }
+    return o;
+}
+
+int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
+                  int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, int interleaved, float *out,
+                  int64_t ldo)
+{
+    if (T < 1 || H < 1 || Hkv < 1 || H % Hkv || d < 1 || d % 2) return FMG_EINVAL;
+    float *qi = NULL, *ki = NULL;
+    if (interleaved) {  /* K.Q in the element order of llama.cpp's permuted rows */
+        qi = interleave(q, T, ldq, H, d);
+        ki = interleave(k, start + T, ldk, Hkv, d);
+        if (!qi || !ki) {
+            free(qi);
+            free(ki);
+            return FMG_ENOMEM;
+        }
+        q = qi, k = ki, ldq = H * d, ldk = Hkv * d;
+    }
     att_ctx c = {q, k, v, ldq, ldk, ldv, T, start, H, Hkv, d, ldo, scale, out};
     const int64_t n = (start + T + 63) & ~(int64_t)63;
-    return fmg_run(att_task, &c, T * H, (size_t)(n + 4 * d * 16));
+    const int rc = fmg_run(att_task, &c, T * H, (size_t)(n + 4 * d * 16));
+    free(qi);
+    free(ki);
+    return rc;
 }

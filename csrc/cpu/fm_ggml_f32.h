@@ -45,8 +45,11 @@ void fmg_rope_apply(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld, c
 
 /* Causal attention of T queries at positions start..start+T-1 over keys/values 0..start+T-1, as
  * llama.cpp's non-flash path: q [T][H][d] (row stride ldq per token), k, v [S][Hkv][d] (strides
- * ldk, ldv per position), out [T][H][d] (stride ldo). Returns 0, or FMG_ENOMEM. */
+ * ldk, ldv per position), out [T][H][d] (stride ldo). interleaved: q and k are in the half-split
+ * order while llama.cpp holds them permuted (pairs side by side: GGUF `llama` q/k rows), so the
+ * K.Q sums run in that order. Returns 0, FMG_EINVAL or FMG_ENOMEM. */
 int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
-                  int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, float *out, int64_t ldo);
+                  int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, int interleaved, float *out,
+                  int64_t ldo);
 
 #endif

@@ -22,8 +22,9 @@ def _module():
 
 
 class GgmlNumerics:
-    def __init__(self, backend):
+    def __init__(self, backend, interleaved: bool = False):
         self.backend = backend
+        self.interleaved = interleaved  # llama.cpp holds q/k rows permuted (GGUF `llama`): its K.Q order
 
     def active(self, dtype: torch.dtype, device) -> bool:
         return getattr(self.backend, "gguf_act", None) == "q8" and torch.device(device).type == "cpu" \
@@ -53,7 +54,8 @@ class GgmlNumerics:
 
     def attention(self, q, keys, vals, start: int, scale: float) -> torch.Tensor:
         """q [T, H, d], keys/vals [start + T, Hkv, d] -> [T, H * d], causal."""
-        return _module().attention(q.contiguous(), keys.contiguous(), vals.contiguous(), int(start), float(scale))
+        return _module().attention(q.contiguous(), keys.contiguous(), vals.contiguous(), int(start), float(scale),
+                                   self.interleaved)
 
 
 def numerics_for(store, backend):
@@ -64,4 +66,5 @@ def numerics_for(store, backend):
         _module()
     except ImportError:
         return None
-    return GgmlNumerics(backend)
+    from ..models.gguf import FAMILIES
+    return GgmlNumerics(backend, bool(FAMILIES.get(store.arch_key, {}).get("permute_qk")))
