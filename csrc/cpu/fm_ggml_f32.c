@@ -13,6 +13,14 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+/* Cloned for x86-64-v3/v4 (fmaf one instruction, vectorized lanes) and the baseline (fmaf a libm
+ * call): every FMA is explicit and nothing else is contracted, so the clones give the same bits. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define F32_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define F32_CLONES
+#endif
+
 /* _mm512_reduce_add_ps as GCC expands it: halves, then quarters, then (0+2)+(1+3). */
 static inline float reduce16(const float *v)
 {
@@ -52,7 +60,7 @@ float fmg_f32_dot(const float *x, const float *y, int64_t n, int sgemm)
     return sgemm ? dot_tiny(x, y, n) : dot_vec(x, y, n);
 }
 
-void fmg_f32_matmul(const float *x, int64_t T, int64_t ldx, const float *w, int64_t rows, int64_t ldw, int64_t n,
+F32_CLONES void fmg_f32_matmul(const float *x, int64_t T, int64_t ldx, const float *w, int64_t rows, int64_t ldw, int64_t n,
                     float *y, int64_t ldy)
 {
     const int sgemm = T >= 2 && rows % 4 == 0 && n % 16 == 0;
@@ -105,7 +113,7 @@ void fmg_rope_cache(int64_t pos, int64_t n_dims, float base, float *cos_out, flo
     }
 }
 
-void fmg_rope_apply(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld, const float *cos_t, const float *sin_t)
+F32_CLONES void fmg_rope_apply(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld, const float *cos_t, const float *sin_t)
 {
     const int64_t half = d / 2;
     for (int64_t t = 0; t < T; t++) {
@@ -131,33 +139,30 @@ typedef struct {
 
 /* One (token, head): scores K.q by vec_dot, the softmax over the padded row, then P.V by tinyBLAS
  * (a batch) or vec_dot (one token), as lane accumulators over the key positions. */
-static void att_task(void *vc, int64_t task, float *scratch)
+F32_CLONES static void att_task(void *vc, int64_t task, float *scratch)
 {
     const att_ctx *c = vc;
     const int64_t t = task / c->H, h = task % c->H, g = h / (c->H / c->Hkv), d = c->d;
     const int64_t valid = c->start + t + 1, n = (valid + 63) & ~(int64_t)63;
     const float *q = c->q + t * c->ldq + h * d;
-    float *p = scratch, *acc = scratch + n; /* acc: [4][d][16] */
+    float *p = scratch, *acc = scratch + n; /* acc: [4 groups][16 lanes][d] */
     for (int64_t j = 0; j < valid; j++) p[j] = dot_vec(c->k + j * c->ldk + g * d, q, d);
     fmg_softmax_row(p, c->T >= 2 ? (valid + 15) & ~(int64_t)15 : n, valid, c->scale);
-    const int lanes4 = c->T >= 2 ? 1 : 4; /* tinyBLAS: one accumulator; vec_dot: four, over steps of 64 */
-    memset(acc, 0, sizeof(float) * 4 * d * 16);
+    const int groups = c->T >= 2 ? 1 : 4; /* tinyBLAS: one accumulator; vec_dot: four, over steps of 64 */
+    memset(acc, 0, sizeof(float) * 4 * 16 * d);
     for (int64_t j = 0; j < valid; j++) {
         const float *vr = c->v + j * c->ldv + g * d;
-        float *a = acc + ((j / 16) % lanes4) * d * 16;
-        const int lane = (int)(j % 16);
-        for (int64_t i = 0; i < d; i++) a[i * 16 + lane] = fmaf(vr[i], p[j], a[i * 16 + lane]);
+        float *a = acc + (((j / 16) % groups) * 16 + j % 16) * d; /* lane j % 16 of its group */
+        for (int64_t i = 0; i < d; i++) a[i] = fmaf(vr[i], p[j], a[i]);
     }
     float *o = c->out + t * c->ldo + h * d;
     for (int64_t i = 0; i < d; i++) {
-        if (lanes4 == 1) {
-            o[i] = reduce16(acc + i * 16);
-        } else {
-            float s[16];
-            const float *a0 = acc + i * 16, *a1 = a0 + d * 16, *a2 = a1 + d * 16, *a3 = a2 + d * 16;
-            for (int l = 0; l < 16; l++) s[l] = (a0[l] + a2[l]) + (a1[l] + a3[l]);
-            o[i] = reduce16(s);
+        float s[16];
+        for (int l = 0; l < 16; l++) {
+            const float *a = acc + l * d + i;
+            s[l] = groups == 1 ? a[0] : (a[0] + a[2 * 16 * d]) + (a[16 * d] + a[3 * 16 * d]);
         }
+        o[i] = reduce16(s);
     }
 }
 
