@@ -55,6 +55,30 @@ static float dot_vec(const float *x, const float *y, int64_t n)
     return sum;
 }
 
+/* dot_vec over the element order of llama.cpp's permuted q/k rows when interleaved (its element
+ * 2i is our i, 2i + 1 our i + n/2), read in place. */
+static inline float dot_vec_kq(const float *x, const float *y, int64_t n, int interleaved)
+{
+    if (!interleaved) return dot_vec(x, y, n);
+    float acc[4][16] = {{0}};
+    const int64_t np = n & ~(int64_t)63, half = n / 2;
+    for (int64_t i = 0; i < np; i += 64)
+        for (int a = 0; a < 4; a++)
+            for (int t = 0; t < 16; t++) {
+                const int64_t e = i + 16 * a + t, j = (e & 1) ? half + e / 2 : e / 2;
+                acc[a][t] = fmaf(x[j], y[j], acc[a][t]);
+            }
+    float s[16];
+    for (int t = 0; t < 16; t++) s[t] = (acc[0][t] + acc[2][t]) + (acc[1][t] + acc[3][t]);
+    float sum = reduce16(s);
+    for (int64_t e = np; e < n; e++) {
+        const int64_t j = (e & 1) ? half + e / 2 : e / 2;
+        const float p = x[j] * y[j];
+        sum += p;
+    }
+    return sum;
+}
+
 float fmg_f32_dot(const float *x, const float *y, int64_t n, int sgemm)
 {
     return sgemm ? dot_tiny(x, y, n) : dot_vec(x, y, n);
@@ -70,7 +94,7 @@ F32_CLONES void fmg_f32_matmul(const float *x, int64_t T, int64_t ldx, const flo
 
 /* ggml_v_expf (vec.h, AVX-512 variant) lane by lane: fmaf is the vector FMA's single rounding,
  * ldexpf the same as scalef. */
-float fmg_expf(float x)
+static inline float ggml_expf(float x)
 {
     const float r = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, r), n = z - r;
     const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
@@ -81,7 +105,12 @@ float fmg_expf(float x)
     return ldexpf(j, (int)n);
 }
 
-void fmg_softmax_row(float *x, int64_t n, int64_t valid, float scale)
+float fmg_expf(float x)
+{
+    return ggml_expf(x);
+}
+
+F32_CLONES void fmg_softmax_row(float *x, int64_t n, int64_t valid, float scale)
 {
     float max = -INFINITY;
     for (int64_t i = 0; i < n; i++) {
@@ -91,7 +120,7 @@ void fmg_softmax_row(float *x, int64_t n, int64_t valid, float scale)
     double sum = 0;
     int64_t i = 0;
     for (; i + 15 < n; i += 16) {
-        for (int t = 0; t < 16; t++) x[i + t] = fmg_expf(x[i + t] - max);
+        for (int t = 0; t < 16; t++) x[i + t] = ggml_expf(x[i + t] - max);
         sum += (double)reduce16(x + i);
     }
     for (; i < n; i++) {
@@ -135,6 +164,7 @@ typedef struct {
     const float *q, *k, *v;
     int64_t ldq, ldk, ldv, T, start, H, Hkv, d, ldo;
     float scale, *out;
+    int interleaved;
 } att_ctx;
 
 /* One (token, head): scores K.q by vec_dot, the softmax over the padded row, then P.V by tinyBLAS
@@ -146,7 +176,7 @@ F32_CLONES static void att_task(void *vc, int64_t task, float *scratch)
     const int64_t valid = c->start + t + 1, n = (valid + 63) & ~(int64_t)63;
     const float *q = c->q + t * c->ldq + h * d;
     float *p = scratch, *acc = scratch + n; /* acc: [4 groups][16 lanes][d] */
-    for (int64_t j = 0; j < valid; j++) p[j] = dot_vec(c->k + j * c->ldk + g * d, q, d);
+    for (int64_t j = 0; j < valid; j++) p[j] = dot_vec_kq(c->k + j * c->ldk + g * d, q, d, c->interleaved);
     fmg_softmax_row(p, c->T >= 2 ? (valid + 15) & ~(int64_t)15 : n, valid, c->scale);
     const int groups = c->T >= 2 ? 1 : 4; /* tinyBLAS: one accumulator; vec_dot: four, over steps of 64 */
     memset(acc, 0, sizeof(float) * 4 * 16 * d);
@@ -166,40 +196,12 @@ F32_CLONES static void att_task(void *vc, int64_t task, float *scratch)
     }
 }
 
-/* rows of d: the halves' pairs side by side, (x[0], x[d/2], x[1], x[d/2 + 1], ...) */
-static float *interleave(const float *x, int64_t rows, int64_t ld, int64_t heads, int64_t d)
-{
-    float *o = malloc(sizeof(float) * rows * heads * d);
-    if (!o) return NULL;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t h = 0; h < heads; h++)
-            for (int64_t i = 0; i < d / 2; i++) {
-                o[(r * heads + h) * d + 2 * i] = x[r * ld + h * d + i];
-                o[(r * heads + h) * d + 2 * i + 1] = x[r * ld + h * d + d / 2 + i];
-            }
-    return o;
-}
-
 int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
                   int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, int interleaved, float *out,
                   int64_t ldo)
 {
     if (T < 1 || H < 1 || Hkv < 1 || H % Hkv || d < 1 || d % 2) return FMG_EINVAL;
-    float *qi = NULL, *ki = NULL;
-    if (interleaved) {  /* K.Q in the element order of llama.cpp's permuted rows */
-        qi = interleave(q, T, ldq, H, d);
-        ki = interleave(k, start + T, ldk, Hkv, d);
-        if (!qi || !ki) {
-            free(qi);
-            free(ki);
-            return FMG_ENOMEM;
-        }
-        q = qi, k = ki, ldq = H * d, ldk = Hkv * d;
-    }
-    att_ctx c = {q, k, v, ldq, ldk, ldv, T, start, H, Hkv, d, ldo, scale, out};
+    att_ctx c = {q, k, v, ldq, ldk, ldv, T, start, H, Hkv, d, ldo, scale, out, interleaved};
     const int64_t n = (start + T + 63) & ~(int64_t)63;
-    const int rc = fmg_run(att_task, &c, T * H, (size_t)(n + 4 * d * 16));
-    free(qi);
-    free(ki);
-    return rc;
+    return fmg_run(att_task, &c, T * H, (size_t)(n + 4 * d * 16));
 }
