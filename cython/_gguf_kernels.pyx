@@ -21,6 +21,11 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
     get_num_threads() / set_num_threads(n) / isa()
     q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx512", "avx2" or "portable"; exact
         integer sums, so both give the same results; forcing one is for the tests)
+llama.cpp's float order for the float ops of a GGUF's forward (csrc/cpu/fm_ggml_f32.c):
+    f32_matmul(x, w) -> [T, rows]          softmax(x) -> rows of x soft-maxed
+    rope_tables(start, T, n_dims, base) -> (cos, sin) [T, n_dims/2]
+    rope_apply_(x, cos, sin) -> x          x [T, heads, d] rotated in place, pairs (i, i + d/2)
+    attention(q, k, v, start, scale, interleaved=False) -> [T, H * d]   causal, q [T, H, d], k/v [S, Hkv, d]
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
