@@ -9,6 +9,8 @@ Q4_0, Q4_K_M) and 256 random tokens per seed, in one batch through both engines.
   gap between its top token and ours (a near-tie when small); llama.cpp's median top-2 margin;
 - llama_self: llama.cpp token by token against llama.cpp in one batch (its other kernels: the
   noise floor of its own numerics);
+- decode: ours token by token (decode steps) against llama.cpp token by token (its GEMV and
+  vec_dot kernels, which ours follow there);
 - given_attn_norm: our run with llama.cpp's attention-norm outputs put in place of ours (read
   through cb_eval): what is left once the inputs of the key/value matmuls agree bit for bit;
 - greedy: 32 greedy tokens after 16 prompt tokens, ours (decode steps) and llama.cpp's; where
@@ -48,7 +50,8 @@ def compare(ours, ref):
     a, b = ours.argmax(-1), ref.argmax(-1)
     off = (a != b).nonzero().flatten().tolist()
     top2 = ref.topk(2, dim=-1).values
-    return {"agree": round((a == b).float().mean().item(), 4), "mean_abs": round((ours - ref).abs().mean().item(), 5),
+    return {"agree": round((a == b).float().mean().item(), 4), "bit_equal": bool(torch.equal(ours, ref)),
+            "mean_abs": round((ours - ref).abs().mean().item(), 5),
             "gaps_at_disagreements": [round((ref[i, b[i]] - ref[i, a[i]]).item(), 4) for i in off],
             "median_margin": round((top2[:, 0] - top2[:, 1]).median().item(), 4)}
 
@@ -59,6 +62,13 @@ def llama_token_by_token(path, ids):
     for t in ids:
         llm.eval([t])
     return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+
+def our_token_by_token(path, ids):
+    eng = engine(path, "q8")
+    out = torch.cat([eng.forward([t]) for t in ids])
+    eng.close()
+    return out
 
 
 def given_attn_norm(path, ids, ref):
@@ -126,7 +136,9 @@ def main():
                 other = engine(path, "f32")
                 row["f32"] = compare(other.forward(ids), ref)
                 other.close()
-                row["llama_self"] = compare(llama_token_by_token(path, ids), ref)
+                steps = llama_token_by_token(path, ids)
+                row["llama_self"] = compare(steps, ref)
+                row["decode"] = compare(our_token_by_token(path, ids), steps)
                 row["given_attn_norm"] = given_attn_norm(path, ids, ref)
                 row["greedy"] = greedy(path, ids[:16])
             per_seed.append(row)

@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_gguf.c csrc/cpu/fm_gguf_q8.c
+# distutils: sources = csrc/cpu/fm_gguf.c csrc/cpu/fm_gguf_q8.c csrc/cpu/fm_ggml_f32.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_gguf_q8.h csrc/cpu/fm_kernels_internal.h
+# distutils: depends = csrc/cpu/fm_gguf.h csrc/cpu/fm_gguf_q8.h csrc/cpu/fm_ggml_f32.h csrc/cpu/fm_kernels_internal.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._gguf_kernels: llama.cpp's block formats on the CPU (csrc/cpu/fm_gguf.c).
@@ -21,6 +21,11 @@ here (dtype, device, contiguity, byte lengths) so that the C code never reads ou
     get_num_threads() / set_num_threads(n) / isa()
     q8_isa() / set_q8_isa(name or None): the integer dot of act="q8" ("avx512", "avx2" or "portable"; exact
         integer sums, so both give the same results; forcing one is for the tests)
+llama.cpp's float order for the float ops of a GGUF's forward (csrc/cpu/fm_ggml_f32.c):
+    f32_matmul(x, w) -> [T, rows]          softmax(x) -> rows of x soft-maxed
+    rope_tables(start, T, n_dims, base) -> (cos, sin) [T, n_dims/2]
+    rope_apply_(x, cos, sin) -> x          x [T, heads, d] rotated in place, pairs (i, i + d/2)
+    attention(q, k, v, start, scale, interleaved=False) -> [T, H * d]   causal, q [T, H, d], k/v [S, Hkv, d]
 """
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -228,3 +233,95 @@ def set_q8_isa(name=None):
     cdef int rc = fmg_q8_set_isa(<const char *>b if name is not None else NULL)
     if rc:
         raise ValueError(f"q8 integer dot {name!r} is not available here")
+
+
+# ---------------------------------------------------------------- llama.cpp's float order (fm_ggml_f32.h)
+
+cdef extern from "fm_ggml_f32.h" nogil:
+    void fmg_f32_matmul(const float *x, int64_t T, int64_t ldx, const float *w, int64_t rows, int64_t ldw, int64_t n,
+                        float *y, int64_t ldy)
+    void fmg_softmax_row(float *x, int64_t n, int64_t valid, float scale)
+    void fmg_rope_cache(int64_t pos, int64_t n_dims, float base, float *cos_out, float *sin_out)
+    void fmg_rope_apply(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld, const float *cos_t,
+                        const float *sin_t)
+    int fmg_attention(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t T,
+                      int64_t start, int64_t H, int64_t Hkv, int64_t d, float scale, int interleaved, float *out,
+                      int64_t ldo)
+
+
+def f32_matmul(x, w):
+    """x [T, n] @ w.T (w [rows, n], fp32) in the float order of llama.cpp's F32 mul_mat."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"f32_matmul: x [T, n] and w [rows, n] expected, got {list(x.shape)} and {list(w.shape)}")
+    cdef const float *xp = <const float *>_ptr(x, "f32_matmul: x", _torch.float32)
+    cdef const float *wp = <const float *>_ptr(w, "f32_matmul: w", _torch.float32)
+    cdef int64_t T = x.shape[0], rows = w.shape[0], n = w.shape[1]
+    out = _torch.empty((T, rows), dtype=_torch.float32)
+    cdef float *yp = <float *><uintptr_t>out.data_ptr()
+    with nogil:
+        fmg_f32_matmul(xp, T, n, wp, rows, n, n, yp, rows)
+    return out
+
+
+def softmax(x):
+    """ggml's soft_max of each row of x [T, n] (a new tensor)."""
+    if x.dim() != 2:
+        raise ValueError(f"softmax: x [T, n] expected, got {list(x.shape)}")
+    out = x.to(_torch.float32, copy=True).contiguous()
+    cdef float *p = <float *>_ptr(out, "softmax: x", _torch.float32)
+    cdef int64_t T = out.shape[0], n = out.shape[1], t
+    with nogil:
+        for t in range(T):
+            fmg_softmax_row(p + t * n, n, n, 1.0)
+    return out
+
+
+def rope_tables(int64_t start, int64_t T, int64_t n_dims, float base):
+    """(cos, sin) [T, n_dims/2] of RoPE's angles at positions start.. as ggml_rope_cache_init."""
+    if T < 1 or n_dims < 2 or n_dims % 2:
+        raise ValueError(f"rope_tables: T {T} and an even n_dims {n_dims} expected")
+    cos = _torch.empty((T, n_dims // 2), dtype=_torch.float32)
+    sin = _torch.empty((T, n_dims // 2), dtype=_torch.float32)
+    cdef float *cp = <float *><uintptr_t>cos.data_ptr()
+    cdef float *sp = <float *><uintptr_t>sin.data_ptr()
+    cdef int64_t t, h = n_dims // 2
+    with nogil:
+        for t in range(T):
+            fmg_rope_cache(start + t, n_dims, base, cp + t * h, sp + t * h)
+    return cos, sin
+
+
+def rope_apply_(x, cos, sin):
+    """RoPE of x [T, heads, d] in place, pairs (i, i + d/2), tables [T, d/2] (ggml's order)."""
+    if x.dim() != 3 or x.shape[2] % 2 or list(cos.shape) != [x.shape[0], x.shape[2] // 2] or cos.shape != sin.shape:
+        raise ValueError(f"rope_apply_: x [T, heads, d] and tables [T, d/2] expected, got {list(x.shape)}, "
+                         f"{list(cos.shape)}, {list(sin.shape)}")
+    cdef float *p = <float *>_ptr(x, "rope_apply_: x", _torch.float32)
+    cdef const float *cp = <const float *>_ptr(cos, "rope_apply_: cos", _torch.float32)
+    cdef const float *sp = <const float *>_ptr(sin, "rope_apply_: sin", _torch.float32)
+    cdef int64_t T = x.shape[0], heads = x.shape[1], d = x.shape[2]
+    with nogil:
+        fmg_rope_apply(p, T, heads, d, heads * d, cp, sp)
+    return x
+
+
+def attention(q, k, v, int64_t start, float scale, bint interleaved=False):
+    """Causal attention as llama.cpp's non-flash CPU path: q [T, H, d] at positions start..,
+    k, v [S, Hkv, d] (S >= start + T) -> [T, H * d]. interleaved: K.Q summed in the order of
+    llama.cpp's permuted q/k rows (pairs (i, i + d/2) side by side)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(f"attention: q [T, H, d], k and v [S, Hkv, d] expected, got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    cdef int64_t T = q.shape[0], H = q.shape[1], d = q.shape[2], Hkv = k.shape[1]
+    if k.shape[0] < start + T or H % Hkv:
+        raise ValueError(f"attention: {k.shape[0]} keys for positions up to {start + T}, heads {H} over {Hkv}")
+    cdef const float *qp = <const float *>_ptr(q, "attention: q", _torch.float32)
+    cdef const float *kp = <const float *>_ptr(k, "attention: k", _torch.float32)
+    cdef const float *vp = <const float *>_ptr(v, "attention: v", _torch.float32)
+    out = _torch.empty((T, H * d), dtype=_torch.float32)
+    cdef float *op = <float *><uintptr_t>out.data_ptr()
+    cdef int rc
+    with nogil:
+        rc = fmg_attention(qp, H * d, kp, Hkv * d, vp, Hkv * d, T, start, H, Hkv, d, scale, interleaved, op, H * d)
+    _check(rc, "attention")
+    return out

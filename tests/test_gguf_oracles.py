@@ -1,16 +1,23 @@
 """Our engine on GGUF files against llama.cpp (llama-cpp-python) on the same files: F32 logits
 within 1e-4 and identical greedy tokens for every family; llama.cpp's own Q8_0 / Q4_0 / Q4_K_M
-quantizations: argmax agreement over 256 positions.
+quantizations: the same logits bit for bit, in a batch and token by token.
 
 llama.cpp quantizes the activations to the weight type's Q8_0 / Q8_1 / Q8_K blocks inside its
 quantized matmuls; our CPU kernels do the same by default (gguf_act "q8", test_gguf_q8.py holds
-them to libggml-cpu). The RMSNorms, whose outputs are what those matmuls quantize, are bit-exact
-(test_norms_equal_llama_cpp_bit_for_bit), and so are the Q8_0 and Q4_0 products (their float
-order follows ggml's kernels). What is left between us is float summation order elsewhere (the
-K-quant matmuls, the router's, ggml's attention, RoPE and softmax against ours, ~1e-7),
-and an 8-bit rounding turns a last-bit difference into a step of one quant now and then; where
-that happens to a key or value, attention carries it to every later position. On these random
-models it moves near-tie argmaxes (benchmarks/gguf_agreement.py measures and bisects it)."""
+them to libggml-cpu). An 8-bit rounding turns a last-bit difference anywhere in the residual
+stream into a step of one quant now and then, and where that reaches a key or value attention
+carries it to every later position; so every op of a quantized GGUF's forward on the CPU follows
+llama.cpp's float order (issue 11): the RMSNorms, the quantized products in the kernel llama.cpp
+picks for the shape (Q8_0 / Q4_0 repacked, Q4_K repacked GEMM/GEMV, Q5_K / Q6_K tiled or vec_dot),
+and the float parts (kernels/ggml_numerics.py: the router's F32 matmul and softmax, RoPE, the
+attention's K.Q, softmax and P.V). Each is checked against llama.cpp's own graph nodes (read
+through cb_eval), and the whole run against its logits. The orders are those of llama.cpp's
+x86 build for AVX-512 CPUs (this machine's); elsewhere llama.cpp picks other kernels, and the
+tests hold the agreement to 99% instead of bit-exactness (benchmarks/gguf_agreement.py measures
+it over several sequences)."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -20,10 +27,13 @@ pytest.importorskip("gguf")
 import gguf_oracles as G  # noqa: E402
 from llama_nodes import llama_cpp_nodes  # noqa: E402
 
+from flashmoe_plugin.models import gguf as names  # noqa: E402
 from flashmoe_plugin.models.layers import linear, rms_norm  # noqa: E402
 from flashmoe_plugin.runtime.engine import Engine  # noqa: E402
 
 ATOL = 1e-4
+# llama.cpp picks its CPU kernels by the CPU it is built for; our orders follow its x86 AVX-512 build
+AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 
 
 @pytest.fixture(scope="session")
@@ -148,43 +158,69 @@ def test_q8_0_and_q4_0_products_equal_llama_cpp_bit_for_bit(gguf_models):
     eng.close()
 
 
-def test_q4_0_run_given_llama_cpp_attn_norms_agrees_everywhere(gguf_models):
-    """The explanation of what is left, as a check: with llama.cpp's own attention-norm outputs
-    put in place of ours (the inputs of the key/value matmuls, bit for bit), our Q4_0 run agrees
-    with llama.cpp's argmax on every one of 256 positions, mean |diff| 6e-4 (without: 95.7%,
-    7e-3). The rest of our run (matmuls, RoPE, attention, router, experts) is only float-order
-    away from llama.cpp's; its differences spread only through keys and values."""
+def test_float_ops_and_k_quant_products_equal_llama_cpp_bit_for_bit(gguf_models):
+    """Fed llama.cpp's own inputs, each op of a Q4_K_M run equals llama.cpp's graph node bit for
+    bit, in a batch of 256 tokens and of 6 (other kernels: GEMV rows, vec_dot): the router's F32
+    matmul and softmax, RoPE, the attention (q/k in our half-split order, summed in llama.cpp's
+    permuted one) and the K-quant products Q4_K (attn_q), Q5_K (attn_output), Q6_K (output)."""
+    if not AVX512:
+        pytest.skip("no AVX-512: llama.cpp's build here has other float orders than the ones we follow")
     _, f32 = gguf_models("mixtral")
-    path = G.quantize(f32, "q4_0")
+    path = G.quantize(f32, "q4_k_m")
     eng = Engine(path, backend="cpu")
     G.dense_in_blocks(eng)
-    ids = ids_for(256, eng.config.vocab_size, seed=3)
-    nodes, ref = llama_cpp_nodes(path, ids, want=("attn_norm-",))
-    ref = torch.from_numpy(ref)
-    dec, attention = eng.model, eng.model.attention
-    dec.attention = lambda i, x, *a: attention(i, torch.from_numpy(nodes[f"attn_norm-{i}"][0]).view_as(x), *a)
-    ours = eng.forward(ids)
-    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-    assert (ours - ref).abs().mean().item() < 2e-3
+    w, c, dec = eng.model.w, eng.config, eng.model
+    g = dec.numerics
+    assert g is not None and g.interleaved
+    hd, H, Hkv = c.head_dim, c.num_heads, c.num_kv_heads
+    perm = {n: names.fix_dense(f"layers.0.attn.{n}.weight", torch.arange(heads * hd), c, eng.store.arch_key)
+            for n, heads in (("q", H), ("k", Hkv))}
+
+    def ours_order(x, n):  # llama.cpp's permuted q/k columns -> ours
+        return x.reshape(x.shape[0], -1)[:, perm[n]]
+    for T in (256, 6):
+        ids = ids_for(T, c.vocab_size, seed=5)
+        nodes, _ = llama_cpp_nodes(path, ids, want=("attn_norm-", "Qcur-", "Kcur-", "Vcur-", "kqv_out-", "attn_out-",
+                                                    "ffn_norm-", "ffn_moe_logits-", "ffn_moe_probs-", "result_"))
+        t = {k: [torch.from_numpy(a) for a in v] for k, v in nodes.items()}
+        cos, sin = dec.positions(0, T, torch.float32, "cpu")[:2]
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            got = {"router": g.matmul(t[f"ffn_norm-{i}"][0], w[p + "moe.router.weight"]),
+                   "softmax": g.softmax(t[f"ffn_moe_logits-{i}"][0]),
+                   "rope": g.rope(ours_order(t[f"Kcur-{i}"][0], "k").view(T, Hkv, hd), cos, sin),
+                   "attention": g.attention(ours_order(t[f"Qcur-{i}"][-1], "q").view(T, H, hd),
+                                            ours_order(t[f"Kcur-{i}"][-1], "k").view(T, Hkv, hd),
+                                            t[f"Vcur-{i}"][0].reshape(T, Hkv, hd), 0, g.scale(hd)),
+                   "attn_q Q4_K": linear(t[f"attn_norm-{i}"][0], w[p + "attn.q.weight"]),
+                   "attn_output Q5_K": linear(t[f"kqv_out-{i}"][0], w[p + "attn.o.weight"])}
+            want = {"router": t[f"ffn_moe_logits-{i}"][0], "softmax": t[f"ffn_moe_probs-{i}"][0],
+                    "rope": ours_order(t[f"Kcur-{i}"][-1], "k"), "attention": t[f"kqv_out-{i}"][0],
+                    "attn_q Q4_K": ours_order(t[f"Qcur-{i}"][0], "q"), "attn_output Q5_K": t[f"attn_out-{i}"][0]}
+            for k in got:
+                off = (got[k].reshape(T, -1) != want[k].reshape(T, -1)).any(-1).sum().item()
+                assert off == 0, f"T={T}, layer {i}, {k}: {off} of {T} rows differ from llama.cpp's"
+        head = linear(t["result_norm"][0], eng.model.lm_head)
+        assert torch.equal(head, t["result_output"][0]), f"T={T}: output (Q6_K) differs from llama.cpp's"
     eng.close()
 
 
-# measured (devbox, 256 positions, seed 3): q8_0 0.988, q4_k_m 0.984, q4_0 0.969; over seeds 3-5 the
-# means are 0.990, 0.979, 0.978 (benchmarks/gguf_agreement.py): which positions flip is chance
-AGREE = {"q8_0": 0.98, "q4_k_m": 0.97, "q4_0": 0.96}
-# mean |diff| to llama.cpp, q8 activations over fp32 ones (measured 0.34, 0.18, 0.59)
+# the acceptance floor where llama.cpp's kernels are not the ones we follow (measured here before
+# issue 11's float orders: 0.969-0.988 over 256 positions)
+AGREE = 0.99
+# mean |diff| to llama.cpp, q8 activations over fp32 ones, there
 CLOSER = {"q8_0": 0.5, "q4_k_m": 0.5, "q4_0": 0.75}
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m"])
 def test_quantized_files_agree_with_llama_cpp(gguf_models, kind):
     """Mixtral (llama arch: q/k un-permuted) quantized by llama.cpp, its dense matrices computed
-    from their blocks like the experts (G.dense_in_blocks). With llama.cpp's quantized activations
-    (the default) the logits are 2-5x closer to llama.cpp's than with fp32 activations (mean |diff|
-    Q8_0 0.0031 vs 0.0091, Q4_K_M 0.0031 vs 0.0172, Q4_0 0.0067 vs 0.0115) and the agreement is
-    98.8% / 98.4% / 96.9% here. A flipped quant in a key or value moves every later position
-    (see the module docstring); given llama.cpp's attention-norm outputs our run agrees on every
-    position (test_q4_0_run_given_llama_cpp_attn_norms_agrees_everywhere)."""
+    from their blocks like the experts (G.dense_in_blocks): 256 positions in one batch, then 24
+    tokens one at a time (llama.cpp's decode kernels: GEMV, vec_dot) against llama.cpp's own token
+    by token run. On an AVX-512 CPU both equal llama.cpp's logits bit for bit (before issue 11's
+    float orders: 98.8% / 96.9% / 98.4% argmax agreement, mean |diff| 3e-3 to 7e-3); elsewhere
+    the agreement is held to 99% and the logits to be closer to llama.cpp's than with fp32
+    activations."""
     _, f32 = gguf_models("mixtral")
     path = G.quantize(f32, kind)
     eng = Engine(path, backend="cpu")
@@ -192,14 +228,23 @@ def test_quantized_files_agree_with_llama_cpp(gguf_models, kind):
     assert types and not types & {"f32", "f16", "bf16"}, types  # the experts really are quantized
     assert G.dense_in_blocks(eng) > 0
     ids = ids_for(256, eng.config.vocab_size, seed=3)
-    ref, _ = G.llama_cpp_logits(path, ids)
-    full, _ = G.llama_cpp_logits(f32, ids)
+    ref, llm = G.llama_cpp_logits(path, ids)
     assert eng.backend.gguf_act == "q8"
     ours = eng.forward(ids)
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree >= AGREE[kind], f"{kind}: argmax agreement {agree:.3f}"
-    ours_err, quant_err = (ours - ref).abs().mean().item(), (ref - full).abs().mean().item()
-    assert ours_err < quant_err, (ours_err, quant_err)  # closer to llama.cpp than its own F32 run is
+    assert agree >= AGREE, f"{kind}: argmax agreement {agree:.3f}"
+    llm.reset()
+    for tok in ids[:24]:
+        llm.eval([tok])
+    steps_ref = torch.from_numpy(np.array(llm.scores[:24], dtype=np.float32))
+    eng.reset()
+    steps = torch.cat([eng.forward([tok]) for tok in ids[:24]])
+    if AVX512:
+        assert torch.equal(ours, ref), f"{kind}: batch logits differ, max {(ours - ref).abs().max().item():.2e}"
+        assert torch.equal(steps, steps_ref), f"{kind}: decode logits differ, max {(steps - steps_ref).abs().max().item():.2e}"
+        return
+    assert (steps.argmax(-1) == steps_ref.argmax(-1)).float().mean().item() >= AGREE
+    ours_err = (ours - ref).abs().mean().item()
     eng.backend.gguf_act = "f32"  # one backend instance serves every engine: set back below
     try:
         other = Engine(path, backend="cpu")

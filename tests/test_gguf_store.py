@@ -53,6 +53,8 @@ def test_gguf_equals_its_converted_store_and_reads_the_same_records(tiny, tmp_pa
     dst = convert(tiny[kind], tmp_path / "store", quant="keep")
     a, b = Engine(tiny[kind], ram_budget=4 * 8192), Engine(dst, ram_budget=4 * 8192)
     assert a.store.layout_of(0).part("w13").format == kind.lower() == b.store.quant
+    assert a.model.numerics is not None and b.model.numerics is None
+    a.model.numerics = None  # llama.cpp's float order for the router/RoPE/attention is a GGUF's alone
     torch.testing.assert_close(a.forward(IDS), b.forward(IDS), atol=0, rtol=0)
     sa, sb = a.pager.stats, b.pager.stats
     assert sa.misses == sb.misses > 0

@@ -176,7 +176,7 @@ static inline __attribute__((always_inline)) void dequant_row(int type, const ui
 
 /* ------------------------------------------------------------------ a small thread pool */
 
-typedef void (*task_fn)(void *ctx, int64_t task, float *scratch);
+typedef fmg_task_fn task_fn;
 
 static int g_threads = 0;
 
@@ -237,6 +237,11 @@ static int run(task_fn fn, void *ctx, int64_t ntasks, size_t scratch)
     worker(&j);
     for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
     return atomic_load(&j.failed) ? FMG_ENOMEM : FMG_OK;
+}
+
+int fmg_run(fmg_task_fn fn, void *ctx, int64_t ntasks, size_t scratch)
+{
+    return run(fn, ctx, ntasks, scratch);
 }
 
 /* ------------------------------------------------------------------ exact dequantization */
@@ -385,7 +390,7 @@ static void moe2_task(void *vc, int64_t task, float *scratch)
         if (c->q2) {  /* expert e's T rows of the quantized activations */
             const int64_t I = c->I, o = e * c->T;
             qe = (fmg_qact){I, c->T, c->q2->q + o * I, c->q2->d + o * (I / 32), c->q2->s + o * (I / 32),
-                            c->q2->bsum + o * (I / 16)};
+                            c->q2->bsum + o * (I / 16), 1};
             q = &qe;
         }
         rows_dot_any(&c->ex[e].w2, r0, r1, q, he, c->T, 2 * c->I, tmp, ROWS_PER_TASK, row);
@@ -413,6 +418,7 @@ int fmg_moe(const fmg_expert *ex, const float *wts, int k, const float *x, int64
         free(h);
         return FMG_ENOMEM;
     }
+    q13.mmid = 1;
     moe_ctx c = {ex, wts, x, k, T, H, I, (2 * I + ROWS_PER_TASK - 1) / ROWS_PER_TASK,
                  (H + ROWS_PER_TASK - 1) / ROWS_PER_TASK, h, y, q8_13 ? &q13 : NULL, NULL};
     int rc = run(moe1_task, &c, k * c.tasks13, row_scratch(H));

@@ -17,6 +17,7 @@
 #ifndef FM_GGUF_H
 #define FM_GGUF_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -59,6 +60,11 @@ int fmg_moe(const fmg_expert *ex, const float *weights, int k, const float *x, i
 int fmg_get_num_threads(void);
 void fmg_set_num_threads(int n);
 const char *fmg_isa(void);  /* the clone the fused kernels run: "avx512", "avx2" or "portable" */
+
+/* Runs fn(ctx, task, scratch) for task < ntasks on the pool's threads; scratch: `scratch` floats
+ * per thread. FMG_OK, or FMG_ENOMEM. */
+typedef void (*fmg_task_fn)(void *ctx, int64_t task, float *scratch);
+int fmg_run(fmg_task_fn fn, void *ctx, int64_t ntasks, size_t scratch);
 
 #ifdef __cplusplus
 }

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fm_ggml_f32.h" /* fmg_expf */
 #include "fm_gguf.h"
 #include "fm_kernels_internal.h" /* fm_h2f, fm_ld16 */
 
@@ -59,23 +60,9 @@ static inline int nearest_int(float v)
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* ggml-cpu's vectorized expf (vec.h ggml_v_expf, the AVX-512 variant, which llama.cpp builds for
- * this class of CPU use), lane by lane: fmaf is the same single rounding as the vector FMA and
- * ldexpf the same as scalef; then ggml_v_silu's x / (1 + e^-x). */
-static float ggml_expf(float x)
-{
-    const float r = 0x1.8p23f, z = fmaf(x, 0x1.715476p+0f, r), n = z - r;
-    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
-    if (fabsf(n) > 192) return n <= 0 ? 0.0f : INFINITY;
-    const float u = b * b;
-    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
-                         fmaf(0x1.ffffecp-1f, b, 1.0f));
-    return ldexpf(j, (int)n);
-}
-
 float fmg_q8_silu(float x)
 {
-    return x / (1.0f + ggml_expf(0.0f - x));
+    return x / (1.0f + fmg_expf(0.0f - x)); /* ggml_v_silu, with ggml's own expf */
 }
 
 int fmg_q8_supported(int type)
@@ -412,6 +399,146 @@ static inline void idot16(const int8_t *a, const int8_t *b, int64_t n, int32_t *
     g_idot16(a, b, n, s);
 }
 
+/* K-quants as ggml-cpu's tiled matmul (tiled/tiled-kernel.cpp, AVX512-VNNI) computes a batch of 8
+ * or more tokens over weights outside the repack buffer: per super-block the integer sums times the
+ * weight's d, less its dmin times the mins' sum (one fused op), then times the activation's d,
+ * added to the row's total. */
+static inline __attribute__((always_inline)) float combine_tiled(int type, const uint8_t *b, const int32_t *s16,
+                                                                 const float *xd, const int32_t *bsum, int64_t n)
+{
+    float acc = 0.0f;
+    if (type == FMG_Q6_K) {
+        for (int64_t i = 0; i < n / QK_K; i++, b += 210, s16 += 16) {
+            const int8_t *sc = (const int8_t *)(b + 192);
+            int32_t isum = 0;
+            for (int g = 0; g < 16; g++) isum += sc[g] * s16[g];
+            const float res = (float)isum * fm_h2f(fm_ld16((const uint16_t *)(b + 208)));
+            acc += res * xd[i];
+        }
+        return acc;
+    }
+    const int bs = type == FMG_Q4_K ? 144 : 176;
+    for (int64_t i = 0; i < n / QK_K; i++, b += bs, s16 += 16, bsum += 16) {
+        int32_t isum = 0, msum = 0;
+        for (int s = 0; s < 8; s++) {
+            int sc, m;
+            scale_min_k4(b + 4, s, &sc, &m);
+            isum += sc * (s16[2 * s] + s16[2 * s + 1]);
+            msum += m * (bsum[2 * s] + bsum[2 * s + 1]);
+        }
+        const float r1 = (float)isum * fm_h2f(fm_ld16((const uint16_t *)b));
+        const float res = fmaf(-fm_h2f(fm_ld16((const uint16_t *)(b + 2))), (float)msum, r1);
+        acc += res * xd[i];
+    }
+    return acc;
+}
+
+/* Which float order llama.cpp's CPU backend (x86, AVX-512 build) gives a K-quant product of token
+ * t: Q4_K weights live in its repack buffer (rows % 8 == 0, every Q4_K matrix of real models):
+ * a matmul takes its GEMM for the tokens in whole groups of 4 and its GEMV for the rest, an
+ * expert's rows (mul_mat_id) the GEMV; Q5_K and Q6_K go through the tiled matmul from 8 tokens
+ * on (per matmul or per expert), below that through vec_dot (AVX2). */
+enum { ORD_PLAIN, ORD_GEMM, ORD_GEMV, ORD_TILED, ORD_VEC };
+
+static inline int k_order(int type, const fmg_qact *a, int64_t t)
+{
+    if (type == FMG_Q4_K)
+        return !a->mmid && a->T > 3 && t < a->T - a->T % 4 ? ORD_GEMM : ORD_GEMV;
+    if (type == FMG_Q5_K || type == FMG_Q6_K) return a->T >= 8 ? ORD_TILED : ORD_VEC;
+    return ORD_PLAIN;
+}
+
+/* Q4_K through ggml's repacked q4_K_8x8 kernels (arch/x86/repack.cpp): the integer sums times
+ * d_w * d_x fused into a float accumulator, and the mins' apart, once per pair of sub-blocks (the
+ * GEMM) or per super-block (the GEMV); then one from the other. */
+static inline __attribute__((always_inline)) float repack_q4_k(const uint8_t *b, const int32_t *s16, const float *xd,
+                                                               const int32_t *bsum, int64_t n, int per_pair)
+{
+    float acc = 0.0f, accm = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++, b += 144, s16 += 16, bsum += 16) {
+        const float dd = fm_h2f(fm_ld16((const uint16_t *)b)) * xd[i];
+        const float dm = fm_h2f(fm_ld16((const uint16_t *)(b + 2))) * xd[i];
+        int32_t isum = 0, msum = 0;
+        for (int p = 0; p < 4; p++) {
+            int32_t ip = 0, mp = 0;
+            for (int s = 2 * p; s < 2 * p + 2; s++) {
+                int sc, m;
+                scale_min_k4(b + 4, s, &sc, &m);
+                ip += sc * (s16[2 * s] + s16[2 * s + 1]);
+                mp += m * (bsum[2 * s] + bsum[2 * s + 1]);
+            }
+            if (per_pair) {
+                acc = fmaf((float)ip, dd, acc);
+                accm = fmaf((float)mp, dm, accm);
+            }
+            isum += ip;
+            msum += mp;
+        }
+        if (!per_pair) {
+            acc = fmaf((float)isum, dd, acc);
+            accm = fmaf((float)msum, dm, accm);
+        }
+    }
+    return acc - accm;
+}
+
+/* hsum_float_8: the upper half onto the lower, then (0 + 2) + (1 + 3). */
+static inline float hsum8(const float *v)
+{
+    float s4[4];
+    for (int i = 0; i < 4; i++) s4[i] = v[i + 4] + v[i];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* ggml_vec_dot_q5_K_q8_K (AVX2): 8 lanes, lane k summing elements 4k..4k+3 of every sub-block
+ * times its scale, one fused multiply-add a super-block each; the mins' term in a scalar. s4: the
+ * sums of 4 (unsigned quants). */
+static float vec_q5_k(const uint8_t *b, const int32_t *s4, const float *xd, const int32_t *bsum, int64_t n)
+{
+    float acc[8] = {0}, summs = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++, b += 176, s4 += 64, bsum += 16) {
+        const float d = xd[i] * fm_h2f(fm_ld16((const uint16_t *)b));
+        const float dmin = -xd[i] * fm_h2f(fm_ld16((const uint16_t *)(b + 2)));
+        int sc[8], m[8];
+        int32_t msum = 0;
+        for (int s = 0; s < 8; s++) {
+            scale_min_k4(b + 4, s, &sc[s], &m[s]);
+            msum += m[s] * (bsum[2 * s] + bsum[2 * s + 1]);
+        }
+        summs = fmaf(dmin, (float)msum, summs);
+        for (int k = 0; k < 8; k++) {
+            int32_t l = 0;
+            for (int s = 0; s < 8; s++) l += sc[s] * s4[8 * s + k];
+            acc[k] = fmaf(d, (float)l, acc[k]);
+        }
+    }
+    return hsum8(acc) + summs;
+}
+
+/* ggml_vec_dot_q6_K_q8_K (AVX2): lane k sums elements 4k..4k+3 of each run of 32 (unsigned quants,
+ * the scale of its half), less 32 * the scaled sums of the 16-groups 2k and 2k+1. s4: sums of 4
+ * of the signed (q - 32) quants; xq: the activation quants. */
+static float vec_q6_k(const uint8_t *b, const int32_t *s4, const int8_t *xq, const float *xd, const int32_t *bsum,
+                      int64_t n)
+{
+    float acc[8] = {0};
+    for (int64_t i = 0; i < n / QK_K; i++, b += 210, s4 += 64, xq += QK_K, bsum += 16) {
+        const float d = xd[i] * fm_h2f(fm_ld16((const uint16_t *)(b + 208)));
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int k = 0; k < 8; k++) {
+            int32_t l = 0;
+            for (int c = 0; c < 8; c++) {
+                const int j = 8 * c + k;
+                const int32_t x4 = xq[4 * j] + xq[4 * j + 1] + xq[4 * j + 2] + xq[4 * j + 3];
+                l += sc[2 * c + (k >= 4)] * (s4[j] + 32 * x4);
+            }
+            l -= 32 * (sc[2 * k] * bsum[2 * k] + sc[2 * k + 1] * bsum[2 * k + 1]);
+            acc[k] = fmaf(d, (float)l, acc[k]);
+        }
+    }
+    return hsum8(acc);
+}
+
 /* The row's dot from its per-16 integer sums and the block scales, block by block. */
 static inline __attribute__((always_inline)) float combine(int type, const uint8_t *b, const int32_t *s16,
                                                            const float *xd, const float *xs,
@@ -506,12 +633,22 @@ void fmg_q8_rows_dot(int type, const uint8_t *data, int64_t row_bytes, int64_t r
         const uint8_t *b = data + r * row_bytes;
         unpack_row(type, b, n, w);
         for (int64_t t = 0; t < a->T; t++) {
+            const int ord = k_order(type, a, t);
+            const float *xd = a->d + t * (n / QK);
+            const int32_t *bs = a->bsum + t * (n / 16);
+            if (ord == ORD_VEC) {
+                idot4(w, a->q + t * n, n, s16);
+                out[t * ldo + r - r0] = type == FMG_Q5_K ? vec_q5_k(b, s16, xd, bs, n)
+                                                         : vec_q6_k(b, s16, a->q + t * n, xd, bs, n);
+                continue;
+            }
             if (type == FMG_Q8_0)
                 idot4(w, a->q + t * n, n, s16);
             else
                 idot16(w, a->q + t * n, n, s16);
-            out[t * ldo + r - r0] = combine(type, b, s16, a->d + t * (n / QK), a->s + t * (n / QK),
-                                            a->bsum + t * (n / 16), n);
+            out[t * ldo + r - r0] = ord == ORD_TILED ? combine_tiled(type, b, s16, xd, bs, n)
+                                  : ord != ORD_PLAIN ? repack_q4_k(b, s16, xd, bs, n, ord == ORD_GEMM)
+                                  : combine(type, b, s16, xd, a->s + t * (n / QK), bs, n);
         }
     }
 }

@@ -19,6 +19,7 @@ typedef struct {
     int8_t *q;
     float *d, *s;
     int32_t *bsum;
+    int mmid;  /* 1: rows of one expert (llama.cpp's mul_mat_id), which orders K-quant sums otherwise */
 } fmg_qact;
 
 /* silu(x) as ggml-cpu computes it (its own vectorized expf), for the SwiGLU between the quantized

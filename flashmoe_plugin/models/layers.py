@@ -155,6 +155,12 @@ class Decoder:
         self.windowed = set(range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers) \
             if cfg.sliding_window else set()
         self.expert_act = expert_activation(cfg)
+        self.numerics = None  # kernels/ggml_numerics.py for a GGUF on the CPU (set by the engine)
+
+    def _ggml(self, dtype: torch.dtype, device):
+        """llama.cpp's float order for ops on such tensors, when the engine gave one and it applies."""
+        n = self.numerics
+        return n if n is not None and n.active(dtype, device) else None
 
     def new_cache(self, n_ctx: int, dtype: torch.dtype, device) -> KVCache:
         return KVCache(self.cfg, n_ctx, dtype, device)
@@ -166,10 +172,14 @@ class Decoder:
         mask (None without a window)."""
         c = self.cfg
         pos = torch.arange(start, start + T, device=device)
-        freqs = torch.outer(pos.float(), self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.rope_factor, emb.sin() * self.rope_factor
-        cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        g = self._ggml(dtype, device) if not c.rope_scaling else None
+        if g is not None:
+            cos, sin = g.rope_tables(start, T, 2 * len(self.inv_freq), c.rope_theta)
+        else:
+            freqs = torch.outer(pos.float(), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos() * self.rope_factor, emb.sin() * self.rope_factor
+            cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
         causal = window = None
         if T > 1 or c.sliding_window:
             kpos = torch.arange(start + T, device=device)
@@ -199,7 +209,8 @@ class Decoder:
         v = v.view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], c.rms_norm_eps), rms_norm(k, w[p + "k_norm.weight"], c.rms_norm_eps)
-        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
+        rope = self.rope if self._ggml(x.dtype, x.device) is None or c.rope_scaling else self.numerics.rope
+        return rope(q, cos, sin), rope(k, cos, sin), v
 
     def attention(self, i: int, x: torch.Tensor, start: int, kv: KVCache, at: tuple) -> torch.Tensor:
         c, w, p = self.cfg, self.w, f"layers.{i}.attn."
@@ -214,7 +225,11 @@ class Decoder:
         keys, vals = kv.k[i, :start + T], kv.v[i, :start + T]
         if c.attn_sinks:
             keys, vals, mask = self.sink(w[p + "sinks"], keys, vals, mask, T)
-        if c.attn_softcap:
+        g = self._ggml(x.dtype, x.device) if not c.attn_sinks and i not in self.windowed else None
+        if g is not None and not c.attn_softcap:  # [T, H * d] -> [H, T, d] as SDPA's below
+            scale = c.attn_scale if c.attn_scale is not None else g.scale(c.head_dim)
+            out = g.attention(q, keys, vals, start, scale).view(T, c.num_heads, -1).transpose(0, 1)
+        elif c.attn_softcap:
             out = self.softcapped(q, keys, vals, mask)
         else:
             # a GPU prompt from position 0 whose mask is plain causal: is_causal, no mask, so SDPA
@@ -264,13 +279,17 @@ class Decoder:
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [T, k] and their weights [T, k] for layer i."""
         c = self.cfg
-        logits = linear(x, self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias")).float()
+        w, b, g = self.w[f"layers.{i}.moe.router.weight"], self.w.get(f"layers.{i}.moe.router.bias"), self._ggml(x.dtype, x.device)
+        if g is not None and b is None and isinstance(w, torch.Tensor):
+            logits = g.matmul(x, w)
+        else:
+            logits = linear(x, w, b).float()
         if c.router == "sigmoid_group":
             return self._route_sigmoid_group(i, logits, x.dtype)
         if c.router == "topk_softmax":  # gpt-oss: the softmax runs over the k chosen logits only
             top, ids = torch.topk(logits, c.top_k, dim=-1)
             return ids, torch.softmax(top, dim=-1).to(x.dtype)
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1) if g is None else g.softmax(logits)
         weights, ids = torch.topk(probs, c.top_k, dim=-1)
         if c.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from .. import kernels
+from ..kernels.ggml_numerics import numerics_for
 from ..models.layers import decoder_for
 from ..pager.pager import ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
@@ -62,6 +63,7 @@ class Engine:
         dense, self.dtype = self._load_dense(dtype, dense_quant)
         self._ram_free = free - dense_quant_mod.dense_bytes({k: w for k, w in dense.items() if w.device.type == "cpu"})
         self.model = decoder_for(cfg)(cfg, dense)
+        self.model.numerics = numerics_for(self.store, self.backend)  # a GGUF: llama.cpp's float order
         # refused here, before the pager pins host memory that a failed constructor would leave registered
         graph, self.decode_graph_reason = graph_mode(decode_graph, self)
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
