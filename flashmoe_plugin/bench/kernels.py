@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..progress import NO_PROGRESS
 from ..sizes import format_rate
+from ..timing import best_seconds
 from ..store.layout import RecordLayout
 
 GiB = 1 << 30
@@ -88,25 +89,15 @@ def _median_time(fn, n: int, passes: int) -> float:
     return statistics.median(_pass_times(fn, n, passes))
 
 
-def _best_time(fn, reps: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def mem_bandwidth(nbytes: int) -> dict:
     """A plain copy (read + write bytes / s) and a read-only pass (torch sum over float32)."""
     a = torch.empty(nbytes, dtype=torch.uint8)
     a.fill_(1)
     b = torch.empty_like(a)
     b.fill_(0)
-    t_copy = _best_time(lambda: b.copy_(a), 5)
+    t_copy = best_seconds(lambda: b.copy_(a), 5)
     v = a.view(torch.float32)
-    t_read = _best_time(lambda: v.sum(), 5)
+    t_read = best_seconds(lambda: v.sum(), 5)
     del a, b, v
     gc.collect()
     return {"copy_gbps": 2 * nbytes / t_copy / 1e9, "read_gbps": nbytes / t_read / 1e9}

@@ -19,7 +19,6 @@ computes); on a CPU run they share torch's thread count, so the two pools take t
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -28,6 +27,7 @@ import torch
 from .. import kernels
 from ..pager.tiers import event_times
 from ..store.slices import cut, slice_count, slice_layout
+from ..timing import best_seconds
 
 
 def physical_cores() -> int:
@@ -53,18 +53,6 @@ def cpu_backend(device: torch.device):
 
 
 
-def cpu_seconds(fn, reps: int = 3) -> float:
-    """The fastest of `reps` timed calls of fn() after an untimed one (warm-up). One sample can be
-    an outlier (a thread descheduled, a first touch), and a plan built on a CPU cost too high
-    gives the CPU no work, so the cost is never measured again to correct it. x is nonzero where
-    it is timed: the integer-activation kernels treat all-zero groups apart."""
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 class HostCompute:
     def __init__(self, mode, pager, layout, device: torch.device, act=None):
@@ -103,7 +91,9 @@ class HostCompute:
         dst = torch.empty(p.record_size, dtype=torch.uint8, device=self.device)
         self.copy_s = min(event_times(lambda: dst.copy_(src, non_blocking=True), 3))
         x, rec = torch.ones(1, self.layout.hidden), torch.zeros_like(src)
-        self.cpu_s = cpu_seconds(lambda: self._expert(x, rec))
+        # nonzero x: the integer-activation kernels treat all-zero groups apart; a cost measured too
+        # high gives the CPU no work, and it is then never measured again to correct it
+        self.cpu_s = best_seconds(lambda: self._expert(x, rec))
 
     @staticmethod
     def to_host(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +202,7 @@ class CpuLayers:
             rec = self.records[(layer, 0)]
             self.copy_s = min(event_times(lambda: self.slots[0][:q * lay.size].copy_(rec[:q * lay.size], non_blocking=True), 3))
             x, pieces = torch.ones(1, lay.hidden), self._pieces(rec, layer, 0, q)
-            self.cpu_s = cpu_seconds(lambda: self.backend.moe(x, pieces, [1.0] * q, lay))
+            self.cpu_s = best_seconds(lambda: self.backend.moe(x, pieces, [1.0] * q, lay))  # as HostCompute's
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
