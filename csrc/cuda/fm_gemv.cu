@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "fm_cuda.h"
+#include "fm_device.cuh"
 
 namespace {
 
@@ -288,37 +289,14 @@ const GemvFn kGemv[2][4] = {
     {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 3>, gemv_kernel<1, 4>},
 };
 
-constexpr int MAX_DEV = 64;
-struct GemvDev {
-    int init, sms, smem_optin, cc_major;
+struct GemvDev : FmDevice {
     int smem_set[2][4];  // dynamic shared memory limit raised so far, per kernel
 };
-GemvDev g_gdev[MAX_DEV];
+GemvDev g_gdev[FM_MAX_DEV];
 // FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid.
 int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0};
 
-int gemv_device(int device, GemvDev **info) {
-    cudaError_t err;
-    if (device < 0) {
-        if ((err = cudaGetDevice(&device)) != cudaSuccess) return (int)err;
-    } else {
-        int cur = -1;
-        if ((err = cudaGetDevice(&cur)) != cudaSuccess) return (int)err;
-        if (cur != device && (err = cudaSetDevice(device)) != cudaSuccess) return (int)err;
-    }
-    if (device >= MAX_DEV) return FMC_EINVAL;
-    GemvDev *d = &g_gdev[device];
-    if (!d->init) {
-        if ((err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
-            return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
-            return (int)err;
-        d->init = 1;
-    }
-    *info = d;
-    return FMC_OK;
-}
+int gemv_device(int device, GemvDev **info) { return fm_device(device, g_gdev, info); }
 
 // The split S (warps per row pair) and warps per block W = 8. Measured on the H200
 // (benchmarks/results/h200-g9-dense-gemv.json): every block pays ~2 us of prologue (x's image)

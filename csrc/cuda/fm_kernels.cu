@@ -28,6 +28,7 @@
 #include <float.h>
 
 #include "fm_cuda.h"
+#include "fm_device.cuh"
 
 #define FMC_VERSION_NUMBER 1
 
@@ -783,19 +784,17 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 };
 #undef FMC_DQ_ROW
 
-constexpr int MAX_DEV = 64;
 // One launch_shape decision: for (smem with PD stages, items, stages per item, the stages and
 // blocks-per-SM knobs) the depth, shared bytes and blocks per SM.
 struct LaunchShape { int smem3, items, spi, tune, mbps, pd, smem, bps; };
 constexpr int NSHAPES = 8;
-struct DevInfo {
-    int init, sms, smem_optin, coop, cc_major;
+struct DevInfo : FmDevice {
     LaunchShape shapes[3][2][2][NSHAPES];        // launch_shape's last decisions per kernel
     int shape_next[3][2][2];
     int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
     int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
 };
-DevInfo g_dev[MAX_DEV];
+DevInfo g_dev[FM_MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
 int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0};
 
@@ -805,29 +804,7 @@ bool dtype_ok(int d) { return d == FMC_F32 || d == FMC_F16 || d == FMC_BF16; }
 size_t img_bytes(int f, int limbs, int64_t K) { return (size_t)limbs * K * 2 + (size_t)(K / epc_of(f)) * 8; }
 int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
-int set_device(int device, DevInfo **info) {
-    cudaError_t err;
-    if (device < 0) {
-        if ((err = cudaGetDevice(&device)) != cudaSuccess) return (int)err;
-    } else {
-        int cur = -1;
-        if ((err = cudaGetDevice(&cur)) != cudaSuccess) return (int)err;
-        if (cur != device && (err = cudaSetDevice(device)) != cudaSuccess) return (int)err;
-    }
-    if (device >= MAX_DEV) return FMC_EINVAL;
-    DevInfo *d = &g_dev[device];
-    if (!d->init) {
-        if ((err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
-            return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->coop, cudaDevAttrCooperativeLaunch, device)) != cudaSuccess) return (int)err;
-        if ((err = cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
-            return (int)err;
-        d->init = 1;
-    }
-    *info = d;
-    return FMC_OK;
-}
+int set_device(int device, DevInfo **info) { return fm_device(device, g_dev, info); }
 
 // Raise the kernel's dynamic shared memory limit if needed; blocks per SM at this smem size.
 int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {

@@ -2,7 +2,20 @@
 `register_backends` hook; `select` picks the best available one for a device."""
 from __future__ import annotations
 
+import functools
+import importlib
+
 from .base import Backend
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str):
+    """(module, "") for one of the package's compiled modules (e.g. "_kernels_cuda"), or
+    (None, why) where it is not built (no nvcc at install time, a broken build); looked up once."""
+    try:
+        return importlib.import_module(f"..{name}", __package__), ""
+    except ImportError as e:
+        return None, str(e) or type(e).__name__
 
 
 def all_backends() -> dict[str, Backend]:
@@ -29,4 +42,4 @@ def select(device: str, name: str | None = None) -> Backend:
     return max(usable, key=lambda b: b.priority)
 
 
-__all__ = ["Backend", "select", "all_backends"]
+__all__ = ["Backend", "select", "all_backends", "compiled"]

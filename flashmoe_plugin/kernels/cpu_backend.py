@@ -23,26 +23,22 @@ import os
 
 import torch
 
+from . import compiled
 from .base import Backend
 
 MODULE = "flashmoe_plugin._cpu_kernels"
 
 
 def _load():
-    try:
-        from .. import _cpu_kernels
-    except ImportError as e:  # not built (pure-Python checkout) or built for another interpreter
-        return None, f"compiled module {MODULE} not built: {e}"
-    return _cpu_kernels, ""
+    k, why = compiled("_cpu_kernels")  # not built (pure-Python checkout) or built for another interpreter
+    return k, f"compiled module {MODULE} not built: {why}" if k is None else ""
 
 
 def _gguf_module():
-    try:
-        from .. import _gguf_kernels
-    except ImportError as e:
-        raise RuntimeError(f"compiled module flashmoe_plugin._gguf_kernels (llama.cpp block formats) "
-                           f"not built: {e}") from None
-    return _gguf_kernels
+    g, why = compiled("_gguf_kernels")
+    if g is None:
+        raise RuntimeError(f"compiled module flashmoe_plugin._gguf_kernels (llama.cpp block formats) not built: {why}")
+    return g
 
 
 @functools.lru_cache(maxsize=64)

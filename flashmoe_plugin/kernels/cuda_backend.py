@@ -29,22 +29,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import compiled
 from .base import Backend
-
-_K = None
-_K_ERROR = ""
 
 
 def kernels():
     """The compiled module, or None (the import error is kept for available())."""
-    global _K, _K_ERROR
-    if _K is None and not _K_ERROR:
-        try:
-            from .. import _kernels_cuda as k
-            _K = k
-        except ImportError as e:  # not built (no nvcc at install time) or a broken build
-            _K_ERROR = str(e) or type(e).__name__
-    return _K
+    return compiled("_kernels_cuda")[0]
 
 
 class CudaBackend(Backend):
@@ -81,7 +72,7 @@ class CudaBackend(Backend):
     def available(self) -> tuple[bool, str]:
         k = kernels()
         if k is None:
-            return False, f"flashmoe_plugin._kernels_cuda not built (built without nvcc?): {_K_ERROR}"
+            return False, f"flashmoe_plugin._kernels_cuda not built (built without nvcc?): {compiled('_kernels_cuda')[1]}"
         if not torch.cuda.is_available():
             return False, "no NVIDIA GPU visible (torch.cuda.is_available() is false)"
         if k.device_count() == 0:

@@ -14,23 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
+from . import compiled
 
-_G = None
-_G_ERROR = ""
 variant = "auto"
 """The kernel variant (_prefill_cuda.VARIANTS): "auto", or "dequant" for comparisons."""
 
 
 def kernels():
     """The compiled module, or None (built without nvcc)."""
-    global _G, _G_ERROR
-    if _G is None and not _G_ERROR:
-        try:
-            from .. import _prefill_cuda as g
-            _G = g
-        except ImportError as e:
-            _G_ERROR = str(e) or type(e).__name__
-    return _G
+    return compiled("_prefill_cuda")[0]
 
 
 def supports(x: torch.Tensor, layout) -> bool:
