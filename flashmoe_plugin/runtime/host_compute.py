@@ -52,6 +52,11 @@ def cpu_backend(device: torch.device):
     return CpuBackend(physical_cores())
 
 
+def cpu_share(m: int, copy_s: float, cpu_s: float) -> int:
+    """How many of m equal pieces of work the CPU computes while the others are copied up to the
+    GPU, both at once: the n making the slower side shortest, max((m - n) copies, n on the CPU);
+    ties go to the CPU (one copy less)."""
+    return min(range(m + 1), key=lambda n: (max((m - n) * copy_s, n * cpu_s), -n))
 
 
 class HostCompute:
@@ -83,7 +88,7 @@ class HostCompute:
             return m if self.mode == "on" else 0
         if self.copy_s is None:
             self._calibrate()
-        return min(range(m + 1), key=lambda n: (max((m - n) * self.copy_s, n * self.cpu_s), -n))
+        return cpu_share(m, self.copy_s, self.cpu_s)
 
     def _calibrate(self):
         p = self._pager
@@ -314,8 +319,7 @@ class CpuLayers:
         already balanced (~2.0 ms each side). Hence slices are opt-in."""
         if self.gpu is None:
             return k * q
-        u, c = self.copy_s / q, self.cpu_s / q
-        return min(range(k * q + 1), key=lambda n: (max((k * q - n) * u, n * c), -n))
+        return cpu_share(k * q, self.copy_s / q, self.cpu_s / q)
 
     def plan_of(self, k: int) -> dict:
         """The decode plan of the first CPU layer, for bench."""
