@@ -23,6 +23,7 @@
 
 #include "fm_cuda.h"
 #include "fm_device.cuh"
+#include "fm_quant.cuh"
 
 namespace {
 
@@ -30,10 +31,6 @@ constexpr unsigned FULL = 0xffffffffu;
 constexpr int U = 4;          // chunks per lane per row per batch
 constexpr int MAXW = 8;       // most warps per block
 constexpr int NP = FMC_GEMV_MAX_PARTS;
-
-template <int F> struct G;    // F 0: q8, 1: q4 (elements per chunk, chunks per group, x pieces per chunk)
-template <> struct G<0> { static constexpr int EPC = 16, CPG = 4, P = 2, BIAS = 0; };
-template <> struct G<1> { static constexpr int EPC = 32, CPG = 2, P = 4, BIAS = 1; };
 
 struct GemvParams {
     const uint8_t *q[NP];
@@ -46,17 +43,6 @@ struct GemvParams {
     void *y;
 };
 
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
 __device__ __forceinline__ uint4 ld_stream(const void *p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -67,8 +53,6 @@ __device__ __forceinline__ uint4 ld_stream(const void *p) {
 
 __device__ __forceinline__ float ld_half(const unsigned short *p) { return __half2float(__ushort_as_half(__ldg(p))); }
 
-__device__ __forceinline__ unsigned pack16(int a, int b) { return (unsigned)(a & 0xFFFF) | ((unsigned)b << 16); }
-__device__ __forceinline__ int clamp16(int v) { return v > 32767 ? 32767 : (v < -32767 ? -32767 : v); }
 
 // One lane's 8 consecutive x values (t, 8*e8 ..) into the x image: piece (e8 % TPC) of chunk
 // e8 / TPC, and the chunk's {xs, sum(x)} from the first lane of the chunk. The whole warp runs
@@ -76,7 +60,7 @@ __device__ __forceinline__ int clamp16(int v) { return v > 32767 ? 32767 : (v < 
 template <int F>
 __device__ __forceinline__ void prep8(bool valid, int t, int e8, const float (&v)[8], int nch, int4 *img,
                                       float2 *meta, int lane) {
-    constexpr int P = G<F>::P, TPC = G<F>::EPC / 8;
+    constexpr int P = Fmt<F>::P, TPC = Fmt<F>::EPC / 8;
     float m = 0.f, sum = 0.f;
     bool bad = false;
 #pragma unroll
@@ -106,22 +90,9 @@ __device__ __forceinline__ void prep8(bool valid, int t, int e8, const float (&v
     if (sub == 0) meta[(size_t)t * nch + c] = make_float2(xs, sum);
 }
 
-template <int F> __device__ __forceinline__ void unpack(const uint4 &w, int (&V)[2 * G<F>::P]);
-template <> __device__ __forceinline__ void unpack<0>(const uint4 &w, int (&V)[4]) {
-    V[0] = (int)w.x; V[1] = (int)w.y; V[2] = (int)w.z; V[3] = (int)w.w;
-}
-template <> __device__ __forceinline__ void unpack<1>(const uint4 &w, int (&V)[8]) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        V[2 * j] = (int)(ws[j] & 0x0F0F0F0Fu);
-        V[2 * j + 1] = (int)((ws[j] >> 4) & 0x0F0F0F0Fu);
-    }
-}
-
 template <int F, int NT>
 __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) {
-    using FM = G<F>;
+    using FM = Fmt<F>;
     constexpr int P = FM::P;
     extern __shared__ __align__(16) unsigned char smem[];
     const int K = p.K, nch = K / FM::EPC, ngroups = K >> 6;

@@ -29,6 +29,7 @@
 
 #include "fm_cuda.h"
 #include "fm_device.cuh"
+#include "fm_quant.cuh"
 
 #define FMC_VERSION_NUMBER 1
 
@@ -42,11 +43,6 @@ constexpr unsigned FULL = 0xffffffffu;
 // Off: on the H200 it cost 1-2 us per call (q4 14336x4096 GEMV 13.0 us without, 14.6 with
 // 64 KiB; the Qwen3.5 layer 16.1 against 16.7 us), the cp.async rings already keep HBM busy.
 constexpr int64_t DEFAULT_PREFETCH = 0;
-
-template <int F> struct Fmt;
-template <> struct Fmt<0> { static constexpr int EPC = 16, CPG = 4, P = 2, BIAS = 0; };
-template <> struct Fmt<1> { static constexpr int EPC = 32, CPG = 2, P = 4, BIAS = 1; };
-template <> struct Fmt<2> { static constexpr int EPC = 64, CPG = 1, P = 8, BIAS = 1; };
 
 struct Params {
     const uint8_t *rec[FMC_MAX_K];
@@ -66,22 +62,6 @@ struct Params {
     int pd;                             // stages per warp's ring (see launch_shape)
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
 };
-
-// Programmatic dependent launch (sm_90): a kernel launched with it may start while the previous
-// kernel on the stream still runs; pdl_wait() blocks until that kernel has finished and its
-// writes are visible. Only what cannot depend on it (streaming this launch's weights from host-
-// given record addresses) runs before. pdl_trigger() lets the next such launch start early.
-// Both are no-ops without the launch attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
 
 __device__ __forceinline__ float load_elem(const void *p, int dtype, size_t i) {
     if (dtype == FMC_F32) return ((const float *)p)[i];
@@ -173,29 +153,7 @@ __device__ void grid_barrier(unsigned *bar) {
     __syncthreads();
 }
 
-// ---------------------------------------------------------------- weight unpacking and dot products
-// V[2m], V[2m+1]: the two int8x4 operands that meet x piece m (see the layout at the top).
-template <int F> __device__ __forceinline__ void unpack(const uint4 &w, int (&V)[2 * Fmt<F>::P]);
-template <> __device__ __forceinline__ void unpack<0>(const uint4 &w, int (&V)[4]) {
-    V[0] = (int)w.x; V[1] = (int)w.y; V[2] = (int)w.z; V[3] = (int)w.w;
-}
-template <> __device__ __forceinline__ void unpack<1>(const uint4 &w, int (&V)[8]) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        V[2 * j] = (int)(ws[j] & 0x0F0F0F0Fu);
-        V[2 * j + 1] = (int)((ws[j] >> 4) & 0x0F0F0F0Fu);
-    }
-}
-template <> __device__ __forceinline__ void unpack<2>(const uint4 &w, int (&V)[16]) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) V[4 * j + k] = (int)((ws[j] >> (2 * k)) & 0x03030303u);
-    }
-}
-
+// ---------------------------------------------------------------- dot products (unpack: fm_quant.cuh)
 // d0 += row-0 chunk · x chunk, d1 += row-1 chunk · x chunk (one limb); xp -> piece 0, pieces nch apart.
 template <int F>
 __device__ __forceinline__ void dot2(const int (&V0)[2 * Fmt<F>::P], const int (&V1)[2 * Fmt<F>::P],
@@ -228,8 +186,6 @@ template <> __device__ __forceinline__ void slot_of<2>(int i, int &m, int &s) {
     s = 4 * (k & 1) + p;
 }
 
-__device__ __forceinline__ int clamp16(int v) { return v > 32767 ? 32767 : (v < -32767 ? -32767 : v); }
-
 // Build nimg x images of K values in shared memory. Image j: token t = j % NT of
 // from_x ? x row (t0 + j) : h row j (workspace [k][NT][K]), scaled by weight swt[j / NT] (h only).
 // Images of tokens t >= nt are zero. A lane takes 8 consecutive values (one 16-byte piece of
@@ -255,8 +211,6 @@ __device__ __forceinline__ void load8(const void *src, int dtype, size_t i, bool
         }
     }
 }
-
-__device__ __forceinline__ unsigned pack16(int a, int b) { return (unsigned)(a & 0xFFFF) | ((unsigned)b << 16); }
 
 template <int F, int LIMBS>
 __device__ __forceinline__ void prep_task(bool valid, int j, int e8, const float (&v)[8], float wt, int nch,
