@@ -180,7 +180,10 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         "prefill_warm_after_profiler_tok_s", "ttft_s", "hit_rate", "belady_hit_rate",
         "hit_rate_vs_belady", "io_bound_tok_s", "io_efficiency", "bytes_read_per_token", "disk_bandwidth_gbps",
         "tiers", "capacity_records", "host_capacity_records", "budget_note", "peak_rss_bytes", "host_compute",
-        "n_cpu_moe", "policy", "policy_note", "direct_io", "notes")
+        "n_cpu_moe", "policy", "policy_note", "direct_io", "notes",
+        # where a decode token's time goes (bench/launches.py) and the hybrid split's measured costs
+        "host_ms_per_token", "launches_per_token", "kernels_per_token", "kernel_us_by_name", "n_cpu_moe_split",
+        "hbm_gbps", "h2d_gbps")
 
 
 def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup) -> dict:
