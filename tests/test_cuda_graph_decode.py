@@ -43,8 +43,9 @@ def test_graph_decode_equals_eager_in_every_family(oracles, family):
         assert torch.equal(out, eager), budget
         assert (out - ref).abs().max() < 2e-2, budget  # fp32 torch vs fp32 native q4 kernels
         assert (s["hits"], s["misses"]) == (s_eager["hits"], s_eager["misses"])
-        if budget == k:
-            assert fast.fallbacks > 0
+        if budget == k:  # fewer slots than experts: cut at every MoE layer (runtime/hybrid_decode.py)
+            assert type(fast).__name__ == "HybridDecode" and fast.fallbacks == 0
+            assert fast.cpu  # (its graphs were dropped by close(); captured is asserted above)
     if family != "mixtral":  # bf16 once (each dtype and shape compiles the decode ops again)
         return
     bf, fast, _ = _gpu(store, total, size, "on", ids, steps, torch.bfloat16)

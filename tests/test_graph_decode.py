@@ -37,16 +37,17 @@ def test_device_step_equals_the_pager_path_with_and_without_misses(oracles, fami
     ref, _, _ = _run(store, ids, steps, decode_graph="off")
     probe = Engine(store, prefetch="off")
     size, k, total = probe.pager.record_size, probe.config.top_k, probe.pager.capacity
-    why = unsupported(probe)
+    why, moe = unsupported(probe), probe._moe_order
     probe.close()
     if why:  # a family the device step does not compute (MLA, sinks, ...): refused, auto stays off
         with pytest.raises(ValueError, match="does not implement"):
             Engine(store, prefetch="off", decode_graph="on")
         assert Engine(store, prefetch="off", decode_graph="auto").fast is None
         return
-    fallbacks = {}
+    fallbacks, kinds = {}, {}
     for budget in (total, k, 2 * k):  # all fit; one layer's worth (a miss in most steps); in between
         on, fast, s_on = _run(store, ids, steps, decode_graph="on", ram_budget=budget * size)
+        kinds[budget] = type(fast).__name__, getattr(fast, "cpu", None)
         eager, slow, s_eager = _run(store, ids, steps, decode_graph="eager", ram_budget=budget * size)
         assert torch.equal(on, eager), budget
         assert (on - ref).abs().max() < 1e-4, budget  # masked whole-cache attention vs SDPA, fp32
@@ -54,8 +55,12 @@ def test_device_step_equals_the_pager_path_with_and_without_misses(oracles, fami
         assert {c: s_on[c] for c in ("hits", "misses", "device_hits")} == \
             {c: s_eager[c] for c in ("hits", "misses", "device_hits")}, budget
         fallbacks[budget] = fast.fallbacks
-    # all fit: only steps that route to an expert the prompt never loaded fall back
-    assert fallbacks[k] > 0 and fallbacks[total] < fallbacks[k]
+    # all fit: the whole-token step; only steps that route to an expert the prompt never loaded
+    # fall back (from that layer, through the pager path)
+    assert kinds[total] == ("DeviceDecode", None) and fallbacks[total] > 0
+    # fewer slots than experts: cut at every MoE layer, each layer's experts through the pager
+    # path between two segments (runtime/hybrid_decode.py), so nothing is recomputed
+    assert kinds[k] == kinds[2 * k] == ("HybridDecode", moe) and fallbacks[k] == fallbacks[2 * k] == 0
 
 
 def test_slot_table_follows_tier0(oracles):

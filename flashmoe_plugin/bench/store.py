@@ -290,7 +290,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  "decode_graph_note": eng.decode_graph_reason if eng.fast is None or not eng.fast.why_not
                  else eng.fast.why_not,
                  # steps redone layer by layer from a missing expert (n_cpu_moe layers never miss)
-                 "decode_graph_fallbacks": None if eng.fast is None else eng.fast.fallbacks}
+                 "decode_graph_fallbacks": None if eng.fast is None else eng.fast.fallbacks,
+                 # MoE layers whose experts the host handles between replays (runtime/hybrid_decode.py)
+                 "decode_graph_cut_layers": None if eng.fast is None else len(getattr(eng.fast, "cpu", ()))}
         cl = eng.cpu_layers
         if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/host_compute.py)
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "decode_plan": cl.plan_of(k), "slice_s": cl.cut_s,

@@ -22,7 +22,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .host_compute import CpuLayers, HostCompute
-from .hybrid_decode import HybridDecode
+from .hybrid_decode import HybridDecode, cut_layers
 from . import landed as landed_mod
 
 
@@ -91,7 +91,8 @@ class Engine:
         self.trace = None
         # decode steps with routing, expert lookup and position on the device (runtime/graph_decode.py)
         # (with n_cpu_moe layers: cut into segments at their experts, runtime/hybrid_decode.py)
-        self.fast = (HybridDecode if self.cpu_layers else DeviceDecode)(self, graph) if graph != "off" else None
+        # (cut at every MoE layer when the device tier cannot hold every expert: the pager's path per layer)
+        self.fast = (HybridDecode if cut_layers(self) else DeviceDecode)(self, graph) if graph != "off" else None
 
     def _load_dense(self, dtype, dense_quant):
         """The dense weights and the activation dtype: fp32 on CPU (the oracles' tolerances and the

@@ -14,6 +14,12 @@ fallback at the first CPU layer recomputed the token from there, layer by layer)
 Layers after the last CPU layer can still miss (their records are paged): the ids are checked after
 the step as DeviceDecode does, and the step resumes from the first miss through the pager path.
 On CPU (the twin) the same segments run uncaptured.
+
+Tiered runs (the device tier cannot hold every expert: `cut_layers`) are cut at every MoE layer:
+with most experts resident but not all, nearly every token misses somewhere, and a whole-token
+graph would be thrown away from its first miss and finished layer by layer. Here each MoE layer's
+experts go through the engine's pager path (hits from VRAM, host-tier experts computed on the CPU
+or copied up, reads from disk, the predictor's prefetches) between two replays.
 """
 from __future__ import annotations
 
@@ -23,15 +29,27 @@ from ..models.layers import embed
 from .graph_decode import DeviceDecode
 
 
+def cut_layers(engine) -> list[int]:
+    """The MoE layers whose experts the host handles between two replays: every MoE layer when
+    the device tier cannot hold all the experts it serves, else the n_cpu_moe layers (none: the
+    whole-token graph, DeviceDecode)."""
+    cpu = engine.cpu_layers
+    paged = [layer for layer in engine._moe_order if cpu is None or layer not in cpu]
+    if sum(engine.store.layers[layer].experts for layer in paged) > engine.pager.capacity:
+        return list(engine._moe_order)
+    return [layer for layer in engine._moe_order if cpu is not None and layer in cpu]
+
+
 class HybridDecode(DeviceDecode):
     def __init__(self, engine, mode: str = "on"):
         cfg, dev = engine.config, engine.device
-        self.cpu = [layer for layer in engine._moe_order if layer in engine.cpu_layers]
+        self.cpu = cut_layers(engine)
         H, k = cfg.hidden_size, cfg.top_k
         self.h_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)      # residual after the CPU layer's attention
         self.x_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)      # its FFN input (the GPU's share reads it)
         self.delta_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # its FFN output (the next segment adds it)
         self.shared_buf = torch.zeros(1, H, dtype=engine.dtype, device=dev)  # a shared expert's output, if any
+        self.wts_buf = torch.zeros(1, k, dtype=engine.dtype, device=dev)  # its routing weights (the pager path's)
         self.pack = torch.zeros(H + 2 * k, dtype=torch.float32, device=dev)  # x, weights, ids for the host
         self.pack_host = torch.zeros(H + 2 * k, dtype=torch.float32)
         if dev.type == "cuda":
@@ -62,6 +80,7 @@ class HybridDecode(DeviceDecode):
                     H, k = c.hidden_size, c.top_k
                     self.h_buf.copy_(h)
                     self.x_buf.copy_(x)
+                    self.wts_buf.copy_(wts)
                     self.pack[:H].copy_(x[0])
                     self.pack[H:H + k].copy_(wts[0])
                     self.pack[H + k:].copy_(ids[0])
@@ -78,7 +97,8 @@ class HybridDecode(DeviceDecode):
         self.pos.add_(1)
 
     def _host_layer(self, j: int):
-        """CPU layer j's experts from the packed row (waited for), into delta_buf."""
+        """Cut layer j's experts from the packed row (waited for), into delta_buf: a CPU layer's
+        split between the C kernels and the GPU, or the pager path of any other layer."""
         e, c = self.e, self.cfg
         H, k, layer = c.hidden_size, c.top_k, self.cpu[j]
         self.pack_host.copy_(self.pack, non_blocking=True)  # outside the graph: a plain copy to pinned memory
@@ -87,6 +107,9 @@ class HybridDecode(DeviceDecode):
             self.packed.synchronize()
         vals = self.pack_host[H:].tolist()
         chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
+        if e.cpu_layers is None or layer not in e.cpu_layers:
+            self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf))
+            return
         if e.trace is not None:
             e.trace.route(layer, [chosen])
         e.cpu_layers.decode(layer, self.pack_host[:H].view(1, H), chosen, vals[:k], self.x_buf, out=self.delta_buf)
@@ -104,7 +127,7 @@ class HybridDecode(DeviceDecode):
             if j < len(self.cpu):
                 self._host_layer(j)
         self.replays += bool(self.graphs)
-        self._settle(skip=set(self.cpu))  # the CPU layers' experts came from RAM, never looked up
+        self._settle(skip=set(self.cpu))  # the cut layers' experts were handled by the host
 
     def _pieces(self) -> list:
         """The segments between CPU layers, each captured as a graph of its own (DeviceDecode._capture)."""
