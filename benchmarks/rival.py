@@ -16,7 +16,8 @@ The steps, each skipped when its output exists in --work (default /tmp/rival):
    dropped before each run (where permitted), RAM-limited rows inside a memory cgroup (v1 or v2;
    when none can be made the row says so and runs without one);
 5. writes --out (default benchmarks/results/rival-{h200,cpu}.json) after every row, so a run
-   cut short keeps what it measured.
+   cut short keeps what it measured; each flashmoe bench's whole JSON goes to
+   --work/flashmoe-MACHINE-rowN.json (prefetch, predictor and tier statistics the row omits).
 --layers N makes all of it N layers deep (a smoke test; ratios then do not stand for Mixtral).
 """
 from __future__ import annotations
@@ -186,7 +187,8 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers")
 
 
-def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup) -> dict:
+def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | None = None) -> dict:
+    """flashmoe bench's figures for a row (KEEP), its whole JSON written to `raw`."""
     cmd = flashmoe() + ["bench", str(st), "--json", "--prompt-tokens", str(p), "--tokens", str(n),
                         "--no-compute-bound", "--drop-caches", "--io-threads", "8", *args]
     t0 = time.time()
@@ -195,6 +197,8 @@ def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup) -> dict:
     if r.returncode:
         return {**out, "error": (r.stderr or r.stdout)[-1500:]}
     res = json.loads(r.stdout)
+    if raw is not None:
+        raw.write_text(r.stdout)
     out.update({k: res.get(k) for k in KEEP})
     # prefill: warm (experts resident where they fit) to compare with llama-bench's warm repetitions
     out["prefill_cold_tok_s"] = res.get("prefill_tok_s")
@@ -267,7 +271,7 @@ def main(argv=None):
             row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
         if st:
             log(f"row {i}: flashmoe {' '.join(fargs)}")
-            row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg)
+            row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg, raw=a.work / f"flashmoe-{machine}-row{i}.json")
         if "llama_cpp" not in row:  # the same llama-bench command measured for another row counts here
             twin = next((j for j, r in enumerate(ROWS[machine]) if j != i and r[2] == largs and r[4] == limit
                          and "llama_cpp" in rows.get(str(j), {})), None)
