@@ -143,28 +143,35 @@ class ExpertPager:
         counted now, touched (policy, prefetch marks) at the pager's next request or prefetch,
         in order, so a decode step can leave that bookkeeping to the time the GPU runs the next
         token (the policy's state is then what it would have been at any decision it takes)."""
-        keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
+        self.note_step([(layer, experts)], later)
+
+    def note_step(self, routes, later: bool = False):
+        """note_hits for several layers, [(layer, experts), ...] in layer order (a decode step's
+        layers that hit: one call, counted at once)."""
         if self.trace is not None:
-            self.trace.request(layer, [k[1] for k in keys])
+            for layer, experts in routes:
+                self.trace.request(layer, list(dict.fromkeys(int(e) for e in experts)))
+        n = sum(len(set(experts)) for _, experts in routes)
         if later:
-            self._noted.append(keys)
+            self._noted.append(routes)
         else:
             self.touch_noted()
-            self._touch(keys)
-        self.stats.hits += len(keys)
-        self.stats.device_hits += len(keys)
+            self._touch(routes)
+        self.stats.hits += n
+        self.stats.device_hits += n
 
     def touch_noted(self):
         """The touches note_hits(later=True) left for later, now (also done by the pager itself
         before any request, prefetch or eviction decision)."""
         noted, self._noted = self._noted, []
-        for keys in noted:
-            self._touch(keys)
+        for routes in noted:
+            self._touch(routes)
 
-    def _touch(self, keys):
-        for key in keys:
-            self.policy.touch(key)
-            self.prefetched.discard(key)
+    def _touch(self, routes):
+        for layer, experts in routes:
+            for e in dict.fromkeys(int(e) for e in experts):
+                self.policy.touch((layer, e))
+                self.prefetched.discard((layer, e))
 
     # ------------------------------------------------------------------ demand
     def request(self, layer: int, experts: list[int], host_ok=False) -> "_Batch":

@@ -16,7 +16,7 @@ placeholder (slot 0) and everything after it is void, so the step is recomputed 
 saved input through the engine's per-layer pager path (demand reads, copies, host compute,
 prefetch), layer by layer, with the same kernels. Layers before the first miss keep the graph's
 results; the host never stalls them. When nothing missed, the hits are counted at once but the
-policy's touches wait until the next token's replay is queued (pager.note_hits(later=True)): the
+policy's touches wait until the next token's replay is queued (pager.note_step(later=True)): the
 GPU never waits for that bookkeeping (measured at ~8 us per layer).
 
 The step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
@@ -242,19 +242,27 @@ class DeviceDecode:
         p.touch_noted()
         self._read_back()
         rows = self.route_host.tolist()
+        hit = []
         for row, layer in enumerate(self.order):
             if layer in skip:
                 continue
-            ids, missed = rows[row][:k], rows[row][k]
-            if missed:
+            if rows[row][k]:  # a miss: the layers before it hit, this one and the rest are redone
+                self._note(hit)
                 self.fallbacks += 1
                 self.pos.sub_(1)
                 self._body(layer, fast=False)
                 self._read_back()
                 return
-            if e.trace is not None:
+            hit.append((layer, rows[row][:k]))
+        self._note(hit)
+
+    def _note(self, hit):
+        """The hits of a step's layers, counted now, their touches left for later."""
+        e = self.e
+        if e.trace is not None:
+            for layer, ids in hit:
                 e.trace.route(layer, [ids])
-            p.note_hits(layer, ids, later=True)
+        e.pager.note_step(hit, later=True)
 
     def _pieces(self) -> list:
         """What one step runs, as the callables captured one graph each (here the whole token;
