@@ -109,3 +109,17 @@ def _state(x):
     if hasattr(x, "__dict__"):
         return (type(x).__name__, _state(vars(x)))
     return x
+
+
+def test_greedy_is_torch_argmax_with_ties_and_nans():
+    from flashmoe_plugin.runtime.sampling import greedy
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        x = torch.randn(4096, generator=g)
+        if i % 3 == 0:  # ties: the first maximum
+            x[torch.randint(4096, (5,), generator=g)] = x.max() + 1
+        if i % 7 == 0:  # NaN counts as the maximum
+            x[torch.randint(4096, (2,), generator=g)] = float("nan")
+        if i % 11 == 0:
+            x[:] = float("-inf")
+        assert greedy(x) == int(torch.argmax(x)), i
