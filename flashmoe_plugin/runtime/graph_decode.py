@@ -99,10 +99,15 @@ class DeviceDecode:
         self.pos_value = 0  # what self.pos holds once the queued work has run
         self.kpos = torch.arange(n_ctx, device=dev)
         self.hs = torch.zeros(cfg.num_layers, 1, cfg.hidden_size, dtype=dt, device=dev)
-        # per MoE layer: its routed ids, then how many of them the slot table lacked (one row the
-        # host reads back per token, with the logits, into pinned memory: one wait)
-        self.route = torch.zeros(max(1, len(self.order)), cfg.top_k + 1, dtype=torch.long, device=dev)
-        self.ids, self.misses = self.route[:, :cfg.top_k], self.route[:, cfg.top_k]
+        # per MoE layer its routed ids [n, k], then per layer how many of them the slot table
+        # lacked [n]: one buffer the host reads back per token with the logits, into pinned memory
+        # (one wait). The misses start 16-byte aligned and the ids rows keep their own layout:
+        # inductor copies a misaligned input in and out of a compiled call (on the H200 a row
+        # layout of k + 1 cost two more kernels in every other layer, +40 us per token)
+        n, k = max(1, len(self.order)), cfg.top_k
+        self.at = (n * k + 1) // 2 * 2
+        self.route = torch.zeros(self.at + n, dtype=torch.long, device=dev)
+        self.ids, self.misses = self.route[:n * k].view(n, k), self.route[self.at:]
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.route_host = torch.zeros_like(self.route, device="cpu", pin_memory=self.cuda)
         self.logits_host = torch.zeros_like(self.logits, device="cpu", pin_memory=self.cuda)
@@ -238,22 +243,22 @@ class DeviceDecode:
         touches left to the next token's settle, or the pager's next request), or the token
         recomputed from the first layer that missed (`skip`: layers whose experts were never
         looked up, HybridDecode's CPU layers)."""
-        e, p, k = self.e, self.e.pager, self.cfg.top_k
+        e, p, k, at = self.e, self.e.pager, self.cfg.top_k, self.at
         p.touch_noted()
         self._read_back()
-        rows = self.route_host.tolist()
+        flat = self.route_host.tolist()
         hit = []
         for row, layer in enumerate(self.order):
             if layer in skip:
                 continue
-            if rows[row][k]:  # a miss: the layers before it hit, this one and the rest are redone
+            if flat[at + row]:  # a miss: the layers before it hit, this one and the rest are redone
                 self._note(hit)
                 self.fallbacks += 1
                 self.pos.sub_(1)
                 self._body(layer, fast=False)
                 self._read_back()
                 return
-            hit.append((layer, rows[row][:k]))
+            hit.append((layer, flat[row * k:(row + 1) * k]))
         self._note(hit)
 
     def _note(self, hit):
