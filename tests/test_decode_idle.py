@@ -85,6 +85,7 @@ def test_a_step_with_every_expert_resident_never_falls_back(oracles):
     after = eng.pager.stats.snapshot()
     k = eng.config.top_k
     assert f.fallbacks == 0 and f.steps == len(steps)
+    assert len(eng.pager._noted) == 1  # the last step's touches wait for the next step (or request)
     assert not f.route_host[f.at:].any()
     assert after["misses"] == before["misses"]
     # the prompt's request path counts distinct experts per layer; each step counts k per layer
