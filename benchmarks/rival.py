@@ -183,8 +183,8 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         "tiers", "capacity_records", "host_capacity_records", "budget_note", "peak_rss_bytes", "host_compute",
         "n_cpu_moe", "policy", "policy_note", "direct_io", "notes",
         # where a decode token's time goes (bench/launches.py) and the hybrid split's measured costs
-        "host_ms_per_token", "launches_per_token", "kernels_per_token", "kernel_us_by_name", "n_cpu_moe_split",
-        "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers")
+        "host_ms_per_token", "launches_per_token", "kernels_per_token", "kernel_us_per_token", "kernel_us_by_name",
+        "n_cpu_moe_split", "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers")
 
 
 def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | None = None) -> dict:

@@ -11,7 +11,8 @@
   moe_kernel): one per MoE layer when a layer's experts run in one cooperative launch, two where
   the device needs the two-launch form;
 - kernel_us_by_name: the kernels' device time per token by kernel name (the 20 costliest, names
-  cut to 90 characters): [name, kernels per token, microseconds per token];
+  cut to 90 characters): [name, kernels per token, microseconds per token]; kernel_us_per_token:
+  all kernels' device time per token (1e6 / tok/s less this is the time the GPU is idle per token);
 - host_ms_per_token: wall time of the profiled steps less the time the host sat in calls that
   wait for the GPU (stream/event/device synchronize, cudaMemcpyAsync), per token.
   The profiler adds its own per-call cost, so this is an upper bound of the host time.
@@ -64,6 +65,7 @@ def decode_launches(engine, logits: torch.Tensor, steps: int = 4) -> dict:
             "launches_per_token": launches / steps, "kernels_per_token": kernels / steps,
             "moe_kernels_per_token": moe / steps,
             "graph_nodes": (fast.nodes or None) if fast is not None and fast.graph is not None else None,
+            "kernel_us_per_token": round(sum(us for _, us in by_name.values()) / steps, 1),
             "kernel_us_by_name": [[n, c / steps, round(us / steps, 2)] for n, (c, us) in
                                   sorted(by_name.items(), key=lambda kv: -kv[1][1])[:20]],
             "profiled_steps": steps,

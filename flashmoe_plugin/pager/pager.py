@@ -104,6 +104,7 @@ class ExpertPager:
         self.prefetched: set = set()   # keys a prefetch brought to tier 0, not used yet
         self.protected: set = set()    # keys of the current request: never evicted
         self._fence = None             # compute-stream event of the current request
+        self._noted: list = []         # device hits counted but not touched yet (note_hits(later=True))
         readers = registry().storage
         if reader_name not in readers:
             raise ValueError(f"unknown storage reader {reader_name!r}; registered: {', '.join(sorted(readers))}")
@@ -136,17 +137,41 @@ class ExpertPager:
             return 0 if key in self.t0 or (self.t1 is not None and key in self.t1) else 1 if key in self.reads else 2
         return sorted(experts, key=rank)
 
-    def note_hits(self, layer: int, experts):
+    def note_hits(self, layer: int, experts, later: bool = False):
         """Records a graph-captured decode step read straight from tier 0 (through the slot
-        table, no request): counted and touched as a request's device hits would be."""
-        keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
+        table, no request): counted and touched as a request's device hits would be. later:
+        counted now, touched (policy, prefetch marks) at the pager's next request or prefetch,
+        in order, so a decode step can leave that bookkeeping to the time the GPU runs the next
+        token (the policy's state is then what it would have been at any decision it takes)."""
+        self.note_step([(layer, experts)], later)
+
+    def note_step(self, routes, later: bool = False):
+        """note_hits for several layers, [(layer, experts), ...] in layer order (a decode step's
+        layers that hit: one call, counted at once)."""
         if self.trace is not None:
-            self.trace.request(layer, [k[1] for k in keys])
-        for key in keys:
-            self.policy.touch(key)
-            self.prefetched.discard(key)
-        self.stats.hits += len(keys)
-        self.stats.device_hits += len(keys)
+            for layer, experts in routes:
+                self.trace.request(layer, list(dict.fromkeys(int(e) for e in experts)))
+        n = sum(len(set(experts)) for _, experts in routes)
+        if later:
+            self._noted.append(routes)
+        else:
+            self.touch_noted()
+            self._touch(routes)
+        self.stats.hits += n
+        self.stats.device_hits += n
+
+    def touch_noted(self):
+        """The touches note_hits(later=True) left for later, now (also done by the pager itself
+        before any request, prefetch or eviction decision)."""
+        noted, self._noted = self._noted, []
+        for routes in noted:
+            self._touch(routes)
+
+    def _touch(self, routes):
+        for layer, experts in routes:
+            for e in dict.fromkeys(int(e) for e in experts):
+                self.policy.touch((layer, e))
+                self.prefetched.discard((layer, e))
 
     # ------------------------------------------------------------------ demand
     def request(self, layer: int, experts: list[int], host_ok=False) -> "_Batch":
@@ -167,6 +192,7 @@ class ExpertPager:
         return [got[int(e)] for e in experts]
 
     def _batch(self, keys, layer=None, count=True, host_ok=False) -> "_Batch":
+        self.touch_noted()
         self.protected = set(keys)
         self._fence = self.copies.fence()
         self._progress()
@@ -222,6 +248,7 @@ class ExpertPager:
         """Start bringing `experts` of a later layer to the device tier at low priority: host-tier
         records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
         Never evicts the current request's records. Returns how many were started."""
+        self.touch_noted()
         self._progress()
         started, reading = 0, sum(r.prefetch for r in self.reads.values())
         for e in dict.fromkeys(int(e) for e in experts):

@@ -5,8 +5,9 @@ the compute device, so that a decode step can look its experts up without asking
 Entries are tier-0 slot indices (the same table on CPU and CUDA, so CI tests the one the GPU
 uses); `addresses(idx)` turns looked-up slots into record addresses on the device (one kernel),
 the form the fused CUDA kernel reads. An absent record's entry is slot 0: always valid memory,
-so a step that reads it computes garbage but never faults; the host sees the miss from the
-pager's own map after the step and recomputes from that layer.
+so a step that reads it computes garbage but never faults; `present` marks the resident entries,
+the step counts each layer's misses from it on the device, and the host, seeing a miss in the
+row it reads back, recomputes from that layer.
 
 The pager keeps the table current: tier 0 calls `watch(key, slot)` on every put and
 `watch(key, None)` on every removal (SlotPool.watch). Each change is one small stream-ordered
@@ -26,6 +27,9 @@ class SlotTable:
         pool = pager.t0
         dev = pool.slots.device
         self.entries = torch.zeros((len(layers), num_experts), dtype=torch.int64, device=dev)
+        # 1 where the entry names a resident record: the step counts its misses on the device
+        # (decode_ops.missing), so the host reads one row per layer instead of asking tier 0
+        self.present = torch.zeros((len(layers), num_experts), dtype=torch.int64, device=dev)
         self._base = torch.tensor([pool.slots.data_ptr()], dtype=torch.int64, device=dev)
         self._stride = pool.slots.stride(0)
         self.pending: set[int] = set()
@@ -39,6 +43,7 @@ class SlotTable:
         if row is None:
             return
         self.entries[row, expert] = 0 if slot is None else slot
+        self.present[row, expert] = slot is not None
         if slot is not None:
             self.pending.add(slot)
 

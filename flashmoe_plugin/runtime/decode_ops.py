@@ -13,6 +13,7 @@ routing from 19.8 to 7.1 us of device time (benchmarks/results/h200-s9-decode-op
                                            # hs_row, then attention over the whole masked cache
     x, ids, w = route(h2, ...)             # norm, router, softmax/top-k on the device
     addrs = addresses(...)                 # the routed experts' record addresses (slot table)
+    missing(present, ids, out)             # per layer, its routed experts the table lacked
     h2, x, ids, w, addrs = moe_layer(...)  # the three in one compiled function (MoE layers)
 """
 from __future__ import annotations
@@ -130,6 +131,12 @@ def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     return h, x, ids, weights, addresses(entries_row, ids, base, stride)
 
 
+def missing(present, ids, out):
+    """Per MoE layer, how many of its routed experts (ids [layers, k]) the slot table did not
+    hold when the step looked them up (present [layers, E]: 1 = resident), into out [layers]."""
+    out.copy_((present.gather(1, ids) == 0).sum(1))
+
+
 def head(h, delta, norm_w, lm_head, logits_out, eps: float):
     h = h + delta
     logits_out.copy_(linear(rms_norm(h, norm_w, eps), lm_head).float())
@@ -138,7 +145,7 @@ def head(h, delta, norm_w, lm_head, logits_out, eps: float):
 class Ops:
     """The functions above, compiled with torch.compile on CUDA (one compilation serves every
     layer); as written elsewhere, or where compilation fails (then `note` says why)."""
-    NAMES = ("rope_tables", "attention", "moe_layer", "head")
+    NAMES = ("rope_tables", "attention", "moe_layer", "missing", "head")
     _shared: dict = {}
 
     @classmethod

@@ -9,12 +9,15 @@ A step, when every expert it needs is resident (the fast path):
   the device-side slot table (pager/slot_table.py) and runs the fused kernel on those records'
   addresses;
 - the graph also keeps, per layer, the routed ids and the residual state entering the layer.
-The host replays the graph and reads the logits and the routed ids (one synchronisation per
-token, which sampling needs anyway). It then checks the ids against the pager's map: a layer
-whose experts were not all resident read a placeholder (slot 0) and everything after it is void,
-so the step is recomputed from that layer's saved input through the engine's per-layer pager path
-(demand reads, copies, host compute, prefetch), layer by layer, with the same kernels. Layers
-before the first miss keep the graph's results; the host never stalls them.
+The host replays the graph and reads the logits and, per MoE layer, the routed ids and how many
+of them the slot table lacked (counted on the device), into pinned memory: one synchronisation per
+token, which sampling needs anyway. A layer whose experts were not all resident read a
+placeholder (slot 0) and everything after it is void, so the step is recomputed from that layer's
+saved input through the engine's per-layer pager path (demand reads, copies, host compute,
+prefetch), layer by layer, with the same kernels. Layers before the first miss keep the graph's
+results; the host never stalls them. When nothing missed, the hits are counted at once but the
+policy's touches wait until the next token's replay is queued (pager.note_step(later=True)): the
+GPU never waits for that bookkeeping (measured at ~8 us per layer).
 
 The step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
 (~16 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
@@ -96,8 +99,19 @@ class DeviceDecode:
         self.pos_value = 0  # what self.pos holds once the queued work has run
         self.kpos = torch.arange(n_ctx, device=dev)
         self.hs = torch.zeros(cfg.num_layers, 1, cfg.hidden_size, dtype=dt, device=dev)
-        self.ids = torch.zeros(max(1, len(self.order)), cfg.top_k, dtype=torch.long, device=dev)
+        # per MoE layer its routed ids [n, k], then per layer how many of them the slot table
+        # lacked [n]: one buffer the host reads back per token with the logits, into pinned memory
+        # (one wait). The misses start 16-byte aligned and the ids rows keep their own layout:
+        # inductor copies a misaligned input in and out of a compiled call (on the H200 a row
+        # layout of k + 1 cost two more kernels in every other layer, +40 us per token)
+        n, k = max(1, len(self.order)), cfg.top_k
+        self.at = (n * k + 1) // 2 * 2
+        self.route = torch.zeros(self.at + n, dtype=torch.long, device=dev)
+        self.ids, self.misses = self.route[:n * k].view(n, k), self.route[self.at:]
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.route_host = torch.zeros_like(self.route, device="cpu", pin_memory=self.cuda)
+        self.logits_host = torch.zeros_like(self.logits, device="cpu", pin_memory=self.cuda)
+        self.read = torch.cuda.Event() if self.cuda else None
         self.zero = torch.zeros(1, cfg.hidden_size, dtype=dt, device=dev)
         self.args = [self._layer_args(i) for i in range(cfg.num_layers)]
         self.consts = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -169,13 +183,20 @@ class DeviceDecode:
             else:
                 h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
-        ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
+        self._end(h, delta)
+
+    def _end(self, h, delta):
+        """The token's last kernels: the layers' misses counted, the logits, the position advanced."""
+        c, m = self.cfg, self.model
+        if self.table.rows:
+            self.ops.missing(self.table.present, self.ids, self.misses)
+        self.ops.head(h, delta, m.w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
         self.pos.add_(1)
 
     # ------------------------------------------------------------------ a decode step
     def step(self, token: int, n_past: int) -> torch.Tensor:
-        """Logits [1, vocab] of one token at position n_past (a copy of the static buffer); its
-        K/V are written to the engine's cache. On CUDA everything runs on the decode stream
+        """Logits [1, vocab] of one token at position n_past (a host copy of the static buffer);
+        its K/V are written to the engine's cache. On CUDA everything runs on the decode stream
         (the one the graph was captured on, so eager steps make the same cuBLAS choices)."""
         self.steps += 1
         cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
@@ -188,15 +209,15 @@ class DeviceDecode:
             self.pos_value = n_past + 1
             self.table.ready()
             self._run()
-            out = self.logits.clone()
         if cur is not None:
             cur.wait_stream(self.stream)
-        return out
+        return self.logits_host.clone()
 
     def _run(self):
         """The token's layers: replayed (or run fast) and settled, or eager."""
         if self.mode == "eager":
             self._body(0, fast=False)
+            self._read_back()
             return
         if self.graph is not None:
             self.graph.replay()
@@ -208,22 +229,45 @@ class DeviceDecode:
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
+    def _read_back(self):
+        """The logits and the routing rows to pinned host memory; the host waits once, here."""
+        self.route_host.copy_(self.route, non_blocking=self.cuda)
+        self.logits_host.copy_(self.logits, non_blocking=self.cuda)
+        if self.cuda:
+            self.read.record(self.stream)
+            self.read.synchronize()
+
     def _settle(self, skip=frozenset()):
-        """Read the routed ids back; count the hits; recompute from the first layer that missed
-        (`skip`: layers whose experts were never looked up, HybridDecode's CPU layers)."""
-        e, p = self.e, self.e.pager
-        ids = self.ids.tolist()
+        """With the token's kernels queued: the previous token's policy touches (the GPU is busy
+        meanwhile), then the one wait for the logits and the routing; the hits counted (their
+        touches left to the next token's settle, or the pager's next request), or the token
+        recomputed from the first layer that missed (`skip`: layers whose experts were never
+        looked up, HybridDecode's CPU layers)."""
+        e, p, k, at = self.e, self.e.pager, self.cfg.top_k, self.at
+        p.touch_noted()
+        self._read_back()
+        flat = self.route_host.tolist()
+        hit = []
         for row, layer in enumerate(self.order):
             if layer in skip:
                 continue
-            if not self.table.resident(layer, ids[row]):
+            if flat[at + row]:  # a miss: the layers before it hit, this one and the rest are redone
+                self._note(hit)
                 self.fallbacks += 1
                 self.pos.sub_(1)
                 self._body(layer, fast=False)
+                self._read_back()
                 return
-            if e.trace is not None:
-                e.trace.route(layer, [ids[row]])
-            p.note_hits(layer, ids[row])
+            hit.append((layer, flat[row * k:(row + 1) * k]))
+        self._note(hit)
+
+    def _note(self, hit):
+        """The hits of a step's layers, counted now, their touches left for later."""
+        e = self.e
+        if e.trace is not None:
+            for layer, ids in hit:
+                e.trace.route(layer, [ids])
+        e.pager.note_step(hit, later=True)
 
     def _pieces(self) -> list:
         """What one step runs, as the callables captured one graph each (here the whole token;

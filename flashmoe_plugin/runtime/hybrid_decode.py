@@ -93,8 +93,7 @@ class HybridDecode(DeviceDecode):
             else:
                 h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
-        ops.head(h, delta, w["norm.weight"], m.lm_head, self.logits, c.rms_norm_eps)
-        self.pos.add_(1)
+        self._end(h, delta)
 
     def _host_layer(self, j: int):
         """Cut layer j's experts from the packed row (waited for), into delta_buf: a CPU layer's

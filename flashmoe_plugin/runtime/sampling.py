@@ -29,6 +29,13 @@ class SamplingParams:
     mirostat_eta: float = 0.1
 
 
+def greedy(x: torch.Tensor) -> int:
+    """The first index of the maximum of a CPU float row (torch.argmax's answer, NaN counting as
+    the maximum as there), through numpy: ~4 us for a 32k vocabulary where torch's CPU reduction
+    took ~35, on every greedy decode token's critical path."""
+    return int(x.numpy().argmax())
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, constraint=None):
         if params.mirostat_mode not in (0, 1, 2):
@@ -61,7 +68,7 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.mask(x)
         if p.temperature <= 0:
-            return int(torch.argmax(x))
+            return greedy(x)
         if p.mirostat_mode:
             return self._mirostat(x)
         if 0 < p.top_k < x.numel():
