@@ -20,7 +20,7 @@ GIL released.
     gemv(parts, fmt, rows, cols, x, out, stream=None)
                                              out[T, sum rows] = x @ [W_0; W_1; ...].T in one launch
         (csrc/cuda/fm_gemv.cu: q8/q4 parts, T = 1..4, bf16/f16 x; up to GEMV_MAX_PARTS parts)
-    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl) and last launch figures
+    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl, kernel, grid) and last launch figures
     moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
                                              out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
         records: list of uint8 CUDA tensors (k <= 32), or an int64 CUDA tensor of k record addresses
@@ -268,13 +268,17 @@ def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
     return out
 
 
-_GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5}
+_GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5, "kernel": 6,
+              "grid": 7, "last_kernel": 8}
 
 
 def gemv_tune(key, value=None):
     """A knob of gemv (process-wide), for benchmarks; returns the previous value. keys: split (warps
     per row pair, 1/2/4/8; 0 = auto, the default), warps (per block, 1..8; 0 = auto: 8), pdl (1, the
-    default: programmatic dependent launch on sm_90+); read-only: last_split, last_warps, last_grid."""
+    default: programmatic dependent launch on sm_90+), kernel (0 = auto, the default; 1 = a block per
+    item, 2 / 3 = the persistent grid with 2 / 4 chunks per lane and row in flight), grid (the
+    persistent grid's most blocks; 0 = auto: the blocks resident at once); read-only: last_split,
+    last_warps, last_grid, last_kernel."""
     try:
         k = _GEMV_KEYS[key]
     except KeyError:

@@ -30,8 +30,8 @@ def K():
 @pytest.fixture(autouse=True)
 def _auto_knobs():
     yield
-    K().gemv_tune("split", 0)
-    K().gemv_tune("warps", 0)
+    for key in ("split", "warps", "kernel", "grid"):
+        K().gemv_tune(key, 0)
 
 
 def _case(fmt, shape, gen):
@@ -95,6 +95,36 @@ def test_stacked_parts_in_one_launch_equal_each_part(fmt):
                 assert torch.equal(y, torch.cat(alone, dim=-1)), f"{fmt} {rows} T={T} split {split}"
                 ref = x.double().cpu() @ torch.cat([w for _, w in cases]).T
                 assert rel_err(y, ref) <= TOL16
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_the_persistent_grid_equals_a_block_per_item(fmt):
+    """gemv_persist (the default: a grid of at most the resident blocks, each looping over items
+    with the next batch's loads in flight) at 2 and 4 chunks per batch, at grid caps that leave
+    1, several or all items to a block: bit-identical to gemv_kernel (a block per item) at the same
+    split and block size, stacked parts with odd row counts, slices ending inside a batch."""
+    gen = torch.Generator().manual_seed(10)
+    for rows, cols in (((4096, 1024, 1024), 4096), ((37, 1, 130, 64), 320), ((300,), 4160)):
+        cases = [_case(fmt, (r, cols), gen) for r in rows]
+        parts, n = [p for p, _ in cases], sum(rows)
+        for T in (1, 2, 4):
+            x = torch.randn(T, cols, generator=gen).bfloat16().cuda()
+            for split, warps in ((1, 8), (2, 8), (4, 4), (8, 8)):
+                K().gemv_tune("split", split)
+                K().gemv_tune("warps", warps)
+                K().gemv_tune("kernel", 1)
+                want = K().gemv(parts, fmt, list(rows), cols, x, torch.full((T, n), float("nan"), device="cuda"))
+                assert K().gemv_tune("last_kernel") == 1
+                for kernel in (2, 3):
+                    K().gemv_tune("kernel", kernel)
+                    for grid in (1, 3, 0):
+                        K().gemv_tune("grid", grid)
+                        y = K().gemv(parts, fmt, list(rows), cols, x, torch.full((T, n), float("nan"), device="cuda"))
+                        assert K().gemv_tune("last_kernel") == kernel
+                        assert grid == 0 or K().gemv_tune("last_grid") <= grid
+                        assert torch.equal(y, want), f"{fmt} {rows} T={T} split {split} kernel {kernel} grid {grid}"
+            ref = x.double().cpu() @ torch.cat([w for _, w in cases]).T
+            assert rel_err(y, ref) <= 1e-3
 
 
 def test_gemv_replays_in_a_cuda_graph_as_it_runs_eagerly():

@@ -121,10 +121,13 @@ int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int 
 int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
              int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream);
 /* Knobs of fmc_gemv (as fmc_tune): SPLIT warps per row pair (0 = auto), WARPS per block (0 = auto: 8),
- * PDL (1 = programmatic dependent launch on sm_90+); read-only: what the last launch used. */
+ * PDL (1 = programmatic dependent launch on sm_90+), KERNEL (0 = auto, 1 = a block per item, 2 / 3 =
+ * the persistent grid with 2 / 4 chunks per lane and row in flight), GRID (the persistent grid's
+ * most blocks; 0 = auto: the blocks resident at once); read-only: what the last launch used. */
 enum fmc_gemv_tune_key {
     FMC_GEMV_TUNE_SPLIT = 0, FMC_GEMV_TUNE_WARPS = 1, FMC_GEMV_TUNE_PDL = 2,
-    FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5, FMC_GEMV_TUNE_NKEYS = 6
+    FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5,
+    FMC_GEMV_TUNE_KERNEL = 6, FMC_GEMV_TUNE_GRID = 7, FMC_GEMV_TUNE_LAST_KERNEL = 8, FMC_GEMV_TUNE_NKEYS = 9
 };
 int64_t fmc_gemv_tune(int key, int64_t value);
 
