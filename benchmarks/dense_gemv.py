@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--total-gib", type=float, default=1.1)
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--formats", default="q8,q4")
+    ap.add_argument("--shapes", default=",".join(n for n, _, _ in SHAPES), help="which of the shapes")
     ap.add_argument("--splits", default="", help="at one token, also time these gemv splits (gemv_tune('split'))")
     ap.add_argument("--kernels", default="", help="also time these gemv kernels (gemv_tune('kernel'): 1 a block "
                     "per item, main's before k9c; 2/3 the persistent grid with 2/4 chunks per batch)")
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
     grids = [int(v) for v in a.grids.split(",") if v]
 
     for fmt in a.formats.split(","):
-        for name, rows, k in SHAPES:
+        for name, rows, k in [sh for sh in SHAPES if sh[0] in a.shapes.split(",")]:
             nbs = [quant.part_nbytes(fmt, (r, k)) for r in rows]
             nb = sum(nbs)
             count = max(2, math.ceil(a.total_gib * GiB / nb))

@@ -71,11 +71,13 @@ typedef struct {
  *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off
  *   FMC_TUNE_STAGES     stages per warp's weight ring: 0 (default) = 4 where a launch leaves one block
  *                       per SM and each warp streams more than 4 stages, else 3; or 3, 4 or 6 where it fits
- *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only) */
+ *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only)
+ *   FMC_TUNE_AUTO_MODE  what fmc_moe's FMC_MODE_AUTO runs where cooperative launch is supported:
+ *                       0 (default) one cooperative launch, 1 two launches (PDL) */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
     FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
-    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_NKEYS = 8
+    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_NKEYS = 9
 };
 int64_t fmc_tune(int key, int64_t value);
 
@@ -122,12 +124,14 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
              int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream);
 /* Knobs of fmc_gemv (as fmc_tune): SPLIT warps per row pair (0 = auto), WARPS per block (0 = auto: 8),
  * PDL (1 = programmatic dependent launch on sm_90+), KERNEL (0 = auto, 1 = a block per item, 2 / 3 =
- * the persistent grid with 2 / 4 chunks per lane and row in flight), GRID (the persistent grid's
- * most blocks; 0 = auto: the blocks resident at once); read-only: what the last launch used. */
+ * the persistent grid's variants, fm_gemv.cu's kGemv), GRID (the persistent grid's most blocks; 0 =
+ * auto: the blocks resident at once), PERSIST (the variant auto takes past one wave, 2..5; 0 = per
+ * format); read-only: what the last launch used. */
 enum fmc_gemv_tune_key {
     FMC_GEMV_TUNE_SPLIT = 0, FMC_GEMV_TUNE_WARPS = 1, FMC_GEMV_TUNE_PDL = 2,
     FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5,
-    FMC_GEMV_TUNE_KERNEL = 6, FMC_GEMV_TUNE_GRID = 7, FMC_GEMV_TUNE_LAST_KERNEL = 8, FMC_GEMV_TUNE_NKEYS = 9
+    FMC_GEMV_TUNE_KERNEL = 6, FMC_GEMV_TUNE_GRID = 7, FMC_GEMV_TUNE_LAST_KERNEL = 8, FMC_GEMV_TUNE_PERSIST = 9,
+    FMC_GEMV_TUNE_NKEYS = 10
 };
 int64_t fmc_gemv_tune(int key, int64_t value);
 

@@ -281,8 +281,8 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
 // batch: the next item's first) before the current batch's arithmetic, so a warp always has a
 // batch in flight and no block pays x's image twice. Per lane the chunks and the sums run in
 // gemv_kernel's order: at the same split the results are bit-identical to it.
-template <int F, int NT, int UU>
-__global__ void __launch_bounds__(MAXW * 32, 2) gemv_persist(const GemvParams p) {
+template <int F, int NT, int UU, int MINB>
+__global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams p) {
     using FM = Fmt<F>;
     constexpr int P = FM::P;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -416,26 +416,27 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_persist(const GemvParams p)
 }
 
 typedef void (*GemvFn)(const GemvParams);
-// [kernel: 0 gemv_kernel, 1 gemv_persist UU = 2, 2 gemv_persist UU = 4][format][tokens - 1]
-const GemvFn kGemv[3][2][4] = {
-    {{gemv_kernel<0, 1>, gemv_kernel<0, 2>, gemv_kernel<0, 3>, gemv_kernel<0, 4>},
-     {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 3>, gemv_kernel<1, 4>}},
-    {{gemv_persist<0, 1, 2>, gemv_persist<0, 2, 2>, gemv_persist<0, 3, 2>, gemv_persist<0, 4, 2>},
-     {gemv_persist<1, 1, 2>, gemv_persist<1, 2, 2>, gemv_persist<1, 3, 2>, gemv_persist<1, 4, 2>}},
-    {{gemv_persist<0, 1, 4>, gemv_persist<0, 2, 4>, gemv_persist<0, 3, 4>, gemv_persist<0, 4, 4>},
-     {gemv_persist<1, 1, 4>, gemv_persist<1, 2, 4>, gemv_persist<1, 3, 4>, gemv_persist<1, 4, 4>}},
+// [kernel][format][tokens - 1]; kernel 0: gemv_kernel; 1..4: gemv_persist with UU chunks per batch
+// and registers capped for MINB blocks of 8 warps per SM: (2, 2), (4, 2), (2, 3), (1, 4).
+#define FM_GEMV_ROW(K, ...) {K<0, 1, ##__VA_ARGS__>, K<0, 2, ##__VA_ARGS__>, K<0, 3, ##__VA_ARGS__>, K<0, 4, ##__VA_ARGS__>}, \
+                            {K<1, 1, ##__VA_ARGS__>, K<1, 2, ##__VA_ARGS__>, K<1, 3, ##__VA_ARGS__>, K<1, 4, ##__VA_ARGS__>}
+constexpr int NKERNELS = 5;
+const GemvFn kGemv[NKERNELS][2][4] = {
+    {FM_GEMV_ROW(gemv_kernel)},     {FM_GEMV_ROW(gemv_persist, 2, 2)}, {FM_GEMV_ROW(gemv_persist, 4, 2)},
+    {FM_GEMV_ROW(gemv_persist, 2, 3)}, {FM_GEMV_ROW(gemv_persist, 1, 4)},
 };
+#undef FM_GEMV_ROW
 
 struct GemvDev : FmDevice {
-    int smem_set[3][2][4];  // dynamic shared memory limit raised so far, per kernel
-    int occ_key[3][2][4];   // blocks per SM at (warps, smem) = occ_key, per kernel (cudaOccupancy...)
-    int occ[3][2][4];
+    int smem_set[NKERNELS][2][4];  // dynamic shared memory limit raised so far, per kernel
+    int occ_key[NKERNELS][2][4];   // blocks per SM at (warps, smem) = occ_key, per kernel (cudaOccupancy...)
+    int occ[NKERNELS][2][4];
 };
 GemvDev g_gdev[FM_MAX_DEV];
 // FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid,
-// kernel (0 auto, 1 gemv_kernel, 2/3 gemv_persist with 2/4 chunks per batch), grid cap (0 auto:
-// the resident blocks), last kernel.
-int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0};
+// kernel (0 auto, 1 gemv_kernel, 2..5 gemv_persist's variants, see kGemv), grid cap (0 auto:
+// the resident blocks), last kernel, the persistent variant of auto (0: per format, g_persist_auto).
+int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0, 0};
 
 int gemv_device(int device, GemvDev **info) { return fm_device(device, g_gdev, info); }
 
@@ -458,11 +459,43 @@ void gemv_shape(int64_t pairs, int nch, int sms, int T, int *split, int *warps) 
     *warps = W;
 }
 
-// Which kernel runs (index into kGemv): the KERNEL knob, else the persistent grid with 2 chunks
-// per lane and row in flight.
-int gemv_kernel_choice() {
+// The persistent variant auto mode takes when the items need more than one wave, per format.
+int g_persist_auto[2] = {1, 1};
+
+// Dynamic shared memory of kernel kn: x's image, its meta, the slices' partial sums (doubled in
+// the persistent kernels: by item parity).
+size_t gemv_smem(int kn, int T, int P, int nch, int W) {
+    return (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)(kn ? 2 : 1) * W * 2 * T * 4;
+}
+
+// Blocks of kernel kn resident per SM at W warps and smem bytes (queried once per shape).
+int gemv_occupancy(GemvDev *d, int kn, int f, int T, int W, size_t smem, int *occ) {
+    const int key = (int)smem * 16 + W;
+    int *o = &d->occ[kn][f][T - 1];
+    if (d->occ_key[kn][f][T - 1] != key) {
+        cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(o, kGemv[kn][f][T - 1], W * 32, smem);
+        if (err != cudaSuccess) return (int)err;
+        d->occ_key[kn][f][T - 1] = key;
+    }
+    *occ = *o > 0 ? *o : 1;
+    return FMC_OK;
+}
+
+// Which kernel runs (index into kGemv): the KERNEL knob, else (auto) gemv_kernel where its blocks
+// all fit on the device at once (one wave: o 4096x4096, k/v; measured faster there, no loop), the
+// persistent grid where they do not (q/k/v stacked: 384 blocks; at 2..4 tokens, split: more).
+int gemv_kernel_choice(GemvDev *d, int f, int T, int P, int nch, int W, int64_t items, int *kn) {
     const int64_t k = g_gtune[FMC_GEMV_TUNE_KERNEL];
-    return k >= 1 && k <= 3 ? (int)k - 1 : 1;
+    if (k >= 1 && k <= NKERNELS) {
+        *kn = (int)k - 1;
+        return FMC_OK;
+    }
+    int occ;
+    const int rc = gemv_occupancy(d, 0, f, T, W, gemv_smem(0, T, P, nch, W), &occ);
+    if (rc) return rc;
+    const int64_t pv = g_gtune[FMC_GEMV_TUNE_PERSIST];
+    *kn = items <= (int64_t)d->sms * occ ? 0 : (pv >= 2 && pv <= NKERNELS ? (int)pv - 1 : g_persist_auto[f]);
+    return FMC_OK;
 }
 
 }  // namespace
@@ -472,7 +505,8 @@ extern "C" {
 int64_t fmc_gemv_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_GEMV_TUNE_NKEYS) return -1;
     const int64_t old = g_gtune[key];
-    const bool writable = key <= FMC_GEMV_TUNE_PDL || key == FMC_GEMV_TUNE_KERNEL || key == FMC_GEMV_TUNE_GRID;
+    const bool writable = key <= FMC_GEMV_TUNE_PDL || key == FMC_GEMV_TUNE_KERNEL || key == FMC_GEMV_TUNE_GRID ||
+                          key == FMC_GEMV_TUNE_PERSIST;
     if (value >= 0 && writable) g_gtune[key] = value;
     return old;
 }
@@ -509,8 +543,10 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     int S, W;
     gemv_shape(pairs, nch, d->sms, (int)T, &S, &W);
     if (W < 1 || W > MAXW || S < 1 || W % S) return FMC_EINVAL;
-    const int kn = gemv_kernel_choice();
-    const size_t smem = (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)(kn ? 2 : 1) * W * 2 * T * 4;
+    const int64_t items = (pairs + W / S - 1) / (W / S);
+    int kn;
+    if ((rc = gemv_kernel_choice(d, f, (int)T, P, nch, W, items, &kn))) return rc;
+    const size_t smem = gemv_smem(kn, (int)T, P, nch, W);
     if (smem > (size_t)d->smem_optin) return FMC_ESMEM;
     GemvFn fn = kGemv[kn][f][T - 1];
     cudaError_t err;
@@ -531,17 +567,11 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     p.x_dtype = x_dtype;
     p.y = y;
     p.y_dtype = y_dtype;
-    const int64_t items = (pairs + p.pairs_per_block - 1) / p.pairs_per_block;
     int64_t grid = items;
     if (kn) {  // the persistent grid: at most the blocks resident at once (or the GRID knob)
-        const int key = (int)smem * 16 + W, *ok = &d->occ_key[kn][f][T - 1];
-        int *occ = &d->occ[kn][f][T - 1];
-        if (*ok != key) {
-            if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(occ, fn, W * 32, smem)) != cudaSuccess)
-                return (int)err;
-            d->occ_key[kn][f][T - 1] = key;
-        }
-        int64_t cap = g_gtune[FMC_GEMV_TUNE_GRID] > 0 ? g_gtune[FMC_GEMV_TUNE_GRID] : (int64_t)d->sms * (*occ > 0 ? *occ : 1);
+        int occ;
+        if ((rc = gemv_occupancy(d, kn, f, (int)T, W, smem, &occ))) return rc;
+        const int64_t cap = g_gtune[FMC_GEMV_TUNE_GRID] > 0 ? g_gtune[FMC_GEMV_TUNE_GRID] : (int64_t)d->sms * occ;
         if (grid > cap) grid = cap;
     }
     g_gtune[FMC_GEMV_TUNE_LAST_KERNEL] = kn + 1;
