@@ -31,13 +31,12 @@ from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" bench $ST 
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['decode_tok_s'],1), round(r['host_ms_per_token'],2), \
 [(n[:40], round(u)) for n, c, u in r['kernel_us_by_name'][:3]])" "$OUT/decode-$1.json" 2>&1 | tail -1 | tee -a "$OUT/progress.log"
 }
-run q4-auto "pass" q4
-run q4-main-kernel "K.gemv_tune('kernel', 1)" q4
-run q4-persist5 "K.gemv_tune('persist', 5)" q4
-run q4-moe-two "K.tune('auto_mode', 1)" q4
-run q4-moe-prefetch "K.tune('prefetch', 65536)" q4
-run q8-auto "pass" q8
-log "rival row 6"
-timeout ${RIVAL_S:-50} python3 benchmarks/rival.py --src x --machine h200 --engines flashmoe --rows 6 --work /tmp/rival \
-  --out "$OUT/rival.json" > "$OUT/rival.log" 2>&1
-log "rival: $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/rival.json" | tr '\n' ' ')"
+declare -A KNOBS=([q4-auto]="pass" [q4-main-kernel]="K.gemv_tune('kernel', 1)" [q4-persist5]="K.gemv_tune('persist', 5)"
+  [q4-moe-two]="K.tune('auto_mode', 1)" [q4-moe-prefetch]="K.tune('prefetch', 65536)" [q8-auto]="pass")
+for r in ${RUNS:-q4-auto q4-main-kernel q4-persist5 q4-moe-two q4-moe-prefetch q8-auto}; do run $r "${KNOBS[$r]}" ${r%%-*}; done
+if [ "${RIVAL:-1}" = 1 ]; then
+  log "rival row 6"
+  timeout ${RIVAL_S:-50} python3 benchmarks/rival.py --src x --machine h200 --engines flashmoe --rows 6 --work /tmp/rival \
+    --out "$OUT/rival.json" > "$OUT/rival.log" 2>&1
+  log "rival: $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/rival.json" | tr '\n' ' ')"
+fi
