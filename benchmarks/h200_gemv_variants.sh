@@ -14,11 +14,11 @@ ST=/tmp/rival/mixtral-q4-32l
 (fm synth --like mixtral-8x7b --quant q4 $ST > /tmp/synth.log 2>&1; echo synth-done >> /tmp/synth.log) &
 SYNTH=$!
 log tests
-timeout ${TEST_S:-60} python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_gemv.py tests/test_cuda_kernels.py \
+timeout ${TEST_S:-60} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_gemv.py tests/test_cuda_kernels.py} \
   > "$OUT/tests.log" 2>&1
 log "tests: $(tail -1 "$OUT/tests.log")"
 log "dense gemv"
-timeout ${GEMV_S:-40} python3 benchmarks/dense_gemv.py --total-gib 0.3 --tokens 1,4 --kernels 1,2,3,4,5 --shapes qkv,o,kv \
+timeout ${GEMV_S:-40} python3 benchmarks/dense_gemv.py --total-gib 0.3 --tokens ${GEMV_T:-1,4} --kernels 1,2,3,4,5 --shapes qkv,o,kv --formats ${FORMATS:-q8,q4} \
   --json "$OUT/dense-gemv.json" 2>&1 | grep -v Warning | tee -a "$OUT/progress.log" | tail -3
 wait $SYNTH
 log "synth: $(tail -2 /tmp/synth.log | tr '\n' ' ')"
