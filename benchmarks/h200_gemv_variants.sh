@@ -26,7 +26,7 @@ log "synth: $(tail -2 /tmp/synth.log | tr '\n' ' ')"
 run() {
   log "decode $1"
   timeout ${DEC_S:-35} python3 -c "import sys; import flashmoe_plugin._kernels_cuda as K; $2; \
-from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" bench $ST --json --prompt-tokens 16 --tokens 64 \
+from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" bench $ST --json ${DEC_ARGS:---prompt-tokens 16 --tokens 64} \
     --no-compute-bound --io-threads 8 --device cuda --dense-quant $3 > "$OUT/decode-$1.json" 2> "$OUT/decode-$1.log"
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['decode_tok_s'],1), round(r['host_ms_per_token'],2), \
 [(n[:40], round(u)) for n, c, u in r['kernel_us_by_name'][:3]])" "$OUT/decode-$1.json" 2>&1 | tail -1 | tee -a "$OUT/progress.log"
