@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=",".join(n for n, _, _ in SHAPES), help="which of the shapes")
     ap.add_argument("--splits", default="", help="at one token, also time these gemv splits (gemv_tune('split'))")
     ap.add_argument("--kernels", default="", help="also time these gemv kernels (gemv_tune('kernel'): 1 a block "
-                    "per item, main's before k9c; 2/3 the persistent grid with 2/4 chunks per batch)")
+                    "per item, 2/3 the persistent grid at 2/3 blocks per SM)")
     ap.add_argument("--grids", default="", help="at one token, also time the persistent grid capped at these blocks")
     a = ap.parse_args(argv)
     import torch

@@ -276,12 +276,11 @@ _GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4
 def gemv_tune(key, value=None):
     """A knob of gemv (process-wide), for benchmarks; returns the previous value. keys: split (warps
     per row pair, 1/2/4/8; 0 = auto, the default), warps (per block, 1..8; 0 = auto: 8), pdl (1, the
-    default: programmatic dependent launch on sm_90+), kernel (0 = auto, the default: 1 where the
-    blocks fit in one wave, else the persistent grid; 1 = a block per item, 2..5 = the persistent
-    grid's variants: chunks per batch and blocks per SM (2, 2), (4, 2), (2, 3), (1, 4)), grid (the
-    persistent grid's most blocks; 0 = auto: the blocks resident at once), persist (the variant auto
-    takes past one wave, 2..5; 0 = per format); read-only: last_split, last_warps, last_grid,
-    last_kernel."""
+    default: programmatic dependent launch on sm_90+), kernel (0 = auto, the default: 1 where its
+    blocks fit in one wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent
+    grid at 2 / 3 blocks per SM), grid (the persistent grid's most blocks; 0 = auto: the blocks
+    resident at once), persist (the persistent variant auto takes, 2 or 3; 0 = per format and
+    tokens); read-only: last_split, last_warps, last_grid, last_kernel."""
     try:
         k = _GEMV_KEYS[key]
     except KeyError:

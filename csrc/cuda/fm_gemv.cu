@@ -6,16 +6,19 @@
 // 64 in shared memory, exact int32 dp2a dot products per 16-byte chunk of weights, fp32 sums
 // over chunks; the chunk layout of x (q8 natural order, q4 [0,2,4,6,1,3,5,7] per 8) is the same.
 // What differs is how the weights stream:
-//   - a block is `warps` warps; warp w takes the row pair  blockIdx * (warps / S) + w / S  and
-//     K-slice w % S of it (split-K over S warps of one block, partial sums added in slice order
-//     through shared memory: deterministic);
-//   - each lane holds U 16-byte chunks of both rows (plus their scales/biases) in registers,
-//     issued together, read past L1 (ld.global.nc.L1::no_allocate): 2*U loads in flight per lane;
+//   - a block is `warps` warps; an item is `warps / S` row pairs, warp w taking row pair
+//     item * (warps / S) + w / S and K-slice w % S of it (split-K over S warps of one block,
+//     partial sums added in slice order through shared memory: deterministic);
+//   - each lane holds 16-byte chunks of both rows (plus their scales/biases) in registers, read
+//     past L1 (ld.global.nc.L1::no_allocate);
 //   - the first batch is issued before the block builds x's image (and before the programmatic-
 //     dependent-launch wait), so the prologue hides under the weight loads;
-//   - many small blocks (no persistent loop). Each block's fixed cost (~1.3-2.4 us on the H200,
-//     inferred from timings at constant bytes) makes this lose to fmc_linear's persistent grid on
-//     large matrices; CudaBackend runs it where it measured faster (see cuda_backend.py).
+//   - two kernels: gemv_kernel, a block per item (U = 4 chunks per lane and row issued together,
+//     then the arithmetic), and gemv_persist, a grid of at most the resident blocks, each building
+//     x's image once and looping over items with the next batch's loads in flight over the current
+//     batch's arithmetic. Both sum in the same order: bit-identical at the same split. fmc_gemv
+//     takes the first where its blocks fit in one wave, the second past it (gemv_kernel_choice).
+//     Large single matrices stay on fmc_linear (CudaBackend, cuda_backend.py).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
     if (active) store_rows<NT>(p, part, r0, two, lane, acc);
 }
 
-// The persistent form (the default since issue 9's k9c): a grid of at most the resident blocks
+// The persistent form (auto's past one wave): a grid of at most the resident blocks
 // (SMs x blocks per SM); each block builds x's image once and takes items blockIdx, blockIdx +
 // grid, ... (an item: pairs_per_block row pairs x S slices, as one block of gemv_kernel). Each
 // warp streams batches of UU chunks per row and issues the next batch's loads (at an item's last
@@ -416,15 +419,15 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
 }
 
 typedef void (*GemvFn)(const GemvParams);
-// [kernel][format][tokens - 1]; kernel 0: gemv_kernel; 1..4: gemv_persist with UU chunks per batch
-// and registers capped for MINB blocks of 8 warps per SM: (2, 2), (4, 2), (2, 3), (1, 4).
+// [kernel][format][tokens - 1]; kernel 0: gemv_kernel; 1, 2: gemv_persist with 2 chunks per batch
+// and registers for 2 / 3 blocks of 8 warps per SM. (Also measured on the H200, and dropped: 4
+// chunks per batch, which spills at q4, and 1 chunk at 4 blocks per SM: no faster on q/k/v, slower
+// on o and k/v; benchmarks/results/h200-k9c-call2.json.)
 #define FM_GEMV_ROW(K, ...) {K<0, 1, ##__VA_ARGS__>, K<0, 2, ##__VA_ARGS__>, K<0, 3, ##__VA_ARGS__>, K<0, 4, ##__VA_ARGS__>}, \
                             {K<1, 1, ##__VA_ARGS__>, K<1, 2, ##__VA_ARGS__>, K<1, 3, ##__VA_ARGS__>, K<1, 4, ##__VA_ARGS__>}
-constexpr int NKERNELS = 5;
+constexpr int NKERNELS = 3;
 const GemvFn kGemv[NKERNELS][2][4] = {
-    {FM_GEMV_ROW(gemv_kernel)},     {FM_GEMV_ROW(gemv_persist, 2, 2)}, {FM_GEMV_ROW(gemv_persist, 4, 2)},
-    {FM_GEMV_ROW(gemv_persist, 2, 3)}, {FM_GEMV_ROW(gemv_persist, 1, 4)},
-};
+    {FM_GEMV_ROW(gemv_kernel)}, {FM_GEMV_ROW(gemv_persist, 2, 2)}, {FM_GEMV_ROW(gemv_persist, 2, 3)}};
 #undef FM_GEMV_ROW
 
 struct GemvDev : FmDevice {
@@ -434,7 +437,7 @@ struct GemvDev : FmDevice {
 };
 GemvDev g_gdev[FM_MAX_DEV];
 // FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid,
-// kernel (0 auto, 1 gemv_kernel, 2..5 gemv_persist's variants, see kGemv), grid cap (0 auto:
+// kernel (0 auto, 1 gemv_kernel, 2 / 3 gemv_persist's variants, see kGemv), grid cap (0 auto:
 // the resident blocks), last kernel, the persistent variant of auto (0: per format, g_persist_auto).
 int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0, 0};
 
@@ -459,9 +462,6 @@ void gemv_shape(int64_t pairs, int nch, int sms, int T, int *split, int *warps) 
     *warps = W;
 }
 
-// The persistent variant auto mode takes when the items need more than one wave, per format.
-int g_persist_auto[2] = {1, 1};
-
 // Dynamic shared memory of kernel kn: x's image, its meta, the slices' partial sums (doubled in
 // the persistent kernels: by item parity).
 size_t gemv_smem(int kn, int T, int P, int nch, int W) {
@@ -482,8 +482,15 @@ int gemv_occupancy(GemvDev *d, int kn, int f, int T, int W, size_t smem, int *oc
 }
 
 // Which kernel runs (index into kGemv): the KERNEL knob, else (auto) gemv_kernel where its blocks
-// all fit on the device at once (one wave: o 4096x4096, k/v; measured faster there, no loop), the
-// persistent grid where they do not (q/k/v stacked: 384 blocks; at 2..4 tokens, split: more).
+// all fit on the device at once, the persistent grid where they do not. Measured on the H200
+// (h200-k9c-call1/2.json, us at one token, bf16 x; gemv_kernel / persistent at 2 / 3 blocks per SM):
+//   q/k/v stacked 6144x4096, 384 blocks: q4 8.1-8.3 / 8.1-8.3 / 7.2; q8 12.6 / 8.8 (q8 holds 3
+//     blocks per SM in either persistent variant: 80 registers);
+//   o 4096x4096, 256 blocks (one wave at 2 per SM): q4 4.9-5.1 / 5.3-5.4 / 6.0; q8 7.1 / 7.5;
+//   k/v 1024x4096, 128 blocks: q4 2.9 / 3.1 / 3.9; q8 3.0 / 4.1;
+//   at 4 tokens (split 2..4: 512-768 blocks) the persistent grid: q/k/v q4 26.0 -> 16.4.
+// So: one wave -> gemv_kernel; past it the persistent grid, at 3 blocks per SM for q4 at one token
+// (its 80-register cap spills at 2..4 tokens: 2 blocks there), the PERSIST knob overriding.
 int gemv_kernel_choice(GemvDev *d, int f, int T, int P, int nch, int W, int64_t items, int *kn) {
     const int64_t k = g_gtune[FMC_GEMV_TUNE_KERNEL];
     if (k >= 1 && k <= NKERNELS) {
@@ -494,7 +501,9 @@ int gemv_kernel_choice(GemvDev *d, int f, int T, int P, int nch, int W, int64_t 
     const int rc = gemv_occupancy(d, 0, f, T, W, gemv_smem(0, T, P, nch, W), &occ);
     if (rc) return rc;
     const int64_t pv = g_gtune[FMC_GEMV_TUNE_PERSIST];
-    *kn = items <= (int64_t)d->sms * occ ? 0 : (pv >= 2 && pv <= NKERNELS ? (int)pv - 1 : g_persist_auto[f]);
+    if (items <= (int64_t)d->sms * occ) *kn = 0;
+    else if (pv >= 2 && pv <= NKERNELS) *kn = (int)pv - 1;
+    else *kn = f == 1 && T == 1 ? 2 : 1;
     return FMC_OK;
 }
 

@@ -960,7 +960,9 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     }
     if (n < 0) return FMC_ESMEM;
     // AUTO stays cooperative: two PDL launches ran the Mixtral layer 5-9% faster on the H200 but
-    // the q8 Qwen3.5 layer 6% slower, and an 8-layer decode 703 -> 668 tok/s (one run each).
+    // the q8 Qwen3.5 layer 6% slower, an 8-layer decode 703 -> 668 tok/s (one run each), and in
+    // the 32-layer q4 decode (FMC_TUNE_AUTO_MODE 1) the expert kernels took 2169 us per token
+    // against 2096 cooperative (h200-k9c-call2.json). FMC_TUNE_AUTO_MODE switches it for measuring.
     const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop && !g_tune[FMC_TUNE_AUTO_MODE]);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
     // The ring depth by phase A (gate/up: two thirds of the bytes). Sizing each of the two launches
