@@ -236,7 +236,8 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
 #pragma unroll
                 for (int u = 0; u < UU; ++u) {
                     const int c = cb + 32 * u + lane;
-                    if (c < c_end) chunk_dot<F, NT>(w0[u], w1[u], sc0[u], sc1[u], bi0[u], bi1[u], img, meta, nch, c, acc);
+                    if (c < c_end)
+                        chunk_dot<F, NT>(w0[u], w1[u], sc0[u], sc1[u], bi0[u], bi1[u], img, meta, nch, c, acc);
                 }
             }
         }
@@ -278,8 +279,9 @@ typedef void (*GemvFn)(const GemvParams);
 // and registers for 2 / 3 blocks of 8 warps per SM. (Also measured on the H200, and dropped: 4
 // chunks per batch, which spills at q4, and 1 chunk at 4 blocks per SM: no faster on q/k/v, slower
 // on o and k/v; benchmarks/results/h200-k9c-call2.json.)
-#define FM_GEMV_ROW(K, ...) {K<0, 1, ##__VA_ARGS__>, K<0, 2, ##__VA_ARGS__>, K<0, 3, ##__VA_ARGS__>, K<0, 4, ##__VA_ARGS__>}, \
-                            {K<1, 1, ##__VA_ARGS__>, K<1, 2, ##__VA_ARGS__>, K<1, 3, ##__VA_ARGS__>, K<1, 4, ##__VA_ARGS__>}
+#define FM_GEMV_ROW(K, ...)                                                                  \
+    {K<0, 1, ##__VA_ARGS__>, K<0, 2, ##__VA_ARGS__>, K<0, 3, ##__VA_ARGS__>, K<0, 4, ##__VA_ARGS__>}, \
+    {K<1, 1, ##__VA_ARGS__>, K<1, 2, ##__VA_ARGS__>, K<1, 3, ##__VA_ARGS__>, K<1, 4, ##__VA_ARGS__>}
 constexpr int NKERNELS = 3;
 const GemvFn kGemv[NKERNELS][2][4] = {
     {FM_GEMV_ROW(gemv_kernel)}, {FM_GEMV_ROW(gemv_persist, 2, 2)}, {FM_GEMV_ROW(gemv_persist, 2, 3)}};
