@@ -1,7 +1,8 @@
 """The dense GEMVs of a decode token at the memory bound (issue 9): the decode GEMV
 (csrc/cuda/fm_gemv.cu, `gemv`) against fmc_linear (`linear`, the path before it), same build.
 
-    python benchmarks/dense_gemv.py [--json FILE] [--tokens 1,4] [--splits 1,2,4,8]
+    python benchmarks/dense_gemv.py [--json FILE] [--tokens 1,4] [--splits 1,2,4,8] [--kernels 1,2,3]
+                                    [--grids 132,264]
 
 Shapes (rows x cols, q8 and q4): Mixtral's q/k/v stacked (4096 + 1024 + 1024 rows: old = three
 linear launches + torch.cat, new = one gemv over the three parts where they lie), o 4096x4096,
@@ -30,7 +31,11 @@ def main(argv=None) -> None:
     ap.add_argument("--total-gib", type=float, default=1.1)
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--formats", default="q8,q4")
+    ap.add_argument("--shapes", default=",".join(n for n, _, _ in SHAPES), help="which of the shapes")
     ap.add_argument("--splits", default="", help="at one token, also time these gemv splits (gemv_tune('split'))")
+    ap.add_argument("--kernels", default="", help="also time these gemv kernels (gemv_tune('kernel'): 1 a block "
+                    "per item, 2/3 the persistent grid at 2/3 blocks per SM)")
+    ap.add_argument("--grids", default="", help="at one token, also time the persistent grid capped at these blocks")
     a = ap.parse_args(argv)
     import torch
 
@@ -42,9 +47,11 @@ def main(argv=None) -> None:
     st = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731 - the capture stream inside a graph
     out = {"device": torch.cuda.get_device_name(), "copy_gbps": bw, "entries": []}
     splits = [int(v) for v in a.splits.split(",") if v]
+    kernels = [int(v) for v in a.kernels.split(",") if v]
+    grids = [int(v) for v in a.grids.split(",") if v]
 
     for fmt in a.formats.split(","):
-        for name, rows, k in SHAPES:
+        for name, rows, k in [sh for sh in SHAPES if sh[0] in a.shapes.split(",")]:
             nbs = [quant.part_nbytes(fmt, (r, k)) for r in rows]
             nb = sum(nbs)
             count = max(2, math.ceil(a.total_gib * GiB / nb))
@@ -90,10 +97,34 @@ def main(argv=None) -> None:
                                                        (len(rows) > 1)})
                 t = _graph_time(new, count)
                 emit("new", t, {"split": K.gemv_tune("last_split"), "warps": K.gemv_tune("last_warps"),
-                                "grid": K.gemv_tune("last_grid"), "launches": 1})
+                                "grid": K.gemv_tune("last_grid"), "kernel": K.gemv_tune("last_kernel"), "launches": 1})
+                for kn in kernels:
+                    K.gemv_tune("kernel", kn)
+                    emit(f"new kernel {kn}", _graph_time(new, count), {"kernel": kn, "grid": K.gemv_tune("last_grid")})
+                K.gemv_tune("kernel", 0)
+                for g in grids if T == 1 else []:
+                    K.gemv_tune("grid", g)
+                    emit(f"new grid {g}", _graph_time(new, count), {"grid": K.gemv_tune("last_grid")})
+                K.gemv_tune("grid", 0)
+                # As in a decode step, where another kernel runs between the GEMVs (no overlap of one
+                # GEMV's tail with the next one's loads): a tiny elementwise kernel after each launch.
+                z = torch.zeros(256, device="cuda")
+
+                def gapped(i):
+                    new(i)
+                    z.add_(1.0)
+                for kn in ([1] if kernels else []) + [0]:
+                    K.gemv_tune("kernel", kn)
+                    emit(f"new gap kernel {kn}", _graph_time(gapped, count), {"kernel": K.gemv_tune("last_kernel"),
+                                                                              "grid": K.gemv_tune("last_grid")})
+                K.gemv_tune("kernel", 0)
                 for s in splits if T == 1 else []:
                     K.gemv_tune("split", s)
-                    emit(f"new split {s}", _graph_time(new, count), {"split": s, "grid": K.gemv_tune("last_grid")})
+                    for kn in [0] + kernels:
+                        K.gemv_tune("kernel", kn)
+                        emit(f"new split {s} kernel {kn}", _graph_time(new, count),
+                             {"split": s, "kernel": K.gemv_tune("last_kernel"), "grid": K.gemv_tune("last_grid")})
+                    K.gemv_tune("kernel", 0)
                 K.gemv_tune("split", 0)
             del bufs, w
             torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ GIL released.
     gemv(parts, fmt, rows, cols, x, out, stream=None)
                                              out[T, sum rows] = x @ [W_0; W_1; ...].T in one launch
         (csrc/cuda/fm_gemv.cu: q8/q4 parts, T = 1..4, bf16/f16 x; up to GEMV_MAX_PARTS parts)
-    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl) and last launch figures
+    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl, kernel, grid) and last launch figures
     moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
                                              out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
         records: list of uint8 CUDA tensors (k <= 32), or an int64 CUDA tensor of k record addresses
@@ -141,14 +141,15 @@ def workspace_bytes(int k, int64_t inter):
 
 
 _TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4, "pdl": 5,
-              "stages": 6, "last_stages": 7}
+              "stages": 6, "last_stages": 7, "auto_mode": 8}
 
 
 def tune(key, value=None):
     """A tuning knob of the kernels (process-wide), for benchmarks; returns the previous value.
     keys: prefetch (phase-B L2 prefetch window per block, bytes; 0 = off, the default), max_blocks_per_sm
     (0: occupancy limit), pdl (1: programmatic dependent launch for plain launches on sm_90+, the
-    default; 0 off), stages (weight ring depth per warp: 0 = auto, the default, or 3, 4, 6); read-only:
+    default; 0 off), stages (weight ring depth per warp: 0 = auto, the default, or 3, 4, 6), auto_mode
+    (what moe's mode "auto" runs: 0 one cooperative launch, the default; 1 two launches); read-only:
     last_grid, last_blocks_per_sm, last_smem, last_stages (what the last launch used). value None only reads."""
     try:
         k = _TUNE_KEYS[key]
@@ -268,13 +269,18 @@ def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
     return out
 
 
-_GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5}
+_GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5, "kernel": 6,
+              "grid": 7, "last_kernel": 8, "persist": 9}
 
 
 def gemv_tune(key, value=None):
     """A knob of gemv (process-wide), for benchmarks; returns the previous value. keys: split (warps
     per row pair, 1/2/4/8; 0 = auto, the default), warps (per block, 1..8; 0 = auto: 8), pdl (1, the
-    default: programmatic dependent launch on sm_90+); read-only: last_split, last_warps, last_grid."""
+    default: programmatic dependent launch on sm_90+), kernel (0 = auto, the default: 1 where its
+    blocks fit in one wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent
+    grid at 2 / 3 blocks per SM), grid (the persistent grid's most blocks; 0 = auto: the blocks
+    resident at once), persist (the persistent variant auto takes, 2 or 3; 0 = per format and
+    tokens); read-only: last_split, last_warps, last_grid, last_kernel."""
     try:
         k = _GEMV_KEYS[key]
     except KeyError:

@@ -30,8 +30,8 @@ def K():
 @pytest.fixture(autouse=True)
 def _auto_knobs():
     yield
-    K().gemv_tune("split", 0)
-    K().gemv_tune("warps", 0)
+    for key in ("split", "warps", "kernel", "grid", "persist"):
+        K().gemv_tune(key, 0)
 
 
 def _case(fmt, shape, gen):
@@ -95,6 +95,62 @@ def test_stacked_parts_in_one_launch_equal_each_part(fmt):
                 assert torch.equal(y, torch.cat(alone, dim=-1)), f"{fmt} {rows} T={T} split {split}"
                 ref = x.double().cpu() @ torch.cat([w for _, w in cases]).T
                 assert rel_err(y, ref) <= TOL16
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_the_persistent_grid_equals_a_block_per_item(fmt):
+    """gemv_persist (auto's kernel past one wave: a grid of at most the resident blocks, each
+    looping over items with the next batch's loads in flight), both variants (registers for 2 or
+    3 blocks per SM), at grid caps that leave 1, several or all items to a block: bit-identical to
+    gemv_kernel (a block per item) at the same split and block size, stacked parts with odd row
+    counts, slices ending inside a batch."""
+    gen = torch.Generator().manual_seed(10)
+    for rows, cols in (((4096, 1024, 1024), 4096), ((37, 1, 130, 64), 320), ((300,), 4160)):
+        cases = [_case(fmt, (r, cols), gen) for r in rows]
+        parts, n = [p for p, _ in cases], sum(rows)
+        for T in (1, 2, 4):
+            x = torch.randn(T, cols, generator=gen).bfloat16().cuda()
+            for split, warps in ((1, 8), (2, 8), (4, 4), (8, 8)):
+                K().gemv_tune("split", split)
+                K().gemv_tune("warps", warps)
+                K().gemv_tune("kernel", 1)
+                want = K().gemv(parts, fmt, list(rows), cols, x, torch.full((T, n), float("nan"), device="cuda"))
+                assert K().gemv_tune("last_kernel") == 1
+                for kernel in (2, 3):
+                    K().gemv_tune("kernel", kernel)
+                    for grid in (1, 3, 0):
+                        K().gemv_tune("grid", grid)
+                        y = K().gemv(parts, fmt, list(rows), cols, x, torch.full((T, n), float("nan"), device="cuda"))
+                        assert K().gemv_tune("last_kernel") == kernel
+                        assert grid == 0 or K().gemv_tune("last_grid") <= grid
+                        assert torch.equal(y, want), f"{fmt} {rows} T={T} split {split} kernel {kernel} grid {grid}"
+            ref = x.double().cpu() @ torch.cat([w for _, w in cases]).T
+            assert rel_err(y, ref) <= 1e-3
+
+
+def test_auto_takes_a_block_per_item_in_one_wave_and_the_persistent_grid_past_it():
+    """kernel 0 (auto): gemv_kernel where its blocks fit on the device at once, else the persistent
+    grid in the variant the `persist` knob names (by default 3 for q4 at one token, else 2), capped
+    at the resident blocks.
+    At one q4 token gemv_kernel holds 2 blocks of 8 warps per SM (its registers): on the H200's 132
+    SMs o 4096x4096 (256 blocks) is one wave, q/k/v stacked (384 blocks) is not."""
+    gen = torch.Generator().manual_seed(11)
+    waves = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(1, 4096, generator=gen).bfloat16().cuda()
+    o = _case("q4", (4096, 4096), gen)[0]
+    K().gemv([o], "q4", [4096], 4096, x, torch.empty(1, 4096, device="cuda"))
+    if 256 <= waves:
+        assert (K().gemv_tune("last_kernel"), K().gemv_tune("last_grid")) == (1, 256)
+    parts = [_case("q4", (r, 4096), gen)[0] for r in (4096, 1024, 1024)]
+    for persist, want in ((0, 3), (2, 2), (3, 3)):
+        K().gemv_tune("persist", persist)
+        K().gemv(parts, "q4", [4096, 1024, 1024], 4096, x, torch.empty(1, 6144, device="cuda"))
+        if 384 > waves:
+            assert K().gemv_tune("last_kernel") == want and K().gemv_tune("last_grid") <= 384
+    K().gemv_tune("persist", 0)
+    x4 = torch.randn(4, 4096, generator=gen).bfloat16().cuda()
+    K().gemv(parts, "q4", [4096, 1024, 1024], 4096, x4, torch.empty(4, 6144, device="cuda"))
+    assert K().gemv_tune("last_kernel") == 2  # 2..4 tokens: 2 blocks per SM (no spills)
 
 
 def test_gemv_replays_in_a_cuda_graph_as_it_runs_eagerly():

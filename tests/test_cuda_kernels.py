@@ -238,11 +238,21 @@ def test_moe_qwen35_layer_shape(fmt):
         for e in range(4):
             gate, up = (x.double() @ ws13[e].T).chunk(2, dim=-1)
             ref += float(w[e]) * ((torch.nn.functional.silu(gate) * up) @ ws2[e].T)
+        outs = {}
         for mode in ("coop", "two"):
             out = torch.full((1, 4096), float("nan"), dtype=dtype, device="cuda")
             K().moe(recs, lt, w.cuda(), x, out, ws, stream(), mode=mode)
             err = rel_err(out, ref)
             assert err <= tol, f"{fmt} {mode} {dtype}: rel err {err:.3g}"
+            outs[mode] = out
+        try:  # mode "auto" runs what the auto_mode knob names, bit for bit
+            for knob, mode in ((1, "two"), (0, "coop")):
+                K().tune("auto_mode", knob)
+                out = torch.full((1, 4096), float("nan"), dtype=dtype, device="cuda")
+                K().moe(recs, lt, w.cuda(), x, out, ws, stream(), mode="auto")
+                assert torch.equal(out, outs[mode]), f"{fmt} {dtype}: auto with auto_mode {knob}"
+        finally:
+            K().tune("auto_mode", 0)
 
 
 # --------------------------------------------------------------------------- the backend

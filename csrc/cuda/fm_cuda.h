@@ -71,11 +71,13 @@ typedef struct {
  *                       launch on sm_90+ (the next kernel's weight loads overlap this one's tail); 0 = off
  *   FMC_TUNE_STAGES     stages per warp's weight ring: 0 (default) = 4 where a launch leaves one block
  *                       per SM and each warp streams more than 4 stages, else 3; or 3, 4 or 6 where it fits
- *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only) */
+ *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only)
+ *   FMC_TUNE_AUTO_MODE  what fmc_moe's FMC_MODE_AUTO runs where cooperative launch is supported:
+ *                       0 (default) one cooperative launch, 1 two launches (PDL) */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
     FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
-    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_NKEYS = 8
+    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_NKEYS = 9
 };
 int64_t fmc_tune(int key, int64_t value);
 
@@ -115,16 +117,23 @@ int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int 
  * contiguous (part i's rows are columns rows[0] + .. + rows[i-1] onwards). T = 1..4 tokens, x
  * [T, K] bf16/f16 (16-byte aligned), y f32/bf16/f16. fmc_linear's arithmetic (x in 16-bit fixed
  * point per group of 64, exact int dot products, fp32 sums); a different work split (a warp per
- * row pair and K slice, many small blocks, every lane 2x8 16-byte loads in flight). FMC_EINVAL
+ * row pair and K slice; a block per 8 warps' items where they fit in one wave, else a persistent
+ * grid with each warp's next loads in flight over its arithmetic). FMC_EINVAL
  * for what it does not take (q2, fp32 x, T > 4): the caller uses fmc_linear then. */
 #define FMC_GEMV_MAX_PARTS 4
 int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
              int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream);
 /* Knobs of fmc_gemv (as fmc_tune): SPLIT warps per row pair (0 = auto), WARPS per block (0 = auto: 8),
- * PDL (1 = programmatic dependent launch on sm_90+); read-only: what the last launch used. */
+ * PDL (1 = programmatic dependent launch on sm_90+), KERNEL (0 = auto: 1 where its blocks fit in one
+ * wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent grid at 2 / 3 blocks
+ * per SM), GRID (the persistent grid's most blocks; 0 = auto: the blocks resident at once), PERSIST
+ * (the persistent variant auto takes, 2 or 3; 0 = per format and tokens); read-only: what the last
+ * launch used. */
 enum fmc_gemv_tune_key {
     FMC_GEMV_TUNE_SPLIT = 0, FMC_GEMV_TUNE_WARPS = 1, FMC_GEMV_TUNE_PDL = 2,
-    FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5, FMC_GEMV_TUNE_NKEYS = 6
+    FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5,
+    FMC_GEMV_TUNE_KERNEL = 6, FMC_GEMV_TUNE_GRID = 7, FMC_GEMV_TUNE_LAST_KERNEL = 8, FMC_GEMV_TUNE_PERSIST = 9,
+    FMC_GEMV_TUNE_NKEYS = 10
 };
 int64_t fmc_gemv_tune(int key, int64_t value);
 

@@ -6,16 +6,19 @@
 // 64 in shared memory, exact int32 dp2a dot products per 16-byte chunk of weights, fp32 sums
 // over chunks; the chunk layout of x (q8 natural order, q4 [0,2,4,6,1,3,5,7] per 8) is the same.
 // What differs is how the weights stream:
-//   - a block is `warps` warps; warp w takes the row pair  blockIdx * (warps / S) + w / S  and
-//     K-slice w % S of it (split-K over S warps of one block, partial sums added in slice order
-//     through shared memory: deterministic);
-//   - each lane holds U 16-byte chunks of both rows (plus their scales/biases) in registers,
-//     issued together, read past L1 (ld.global.nc.L1::no_allocate): 2*U loads in flight per lane;
+//   - a block is `warps` warps; an item is `warps / S` row pairs, warp w taking row pair
+//     item * (warps / S) + w / S and K-slice w % S of it (split-K over S warps of one block,
+//     partial sums added in slice order through shared memory: deterministic);
+//   - each lane holds 16-byte chunks of both rows (plus their scales/biases) in registers, read
+//     past L1 (ld.global.nc.L1::no_allocate);
 //   - the first batch is issued before the block builds x's image (and before the programmatic-
 //     dependent-launch wait), so the prologue hides under the weight loads;
-//   - many small blocks (no persistent loop). Each block's fixed cost (~1.3-2.4 us on the H200,
-//     inferred from timings at constant bytes) makes this lose to fmc_linear's persistent grid on
-//     large matrices; CudaBackend runs it where it measured faster (see cuda_backend.py).
+//   - two kernels: gemv_kernel, a block per item (U = 4 chunks per lane and row issued together,
+//     then the arithmetic), and gemv_persist, a grid of at most the resident blocks, each building
+//     x's image once and looping over items with the next batch's loads in flight over the current
+//     batch's arithmetic. Both sum in the same order: bit-identical at the same split. fmc_gemv
+//     takes the first where its blocks fit in one wave, the second past it (gemv_kernel_choice).
+//     Large single matrices stay on fmc_linear (CudaBackend, cuda_backend.py).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -23,72 +26,13 @@
 
 #include "fm_cuda.h"
 #include "fm_device.cuh"
+#include "fm_gemv.cuh"
 #include "fm_quant.cuh"
 
 namespace {
 
-constexpr unsigned FULL = 0xffffffffu;
-constexpr int U = 4;          // chunks per lane per row per batch
+constexpr int U = 4;          // gemv_kernel's chunks per lane per row per batch
 constexpr int MAXW = 8;       // most warps per block
-constexpr int NP = FMC_GEMV_MAX_PARTS;
-
-struct GemvParams {
-    const uint8_t *q[NP];
-    const unsigned short *s[NP], *b[NP];   // fp16 scales / biases per (row, group of 64)
-    int pair_end[NP];                      // cumulative row pairs (pairs never straddle parts)
-    int rows[NP], col0[NP];                // each part's rows and its first output column
-    int nparts, N, K, T, split, pairs_per_block, total_pairs, pdl;
-    const void *x;
-    int x_dtype, y_dtype;
-    void *y;
-};
-
-__device__ __forceinline__ uint4 ld_stream(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ float ld_half(const unsigned short *p) { return __half2float(__ushort_as_half(__ldg(p))); }
-
-
-// One lane's 8 consecutive x values (t, 8*e8 ..) into the x image: piece (e8 % TPC) of chunk
-// e8 / TPC, and the chunk's {xs, sum(x)} from the first lane of the chunk. The whole warp runs
-// this (shuffles over the 8 lanes of a group of 64); `valid` guards the stores.
-template <int F>
-__device__ __forceinline__ void prep8(bool valid, int t, int e8, const float (&v)[8], int nch, int4 *img,
-                                      float2 *meta, int lane) {
-    constexpr int P = Fmt<F>::P, TPC = Fmt<F>::EPC / 8;
-    float m = 0.f, sum = 0.f;
-    bool bad = false;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        m = fmaxf(m, fabsf(v[i]));
-        sum += v[i];
-        bad |= !isfinite(v[i]);
-    }
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
-#pragma unroll
-    for (int o = 1; o < TPC; o <<= 1) sum += __shfl_xor_sync(FULL, sum, o);
-    const unsigned ballot = __ballot_sync(FULL, bad);
-    float xs = m * (1.f / 32767.f);
-    const float inv = m > 0.f ? __fdividef(32767.f, m) : 0.f;
-    if ((ballot >> (lane & ~7)) & 0xFFu) xs = __int_as_float(0x7fc00000);  // NaN/inf in x -> NaN out
-    if (!valid) return;
-    int z[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) z[i] = clamp16(__float2int_rn(v[i] * inv));
-    const int c = e8 / TPC, sub = e8 - c * TPC;
-    int4 *dst = img + (size_t)t * P * nch + (size_t)sub * nch + c;
-    if (F == 0)
-        *dst = make_int4(pack16(z[0], z[1]), pack16(z[2], z[3]), pack16(z[4], z[5]), pack16(z[6], z[7]));
-    else
-        *dst = make_int4(pack16(z[0], z[2]), pack16(z[4], z[6]), pack16(z[1], z[3]), pack16(z[5], z[7]));
-    if (sub == 0) meta[(size_t)t * nch + c] = make_float2(xs, sum);
-}
 
 template <int F, int NT>
 __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) {
@@ -142,33 +86,8 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
     if (work) load(cb);  // weights never depend on the previous kernel: stream them first
     if (p.pdl) pdl_wait();
 
-    // x's image (every token's), built by the whole block while the first batch is in flight.
-    {
-        const int per = K >> 3, total = NT * per;
-        for (int base = warp * 32; base < total; base += nw * 32) {  // warp-uniform
-            const int task = base + lane;
-            const bool valid = task < total;
-            const int t = valid ? task / per : 0, e8 = valid ? task - t * per : 0;
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = 0.f;
-            if (valid) {
-                const uint4 u4 = __ldg((const uint4 *)((const uint16_t *)p.x + (size_t)t * K + 8 * (size_t)e8));
-                const unsigned wv[4] = {u4.x, u4.y, u4.z, u4.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    if (p.x_dtype == FMC_BF16) {
-                        v[2 * i] = __uint_as_float(wv[i] << 16);
-                        v[2 * i + 1] = __uint_as_float(wv[i] & 0xFFFF0000u);
-                    } else {
-                        v[2 * i] = __half2float(__ushort_as_half((unsigned short)(wv[i] & 0xFFFFu)));
-                        v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(wv[i] >> 16)));
-                    }
-                }
-            }
-            prep8<F>(valid, t, e8, v, nch, img, meta, lane);
-        }
-    }
+    // x's image, built by the whole block while the first batch is in flight.
+    build_image<F, NT>(p, nch, img, meta, warp, lane, nw);
     __syncthreads();
 
     float acc[2][NT];
@@ -179,35 +98,7 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int c = cb + 32 * u + lane;
-                if (c < c_end) {
-                    int V0[2 * P], V1[2 * P];
-                    unpack<F>(w0[u], V0);
-                    unpack<F>(w1[u], V1);
-#pragma unroll
-                    for (int t = 0; t < NT; ++t) {
-                        const int4 *xp = img + (size_t)t * P * nch + c;
-                        int d0 = 0, d1 = 0;
-#pragma unroll
-                        for (int m = 0; m < P; ++m) {
-                            const int4 a = xp[m * nch];
-                            d0 = __dp2a_lo(a.x, V0[2 * m], d0);
-                            d0 = __dp2a_hi(a.y, V0[2 * m], d0);
-                            d0 = __dp2a_lo(a.z, V0[2 * m + 1], d0);
-                            d0 = __dp2a_hi(a.w, V0[2 * m + 1], d0);
-                            d1 = __dp2a_lo(a.x, V1[2 * m], d1);
-                            d1 = __dp2a_hi(a.y, V1[2 * m], d1);
-                            d1 = __dp2a_lo(a.z, V1[2 * m + 1], d1);
-                            d1 = __dp2a_hi(a.w, V1[2 * m + 1], d1);
-                        }
-                        const float2 mt = meta[(size_t)t * nch + c];
-                        acc[0][t] = fmaf(sc0[u], mt.x * (float)d0, acc[0][t]);
-                        acc[1][t] = fmaf(sc1[u], mt.x * (float)d1, acc[1][t]);
-                        if (FM::BIAS) {
-                            acc[0][t] = fmaf(bi0[u], mt.y, acc[0][t]);
-                            acc[1][t] = fmaf(bi1[u], mt.y, acc[1][t]);
-                        }
-                    }
-                }
+                if (c < c_end) chunk_dot<F, NT>(w0[u], w1[u], sc0[u], sc1[u], bi0[u], bi1[u], img, meta, nch, c, acc);
             }
             cb += 32 * U;
             if (cb >= c_end) break;
@@ -238,34 +129,174 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
                 acc[r][t] = v;
             }
     }
-    if (!active || lane >= NT) return;
+    if (active) store_rows<NT>(p, part, r0, two, lane, acc);
+}
+
+// The persistent form (auto's past one wave): a grid of at most the resident blocks
+// (SMs x blocks per SM); each block builds x's image once and takes items blockIdx, blockIdx +
+// grid, ... (an item: pairs_per_block row pairs x S slices, as one block of gemv_kernel). Each
+// warp streams batches of UU chunks per row and issues the next batch's loads (at an item's last
+// batch: the next item's first) before the current batch's arithmetic, so a warp always has a
+// batch in flight and no block pays x's image twice. Per lane the chunks and the sums run in
+// gemv_kernel's order: at the same split the results are bit-identical to it.
+template <int F, int NT, int UU, int MINB>
+__global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams p) {
+    using FM = Fmt<F>;
+    constexpr int P = FM::P;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int nch = p.K / FM::EPC, ngroups = p.K >> 6;
+    int4 *img = (int4 *)smem;                                  // NT images of P * nch pieces
+    float2 *meta = (float2 *)(img + (size_t)NT * P * nch);     // NT x nch {xs, chunk sum}
+    float *red = (float *)(meta + (size_t)NT * nch);           // 2 (item parity) x warps x 2 x NT
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (p.pdl) pdl_trigger();
+
+    const int S = p.split, sl = warp - (warp / S) * S, ppb = p.pairs_per_block;
+    const int nitems = (p.total_pairs + ppb - 1) / ppb, stride = (int)gridDim.x * ppb;
+    const int cs = (nch + S - 1) / S, c_begin = sl * cs, c_end = min(nch, c_begin + cs);
+
+    // The row pair `pair` of the stack: its part, first row, whether it has two rows.
+    auto locate = [&](int pair, int &part, int &r0, bool &two) {
+        part = 0;
+        while (part + 1 < p.nparts && pair >= p.pair_end[part]) ++part;
+        r0 = 2 * (pair - (part ? p.pair_end[part - 1] : 0));
+        two = r0 + 1 < p.rows[part];
+    };
+    // The load cursor's rows (one batch ahead of the arithmetic).
+    const uint8_t *q0, *q1;
+    const unsigned short *s0, *s1, *b0 = nullptr, *b1 = nullptr;
+    auto aim = [&](int pair) {
+        int part, r0;
+        bool two;
+        locate(pair, part, r0, two);
+        const int r1 = two ? r0 + 1 : r0;
+        q0 = p.q[part] + (size_t)r0 * nch * 16;
+        q1 = p.q[part] + (size_t)r1 * nch * 16;
+        s0 = p.s[part] + (size_t)r0 * ngroups;
+        s1 = p.s[part] + (size_t)r1 * ngroups;
+        if (FM::BIAS) {
+            b0 = p.b[part] + (size_t)r0 * ngroups;
+            b1 = p.b[part] + (size_t)r1 * ngroups;
+        }
+    };
+    uint4 w0[UU], w1[UU], n0[UU], n1[UU];
+    float sc0[UU], sc1[UU], bi0[UU], bi1[UU], ns0[UU], ns1[UU], nb0[UU], nb1[UU];
+    auto load = [&](int base) {  // into the n* registers
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        if (t != lane) continue;
-        const size_t o = (size_t)t * p.N + p.col0[part] + r0;
+        for (int u = 0; u < UU; ++u) {
+            const int c = base + 32 * u + lane;
+            if (c < c_end) {
+                n0[u] = ld_stream(q0 + (size_t)c * 16);
+                n1[u] = ld_stream(q1 + (size_t)c * 16);
+                const int g = c / FM::CPG;
+                ns0[u] = ld_half(s0 + g);
+                ns1[u] = ld_half(s1 + g);
+                if (FM::BIAS) {
+                    nb0[u] = ld_half(b0 + g);
+                    nb1[u] = ld_half(b1 + g);
+                }
+            }
+        }
+    };
+    auto take = [&]() {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            if (r == 1 && !two) break;
-            const float v = acc[r][t];
-            if (p.y_dtype == FMC_F32) ((float *)p.y)[o + r] = v;
-            else if (p.y_dtype == FMC_BF16) ((__nv_bfloat16 *)p.y)[o + r] = __float2bfloat16(v);
-            else ((__half *)p.y)[o + r] = __float2half(v);
+        for (int u = 0; u < UU; ++u) {
+            w0[u] = n0[u];
+            w1[u] = n1[u];
+            sc0[u] = ns0[u];
+            sc1[u] = ns1[u];
+            bi0[u] = FM::BIAS ? nb0[u] : 0.f;
+            bi1[u] = FM::BIAS ? nb1[u] : 0.f;
+        }
+    };
+
+    int item = blockIdx.x, pair = item * ppb + warp / S;
+    if (item < nitems && pair < p.total_pairs && c_begin < c_end) {  // weights first, as gemv_kernel
+        aim(pair);
+        load(c_begin);
+    }
+    if (p.pdl) pdl_wait();
+    build_image<F, NT>(p, nch, img, meta, warp, lane, nw);
+    __syncthreads();
+
+    for (int parity = 0; item < nitems; item += gridDim.x, pair += stride, parity ^= 1) {  // block-uniform
+        const bool active = pair < p.total_pairs;
+        float acc[2][NT];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
+        if (active) {
+            for (int cb = c_begin; cb < c_end; cb += 32 * UU) {
+                take();
+                if (cb + 32 * UU < c_end) {
+                    load(cb + 32 * UU);
+                } else if (item + (int)gridDim.x < nitems && pair + stride < p.total_pairs) {
+                    aim(pair + stride);
+                    load(c_begin);
+                }
+#pragma unroll
+                for (int u = 0; u < UU; ++u) {
+                    const int c = cb + 32 * u + lane;
+                    if (c < c_end)
+                        chunk_dot<F, NT>(w0[u], w1[u], sc0[u], sc1[u], bi0[u], bi1[u], img, meta, nch, c, acc);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+        if (S > 1) {  // the slices' partial sums, added in slice order (gemv_kernel's) by slice 0
+            float *rd = red + (size_t)parity * nw * 2 * NT;
+            if (lane == 0)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) rd[(warp * 2 + r) * NT + t] = acc[r][t];
+            __syncthreads();  // one per item for every warp; the parity keeps item i+1's writes off i's
+            if (sl == 0)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        float v = rd[(warp * 2 + r) * NT + t];
+                        for (int j = 1; j < S; ++j) v += rd[((warp + j) * 2 + r) * NT + t];
+                        acc[r][t] = v;
+                    }
+        }
+        if (active && sl == 0) {
+            int part, r0;
+            bool two;
+            locate(pair, part, r0, two);
+            store_rows<NT>(p, part, r0, two, lane, acc);
         }
     }
 }
 
 typedef void (*GemvFn)(const GemvParams);
-const GemvFn kGemv[2][4] = {
-    {gemv_kernel<0, 1>, gemv_kernel<0, 2>, gemv_kernel<0, 3>, gemv_kernel<0, 4>},
-    {gemv_kernel<1, 1>, gemv_kernel<1, 2>, gemv_kernel<1, 3>, gemv_kernel<1, 4>},
-};
+// [kernel][format][tokens - 1]; kernel 0: gemv_kernel; 1, 2: gemv_persist with 2 chunks per batch
+// and registers for 2 / 3 blocks of 8 warps per SM. (Also measured on the H200, and dropped: 4
+// chunks per batch, which spills at q4, and 1 chunk at 4 blocks per SM: no faster on q/k/v, slower
+// on o and k/v; benchmarks/results/h200-k9c-call2.json.)
+#define FM_GEMV_ROW(K, ...)                                                                  \
+    {K<0, 1, ##__VA_ARGS__>, K<0, 2, ##__VA_ARGS__>, K<0, 3, ##__VA_ARGS__>, K<0, 4, ##__VA_ARGS__>}, \
+    {K<1, 1, ##__VA_ARGS__>, K<1, 2, ##__VA_ARGS__>, K<1, 3, ##__VA_ARGS__>, K<1, 4, ##__VA_ARGS__>}
+constexpr int NKERNELS = 3;
+const GemvFn kGemv[NKERNELS][2][4] = {
+    {FM_GEMV_ROW(gemv_kernel)}, {FM_GEMV_ROW(gemv_persist, 2, 2)}, {FM_GEMV_ROW(gemv_persist, 2, 3)}};
+#undef FM_GEMV_ROW
 
 struct GemvDev : FmDevice {
-    int smem_set[2][4];  // dynamic shared memory limit raised so far, per kernel
+    int smem_set[NKERNELS][2][4];  // dynamic shared memory limit raised so far, per kernel
+    int occ_key[NKERNELS][2][4];   // blocks per SM at (warps, smem) = occ_key, per kernel (cudaOccupancy...)
+    int occ[NKERNELS][2][4];
 };
 GemvDev g_gdev[FM_MAX_DEV];
-// FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid.
-int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0};
+// FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid,
+// kernel (0 auto, 1 gemv_kernel, 2 / 3 gemv_persist's variants, see kGemv), grid cap (0 auto:
+// the resident blocks), last kernel, the persistent variant of auto (0: per format and tokens).
+int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0, 0};
 
 int gemv_device(int device, GemvDev **info) { return fm_device(device, g_gdev, info); }
 
@@ -288,6 +319,51 @@ void gemv_shape(int64_t pairs, int nch, int sms, int T, int *split, int *warps) 
     *warps = W;
 }
 
+// Dynamic shared memory of kernel kn: x's image, its meta, the slices' partial sums (doubled in
+// the persistent kernels: by item parity).
+size_t gemv_smem(int kn, int T, int P, int nch, int W) {
+    return (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)(kn ? 2 : 1) * W * 2 * T * 4;
+}
+
+// Blocks of kernel kn resident per SM at W warps and smem bytes (queried once per shape).
+int gemv_occupancy(GemvDev *d, int kn, int f, int T, int W, size_t smem, int *occ) {
+    const int key = (int)smem * 16 + W;
+    int *o = &d->occ[kn][f][T - 1];
+    if (d->occ_key[kn][f][T - 1] != key) {
+        cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(o, kGemv[kn][f][T - 1], W * 32, smem);
+        if (err != cudaSuccess) return (int)err;
+        d->occ_key[kn][f][T - 1] = key;
+    }
+    *occ = *o > 0 ? *o : 1;
+    return FMC_OK;
+}
+
+// Which kernel runs (index into kGemv): the KERNEL knob, else (auto) gemv_kernel where its blocks
+// all fit on the device at once, the persistent grid where they do not. Measured on the H200
+// (h200-k9c-call1/2.json, us at one token, bf16 x; gemv_kernel / persistent at 2 / 3 blocks per SM):
+//   q/k/v stacked 6144x4096, 384 blocks: q4 8.1-8.3 / 8.1-8.3 / 7.2; q8 12.6 / 8.8 (q8 holds 3
+//     blocks per SM in either persistent variant: 80 registers);
+//   o 4096x4096, 256 blocks (one wave at 2 per SM): q4 4.9-5.1 / 5.3-5.4 / 6.0; q8 7.1 / 7.5;
+//   k/v 1024x4096, 128 blocks: q4 2.9 / 3.1 / 3.9; q8 3.0 / 4.1;
+//   at 4 tokens (split 2..4: 512-768 blocks) the persistent grid: q/k/v q4 26.0 -> 16.4.
+// So: one wave -> gemv_kernel; past it the persistent grid, at 3 blocks per SM for q4 at one token
+// (its 80-register cap spills at 2..4 tokens: 2 blocks there), the PERSIST knob overriding.
+int gemv_kernel_choice(GemvDev *d, int f, int T, int P, int nch, int W, int64_t items, int *kn) {
+    const int64_t k = g_gtune[FMC_GEMV_TUNE_KERNEL];
+    if (k >= 1 && k <= NKERNELS) {
+        *kn = (int)k - 1;
+        return FMC_OK;
+    }
+    int occ;
+    const int rc = gemv_occupancy(d, 0, f, T, W, gemv_smem(0, T, P, nch, W), &occ);
+    if (rc) return rc;
+    const int64_t pv = g_gtune[FMC_GEMV_TUNE_PERSIST];
+    if (items <= (int64_t)d->sms * occ) *kn = 0;
+    else if (pv >= 2 && pv <= NKERNELS) *kn = (int)pv - 1;
+    else *kn = f == 1 && T == 1 ? 2 : 1;
+    return FMC_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -295,7 +371,9 @@ extern "C" {
 int64_t fmc_gemv_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_GEMV_TUNE_NKEYS) return -1;
     const int64_t old = g_gtune[key];
-    if (value >= 0 && key <= FMC_GEMV_TUNE_PDL) g_gtune[key] = value;
+    const bool writable = key <= FMC_GEMV_TUNE_PDL || key == FMC_GEMV_TUNE_KERNEL || key == FMC_GEMV_TUNE_GRID ||
+                          key == FMC_GEMV_TUNE_PERSIST;
+    if (value >= 0 && writable) g_gtune[key] = value;
     return old;
 }
 
@@ -331,15 +409,18 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     int S, W;
     gemv_shape(pairs, nch, d->sms, (int)T, &S, &W);
     if (W < 1 || W > MAXW || S < 1 || W % S) return FMC_EINVAL;
-    const size_t smem = (size_t)T * P * nch * 16 + (size_t)T * nch * 8 + (size_t)W * 2 * T * 4;
+    const int64_t items = (pairs + W / S - 1) / (W / S);
+    int kn;
+    if ((rc = gemv_kernel_choice(d, f, (int)T, P, nch, W, items, &kn))) return rc;
+    const size_t smem = gemv_smem(kn, (int)T, P, nch, W);
     if (smem > (size_t)d->smem_optin) return FMC_ESMEM;
-    GemvFn fn = kGemv[f][T - 1];
+    GemvFn fn = kGemv[kn][f][T - 1];
     cudaError_t err;
-    if ((int)smem > 48 * 1024 && (int)smem > d->smem_set[f][T - 1]) {
+    if ((int)smem > 48 * 1024 && (int)smem > d->smem_set[kn][f][T - 1]) {
         if ((err = cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) !=
             cudaSuccess)
             return (int)err;
-        d->smem_set[f][T - 1] = (int)smem;
+        d->smem_set[kn][f][T - 1] = (int)smem;
     }
     p.nparts = nparts;
     p.N = (int)n;
@@ -352,7 +433,14 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     p.x_dtype = x_dtype;
     p.y = y;
     p.y_dtype = y_dtype;
-    const int64_t grid = (pairs + p.pairs_per_block - 1) / p.pairs_per_block;
+    int64_t grid = items;
+    if (kn) {  // the persistent grid: at most the blocks resident at once (or the GRID knob)
+        int occ;
+        if ((rc = gemv_occupancy(d, kn, f, (int)T, W, smem, &occ))) return rc;
+        const int64_t cap = g_gtune[FMC_GEMV_TUNE_GRID] > 0 ? g_gtune[FMC_GEMV_TUNE_GRID] : (int64_t)d->sms * occ;
+        if (grid > cap) grid = cap;
+    }
+    g_gtune[FMC_GEMV_TUNE_LAST_KERNEL] = kn + 1;
     g_gtune[FMC_GEMV_TUNE_LAST_SPLIT] = S;
     g_gtune[FMC_GEMV_TUNE_LAST_WARPS] = W;
     g_gtune[FMC_GEMV_TUNE_LAST_GRID] = grid;

@@ -750,7 +750,7 @@ struct DevInfo : FmDevice {
 };
 DevInfo g_dev[FM_MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0, 0};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -905,7 +905,9 @@ size_t fmc_moe_workspace_bytes(int k, int64_t inter) {
 int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
-    if (value >= 0 && (key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES)) g_tune[key] = value;
+    const bool writable = key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES ||
+                          key == FMC_TUNE_AUTO_MODE;
+    if (value >= 0 && writable) g_tune[key] = value;
     return old;
 }
 
@@ -958,8 +960,10 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     }
     if (n < 0) return FMC_ESMEM;
     // AUTO stays cooperative: two PDL launches ran the Mixtral layer 5-9% faster on the H200 but
-    // the q8 Qwen3.5 layer 6% slower, and an 8-layer decode 703 -> 668 tok/s (one run each).
-    const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop);
+    // the q8 Qwen3.5 layer 6% slower, an 8-layer decode 703 -> 668 tok/s (one run each), and in
+    // the 32-layer q4 decode (FMC_TUNE_AUTO_MODE 1) the expert kernels took 2169 us per token
+    // against 2096 cooperative (h200-k9c-call2.json). FMC_TUNE_AUTO_MODE switches it for measuring.
+    const bool coop = mode == FMC_MODE_COOP || (mode == FMC_MODE_AUTO && d->coop && !g_tune[FMC_TUNE_AUTO_MODE]);
     if (mode == FMC_MODE_COOP && !d->coop) return (int)cudaErrorNotSupported;
     // The ring depth by phase A (gate/up: two thirds of the bytes). Sizing each of the two launches
     // apart (phase A then 2 blocks per SM on Mixtral) was measured no faster on the H200.
