@@ -318,6 +318,27 @@ class Decoder:
         ids, _ = self.route(j, rms_norm(h, self.w[f"layers.{j}.ffn_norm.weight"], self.cfg.rms_norm_eps))
         return ids[0].tolist()
 
+    def guess_many(self, js, h: torch.Tensor) -> list[list[int]]:
+        """guess() for several layers at once, ~5x cheaper (the look-ahead runs every layer, up to
+        8 layers deep): the norm's scale once, one router matvec per layer, one top-k and one
+        read-back. A guess only ranks logits, so ggml's exact norm and the softmax (it keeps the
+        order) are skipped; DeepSeek's grouped router goes through guess()."""
+        c = self.cfg
+        if c.router == "sigmoid_group" or not js:
+            return [self.guess(j, h) for j in js]
+        hf = h[-1].float()
+        n = hf * torch.rsqrt(hf.square().mean() + c.rms_norm_eps)
+        rows = []
+        for j in js:
+            w, b = self.w[f"layers.{j}.moe.router.weight"], self.w.get(f"layers.{j}.moe.router.bias")
+            x = n * self.w[f"layers.{j}.ffn_norm.weight"].float()
+            if isinstance(w, torch.Tensor):
+                row = torch.mv(w, x.to(w.dtype)).float()
+                rows.append(row if b is None else row + b.float())
+            else:
+                rows.append(linear(x[None].to(h.dtype), w, b).float()[0])
+        return torch.stack(rows).topk(c.top_k, dim=-1).indices.tolist()
+
     def ffn(self, i: int, h: torch.Tensor, experts) -> torch.Tensor:
         """The feed-forward block of layer i on the residual state h (normalised here)."""
         w, p = self.w, f"layers.{i}."

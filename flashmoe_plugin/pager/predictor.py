@@ -13,11 +13,18 @@ routes. `allow(distance, from_disk)` is the cost model:
   min(read time, lead time), where the lead time is `distance` x the measured busy time per
   layer (wall time between two layers less the time spent waiting for reads). Prefetch when
   precision x min(read, lead) > (1 - precision) x read. A disk-bound run (busy time ~0.1 ms,
-  reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5.
+  reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5. A distance whose
+  nearer neighbour already leads by a whole read ((distance - 1) x busy >= read) adds nothing but
+  wrong guesses, so it is not used: `depth` is a cap, the lead time picks how far to look.
 
-Far distances fail first, so the depth shrinks on its own, and prefetching stops when it costs
-more than it saves (on a disk-bound run with near-random routing, it stops). Mode "on" skips the
-cost model; "auto" waits for `min_observations` graded guesses at a distance before trusting it.
+`depth` None (the default) looks up to `auto_depth` layers ahead for disk reads (the lead rule
+above picks how far: on the 2-core box a record read takes ~70 ms and a layer ~11 ms of compute,
+so 7 layers) and one layer ahead for host-tier copies (a copy takes ~2 ms: one layer hides it, and
+a farther copy would only take device slots earlier); `reach()` says how many distances are worth
+guessing now. Far distances fail first, so the depth shrinks on its own, and prefetching stops
+when it costs more than it saves (on a disk-bound run with near-random routing, it stops). Mode
+"on" skips the cost model; "auto" waits for `min_observations` graded guesses at a distance
+before trusting it.
 """
 from __future__ import annotations
 
@@ -27,11 +34,14 @@ import time
 class Predictor:
     min_observations = 8
     host_threshold = 0.25
+    auto_depth = 8
 
-    def __init__(self, mode: str = "auto", depth: int = 1):
+    def __init__(self, mode: str = "auto", depth: int | None = None):
         if mode not in ("auto", "on"):
             raise ValueError(f"prefetch must be on, off or auto, not {mode!r}")
-        self.mode, self.depth = mode, max(1, int(depth))
+        self.mode = mode
+        self.depth = self.auto_depth if depth is None else max(1, int(depth))
+        self.host_depth = 1 if depth is None else self.depth
         self.pending: dict[int, list[tuple[int, set]]] = {}
         self.by_distance = {d: [0, 0, 0, 0] for d in range(1, self.depth + 1)}  # hits, guessed, actual, graded
         self.by_layer: dict[int, list[int]] = {}                                 # hits, guessed, actual
@@ -80,7 +90,20 @@ class Predictor:
         rows = self.by_distance.values() if distance is None else [self.by_distance[distance]]
         return sum(r[i] for r in rows)
 
+    def reach(self) -> int:
+        """The farthest distance worth guessing now: `depth`, less the distances the lead rule
+        rules out for disk reads (and beyond `host_depth` for copies)."""
+        if self.mode == "on":
+            return self.depth
+        disk = 1
+        if self.busy_s is not None and self.read_s is not None:
+            while disk < self.depth and disk * self.busy_s < self.read_s:
+                disk += 1
+        return max(disk, min(self.host_depth, self.depth))
+
     def allow(self, distance: int, from_disk: bool) -> bool:
+        if not from_disk and distance > self.host_depth:
+            return False
         if self.mode == "on":
             return True
         if self.by_distance[distance][3] < self.min_observations:
@@ -90,13 +113,15 @@ class Predictor:
             return p >= self.host_threshold
         if self.read_s is None or self.busy_s is None:
             return False
+        if distance > 1 and (distance - 1) * self.busy_s >= self.read_s:
+            return False
         lead = distance * self.busy_s
         return p * min(self.read_s, lead) > (1 - p) * self.read_s
 
     def snapshot(self) -> dict:
         def pr(h, g, a):
             return {"precision": h / g if g else None, "recall": h / a if a else None}
-        return {"mode": self.mode, "depth": self.depth,
+        return {"mode": self.mode, "depth": self.depth, "host_depth": self.host_depth,
                 "precision": self.precision(), "recall": self.recall(),
                 "by_distance": {d: {**pr(*r[:3]), "guesses": r[3]} for d, r in self.by_distance.items()},
                 "by_layer": {l: pr(*r) for l, r in sorted(self.by_layer.items())},
