@@ -130,6 +130,12 @@ class ExpertPager:
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.t0
 
+    def cold(self, layer: int, experts) -> list[int]:
+        """The experts no tier holds and no read is bringing: a prefetch of them costs a disk read."""
+        t1 = self.t1
+        return [e for e in experts if (layer, e) not in self.t0 and (layer, e) not in self.reads
+                and (t1 is None or (layer, e) not in t1)]
+
     def ready_first(self, layer: int, experts) -> list[int]:
         """experts reordered for a request whose records are used as they land: resident ones
         first, then those a read is already bringing, then the rest (stable)."""

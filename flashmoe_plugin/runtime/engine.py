@@ -294,7 +294,7 @@ class Engine:
         at = self._moe_pos[layer]
         js = self._moe_order[at + 1:at + 1 + pred.reach()]
         for d, (j, guess) in enumerate(zip(js, self.model.guess_many(js, h)), 1):
-            pred.guessed(j, guess, d)
+            pred.guessed(j, guess, d, self.pager.cold(j, guess))
             disk, host = pred.allow(d, True), pred.allow(d, False)
             if disk or host:  # the layer needed soonest is read first; a newer guess replaces older ones
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
