@@ -184,7 +184,9 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         "n_cpu_moe", "policy", "policy_note", "direct_io", "notes",
         # where a decode token's time goes (bench/launches.py) and the hybrid split's measured costs
         "host_ms_per_token", "launches_per_token", "kernels_per_token", "kernel_us_per_token", "kernel_us_by_name",
-        "n_cpu_moe_split", "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers")
+        "n_cpu_moe_split", "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers",
+        # where a CPU row's decode waits: stalls, prefetches, the look-ahead's precision per distance
+        "stall_ms_per_token", "prefetch_stats", "predictor_precision")
 
 
 def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | None = None) -> dict:
@@ -200,6 +202,8 @@ def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | 
     if raw is not None:
         raw.write_text(r.stdout)
     out.update({k: res.get(k) for k in KEEP})
+    pred = res.get("predictor") or {}
+    out["predictor_by_distance"] = pred.get("by_distance")
     # prefill: warm (experts resident where they fit) to compare with llama-bench's warm repetitions
     out["prefill_cold_tok_s"] = res.get("prefill_tok_s")
     out["prefill_tok_s"] = res.get("prefill_warm_tok_s") or res.get("prefill_tok_s")

@@ -32,7 +32,9 @@ def register_commands(cli):
     @click.option("--vram-budget", type=SIZE, default=None, help="CUDA: bytes of expert records kept in GPU memory")
     @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="predictor-driven prefetch (auto: only while it pays)")
-    @click.option("--prefetch-depth", default=1, show_default=True, help="layers ahead the predictor guesses")
+    @click.option("--prefetch-depth", type=int, default=None,
+                  help="layers ahead the predictor guesses (default: up to 8 for disk reads, as far as a read's "
+                       "time needs, and 1 for host-tier copies)")
     @click.option("--host-compute", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="CUDA: compute host-tier experts on the CPU when that beats copying them (measured)")
     @click.option("--n-cpu-moe", default=0, show_default=True,

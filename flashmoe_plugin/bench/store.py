@@ -234,7 +234,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
               prompt_tokens: int = 512, direct_io: bool | None = None, drop_caches: bool = False,
               verify: bool = True, io_threads: int = 4, backend: str | None = None,
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
-              vram_budget=None, prefetch: str = "auto", prefetch_depth: int = 1, host_compute: str = "auto",
+              vram_budget=None, prefetch: str = "auto", prefetch_depth: int | None = None, host_compute: str = "auto",
               n_cpu_moe: int = 0, experts_per_token: int | None = None, decode_graph: str = "auto",
               dtype: str = "auto", progress=NO_PROGRESS, dense_quant: str = "auto") -> dict:
     from ..pager.belady import belady

@@ -318,6 +318,40 @@ class Decoder:
         ids, _ = self.route(j, rms_norm(h, self.w[f"layers.{j}.ffn_norm.weight"], self.cfg.rms_norm_eps))
         return ids[0].tolist()
 
+    def guess_many(self, js, h: torch.Tensor) -> list[list[int]]:
+        """guess() for several layers at once, ~5x cheaper (the look-ahead runs every layer, up to
+        8 layers deep): the norm's scale once, one router matvec per layer, one top-k and one
+        read-back. A guess only ranks logits, so ggml's exact norm and the softmax (it keeps the
+        order) are skipped; DeepSeek's grouped router goes through guess()."""
+        c = self.cfg
+        if c.router == "sigmoid_group" or not js:
+            return [self.guess(j, h) for j in js]
+        hf = h[-1].float()
+        n = hf * torch.rsqrt(hf.square().mean() + c.rms_norm_eps)
+        rows = []
+        for j in js:
+            w, b = self._guess_router(j), self.w.get(f"layers.{j}.moe.router.bias")
+            x = n * self.w[f"layers.{j}.ffn_norm.weight"].float()
+            if isinstance(w, torch.Tensor):
+                row = torch.mv(w, x.to(w.dtype)).float()
+                rows.append(row if b is None else row + b.float())
+            else:
+                rows.append(linear(x[None].to(h.dtype), w, b).float()[0])
+        return torch.stack(rows).topk(c.top_k, dim=-1).indices.tolist()
+
+    def _guess_router(self, j: int):
+        """Layer j's router for guesses: an fp32 copy while all the copies stay under 16 MiB (a
+        bf16 matvec on the CPU is 3x slower than converting and multiplying; Mixtral's 32 routers
+        take 4 MiB), else the router as held."""
+        cache = self.__dict__.setdefault("_routers_f32", {})
+        w = cache.get(j)
+        if w is None:
+            w = self.w[f"layers.{j}.moe.router.weight"]
+            if isinstance(w, torch.Tensor) and w.dtype != torch.float32 and \
+                    sum(t.numel() for t in cache.values()) + w.numel() <= 4 << 20:
+                w = cache[j] = w.float()
+        return w
+
     def ffn(self, i: int, h: torch.Tensor, experts) -> torch.Tensor:
         """The feed-forward block of layer i on the residual state h (normalised here)."""
         w, p = self.w, f"layers.{i}."

@@ -53,10 +53,11 @@ def default_direct_io(need: int | None = None, free: int | None = None) -> bool:
 
 
 class _Read:
-    __slots__ = ("key", "ticket", "dest", "staging", "slot", "prefetch", "t0")
+    __slots__ = ("key", "ticket", "dest", "staging", "slot", "prefetch", "demand", "t0")
 
     def __init__(self, key, ticket, dest, staging, slot, prefetch):
         self.key, self.ticket, self.dest, self.staging, self.slot, self.prefetch = key, ticket, dest, staging, slot, prefetch
+        self.demand = not prefetch  # submitted as a demand read (a prefetch claimed later waited in line longer)
         self.t0 = time.perf_counter()
 
 
@@ -101,6 +102,7 @@ class ExpertPager:
             self.staging_free = deque(range(n))
             self.staging_fence: list = [None] * n
         self.reads: dict = {}          # key -> _Read in flight (demand or prefetch)
+        self.cancelling: list = []     # cancelled prefetch reads whose started chunks still run
         self.prefetched: set = set()   # keys a prefetch brought to tier 0, not used yet
         self.protected: set = set()    # keys of the current request: never evicted
         self._fence = None             # compute-stream event of the current request
@@ -128,6 +130,12 @@ class ExpertPager:
 
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.t0
+
+    def cold(self, layer: int, experts) -> list[int]:
+        """The experts no tier holds and no read is bringing: a prefetch of them costs a disk read."""
+        t1 = self.t1
+        return [e for e in experts if (layer, e) not in self.t0 and (layer, e) not in self.reads
+                and (t1 is None or (layer, e) not in t1)]
 
     def ready_first(self, layer: int, experts) -> list[int]:
         """experts reordered for a request whose records are used as they land: resident ones
@@ -244,12 +252,20 @@ class ExpertPager:
         self.stats.preloaded += len(keys)
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, layer: int, experts, from_disk: bool = True, from_host: bool = True) -> int:
+    def prefetch(self, layer: int, experts, from_disk: bool = True, from_host: bool = True,
+                 priority: int = PREFETCH, replace: bool = False) -> int:
         """Start bringing `experts` of a later layer to the device tier at low priority: host-tier
         records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
-        Never evicts the current request's records. Returns how many were started."""
+        Never evicts the current request's records. Returns how many were started.
+        priority (<= PREFETCH): the reader serves higher first, so a caller can have the layer
+        needed soonest read first. replace: this is a newer guess for `layer`: its unfinished
+        prefetch reads of other experts are cancelled (a closer guess is the better one)."""
+        if priority >= DEMAND:
+            raise ValueError(f"prefetch priority {priority} must be below demand's {DEMAND}")
         self.touch_noted()
         self._progress()
+        if replace:
+            self._settle_prefetches(layer, keep={(layer, int(e)) for e in experts}, wait=False)
         started, reading = 0, sum(r.prefetch for r in self.reads.values())
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
@@ -262,7 +278,7 @@ class ExpertPager:
                     self.stats.prefetch_copies += 1
                     started += 1
             elif from_disk and reading < self.prefetch_slots:
-                if self._submit(key, PREFETCH) is None:
+                if self._submit(key, priority) is None:
                     break
                 self.stats.prefetch_reads += 1
                 started += 1
@@ -272,25 +288,46 @@ class ExpertPager:
     def _has_victim(self) -> bool:
         return bool(self.t0.free) or len(self.t0) > len(self.protected & self.t0.slot_of.keys())
 
-    def _settle_prefetches(self, layer: int):
-        """The real routing of `layer` is known: cancel its prefetch reads it does not want."""
-        for key in [k for k, r in self.reads.items() if k[0] == layer and r.prefetch and k not in self.protected]:
-            self._cancel(self.reads.pop(key))
+    def _settle_prefetches(self, layer: int, keep=(), wait=True):
+        """The real routing of `layer` is known (or a newer guess, `keep`): cancel its prefetch
+        reads it does not want."""
+        for key in [k for k, r in self.reads.items()
+                    if k[0] == layer and r.prefetch and k not in self.protected and k not in keep]:
+            self._cancel(self.reads.pop(key), wait)
 
-    def _cancel(self, r: _Read):
-        """Drop a prefetch read (whatever part of it has not started) and free its buffer."""
+    def _cancel(self, r: _Read, wait=True):
+        """Drop a prefetch read (whatever part of it has not started) and free its buffer; without
+        `wait` the buffer is freed later, once the chunks already started are done (_reap)."""
         r.ticket.cancel()
+        self.stats.prefetch_cancelled += 1
+        self.stats.prefetch_wasted += 1
+        if not wait:
+            self.cancelling.append(r)
+            return
+        self._settle(r)
+
+    def _settle(self, r: _Read):
         try:
             r.ticket.wait()
         except OSError:
             pass
         finally:  # also on Ctrl-C (the ticket settles its reads before raising)
             self._free_dest(r)
-        self.stats.prefetch_cancelled += 1
-        self.stats.prefetch_wasted += 1
+
+    def _reap(self, block=False):
+        """Free the buffers of cancelled reads that are done (all of them when `block`)."""
+        left = []
+        for r in self.cancelling:
+            if block or r.ticket.done():
+                self._settle(r)
+            else:
+                left.append(r)
+        self.cancelling = left
 
     def _progress(self):
         """Finish prefetch reads that are done (tiered: queue their copies to the device)."""
+        if self.cancelling:
+            self._reap()
         for key in [k for k, r in self.reads.items() if r.prefetch and r.ticket.done()]:
             if self.tiered and not self._has_victim():
                 return  # the device tier holds only this request's records: later
@@ -303,7 +340,7 @@ class ExpertPager:
         None when no buffer is free (prefetch only)."""
         layer, e = key
         if self.tiered:
-            if priority == PREFETCH and len(self.staging_free) <= 2 * self.need:
+            if priority < DEMAND and len(self.staging_free) <= 2 * self.need:
                 return None
             if not self.staging_free:
                 self._reclaim_staging()
@@ -314,12 +351,12 @@ class ExpertPager:
             try:
                 slot = self._take0()
             except RuntimeError:  # every slot is protected or reserved by prefetch reads
-                if priority == PREFETCH:
+                if priority < DEMAND:
                     return None
                 self._drop_prefetch_reads()
                 slot = self._take0()
             s, dest = None, self.t0.slots[slot]
-        r = self.reads[key] = _Read(key, self._read(key, dest, priority), dest, s, slot, priority == PREFETCH)
+        r = self.reads[key] = _Read(key, self._read(key, dest, priority), dest, s, slot, priority < DEMAND)
         return r
 
     def _read(self, key, dest, priority):
@@ -337,6 +374,9 @@ class ExpertPager:
 
     def _reclaim_staging(self):
         """Every staging buffer is held by a read: finish the oldest prefetch read."""
+        if self.cancelling:
+            self._reap(block=True)
+            return
         for key, r in self.reads.items():
             if r.prefetch:
                 del self.reads[key]
@@ -351,6 +391,7 @@ class ExpertPager:
     def _drop_prefetch_reads(self):
         for key in [k for k, r in self.reads.items() if r.prefetch]:
             self._cancel(self.reads.pop(key))
+        self._reap(block=True)
 
     def _free_dest(self, r: _Read):
         if r.staging is not None:
@@ -388,7 +429,7 @@ class ExpertPager:
                     if kind == "checksum" else str(err).removeprefix(f"{getattr(err, 'path', '')}: ")
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
                 raise StoreError(f"{self.store.layer_path(layer)}: layer {layer} expert {e}: {cause}{tries}") from err
-        if self.predictor is not None and not r.prefetch:
+        if self.predictor is not None and r.demand:
             self.predictor.note_read(time.perf_counter() - r.t0)
         if r.staging is None:
             self.t0.put(r.key, r.slot)

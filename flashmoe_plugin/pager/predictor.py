@@ -8,16 +8,27 @@ routes. `allow(distance, from_disk)` is the cost model:
 
 - a guess whose record sits in the host tier costs one host->device copy when wrong (PCIe time,
   mostly idle during decode): prefetch when precision >= 0.25;
-- a guess that must come from disk costs a whole record read when wrong, which delays the reads
+- a guess that must come from disk (a "cold" guess: its record is in no tier and not being read)
+  costs a whole record read when wrong, which delays the reads
   the token needs, and when right saves at most the disk time that would otherwise go idle:
   min(read time, lead time), where the lead time is `distance` x the measured busy time per
   layer (wall time between two layers less the time spent waiting for reads). Prefetch when
-  precision x min(read, lead) > (1 - precision) x read. A disk-bound run (busy time ~0.1 ms,
-  reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5.
+  precision x min(read, lead) > (1 - precision) x read, with the precision of the cold guesses
+  at that distance once there are `min_observations` of them (they are the ones that cost reads,
+  and they are worse than the average guess: records the cache lacks are the rarely used ones,
+  and the right guesses were mostly read at a farther distance already). A disk-bound run (busy time ~0.1 ms,
+  reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5. A distance whose
+  nearer neighbour already leads by a whole read ((distance - 1) x busy >= read) adds nothing but
+  wrong guesses, so it is not used: `depth` is a cap, the lead time picks how far to look.
 
-Far distances fail first, so the depth shrinks on its own, and prefetching stops when it costs
-more than it saves (on a disk-bound run with near-random routing, it stops). Mode "on" skips the
-cost model; "auto" waits for `min_observations` graded guesses at a distance before trusting it.
+`depth` None (the default) looks up to `auto_depth` layers ahead for disk reads (the lead rule
+above picks how far: on the 2-core box a record read takes ~70 ms and a layer ~11 ms of compute,
+so 7 layers) and one layer ahead for host-tier copies (a copy takes ~2 ms: one layer hides it, and
+a farther copy would only take device slots earlier); `reach()` says how many distances are worth
+guessing now. Far distances fail first, so the depth shrinks on its own, and prefetching stops
+when it costs more than it saves (on a disk-bound run with near-random routing, it stops). Mode
+"on" skips the cost model; "auto" waits for `min_observations` graded guesses at a distance
+before trusting it.
 """
 from __future__ import annotations
 
@@ -27,21 +38,27 @@ import time
 class Predictor:
     min_observations = 8
     host_threshold = 0.25
+    auto_depth = 8
 
-    def __init__(self, mode: str = "auto", depth: int = 1):
+    def __init__(self, mode: str = "auto", depth: int | None = None):
         if mode not in ("auto", "on"):
             raise ValueError(f"prefetch must be on, off or auto, not {mode!r}")
-        self.mode, self.depth = mode, max(1, int(depth))
+        self.mode = mode
+        self.depth = self.auto_depth if depth is None else max(1, int(depth))
+        self.host_depth = 1 if depth is None else self.depth
         self.pending: dict[int, list[tuple[int, set]]] = {}
         self.by_distance = {d: [0, 0, 0, 0] for d in range(1, self.depth + 1)}  # hits, guessed, actual, graded
+        self.cold = {d: [0, 0] for d in range(1, self.depth + 1)}                # cold guesses: hits, guessed
         self.by_layer: dict[int, list[int]] = {}                                 # hits, guessed, actual
         self.busy_s: float | None = None   # EMA of the time between two layers' routing, less read stalls
         self.read_s: float | None = None   # EMA of one record's read time (set by the pager's measurements)
         self._last = None                  # (time, cumulative stall) at the last observe
 
     # ---------------------------------------------------------------- measurements
-    def guessed(self, layer: int, ids, distance: int):
-        self.pending.setdefault(layer, []).append((distance, set(ids)))
+    def guessed(self, layer: int, ids, distance: int, cold=()):
+        """A guess of `layer`'s experts made `distance` layers ahead; `cold`: those of them no
+        tier holds and no read is bringing (a prefetch of them costs a disk read)."""
+        self.pending.setdefault(layer, []).append((distance, set(ids), set(cold)))
 
     def observe(self, layer: int, ids, stalled: float = 0.0):
         """Layer `layer` routed to `ids` (one token): grade the guesses made for it. `stalled`:
@@ -52,7 +69,9 @@ class Predictor:
             self.busy_s = busy if self.busy_s is None else 0.9 * self.busy_s + 0.1 * busy
         self._last = (now, stalled)
         actual = set(ids)
-        for distance, guess in self.pending.pop(layer, ()):
+        for distance, guess, cold in self.pending.pop(layer, ()):
+            c = self.cold[distance]
+            c[0] += len(cold & actual); c[1] += len(cold)
             hit = len(guess & actual)
             d = self.by_distance[distance]
             d[0] += hit; d[1] += len(guess); d[2] += len(actual); d[3] += 1
@@ -80,7 +99,20 @@ class Predictor:
         rows = self.by_distance.values() if distance is None else [self.by_distance[distance]]
         return sum(r[i] for r in rows)
 
+    def reach(self) -> int:
+        """The farthest distance worth guessing now: `depth`, less the distances the lead rule
+        rules out for disk reads (and beyond `host_depth` for copies)."""
+        if self.mode == "on":
+            return self.depth
+        disk = 1
+        if self.busy_s is not None and self.read_s is not None:
+            while disk < self.depth and disk * self.busy_s < self.read_s:
+                disk += 1
+        return max(disk, min(self.host_depth, self.depth))
+
     def allow(self, distance: int, from_disk: bool) -> bool:
+        if not from_disk and distance > self.host_depth:
+            return False
         if self.mode == "on":
             return True
         if self.by_distance[distance][3] < self.min_observations:
@@ -88,7 +120,12 @@ class Predictor:
         p = self.precision(distance)
         if not from_disk:
             return p >= self.host_threshold
+        hits, cold = self.cold[distance]
+        if cold >= self.min_observations:
+            p = hits / cold
         if self.read_s is None or self.busy_s is None:
+            return False
+        if distance > 1 and (distance - 1) * self.busy_s >= self.read_s:
             return False
         lead = distance * self.busy_s
         return p * min(self.read_s, lead) > (1 - p) * self.read_s
@@ -96,9 +133,11 @@ class Predictor:
     def snapshot(self) -> dict:
         def pr(h, g, a):
             return {"precision": h / g if g else None, "recall": h / a if a else None}
-        return {"mode": self.mode, "depth": self.depth,
+        return {"mode": self.mode, "depth": self.depth, "host_depth": self.host_depth,
                 "precision": self.precision(), "recall": self.recall(),
-                "by_distance": {d: {**pr(*r[:3]), "guesses": r[3]} for d, r in self.by_distance.items()},
+                "by_distance": {d: {**pr(*r[:3]), "guesses": r[3], "cold_guesses": self.cold[d][1],
+                                    "cold_precision": self.cold[d][0] / self.cold[d][1] if self.cold[d][1] else None}
+                                for d, r in self.by_distance.items()},
                 "by_layer": {l: pr(*r) for l, r in sorted(self.by_layer.items())},
                 "busy_ms_per_layer": None if self.busy_s is None else self.busy_s * 1e3,
                 "read_ms_per_record": None if self.read_s is None else self.read_s * 1e3}

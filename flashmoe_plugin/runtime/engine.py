@@ -15,7 +15,7 @@ import torch
 from .. import kernels
 from ..kernels.ggml_numerics import numerics_for
 from ..models.layers import decoder_for
-from ..pager.pager import ExpertPager, default_direct_io
+from ..pager.pager import PREFETCH, ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
 from ..sizes import available_ram, format_size, parse_size, ram_reserve
 from ..store.model import open_model
@@ -52,7 +52,7 @@ class Engine:
     def __init__(self, store, device="cpu", n_ctx: int = 2048, ram_budget=None, policy: str = "auto",
                  backend: str | None = None, dtype: torch.dtype | None = None, n_batch: int = 512,
                  io_threads: int = 4, direct_io: bool | None = None, verify: bool = True, vram_budget=None,
-                 prefetch="auto", prefetch_depth: int = 1, host_compute: str = "auto", n_cpu_moe: int = 0,
+                 prefetch="auto", prefetch_depth: int | None = None, host_compute: str = "auto", n_cpu_moe: int = 0,
                  pager_options: dict | None = None, storage: str = "native", storage_options: dict | None = None,
                  experts_per_token: int | None = None, decode_graph: str = "auto", dense_quant: str | None = "auto"):
         self.store = open_model(store)
@@ -81,6 +81,8 @@ class Engine:
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
+            if prefetch_depth is None and self.device.type != "cpu":
+                prefetch_depth = 1  # each guess reads routing back from the GPU: deeper is unmeasured there
             self.predictor = self.pager.predictor = Predictor(mode, prefetch_depth)
         self.host_compute = HostCompute(host_compute, self.pager, self.store.layout, self.device,
                                         self.model.expert_act)
@@ -291,15 +293,12 @@ class Engine:
         pred = self.predictor
         pred.observe(layer, chosen, self.pager.stats.read_seconds)
         at = self._moe_pos[layer]
-        for d in range(1, pred.depth + 1):
-            if at + d >= len(self._moe_order):
-                break
-            j = self._moe_order[at + d]
-            guess = self.model.guess(j, h)
-            pred.guessed(j, guess, d)
+        js = self._moe_order[at + 1:at + 1 + pred.reach()]
+        for d, (j, guess) in enumerate(zip(js, self.model.guess_many(js, h)), 1):
+            pred.guessed(j, guess, d, self.pager.cold(j, guess))
             disk, host = pred.allow(d, True), pred.allow(d, False)
-            if disk or host:
-                self.pager.prefetch(j, guess, from_disk=disk, from_host=host)
+            if disk or host:  # the layer needed soonest is read first; a newer guess replaces older ones
+                self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 
     def close(self):
         if self.fast is not None:
