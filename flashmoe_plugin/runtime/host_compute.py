@@ -52,11 +52,11 @@ def cpu_backend(device: torch.device):
     return CpuBackend(physical_cores())
 
 
-def cpu_share(m: int, copy_s: float, cpu_s: float) -> int:
+def cpu_share(m: int, copy_s: float, cpu_s: float, cpu_o: float = 0.0) -> int:
     """How many of m equal pieces of work the CPU computes while the others are copied up to the
-    GPU, both at once: the n making the slower side shortest, max((m - n) copies, n on the CPU);
-    ties go to the CPU (one copy less)."""
-    return min(range(m + 1), key=lambda n: (max((m - n) * copy_s, n * cpu_s), -n))
+    GPU, both at once: the n making the slower side shortest, max((m - n) copies, n on the CPU
+    plus cpu_o, the CPU side's fixed host time when it has work); ties go to the CPU (one copy less)."""
+    return min(range(m + 1), key=lambda n: (max((m - n) * copy_s, n * cpu_s + (cpu_o if n else 0.0)), -n))
 
 
 class HostCompute:
@@ -142,6 +142,9 @@ class CpuLayers:
     of tokens for one copy. The copies run on their own stream, several slots ahead of the
     compute (and into the next CPU layer's first experts), so PCIe and the GPU work at once."""
 
+    cpu_o = 0.0  # the CPU side's host time per decode call beyond the C kernels (measured beside a GPU)
+    _issued = 0.0  # perf_counter when the last decode's copies were queued
+
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
                  gpu_backend=None):
         from ..io import Reader
@@ -195,11 +198,16 @@ class CpuLayers:
         self.split_up = 0      # decode experts (whole or their tail slices) run on the GPU (bench, tests)
         self.cut_s = 0.0       # seconds spent slicing the records (once, at attach)
         self._host_out = torch.zeros(1, store.layout.hidden)
-        self._adapt = cuda  # cpu_s follows the decode's CPU calls (the twin keeps the costs it is given)
+        self._adapt = cuda  # the costs follow the decode's own calls (the twin keeps the costs it is given)
         self._dev_out = None  # the CPU's sum on the device in fp32 (beside a GPU)
+        self._views: dict = {}  # cached tensor views of records and ring slots (decode makes none per call)
+        self._native: dict = {}  # layer -> the C kernels' spec of its slice layout, or None (another format)
+        self._decoded = False  # decode's copies ran on the compute stream since the ring's last fence
+        self._timer, self._timed = None, 0.0  # CUDA events around the last decode's copies, records copied
         if cuda:
             self._host_out = self._host_out.pin_memory()
             self._dev_out = torch.empty(1, store.layout.hidden, device=device)
+            self._timer = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ring = torch.empty(self.ring_size() * self.stride, dtype=torch.uint8, device=device)
             self.attach(gpu_backend, ring)
             layer = self.layers[0]
@@ -238,6 +246,8 @@ class CpuLayers:
                 cut(tmp, lay, q, rec)
             self.cut[layer] = (q, slice_layout(lay, q))
         self.cut_s += time.perf_counter() - t0
+        self._views.clear()
+        self._native.clear()
 
     def close(self):
         self.copies.close()  # unpins the records
@@ -319,7 +329,7 @@ class CpuLayers:
         already balanced (~2.0 ms each side). Hence slices are opt-in."""
         if self.gpu is None:
             return k * q
-        return cpu_share(k * q, self.copy_s / q, self.cpu_s / q)
+        return cpu_share(k * q, self.copy_s / q, self.cpu_s / q, self.cpu_o)
 
     def plan_of(self, k: int) -> dict:
         """The decode plan of the first CPU layer, for bench."""
@@ -330,29 +340,18 @@ class CpuLayers:
     def decode(self, layer: int, xh: torch.Tensor, chosen: list[int], weights: list[float], x: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """One token's routed experts of `layer` (SwiGLU) by plan(k, q): xh [1, H] fp32 on the host,
-        x the same activation on the compute device. The GPU's share is queued first (copies, then
-        its kernel), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
-        tensor) on x's device and dtype."""
+        x the same activation on the compute device. The GPU's share is queued first (its copies,
+        then its kernel), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
+        tensor) on x's device and dtype. Beside a GPU the costs follow these calls: cpu_s the C
+        kernels' time per expert, cpu_o the rest of the CPU side's host time from the copies' issue
+        to the sum's way up, copy_s the copies' time on the device (CUDA events): all three measured
+        while the CPU and the copy engine read RAM together."""
         q, lay = self.cut[layer]
         k = len(chosen)
-        n, m = divmod(self.plan(k, q), q)  # n experts whole here, then m slices of expert n
-        up_ = [(chosen[i], m if i == n else 0, weights[i]) for i in range(n, k)]  # the GPU's: (expert, first slice, weight)
-        if self._ahead:
-            self._keep_ahead(layer, [e for e, _, _ in up_])
-        gpu_out = None
-        if up_:
-            ups = [self._up(layer, e, lo) for e, lo, _ in up_]
-            for _, ev in ups:
-                self.copies.use(ev)
-            recs, ws = [], []
-            for (s, _), (e, lo, w) in zip(ups, up_):
-                recs += self._pieces(self.slots[s], layer, lo, q)
-                ws += [w] * (q - lo)
-            gpu_out = self.gpu.moe_decode(x, recs, torch.tensor(ws), lay)
-            for s, _ in ups:
-                self._used(s)
-            self.split_up += len(ups)
-        if n == 0 and m == 0:
+        c = self.plan(k, q)
+        n, m = divmod(c, q)  # n experts whole here, then m slices of expert n
+        gpu_out = self._gpu_share(layer, chosen, weights, n, m, x) if c < k * q else None
+        if c == 0:
             return gpu_out if out is None else out.copy_(gpu_out)
         # pinned: the copy up to `out` is asynchronous; the next call reuses it only after the
         # host has waited for later work on the same stream (the next layer's routing)
@@ -360,25 +359,77 @@ class CpuLayers:
         recs, ws = [], []
         for i in range(n + bool(m)):
             hi = q if i < n else m
-            recs += self._pieces(self.records[(layer, chosen[i])], layer, 0, hi)
+            recs += self._view("rec", layer, chosen[i], 0, hi)
             ws += [float(weights[i])] * hi
+        spec = self._native.get(layer, False)
+        if spec is False:
+            spec = self._native[layer] = self.backend.spec(lay) if _native_cpu(self.backend, lay) else None
         t0 = time.perf_counter()
-        if _native_cpu(self.backend, lay):
+        if spec is not None:
             host.zero_()
-            self.backend.module.moe(xh, tuple(recs), ws, self.backend.spec(lay), host)  # adds into host
+            self.backend.module.moe(xh, recs, ws, spec, host)  # adds into host
         else:
             host.copy_(self.backend.moe(xh, recs, ws, lay))
-        if self._adapt:  # the CPU's cost per expert as it runs beside the copies
-            self.cpu_s = 0.9 * self.cpu_s + 0.1 * (time.perf_counter() - t0) * q / len(recs)
+        t1 = time.perf_counter()
         if out is None:
             out = torch.empty_like(x)
         if self._dev_out is not None and x.is_cuda:
-            # fp32 to fp32 from pinned memory, converted on the device: torch would convert a bf16
-            # `out`'s copy on the CPU into pageable memory, whose copy may wait for the GPU's share
-            out.copy_(self._dev_out.copy_(host, non_blocking=True))
+            # fp32 from pinned memory, added to the GPU's share and converted on the device in one
+            # kernel: torch would convert a bf16 `out`'s copy on the CPU into pageable memory
+            up = self._dev_out.copy_(host, non_blocking=True)
+            out = out.copy_(up) if gpu_out is None else torch.add(gpu_out, up, out=out)
         else:
             out.copy_(host)
-        return out if gpu_out is None else out.add_(gpu_out)
+            if gpu_out is not None:
+                out.add_(gpu_out)
+        if self._adapt:
+            self.cpu_s = 0.9 * self.cpu_s + 0.1 * (t1 - t0) * q / len(recs)
+            if gpu_out is not None:
+                self.cpu_o = 0.9 * self.cpu_o + 0.1 * max(0.0, time.perf_counter() - self._issued - (t1 - t0))
+        return out
+
+    def _view(self, kind: str, layer: int, key: int, lo: int, hi: int | None = None):
+        """Cached views: ("rec", layer, e, lo, hi) slices lo..hi-1 of expert e's record in RAM, each
+        a record of the layer's slice layout; ("slot", layer, s, lo, hi) the same in ring slot s;
+        hi None: the bytes of slices lo.. as one tensor (a copy's source or destination)."""
+        v = self._views.get((kind, layer, key, lo, hi))
+        if v is None:
+            base = self.records[(layer, key)] if kind == "rec" else self.slots[key]
+            q, lay = self.cut[layer]
+            v = base[lo * lay.size:q * lay.size] if hi is None else self._pieces(base, layer, lo, hi)
+            self._views[(kind, layer, key, lo, hi)] = v
+        return v
+
+    def _gpu_share(self, layer: int, chosen, weights, n: int, m: int, x: torch.Tensor) -> torch.Tensor:
+        """Queue the GPU's share of a decode token: expert n's slices from m on and the later experts,
+        copied into ring slots 0.. on the compute stream (the host has just waited for it, so the
+        copies start at once; no events, and the next copy into a slot is ordered after the
+        kernel reading it), then its kernel; returns the kernel's output."""
+        q, lay = self.cut[layer]
+        if self._ahead:  # prefill's copies ahead: the compute stream waits for them, their slots are free
+            for s, ev in self._ahead.values():
+                self.copies.use(ev)
+                self._busy.discard(s)
+            self._ahead.clear()
+        timer = self._timer if self._adapt else None
+        if timer is not None:
+            if self._timed and timer[1].query():  # the previous call's copies, long done
+                dt = timer[0].elapsed_time(timer[1]) / 1e3 / self._timed
+                self.copy_s = 0.9 * self.copy_s + 0.1 * dt
+            timer[0].record()
+        recs, ws = [], []
+        for s, i in enumerate(range(n, len(chosen))):
+            lo = m if i == n else 0
+            self._view("slot", layer, s, lo).copy_(self._view("rec", layer, chosen[i], lo), non_blocking=True)
+            recs += self._view("slot", layer, s, lo, q)
+            ws += [float(weights[i])] * (q - lo)
+        self._issued = time.perf_counter()
+        if timer is not None:
+            timer[1].record()
+            self._timed = len(recs) / q
+        self._decoded = True
+        self.split_up += len(chosen) - n
+        return self.gpu.moe_decode(x, recs, ws, lay)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act=None) -> torch.Tensor:
         """The routed experts of `layer` for x [T, H] (any device), computed on the CPU and, beside
@@ -401,6 +452,10 @@ class CpuLayers:
         on_gpu = [e for e in used if self.gpu is not None and counts[e] * self.cpu_s > self.copy_s]
         on_cpu = [e for e in used if e not in on_gpu]
         out = torch.zeros_like(x)
+        if self._decoded and on_gpu:  # decode's copies and kernels ran on the compute stream: the ring's
+            fence = self.copies.fence()  # next copies (the copy stream) wait for them
+            self._fence = [fence] * len(self._fence)
+            self._decoded = False
         if self._ahead:
             self._keep_ahead(layer, on_gpu)
         # the GPU's experts first, their copies queued up to the ring's size less one ahead of their
