@@ -3,10 +3,11 @@ bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants
 ",cpu" every CPU-layer expert of a decode token on the CPU, ",slice" experts cut into slices of their
 intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
 that a token has at least N (slice_count's `want`, default 16), ",whole" sliced records but the
-share cut at whole experts only, ",old" session 6's decode host path (OLD_DECODE below: copies on
+share cut at whole experts only, ",spinN" the C pool's idle threads spinning N us (CpuLayers.spin_us)
+instead of its default, ",old" session 6's decode host path (OLD_DECODE below: copies on
 the copy stream through events, views and events made per call, the sum added in two kernels).
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole|,old] ...   e.g.  /tmp/m12 r.json 9 9,old 9,slice
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole|,spinN|,old] ...   e.g.  /tmp/m12 r.json 9 9,old 9,slice
 
 Each row also carries "probe": host wall time per CPU layer of the decode steps, means in ms from
 perf_counter wrappers (about a microsecond each): HybridDecode._host_layer whole; inside it the wait
@@ -124,7 +125,7 @@ def OLD_DECODE(self, layer, xh, chosen, weights, x, out=None):
 
 def main(store: str, out: str, rows: list[str]):
     plan, count, env = CpuLayers.plan, host_compute.slice_count, os.environ.get("FLASHMOE_SLICE_EXPERTS")
-    decode = CpuLayers.decode
+    decode, spin = CpuLayers.decode, CpuLayers.spin_us
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")
@@ -132,8 +133,10 @@ def main(store: str, out: str, rows: list[str]):
             CpuLayers.plan = lambda self, k, q=1: k * q
         if mode == "whole":
             CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
-        if mode == "old":
-            CpuLayers.decode = OLD_DECODE
+        if mode == "old":  # session 6's host path and the pool's default spin
+            CpuLayers.decode, CpuLayers.spin_us = OLD_DECODE, 50
+        if mode.startswith("spin"):
+            CpuLayers.spin_us = int(mode[4:])
         os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("slice", "whole") or mode.startswith("want") else "0"
         if mode.startswith("want"):
             host_compute.slice_count = lambda layout, k, want=None, n=int(mode[4:]): count(layout, k, n)
@@ -147,7 +150,7 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            CpuLayers.plan, CpuLayers.decode, host_compute.slice_count = plan, decode, count
+            CpuLayers.plan, CpuLayers.decode, host_compute.slice_count, CpuLayers.spin_us = plan, decode, count, spin
             os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
             r_probe = probe.result()
         r["probe"] = r_probe

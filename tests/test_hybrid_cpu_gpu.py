@@ -103,6 +103,9 @@ def test_share_balances_copy_and_compute():
     assert hc.share(3) == 2 and hc.pays()
     hc.mode = "off"
     assert hc.share(5) == 0
+    from flashmoe_plugin.runtime.host_compute import cpu_share
+    # a fixed CPU-side overhead (its host time beyond the kernels) moves a piece to the copy
+    assert cpu_share(16, 0.225, 0.184) == 9 and cpu_share(16, 0.225, 0.184, 0.3) == 8
     assert physical_cores() >= 1
 
 
@@ -199,6 +202,36 @@ def test_slices_sum_to_the_expert(oracles, family):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (family, name, q, (got - want).abs().max())
     with pytest.raises(ValueError, match="slices need"):
         cut(rec, lay, q, dst[:-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+def test_sliced_expert_on_the_gpu(oracles):
+    """CudaBackend.moe (a sliced expert's prefill in CpuLayers): an expert's slices summed on the
+    GPU, for few tokens (one fused call) and many (one dequantized stack, two GEMMs), equal the
+    whole expert through the torch reference (fp32; the GPU's activations pass through 16 bits)."""
+    from flashmoe_plugin import kernels
+    from flashmoe_plugin.kernels.cuda_backend import CudaBackend
+    from flashmoe_plugin.store.format import Store
+    from flashmoe_plugin.store.slices import cut, slice_layout
+    st = Store.open(oracles("mixtral").store("q4"))
+    layer = sorted(st.layers)[0]
+    lay = st.layout_of(layer)
+    rec = torch.zeros(lay.size, dtype=torch.uint8)
+    for f, off, nbytes, into, _ in st.record_reads(layer, 1):
+        with open(f, "rb") as fh:
+            fh.seek(off)
+            rec[into:into + nbytes] = torch.frombuffer(bytearray(fh.read(nbytes)), dtype=torch.uint8)
+    q = 2
+    sub = slice_layout(lay, q)
+    dst = torch.zeros(q * sub.size, dtype=torch.uint8)
+    cut(rec, lay, q, dst)
+    pieces = [dst[j * sub.size:(j + 1) * sub.size].cuda() for j in range(q)]
+    gpu = CudaBackend()
+    for T in (3, 40):
+        x = torch.randn(T, lay.hidden, generator=torch.Generator().manual_seed(T))
+        want = kernels.select("cpu", "torch").expert_ffn(x, rec, lay) * 0.75
+        got = gpu.moe(x.cuda(), pieces, [0.75] * q, sub).cpu()
+        assert (got - want).abs().max() < 2e-2 * want.abs().max(), (T, (got - want).abs().max(), want.abs().max())
 
 
 def test_slices_are_opt_in(oracles, monkeypatch):

@@ -143,6 +143,10 @@ class CpuLayers:
     compute (and into the next CPU layer's first experts), so PCIe and the GPU work at once."""
 
     cpu_o = 0.0  # the CPU side's host time per decode call beyond the C kernels (measured beside a GPU)
+    # beside a GPU the C pool's idle threads spin this long for the next call (microseconds): a decode
+    # token's CPU layers come ~0.5 ms apart, and the VRAM layers and the head between two tokens
+    # take a few ms; the default 50 us would put them to sleep between any two calls
+    spin_us = 5000
     _issued = 0.0  # perf_counter when the last decode's copies were queued
 
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
@@ -205,6 +209,8 @@ class CpuLayers:
         self._decoded = False  # decode's copies ran on the compute stream since the ring's last fence
         self._timer, self._timed = None, 0.0  # CUDA events around the last decode's copies, records copied
         if cuda:
+            if hasattr(self.backend, "set_spin_us"):
+                self.backend.set_spin_us(self.spin_us)
             self._host_out = self._host_out.pin_memory()
             self._dev_out = torch.empty(1, store.layout.hidden, device=device)
             self._timer = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
