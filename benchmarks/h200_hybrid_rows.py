@@ -1,13 +1,13 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
 bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
-",cpu" every CPU-layer expert of a decode token on the CPU, ",slice" experts cut into slices of their
+",cpu" every CPU-layer expert of a decode token on the CPU, ",split" one of them copied up (session 6's plan), ",slice" experts cut into slices of their
 intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
 that a token has at least N (slice_count's `want`, default 16), ",whole" sliced records but the
 share cut at whole experts only, ",spinN" the C pool's idle threads spinning N us (CpuLayers.spin_us)
 instead of its default, ",old" session 6's decode host path (OLD_DECODE below: copies on
 the copy stream through events, views and events made per call, the sum added in two kernels).
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole|,spinN|,old] ...   e.g.  /tmp/m12 r.json 9 9,old 9,slice
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,split|,slice|,wantN|,whole|,spinN|,old] ...   e.g.  /tmp/m12 r.json 9 9,old 9,slice
 
 Each row also carries "probe": host wall time per CPU layer of the decode steps, means in ms from
 perf_counter wrappers (about a microsecond each): HybridDecode._host_layer whole; inside it the wait
@@ -131,6 +131,8 @@ def main(store: str, out: str, rows: list[str]):
         n, _, mode = row.partition(",")
         if mode == "cpu":
             CpuLayers.plan = lambda self, k, q=1: k * q
+        if mode == "split":  # one expert up, the others here
+            CpuLayers.plan = lambda self, k, q=1: (k - 1) * q
         if mode == "whole":
             CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
         if mode == "old":  # session 6's host path and the pool's default spin
@@ -150,9 +152,9 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
+            r_probe = probe.result()  # first: it restores what it wrapped (a variant's decode among them)
             CpuLayers.plan, CpuLayers.decode, host_compute.slice_count, CpuLayers.spin_us = plan, decode, count, spin
             os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
-            r_probe = probe.result()
         r["probe"] = r_probe
         doc[row] = r
         print(f"n_cpu_moe {row}: decode {r['decode_tok_s']:.2f} tok/s, prefill cold {r['prefill_tok_s']:.0f} warm "

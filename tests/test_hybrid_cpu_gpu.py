@@ -130,7 +130,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
     if n_cpu == 1:  # the measured Mixtral costs: one expert split between the CPU and the GPU at a slice
-        cl.copy_s, cl.cpu_s, cl._adapt = 1.8, 1.1, False
+        cl.copy_s, cl.cpu_s, cl.cpu_o, cl._adapt = 1.8, 1.1, 0.0, False
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None

@@ -142,7 +142,8 @@ class CpuLayers:
     of tokens for one copy. The copies run on their own stream, several slots ahead of the
     compute (and into the next CPU layer's first experts), so PCIe and the GPU work at once."""
 
-    cpu_o = 0.0  # the CPU side's host time per decode call beyond the C kernels (measured beside a GPU)
+    cpu_o = 0.0  # the CPU side's fixed time per decode call: the C call's (cpu_o + n x cpu_s) and the host's
+    _call_o = _host_o = 0.0  # its two parts (beside a GPU, measured)
     # beside a GPU the C pool's idle threads spin this long for the next call (microseconds): a decode
     # token's CPU layers come ~0.5 ms apart, and the VRAM layers and the head between two tokens
     # take a few ms; the default 50 us would put them to sleep between any two calls
@@ -220,15 +221,24 @@ class CpuLayers:
             q, lay = self.cut[layer]
             rec = self.records[(layer, 0)]
             self.copy_s = min(event_times(lambda: self.slots[0][:q * lay.size].copy_(rec[:q * lay.size], non_blocking=True), 3))
-            x, pieces = torch.ones(1, lay.hidden), self._pieces(rec, layer, 0, q)
-            self.cpu_s = best_seconds(lambda: self.backend.moe(x, pieces, [1.0] * q, lay))  # as HostCompute's
+            # the CPU's cost is affine in the experts of a call, cpu_o + n x cpu_s: one call of one expert
+            # and one of a token's k (nonzero x, as HostCompute's); on the H200 (Mixtral, 16 cores) one
+            # expert took ~1.1 ms and two ~1.6, so the per-expert cost of one-expert calls put a
+            # token's two experts on the CPU at 2.2 ms and the plan split them where the CPU alone
+            # was faster than any split
+            x = torch.ones(1, lay.hidden)
+            ones = [self._pieces(self.records[(layer, e)], layer, 0, q) for e in range(self.k)]
+            t1 = best_seconds(lambda: self.backend.moe(x, ones[0], [1.0] * q, lay))
+            tk = best_seconds(lambda: self.backend.moe(x, sum(ones, []), [1.0] * (q * self.k), lay))
+            self.cpu_s = min(max((tk - t1) / (self.k - 1), t1 / self.k), t1) if self.k > 1 else t1
+            self._call_o = self.cpu_o = t1 - self.cpu_s
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
         while the previous layer's kernels still read theirs), at least 4 (prefill's copies ahead)."""
         return max(4, 2 * self.k)
 
-    def attach(self, gpu_backend, ring: torch.Tensor, copy_s=None, cpu_s=None):
+    def attach(self, gpu_backend, ring: torch.Tensor, copy_s=None, cpu_s=None, cpu_o=0.0):
         """The GPU side: its kernel backend and the ring of record slots (device memory, ring_size()
         x stride bytes; the CPU twin passes the CPU backend and host memory, with costs of its
         choosing). The records are cut into their slices here, once."""
@@ -239,7 +249,7 @@ class CpuLayers:
         self._busy: set = set()  # slots whose copy is queued and whose kernels are not yet
         self._ahead: dict = {}  # (layer, expert) -> (slot, copy event): copied before asked for
         if copy_s is not None:
-            self.copy_s, self.cpu_s = copy_s, cpu_s
+            self.copy_s, self.cpu_s, self.cpu_o = copy_s, cpu_s, cpu_o
         t0 = time.perf_counter()
         for layer in self.layers:
             q, lay = self._q[layer], self.layouts[layer]
@@ -348,10 +358,11 @@ class CpuLayers:
         """One token's routed experts of `layer` (SwiGLU) by plan(k, q): xh [1, H] fp32 on the host,
         x the same activation on the compute device. The GPU's share is queued first (its copies,
         then its kernel), then the CPU computes its share meanwhile; the sum lands in `out` (or a new
-        tensor) on x's device and dtype. Beside a GPU the costs follow these calls: cpu_s the C
-        kernels' time per expert, cpu_o the rest of the CPU side's host time from the copies' issue
-        to the sum's way up, copy_s the copies' time on the device (CUDA events): all three measured
-        while the CPU and the copy engine read RAM together."""
+        tensor) on x's device and dtype. Beside a GPU the costs follow these calls: the C call's
+        (cpu_o + n x cpu_s, both scaled by the time it took), the host's time on the CPU side beyond
+        it (from the copies' issue to the sum's way up, into cpu_o) and copy_s, the copies' time on
+        the device (CUDA events): all measured while the CPU and the copy engine read RAM together."""
+        t_in = time.perf_counter()
         q, lay = self.cut[layer]
         k = len(chosen)
         c = self.plan(k, q)
@@ -388,10 +399,13 @@ class CpuLayers:
             out.copy_(host)
             if gpu_out is not None:
                 out.add_(gpu_out)
-        if self._adapt:
-            self.cpu_s = 0.9 * self.cpu_s + 0.1 * (t1 - t0) * q / len(recs)
-            if gpu_out is not None:
-                self.cpu_o = 0.9 * self.cpu_o + 0.1 * max(0.0, time.perf_counter() - self._issued - (t1 - t0))
+        if self._adapt:  # both terms of the C call's cost scaled by what it took, plus the host's own time
+            kt = t1 - t0
+            f = 1.0 + 0.1 * (kt / (self._call_o + self.cpu_s * len(recs) / q) - 1.0)
+            self._call_o, self.cpu_s = self._call_o * f, self.cpu_s * f
+            host = time.perf_counter() - (self._issued if gpu_out is not None else t_in) - kt
+            self._host_o = 0.9 * self._host_o + 0.1 * max(0.0, host)
+            self.cpu_o = self._call_o + self._host_o
         return out
 
     def _view(self, kind: str, layer: int, key: int, lo: int, hi: int | None = None):
