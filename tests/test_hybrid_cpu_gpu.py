@@ -173,6 +173,32 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s, monkey
     assert cl.split_up > 0 or k == 1 or not sliced
 
 
+def test_costs_follow_the_decode_twin(oracles):
+    """The split's costs as a GPU run keeps them, on the CPU twin: CpuLayers.measure_cpu (the CPU's
+    cost affine in a call's experts, from one- and k-expert calls), then decode scaling both terms by
+    its own C calls and adding its host time; the costs stay positive and finite, the decode still
+    splits, and the logits are the all-resident run's."""
+    import math
+
+    from flashmoe_plugin.io import aligned_empty
+    store = oracles("mixtral").store("q4")
+    g = torch.Generator().manual_seed(6)
+    ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    eng = Engine(store, n_cpu_moe=2, ram_budget=k * size, prefetch="off")
+    cl = eng.cpu_layers
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=1.0, cpu_s=1.0)
+    cl.measure_cpu()
+    assert cl.cpu_s > 0 and cl.cpu_o >= 0 and cl.cpu_s + cl.cpu_o > 0, (cl.cpu_s, cl.cpu_o)
+    # one expert's copy dearer than the CPU's call for one, cheaper than for two: the first tokens split
+    cl.copy_s, cl._adapt = cl.cpu_o + 1.5 * cl.cpu_s, True
+    out = run_sequence(eng, ids, steps)
+    eng.close()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+    assert all(math.isfinite(v) and v >= 0 for v in (cl.cpu_s, cl.cpu_o, cl._host_o)) and cl.cpu_s > 0
+    assert cl.cpu_o >= cl._host_o > 0 and cl.split_up > 0  # the host's own time is counted
+
+
 def test_slices_sum_to_the_expert(oracles, family):
     """store/slices.py: an expert's q slices (each a record of intermediate I/q) sum to the
     expert, through the C kernels and the torch reference alike."""

@@ -221,17 +221,23 @@ class CpuLayers:
             q, lay = self.cut[layer]
             rec = self.records[(layer, 0)]
             self.copy_s = min(event_times(lambda: self.slots[0][:q * lay.size].copy_(rec[:q * lay.size], non_blocking=True), 3))
-            # the CPU's cost is affine in the experts of a call, cpu_o + n x cpu_s: one call of one expert
-            # and one of a token's k (nonzero x, as HostCompute's); on the H200 (Mixtral, 16 cores) one
-            # expert took ~1.1 ms and two ~1.6, so the per-expert cost of one-expert calls put a
-            # token's two experts on the CPU at 2.2 ms and the plan split them where the CPU alone
-            # was faster than any split
-            x = torch.ones(1, lay.hidden)
-            ones = [self._pieces(self.records[(layer, e)], layer, 0, q) for e in range(self.k)]
-            t1 = best_seconds(lambda: self.backend.moe(x, ones[0], [1.0] * q, lay))
-            tk = best_seconds(lambda: self.backend.moe(x, sum(ones, []), [1.0] * (q * self.k), lay))
-            self.cpu_s = min(max((tk - t1) / (self.k - 1), t1 / self.k), t1) if self.k > 1 else t1
-            self._call_o = self.cpu_o = t1 - self.cpu_s
+            self.measure_cpu()
+
+    def measure_cpu(self):
+        """cpu_s and cpu_o, the CPU's cost being affine in a call's experts (cpu_o + n x cpu_s): one
+        call of one expert and one of a token's k (nonzero x, as HostCompute's). On the H200
+        (Mixtral, 16 cores) one expert took ~1.1 ms and two ~1.6: a cost per expert from one-expert
+        calls put a token's two experts at 2.2 ms, and the plan split them where the CPU alone was
+        faster than any split."""
+        layer = self.layers[0]
+        q, lay = self.cut[layer]
+        x = torch.ones(1, lay.hidden)
+        ones = [self._pieces(self.records[(layer, e)], layer, 0, q) for e in range(self.k)]
+        t1 = best_seconds(lambda: self.backend.moe(x, ones[0], [1.0] * q, lay))
+        tk = best_seconds(lambda: self.backend.moe(x, sum(ones, []), [1.0] * (q * self.k), lay))
+        self.cpu_s = min(max((tk - t1) / (self.k - 1), t1 / self.k), t1) if self.k > 1 else t1
+        self._call_o = self.cpu_o = t1 - self.cpu_s
+        self._host_o = 0.0
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
@@ -401,7 +407,7 @@ class CpuLayers:
                 out.add_(gpu_out)
         if self._adapt:  # both terms of the C call's cost scaled by what it took, plus the host's own time
             kt = t1 - t0
-            f = 1.0 + 0.1 * (kt / (self._call_o + self.cpu_s * len(recs) / q) - 1.0)
+            f = 1.0 + 0.1 * (kt / max(1e-9, self._call_o + self.cpu_s * len(recs) / q) - 1.0)
             self._call_o, self.cpu_s = self._call_o * f, self.cpu_s * f
             host = time.perf_counter() - (self._issued if gpu_out is not None else t_in) - kt
             self._host_o = 0.9 * self._host_o + 0.1 * max(0.0, host)
