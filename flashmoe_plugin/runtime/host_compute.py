@@ -129,11 +129,11 @@ class CpuLayers:
 
     Decode: a token's k experts of such a layer are shared between the CPU (the C kernels on every
     physical core) and the GPU (copied over PCIe into a small ring of VRAM slots, then the fused
-    kernel), both at once: the CPU alone streams ~85 GB/s of RAM on the H200 machine's 16 cores,
-    the copy engine adds ~55 GB/s. `plan(k, q)` gives the CPU the first c of the token's k*q
-    slices (whole experts, then the head of the next one) and the GPU the rest (that expert's
-    tail, one copy, and the later experts), c making the slower side shortest by costs measured
-    at start (without a GPU: all on the CPU). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1:
+    kernel), both at once, or all on the CPU where that is faster (on the H200 machine the C
+    kernels stream a token's two Mixtral experts at ~124 GB/s, and the copy engine reads the same
+    RAM). `plan(k, q)` gives the CPU the first c of the token's k*q slices (whole experts, then the
+    head of the next one) and the GPU the rest (that expert's tail, one copy, and the later
+    experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1:
     then, once a GPU side is attached, each record is re-laid out as q slices along its
     intermediate dimension (store/slices.py: q records of I/q rows, summing to the expert).
     Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
@@ -339,16 +339,14 @@ class CpuLayers:
     def plan(self, k: int, q: int = 1) -> int:
         """How many of a decode token's k*q slices (q per expert) the CPU computes: the first c in
         routing order (c // q experts whole, then the head of the next); the GPU takes the rest,
-        copied up. c makes the slower side shortest by the costs measured at start (copy_s per
-        record, cpu_s per expert, a slice costing 1/q of either; beside a GPU cpu_s follows the
-        decode's own CPU calls, which share RAM bandwidth with the copies); ties go to the CPU
-        (one copy less). Without a GPU: all here.
-        On the H200 (Mixtral, k = 2, 16 cores) whole experts give one each side. With q = 4 the plan
-        took 5 of 8 slices here, but decode measured slower (12 layers, 9 on the CPU: 40.9 against
-        44.5 tok/s, benchmarks/results/h200-h10b-hybrid-12l.json): beside the copy the CPU streams
-        an expert in ~1.47 ms (1.05-1.24 alone: both read the same RAM), and ~0.5 ms of each CPU
-        layer's host time outside the C kernels sits on the CPU's side, so whole experts were
-        already balanced (~2.0 ms each side). Hence slices are opt-in."""
+        copied up. c makes the slower side shortest by the measured costs (copy_s per record, the
+        CPU's cpu_o + n x cpu_s for n experts, a slice costing 1/q of an expert; beside a GPU they
+        follow the decode's own calls, the CPU and the copies sharing RAM); ties go to the CPU (one
+        copy less). Without a GPU: all here.
+        On the H200 (Mixtral, k = 2, 16 cores) both experts stay on the CPU (~1.6 ms against a 1.8 ms
+        copy; benchmarks/results/h200-h10c-hybrid-12l.json). Slices are opt-in: with q = 4 decode
+        measured slower than whole experts split 1/1 (40.9 against 44.5 tok/s, h200-h10b-hybrid-12l.json),
+        and with q = 8 no faster than the CPU alone (1.81 against 1.79 ms per CPU layer)."""
         if self.gpu is None:
             return k * q
         return cpu_share(k * q, self.copy_s / q, self.cpu_s / q, self.cpu_o)
