@@ -291,3 +291,31 @@ def test_plan_balances_pcie_and_cpu():
     assert cl.plan(8, 2) == 8
     cl.gpu = None
     assert cl.plan(8) == 8 and cl.plan(2, 8) == 16
+
+
+def test_pool_spin_is_settable():
+    """CpuBackend.set_spin_us (CpuLayers sets it beside a GPU) round-trips, and the kernels compute
+    the same with the pool's idle workers spinning long or not at all."""
+    from flashmoe_plugin import kernels, quant
+    from flashmoe_plugin.store.layout import RecordLayout
+    be = kernels.select("cpu")
+    if not hasattr(be, "set_spin_us"):
+        pytest.skip("the C kernels are not built")
+    lay = RecordLayout.build("q4", 128, 256)
+    rec = torch.randint(0, 256, (lay.size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for sec in ("w13", "w2"):  # finite scales
+        p = lay.part(sec)
+        for t in quant.views(lay.part_bytes(rec, sec), p.format, p.shape).values():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.full_like(t, 0.01))
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+    before = be.module.get_spin_us()
+    try:
+        outs = []
+        for us in (0, 5000):
+            be.set_spin_us(us)
+            assert be.module.get_spin_us() == us
+            outs.append(be.moe(x, [rec, rec], [0.5, 0.25], lay))
+        assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+    finally:
+        be.set_spin_us(before)
