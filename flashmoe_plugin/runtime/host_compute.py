@@ -133,11 +133,12 @@ class CpuLayers:
     kernels stream a token's two Mixtral experts at ~124 GB/s, and the copy engine reads the same
     RAM). `plan(k, q)` gives the CPU the first c of the token's k*q slices (whole experts, then the
     head of the next one) and the GPU the rest (that expert's tail, one copy, and the later
-    experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1:
-    then, once a GPU side is attached, each record is re-laid out as q slices along its
-    intermediate dimension (store/slices.py: q records of I/q rows, summing to the expert).
-    Prefill: an expert with t tokens is copied up and run on the GPU when t x (one token's CPU
-    time) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
+    experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU).
+    q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1: then, once a GPU side is attached, each
+    record is re-laid out as q slices along its intermediate dimension (store/slices.py: q records
+    of I/q rows, summing to the expert).
+    Prefill: an expert with t tokens is copied up and run on the GPU when cpu_o + t x cpu_s (its
+    CPU time, priced as a decode call of t experts) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
     of tokens for one copy. The copies run on their own stream, several slots ahead of the
     compute (and into the next CPU layer's first experts), so PCIe and the GPU work at once."""
@@ -473,7 +474,7 @@ class CpuLayers:
         for c in counts:
             start.append(start[-1] + c)
         used = [e for e, c in enumerate(counts) if c]
-        on_gpu = [e for e in used if self.gpu is not None and counts[e] * self.cpu_s > self.copy_s]
+        on_gpu = [e for e in used if self.gpu is not None and self.cpu_o + counts[e] * self.cpu_s > self.copy_s]
         on_cpu = [e for e in used if e not in on_gpu]
         out = torch.zeros_like(x)
         if self._decoded and on_gpu:  # decode's copies and kernels ran on the compute stream: the ring's
