@@ -130,7 +130,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
     if n_cpu == 1:  # the measured Mixtral costs: one expert split between the CPU and the GPU at a slice
-        cl.copy_s, cl.cpu_s, cl.cpu_o, cl._adapt = 1.8, 1.1, 0.0, False
+        cl.copy_s, cl.cpu_s, cl.cpu_o, cl.alone, cl._adapt = 1.8, 1.1, 0.0, None, False
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None
@@ -291,6 +291,13 @@ def test_plan_balances_pcie_and_cpu():
     assert cl.plan(8, 2) == 8
     cl.gpu = None
     assert cl.plan(8) == 8 and cl.plan(2, 8) == 16
+    # the CPU alone priced apart ([fixed, per expert, host]): beside the copy one expert took 1.1 ms
+    # (contention), alone two take 0.6 + 2 x 0.5 + 0.05: faster than the split's 1.8 ms copy
+    cl.gpu, cl.copy_s, cl.cpu_s, cl.cpu_o = object(), 1.8, 1.1, 0.0
+    cl.alone = [0.6, 0.5, 0.05]
+    assert cl.plan(2) == 2
+    cl.alone = [0.6, 0.7, 0.05]  # 2.05 ms alone: the split's 1.8 wins
+    assert cl.plan(2) == 1
 
 
 def test_pool_spin_is_settable():

@@ -145,6 +145,9 @@ class CpuLayers:
 
     cpu_o = 0.0  # the CPU side's fixed time per decode call: the C call's (cpu_o + n x cpu_s) and the host's
     _call_o = _host_o = 0.0  # its two parts (beside a GPU, measured)
+    # [fixed, per expert, host] of a call with every expert on the CPU, kept apart (beside a GPU):
+    # beside the copies the CPU is slower (both read RAM), and that must not price the CPU alone
+    alone: list | None = None
     # beside a GPU the C pool's idle threads spin this long for the next call (microseconds): a decode
     # token's CPU layers come ~0.5 ms apart, and the VRAM layers and the head between two tokens
     # take a few ms; the default 50 us would put them to sleep between any two calls
@@ -239,6 +242,7 @@ class CpuLayers:
         self.cpu_s = min(max((tk - t1) / (self.k - 1), t1 / self.k), t1) if self.k > 1 else t1
         self._call_o = self.cpu_o = t1 - self.cpu_s
         self._host_o = 0.0
+        self.alone = [self.cpu_o, self.cpu_s, 0.0]
 
     def ring_size(self) -> int:
         """VRAM slots for records on their way up: a token's k twice over (a layer's copies land
@@ -256,7 +260,7 @@ class CpuLayers:
         self._busy: set = set()  # slots whose copy is queued and whose kernels are not yet
         self._ahead: dict = {}  # (layer, expert) -> (slot, copy event): copied before asked for
         if copy_s is not None:
-            self.copy_s, self.cpu_s, self.cpu_o = copy_s, cpu_s, cpu_o
+            self.copy_s, self.cpu_s, self.cpu_o, self.alone = copy_s, cpu_s, cpu_o, None
         t0 = time.perf_counter()
         for layer in self.layers:
             q, lay = self._q[layer], self.layouts[layer]
@@ -343,14 +347,21 @@ class CpuLayers:
         copied up. c makes the slower side shortest by the measured costs (copy_s per record, the
         CPU's cpu_o + n x cpu_s for n experts, a slice costing 1/q of an expert; beside a GPU they
         follow the decode's own calls, the CPU and the copies sharing RAM); ties go to the CPU (one
-        copy less). Without a GPU: all here.
+        copy less). The CPU alone (every expert here) is priced by its own costs (`alone`), measured
+        in calls without a copy beside them: a split's measured contention would make the CPU
+        alone look slower than it is, and a split chosen once would stay. Without a GPU: all here.
         On the H200 (Mixtral, k = 2, 16 cores) both experts stay on the CPU (~1.6 ms against a 1.8 ms
         copy; benchmarks/results/h200-h10c-hybrid-12l.json). Slices are opt-in: with q = 4 decode
         measured slower than whole experts split 1/1 (40.9 against 44.5 tok/s, h200-h10b-hybrid-12l.json),
         and with q = 8 no faster than the CPU alone (1.81 against 1.79 ms per CPU layer)."""
         if self.gpu is None:
             return k * q
-        return cpu_share(k * q, self.copy_s / q, self.cpu_s / q, self.cpu_o)
+        c = cpu_share(k * q, self.copy_s / q, self.cpu_s / q, self.cpu_o)
+        if self.alone is None or c == k * q:
+            return c
+        fixed, per, host = self.alone  # every expert here: the CPU's costs without a copy beside it
+        split = max((k * q - c) * self.copy_s / q, self.cpu_o + c * self.cpu_s / q if c else 0.0)
+        return k * q if fixed + host + k * per <= split else c
 
     def plan_of(self, k: int) -> dict:
         """The decode plan of the first CPU layer, for bench."""
@@ -406,11 +417,17 @@ class CpuLayers:
                 out.add_(gpu_out)
         if self._adapt:  # both terms of the C call's cost scaled by what it took, plus the host's own time
             kt = t1 - t0
-            f = 1.0 + 0.1 * (kt / max(1e-9, self._call_o + self.cpu_s * len(recs) / q) - 1.0)
-            self._call_o, self.cpu_s = self._call_o * f, self.cpu_s * f
-            host = time.perf_counter() - (self._issued if gpu_out is not None else t_in) - kt
-            self._host_o = 0.9 * self._host_o + 0.1 * max(0.0, host)
-            self.cpu_o = self._call_o + self._host_o
+            if gpu_out is None and self.alone is not None:  # every expert here: the costs alone
+                a = self.alone
+                f = 1.0 + 0.1 * (kt / max(1e-9, a[0] + a[1] * len(recs) / q) - 1.0)
+                a[0], a[1] = a[0] * f, a[1] * f
+                a[2] = 0.9 * a[2] + 0.1 * max(0.0, time.perf_counter() - t_in - kt)
+            else:  # beside the copies
+                f = 1.0 + 0.1 * (kt / max(1e-9, self._call_o + self.cpu_s * len(recs) / q) - 1.0)
+                self._call_o, self.cpu_s = self._call_o * f, self.cpu_s * f
+                host = time.perf_counter() - (self._issued if gpu_out is not None else t_in) - kt
+                self._host_o = 0.9 * self._host_o + 0.1 * max(0.0, host)
+                self.cpu_o = self._call_o + self._host_o
         return out
 
     def _view(self, kind: str, layer: int, key: int, lo: int, hi: int | None = None):
