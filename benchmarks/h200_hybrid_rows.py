@@ -1,17 +1,19 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
 bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
-",cpu" every CPU-layer expert of a decode token on the CPU, ",slice" experts cut into slices of their
+",cpu" every CPU-layer expert of a decode token on the CPU, ",split" one of them copied up (session 6's plan), ",slice" experts cut into slices of their
 intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
-that a token has at least N (slice_count's `want`, default 8), ",whole" sliced records but the
-share cut at whole experts only.
+that a token has at least N (slice_count's `want`, default 16), ",whole" sliced records but the
+share cut at whole experts only, ",spinN" the C pool's idle threads spinning N us (CpuLayers.spin_us)
+instead of its default, ",old" session 6's decode host path (OLD_DECODE below: copies on
+the copy stream through events, views and events made per call, the sum added in two kernels).
 
-    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,slice|,wantN|,whole] ...   e.g.  /tmp/m12 r.json 9 9,slice 12
+    python3 benchmarks/h200_hybrid_rows.py STORE OUT.json N[,cpu|,split|,slice|,wantN|,whole|,spinN|,old] ...   e.g.  /tmp/m12 r.json 9 9,old 9,slice
 
 Each row also carries "probe": host wall time per CPU layer of the decode steps, means in ms from
 perf_counter wrappers (about a microsecond each): HybridDecode._host_layer whole; inside it the wait
-for the packed row and CpuLayers.decode; inside that the C kernels' call, the copy's issue
-(CudaCopies.copy) and the GPU share's launch (CudaBackend.moe_decode), the rest of decode being
-the CPU sum's way to the device and Python; and per graph replay.
+for the packed row and CpuLayers.decode; inside that the C kernels' call, the GPU share's queueing
+(CpuLayers._gpu_share: its copies and its kernel's launch, CudaBackend.moe_decode, timed apart),
+the rest of decode being the CPU sum's way to the device and Python; and per graph replay.
 
 DEVICE=cpu tries it on the CPU twin. Prints one line per row; writes {row: run_bench's dict} to OUT.json after every row."""
 from __future__ import annotations
@@ -67,24 +69,79 @@ def probed():
     p.wrap(torch.cuda.Event, "synchronize", "wait_packed", only_in="host_layer")
     p.wrap(CpuLayers, "decode", "decode", only_in="host_layer")
     p.wrap(_cpu_kernels, "moe", "cpu_kernels", only_in="decode")
-    p.wrap(CudaCopies, "copy", "copy_issue", only_in="decode")
-    p.wrap(CudaBackend, "moe_decode", "gpu_launch", only_in="decode")
+    p.wrap(CpuLayers, "_gpu_share", "gpu_share", only_in="decode")
+    p.wrap(CudaCopies, "copy", "copy_issue", only_in="decode")  # OLD_DECODE's
+    p.wrap(CudaBackend, "moe_decode", "gpu_launch", only_in="gpu_share")
+    p.wrap(CudaBackend, "moe_decode", "gpu_launch_old", only_in="decode")  # OLD_DECODE's
     p.wrap(torch.cuda.CUDAGraph, "replay", "replay")
     return p
 
 
+def OLD_DECODE(self, layer, xh, chosen, weights, x, out=None):
+    """CpuLayers.decode as of session 6 (commit 14bf88c), for the A/B: the copies on the copy stream
+    (CudaCopies.copy, events per slot), views and events made per call, the sum added in two kernels."""
+    import torch
+    q, lay = self.cut[layer]
+    k = len(chosen)
+    n, m = divmod(self.plan(k, q), q)
+    up_ = [(chosen[i], m if i == n else 0, weights[i]) for i in range(n, k)]
+    if self._ahead:
+        self._keep_ahead(layer, [e for e, _, _ in up_])
+    gpu_out = None
+    if up_:
+        if self._decoded:  # this module's decode ran before in the process: fence its slots
+            fence = self.copies.fence()
+            self._fence = [fence] * len(self._fence)
+            self._decoded = False
+        ups = [self._up(layer, e, lo) for e, lo, _ in up_]
+        for _, ev in ups:
+            self.copies.use(ev)
+        recs, ws = [], []
+        for (s, _), (e, lo, w) in zip(ups, up_):
+            recs += self._pieces(self.slots[s], layer, lo, q)
+            ws += [w] * (q - lo)
+        gpu_out = self.gpu.moe_decode(x, recs, torch.tensor(ws), lay)
+        for s, _ in ups:
+            self._used(s)
+        self.split_up += len(ups)
+    if n == 0 and m == 0:
+        return gpu_out if out is None else out.copy_(gpu_out)
+    host = self._host_out
+    recs, ws = [], []
+    for i in range(n + bool(m)):
+        hi = q if i < n else m
+        recs += self._pieces(self.records[(layer, chosen[i])], layer, 0, hi)
+        ws += [float(weights[i])] * hi
+    t0 = time.perf_counter()
+    host.zero_()
+    self.backend.module.moe(xh, tuple(recs), ws, self.backend.spec(lay), host)
+    if self._adapt:
+        self.cpu_s = 0.9 * self.cpu_s + 0.1 * (time.perf_counter() - t0) * q / len(recs)
+    if out is None:
+        out = torch.empty_like(x)
+    out.copy_(self._dev_out.copy_(host, non_blocking=True))
+    return out if gpu_out is None else out.add_(gpu_out)
+
+
 def main(store: str, out: str, rows: list[str]):
     plan, count, env = CpuLayers.plan, host_compute.slice_count, os.environ.get("FLASHMOE_SLICE_EXPERTS")
+    decode, spin = CpuLayers.decode, CpuLayers.spin_us
     doc = {}
     for row in rows:
         n, _, mode = row.partition(",")
         if mode == "cpu":
             CpuLayers.plan = lambda self, k, q=1: k * q
+        if mode == "split":  # one expert up, the others here
+            CpuLayers.plan = lambda self, k, q=1: (k - 1) * q
         if mode == "whole":
             CpuLayers.plan = lambda self, k, q=1: q * plan(self, k, 1)
+        if mode == "old":  # session 6's host path and the pool's default spin
+            CpuLayers.decode, CpuLayers.spin_us = OLD_DECODE, 50
+        if mode.startswith("spin"):
+            CpuLayers.spin_us = int(mode[4:])
         os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("slice", "whole") or mode.startswith("want") else "0"
         if mode.startswith("want"):
-            host_compute.slice_count = lambda layout, k, want=int(mode[4:]): count(layout, k, want)
+            host_compute.slice_count = lambda layout, k, want=None, n=int(mode[4:]): count(layout, k, n)
         t0 = time.time()
         probe = probed()
         try:
@@ -95,9 +152,9 @@ def main(store: str, out: str, rows: list[str]):
             doc[row] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            CpuLayers.plan, host_compute.slice_count = plan, count
+            r_probe = probe.result()  # first: it restores what it wrapped (a variant's decode among them)
+            CpuLayers.plan, CpuLayers.decode, host_compute.slice_count, CpuLayers.spin_us = plan, decode, count, spin
             os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
-            r_probe = probe.result()
         r["probe"] = r_probe
         doc[row] = r
         print(f"n_cpu_moe {row}: decode {r['decode_tok_s']:.2f} tok/s, prefill cold {r['prefill_tok_s']:.0f} warm "

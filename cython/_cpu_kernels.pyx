@@ -20,6 +20,7 @@ kernels run with the GIL released on the module's own thread pool.
     dequantize(part, fmt, shape, offset=0, dtype=torch.float32, out=None) -> [rows, cols]
                                          the float matrix (as quant.dequantize), multi-threaded
     get_num_threads() / set_num_threads(n)   the pool size (n <= 0: all usable CPUs)
+    get_spin_us() / set_spin_us(us)          how long idle workers spin before they sleep
     isa() / max_isa() / set_isa(name) / isa_levels()   "portable" | "avx2" | "avx512"
                                          (env FLASHMOE_CPU_ISA picks the level at import)
     int_act() / set_int_act(on)          decode (one token) of q4 / q8 with 21-bit integer
@@ -61,6 +62,8 @@ cdef extern from "fm_kernels.h" nogil:
     const char *fm_isa_name(int isa)
     int fm_get_num_threads()
     void fm_set_num_threads(int n)
+    long fm_get_spin_us()
+    void fm_set_spin_us(long us)
     int fm_linear(const fm_mat *w, const float *x, int64_t T, int64_t ldx, float *y, int64_t ldy,
                   float alpha, int accumulate)
     int fm_moe(const fm_expert *experts, const float *weights, int k, const float *x, int64_t T, float *y)
@@ -369,6 +372,16 @@ def get_num_threads():
 def set_num_threads(int n):
     """Set the pool size; n <= 0 picks all CPUs this process may use."""
     fm_set_num_threads(n)
+
+
+def get_spin_us():
+    """How long idle pool workers spin for the next job before they sleep (microseconds)."""
+    return fm_get_spin_us()
+
+
+def set_spin_us(long us):
+    """Set it (default 50, or FLASHMOE_CPU_SPIN_US): jobs further apart than that wake sleeping workers."""
+    fm_set_spin_us(us)
 
 
 def isa():

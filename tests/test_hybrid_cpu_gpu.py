@@ -103,6 +103,9 @@ def test_share_balances_copy_and_compute():
     assert hc.share(3) == 2 and hc.pays()
     hc.mode = "off"
     assert hc.share(5) == 0
+    from flashmoe_plugin.runtime.host_compute import cpu_share
+    # a fixed CPU-side overhead (its host time beyond the kernels) moves a piece to the copy
+    assert cpu_share(16, 0.225, 0.184) == 9 and cpu_share(16, 0.225, 0.184, 0.3) == 8
     assert physical_cores() >= 1
 
 
@@ -127,7 +130,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
     cl = eng.cpu_layers
     if n_cpu == 1:  # the measured Mixtral costs: one expert split between the CPU and the GPU at a slice
-        cl.copy_s, cl.cpu_s, cl._adapt = 1.8, 1.1, False
+        cl.copy_s, cl.cpu_s, cl.cpu_o, cl.alone, cl._adapt = 1.8, 1.1, 0.0, None, False
     out = run_sequence(eng, ids, steps)
     fast = eng.fast
     segments = len(fast.graphs) if fast is not None else None
@@ -170,6 +173,32 @@ def test_n_cpu_moe_prefill_copied_up_twin(oracles, family, copy_s, cpu_s, monkey
     assert cl.split_up > 0 or k == 1 or not sliced
 
 
+def test_costs_follow_the_decode_twin(oracles):
+    """The split's costs as a GPU run keeps them, on the CPU twin: CpuLayers.measure_cpu (the CPU's
+    cost affine in a call's experts, from one- and k-expert calls), then decode scaling both terms by
+    its own C calls and adding its host time; the costs stay positive and finite, the decode still
+    splits, and the logits are the all-resident run's."""
+    import math
+
+    from flashmoe_plugin.io import aligned_empty
+    store = oracles("mixtral").store("q4")
+    g = torch.Generator().manual_seed(6)
+    ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    eng = Engine(store, n_cpu_moe=2, ram_budget=k * size, prefetch="off")
+    cl = eng.cpu_layers
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=1.0, cpu_s=1.0)
+    cl.measure_cpu()
+    assert cl.cpu_s > 0 and cl.cpu_o >= 0 and cl.cpu_s + cl.cpu_o > 0, (cl.cpu_s, cl.cpu_o)
+    # one expert's copy dearer than the CPU's call for one, cheaper than for two: the first tokens split
+    cl.copy_s, cl._adapt = cl.cpu_o + 1.5 * cl.cpu_s, True
+    out = run_sequence(eng, ids, steps)
+    eng.close()
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
+    assert all(math.isfinite(v) and v >= 0 for v in (cl.cpu_s, cl.cpu_o, cl._host_o)) and cl.cpu_s > 0
+    assert cl.cpu_o >= cl._host_o > 0 and cl.split_up > 0  # the host's own time is counted
+
+
 def test_slices_sum_to_the_expert(oracles, family):
     """store/slices.py: an expert's q slices (each a record of intermediate I/q) sum to the
     expert, through the C kernels and the torch reference alike."""
@@ -199,6 +228,36 @@ def test_slices_sum_to_the_expert(oracles, family):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (family, name, q, (got - want).abs().max())
     with pytest.raises(ValueError, match="slices need"):
         cut(rec, lay, q, dst[:-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+def test_sliced_expert_on_the_gpu(oracles):
+    """CudaBackend.moe (a sliced expert's prefill in CpuLayers): an expert's slices summed on the
+    GPU, for few tokens (one fused call) and many (one dequantized stack, two GEMMs), equal the
+    whole expert through the torch reference (fp32; the GPU's activations pass through 16 bits)."""
+    from flashmoe_plugin import kernels
+    from flashmoe_plugin.kernels.cuda_backend import CudaBackend
+    from flashmoe_plugin.store.format import Store
+    from flashmoe_plugin.store.slices import cut, slice_layout
+    st = Store.open(oracles("mixtral").store("q4"))
+    layer = sorted(st.layers)[0]
+    lay = st.layout_of(layer)
+    rec = torch.zeros(lay.size, dtype=torch.uint8)
+    for f, off, nbytes, into, _ in st.record_reads(layer, 1):
+        with open(f, "rb") as fh:
+            fh.seek(off)
+            rec[into:into + nbytes] = torch.frombuffer(bytearray(fh.read(nbytes)), dtype=torch.uint8)
+    q = 2
+    sub = slice_layout(lay, q)
+    dst = torch.zeros(q * sub.size, dtype=torch.uint8)
+    cut(rec, lay, q, dst)
+    pieces = [dst[j * sub.size:(j + 1) * sub.size].cuda() for j in range(q)]
+    gpu = CudaBackend()
+    for T in (3, 40):
+        x = torch.randn(T, lay.hidden, generator=torch.Generator().manual_seed(T))
+        want = kernels.select("cpu", "torch").expert_ffn(x, rec, lay) * 0.75
+        got = gpu.moe(x.cuda(), pieces, [0.75] * q, sub).cpu()
+        assert (got - want).abs().max() < 2e-2 * want.abs().max(), (T, (got - want).abs().max(), want.abs().max())
 
 
 def test_slices_are_opt_in(oracles, monkeypatch):
@@ -232,3 +291,38 @@ def test_plan_balances_pcie_and_cpu():
     assert cl.plan(8, 2) == 8
     cl.gpu = None
     assert cl.plan(8) == 8 and cl.plan(2, 8) == 16
+    # the CPU alone priced apart ([fixed, per expert, host]): beside the copy one expert took 1.1 ms
+    # (contention), alone two take 0.6 + 2 x 0.5 + 0.05: faster than the split's 1.8 ms copy
+    cl.gpu, cl.copy_s, cl.cpu_s, cl.cpu_o = object(), 1.8, 1.1, 0.0
+    cl.alone = [0.6, 0.5, 0.05]
+    assert cl.plan(2) == 2
+    cl.alone = [0.6, 0.7, 0.05]  # 2.05 ms alone: the split's 1.8 wins
+    assert cl.plan(2) == 1
+
+
+def test_pool_spin_is_settable():
+    """CpuBackend.set_spin_us (CpuLayers sets it beside a GPU) round-trips, and the kernels compute
+    the same with the pool's idle workers spinning long or not at all."""
+    from flashmoe_plugin import kernels, quant
+    from flashmoe_plugin.store.layout import RecordLayout
+    be = kernels.select("cpu")
+    if not hasattr(be, "set_spin_us"):
+        pytest.skip("the C kernels are not built")
+    lay = RecordLayout.build("q4", 128, 256)
+    rec = torch.randint(0, 256, (lay.size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for sec in ("w13", "w2"):  # finite scales
+        p = lay.part(sec)
+        for t in quant.views(lay.part_bytes(rec, sec), p.format, p.shape).values():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.full_like(t, 0.01))
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(3))
+    before = be.module.get_spin_us()
+    try:
+        outs = []
+        for us in (0, 5000):
+            be.set_spin_us(us)
+            assert be.module.get_spin_us() == us
+            outs.append(be.moe(x, [rec, rec], [0.5, 0.25], lay))
+        assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+    finally:
+        be.set_spin_us(before)

@@ -117,8 +117,12 @@ const char *fm_isa_name(int isa)
 
 static void pool_atfork_child(void);
 
+static _Atomic long g_spin_ns = 50000; /* how long idle workers spin before they sleep */
+
 static void global_init(void)
 {
+    const char *spin = getenv("FLASHMOE_CPU_SPIN_US");
+    if (spin && *spin) atomic_store(&g_spin_ns, atol(spin) * 1000L);
 #ifdef FM_HAVE_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -208,7 +212,6 @@ typedef struct {
     fm_task_fn fn;
     void *ctx;
     int stop;
-    long spin_ns;
 } fm_pool;
 
 static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* serialises kernel calls */
@@ -255,7 +258,7 @@ static void *worker_main(void *argp)
                     FM_PAUSE();
                     continue;
                 }
-                if ((spins & 15) == 0 && now_ns() - t0 > p->spin_ns) break;
+                if ((spins & 15) == 0 && now_ns() - t0 > atomic_load_explicit(&g_spin_ns, memory_order_relaxed)) break;
                 sched_yield();
             }
             if (g == seen) {
@@ -314,8 +317,6 @@ static fm_pool *pool_create(int n)
     }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    const char *spin = getenv("FLASHMOE_CPU_SPIN_US");
-    p->spin_ns = (spin && *spin ? atol(spin) : 50) * 1000L;
     for (int i = 0; i < n - 1; i++) {
         worker_arg *a = malloc(sizeof(*a));
         if (a) {
@@ -338,6 +339,18 @@ static void pool_atfork_child(void)
     g_pool = NULL;
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     memcpy(&g_call_mu, &fresh, sizeof(fresh));
+}
+
+long fm_get_spin_us(void)
+{
+    pthread_once(&g_once, global_init);
+    return atomic_load(&g_spin_ns) / 1000L;
+}
+
+void fm_set_spin_us(long us)
+{
+    pthread_once(&g_once, global_init);
+    atomic_store(&g_spin_ns, (us < 0 ? 0 : us) * 1000L);
 }
 
 int fm_get_num_threads(void)

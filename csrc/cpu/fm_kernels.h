@@ -67,6 +67,9 @@ int fm_set_isa(int isa);         /* FMK_EISA if above fm_max_isa(); env FLASHMOE
 const char *fm_isa_name(int isa);
 int fm_get_num_threads(void);
 void fm_set_num_threads(int n);  /* n <= 0: number of CPUs usable by this process */
+long fm_get_spin_us(void);       /* how long idle pool workers spin for the next job before they sleep */
+void fm_set_spin_us(long us);    /* (default 50, or FLASHMOE_CPU_SPIN_US): a caller whose jobs come
+                                    further apart than that pays the workers' wake-up in each job */
 
 /* Decode (one token) of q4 / q8 weights with the activations as 21-bit integers per group of 64
  * and integer dot products (fm_kernels_xi.c; error ~ fp32 rounding), on by default; off: fp32

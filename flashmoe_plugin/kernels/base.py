@@ -32,7 +32,7 @@ class Backend:
         """One token through k experts: sum_i weights[i] * expert_i(x). x [1, H] -> [1, H].
         Native backends override this with a single fused call."""
         out = torch.zeros_like(x)
-        for rec, w in zip(records, weights.tolist()):
+        for rec, w in zip(records, weights.tolist() if isinstance(weights, torch.Tensor) else weights):
             out.add_(self.expert_ffn(x, rec, layout), alpha=w)
         return out
 

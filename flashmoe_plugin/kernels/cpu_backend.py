@@ -87,6 +87,11 @@ class CpuBackend(Backend):
     def num_threads(self) -> int:
         return self.module.get_num_threads()
 
+    def set_spin_us(self, us: int) -> None:
+        """How long the pool's idle threads spin for the next call before they sleep (default 50 us):
+        a caller whose calls come further apart pays their wake-up in every call."""
+        self.module.set_spin_us(int(us))
+
     @property
     def isa(self) -> str:
         """The instruction-set level in use: portable, avx2 or avx512."""

@@ -166,6 +166,38 @@ class CudaBackend(Backend):
         km.dequant(layout.part_bytes(record, "w2"), p2.format, H, I, w2, stream)
         return F.linear(h, w2)
 
+    def moe(self, x: torch.Tensor, records: list[torch.Tensor], weights, layout) -> torch.Tensor:
+        """sum_e weights[e] * expert_e(x) for x [T, H], the records of one layout (an expert's slices,
+        store/slices.py): for few tokens one fused call, for many each record dequantized into one
+        stack and two GEMMs for all of them (as dequant_ffn for one record)."""
+        km = self._require() if self._native(layout) else None
+        weights = [float(w) for w in weights]
+        if km is None or len(records) > km.MAX_K:
+            out = torch.zeros_like(x)
+            for rec, w in zip(records, weights):
+                out.add_(self.expert_ffn(x, rec, layout), alpha=w)
+            return out
+        x = x.contiguous()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        T, H, I, q = x.shape[0], layout.hidden, layout.intermediate, len(records)
+        if T <= self.fused_max_tokens:
+            out = torch.empty_like(x)
+            km.moe(list(records), self.layout_tuple(layout), weights, x, out,
+                   self.workspace(x.device, q, I), stream)
+            return out
+        p13, p2 = layout.part("w13"), layout.part("w2")
+        w13 = torch.empty(q, 2 * I, H, dtype=x.dtype, device=x.device)
+        w2 = torch.empty(q, H, I, dtype=x.dtype, device=x.device)
+        for j, rec in enumerate(records):
+            km.dequant(layout.part_bytes(rec, "w13"), p13.format, 2 * I, H, w13[j], stream)
+            km.dequant(layout.part_bytes(rec, "w2"), p2.format, H, I, w2[j], stream)
+        g = F.linear(x, w13.view(q * 2 * I, H)).view(T, q, 2, I)
+        del w13
+        h = F.silu(g[:, :, 0]) * g[:, :, 1]  # [T, q, I]
+        if any(w != 1.0 for w in weights):
+            h = h * torch.tensor(weights, dtype=h.dtype, device=h.device)[None, :, None]
+        return F.linear(h.reshape(T, q * I), w2.permute(1, 0, 2).reshape(H, q * I))
+
     def grouped_ffn(self, x: torch.Tensor, records: list[torch.Tensor], counts, layout,
                     most: int | None = None) -> torch.Tensor:
         """Prefill through a layer's experts in two launches of the grouped tensor-core GEMM

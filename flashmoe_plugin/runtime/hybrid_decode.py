@@ -55,6 +55,7 @@ class HybridDecode(DeviceDecode):
         if dev.type == "cuda":
             self.pack_host = self.pack_host.pin_memory()
             self.packed = torch.cuda.Event()
+        self.x_host, self.route_host = self.pack_host[:H].view(1, H), self.pack_host[H:]  # views made once
         super().__init__(engine, mode)
 
     # ------------------------------------------------------------------ a segment
@@ -104,14 +105,14 @@ class HybridDecode(DeviceDecode):
         if self.cuda:
             self.packed.record(self.stream)
             self.packed.synchronize()
-        vals = self.pack_host[H:].tolist()
+        vals = self.route_host.tolist()
         chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
         if e.cpu_layers is None or layer not in e.cpu_layers:
             self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf))
             return
         if e.trace is not None:
             e.trace.route(layer, [chosen])
-        e.cpu_layers.decode(layer, self.pack_host[:H].view(1, H), chosen, vals[:k], self.x_buf, out=self.delta_buf)
+        e.cpu_layers.decode(layer, self.x_host, chosen, vals[:k], self.x_buf, out=self.delta_buf)
 
     # ------------------------------------------------------------------ a decode step
     def _run(self):
