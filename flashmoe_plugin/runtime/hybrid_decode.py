@@ -55,7 +55,8 @@ class HybridDecode(DeviceDecode):
         if dev.type == "cuda":
             self.pack_host = self.pack_host.pin_memory()
             self.packed = torch.cuda.Event()
-        self.x_host, self.route_host = self.pack_host[:H].view(1, H), self.pack_host[H:]  # views made once
+        # views made once (DeviceDecode's own route_host is the whole step's routing read-back)
+        self.x_host, self.pick_host = self.pack_host[:H].view(1, H), self.pack_host[H:]
         super().__init__(engine, mode)
 
     # ------------------------------------------------------------------ a segment
@@ -105,7 +106,7 @@ class HybridDecode(DeviceDecode):
         if self.cuda:
             self.packed.record(self.stream)
             self.packed.synchronize()
-        vals = self.route_host.tolist()
+        vals = self.pick_host.tolist()  # the weights, then the ids
         chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
         if e.cpu_layers is None or layer not in e.cpu_layers:
             self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf))
