@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from flashmoe_plugin.bench.store import run_bench
 from flashmoe_plugin.runtime import host_compute
-from flashmoe_plugin.runtime.host_compute import CpuLayers
+from flashmoe_plugin.runtime.cpu_layers import CpuLayers
 
 
 class Probe:

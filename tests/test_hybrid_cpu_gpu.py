@@ -278,7 +278,7 @@ def test_plan_balances_pcie_and_cpu():
     """CpuLayers.plan on the H200's measured Mixtral costs (copy 1.8 ms, CPU 1.1 ms per expert):
     whole experts give max(1.8, 1.1); 8 slices per expert give the CPU one expert and a quarter
     of the other (1.375 ms) and the copy the rest (1.35 ms)."""
-    from flashmoe_plugin.runtime.host_compute import CpuLayers
+    from flashmoe_plugin.runtime.cpu_layers import CpuLayers
     cl = CpuLayers.__new__(CpuLayers)
     cl.gpu, cl.copy_s, cl.cpu_s = object(), 1.8, 1.1
     assert cl.plan(2) == 1  # whole experts: one each side

@@ -294,7 +294,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  # MoE layers whose experts the host handles between replays (runtime/hybrid_decode.py)
                  "decode_graph_cut_layers": None if eng.fast is None else len(getattr(eng.fast, "cpu", ()))}
         cl = eng.cpu_layers
-        if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/host_compute.py)
+        if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/cpu_layers.py)
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "cpu_o": cl.cpu_o, "cpu_alone": cl.alone, "decode_plan": cl.plan_of(k), "slice_s": cl.cut_s,
                                         "decode_experts_on_gpu": cl.split_up, "prefill_experts_on_gpu": cl.copied_up}
         eng.record(None)

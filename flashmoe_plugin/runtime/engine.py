@@ -21,7 +21,8 @@ from ..sizes import available_ram, format_size, parse_size, ram_reserve
 from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
-from .host_compute import CpuLayers, HostCompute
+from .cpu_layers import CpuLayers
+from .host_compute import HostCompute
 from .hybrid_decode import HybridDecode, cut_layers
 from . import landed as landed_mod
 

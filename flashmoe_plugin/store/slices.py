@@ -3,7 +3,7 @@
 An FFN expert is a sum over its intermediate rows, out = sum_i w2[:, i] * act(gate_i . x, up_i . x),
 so it equals the sum of q experts, slice j holding the rows [j I/q, (j+1) I/q): their gate and up
 rows (w13) and their columns of w2. Every slice has the same layout (intermediate I/q), so every
-kernel computes a slice as it computes a record; the hybrid decode (runtime/host_compute.py)
+kernel computes a slice as it computes a record; the hybrid decode (runtime/cpu_layers.py)
 gives the CPU and the GPU shares of one expert in proportion to their speeds this way.
 
 Our own formats (quant.py: q8/q4/q2 in groups of 64 columns, raw f32/f16/bf16) slice at group
