@@ -105,12 +105,7 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
             load(cb);
         }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+    warp_sum<NT>(acc);
 
     if (S > 1) {  // the slices' partial sums, added in slice order by the pair's first warp
         if (lane == 0)
@@ -241,12 +236,7 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
                 }
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+        warp_sum<NT>(acc);
         if (S > 1) {  // the slices' partial sums, added in slice order (gemv_kernel's) by slice 0
             float *rd = red + (size_t)parity * nw * 2 * NT;
             if (lane == 0)

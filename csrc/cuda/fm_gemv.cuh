@@ -15,7 +15,6 @@
 
 namespace {
 
-constexpr unsigned FULL = 0xffffffffu;
 constexpr int NP = FMC_GEMV_MAX_PARTS;
 
 struct GemvParams {
@@ -120,18 +119,7 @@ __device__ __forceinline__ void chunk_dot(const uint4 &w0, const uint4 &w1, floa
     for (int t = 0; t < NT; ++t) {
         const int4 *xp = img + (size_t)t * P * nch + c;
         int d0 = 0, d1 = 0;
-#pragma unroll
-        for (int m = 0; m < P; ++m) {
-            const int4 a = xp[m * nch];
-            d0 = __dp2a_lo(a.x, V0[2 * m], d0);
-            d0 = __dp2a_hi(a.y, V0[2 * m], d0);
-            d0 = __dp2a_lo(a.z, V0[2 * m + 1], d0);
-            d0 = __dp2a_hi(a.w, V0[2 * m + 1], d0);
-            d1 = __dp2a_lo(a.x, V1[2 * m], d1);
-            d1 = __dp2a_hi(a.y, V1[2 * m], d1);
-            d1 = __dp2a_lo(a.z, V1[2 * m + 1], d1);
-            d1 = __dp2a_hi(a.w, V1[2 * m + 1], d1);
-        }
+        dot2<F>(V0, V1, xp, nch, d0, d1);
         const float2 mt = meta[(size_t)t * nch + c];
         acc[0][t] = fmaf(sc0, mt.x * (float)d0, acc[0][t]);
         acc[1][t] = fmaf(sc1, mt.x * (float)d1, acc[1][t]);

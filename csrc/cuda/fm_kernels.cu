@@ -38,7 +38,6 @@ namespace {
 constexpr int WARPS = 16;
 constexpr int THREADS = WARPS * 32;
 constexpr int HDR_BYTES = 512;            // record pointers (32 x 8) + expert weights (32 x 4)
-constexpr unsigned FULL = 0xffffffffu;
 // Default phase-B L2 prefetch window per block (bytes; fmc_tune(FMC_TUNE_PREFETCH) changes it).
 // Off: on the H200 it cost 1-2 us per call (q4 14336x4096 GEMV 13.0 us without, 14.6 with
 // 64 KiB; the Qwen3.5 layer 16.1 against 16.7 us), the cp.async rings already keep HBM busy.
@@ -153,24 +152,7 @@ __device__ void grid_barrier(unsigned *bar) {
     __syncthreads();
 }
 
-// ---------------------------------------------------------------- dot products (unpack: fm_quant.cuh)
-// d0 += row-0 chunk · x chunk, d1 += row-1 chunk · x chunk (one limb); xp -> piece 0, pieces nch apart.
-template <int F>
-__device__ __forceinline__ void dot2(const int (&V0)[2 * Fmt<F>::P], const int (&V1)[2 * Fmt<F>::P],
-                                     const int4 *xp, int nch, int &d0, int &d1) {
-#pragma unroll
-    for (int m = 0; m < Fmt<F>::P; ++m) {
-        const int4 a = xp[m * nch];
-        d0 = __dp2a_lo(a.x, V0[2 * m], d0);
-        d0 = __dp2a_hi(a.y, V0[2 * m], d0);
-        d0 = __dp2a_lo(a.z, V0[2 * m + 1], d0);
-        d0 = __dp2a_hi(a.w, V0[2 * m + 1], d0);
-        d1 = __dp2a_lo(a.x, V1[2 * m], d1);
-        d1 = __dp2a_hi(a.y, V1[2 * m], d1);
-        d1 = __dp2a_lo(a.z, V1[2 * m + 1], d1);
-        d1 = __dp2a_hi(a.w, V1[2 * m + 1], d1);
-    }
-}
+// ---------------------------------------------------------------- dot products: dot2 (fm_quant.cuh)
 
 // Position (piece, slot) of element i (0 <= i < EPC) of a chunk in its x image.
 template <int F> __device__ __forceinline__ void slot_of(int i, int &m, int &s);
@@ -298,16 +280,6 @@ __device__ void prep_images(int nimg, int NT, int nt, int K, const void *src, in
             }
         }
     }
-}
-
-template <int NT>
-__device__ __forceinline__ void warp_sum(float (&acc)[2][NT]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
 }
 
 __device__ __forceinline__ size_t image_int4(int F, int LIMBS, int K) {

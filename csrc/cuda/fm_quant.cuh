@@ -8,6 +8,8 @@
 
 namespace {
 
+constexpr unsigned FULL = 0xffffffffu;  // every lane of a warp
+
 // F 0: q8, 1: q4, 2: q2: elements per 16-byte chunk, chunks per group of 64, x pieces per chunk,
 // whether groups have a bias.
 template <int F> struct Fmt;
@@ -56,6 +58,36 @@ template <> __device__ __forceinline__ void unpack<2>(const uint4 &w, int (&V)[1
 // x image values: 16-bit fixed point, two to a word.
 __device__ __forceinline__ int clamp16(int v) { return v > 32767 ? 32767 : (v < -32767 ? -32767 : v); }
 __device__ __forceinline__ unsigned pack16(int a, int b) { return (unsigned)(a & 0xFFFF) | ((unsigned)b << 16); }
+
+// ---------------------------------------------------------------- dot products
+// d0 += row-0 chunk · x chunk, d1 += row-1 chunk · x chunk (one limb); xp -> piece 0, pieces nch apart.
+template <int F>
+__device__ __forceinline__ void dot2(const int (&V0)[2 * Fmt<F>::P], const int (&V1)[2 * Fmt<F>::P],
+                                     const int4 *xp, int nch, int &d0, int &d1) {
+#pragma unroll
+    for (int m = 0; m < Fmt<F>::P; ++m) {
+        const int4 a = xp[m * nch];
+        d0 = __dp2a_lo(a.x, V0[2 * m], d0);
+        d0 = __dp2a_hi(a.y, V0[2 * m], d0);
+        d0 = __dp2a_lo(a.z, V0[2 * m + 1], d0);
+        d0 = __dp2a_hi(a.w, V0[2 * m + 1], d0);
+        d1 = __dp2a_lo(a.x, V1[2 * m], d1);
+        d1 = __dp2a_hi(a.y, V1[2 * m], d1);
+        d1 = __dp2a_lo(a.z, V1[2 * m + 1], d1);
+        d1 = __dp2a_hi(a.w, V1[2 * m + 1], d1);
+    }
+}
+
+// A warp's partial sums of both rows and every token, summed over its lanes (butterfly).
+template <int NT>
+__device__ __forceinline__ void warp_sum(float (&acc)[2][NT]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+}
 
 }  // namespace
 
