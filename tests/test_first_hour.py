@@ -179,8 +179,8 @@ def test_readme_python_example_runs_as_printed(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr == ""  # verbose=False: nothing runs into the streamed text
-    lines = r.stdout.split("\n")
-    assert len(lines) >= 3 and all(line.strip() for line in lines[:2]), r.stdout
+    # three prints of sampled text (which may hold blank lines of its own): three lines at least
+    assert sum(1 for line in r.stdout.split("\n") if line.strip()) >= 3, r.stdout
 
 
 def test_readme_demo_commands_run_as_printed(tmp_path):
