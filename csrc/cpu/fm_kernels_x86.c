@@ -16,6 +16,8 @@
 #ifdef FM_HAVE_X86
 #include <immintrin.h>
 
+#include "fm_x86.h"
+
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define T_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define INL_AVX2 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
@@ -102,15 +104,6 @@ static inline int64_t decode_colblock_groups(int64_t G)
         }                                                                                        \
     } while (0)
 
-INL_AVX2 float hsum256(__m256 v)
-{
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sh = _mm_movehdup_ps(lo);
-    lo = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, lo);
-    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
-
 /* Groups [g0, g0+n) of one row: scales f16 -> float into sc[0..n) (sc holds n+16, the rest
  * zeroed), and for every token the bias term sum_g b_g * xs_t[g] into bs[t]. */
 INL_AVX2 void row_prologue_avx2(const uint16_t *sr, const uint16_t *br, int64_t n, const fm_act *a, int64_t g0,
@@ -139,7 +132,7 @@ INL_AVX2 void row_prologue_avx2(const uint16_t *sr, const uint16_t *br, int64_t 
         }
     }
     for (int i = 0; i < 16; i++) sc[n + i] = 0.0f;
-    for (int t = 0; t < NT; t++) bs[t] = br ? hsum256(bacc[t]) + btail[t] : 0.0f;
+    for (int t = 0; t < NT; t++) bs[t] = br ? fm_hsum256(bacc[t]) + btail[t] : 0.0f;
 }
 
 /* ================================================================== AVX2 */
@@ -217,7 +210,7 @@ INL_AVX2 void q4_range_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, 
         if (pf && !(g & 1)) _mm_prefetch((const char *)(qr + g * 32 + pf), _MM_HINT_T0);
         Q4_GROUP_AVX2(qr + g * 32);
     }
-    for (int t = 0; t < NT; t++) res[t] = hsum256(acc_sum_avx2(acc[t], C)) + bs[t];
+    for (int t = 0; t < NT; t++) res[t] = fm_hsum256(acc_sum_avx2(acc[t], C)) + bs[t];
 }
 
 INL_AVX2 void q2_range_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, const fm_act *a, const int NT,
@@ -242,7 +235,7 @@ INL_AVX2 void q2_range_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, 
     for (int t = 0; t < NT; t++) {
         float tail = 0.0f; /* a lone last group: natural order */
         if (g < g1) tail = sc[g - g0] * fm_q2_group_nat(qr + g * 16, a->xp + t * ldx + g * 64);
-        res[t] = hsum256(acc_sum_avx2(acc[t], C)) + tail + bs[t];
+        res[t] = fm_hsum256(acc_sum_avx2(acc[t], C)) + tail + bs[t];
     }
 }
 
@@ -265,7 +258,7 @@ INL_AVX2 void q8_range_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, 
         if (pf) _mm_prefetch((const char *)(qg + pf), _MM_HINT_T0);
         for (int i = 0; i < 8; i++) FOLD(Q8_CVT8(qg + i * 8), i * 8, i);
     }
-    for (int t = 0; t < NT; t++) res[t] = hsum256(acc_sum_avx2(acc[t], C));
+    for (int t = 0; t < NT; t++) res[t] = fm_hsum256(acc_sum_avx2(acc[t], C));
 }
 
 /* ---- decode, two rows at a time (see DECODE_DRIVER); one chain per field pair and row */
@@ -309,7 +302,7 @@ INL_AVX2 void q4_range2_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1,
         F2(v, m3, 7);
 #undef F2
     }
-    for (int i = 0; i < NR_AVX2; i++) res[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1])) + bs[i][0];
+    for (int i = 0; i < NR_AVX2; i++) res[i] = fm_hsum256(_mm256_add_ps(acc[i][0], acc[i][1])) + bs[i][0];
 }
 
 INL_AVX2 void q8_range2_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, const fm_act *a, float *res)
@@ -334,7 +327,7 @@ INL_AVX2 void q8_range2_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1,
                 acc[i][f & 1] = _mm256_fmadd_ps(_mm256_mul_ps(Q8_CVT8(qr + i * rb + g * 64 + 8 * f), S[i]), x_, acc[i][f & 1]);
         }
     }
-    for (int i = 0; i < NR_AVX2; i++) res[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+    for (int i = 0; i < NR_AVX2; i++) res[i] = fm_hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
 INL_AVX2 void q4_rows_avx2_t(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo,
@@ -400,7 +393,7 @@ INL_AVX2 void raw_rows_avx2_t(const fm_mat *w, int64_t r0, int64_t r1, const fm_
         for (int t = 0; t < NT; t++) {
             float tail = 0.0f;
             for (int64_t j = k; j < K; j++) tail += load1(wr + j * es, fmt) * a->xp[t * ldx + j];
-            out[t * ldo + (r - r0)] = hsum256(_mm256_add_ps(d[t], e[t])) + tail;
+            out[t * ldo + (r - r0)] = fm_hsum256(_mm256_add_ps(d[t], e[t])) + tail;
         }
     }
 }
@@ -537,7 +530,7 @@ INL_AVX512 void q4_range_avx512(const fm_mat *w, int64_t r, int64_t g0, int64_t 
         const float *xg = a->xp + g * 64;
         TAIL_AVX2_DECL;
         Q4_GROUP_AVX2(qr + g * 32);
-        for (int t = 0; t < NT; t++) tail[t] = hsum256(acc_sum_avx2(acc[t], C));
+        for (int t = 0; t < NT; t++) tail[t] = fm_hsum256(acc_sum_avx2(acc[t], C));
     }
     for (int t = 0; t < NT; t++) res[t] = _mm512_reduce_add_ps(acc_sum_avx512(acc[t], C)) + tail[t] + bs[t];
 }
@@ -581,7 +574,7 @@ INL_AVX512 void q2_range_avx512(const fm_mat *w, int64_t r, int64_t g0, int64_t 
         const float *xg = a->xp + g * 64;
         TAIL_AVX2_DECL;
         Q2_PAIR_AVX2(qr + g * 16);
-        for (int t = 0; t < NT; t++) tail[t] = hsum256(acc_sum_avx2(acc[t], C));
+        for (int t = 0; t < NT; t++) tail[t] = fm_hsum256(acc_sum_avx2(acc[t], C));
         g += 2;
     }
     for (int t = 0; t < NT; t++) {
@@ -628,7 +621,7 @@ INL_AVX512 float q4_lone_group_avx512(const uint8_t *qg, float s, const float *x
     TAIL_AVX2_DECL;
     Q4_GROUP_AVX2(qg);
     (void)ldx;
-    return hsum256(acc_sum_avx2(acc[0], C));
+    return fm_hsum256(acc_sum_avx2(acc[0], C));
 }
 
 INL_AVX512 void q4_range4_avx512(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, const fm_act *a, float *res)

@@ -7,21 +7,14 @@
 #include <float.h>
 #include <immintrin.h>
 
+#include "fm_x86.h"
+
 #define INL_XI2 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 #define T_XI2 __attribute__((target("avx2,fma,f16c")))
 #define INL_XI512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define T_XI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 /* ------------------------------------------------------------------ AVX2 */
-
-INL_XI2 float xi_hsum256(__m256 v)
-{
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 sh = _mm_movehdup_ps(lo);
-    lo = _mm_add_ps(lo, sh);
-    sh = _mm_movehl_ps(sh, lo);
-    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
-}
 
 /* groups [g0, g0+n) of one row: sc[j] = s_g * d_g (sc holds n + 16, the rest zeroed) and the
  * bias term sum b_g * sum(x_g) */
@@ -44,7 +37,7 @@ INL_XI2 void xi_prologue_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t n,
         if (br) bt += fm_h2f(fm_ld16(br + g)) * xs[g];
     }
     for (int i = 0; i < 16; i++) sc[n + i] = 0.0f;
-    *bs = br ? xi_hsum256(bacc) + bt : 0.0f;
+    *bs = br ? fm_hsum256(bacc) + bt : 0.0f;
 }
 
 /* one digit's lane sums of a q4 group (lo: low nibbles, hi: high nibbles; x: the digit's 64 bytes) */
@@ -81,7 +74,7 @@ INL_XI2 void q4_xi_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, cons
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(A), _mm256_broadcast_ss(sc[i] + (g - g0)), acc[i]);
         }
     }
-    for (int i = 0; i < NR; i++) res[i] = xi_hsum256(acc[i]) + bs[i];
+    for (int i = 0; i < NR; i++) res[i] = fm_hsum256(acc[i]) + bs[i];
 }
 
 INL_XI2 __m256i q8_digit_avx2(__m256i u, const int8_t *x, __m256i ones)
@@ -121,7 +114,7 @@ INL_XI2 void q8_xi_avx2(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, cons
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(A), _mm256_broadcast_ss(sc[i] + (g - g0)), acc[i]);
         }
     }
-    for (int i = 0; i < NR; i++) res[i] = xi_hsum256(acc[i]) + bs[i];
+    for (int i = 0; i < NR; i++) res[i] = fm_hsum256(acc[i]) + bs[i];
 }
 
 #define Q4_XI_AVX2(w, r, g0, g1, a, NR, pf, res) q4_xi_avx2(w, r, g0, g1, a, NR, pf, res)
@@ -213,7 +206,7 @@ INL_XI512 void q4_xi_avx512(const fm_mat *w, int64_t r, int64_t g0, int64_t g1, 
             A = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(A, 7), lo, LD(64)), hi, LD(96));
             A = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(A, 7), lo, LD(128)), hi, LD(160));
 #undef LD
-            tail = xi_hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(A), _mm256_set1_ps(sc[i][g - g0])));
+            tail = fm_hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(A), _mm256_set1_ps(sc[i][g - g0])));
         }
         res[i] = _mm512_reduce_add_ps(acc[i]) + tail + bs[i];
     }
