@@ -78,12 +78,14 @@ class HybridDecode(DeviceDecode):
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
                     norm_topk=c.norm_topk_prob, stride=t._stride, **at)
-                if not last and i == stop - 1:  # this segment's CPU layer: hand its routing to the host
+                if not last and i == stop - 1:  # this segment's cut layer: hand its routing to the host
                     H, k = c.hidden_size, c.top_k
                     self.h_buf.copy_(h)
                     self.x_buf.copy_(x)
-                    self.wts_buf.copy_(wts)
-                    self.pack[:H].copy_(x[0])
+                    if self._on_cpu(i):  # the C kernels read x on the host
+                        self.pack[:H].copy_(x[0])
+                    else:  # the pager path takes the weights on the device
+                        self.wts_buf.copy_(wts)
                     self.pack[H:H + k].copy_(wts[0])
                     self.pack[H + k:].copy_(ids[0])
                     if c.shared_expert_intermediate_size:
@@ -102,18 +104,24 @@ class HybridDecode(DeviceDecode):
         split between the C kernels and the GPU, or the pager path of any other layer."""
         e, c = self.e, self.cfg
         H, k, layer = c.hidden_size, c.top_k, self.cpu[j]
-        self.pack_host.copy_(self.pack, non_blocking=True)  # outside the graph: a plain copy to pinned memory
+        on_cpu = self._on_cpu(layer)
+        # outside the graph: a plain copy to pinned memory (x only where the C kernels need it)
+        (self.pack_host if on_cpu else self.pick_host).copy_(self.pack if on_cpu else self.pack[H:], non_blocking=True)
         if self.cuda:
             self.packed.record(self.stream)
             self.packed.synchronize()
         vals = self.pick_host.tolist()  # the weights, then the ids
         chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
-        if e.cpu_layers is None or layer not in e.cpu_layers:
+        if not on_cpu:
             self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf))
             return
         if e.trace is not None:
             e.trace.route(layer, [chosen])
         e.cpu_layers.decode(layer, self.x_host, chosen, vals[:k], self.x_buf, out=self.delta_buf)
+
+    def _on_cpu(self, layer: int) -> bool:
+        """An n_cpu_moe layer (its experts split by CpuLayers), not a paged one."""
+        return self.e.cpu_layers is not None and layer in self.e.cpu_layers
 
     # ------------------------------------------------------------------ a decode step
     def _run(self):
