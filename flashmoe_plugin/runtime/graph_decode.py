@@ -94,7 +94,11 @@ class DeviceDecode:
         self.cuda = dev.type == "cuda"
         self.native = self.cuda and engine.backend.name == "cuda" and engine.backend._native(engine.store.layout)
         n_ctx, dt = engine.n_ctx, engine.dtype
-        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        # the token id: the host writes it into pinned memory, the step copies it up itself (in a
+        # graph, a copy node reading the value at replay): no fill kernel queued before a replay
+        self.tok_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self._tok_np = self.tok_host.numpy()
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev) if self.cuda else self.tok_host
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos_value = 0  # what self.pos holds once the queued work has run
         self.kpos = torch.arange(n_ctx, device=dev)
@@ -166,7 +170,7 @@ class DeviceDecode:
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
-        h = embed(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
+        h = embed(self.token(), w["embed.weight"]) if start == 0 else self.hs[start].clone()
         delta = self.zero
         cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):
@@ -184,6 +188,12 @@ class DeviceDecode:
                 h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
         self._end(h, delta)
+
+    def token(self) -> torch.Tensor:
+        """The step's token id on the device (copied from the host's pinned value on CUDA)."""
+        if self.cuda:
+            self.tok.copy_(self.tok_host, non_blocking=True)
+        return self.tok
 
     def _end(self, h, delta):
         """The token's last kernels: the layers' misses counted, the logits, the position advanced."""
@@ -205,7 +215,7 @@ class DeviceDecode:
         with self._on_stream():
             if self.pos_value != n_past:
                 self.pos.fill_(n_past)
-            self.tok.fill_(token)
+            self._tok_np[0] = token
             self.pos_value = n_past + 1
             self.table.ready()
             self._run()
@@ -262,12 +272,9 @@ class DeviceDecode:
         self._note(hit)
 
     def _note(self, hit):
-        """The hits of a step's layers, counted now, their touches left for later."""
-        e = self.e
-        if e.trace is not None:
-            for layer, ids in hit:
-                e.trace.route(layer, [ids])
-        e.pager.note_step(hit, later=True)
+        """The hits of a step's layers, counted now, their trace records and touches left for
+        later (the next token's replay is queued first: ~0.2 ms of Python with a trace on)."""
+        self.e.pager.note_step(hit, later=True, routed=True)
 
     def _pieces(self) -> list:
         """What one step runs, as the callables captured one graph each (here the whole token;

@@ -64,7 +64,7 @@ class HybridDecode(DeviceDecode):
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
         last = j == len(self.cpu)
         if j == 0:
-            first, h, delta = 0, embed(self.tok, w["embed.weight"]), self.zero
+            first, h, delta = 0, embed(self.token(), w["embed.weight"]), self.zero
         else:
             first, h = self.cpu[j - 1] + 1, self.h_buf
             delta = self.delta_buf + self.shared_buf if c.shared_expert_intermediate_size else self.delta_buf
