@@ -21,7 +21,7 @@ def usable(device: torch.device, dtype: torch.dtype, norm_ws, router_ws, k: int)
     ok = all(isinstance(w, torch.Tensor) and w.dtype == dtype and w.is_contiguous() and w.device == device
              for w in (*norm_ws, *router_ws))
     return ok and bool(router_ws) and all(w.dim() == 2 and k <= min(w.shape[0], mod.MAX_K) and w.shape[0] <= mod.MAX_E
-                                         for w in router_ws)
+                                         and w.shape[1] % 64 == 0 for w in router_ws)
 
 
 def workspace(device: torch.device, num_experts: int) -> torch.Tensor:
