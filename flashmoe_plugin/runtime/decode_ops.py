@@ -33,12 +33,12 @@ def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
 def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
               heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
     """The residual h + delta (kept in hs_row), then one token's attention block added to it."""
-    h, o = attend(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
                   heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
     return h + o
 
 
-def attend(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
            heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
     """(the residual h + delta, kept in hs_row; the attention block's output, not yet added)."""
     h = h + delta
@@ -136,7 +136,7 @@ def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     boundaries: the residual add, the FFN norm and the router share kernels). With route_ws (a
     CUDA run where kernels/route.py is usable) the add and the routing are one launch of
     flashmoe::route_decode, otherwise the torch code below."""
-    h, o = attend(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
                   heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
     if route_ws is not None:
         return route_decode(h, o, ffn_norm, router_w, entries_row, base, ids_row, route_ws, stride, top_k,
