@@ -93,6 +93,45 @@ def test_a_step_with_every_expert_resident_never_falls_back(oracles):
     eng.close()
 
 
+@pytest.mark.parametrize("budget", ["resident", "cold", "one layer"])
+def test_a_device_steps_trace_is_the_pager_paths(oracles, budget):
+    """The step's trace records are deferred with its touches (the next replay goes first): the
+    recorded requests (Belady's input) and routes must be those of the same run through the pager
+    path, in the same order, with and without misses (a miss's own requests come after the earlier
+    layers' deferred records), and nothing may stay pending once the trace is detached."""
+    from flashmoe_plugin.pager.trace import RoutingTrace
+    store = oracles("mixtral").store("q4")
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(3, 384, (6,), generator=g).tolist(), torch.randint(3, 384, (10,), generator=g).tolist()
+    traces = {}
+    for mode in ("on", "eager"):
+        eng = Engine(store, prefetch="off", decode_graph=mode)
+        if budget == "resident":  # every expert resident first: no step falls back
+            for layer in eng._moe_order:
+                eng.pager.acquire(layer, list(range(eng.config.num_experts)))
+        elif budget == "one layer":  # the device tier holds one layer's: cut at every layer
+            eng.close()
+            k = eng.config.top_k
+            eng = Engine(store, prefetch="off", decode_graph=mode, ram_budget=k * eng.pager.record_size)
+        trace = RoutingTrace()
+        eng.record(trace)
+        run_sequence(eng, ids, steps)
+        eng.record(None)
+        assert not eng.pager._noted
+        traces[mode] = trace, (eng.fast.fallbacks, type(eng.fast).__name__)
+        eng.close()
+    (on, fell), (eager, _) = traces["on"], traces["eager"]
+    assert on.requests() == eager.requests() and on.decode_mask() == eager.decode_mask()
+    assert on._req_step == eager._req_step
+    (la, pa, ia), (lb, pb, ib) = on.routes(), eager.routes()
+    key = lambda l, p: sorted(range(len(l)), key=lambda i: (p[i], l[i]))  # noqa: E731
+    a, b = key(la, pa), key(lb, pb)
+    assert (la[a] == lb[b]).all() and (pa[a] == pb[b]).all() and (ia[a] == ib[b]).all()
+    # cold: every expert fits but the prompt loaded few, so steps fall back from a missing layer
+    assert fell == {"resident": (0, "DeviceDecode"), "one layer": (0, "HybridDecode")}.get(budget, fell)
+    assert budget != "cold" or fell[0] > 0
+
+
 def _counts(pager) -> dict:
     """The pager's counters but its read time (a timing)."""
     s = pager.stats.snapshot()

@@ -148,32 +148,38 @@ class ExpertPager:
     def note_hits(self, layer: int, experts, later: bool = False):
         """Records a graph-captured decode step read straight from tier 0 (through the slot
         table, no request): counted and touched as a request's device hits would be. later:
-        counted now, touched (policy, prefetch marks) at the pager's next request or prefetch,
-        in order, so a decode step can leave that bookkeeping to the time the GPU runs the next
-        token (the policy's state is then what it would have been at any decision it takes)."""
+        counted now, recorded in the trace and touched (policy, prefetch marks) at the pager's
+        next request or prefetch, in order, so a decode step can leave that bookkeeping to the
+        time the GPU runs the next token (the policy's state is then what it would have been at
+        any decision it takes)."""
         self.note_step([(layer, experts)], later)
 
-    def note_step(self, routes, later: bool = False):
+    def note_step(self, routes, later: bool = False, routed: bool = False):
         """note_hits for several layers, [(layer, experts), ...] in layer order (a decode step's
-        layers that hit: one call, counted at once)."""
-        if self.trace is not None:
-            for layer, experts in routes:
-                self.trace.request(layer, list(dict.fromkeys(int(e) for e in experts)))
+        layers that hit: one call, counted at once). routed: these are also the token's routing
+        (a one-token step's ids per layer), recorded in the trace as its routes too."""
         n = sum(len(set(experts)) for _, experts in routes)
-        if later:
-            self._noted.append(routes)
-        else:
-            self.touch_noted()
-            self._touch(routes)
         self.stats.hits += n
         self.stats.device_hits += n
+        noted = (routes, routed, self.trace.step if self.trace is not None else 0)
+        if later:
+            self._noted.append(noted)
+        else:
+            self.touch_noted()
+            self._settle_noted(*noted)
 
     def touch_noted(self):
-        """The touches note_hits(later=True) left for later, now (also done by the pager itself
-        before any request, prefetch or eviction decision)."""
+        """The trace records and touches note_step(later=True) left for later, now (also done
+        by the pager itself before any request, prefetch or eviction decision, and by the engine
+        before its trace is detached)."""
         noted, self._noted = self._noted, []
-        for routes in noted:
-            self._touch(routes)
+        for item in noted:
+            self._settle_noted(*item)
+
+    def _settle_noted(self, routes, routed: bool, step: int):
+        if self.trace is not None:
+            self.trace.decode_step(step, routes, routed)
+        self._touch(routes)
 
     def _touch(self, routes):
         for layer, experts in routes:
@@ -190,6 +196,7 @@ class ExpertPager:
         keys = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
         if len(keys) > self.capacity:
             raise BudgetError(f"{len(keys)} experts requested at once; the device tier holds {self.capacity}")
+        self.touch_noted()  # the deferred trace records come first
         if self.trace is not None:
             self.trace.request(layer, [k[1] for k in keys])
         return self._batch(keys, layer=layer, host_ok=host_ok)

@@ -66,6 +66,18 @@ class RoutingTrace:
         self._req_tokens.append(self.n_tokens)
         self._req_ids.append([int(e) for e in dict.fromkeys(experts)])
 
+    def decode_step(self, step: int, routes, routed: bool = True):
+        """Several layers' requests of the one-token step at position `step`, [(layer, ids), ...]
+        (and with routed, the same ids as the token's routes), recorded after the fact: what
+        begin(step, 1) then route() / request() per layer would have recorded."""
+        now = self.step, self.n_tokens
+        self.step, self.n_tokens = step, 1
+        for layer, ids in routes:
+            if routed:
+                self.route(layer, [ids])
+            self.request(layer, ids)
+        self.step, self.n_tokens = now
+
     # -- reading
     def __len__(self) -> int:
         return len(self._req_ids)

@@ -147,6 +147,7 @@ class Engine:
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
         None detaches. Off by default."""
+        self.pager.touch_noted()  # a decode step's deferred records go to the trace they belong to
         self.trace = self.pager.trace = trace
 
     @property
@@ -302,6 +303,7 @@ class Engine:
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 
     def close(self):
+        self.pager.touch_noted()  # an attached trace gets the last decode step's records
         if self.fast is not None:
             self.fast.close()
         self.pager.close()

@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from ..kernels import route
 from ..kernels.packed import concat_rows
 from ..models.layers import embed
 from ..pager.slot_table import SlotTable
@@ -94,7 +95,11 @@ class DeviceDecode:
         self.cuda = dev.type == "cuda"
         self.native = self.cuda and engine.backend.name == "cuda" and engine.backend._native(engine.store.layout)
         n_ctx, dt = engine.n_ctx, engine.dtype
-        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        # the token id: the host writes it into pinned memory, the step copies it up itself (in a
+        # graph, a copy node reading the value at replay): no fill kernel queued before a replay
+        self.tok_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self._tok_np = self.tok_host.numpy()
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev) if self.cuda else self.tok_host
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos_value = 0  # what self.pos holds once the queued work has run
         self.kpos = torch.arange(n_ctx, device=dev)
@@ -119,6 +124,11 @@ class DeviceDecode:
                            window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
         self.ops = Ops.get(compile=self.cuda and mode in ("on", "eager"))
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
+        self.route_ws = None  # one launch for each MoE layer's routing (kernels/route.py) where it runs
+        moe = [f"layers.{i}." for i in self.order]
+        if mode in ("on", "eager") and route.usable(dev, dt, [self.model.w[p + "ffn_norm.weight"] for p in moe],
+                                                    [self.model.w[p + "moe.router.weight"] for p in moe], cfg.top_k):
+            self.route_ws = route.workspace(dev, cfg.num_experts)
         self.ws = None
         if self.native:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
@@ -166,7 +176,7 @@ class DeviceDecode:
     def _body(self, start: int, fast: bool):
         """Layers start.. of the token at self.pos, the logits, then the position advances."""
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
-        h = embed(self.tok, w["embed.weight"]) if start == 0 else self.hs[start].clone()
+        h = embed(self.token(), w["embed.weight"]) if start == 0 else self.hs[start].clone()
         delta = self.zero
         cos, sin = ops.rope_tables(self.pos, m.inv_freq, self.hs.dtype)
         for i in range(start, c.num_layers):
@@ -176,7 +186,7 @@ class DeviceDecode:
                 h, x, ids, wts, addrs = ops.moe_layer(
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
-                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
+                    norm_topk=c.norm_topk_prob, stride=t._stride, route_ws=self.route_ws, **at)
                 delta = self._experts_of(i, x, ids, wts, h, addrs, fast)
                 if c.shared_expert_intermediate_size:
                     delta = delta + m.shared(i, x)
@@ -184,6 +194,12 @@ class DeviceDecode:
                 h = ops.attention(h, delta, self.hs[i], **at)
                 delta = m.ffn(i, h, None)
         self._end(h, delta)
+
+    def token(self) -> torch.Tensor:
+        """The step's token id on the device (copied from the host's pinned value on CUDA)."""
+        if self.cuda:
+            self.tok.copy_(self.tok_host, non_blocking=True)
+        return self.tok
 
     def _end(self, h, delta):
         """The token's last kernels: the layers' misses counted, the logits, the position advanced."""
@@ -196,21 +212,25 @@ class DeviceDecode:
     # ------------------------------------------------------------------ a decode step
     def step(self, token: int, n_past: int) -> torch.Tensor:
         """Logits [1, vocab] of one token at position n_past (a host copy of the static buffer);
-        its K/V are written to the engine's cache. On CUDA everything runs on the decode stream
-        (the one the graph was captured on, so eager steps make the same cuBLAS choices)."""
+        its K/V are written to the engine's cache. The whole-token graph replays on the caller's
+        stream (no stream switch or cross-stream waits between two tokens: ~10 us each on the
+        host, with the GPU idle); everything else runs on the decode stream, the one the graph
+        was captured on, so eager steps make the same cuBLAS choices."""
         self.steps += 1
-        cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
-        if cur is not None:
-            self.stream.wait_stream(cur)
+        self._tok_np[0] = token  # the last step's copy of it has run: its read-back was waited for
+        if len(self.graphs) == 1 and self.mode == "on" and self.pos_value == n_past:
+            self.pos_value = n_past + 1
+            self.table.ready()
+            self.graph.replay()
+            self.replays += 1
+            self._settle()
+            return self.logits_host.clone()
         with self._on_stream():
             if self.pos_value != n_past:
                 self.pos.fill_(n_past)
-            self.tok.fill_(token)
             self.pos_value = n_past + 1
             self.table.ready()
             self._run()
-        if cur is not None:
-            cur.wait_stream(self.stream)
         return self.logits_host.clone()
 
     def _run(self):
@@ -226,15 +246,24 @@ class DeviceDecode:
             self._body(0, fast=True)
         self._settle()
 
+    @contextlib.contextmanager
     def _on_stream(self):
-        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        """On CUDA: the decode stream, after the caller's stream's work and before its next."""
+        cur = torch.cuda.current_stream(self.e.device) if self.cuda else None
+        if cur is None or cur == self.stream:
+            yield
+            return
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            yield
+        cur.wait_stream(self.stream)
 
     def _read_back(self):
         """The logits and the routing rows to pinned host memory; the host waits once, here."""
         self.route_host.copy_(self.route, non_blocking=self.cuda)
         self.logits_host.copy_(self.logits, non_blocking=self.cuda)
         if self.cuda:
-            self.read.record(self.stream)
+            self.read.record()  # the current stream: the caller's (a replay) or the decode stream
             self.read.synchronize()
 
     def _settle(self, skip=frozenset()):
@@ -254,20 +283,18 @@ class DeviceDecode:
             if flat[at + row]:  # a miss: the layers before it hit, this one and the rest are redone
                 self._note(hit)
                 self.fallbacks += 1
-                self.pos.sub_(1)
-                self._body(layer, fast=False)
-                self._read_back()
+                with self._on_stream():
+                    self.pos.sub_(1)
+                    self._body(layer, fast=False)
+                    self._read_back()
                 return
             hit.append((layer, flat[row * k:(row + 1) * k]))
         self._note(hit)
 
     def _note(self, hit):
-        """The hits of a step's layers, counted now, their touches left for later."""
-        e = self.e
-        if e.trace is not None:
-            for layer, ids in hit:
-                e.trace.route(layer, [ids])
-        e.pager.note_step(hit, later=True)
+        """The hits of a step's layers, counted now, their trace records and touches left for
+        later (the next token's replay is queued first: ~0.2 ms of Python with a trace on)."""
+        self.e.pager.note_step(hit, later=True, routed=True)
 
     def _pieces(self) -> list:
         """What one step runs, as the callables captured one graph each (here the whole token;

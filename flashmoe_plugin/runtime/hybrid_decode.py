@@ -64,7 +64,7 @@ class HybridDecode(DeviceDecode):
         c, m, w, ops, t = self.cfg, self.model, self.model.w, self.ops, self.table
         last = j == len(self.cpu)
         if j == 0:
-            first, h, delta = 0, embed(self.tok, w["embed.weight"]), self.zero
+            first, h, delta = 0, embed(self.token(), w["embed.weight"]), self.zero
         else:
             first, h = self.cpu[j - 1] + 1, self.h_buf
             delta = self.delta_buf + self.shared_buf if c.shared_expert_intermediate_size else self.delta_buf
@@ -77,7 +77,7 @@ class HybridDecode(DeviceDecode):
                 h, x, ids, wts, addrs = ops.moe_layer(
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
-                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
+                    norm_topk=c.norm_topk_prob, stride=t._stride, route_ws=self.route_ws, **at)
                 if not last and i == stop - 1:  # this segment's cut layer: hand its routing to the host
                     H, k = c.hidden_size, c.top_k
                     self.h_buf.copy_(h)
