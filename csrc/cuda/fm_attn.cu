@@ -1,0 +1,456 @@
+// One decode token's attention block in one launch (fm_attn.h): RoPE, the K/V writes at the
+// position, and flash-decoding over the cache's positions 0..pos.
+//
+// Why one kernel: the torch formula (runtime/decode_ops.attention) took 5 kernels per layer on
+// the H200 (RoPE with the cache writes, scores, softmax, p @ V), ~12 us of launch ramps and tails
+// for ~2 MB of reads; and it read the whole n_ctx under a mask.
+//
+// Work split: grid (splits, head groups, kv heads). A block takes one kv head, up to 8 of its
+// query heads (a head group) and one chunk of the positions; the chunk size follows the position
+// on the device (ceil(len / splits), at least MIN_CHUNK), so short contexts run few blocks.
+// In a block, NW warps; a position's D values are spread over LPP = D / 8 lanes (8 each, one
+// 16-byte load of a 16-bit cache row piece), a warp takes 32 / LPP positions at a time and R of
+// those rounds per tile, every load of a tile issued before its arithmetic. Each warp keeps its own
+// running max / sum / output (online softmax), merged across warps in shared memory, then across
+// the chunks by the last block of the head group (an atomic ticket after a threadfence), which
+// reads every chunk's partial in chunk order (deterministic: the same bits every replay) and
+// resets the ticket for the next launch.
+//
+// Numerics as the torch formula: RoPE q * cos + rotate_half(q) * sin with each product and the
+// sum rounded to the activation dtype (so K holds the same bits), the score q.K in fp32 rounded to
+// the dtype, then times the scale; softmax and p @ V in fp32 (torch rounds p to the dtype first).
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include "fm_attn.h"
+#include "fm_cuda.h"
+#include "fm_device.cuh"
+#include "fm_quant.cuh"
+
+namespace {
+
+constexpr int NW = 4;            // warps per block
+constexpr int NTH = NW * 32;
+constexpr int MAXG = 8;          // most query heads per block (a head group)
+
+struct AttnParams {
+    const void *q, *k, *v, *cos, *sin;
+    void *K, *V, *out;
+    const int64_t *pos;
+    float *part;                 // [kv heads][head groups][splits][G * D + 2 * G]
+    unsigned *ticket;            // [kv heads * head groups]
+    int g, gb, hg, nsplit, n_ctx, window, min_chunk, pdl;
+    float scale;
+};
+
+template <typename T> struct Elt;
+template <> struct Elt<float> { static constexpr int W = 2; };           // uint4 per 8 values
+template <> struct Elt<__half> { static constexpr int W = 1; };
+template <> struct Elt<__nv_bfloat16> { static constexpr int W = 1; };
+
+// x rounded to T and back (the dtype's rounding of an intermediate, as eager torch does)
+template <typename T> __device__ __forceinline__ float rnd(float x);
+template <> __device__ __forceinline__ float rnd<float>(float x) { return x; }
+template <> __device__ __forceinline__ float rnd<__half>(float x) { return __half2float(__float2half_rn(x)); }
+template <> __device__ __forceinline__ float rnd<__nv_bfloat16>(float x) {
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+// 8 values from raw 16-byte words
+template <typename T> __device__ __forceinline__ void cvt8(const uint4 (&u)[Elt<T>::W], float (&f)[8]);
+template <> __device__ __forceinline__ void cvt8<float>(const uint4 (&u)[2], float (&f)[8]) {
+    const unsigned w[8] = {u[0].x, u[0].y, u[0].z, u[0].w, u[1].x, u[1].y, u[1].z, u[1].w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = __uint_as_float(w[i]);
+}
+template <> __device__ __forceinline__ void cvt8<__nv_bfloat16>(const uint4 (&u)[1], float (&f)[8]) {
+    const unsigned w[4] = {u[0].x, u[0].y, u[0].z, u[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+template <> __device__ __forceinline__ void cvt8<__half>(const uint4 (&u)[1], float (&f)[8]) {
+    const unsigned w[4] = {u[0].x, u[0].y, u[0].z, u[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __half2float(__ushort_as_half((unsigned short)(w[i] & 0xFFFFu)));
+        f[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(w[i] >> 16)));
+    }
+}
+
+// Loads of 8 values: ld8 for this token's inputs (read-only in the launch), ldcg for the caches
+// (written in the launch: through L2, never a stale L1 line).
+template <typename T> __device__ __forceinline__ void ld8(const T *p, float (&f)[8]) {
+    uint4 u[Elt<T>::W];
+#pragma unroll
+    for (int i = 0; i < Elt<T>::W; ++i) u[i] = __ldg((const uint4 *)p + i);
+    cvt8<T>(u, f);
+}
+template <typename T> __device__ __forceinline__ void ldcg_raw(const T *p, uint4 (&u)[Elt<T>::W]) {
+#pragma unroll
+    for (int i = 0; i < Elt<T>::W; ++i) u[i] = __ldcg((const uint4 *)p + i);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T> __device__ __forceinline__ void st8(T *p, const float (&f)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = from_float<T>(f[i]);
+}
+
+// RoPE of 8 values at dims d0.. of a head x (rotate_half's partner dims from global memory).
+template <typename T, int D>
+__device__ __forceinline__ void rope8(const T *x, int d0, const float (&c)[8], const float (&s)[8], float (&r)[8]) {
+    float a[8], b[8];
+    const bool low = d0 < D / 2;
+    ld8<T>(x + d0, a);
+    ld8<T>(x + (low ? d0 + D / 2 : d0 - D / 2), b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const float rh = low ? -b[e] : b[e];
+        r[e] = rnd<T>(__fadd_rn(rnd<T>(__fmul_rn(a[e], c[e])), rnd<T>(__fmul_rn(rh, s[e]))));
+    }
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
+    constexpr int LPP = D / 8, PPW = 32 / LPP;  // lanes per position, positions per warp round
+    constexpr int R = G >= 8 ? 2 : 4;           // rounds per tile (registers: loads of K and V)
+    constexpr int TILE = NW * PPW * R;
+    constexpr int WU = Elt<T>::W;
+    __shared__ float s_m[NW][G], s_l[NW][G];
+    __shared__ __align__(16) float s_acc[NW][G][D];
+    __shared__ int s_last;
+
+    if (p.pdl) {
+        pdl_wait();
+        pdl_trigger();
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPP, pg = lane / LPP;
+    const int split = blockIdx.x, hgi = blockIdx.y, kvh = blockIdx.z, KVH = gridDim.z;
+    const int64_t pos = *p.pos;
+    const bool valid = pos >= 0 && pos < p.n_ctx;
+    const int n = valid ? (int)pos + 1 : 0;
+    const int lo = valid && p.window > 0 && n > p.window ? n - p.window : 0;
+    const int len = n - lo;
+    const int chunk = max(p.min_chunk, (len + p.nsplit - 1) / p.nsplit);
+    const int active = (len + chunk - 1) / chunk;  // 0 for an invalid position: the output is NaN
+    const int start = lo + split * chunk, end = min(start + chunk, n);
+    const int h0 = hgi * p.gb, nh = min(p.gb, p.g - h0);
+    const int d0 = sub * 8;
+    const size_t row = (size_t)KVH * D;
+    const T *K = (const T *)p.K + (size_t)kvh * D + d0, *V = (const T *)p.V + (size_t)kvh * D + d0;
+    const size_t head = (size_t)kvh * p.g + h0;  // this block's first query head
+
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+        m[h] = -CUDART_INF_F;
+        l[h] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+    }
+    if (split < active) {
+        float c8[8], s8[8], qr[G][8];
+        ld8<T>((const T *)p.cos + d0, c8);
+        ld8<T>((const T *)p.sin + d0, s8);
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+            if (h < nh) rope8<T, D>((const T *)p.q + (head + h) * D, d0, c8, s8, qr[h]);
+            else
+#pragma unroll
+                for (int e = 0; e < 8; ++e) qr[h][e] = 0.f;
+        }
+        if (start <= pos && pos < end) {  // this chunk holds the position: write its k and v first
+            if (threadIdx.x < LPP) {        // (every head group's block writes the same bits)
+                float kr[8], vv[8];
+                rope8<T, D>((const T *)p.k + (size_t)kvh * D, d0, c8, s8, kr);
+                ld8<T>((const T *)p.v + (size_t)kvh * D + d0, vv);
+                st8<T>((T *)p.K + (size_t)pos * row + (size_t)kvh * D + d0, kr);
+                st8<T>((T *)p.V + (size_t)pos * row + (size_t)kvh * D + d0, vv);
+            }
+            __syncthreads();  // visible to the block's reads below (through L2: ldcg)
+        }
+        for (int t0 = start; t0 < end; t0 += TILE) {
+            uint4 kraw[R][WU], vraw[R][WU];
+            bool ok[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int j = t0 + (r * NW + warp) * PPW + pg;
+                ok[r] = j < end;
+                if (ok[r]) {
+                    ldcg_raw<T>(K + (size_t)j * row, kraw[r]);
+                    ldcg_raw<T>(V + (size_t)j * row, vraw[r]);
+                }
+            }
+            float sc[R][G];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float kf[8];
+                if (ok[r]) cvt8<T>(kraw[r], kf);
+                else
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) kf[e] = 0.f;
+#pragma unroll
+                for (int h = 0; h < G; ++h) {
+                    float d = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) d = fmaf(qr[h][e], kf[e], d);
+#pragma unroll
+                    for (int o = 1; o < LPP; o <<= 1) d += __shfl_xor_sync(FULL, d, o);
+                    sc[r][h] = ok[r] ? rnd<T>(d) * p.scale : -CUDART_INF_F;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                float tm = sc[0][h];
+#pragma unroll
+                for (int r = 1; r < R; ++r) tm = fmaxf(tm, sc[r][h]);
+#pragma unroll
+                for (int o = LPP; o < 32; o <<= 1) tm = fmaxf(tm, __shfl_xor_sync(FULL, tm, o));
+                const float mn = fmaxf(m[h], tm);
+                if (mn == -CUDART_INF_F) continue;  // nothing of this warp's yet (warp-uniform)
+                const float alpha = __expf(m[h] - mn);
+                l[h] *= alpha;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] *= alpha;
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float pr = __expf(sc[r][h] - mn);
+                    if (!ok[r]) continue;
+                    float vf[8];
+                    cvt8<T>(vraw[r], vf);
+                    l[h] += pr;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(pr, vf[e], acc[h][e]);
+                }
+                m[h] = mn;
+            }
+        }
+        // this warp's sums over its position groups (lanes LPP apart)
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+#pragma unroll
+            for (int o = LPP; o < 32; o <<= 1) {
+                l[h] += __shfl_xor_sync(FULL, l[h], o);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] += __shfl_xor_sync(FULL, acc[h][e], o);
+            }
+        }
+        if (lane < LPP)
+#pragma unroll
+            for (int h = 0; h < G; ++h)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s_acc[warp][h][d0 + e] = acc[h][e];
+        if (lane == 0)
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                s_m[warp][h] = m[h];
+                s_l[warp][h] = l[h];
+            }
+    }
+    __syncthreads();
+    if (split >= active && !(active == 0 && split == 0)) return;
+
+    T *out = (T *)p.out + head * D;
+    if (active <= 1) {  // one chunk (or none): this block's result is the output
+        for (int i = threadIdx.x; i < nh * D; i += NTH) {
+            const int h = i / D, d = i - h * D;
+            float M = -CUDART_INF_F, L = 0.f, o = 0.f;
+            if (active) {
+#pragma unroll
+                for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][h]);
+#pragma unroll
+                for (int w = 0; w < NW; ++w) {
+                    const float a = s_m[w][h] == -CUDART_INF_F ? 0.f : __expf(s_m[w][h] - M);
+                    L = fmaf(a, s_l[w][h], L);
+                    o = fmaf(a, s_acc[w][h][d], o);
+                }
+            }
+            out[i] = from_float<T>(o / L);
+        }
+        return;
+    }
+    // this chunk's partial: output sums, max and sum per head (relative to the block's max)
+    constexpr int PS = G * D + 2 * G;
+    const size_t grp = (size_t)kvh * p.hg + hgi;
+    float *part = p.part + (grp * p.nsplit + split) * PS;
+    for (int i = threadIdx.x; i < nh * D; i += NTH) {
+        const int h = i / D, d = i - h * D;
+        float M = -CUDART_INF_F, L = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][h]);
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float a = s_m[w][h] == -CUDART_INF_F ? 0.f : __expf(s_m[w][h] - M);
+            L = fmaf(a, s_l[w][h], L);
+            o = fmaf(a, s_acc[w][h][d], o);
+        }
+        part[h * D + d] = o;
+        if (d == 0) {
+            part[G * D + 2 * h] = M;
+            part[G * D + 2 * h + 1] = L;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(p.ticket + grp, 1u) == (unsigned)(active - 1);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const float *parts = p.part + grp * p.nsplit * PS;
+    for (int i = threadIdx.x; i < nh * D; i += NTH) {
+        const int h = i / D, d = i - h * D;
+        float M = -CUDART_INF_F;
+        for (int c = 0; c < active; ++c) M = fmaxf(M, __ldcg(parts + c * PS + G * D + 2 * h));
+        float L = 0.f, o = 0.f;
+        for (int c = 0; c < active; ++c) {
+            const float *pc = parts + c * PS;
+            const float a = __expf(__ldcg(pc + G * D + 2 * h) - M);
+            L = fmaf(a, __ldcg(pc + G * D + 2 * h + 1), L);
+            o = fmaf(a, __ldcg(pc + h * D + d), o);
+        }
+        out[i] = from_float<T>(o / L);
+    }
+    if (threadIdx.x == 0) atomicExch(p.ticket + grp, 0u);  // ready for the next launch
+}
+
+using AttnFn = void (*)(AttnParams);
+
+template <typename T, int D>
+AttnFn pick_g(int G) {
+    return G == 1 ? attn_kernel<T, D, 1> : (G == 4 ? attn_kernel<T, D, 4> : attn_kernel<T, D, 8>);
+}
+
+template <typename T>
+AttnFn pick(int D, int G) {
+    switch (D) {
+        case 16: return pick_g<T, 16>(G);
+        case 32: return pick_g<T, 32>(G);
+        case 64: return pick_g<T, 64>(G);
+        case 128: return pick_g<T, 128>(G);
+        case 256: return pick_g<T, 256>(G);
+        default: return nullptr;
+    }
+}
+
+FmDevice g_adev[FM_MAX_DEV];
+int64_t g_atune[FMC_ATTN_TUNE_NKEYS] = {0, 1, 16, 0, 0};
+
+struct Shape {
+    int g, gb, G, hg, nsplit;
+};
+
+// The launch's shape, or FMC_EINVAL.
+int attn_shape(int64_t heads, int64_t kv_heads, int64_t D, int64_t n_ctx, int device, Shape *s, FmDevice **dev) {
+    if (heads < 1 || kv_heads < 1 || heads % kv_heads || n_ctx < 1 || n_ctx > (1 << 30) || kv_heads > 65535)
+        return FMC_EINVAL;
+    if (D != 16 && D != 32 && D != 64 && D != 128 && D != 256) return FMC_EINVAL;
+    const int rc = fm_device(device, g_adev, dev);
+    if (rc) return rc;
+    s->g = (int)(heads / kv_heads);
+    s->gb = s->g < MAXG ? s->g : MAXG;
+    s->G = s->gb == 1 ? 1 : (s->gb <= 4 ? 4 : 8);
+    s->hg = (s->g + s->gb - 1) / s->gb;
+    if (s->hg > 65535) return FMC_EINVAL;
+    const int tile = NW * (256 / (int)D) * (s->G >= 8 ? 2 : 4);  // one tile's positions (attn_kernel)
+    int64_t want = g_atune[FMC_ATTN_TUNE_SPLITS];
+    if (want <= 0) {  // chunks of one tile, at most two blocks per SM in all
+        want = (n_ctx + tile - 1) / tile;
+        const int64_t cap = 2 * (int64_t)(*dev)->sms / (kv_heads * s->hg);
+        if (want > cap) want = cap;
+    }
+    if (want < 1) want = 1;
+    if (want > 65535) want = 65535;
+    s->nsplit = (int)want;
+    return FMC_OK;
+}
+
+size_t ticket_bytes(int64_t groups) { return ((size_t)groups * 4 + 255) / 256 * 256; }
+
+}  // namespace
+
+extern "C" {
+
+const char *fmc_attn_strerror(int code) {
+    switch (code) {
+        case FMC_OK: return "ok";
+        case FMC_EINVAL: return "unsupported shape, dtype or argument (head_dim 16/32/64/128/256, heads a multiple of kv_heads)";
+        case FMC_EALIGN: return "a tensor is not 16-byte aligned (the workspace: 256 bytes)";
+        case FMC_EWORKSPACE: return "workspace missing or smaller than fmc_attn_workspace_bytes";
+        default: return code > 0 ? cudaGetErrorString((cudaError_t)code) : "unknown error";
+    }
+}
+
+int64_t fmc_attn_tune(int key, int64_t value) {
+    if (key < 0 || key >= FMC_ATTN_TUNE_NKEYS) return -1;
+    const int64_t old = g_atune[key];
+    if (value >= 0 && key <= FMC_ATTN_TUNE_MIN_CHUNK && !(key == FMC_ATTN_TUNE_MIN_CHUNK && value < 1))
+        g_atune[key] = value;
+    return old;
+}
+
+size_t fmc_attn_workspace_bytes(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t n_ctx, int device) {
+    Shape s;
+    FmDevice *dev;
+    if (attn_shape(heads, kv_heads, head_dim, n_ctx, device, &s, &dev)) return 0;
+    const size_t groups = (size_t)kv_heads * s.hg;
+    return ticket_bytes(groups) + groups * s.nsplit * (size_t)(s.G * head_dim + 2 * s.G) * sizeof(float);
+}
+
+int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t n_ctx,
+                         const void *q, const void *k, const void *v, const void *cos, const void *sin,
+                         void *K, void *V, const int64_t *pos, int64_t window, float scale, void *out,
+                         void *workspace, size_t workspace_bytes, int device, void *stream) {
+    if (dtype != FMC_F32 && dtype != FMC_F16 && dtype != FMC_BF16) return FMC_EINVAL;
+    if (!q || !k || !v || !cos || !sin || !K || !V || !pos || !out || window < 0) return FMC_EINVAL;
+    const void *ptrs[] = {q, k, v, cos, sin, K, V, out};
+    for (const void *ptr : ptrs)
+        if ((uintptr_t)ptr % 16) return FMC_EALIGN;
+    if ((uintptr_t)pos % 8 || (uintptr_t)workspace % 256) return FMC_EALIGN;
+    Shape s;
+    FmDevice *dev;
+    int rc = attn_shape(heads, kv_heads, head_dim, n_ctx, device, &s, &dev);
+    if (rc) return rc;
+    const size_t groups = (size_t)kv_heads * s.hg;
+    if (!workspace || workspace_bytes < fmc_attn_workspace_bytes(heads, kv_heads, head_dim, n_ctx, device))
+        return FMC_EWORKSPACE;
+    AttnFn fn = dtype == FMC_F32 ? pick<float>((int)head_dim, s.G)
+              : dtype == FMC_F16 ? pick<__half>((int)head_dim, s.G) : pick<__nv_bfloat16>((int)head_dim, s.G);
+    if (!fn) return FMC_EINVAL;
+    AttnParams p = {};
+    p.q = q; p.k = k; p.v = v; p.cos = cos; p.sin = sin;
+    p.K = K; p.V = V; p.out = out; p.pos = pos;
+    p.ticket = (unsigned *)workspace;
+    p.part = (float *)((char *)workspace + ticket_bytes(groups));
+    p.g = s.g; p.gb = s.gb; p.hg = s.hg; p.nsplit = s.nsplit;
+    p.n_ctx = (int)n_ctx;
+    p.window = window > (1 << 30) ? 0 : (int)window;
+    p.min_chunk = (int)g_atune[FMC_ATTN_TUNE_MIN_CHUNK];
+    p.scale = scale;
+    p.pdl = g_atune[FMC_ATTN_TUNE_PDL] && dev->cc_major >= 9;
+    g_atune[FMC_ATTN_TUNE_LAST_SPLITS] = s.nsplit;
+    g_atune[FMC_ATTN_TUNE_LAST_GRID] = (int64_t)s.nsplit * s.hg * kv_heads;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)s.nsplit, (unsigned)s.hg, (unsigned)kv_heads);
+    cfg.blockDim = dim3(NTH);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = (cudaStream_t)stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = p.pdl ? 1 : 0;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, fn, (const AttnParams)p);
+    return err == cudaSuccess ? FMC_OK : (int)err;
+}
+
+}  // extern "C"
