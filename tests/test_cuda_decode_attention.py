@@ -67,7 +67,7 @@ def _check(heads, kvh, d, n_ctx, dtype, positions, window=0):
         assert torch.equal(K1, K2) and torch.equal(V1, V2), what
         exact = _exact(q, k, K1, V1, pos, inv_freq, window, scale)
         err, err_torch = (out.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
-        floor = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        floor = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
         assert err <= max(1.5 * err_torch, floor), (what, err, err_torch)
 
 
