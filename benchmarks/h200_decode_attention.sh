@@ -4,7 +4,7 @@
 # benchmarks/decode_attention.py), rival row 6 (every expert in VRAM, --dense-quant q4) with this
 # tree, then the graph-decode tests (last: a timeout then costs only coverage). The store is
 # written meanwhile (CPU and disk). Run from the tree's root with the compiled modules importable
-# (prep.sh); JSON and logs in $OUT.
+# (prep.sh); JSON and logs in $OUT. DEADLINE: seconds after the start by which the last step ends.
 set -u
 OUT=${OUT:-/tmp/fm-out}
 mkdir -p "$OUT" /tmp/rival
@@ -27,6 +27,6 @@ timeout ${T_RIVAL:-70} python3 benchmarks/rival.py --src x --machine h200 --engi
   --out "$OUT/rival.json" > "$OUT/rival.log" 2>&1
 cp /tmp/rival/flashmoe-h200-row6.json "$OUT/" 2>/dev/null
 log "rival: $(tail -2 "$OUT/rival.log" | tr '\n' ' ')"
-timeout ${T_GRAPH:-60} python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph_decode.py > "$OUT/test_graph.log" 2>&1
+timeout $(( ${DEADLINE:-170} - SECONDS )) python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph_decode.py > "$OUT/test_graph.log" 2>&1
 log "graph tests: $(tail -1 "$OUT/test_graph.log")"
 log done
