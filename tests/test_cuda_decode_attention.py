@@ -104,6 +104,7 @@ def test_a_captured_graph_replays_at_new_positions():
     with torch.cuda.stream(s):
         cos, sin = rope_tables(pos, inv_freq, dt)
         decode_attention(q.reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), cos, sin, Kg, Vg, pos, 0, scale)
+        _torch(q, k, v, K, V, pos, inv_freq, 0, scale)  # the same warm-up write at 0 in the reference cache
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=s):
             cos, sin = rope_tables(pos, inv_freq, dt)
@@ -131,3 +132,17 @@ def test_bad_input_is_refused_by_name():
         decode_attention(q.float().reshape(1, -1), k.reshape(1, -1), v.reshape(1, -1), cos, sin, K, V, pos, 0, 0.1)
     with pytest.raises(ValueError, match="k has"):
         decode_attention(q.reshape(1, -1), k.reshape(1, -1)[:, :64], v.reshape(1, -1), cos, sin, K, V, pos, 0, 0.1)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 128])
+def test_split_counts(splits):
+    """One chunk (every tile of the cache in one block: the next tile's loads in flight, the
+    position's k and v from shared memory in a later tile), an odd count, the most chunks (the
+    merge of 128 partials); tile edges 31/32/33."""
+    from flashmoe_plugin.kernels.decode_attention import tune
+    old = tune("splits", splits)
+    try:
+        _check(32, 8, 128, 552, torch.bfloat16, [0, 31, 32, 33, 551])
+        _check(8, 1, 64, 300, torch.float16, [1, 150, 299])
+    finally:
+        tune("splits", old)

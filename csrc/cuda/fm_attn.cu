@@ -10,11 +10,16 @@
 // on the device (ceil(len / splits), at least MIN_CHUNK), so short contexts run few blocks.
 // In a block, NW warps; a position's D values are spread over LPP = D / 8 lanes (8 each, one
 // 16-byte load of a 16-bit cache row piece), a warp takes 32 / LPP positions at a time and R of
-// those rounds per tile, every load of a tile issued before its arithmetic. Each warp keeps its own
-// running max / sum / output (online softmax), merged across warps in shared memory, then across
-// the chunks by the last block of the head group (an atomic ticket after a threadfence), which
-// reads every chunk's partial in chunk order (deterministic: the same bits every replay) and
-// resets the ticket for the next launch.
+// those rounds per tile, every load of a tile issued before its arithmetic and the next tile's
+// loads over this one's arithmetic. Latency, not bytes, is what a decode token's attention costs
+// (~2 MB per Mixtral layer at 552 positions), so the block loads everything that does not depend
+// on the position together with it, and the chunk holding the position takes its k and v from
+// shared memory instead of reading back its own write. Each warp keeps its own running max / sum
+// / output (online softmax), merged across warps in shared memory, then across the chunks by the
+// last block of the head group (an atomic ticket after a threadfence): it loads every chunk's max
+// and sum at once, a warp per head turns them into weights, and the outputs are weighted sums
+// over the chunks in chunk order (deterministic: the same bits every replay), 8 chunks' loads in
+// flight. It resets the ticket for the next launch.
 //
 // Numerics as the torch formula: RoPE q * cos + rotate_half(q) * sin with each product and the
 // sum rounded to the activation dtype (so K holds the same bits), the score q.K in fp32 rounded to
@@ -35,6 +40,7 @@ namespace {
 constexpr int NW = 4;            // warps per block
 constexpr int NTH = NW * 32;
 constexpr int MAXG = 8;          // most query heads per block (a head group)
+constexpr int MAXSPLIT = 128;    // most position chunks per head group
 
 struct AttnParams {
     const void *q, *k, *v, *cos, *sin;
@@ -120,14 +126,39 @@ __device__ __forceinline__ void rope8(const T *x, int d0, const float (&c)[8], c
     }
 }
 
+// 8 values (exactly representable in T) as raw 16-byte words
+template <typename T> __device__ __forceinline__ void pack8(const float (&f)[8], uint4 (&u)[Elt<T>::W]);
+template <> __device__ __forceinline__ void pack8<float>(const float (&f)[8], uint4 (&u)[2]) {
+    u[0] = make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+    u[1] = make_uint4(__float_as_uint(f[4]), __float_as_uint(f[5]), __float_as_uint(f[6]), __float_as_uint(f[7]));
+}
+template <> __device__ __forceinline__ void pack8<__nv_bfloat16>(const float (&f)[8], uint4 (&u)[1]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(f[2 * i])) |
+               ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(f[2 * i + 1])) << 16);
+    u[0] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ void pack8<__half>(const float (&f)[8], uint4 (&u)[1]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (unsigned)__half_as_ushort(__float2half_rn(f[2 * i])) |
+               ((unsigned)__half_as_ushort(__float2half_rn(f[2 * i + 1])) << 16);
+    u[0] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     constexpr int LPP = D / 8, PPW = 32 / LPP;  // lanes per position, positions per warp round
-    constexpr int R = G >= 8 ? 2 : 4;           // rounds per tile (registers: loads of K and V)
+    constexpr int R = G >= 8 ? 2 : 4;           // rounds per tile (registers: two tiles of K and V)
     constexpr int TILE = NW * PPW * R;
     constexpr int WU = Elt<T>::W;
     __shared__ float s_m[NW][G], s_l[NW][G];
     __shared__ __align__(16) float s_acc[NW][G][D];
+    __shared__ __align__(16) uint4 s_new[2][LPP * WU];  // this position's k and v (raw)
+    __shared__ float s_pm[MAXSPLIT][G], s_pl[MAXSPLIT][G];
     __shared__ int s_last;
 
     if (p.pdl) {
@@ -136,7 +167,27 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPP, pg = lane / LPP;
     const int split = blockIdx.x, hgi = blockIdx.y, kvh = blockIdx.z, KVH = gridDim.z;
+    const int h0 = hgi * p.gb, nh = min(p.gb, p.g - h0);
+    const int d0 = sub * 8;
+    const size_t row = (size_t)KVH * D;
+    const size_t head = (size_t)kvh * p.g + h0;  // this block's first query head
+    // What does not depend on the position is loaded with it (one round trip): the position, the
+    // RoPE tables, the rotated q of the block's heads, and (warp 0) the rotated k and v.
     const int64_t pos = *p.pos;
+    float c8[8], s8[8], qr[G][8], kr[8], vv[8];
+    ld8<T>((const T *)p.cos + d0, c8);
+    ld8<T>((const T *)p.sin + d0, s8);
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+        if (h < nh) rope8<T, D>((const T *)p.q + (head + h) * D, d0, c8, s8, qr[h]);
+        else
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qr[h][e] = 0.f;
+    }
+    if (threadIdx.x < LPP) {
+        rope8<T, D>((const T *)p.k + (size_t)kvh * D, d0, c8, s8, kr);
+        ld8<T>((const T *)p.v + (size_t)kvh * D + d0, vv);
+    }
     const bool valid = pos >= 0 && pos < p.n_ctx;
     const int n = valid ? (int)pos + 1 : 0;
     const int lo = valid && p.window > 0 && n > p.window ? n - p.window : 0;
@@ -144,11 +195,7 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     const int chunk = max(p.min_chunk, (len + p.nsplit - 1) / p.nsplit);
     const int active = (len + chunk - 1) / chunk;  // 0 for an invalid position: the output is NaN
     const int start = lo + split * chunk, end = min(start + chunk, n);
-    const int h0 = hgi * p.gb, nh = min(p.gb, p.g - h0);
-    const int d0 = sub * 8;
-    const size_t row = (size_t)KVH * D;
     const T *K = (const T *)p.K + (size_t)kvh * D + d0, *V = (const T *)p.V + (size_t)kvh * D + d0;
-    const size_t head = (size_t)kvh * p.g + h0;  // this block's first query head
 
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -159,38 +206,58 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
         for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
     }
     if (split < active) {
-        float c8[8], s8[8], qr[G][8];
-        ld8<T>((const T *)p.cos + d0, c8);
-        ld8<T>((const T *)p.sin + d0, s8);
-#pragma unroll
-        for (int h = 0; h < G; ++h) {
-            if (h < nh) rope8<T, D>((const T *)p.q + (head + h) * D, d0, c8, s8, qr[h]);
-            else
-#pragma unroll
-                for (int e = 0; e < 8; ++e) qr[h][e] = 0.f;
-        }
-        if (start <= pos && pos < end) {  // this chunk holds the position: write its k and v first
-            if (threadIdx.x < LPP) {        // (every head group's block writes the same bits)
-                float kr[8], vv[8];
-                rope8<T, D>((const T *)p.k + (size_t)kvh * D, d0, c8, s8, kr);
-                ld8<T>((const T *)p.v + (size_t)kvh * D + d0, vv);
-                st8<T>((T *)p.K + (size_t)pos * row + (size_t)kvh * D + d0, kr);
-                st8<T>((T *)p.V + (size_t)pos * row + (size_t)kvh * D + d0, vv);
-            }
-            __syncthreads();  // visible to the block's reads below (through L2: ldcg)
-        }
-        for (int t0 = start; t0 < end; t0 += TILE) {
-            uint4 kraw[R][WU], vraw[R][WU];
-            bool ok[R];
+        // a tile's K and V rows of this lane (the position's own from s_new once written)
+        auto load = [&](int t0, uint4 (&kw)[R][WU], uint4 (&vw)[R][WU], bool (&okw)[R], bool own) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const int j = t0 + (r * NW + warp) * PPW + pg;
-                ok[r] = j < end;
-                if (ok[r]) {
-                    ldcg_raw<T>(K + (size_t)j * row, kraw[r]);
-                    ldcg_raw<T>(V + (size_t)j * row, vraw[r]);
+                okw[r] = j < end;
+                if (!okw[r]) continue;
+                if (j != pos) {
+                    ldcg_raw<T>(K + (size_t)j * row, kw[r]);
+                    ldcg_raw<T>(V + (size_t)j * row, vw[r]);
+                } else if (own) {
+#pragma unroll
+                    for (int i = 0; i < WU; ++i) {
+                        kw[r][i] = s_new[0][sub * WU + i];
+                        vw[r][i] = s_new[1][sub * WU + i];
+                    }
                 }
             }
+        };
+        uint4 kraw[R][WU], vraw[R][WU];
+        bool ok[R];
+        load(start, kraw, vraw, ok, false);
+        if (start <= pos && pos < end) {  // this chunk holds the position: write its k and v
+            if (threadIdx.x < LPP) {        // (every head group's block writes the same bits)
+                uint4 ku[WU], vu[WU];
+                pack8<T>(kr, ku);
+                pack8<T>(vv, vu);
+#pragma unroll
+                for (int i = 0; i < WU; ++i) {
+                    ((uint4 *)((T *)p.K + (size_t)pos * row + (size_t)kvh * D + d0))[i] = ku[i];
+                    ((uint4 *)((T *)p.V + (size_t)pos * row + (size_t)kvh * D + d0))[i] = vu[i];
+                    s_new[0][sub * WU + i] = ku[i];
+                    s_new[1][sub * WU + i] = vu[i];
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int j = start + (r * NW + warp) * PPW + pg;
+                if (ok[r] && j == pos)
+#pragma unroll
+                    for (int i = 0; i < WU; ++i) {
+                        kraw[r][i] = s_new[0][sub * WU + i];
+                        vraw[r][i] = s_new[1][sub * WU + i];
+                    }
+            }
+        }
+        for (int t0 = start; t0 < end; t0 += TILE) {
+            uint4 kn[R][WU], vn[R][WU];
+            bool okn[R];
+            const bool more = t0 + TILE < end;
+            if (more) load(t0 + TILE, kn, vn, okn, true);  // the next tile's loads over this one's arithmetic
             float sc[R][G];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -233,6 +300,17 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
                     for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(pr, vf[e], acc[h][e]);
                 }
                 m[h] = mn;
+            }
+            if (more) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    ok[r] = okn[r];
+#pragma unroll
+                    for (int i = 0; i < WU; ++i) {
+                        kraw[r][i] = kn[r][i];
+                        vraw[r][i] = vn[r][i];
+                    }
+                }
             }
         }
         // this warp's sums over its position groups (lanes LPP apart)
@@ -306,19 +384,34 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // the last block: every chunk's max and sum at once, then per head (a warp each) the chunks'
+    // weights exp(m_c - M) / L, then the outputs as weighted sums (loads of 8 chunks in flight)
     const float *parts = p.part + grp * p.nsplit * PS;
-    for (int i = threadIdx.x; i < nh * D; i += NTH) {
-        const int h = i / D, d = i - h * D;
-        float M = -CUDART_INF_F;
-        for (int c = 0; c < active; ++c) M = fmaxf(M, __ldcg(parts + c * PS + G * D + 2 * h));
-        float L = 0.f, o = 0.f;
-        for (int c = 0; c < active; ++c) {
-            const float *pc = parts + c * PS;
-            const float a = __expf(__ldcg(pc + G * D + 2 * h) - M);
-            L = fmaf(a, __ldcg(pc + G * D + 2 * h + 1), L);
-            o = fmaf(a, __ldcg(pc + h * D + d), o);
+    for (int i = threadIdx.x; i < active * G; i += NTH) {
+        const int c = i / G, h = i - c * G;
+        if (h < nh) {
+            s_pm[c][h] = __ldcg(parts + (size_t)c * PS + G * D + 2 * h);
+            s_pl[c][h] = __ldcg(parts + (size_t)c * PS + G * D + 2 * h + 1);
         }
-        out[i] = from_float<T>(o / L);
+    }
+    __syncthreads();
+    for (int h = warp; h < nh; h += NW) {
+        float M = -CUDART_INF_F, L = 0.f;
+        for (int c = lane; c < active; c += 32) M = fmaxf(M, s_pm[c][h]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(FULL, M, o));
+        for (int c = lane; c < active; c += 32) L = fmaf(__expf(s_pm[c][h] - M), s_pl[c][h], L);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(FULL, L, o);
+        for (int c = lane; c < active; c += 32) s_pm[c][h] = __expf(s_pm[c][h] - M) / L;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nh * D; i += NTH) {
+        const int h = i / D;
+        float o = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < active; ++c) o = fmaf(s_pm[c][h], __ldcg(parts + (size_t)c * PS + i), o);
+        out[i] = from_float<T>(o);
     }
     if (threadIdx.x == 0) atomicExch(p.ticket + grp, 0u);  // ready for the next launch
 }
@@ -346,7 +439,7 @@ FmDevice g_adev[FM_MAX_DEV];
 int64_t g_atune[FMC_ATTN_TUNE_NKEYS] = {0, 1, 16, 0, 0};
 
 struct Shape {
-    int g, gb, G, hg, nsplit;
+    int g, gb, G, hg;
 };
 
 // The launch's shape, or FMC_EINVAL.
@@ -361,16 +454,30 @@ int attn_shape(int64_t heads, int64_t kv_heads, int64_t D, int64_t n_ctx, int de
     s->G = s->gb == 1 ? 1 : (s->gb <= 4 ? 4 : 8);
     s->hg = (s->g + s->gb - 1) / s->gb;
     if (s->hg > 65535) return FMC_EINVAL;
-    const int tile = NW * (256 / (int)D) * (s->G >= 8 ? 2 : 4);  // one tile's positions (attn_kernel)
+    return FMC_OK;
+}
+
+// Position chunks per head group: the SPLITS knob, else chunks of one tile for n_ctx, at most the
+// blocks resident at once (the kernel's occupancy, queried once per device and kernel).
+int attn_splits(const Shape &s, int dtype, AttnFn fn, FmDevice *dev, int64_t D, int64_t kv_heads, int64_t n_ctx,
+                int *nsplit) {
+    static int occ_of[FM_MAX_DEV][3][5][3];  // [device][dtype][log2(D) - 4][G 1/4/8]
     int64_t want = g_atune[FMC_ATTN_TUNE_SPLITS];
-    if (want <= 0) {  // chunks of one tile, at most two blocks per SM in all
+    if (want <= 0) {
+        int ld = 0;
+        while ((16 << ld) < D) ++ld;
+        int &occ = occ_of[dev - g_adev][dtype][ld][s.G == 1 ? 0 : (s.G == 4 ? 1 : 2)];
+        if (!occ) {
+            const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, NTH, 0);
+            if (err != cudaSuccess) return (int)err;
+            if (occ < 1) occ = 1;
+        }
+        const int tile = NW * (256 / (int)D) * (s.G >= 8 ? 2 : 4);  // one tile's positions (attn_kernel)
         want = (n_ctx + tile - 1) / tile;
-        const int64_t cap = 2 * (int64_t)(*dev)->sms / (kv_heads * s->hg);
+        const int64_t cap = (int64_t)occ * dev->sms / (kv_heads * s.hg);
         if (want > cap) want = cap;
     }
-    if (want < 1) want = 1;
-    if (want > 65535) want = 65535;
-    s->nsplit = (int)want;
+    *nsplit = (int)(want < 1 ? 1 : (want > MAXSPLIT ? MAXSPLIT : want));
     return FMC_OK;
 }
 
@@ -403,7 +510,7 @@ size_t fmc_attn_workspace_bytes(int64_t heads, int64_t kv_heads, int64_t head_di
     FmDevice *dev;
     if (attn_shape(heads, kv_heads, head_dim, n_ctx, device, &s, &dev)) return 0;
     const size_t groups = (size_t)kv_heads * s.hg;
-    return ticket_bytes(groups) + groups * s.nsplit * (size_t)(s.G * head_dim + 2 * s.G) * sizeof(float);
+    return ticket_bytes(groups) + groups * MAXSPLIT * (size_t)(s.G * head_dim + 2 * s.G) * sizeof(float);
 }
 
 int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t n_ctx,
@@ -426,21 +533,23 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
     AttnFn fn = dtype == FMC_F32 ? pick<float>((int)head_dim, s.G)
               : dtype == FMC_F16 ? pick<__half>((int)head_dim, s.G) : pick<__nv_bfloat16>((int)head_dim, s.G);
     if (!fn) return FMC_EINVAL;
+    int nsplit;
+    if ((rc = attn_splits(s, dtype, fn, dev, head_dim, kv_heads, n_ctx, &nsplit))) return rc;
     AttnParams p = {};
     p.q = q; p.k = k; p.v = v; p.cos = cos; p.sin = sin;
     p.K = K; p.V = V; p.out = out; p.pos = pos;
     p.ticket = (unsigned *)workspace;
     p.part = (float *)((char *)workspace + ticket_bytes(groups));
-    p.g = s.g; p.gb = s.gb; p.hg = s.hg; p.nsplit = s.nsplit;
+    p.g = s.g; p.gb = s.gb; p.hg = s.hg; p.nsplit = nsplit;
     p.n_ctx = (int)n_ctx;
     p.window = window > (1 << 30) ? 0 : (int)window;
     p.min_chunk = (int)g_atune[FMC_ATTN_TUNE_MIN_CHUNK];
     p.scale = scale;
     p.pdl = g_atune[FMC_ATTN_TUNE_PDL] && dev->cc_major >= 9;
-    g_atune[FMC_ATTN_TUNE_LAST_SPLITS] = s.nsplit;
-    g_atune[FMC_ATTN_TUNE_LAST_GRID] = (int64_t)s.nsplit * s.hg * kv_heads;
+    g_atune[FMC_ATTN_TUNE_LAST_SPLITS] = nsplit;
+    g_atune[FMC_ATTN_TUNE_LAST_GRID] = (int64_t)nsplit * s.hg * kv_heads;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)s.nsplit, (unsigned)s.hg, (unsigned)kv_heads);
+    cfg.gridDim = dim3((unsigned)nsplit, (unsigned)s.hg, (unsigned)kv_heads);
     cfg.blockDim = dim3(NTH);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = (cudaStream_t)stream;

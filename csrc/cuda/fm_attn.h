@@ -35,7 +35,7 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
                          void *workspace, size_t workspace_bytes, int device, void *stream);
 
 /* Knobs (process-wide, as fmc_tune): SPLITS position chunks per head group (0 = auto: enough
- * chunks of one tile for n_ctx, at most two blocks per SM), PDL (1 = programmatic dependent
+ * chunks of one tile for n_ctx, at most four blocks per SM, at most 128), PDL (1 = programmatic dependent
  * launch on sm_90+), MIN_CHUNK (fewest positions per chunk, default 16); read-only: the last
  * launch's splits and grid. */
 enum fmc_attn_tune_key {
