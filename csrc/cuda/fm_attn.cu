@@ -385,7 +385,8 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     if (!s_last) return;
     __threadfence();
     // the last block: every chunk's max and sum at once, then per head (a warp each) the chunks'
-    // weights exp(m_c - M) / L, then the outputs as weighted sums (loads of 8 chunks in flight)
+    // weights exp(m_c - M) / L, then the outputs as weighted sums in chunk order, the loads of CB
+    // chunks for all of a thread's EPT outputs in flight together
     const float *parts = p.part + grp * p.nsplit * PS;
     for (int i = threadIdx.x; i < active * G; i += NTH) {
         const int c = i / G, h = i - c * G;
@@ -406,12 +407,33 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
         for (int c = lane; c < active; c += 32) s_pm[c][h] = __expf(s_pm[c][h] - M) / L;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < nh * D; i += NTH) {
-        const int h = i / D;
-        float o = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < active; ++c) o = fmaf(s_pm[c][h], __ldcg(parts + (size_t)c * PS + i), o);
-        out[i] = from_float<T>(o);
+    constexpr int EPT = (G * D + NTH - 1) / NTH;                // outputs per thread
+    constexpr int CB = EPT >= 16 ? 4 : (EPT >= 8 ? 8 : 16);     // chunks per batch of loads
+    const int nout = nh * D;
+    float o[EPT];
+#pragma unroll
+    for (int e = 0; e < EPT; ++e) o[e] = 0.f;
+    for (int c0 = 0; c0 < active; c0 += CB) {
+        float v[CB][EPT];
+#pragma unroll
+        for (int u = 0; u < CB; ++u)
+#pragma unroll
+            for (int e = 0; e < EPT; ++e) {
+                const int i = threadIdx.x + e * NTH;
+                v[u][e] = c0 + u < active && i < nout ? __ldcg(parts + (size_t)(c0 + u) * PS + i) : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < CB; ++u)
+#pragma unroll
+            for (int e = 0; e < EPT; ++e) {
+                const int i = threadIdx.x + e * NTH;
+                if (c0 + u < active && i < nout) o[e] = fmaf(s_pm[c0 + u][i / D], v[u][e], o[e]);
+            }
+    }
+#pragma unroll
+    for (int e = 0; e < EPT; ++e) {
+        const int i = threadIdx.x + e * NTH;
+        if (i < nout) out[i] = from_float<T>(o[e]);
     }
     if (threadIdx.x == 0) atomicExch(p.ticket + grp, 0u);  // ready for the next launch
 }
