@@ -12,7 +12,8 @@
  *   cos, sin [D]: the position's RoPE tables (runtime/decode_ops.rope_tables);
  *   K, V [n_ctx, kv_heads, D]: the layer's caches, written at pos;
  *   out [heads * D]: query head kvh * (heads / kv_heads) + j attends kv head kvh.
- * head_dim D in {16, 32, 64, 128, 256}; heads a multiple of kv_heads.
+ * head_dim D in {16, 32, 64, 128, 256}; heads a multiple of kv_heads. A position outside
+ * 0..n_ctx-1 writes nothing and gives NaN outputs (the host checks n_ctx before a step).
  * workspace: fmc_attn_workspace_bytes(...) bytes, zeroed once, reused by one stream at a time
  * (its first bytes are per-head counters the launch leaves at zero). */
 #ifndef FM_ATTN_H

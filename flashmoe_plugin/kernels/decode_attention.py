@@ -12,6 +12,9 @@ is read on the device, so the graph replays it at every position.
         out = decode_attention(q, k, v, cos, sin, K, V, pos, window, scale)   # [1, heads * D]
 
 FLASHMOE_ATTN=0 turns the kernel off (the torch formula everywhere: before/after comparisons).
+H200, Mixtral shapes, bf16, µs per layer inside a graph (benchmarks/decode_attention.py, one call):
+10.9 against the formula's 13.2 at the last of 552 positions, 5.1 against 13.1 at position 0,
+29.8 against 35.9 at 8192; rival row 6 (q4 dense) 271.6 tok/s (benchmarks/README.md, issue 9).
 """
 from __future__ import annotations
 
