@@ -10,7 +10,10 @@ and torch.topk's sort + gather; RoPE has no cat. Per Mixtral layer on the H200 t
 routing from 19.8 to 7.1 us of device time (benchmarks/results/h200-s9-decode-ops-8l.json).
 
     h2 = attention(h, delta, hs_row, ...)   # h + delta (the previous layer's FFN output), saved to
-                                           # hs_row, then attention over the whole masked cache
+                                           # hs_row, then attention: on CUDA one kernel for RoPE,
+                                           # the K/V writes and positions 0..pos
+                                           # (kernels/decode_attention.py), else over the whole
+                                           # masked cache in torch (the CPU twin)
     x, ids, w = route(h2, ...)             # norm, router, softmax/top-k on the device
     addrs = addresses(...)                 # the routed experts' record addresses (slot table)
     missing(present, ids, out)             # per layer, its routed experts the table lacked
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import decode_attention as fused_attention
 from ..kernels.route import route_decode
 from ..models.layers import linear, rms_norm
 
@@ -34,12 +38,12 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
               heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
     """The residual h + delta (kept in hs_row), then one token's attention block added to it."""
     h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
+                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
     return h + o
 
 
 def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-           heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
+                    heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
     """(the residual h + delta, kept in hs_row; the attention block's output, not yet added)."""
     h = h + delta
     hs_row.copy_(h)
@@ -54,6 +58,19 @@ def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, s
     q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
     if qk_norm == "head":
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    if fused_attention.takes(K, heads, q.dtype):  # CUDA: RoPE, the K/V writes and attention over 0..pos in one kernel
+        out = fused_attention.decode_attention(q.reshape(1, nq), k.reshape(1, nk), v.reshape(1, nk), cos, sin, K, V,
+                                               pos, window or 0, scale)
+    else:
+        out = attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale)
+    return h, linear(out, wo)
+
+
+def attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale: float):
+    """RoPE of q [1, heads, D] and k [1, kv_heads, D], k and v written to K/V [n_ctx, kv_heads, D]
+    at pos, then attention over the whole cache under the position mask: [1, heads * D]. The
+    torch formula of the fused kernel (kernels/decode_attention.py): its CPU twin and fallback."""
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     K.index_copy_(0, pos, k)
@@ -68,7 +85,7 @@ def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, s
     s = _dot(q.view(kv_heads, g, 1, head_dim), K.permute(1, 0, 2)[:, None], -1).to(q.dtype).float() * scale
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     out = torch.matmul(p, V.permute(1, 0, 2))  # [kv_heads, g, d]: head order as the query's
-    return h, linear(out.reshape(1, nq), wo)
+    return out.reshape(1, heads * head_dim)
 
 
 def _rotate_half(x):
@@ -137,7 +154,7 @@ def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
     CUDA run where kernels/route.py is usable) the add and the routing are one launch of
     flashmoe::route_decode, otherwise the torch code below."""
     h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
+                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
     if route_ws is not None:
         return route_decode(h, o, ffn_norm, router_w, entries_row, base, ids_row, route_ws, stride, top_k,
                             norm_topk, eps)
