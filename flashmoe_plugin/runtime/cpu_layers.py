@@ -48,6 +48,7 @@ class CpuLayers:
     # take a few ms; the default 50 us would put them to sleep between any two calls
     spin_us = 5000
     _issued = 0.0  # perf_counter when the last decode's copies were queued
+    tune = True  # beside a GPU: the decode share by measured time (SplitTuner); False: by the cost model (A/B)
 
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
                  gpu_backend=None):
@@ -106,7 +107,7 @@ class CpuLayers:
         self._adapt = cuda  # the costs follow the decode's own calls (the twin keeps the costs it is given)
         # beside a GPU the decode share is chosen by measured time per CPU layer (runtime/split_tuner.py;
         # it needs two CPU layers in a row); None: by the cost model (the twin, unless a test sets one)
-        self.tuners: dict | None = {} if cuda and len(self.layers) > 1 else None
+        self.tuners: dict | None = {} if cuda and self.tune and len(self.layers) > 1 else None
         self._last = None  # (layer, share, perf_counter) of the last decode call, for the tuner
         self._dev_out = None  # the CPU's sum on the device in fp32 (beside a GPU)
         self._views: dict = {}  # cached tensor views of records and ring slots (decode makes none per call)
