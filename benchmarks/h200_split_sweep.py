@@ -120,11 +120,11 @@ def main(store: str, out: str, budget: float, specs: list[str]):
         doc["host"] = {"error": f"{type(e).__name__}: {e}"}
     print("host:", doc["host"], flush=True)
     save()
-    per_run = 6.0  # seconds a run takes, updated as they come
+    per_run, per_load = 6.0, 30.0  # seconds a run and an engine's start take, updated as they come
     for spec in specs:
         n, config, *forced = spec.split(":")
         shares = [int(c) for c in forced[0].split(",")] if forced and forced[0] else []
-        if time.time() - T0 + 4 * per_run > budget:
+        if time.time() - T0 + per_load + 2 * per_run > budget:
             print(spec, "skipped (time)", flush=True)
             continue
         os.environ["FLASHMOE_SLICE_EXPERTS"] = "0" if config == "main" else "1"
@@ -141,6 +141,7 @@ def main(store: str, out: str, budget: float, specs: list[str]):
                 cl.tuners = {eng.config.top_k * cl.cut[cl.layers[0]][0]: SplitTuner(eng.config.top_k * cl.cut[cl.layers[0]][0])}
             ids = prompt_ids(eng.tokenizer, PROMPT, eng.config.vocab_size)
             row = doc[spec] = {"load_s": round(time.time() - t_load, 1), "cut_s": eng.cpu_layers.cut_s}
+            per_load = max(15.0, row["load_s"])
             for label in ["first", "again"] + [f"c{c}" for c in shares]:
                 if time.time() - T0 + per_run > budget:
                     print(spec, label, "skipped (time)", flush=True)
