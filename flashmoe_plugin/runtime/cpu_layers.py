@@ -369,7 +369,9 @@ class CpuLayers:
                 self.copies.use(ev)
                 self._busy.discard(s)
             self._ahead.clear()
-        timer = self._timer if self._adapt else None
+        # the copies timed with events for the cost model (the tuner needs none: three event calls fewer
+        # on the CPU's side of every split; copy_s keeps its start-up figure for prefill's choice)
+        timer = self._timer if self._adapt and self.tuners is None else None
         if timer is not None:
             if self._timed and timer[1].query():  # the previous call's copies, long done
                 dt = timer[0].elapsed_time(timer[1]) / 1e3 / self._timed
