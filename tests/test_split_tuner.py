@@ -87,3 +87,13 @@ def test_tuned_split_on_the_twin(oracles):
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
     assert len(tuner.times) >= 2 and cl.split_up > 0, tuner.report()
     assert cl.plan_of(k)["tuner"]["best"] == tuner.best
+
+
+def test_tuner_drops_its_warmup():
+    """The first `warmup` samples (an engine's first token, slow whatever the share) decide nothing."""
+    t = SplitTuner(4, samples=1, warmup=3)
+    for _ in range(3):
+        t.record(4, 100.0)
+    assert t.times == {} and t.c == 4
+    t.record(4, 1.0)
+    assert t.median_of(4) == 1.0 and t.c == 3

@@ -268,7 +268,7 @@ class CpuLayers:
         when that was the CPU layer just before this one (the same token)."""
         tuner = self.tuners.get(top)
         if tuner is None:
-            tuner = self.tuners[top] = SplitTuner(top)
+            tuner = self.tuners[top] = SplitTuner(top, warmup=len(self.layers))
         last = self._last
         if last is not None and self._next_layer.get(last[0]) == layer:
             self.tuners[last[1]].record(last[2], now - last[3])

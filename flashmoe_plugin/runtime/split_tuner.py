@@ -7,7 +7,7 @@ sit on one side or the other. So c is chosen by what decode measures: the wall t
 from its decode call to the next CPU layer's, which holds all of it (both sides, their contention
 for RAM, the launches, the next layer's attention on the GPU).
 
-The tuner starts with every slice on the CPU and moves one slice at a time to the GPU while that
+The tuner starts with every slice on the CPU (after a first token's calls, dropped) and moves one slice at a time to the GPU while that
 measures faster (the median of `samples` calls each), stops once two steps in a row did not beat
 the best, keeps the best, and every `recheck` calls measures the best's two neighbours again (the
 load and the routing drift; a neighbour that now measures faster is taken). On the H200's Mixtral
@@ -19,10 +19,14 @@ from statistics import median
 
 
 class SplitTuner:
-    def __init__(self, top: int, samples: int = 5, recheck: int = 240):
+    def __init__(self, top: int, samples: int = 5, recheck: int = 240, warmup: int = 0):
         if top < 1 or samples < 1:
             raise ValueError(f"SplitTuner: top {top} and samples {samples} must be at least 1")
         self.top, self.samples, self.recheck = top, samples, recheck
+        # samples dropped at the start: an engine's first decode token ran 12-25% slower than the
+        # next ones on the H200 whatever the share (h200-h10d-sweep.json), and the descent's first
+        # shares would carry it
+        self.warmup = warmup
         self.times: dict[int, list[float]] = {}  # c -> its latest samples (seconds per CPU layer)
         self.best = self.c = top  # the best measured share; the share in use
         self._fresh = 0  # samples of c taken since it was chosen for measuring
@@ -38,6 +42,9 @@ class SplitTuner:
 
     def record(self, c: int, seconds: float) -> None:
         """One CPU layer's wall time with share c (the share in use when that layer ran)."""
+        if self.warmup > 0:
+            self.warmup -= 1
+            return
         t = self.times.setdefault(c, [])
         t.append(seconds)
         del t[:-self.samples]
