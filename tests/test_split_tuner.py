@@ -97,3 +97,30 @@ def test_tuner_drops_its_warmup():
     assert t.times == {} and t.c == 4
     t.record(4, 1.0)
     assert t.median_of(4) == 1.0 and t.c == 3
+
+
+def test_cpu_calibration_reads_fresh_records(oracles):
+    """CpuLayers.measure_cpu times calls on records no earlier call read (decode reads each token's
+    experts from RAM; the same records again stay in a large L3, and the H200's calibration came out
+    at half decode's cost): no record is in two of its calls when the layers hold enough of them."""
+    from flashmoe_plugin.io import aligned_empty
+    store = oracles("mixtral").store("q4")
+    eng = Engine(store, n_cpu_moe=len(Engine(store, prefetch="off").store.layers), prefetch="off")
+    cl = eng.cpu_layers
+    cl.attach(eng.backend, aligned_empty(cl.ring_size() * cl.stride), copy_s=1.0, cpu_s=1.0)
+    total = sum(cl.experts[layer] for layer in cl.layers)
+    calls, moe = [], cl.backend.moe
+
+    def spy(x, recs, ws, lay):
+        calls.append({(r.data_ptr() - cl.mem.data_ptr()) // cl.stride for r in recs})  # the records read
+        return moe(x, recs, ws, lay)
+    cl.backend.moe = spy
+    try:
+        cl.measure_cpu()
+    finally:
+        cl.backend.moe = moe
+    eng.close()
+    assert total >= 4 * (1 + cl.k) and len(calls) == 8, (total, len(calls))
+    seen = [r for c in calls for r in c]
+    assert len(seen) == len(set(seen)) == 4 * (1 + cl.k), calls
+    assert cl.cpu_s > 0 and cl.cpu_o >= 0
