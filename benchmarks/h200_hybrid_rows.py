@@ -1,5 +1,6 @@
 """Issue 10's hybrid rows in one process (torch.compile and the CUDA context paid once): `flashmoe
-bench` (run_bench) on one store for several --n-cpu-moe values, and A/B variants of CpuLayers.plan:
+bench` (run_bench) on one store for several --n-cpu-moe values (plain N: the default, sliced experts and
+the share by measured time, runtime/split_tuner.py), and A/B variants of CpuLayers.plan (the tuner off):
 ",cpu" every CPU-layer expert of a decode token on the CPU, ",split" one of them copied up (session 6's plan), ",slice" experts cut into slices of their
 intermediate rows (FLASHMOE_SLICE_EXPERTS=1, store/slices.py), ",wantN" the same with slices cut so
 that a token has at least N (slice_count's `want`, default 16), ",whole" sliced records but the
@@ -25,7 +26,7 @@ import time
 from collections import defaultdict
 
 from flashmoe_plugin.bench.store import run_bench
-from flashmoe_plugin.runtime import host_compute
+from flashmoe_plugin.runtime import cpu_layers as host_compute  # slice_count as CpuLayers sees it
 from flashmoe_plugin.runtime.cpu_layers import CpuLayers
 
 
@@ -139,7 +140,8 @@ def main(store: str, out: str, rows: list[str]):
             CpuLayers.decode, CpuLayers.spin_us = OLD_DECODE, 50
         if mode.startswith("spin"):
             CpuLayers.spin_us = int(mode[4:])
-        os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("slice", "whole") or mode.startswith("want") else "0"
+        os.environ["FLASHMOE_SLICE_EXPERTS"] = "1" if mode in ("", "slice", "whole") or mode.startswith("want") else "0"
+        CpuLayers.tune = mode == ""  # the default: the share by measured time (SplitTuner); the variants by plan
         if mode.startswith("want"):
             host_compute.slice_count = lambda layout, k, want=None, n=int(mode[4:]): count(layout, k, n)
         t0 = time.time()
@@ -154,6 +156,7 @@ def main(store: str, out: str, rows: list[str]):
         finally:
             r_probe = probe.result()  # first: it restores what it wrapped (a variant's decode among them)
             CpuLayers.plan, CpuLayers.decode, host_compute.slice_count, CpuLayers.spin_us = plan, decode, count, spin
+            CpuLayers.tune = True
             os.environ.pop("FLASHMOE_SLICE_EXPERTS") if env is None else os.environ.update(FLASHMOE_SLICE_EXPERTS=env)
         r["probe"] = r_probe
         doc[row] = r

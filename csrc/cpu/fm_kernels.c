@@ -843,6 +843,14 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
         else
             pool_run(p, k * c.T, moe_prep2, &c);
         int64_t ch2 = chunk_rows(&ex[0].w2, H, nth, c.T * k);
+        if (c.T == 1) {
+            /* decode: a task reads its rows of all k experts, so it is sized by the rows alone; at
+             * least 16 tasks a thread (an expert cut into slices has short w2 rows, and chunk_rows
+             * gave its 16 slices 4 tasks a thread on the H200's 16 cores, against 16 for 2 whole
+             * Mixtral experts: the phase ended on its slowest thread) */
+            int64_t cap = (ceil_div(H, (int64_t)nth * 16) + 7) & ~(int64_t)7;
+            if (ch2 > cap) ch2 = cap < 8 ? 8 : cap;
+        }
         if (ch2 > FM_TMP_ROWS) ch2 = FM_TMP_ROWS;
         c.chunk2 = ch2;
         pool_run(p, ceil_div(H, ch2), moe_phase2, &c);

@@ -13,6 +13,7 @@ from ..pager.tiers import event_times
 from ..store.slices import cut, slice_count, slice_layout
 from ..timing import best_seconds
 from .host_compute import cpu_backend, cpu_share
+from .split_tuner import SplitTuner
 
 
 class CpuLayers:
@@ -25,10 +26,12 @@ class CpuLayers:
     kernels stream a token's two Mixtral experts at ~124 GB/s, and the copy engine reads the same
     RAM). `plan(k, q)` gives the CPU the first c of the token's k*q slices (whole experts, then the
     head of the next one) and the GPU the rest (that expert's tail, one copy, and the later
-    experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU).
-    q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1: then, once a GPU side is attached, each
-    record is re-laid out as q slices along its intermediate dimension (store/slices.py: q records
-    of I/q rows, summing to the expert).
+    experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU);
+    beside a CUDA GPU c is chosen by decode's own measured time per CPU layer instead
+    (runtime/split_tuner.py), and, once the GPU side is attached, each record is re-laid out as q
+    slices along its intermediate dimension (store/slices.py: q records of I/q rows, summing to the
+    expert; 8 per Mixtral expert), so c moves by an eighth of an expert. FLASHMOE_SLICE_EXPERTS=0
+    keeps whole experts (q = 1), =1 slices on the CPU twin too.
     Prefill: an expert with t tokens is copied up and run on the GPU when cpu_o + t x cpu_s (its
     CPU time, priced as a decode call of t experts) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
@@ -45,6 +48,7 @@ class CpuLayers:
     # take a few ms; the default 50 us would put them to sleep between any two calls
     spin_us = 5000
     _issued = 0.0  # perf_counter when the last decode's copies were queued
+    tune = True  # beside a GPU: the decode share by measured time (SplitTuner); False: by the cost model (A/B)
 
     def __init__(self, store, n: int, device: torch.device, io_threads: int = 4, verify: bool = True,
                  gpu_backend=None):
@@ -60,18 +64,19 @@ class CpuLayers:
         self.experts = {layer: store.layers[layer].experts for layer in self.layers}
         self.layout, size = store.layout, store.layout.size
         self.k = store.config.top_k
-        # slices per expert once a GPU side is attached (records stay whole until then); opt-in:
-        # measured slower on the H200 (see plan)
-        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "0") == "1"
+        count = sum(store.layers[l].experts for l in self.layers)
+        cuda = device.type == "cuda" and gpu_backend is not None and count > 0
+        # slices per expert once a GPU side is attached (records stay whole until then): on beside
+        # a CUDA GPU (the tuner finds the share; every slice on the CPU is one of its choices),
+        # FLASHMOE_SLICE_EXPERTS=1 / 0 forces them on (the CPU twin too) / off
+        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "1" if cuda else "0") == "1"
         self._q = {layer: slice_count(lay, self.k) if sliced else 1 for layer, lay in self.layouts.items()}
         self.cut = {layer: (1, lay) for layer, lay in self.layouts.items()}  # (q, slice layout) in use
         # a record's room in RAM and in a ring slot: whole, or its q slices (each page-aligned)
         self.stride = max([size] + [q * slice_layout(self.layouts[l], q).size for l, q in self._q.items()])
         self.backend = cpu_backend(device)
-        count = sum(store.layers[l].experts for l in self.layers)
         self.bytes = count * self.stride
         self.device, self.gpu = device, None
-        cuda = device.type == "cuda" and gpu_backend is not None and count > 0
         self.copies = CudaCopies(device) if cuda else HostCopies()  # pinned: copies up at full PCIe speed
         self.mem = self.copies.host_memory(self.bytes) if count else None
         self.records: dict = {}
@@ -100,6 +105,10 @@ class CpuLayers:
         self.cut_s = 0.0       # seconds spent slicing the records (once, at attach)
         self._host_out = torch.zeros(1, store.layout.hidden)
         self._adapt = cuda  # the costs follow the decode's own calls (the twin keeps the costs it is given)
+        # beside a GPU the decode share is chosen by measured time per CPU layer (runtime/split_tuner.py;
+        # it needs two CPU layers in a row); None: by the cost model (the twin, unless a test sets one)
+        self.tuners: dict | None = {} if cuda and self.tune and len(self.layers) > 1 else None
+        self._last = None  # (layer, share, perf_counter) of the last decode call, for the tuner
         self._dev_out = None  # the CPU's sum on the device in fp32 (beside a GPU)
         self._views: dict = {}  # cached tensor views of records and ring slots (decode makes none per call)
         self._native: dict = {}  # layer -> the C kernels' spec of its slice layout, or None (another format)
@@ -124,13 +133,25 @@ class CpuLayers:
         call of one expert and one of a token's k (nonzero x, as HostCompute's). On the H200
         (Mixtral, 16 cores) one expert took ~1.1 ms and two ~1.6: a cost per expert from one-expert
         calls put a token's two experts at 2.2 ms, and the plan split them where the CPU alone was
-        faster than any split."""
+        faster than any split. Each timed call reads records no earlier call read (decode's do: a
+        token's experts of one layer come from RAM): the same records called again stayed in the
+        H200 host's 300 MiB L3 (one Mixtral expert 0.48 ms there, 0.8 from RAM in decode), and the
+        cost model then put everything on the CPU (h200-h10d-sweep.json)."""
         layer = self.layers[0]
         q, lay = self.cut[layer]
         x = torch.ones(1, lay.hidden)
-        ones = [self._pieces(self.records[(layer, e)], layer, 0, q) for e in range(self.k)]
-        t1 = best_seconds(lambda: self.backend.moe(x, ones[0], [1.0] * q, lay))
-        tk = best_seconds(lambda: self.backend.moe(x, sum(ones, []), [1.0] * (q * self.k), lay))
+        keys = [(l, e) for l in self.layers if self.cut[l] == (q, lay) for e in range(self.experts[l])]
+        keys = keys[:4 * (1 + self.k)]  # best_seconds' four calls of one, then of k records
+        order = [self._pieces(self.records[key], key[0], 0, q) for key in keys]
+        turn = [0]
+
+        def call(n: int):
+            i = turn[0]
+            turn[0] += n
+            recs = sum((order[(i + j) % len(order)] for j in range(n)), [])
+            self.backend.moe(x, recs, [1.0] * len(recs), lay)
+        t1 = best_seconds(lambda: call(1))
+        tk = best_seconds(lambda: call(self.k))
         self.cpu_s = min(max((tk - t1) / (self.k - 1), t1 / self.k), t1) if self.k > 1 else t1
         self._call_o = self.cpu_o = t1 - self.cpu_s
         self._host_o = 0.0
@@ -243,9 +264,8 @@ class CpuLayers:
         in calls without a copy beside them: a split's measured contention would make the CPU
         alone look slower than it is, and a split chosen once would stay. Without a GPU: all here.
         On the H200 (Mixtral, k = 2, 16 cores) both experts stay on the CPU (~1.6 ms against a 1.8 ms
-        copy; benchmarks/results/h200-h10c-hybrid-12l.json). Slices are opt-in: with q = 4 decode
-        measured slower than whole experts split 1/1 (40.9 against 44.5 tok/s, h200-h10b-hybrid-12l.json),
-        and with q = 8 no faster than the CPU alone (1.81 against 1.79 ms per CPU layer)."""
+        copy; benchmarks/results/h200-h10c-hybrid-12l.json), where on the 32-layer rows the split 1/1
+        was faster: beside a CUDA GPU decode uses SplitTuner's measured choice instead of this."""
         if self.gpu is None:
             return k * q
         c = cpu_share(k * q, self.copy_s / q, self.cpu_s / q, self.cpu_o)
@@ -255,9 +275,25 @@ class CpuLayers:
         split = max((k * q - c) * self.copy_s / q, self.cpu_o + c * self.cpu_s / q if c else 0.0)
         return k * q if fixed + host + k * per <= split else c
 
+    def _tuned(self, layer: int, top: int, now: float) -> int:
+        """The tuner's share for this decode call, after it got the time of the previous call
+        when that was the CPU layer just before this one (the same token)."""
+        tuner = self.tuners.get(top)
+        if tuner is None:
+            tuner = self.tuners[top] = SplitTuner(top, warmup=len(self.layers))
+        last = self._last
+        if last is not None and self._next_layer.get(last[0]) == layer:
+            self.tuners[last[1]].record(last[2], now - last[3])
+        self._last = (layer, top, tuner.c, now)
+        return tuner.c
+
     def plan_of(self, k: int) -> dict:
-        """The decode plan of the first CPU layer, for bench."""
+        """The decode plan of the first CPU layer, for bench (beside a GPU: the tuner's best share
+        and its measured ms per CPU layer by share)."""
         q = self.cut[self.layers[0]][0] if self.layers else 1
+        tuner = (self.tuners or {}).get(k * q)
+        if tuner is not None:
+            return {"slices_per_expert": q, "slices_on_cpu": tuner.best, "of": k * q, "tuner": tuner.report()}
         return {"slices_per_expert": q, "slices_on_cpu": self.plan(k, q), "of": k * q}
 
     # ------------------------------------------------------------------ compute
@@ -273,7 +309,7 @@ class CpuLayers:
         t_in = time.perf_counter()
         q, lay = self.cut[layer]
         k = len(chosen)
-        c = self.plan(k, q)
+        c = self.plan(k, q) if self.tuners is None else self._tuned(layer, k * q, t_in)
         n, m = divmod(c, q)  # n experts whole here, then m slices of expert n
         gpu_out = self._gpu_share(layer, chosen, weights, n, m, x) if c < k * q else None
         if c == 0:
@@ -345,7 +381,9 @@ class CpuLayers:
                 self.copies.use(ev)
                 self._busy.discard(s)
             self._ahead.clear()
-        timer = self._timer if self._adapt else None
+        # the copies timed with events for the cost model (the tuner needs none: three event calls fewer
+        # on the CPU's side of every split; copy_s keeps its start-up figure for prefill's choice)
+        timer = self._timer if self._adapt and self.tuners is None else None
         if timer is not None:
             if self._timed and timer[1].query():  # the previous call's copies, long done
                 dt = timer[0].elapsed_time(timer[1]) / 1e3 / self._timed
