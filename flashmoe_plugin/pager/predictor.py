@@ -139,23 +139,31 @@ class Predictor:
         p = self.precision(distance)
         if not from_disk:
             return p >= self.host_threshold
-        hits, cold = self.cold[distance]
-        if cold >= self.min_observations:
-            p = hits / cold
-        cls = self.margin_class(margin)
-        if cls is not None:
-            hits, cold = self.cold_by_margin[distance][cls]
-            if cold < self.min_observations:  # pooled with the farther distances: less precise, a cautious figure
-                cells = [self.cold_by_margin[d][cls] for d in range(distance, self.depth + 1)]
-                hits, cold = sum(c[0] for c in cells), sum(c[1] for c in cells)
-            if cold >= self.min_observations:
-                p = hits / cold
+        p = self.cold_precision(distance, margin)
+        if p is None:  # no disk read on faith: cold guesses are right far less often than guesses overall
+            return False
         if self.read_s is None or self.busy_s is None:
             return False
         if distance > 1 and (distance - 1) * self.busy_s >= self.read_s:
             return False
         lead = distance * self.busy_s
         return p * min(self.read_s, lead) > (1 - p) * self.read_s
+
+    def cold_precision(self, distance: int, margin: float | None = None) -> float | None:
+        """The measured precision of cold guesses at `distance`: of those in the margin class of
+        `margin` (pooled with the farther distances while the class is sparse at this one: less
+        precise, a cautious figure), else of all cold guesses at that distance; None before
+        `min_observations` of them were graded."""
+        cls = self.margin_class(margin)
+        if cls is not None:
+            hits, cold = self.cold_by_margin[distance][cls]
+            if cold < self.min_observations:
+                cells = [self.cold_by_margin[d][cls] for d in range(distance, self.depth + 1)]
+                hits, cold = sum(c[0] for c in cells), sum(c[1] for c in cells)
+            if cold >= self.min_observations:
+                return hits / cold
+        hits, cold = self.cold[distance]
+        return hits / cold if cold >= self.min_observations else None
 
     def _margin_label(self, i: int) -> str:
         b = self.margin_bounds
