@@ -16,7 +16,12 @@ routes. `allow(distance, from_disk)` is the cost model:
   precision x min(read, lead) > (1 - precision) x read, with the precision of the cold guesses
   at that distance once there are `min_observations` of them (they are the ones that cost reads,
   and they are worse than the average guess: records the cache lacks are the rarely used ones,
-  and the right guesses were mostly read at a farther distance already). A disk-bound run (busy time ~0.1 ms,
+  and the right guesses were mostly read at a farther distance already), and no disk read before
+  that. Each guessed expert also carries its router margin (its logit less the best logit left
+  out: Model.guess_scored), and cold guesses are graded per distance and margin class: a read is
+  judged by its own class's precision (on the synth Mixtral store: under 0.5 right 29% of the
+  time, 0.5-1 37%, 1-2 ~60%, over 2 83%), so the confident guesses are read and the unsure ones
+  left to demand, at any disk speed. A disk-bound run (busy time ~0.1 ms,
   reads ~100 ms) needs a precision above 0.999; a compute-bound one about 0.5. A distance whose
   nearer neighbour already leads by a whole read ((distance - 1) x busy >= read) adds nothing but
   wrong guesses, so it is not used: `depth` is a cap, the lead time picks how far to look.
