@@ -122,9 +122,13 @@ def test_predictor_grades_and_cost_model():
     assert p.allow(1, from_disk=False) and not p.allow(2, from_disk=False)
     p.busy_s, p.read_s = 0.010, 0.005    # reads hide behind compute: p x read > (1 - p) x read? no
     assert not p.allow(1, from_disk=True)
-    for _ in range(3 * Predictor.min_observations):
-        p.guessed(1, [1, 2], 1)
-        p.observe(1, [1, 2])
+    p.busy_s, p.read_s = 0.010, 0.001
+    assert not p.allow(1, from_disk=True)  # no cold guess graded yet: no disk read on faith
+    p.busy_s, p.read_s = 0.010, 0.005
+    for i in range(3 * Predictor.min_observations):  # cold guesses (no tier holds them) right 7 times in 8
+        p.guessed(1, [1, 2], 1, cold=[1] if i % 8 else [2])
+        p.observe(1, [1, 2] if i % 8 else [1, 3])
+    assert p.cold_precision(1) == 21 / 24
     assert p.precision(1) > 0.8 and p.allow(1, from_disk=True)
     p.busy_s, p.read_s = 0.0001, 0.08    # disk-bound: the lead time hides almost nothing
     assert not p.allow(1, from_disk=True)

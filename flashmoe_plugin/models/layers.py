@@ -323,9 +323,16 @@ class Decoder:
         8 layers deep): the norm's scale once, one router matvec per layer, one top-k and one
         read-back. A guess only ranks logits, so ggml's exact norm and the softmax (it keeps the
         order) are skipped; DeepSeek's grouped router goes through guess()."""
+        return self.guess_scored(js, h)[0]
+
+    def guess_scored(self, js, h: torch.Tensor) -> tuple[list[list[int]], list[list[float] | None]]:
+        """guess_many's guesses and, per guessed expert, its margin: its router logit less the
+        best logit left out (the (top_k+1)-th), a guess's confidence (the predictor grades cold
+        guesses by it: on the synth Mixtral store, margins under 0.5 were right 29% of the time,
+        over 2 83%). Margins are None for DeepSeek's grouped router."""
         c = self.cfg
         if c.router == "sigmoid_group" or not js:
-            return [self.guess(j, h) for j in js]
+            return [self.guess(j, h) for j in js], [None] * len(js)
         hf = h[-1].float()
         n = hf * torch.rsqrt(hf.square().mean() + c.rms_norm_eps)
         rows = []
@@ -337,7 +344,10 @@ class Decoder:
                 rows.append(row if b is None else row + b.float())
             else:
                 rows.append(linear(x[None].to(h.dtype), w, b).float()[0])
-        return torch.stack(rows).topk(c.top_k, dim=-1).indices.tolist()
+        k = c.top_k
+        vals, ids = torch.stack(rows).topk(min(k + 1, c.num_experts), dim=-1)
+        margins = (vals[:, :k] - vals[:, k:]).tolist() if vals.shape[1] > k else [[math.inf] * k] * len(js)
+        return ids[:, :k].tolist(), margins
 
     def _guess_router(self, j: int):
         """Layer j's router for guesses: an fp32 copy while all the copies stay under 16 MiB (a

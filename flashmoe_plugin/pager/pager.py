@@ -259,10 +259,12 @@ class ExpertPager:
         self.stats.preloaded += len(keys)
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, layer: int, experts, from_disk: bool = True, from_host: bool = True,
+    def prefetch(self, layer: int, experts, from_disk=True, from_host: bool = True,
                  priority: int = PREFETCH, replace: bool = False) -> int:
         """Start bringing `experts` of a later layer to the device tier at low priority: host-tier
         records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
+        from_disk: True, False, or the set of `experts` worth a disk read (the others are only
+        copied up from the host tier, and a replace keeps their reads).
         Never evicts the current request's records. Returns how many were started.
         priority (<= PREFETCH): the reader serves higher first, so a caller can have the layer
         needed soonest read first. replace: this is a newer guess for `layer`: its unfinished
@@ -274,6 +276,7 @@ class ExpertPager:
         if replace:
             self._settle_prefetches(layer, keep={(layer, int(e)) for e in experts}, wait=False)
         started, reading = 0, sum(r.prefetch for r in self.reads.values())
+        disk = (lambda e: from_disk) if isinstance(from_disk, bool) else from_disk.__contains__
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
             if key in self.t0 or key in self.reads:
@@ -284,7 +287,7 @@ class ExpertPager:
                     self.prefetched.add(key)
                     self.stats.prefetch_copies += 1
                     started += 1
-            elif from_disk and reading < self.prefetch_slots:
+            elif disk(e) and reading < self.prefetch_slots:
                 if self._submit(key, priority) is None:
                     break
                 self.stats.prefetch_reads += 1

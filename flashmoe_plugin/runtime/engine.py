@@ -296,9 +296,11 @@ class Engine:
         pred.observe(layer, chosen, self.pager.stats.read_seconds)
         at = self._moe_pos[layer]
         js = self._moe_order[at + 1:at + 1 + pred.reach()]
-        for d, (j, guess) in enumerate(zip(js, self.model.guess_many(js, h)), 1):
-            pred.guessed(j, guess, d, self.pager.cold(j, guess))
-            disk, host = pred.allow(d, True), pred.allow(d, False)
+        for d, (j, guess, margins) in enumerate(zip(js, *self.model.guess_scored(js, h)), 1):
+            pred.guessed(j, guess, d, self.pager.cold(j, guess), margins)
+            # a disk read only for the guesses whose precision (at this distance and confidence) pays for it
+            margin = dict(zip(guess, margins)) if margins is not None else {}
+            disk, host = {e for e in guess if pred.allow(d, True, margin.get(e))}, pred.allow(d, False)
             if disk or host:  # the layer needed soonest is read first; a newer guess replaces older ones
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 
