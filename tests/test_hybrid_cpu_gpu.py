@@ -115,8 +115,7 @@ def test_n_cpu_moe_on_the_gpu(oracles, family, n_cpu, monkeypatch):
     """Dense part on the GPU, the first layers' experts on the CPU: the GPU engine's all-resident
     logits within the fp32-vs-native-kernel tolerance of test_cuda_pager (2e-2 for q4). n_cpu 1
     with expert slices (the test models' experts in 2) and the cost model's share, "all" with the
-    defaults (slices on, but these experts are below store/slices.SMALLEST: whole; the share by
-    runtime/split_tuner.py)."""
+    defaults (whole experts; the share by runtime/split_tuner.py)."""
     if n_cpu == 1:
         monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")
         monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
@@ -264,8 +263,7 @@ def test_sliced_expert_on_the_gpu(oracles):
 
 def test_slices_are_opt_in(oracles, monkeypatch):
     """On the CPU twin the records stay whole when the GPU side is attached unless
-    FLASHMOE_SLICE_EXPERTS=1 (slices are the default beside a CUDA GPU only), and the plan cuts at
-    whole experts."""
+    FLASHMOE_SLICE_EXPERTS=1, and the plan cuts at whole experts."""
     from flashmoe_plugin.io import aligned_empty
     monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
     monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)

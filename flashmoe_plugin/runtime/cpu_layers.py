@@ -28,10 +28,12 @@ class CpuLayers:
     head of the next one) and the GPU the rest (that expert's tail, one copy, and the later
     experts), c making the slower side shortest by measured costs (without a GPU: all on the CPU);
     beside a CUDA GPU c is chosen by decode's own measured time per CPU layer instead
-    (runtime/split_tuner.py), and, once the GPU side is attached, each record is re-laid out as q
-    slices along its intermediate dimension (store/slices.py: q records of I/q rows, summing to the
-    expert; 8 per Mixtral expert), so c moves by an eighth of an expert. FLASHMOE_SLICE_EXPERTS=0
-    keeps whole experts (q = 1), =1 slices on the CPU twin too.
+    (runtime/split_tuner.py). q = 1 (whole experts) unless FLASHMOE_SLICE_EXPERTS=1: then, once the
+    GPU side is attached, each record is re-laid out as q slices along its intermediate dimension
+    (store/slices.py: q records of I/q rows, summing to the expert; 8 per Mixtral expert), so c
+    moves by an eighth of an expert. Opt-in: on the H200 the C kernels took ~8% longer over a
+    token's sixteen slices than over its two whole experts (1.75 against 1.59-1.64 ms per layer,
+    one process, results/h200-lead-s8-sweep.json), and the tuner kept every slice on the CPU.
     Prefill: an expert with t tokens is copied up and run on the GPU when cpu_o + t x cpu_s (its
     CPU time, priced as a decode call of t experts) exceeds one record's copy time (llama.cpp likewise offloads large batches): the CPU
     streams the record once per token group it can hold, the GPU's tensor cores take any number
@@ -66,10 +68,9 @@ class CpuLayers:
         self.k = store.config.top_k
         count = sum(store.layers[l].experts for l in self.layers)
         cuda = device.type == "cuda" and gpu_backend is not None and count > 0
-        # slices per expert once a GPU side is attached (records stay whole until then): on beside
-        # a CUDA GPU (the tuner finds the share; every slice on the CPU is one of its choices),
-        # FLASHMOE_SLICE_EXPERTS=1 / 0 forces them on (the CPU twin too) / off
-        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "1" if cuda else "0") == "1"
+        # slices per expert once a GPU side is attached (records stay whole until then): only with
+        # FLASHMOE_SLICE_EXPERTS=1 (the class docstring says why)
+        sliced = os.environ.get("FLASHMOE_SLICE_EXPERTS", "0") == "1"
         self._q = {layer: slice_count(lay, self.k) if sliced else 1 for layer, lay in self.layouts.items()}
         self.cut = {layer: (1, lay) for layer, lay in self.layouts.items()}  # (q, slice layout) in use
         # a record's room in RAM and in a ring slot: whole, or its q slices (each page-aligned)
