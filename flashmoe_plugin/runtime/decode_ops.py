@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from ..kernels import decode_attention as fused_attention
-from ..kernels.route import route_decode
 from ..models.layers import linear, rms_norm
 
 
@@ -37,14 +36,6 @@ def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
 def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
               heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
     """The residual h + delta (kept in hs_row), then one token's attention block added to it."""
-    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
-    return h + o
-
-
-def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                    heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
-    """(the residual h + delta, kept in hs_row; the attention block's output, not yet added)."""
     h = h + delta
     hs_row.copy_(h)
     x = rms_norm(h, norm_w, eps)
@@ -63,7 +54,7 @@ def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, s
                                                pos, window or 0, scale)
     else:
         out = attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale)
-    return h, linear(out, wo)
+    return h + linear(out, wo)
 
 
 def attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale: float):
@@ -148,17 +139,11 @@ def addresses(entries_row, ids, base, stride: int):
 
 def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
               ffn_norm, router_w, ids_row, entries_row, base, heads: int, kv_heads: int, head_dim: int, eps: float,
-              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int, route_ws=None):
+              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int):
     """attention, route and addresses of one MoE layer in one function (fused across their
-    boundaries: the residual add, the FFN norm and the router share kernels). With route_ws (a
-    CUDA run where kernels/route.py is usable) the add and the routing are one launch of
-    flashmoe::route_decode, otherwise the torch code below."""
-    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
-    if route_ws is not None:
-        return route_decode(h, o, ffn_norm, router_w, entries_row, base, ids_row, route_ws, stride, top_k,
-                            norm_topk, eps)
-    h = h + o
+    boundaries: the residual add, the FFN norm and the router share kernels)."""
+    h = attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
     x, ids, weights = route(h, ffn_norm, router_w, ids_row, top_k, norm_topk, eps)
     return h, x, ids, weights, addresses(entries_row, ids, base, stride)
 

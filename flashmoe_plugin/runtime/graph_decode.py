@@ -39,7 +39,6 @@ import math
 
 import torch
 
-from ..kernels import route
 from ..kernels.packed import concat_rows
 from ..models.layers import embed
 from ..pager.slot_table import SlotTable
@@ -124,11 +123,6 @@ class DeviceDecode:
                            window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
         self.ops = Ops.get(compile=self.cuda and mode in ("on", "eager"))
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
-        self.route_ws = None  # one launch for each MoE layer's routing (kernels/route.py) where it runs
-        moe = [f"layers.{i}." for i in self.order]
-        if mode in ("on", "eager") and route.usable(dev, dt, [self.model.w[p + "ffn_norm.weight"] for p in moe],
-                                                    [self.model.w[p + "moe.router.weight"] for p in moe], cfg.top_k):
-            self.route_ws = route.workspace(dev, cfg.num_experts)
         self.ws = None
         if self.native:
             self.ws = torch.zeros(engine.backend.workspace(dev, cfg.top_k, engine.store.layout.intermediate).numel(),
@@ -186,7 +180,7 @@ class DeviceDecode:
                 h, x, ids, wts, addrs = ops.moe_layer(
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
-                    norm_topk=c.norm_topk_prob, stride=t._stride, route_ws=self.route_ws, **at)
+                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
                 delta = self._experts_of(i, x, ids, wts, h, addrs, fast)
                 if c.shared_expert_intermediate_size:
                     delta = delta + m.shared(i, x)

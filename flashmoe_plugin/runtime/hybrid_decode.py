@@ -77,7 +77,7 @@ class HybridDecode(DeviceDecode):
                 h, x, ids, wts, addrs = ops.moe_layer(
                     h, delta, self.hs[i], ffn_norm=w[p + "ffn_norm.weight"], router_w=w[p + "moe.router.weight"],
                     ids_row=self.ids[r], entries_row=t.entries[r], base=t._base, top_k=c.top_k,
-                    norm_topk=c.norm_topk_prob, stride=t._stride, route_ws=self.route_ws, **at)
+                    norm_topk=c.norm_topk_prob, stride=t._stride, **at)
                 if not last and i == stop - 1:  # this segment's cut layer: hand its routing to the host
                     H, k = c.hidden_size, c.top_k
                     self.h_buf.copy_(h)
