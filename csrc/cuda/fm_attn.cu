@@ -53,6 +53,22 @@ struct AttnParams {
     float scale;
 };
 
+// Head h's output element d merged over the block's warps, each with its running max: the
+// block's max M, sum L and output sum o (relative to M).
+template <int G, int D>
+__device__ __forceinline__ void merge_warps(const float (&s_m)[NW][G], const float (&s_l)[NW][G],
+                                            const float (&s_acc)[NW][G][D], int h, int d, float &M, float &L,
+                                            float &o) {
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][h]);
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+        const float a = s_m[w][h] == -CUDART_INF_F ? 0.f : __expf(s_m[w][h] - M);
+        L = fmaf(a, s_l[w][h], L);
+        o = fmaf(a, s_acc[w][h][d], o);
+    }
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     constexpr int LPP = D / 8, PPW = 32 / LPP;  // lanes per position, positions per warp round
@@ -247,16 +263,7 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
         for (int i = threadIdx.x; i < nh * D; i += NTH) {
             const int h = i / D, d = i - h * D;
             float M = -CUDART_INF_F, L = 0.f, o = 0.f;
-            if (active) {
-#pragma unroll
-                for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][h]);
-#pragma unroll
-                for (int w = 0; w < NW; ++w) {
-                    const float a = s_m[w][h] == -CUDART_INF_F ? 0.f : __expf(s_m[w][h] - M);
-                    L = fmaf(a, s_l[w][h], L);
-                    o = fmaf(a, s_acc[w][h][d], o);
-                }
-            }
+            if (active) merge_warps(s_m, s_l, s_acc, h, d, M, L, o);
             out[i] = from_float<T>(o / L);
         }
         return;
@@ -268,14 +275,7 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     for (int i = threadIdx.x; i < nh * D; i += NTH) {
         const int h = i / D, d = i - h * D;
         float M = -CUDART_INF_F, L = 0.f, o = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][h]);
-#pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float a = s_m[w][h] == -CUDART_INF_F ? 0.f : __expf(s_m[w][h] - M);
-            L = fmaf(a, s_l[w][h], L);
-            o = fmaf(a, s_acc[w][h][d], o);
-        }
+        merge_warps(s_m, s_l, s_acc, h, d, M, L, o);
         part[h * D + d] = o;
         if (d == 0) {
             part[G * D + 2 * h] = M;
@@ -479,12 +479,7 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
     cfg.blockDim = dim3(NTH);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = (cudaStream_t)stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = p.pdl ? 1 : 0;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, fn, (const AttnParams)p);
+    const cudaError_t err = fm_launch(cfg, fn, (const AttnParams)p, p.pdl);
     return err == cudaSuccess ? FMC_OK : (int)err;
 }
 

@@ -41,4 +41,15 @@ static int fm_device(int device, D *table, D **info) {
     return FMC_OK;
 }
 
+// fn<<<cfg>>>(p), with programmatic dependent launch (sm_90+: fm_quant.cuh's pdl_wait) when pdl.
+template <class P>
+static cudaError_t fm_launch(cudaLaunchConfig_t cfg, void (*fn)(P), const P &p, bool pdl) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, fn, p);
+}
+
 #endif

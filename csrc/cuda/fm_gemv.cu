@@ -440,12 +440,7 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     cfg.blockDim = dim3(W * 32);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = (cudaStream_t)stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = p.pdl ? 1 : 0;
-    err = cudaLaunchKernelEx(&cfg, fn, (const GemvParams)p);
+    err = fm_launch(cfg, fn, (const GemvParams)p, p.pdl);
     return err == cudaSuccess ? FMC_OK : (int)err;
 }
 

@@ -820,12 +820,7 @@ cudaError_t launch(MoeFn fn, int grid, size_t smem, cudaStream_t st, Params &p, 
     cfg.blockDim = dim3(THREADS);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, fn, (const Params)p);
+    return fm_launch(cfg, fn, (const Params)p, true);
 }
 
 }  // namespace
