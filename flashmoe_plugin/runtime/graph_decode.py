@@ -16,8 +16,9 @@ placeholder (slot 0) and everything after it is void, so the step is recomputed 
 saved input through the engine's per-layer pager path (demand reads, copies, host compute,
 prefetch), layer by layer, with the same kernels. Layers before the first miss keep the graph's
 results; the host never stalls them. When nothing missed, the hits are counted at once but the
-policy's touches wait until the next token's replay is queued (pager.note_step(later=True)): the
-GPU never waits for that bookkeeping (measured at ~8 us per layer).
+policy's touches and an attached trace's records wait until the next token's replay is queued
+(pager.note_step(later=True)): the GPU never waits for that bookkeeping (~8 us per layer, ~0.2 ms
+a token with a trace on the 2-core box).
 
 The step's pieces are runtime/decode_ops.py's functions, compiled with torch.compile on CUDA
 (~16 kernels per MoE layer instead of ~60; inductor rounds intermediates as eager code does, so a
@@ -207,9 +208,9 @@ class DeviceDecode:
     def step(self, token: int, n_past: int) -> torch.Tensor:
         """Logits [1, vocab] of one token at position n_past (a host copy of the static buffer);
         its K/V are written to the engine's cache. The whole-token graph replays on the caller's
-        stream (no stream switch or cross-stream waits between two tokens: ~10 us each on the
-        host, with the GPU idle); everything else runs on the decode stream, the one the graph
-        was captured on, so eager steps make the same cuBLAS choices."""
+        stream (no stream switch or cross-stream waits between two tokens, host work the GPU would
+        idle through); everything else runs on the decode stream, the one the graph was captured
+        on, so eager steps make the same cuBLAS choices."""
         self.steps += 1
         self._tok_np[0] = token  # the last step's copy of it has run: its read-back was waited for
         if len(self.graphs) == 1 and self.mode == "on" and self.pos_value == n_past:
