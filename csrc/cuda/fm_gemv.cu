@@ -34,6 +34,31 @@ namespace {
 constexpr int U = 4;          // gemv_kernel's chunks per lane per row per batch
 constexpr int MAXW = 8;       // most warps per block
 
+// A lane's chunks base + 32u (u < N) below c_end of the row pair (q0, s0, b0) / (q1, s1, b1):
+// the weights, their groups' scales and (FM::BIAS) biases, into the arrays given.
+template <class FM, int N>
+__device__ __forceinline__ void load_pair(const uint8_t *q0, const uint8_t *q1, const unsigned short *s0,
+                                          const unsigned short *s1, const unsigned short *b0,
+                                          const unsigned short *b1, int base, int lane, int c_end, uint4 (&w0)[N],
+                                          uint4 (&w1)[N], float (&sc0)[N], float (&sc1)[N], float (&bi0)[N],
+                                          float (&bi1)[N]) {
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+        const int c = base + 32 * u + lane;
+        if (c < c_end) {
+            w0[u] = ld_stream(q0 + (size_t)c * 16);
+            w1[u] = ld_stream(q1 + (size_t)c * 16);
+            const int g = c / FM::CPG;
+            sc0[u] = ld_half(s0 + g);
+            sc1[u] = ld_half(s1 + g);
+            if (FM::BIAS) {
+                bi0[u] = ld_half(b0 + g);
+                bi1[u] = ld_half(b1 + g);
+            }
+        }
+    }
+}
+
 template <int F, int NT>
 __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) {
     using FM = Fmt<F>;
@@ -65,23 +90,7 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
 
     uint4 w0[U], w1[U];
     float sc0[U], sc1[U], bi0[U], bi1[U];
-    auto load = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = base + 32 * u + lane;
-            if (c < c_end) {
-                w0[u] = ld_stream(q0 + (size_t)c * 16);
-                w1[u] = ld_stream(q1 + (size_t)c * 16);
-                const int g = c / FM::CPG;
-                sc0[u] = ld_half(s0 + g);
-                sc1[u] = ld_half(s1 + g);
-                if (FM::BIAS) {
-                    bi0[u] = ld_half(b0 + g);
-                    bi1[u] = ld_half(b1 + g);
-                }
-            }
-        }
-    };
+    auto load = [&](int base) { load_pair<FM>(q0, q1, s0, s1, b0, b1, base, lane, c_end, w0, w1, sc0, sc1, bi0, bi1); };
     const bool work = active && cb < c_end;
     if (work) load(cb);  // weights never depend on the previous kernel: stream them first
     if (p.pdl) pdl_wait();
@@ -177,21 +186,7 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
     uint4 w0[UU], w1[UU], n0[UU], n1[UU];
     float sc0[UU], sc1[UU], bi0[UU], bi1[UU], ns0[UU], ns1[UU], nb0[UU], nb1[UU];
     auto load = [&](int base) {  // into the n* registers
-#pragma unroll
-        for (int u = 0; u < UU; ++u) {
-            const int c = base + 32 * u + lane;
-            if (c < c_end) {
-                n0[u] = ld_stream(q0 + (size_t)c * 16);
-                n1[u] = ld_stream(q1 + (size_t)c * 16);
-                const int g = c / FM::CPG;
-                ns0[u] = ld_half(s0 + g);
-                ns1[u] = ld_half(s1 + g);
-                if (FM::BIAS) {
-                    nb0[u] = ld_half(b0 + g);
-                    nb1[u] = ld_half(b1 + g);
-                }
-            }
-        }
+        load_pair<FM>(q0, q1, s0, s1, b0, b1, base, lane, c_end, n0, n1, ns0, ns1, nb0, nb1);
     };
     auto take = [&]() {
 #pragma unroll
