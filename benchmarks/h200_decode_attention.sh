@@ -6,11 +6,7 @@
 # graph-decode tests (last: a timeout then costs only coverage). The store is
 # written meanwhile (CPU and disk). Run from the tree's root with the compiled modules importable
 # (prep.sh); JSON and logs in $OUT. DEADLINE: seconds after the start by which the last step ends.
-set -u
-OUT=${OUT:-/tmp/fm-out}
-mkdir -p "$OUT" /tmp/rival
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
-fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" "$@"; }
+source "$(dirname "$0")/h200_common.sh"
 cat /proc/loadavg >> "$OUT/progress.log"
 STORE=/tmp/rival/mixtral-q4-32l
 [ -d "$STORE" ] || (fm synth --like mixtral-8x7b --quant q4 "$STORE" > "$OUT/synth.log" 2>&1) &

@@ -4,14 +4,9 @@
 # (gemv_tune kernel 1) beside the persistent grid (the default, 2 and 4 chunks per batch, grid
 # caps); the 32-layer Mixtral-shaped q4 store synthesized meanwhile, then rival.py's rows 6 and 4
 # (q4 / q8 dense, every expert in VRAM) and row 6's command once more with main's kernel.
-set -u
-OUT=${OUT:-/tmp/fm-out}
-mkdir -p "$OUT" /tmp/rival
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
-fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" "$@"; }
+source "$(dirname "$0")/h200_common.sh"
 ST=/tmp/rival/mixtral-q4-32l
-(fm synth --like mixtral-8x7b --quant q4 $ST > /tmp/synth.log 2>&1; echo synth-done >> /tmp/synth.log) &
-SYNTH=$!
+synth_store $ST /tmp/synth.log
 log tests
 timeout ${TEST_S:-60} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_gemv.py tests/test_cuda_dense_quant.py} \
   > "$OUT/tests.log" 2>&1

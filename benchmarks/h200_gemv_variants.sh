@@ -8,14 +8,9 @@
 # Run as TESTS="tests/test_cuda_gemv.py tests/test_cuda_kernels.py::test_moe_qwen35_layer_shape"
 # FORMATS=q4 GEMV_T=1 RUNS=q4-moe-two DEC_ARGS="--prompt-tokens 512 --tokens 32" RIVAL=0 (the
 # device time left); the kernel knob then numbered 5 kernels, see results/h200-k9c-call2.json.
-set -u
-OUT=${OUT:-/tmp/fm-out}
-mkdir -p "$OUT" /tmp/rival
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/progress.log"; }
-fm() { python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" "$@"; }
+source "$(dirname "$0")/h200_common.sh"
 ST=/tmp/rival/mixtral-q4-32l
-(fm synth --like mixtral-8x7b --quant q4 $ST > /tmp/synth.log 2>&1; echo synth-done >> /tmp/synth.log) &
-SYNTH=$!
+synth_store $ST /tmp/synth.log
 log tests
 timeout ${TEST_S:-60} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_cuda_gemv.py tests/test_cuda_kernels.py} \
   > "$OUT/tests.log" 2>&1
