@@ -399,8 +399,10 @@ class ExpertPager:
         raise RuntimeError("pager: no staging buffer free and no prefetch to reclaim")
 
     def _drop_prefetch_reads(self):
-        for key in [k for k, r in self.reads.items() if r.prefetch]:
-            self._cancel(self.reads.pop(key))
+        for key in [k for k, r in list(self.reads.items()) if r.prefetch]:
+            r = self.reads.pop(key, None)  # close() from another thread: a step may have taken it
+            if r is not None:
+                self._cancel(r)
         self._reap(block=True)
 
     def _free_dest(self, r: _Read):

@@ -305,7 +305,8 @@ class Engine:
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 
     def close(self):
-        self.pager.touch_noted()  # an attached trace gets the last decode step's records
+        if self.trace is not None:  # the trace gets the last decode step's records
+            self.pager.touch_noted()
         if self.fast is not None:
             self.fast.close()
         self.pager.close()
