@@ -53,7 +53,8 @@ DENSE_QUANT = click.option("--dense-quant", "dense_quant", type=click.Choice(["a
                            help="the dense part (attention, shared experts, output head, embedding): none = floats; "
                            "q8/q4 = quantized at load and computed packed; keep = a GGUF's own blocks (or a store's "
                            "stored dtype) kept as they are; auto = keep for a quantized GGUF on CPU, q8 on CPU when the free "
-                           "RAM cannot hold the experts and the dense part, else none")
+                           "RAM cannot hold the experts and the dense part, q8 on a GPU for a store with quantized "
+                           "experts and 16-bit activations, else none")
 
 
 def tri(value: str):

@@ -149,7 +149,7 @@ def test_engine_prefill_on_gpu(oracles, monkeypatch):
     cpu = Engine(store, prefetch="off")
     ref = cpu.forward(ids)
     cpu.close()
-    eng = Engine(store, device="cuda", prefetch="off")
+    eng = Engine(store, device="cuda", prefetch="off", dense_quant="none")  # the float dense part of the CPU run
     out = eng.forward(ids)  # loading the experts: the used ones, counts read back
     for layer, info in eng.store.layers.items():
         eng.pager.acquire(layer, list(range(info.experts)))
@@ -178,7 +178,7 @@ def test_gpu_prompt_attention_causal_and_masked_agree(oracles):
     cpu = Engine(store, prefetch="off")
     ref = cpu.forward(ids)
     cpu.close()
-    eng = Engine(store, device="cuda", prefetch="off")
+    eng = Engine(store, device="cuda", prefetch="off", dense_quant="none")  # the float dense part of the CPU run
     assert eng.config.num_heads != eng.config.num_kv_heads  # the GQA case that had no flash path
     whole = eng.forward(ids)
     eng.reset()

@@ -121,6 +121,20 @@ def test_default_is_exact_floats_and_bad_values_are_named():
         Engine("demo", dense_quant="q3")
 
 
+def test_auto_on_a_gpu_packs_q8_only_for_quantized_experts_and_16_bit_activations(oracles):
+    """resolve() is the policy alone (no GPU needed): q8 where the user already runs quantized
+    experts with bf16/fp16 activations; exact floats for float stores and fp32 (oracle) runs."""
+    from flashmoe_plugin.runtime.dense_quant import resolve
+    from flashmoe_plugin.store.model import open_model
+    q4, none = (open_model(oracles("mixtral").store(q)) for q in ("q4", "none"))
+    assert resolve("auto", q4, "cuda", dtype=torch.bfloat16) == "q8"
+    assert resolve("auto", q4, "cuda", dtype=torch.float16) == "q8"
+    assert resolve("auto", q4, "cuda", dtype=torch.float32) == "none"
+    assert resolve("auto", none, "cuda", dtype=torch.bfloat16) == "none"
+    assert resolve("auto", q4, "cpu", dtype=torch.bfloat16) == "none"
+    assert resolve("q4", q4, "cuda", dtype=torch.float32) == "q4"
+
+
 def test_keep_on_a_float_store_holds_its_stored_dtype():
     eng = Engine("demo", dense_quant="keep", prefetch="off")
     fmts = {w.fmt for w in eng.model.w.values() if isinstance(w, PackedWeight)}

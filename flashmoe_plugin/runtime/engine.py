@@ -110,7 +110,7 @@ class Engine:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
             if self.device.type == "cpu" and self.store.expert_bytes + 2 * self._dense_stored_bytes() > available_ram():
                 dtype = torch.bfloat16
-        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device, available_ram())
+        self.dense_quant = dense_quant_mod.resolve(dense_quant, self.store, self.device, available_ram(), dtype)
         return dense_quant_mod.load(self.store, self.dense_quant, self.device, dtype, self.backend), dtype
 
     def _direct_default(self, free: int) -> bool:
