@@ -29,9 +29,9 @@ BENCH="bench $STORE --device cuda --dense-quant q4 --prompt-tokens 512 --tokens 
 for side in after before; do
   left=$(( ${DEADLINE:-170} - SECONDS ))
   [ $left -gt 25 ] || { log "no time for bench $side"; continue; }
-  if [ $side = after ]; then timeout $left fm $BENCH > "$OUT/bench-$side.json" 2> "$OUT/bench-$side.log"
-  else before timeout $left python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" \
-    $BENCH > "$OUT/bench-$side.json" 2> "$OUT/bench-$side.log"; fi
+  run=(timeout $left python3 -c "import sys; from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" $BENCH)
+  if [ $side = after ]; then "${run[@]}" > "$OUT/bench-$side.json" 2> "$OUT/bench-$side.log"
+  else before "${run[@]}" > "$OUT/bench-$side.json" 2> "$OUT/bench-$side.log"; fi
   log "bench $side: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['decode_tok_s'], d.get('host_ms_per_token'))" "$OUT/bench-$side.json" 2>&1 | tail -1)"
 done
 if [ $(( ${DEADLINE:-170} - SECONDS )) -gt 8 ]; then
