@@ -13,7 +13,8 @@ Built only where nvcc is found. Checked here: dtypes, devices, shapes, contiguit
         q [.., heads*D], k, v [.., kv_heads*D], cos, sin [.., D], out [.., heads*D]: one dtype
         (float32/float16/bfloat16); K, V [n_ctx, kv_heads, D]; pos: int64 CUDA tensor [1];
         workspace: uint8 CUDA tensor of workspace_bytes(...), zeroed once, one stream at a time
-    tune(key, value=None) -> int             knobs "splits", "pdl", "min_chunk"; "last_splits", "last_grid"
+    tune(key, value=None) -> int             knobs "splits", "pdl", "min_chunk", "cluster_ctx"; "last_splits",
+                                             "last_grid", "last_cluster"
 """
 from libc.stdint cimport int64_t, uintptr_t
 
@@ -30,7 +31,8 @@ cdef extern from "fm_attn.h" nogil:
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {_torch.float32: 0, _torch.float16: 1, _torch.bfloat16: 2}
-_TUNE = {"splits": 0, "pdl": 1, "min_chunk": 2, "last_splits": 3, "last_grid": 4}
+_TUNE = {"splits": 0, "pdl": 1, "min_chunk": 2, "last_splits": 3, "last_grid": 4, "cluster_ctx": 5,
+         "last_cluster": 6}
 
 
 def tune(key, value=None):

@@ -134,15 +134,35 @@ def test_bad_input_is_refused_by_name():
         decode_attention(q.reshape(1, -1), k.reshape(1, -1)[:, :64], v.reshape(1, -1), cos, sin, K, V, pos, 0, 0.1)
 
 
-@pytest.mark.parametrize("splits", [1, 3, 128])
-def test_split_counts(splits):
+@pytest.mark.parametrize("cluster", [True, False])
+@pytest.mark.parametrize("splits", [1, 3, 16, 128])
+def test_split_counts(splits, cluster):
     """One chunk (every tile of the cache in one block: the next tile's loads in flight, the
-    position's k and v from shared memory in a later tile), an odd count, the most chunks (the
-    merge of 128 partials); tile edges 31/32/33."""
+    position's k and v from shared memory in a later tile), an odd count, the largest cluster, the
+    most chunks (the merge of 128 partials); tile edges 31/32/33. The chunks merged in a cluster's
+    distributed shared memory (sm_90, up to 16 chunks) or by the last block through global memory."""
     from flashmoe_plugin.kernels.decode_attention import tune
-    old = tune("splits", splits)
+    old, old_ctx = tune("splits", splits), tune("cluster_ctx", 1 << 20 if cluster else 0)
     try:
         _check(32, 8, 128, 552, torch.bfloat16, [0, 31, 32, 33, 551])
+        used = tune("last_cluster")
         _check(8, 1, 64, 300, torch.float16, [1, 150, 299])
     finally:
         tune("splits", old)
+        tune("cluster_ctx", old_ctx)
+    sm90 = torch.cuda.get_device_capability()[0] >= 9
+    assert used == (splits if cluster and sm90 and 1 < splits <= 16 else 0), used
+
+
+def test_cluster_merge_at_long_contexts():
+    """The cluster's merge (sm_90) with long chunks, a window and GQA 8 (head_dim 64: 8 lanes per
+    position), where the automatic choice would take the last block's merge."""
+    from flashmoe_plugin.kernels.decode_attention import tune
+    old = tune("cluster_ctx", 1 << 20)
+    try:
+        _check(32, 8, 128, 8192, torch.bfloat16, [0, 100, 4095, 8191])
+        _check(64, 8, 64, 3000, torch.float16, [2999])
+        _check(8, 2, 64, 1000, torch.float32, [0, 10, 999], window=128)
+    finally:
+        tune("cluster_ctx", old)
+    assert tune("last_cluster") == (16 if torch.cuda.get_device_capability()[0] >= 9 else 0)

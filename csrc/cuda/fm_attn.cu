@@ -14,12 +14,17 @@
 // loads over this one's arithmetic. Latency, not bytes, is what a decode token's attention costs
 // (~2 MB per Mixtral layer at 552 positions), so the block loads everything that does not depend
 // on the position together with it, and the chunk holding the position takes its k and v from
-// shared memory instead of reading back its own write. Each warp keeps its own running max / sum
-// / output (online softmax), merged across warps in shared memory, then across the chunks by the
-// last block of the head group (an atomic ticket after a threadfence): it loads every chunk's max
-// and sum at once, a warp per head turns them into weights, and the outputs are weighted sums
-// over the chunks in chunk order (deterministic: the same bits every replay), up to 16 chunks'
-// loads in flight. It resets the ticket for the next launch.
+// shared memory instead of reading back its own write. With PDL the first tile's K/V loads are
+// issued before the wait for the previous kernel (they do not depend on it: fm_attn.h), and the
+// next launch is let start at once. Each warp keeps its own running max / sum / output (online
+// softmax), merged across warps in shared memory, then across the chunks:
+// - sm_90, n_ctx up to CLUSTER_CTX: the head group's chunks are one cluster (at most 16 blocks);
+//   each block takes a slice of the outputs and reads every chunk's max, sum and output sum from
+//   the other blocks' shared memory (DSMEM) after one cluster barrier: no global round trips;
+// - else the last block of the head group (an atomic ticket after a threadfence) loads every
+//   chunk's max and sum at once, a warp per head turns them into weights, and the outputs are
+//   weighted sums, up to 16 chunks' loads in flight; it resets the ticket for the next launch.
+// Both merge in chunk order (deterministic: the same bits every replay).
 //
 // Numerics as the torch formula: RoPE q * cos + rotate_half(q) * sin with each product and the
 // sum rounded to the activation dtype (so K holds the same bits), the score q.K in fp32 rounded to
@@ -42,6 +47,7 @@ constexpr int NW = 4;            // warps per block
 constexpr int NTH = NW * 32;
 constexpr int MAXG = 8;          // most query heads per block (a head group)
 constexpr int MAXSPLIT = 128;    // most position chunks per head group
+constexpr int MAXCL = 16;        // most blocks of a cluster (sm_90's non-portable limit)
 
 struct AttnParams {
     const void *q, *k, *v, *cos, *sin;
@@ -50,8 +56,29 @@ struct AttnParams {
     float *part;                 // [kv heads][head groups][splits][G * D + 2 * G]
     unsigned *ticket;            // [kv heads * head groups]
     int g, gb, hg, nsplit, n_ctx, window, min_chunk, pdl;
+    int ncl;                     // > 1: the chunks of a head group are a cluster (sm_90), merged in DSMEM
     float scale;
 };
+
+// sm_90 clusters: every thread of the cluster's blocks arrives, then waits (release/acquire: the
+// shared-memory writes before it are visible to the cluster after it); a float of block `rank`'s
+// shared memory at this block's address of it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float ld_dsmem(const float *ptr, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned a = (unsigned)__cvta_generic_to_shared(ptr), r;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+#else
+    return 0.f;
+#endif
+}
 
 // Head h's output element d merged over the block's warps, each with its running max: the
 // block's max M, sum L and output sum o (relative to M).
@@ -75,28 +102,62 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
     constexpr int R = G >= 8 ? 2 : 4;           // rounds per tile (registers: two tiles of K and V)
     constexpr int TILE = NW * PPW * R;
     constexpr int WU = Elt<T>::W;
-    __shared__ float s_m[NW][G], s_l[NW][G];
+    __shared__ float s_m[NW][G], s_l[NW][G], s_bm[G], s_bl[G];
     __shared__ __align__(16) float s_acc[NW][G][D];
     __shared__ __align__(16) uint4 s_new[2][LPP * WU];  // this position's k and v (raw)
     __shared__ float s_pm[MAXSPLIT][G], s_pl[MAXSPLIT][G];
     __shared__ int s_last;
 
-    if (p.pdl) {
-        pdl_wait();
-        pdl_trigger();
-    }
+    // The next launch may start now (it waits for this one's end before it reads what this one
+    // writes). Before this kernel's own wait: only what the previous kernel does not write (the
+    // position, the RoPE tables and the cache rows of earlier positions; fm_attn.h). pdl 2 and 3
+    // are the knob's measurements: trigger after the wait; wait first (nothing over the wait).
+    if (p.pdl == 3) pdl_wait();
+    if (p.pdl == 1 || p.pdl == 3) pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPP, pg = lane / LPP;
     const int split = blockIdx.x, hgi = blockIdx.y, kvh = blockIdx.z, KVH = gridDim.z;
     const int h0 = hgi * p.gb, nh = min(p.gb, p.g - h0);
     const int d0 = sub * 8;
     const size_t row = (size_t)KVH * D;
     const size_t head = (size_t)kvh * p.g + h0;  // this block's first query head
-    // What does not depend on the position is loaded with it (one round trip): the position, the
-    // RoPE tables, the rotated q of the block's heads, and (warp 0) the rotated k and v.
     const int64_t pos = *p.pos;
     float c8[8], s8[8], qr[G][8], kr[8], vv[8];
     ld8<T>((const T *)p.cos + d0, c8);
     ld8<T>((const T *)p.sin + d0, s8);
+    const bool valid = pos >= 0 && pos < p.n_ctx;
+    const int n = valid ? (int)pos + 1 : 0;
+    const int lo = valid && p.window > 0 && n > p.window ? n - p.window : 0;
+    const int len = n - lo;
+    const int chunk = max(p.min_chunk, (len + p.nsplit - 1) / p.nsplit);
+    const int active = (len + chunk - 1) / chunk;  // 0 for an invalid position: the output is NaN
+    const int start = lo + split * chunk, end = min(start + chunk, n);
+    const T *K = (const T *)p.K + (size_t)kvh * D + d0, *V = (const T *)p.V + (size_t)kvh * D + d0;
+
+    // a tile's K and V rows of this lane (the position's own from s_new once written)
+    auto load = [&](int t0, uint4 (&kw)[R][WU], uint4 (&vw)[R][WU], bool (&okw)[R], bool own) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int j = t0 + (r * NW + warp) * PPW + pg;
+            okw[r] = j < end;
+            if (!okw[r]) continue;
+            if (j != pos) {
+                ldcg_raw<T>(K + (size_t)j * row, kw[r]);
+                ldcg_raw<T>(V + (size_t)j * row, vw[r]);
+            } else if (own) {
+#pragma unroll
+                for (int i = 0; i < WU; ++i) {
+                    kw[r][i] = s_new[0][sub * WU + i];
+                    vw[r][i] = s_new[1][sub * WU + i];
+                }
+            }
+        }
+    };
+    uint4 kraw[R][WU], vraw[R][WU];
+    bool ok[R];
+    if (split < active) load(start, kraw, vraw, ok, false);  // the first tile over the wait
+    if (p.pdl == 1 || p.pdl == 2) pdl_wait();  // q, k and v are the previous kernel's output
+    if (p.pdl == 2) pdl_trigger();
+    // the rotated q of the block's heads and (warp 0) the rotated k and v, all loads at once
 #pragma unroll
     for (int h = 0; h < G; ++h) {
         if (h < nh) rope8<T, D>((const T *)p.q + (head + h) * D, d0, c8, s8, qr[h]);
@@ -108,14 +169,6 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
         rope8<T, D>((const T *)p.k + (size_t)kvh * D, d0, c8, s8, kr);
         ld8<T>((const T *)p.v + (size_t)kvh * D + d0, vv);
     }
-    const bool valid = pos >= 0 && pos < p.n_ctx;
-    const int n = valid ? (int)pos + 1 : 0;
-    const int lo = valid && p.window > 0 && n > p.window ? n - p.window : 0;
-    const int len = n - lo;
-    const int chunk = max(p.min_chunk, (len + p.nsplit - 1) / p.nsplit);
-    const int active = (len + chunk - 1) / chunk;  // 0 for an invalid position: the output is NaN
-    const int start = lo + split * chunk, end = min(start + chunk, n);
-    const T *K = (const T *)p.K + (size_t)kvh * D + d0, *V = (const T *)p.V + (size_t)kvh * D + d0;
 
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -126,28 +179,6 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
         for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
     }
     if (split < active) {
-        // a tile's K and V rows of this lane (the position's own from s_new once written)
-        auto load = [&](int t0, uint4 (&kw)[R][WU], uint4 (&vw)[R][WU], bool (&okw)[R], bool own) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const int j = t0 + (r * NW + warp) * PPW + pg;
-                okw[r] = j < end;
-                if (!okw[r]) continue;
-                if (j != pos) {
-                    ldcg_raw<T>(K + (size_t)j * row, kw[r]);
-                    ldcg_raw<T>(V + (size_t)j * row, vw[r]);
-                } else if (own) {
-#pragma unroll
-                    for (int i = 0; i < WU; ++i) {
-                        kw[r][i] = s_new[0][sub * WU + i];
-                        vw[r][i] = s_new[1][sub * WU + i];
-                    }
-                }
-            }
-        };
-        uint4 kraw[R][WU], vraw[R][WU];
-        bool ok[R];
-        load(start, kraw, vraw, ok, false);
         if (start <= pos && pos < end) {  // this chunk holds the position: write its k and v
             if (threadIdx.x < LPP) {        // (every head group's block writes the same bits)
                 uint4 ku[WU], vu[WU];
@@ -256,7 +287,8 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
             }
     }
     __syncthreads();
-    if (split >= active && !(active == 0 && split == 0)) return;
+    const bool cl = p.ncl > 1 && active > 1;  // the cluster's merge: every block takes part
+    if (split >= active && !(active == 0 && split == 0) && !cl) return;
 
     T *out = (T *)p.out + head * D;
     if (active <= 1) {  // one chunk (or none): this block's result is the output
@@ -266,6 +298,48 @@ __global__ void __launch_bounds__(NTH) attn_kernel(const AttnParams p) {
             if (active) merge_warps(s_m, s_l, s_acc, h, d, M, L, o);
             out[i] = from_float<T>(o / L);
         }
+        return;
+    }
+    if (cl) {
+        // sm_90: the head group's chunks are one cluster. Each block merges its warps (in place:
+        // element (h, d) is one thread's), then takes a slice of the outputs, reading every
+        // block's max, sum and output sum from its shared memory (DSMEM) in chunk order.
+        for (int i = threadIdx.x; i < nh * D; i += NTH) {
+            const int h = i / D, d = i - h * D;
+            float M = -CUDART_INF_F, L = 0.f, o = 0.f;
+            if (split < active) merge_warps(s_m, s_l, s_acc, h, d, M, L, o);
+            s_acc[0][h][d] = o;
+            if (d == 0) {
+                s_bm[h] = M;
+                s_bl[h] = L;
+            }
+        }
+        cluster_sync();
+        const int nout = nh * D, per = (nout + p.ncl - 1) / p.ncl, iend = min(nout, (split + 1) * per);
+        for (int i = split * per + threadIdx.x; i < iend; i += NTH) {
+            const int h = i / D, d = i - h * D;
+            float mb[MAXCL], lb[MAXCL], ob[MAXCL];
+#pragma unroll
+            for (int b = 0; b < MAXCL; ++b)
+                if (b < p.ncl) {
+                    mb[b] = ld_dsmem(&s_bm[h], b);
+                    lb[b] = ld_dsmem(&s_bl[h], b);
+                    ob[b] = ld_dsmem(&s_acc[0][h][d], b);
+                }
+            float M = -CUDART_INF_F, L = 0.f, o = 0.f;
+#pragma unroll
+            for (int b = 0; b < MAXCL; ++b)
+                if (b < p.ncl) M = fmaxf(M, mb[b]);
+#pragma unroll
+            for (int b = 0; b < MAXCL; ++b)
+                if (b < p.ncl && mb[b] != -CUDART_INF_F) {
+                    const float a = __expf(mb[b] - M);
+                    L = fmaf(a, lb[b], L);
+                    o = fmaf(a, ob[b], o);
+                }
+            out[i] = from_float<T>(o / L);
+        }
+        cluster_sync();  // no block leaves while another reads its shared memory
         return;
     }
     // this chunk's partial: output sums, max and sum per head (relative to the block's max)
@@ -362,7 +436,7 @@ AttnFn pick(int D, int G) {
 }
 
 FmDevice g_adev[FM_MAX_DEV];
-int64_t g_atune[FMC_ATTN_TUNE_NKEYS] = {0, 1, 16, 0, 0};
+int64_t g_atune[FMC_ATTN_TUNE_NKEYS] = {0, 1, 16, 0, 0, 1024, 0};
 
 struct Shape {
     int g, gb, G, hg;
@@ -383,27 +457,64 @@ int attn_shape(int64_t heads, int64_t kv_heads, int64_t D, int64_t n_ctx, int de
     return FMC_OK;
 }
 
+// The most blocks of one cluster the device schedules for fn (16 or 8; 0: none), queried once
+// per device and kernel; 16 needs the non-portable cluster size allowed.
+int attn_max_cluster(int dtype, int ld, int gi, AttnFn fn, FmDevice *dev) {
+    static int cl_of[FM_MAX_DEV][3][5][3];  // + 1, 0 = not queried yet
+    int &c = cl_of[dev - g_adev][dtype][ld][gi];
+    if (!c) {
+        int best = 0;
+        for (int want = MAXCL; want >= 8 && !best; want /= 2) {
+            if (want > 8 && cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+                continue;
+            cudaLaunchConfig_t cfg = {};
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeClusterDimension;
+            attr[0].val.clusterDim.x = want;
+            attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+            cfg.gridDim = dim3(want);
+            cfg.blockDim = dim3(NTH);
+            cfg.attrs = attr;
+            cfg.numAttrs = 1;
+            int n = 0;
+            if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) == cudaSuccess && n > 0) best = want;
+        }
+        (void)cudaGetLastError();  // a refused query leaves no error behind
+        c = best + 1;
+    }
+    return c - 1;
+}
+
 // Position chunks per head group: the SPLITS knob, else chunks of one tile for n_ctx, at most the
-// blocks resident at once (the kernel's occupancy, queried once per device and kernel).
+// blocks resident at once (the kernel's occupancy, queried once per device and kernel). On sm_90
+// up to CLUSTER_CTX positions the chunks of a head group are one cluster (*ncl = their count,
+// at most the cluster size the device schedules): the merge in DSMEM, no second pass.
 int attn_splits(const Shape &s, int dtype, AttnFn fn, FmDevice *dev, int64_t D, int64_t kv_heads, int64_t n_ctx,
-                int *nsplit) {
+                int *nsplit, int *ncl) {
     static int occ_of[FM_MAX_DEV][3][5][3];  // [device][dtype][log2(D) - 4][G 1/4/8]
     int64_t want = g_atune[FMC_ATTN_TUNE_SPLITS];
-    if (want <= 0) {
-        int ld = 0;
-        while ((16 << ld) < D) ++ld;
-        int &occ = occ_of[dev - g_adev][dtype][ld][s.G == 1 ? 0 : (s.G == 4 ? 1 : 2)];
+    int ld = 0;
+    while ((16 << ld) < D) ++ld;
+    const int gi = s.G == 1 ? 0 : (s.G == 4 ? 1 : 2);
+    const int maxcl = dev->cc_major >= 9 && n_ctx <= g_atune[FMC_ATTN_TUNE_CLUSTER_CTX]
+                    ? attn_max_cluster(dtype, ld, gi, fn, dev) : 0;
+    const int tile = NW * (256 / (int)D) * (s.G >= 8 ? 2 : 4);  // one tile's positions (attn_kernel)
+    if (want <= 0 && maxcl) {
+        want = (n_ctx + tile - 1) / tile;
+        if (want > maxcl) want = maxcl;
+    } else if (want <= 0) {
+        int &occ = occ_of[dev - g_adev][dtype][ld][gi];
         if (!occ) {
             const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, NTH, 0);
             if (err != cudaSuccess) return (int)err;
             if (occ < 1) occ = 1;
         }
-        const int tile = NW * (256 / (int)D) * (s.G >= 8 ? 2 : 4);  // one tile's positions (attn_kernel)
         want = (n_ctx + tile - 1) / tile;
         const int64_t cap = (int64_t)occ * dev->sms / (kv_heads * s.hg);
         if (want > cap) want = cap;
     }
     *nsplit = (int)(want < 1 ? 1 : (want > MAXSPLIT ? MAXSPLIT : want));
+    *ncl = *nsplit > 1 && *nsplit <= maxcl ? *nsplit : 0;
     return FMC_OK;
 }
 
@@ -426,7 +537,8 @@ const char *fmc_attn_strerror(int code) {
 int64_t fmc_attn_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_ATTN_TUNE_NKEYS) return -1;
     const int64_t old = g_atune[key];
-    if (value >= 0 && key <= FMC_ATTN_TUNE_MIN_CHUNK && !(key == FMC_ATTN_TUNE_MIN_CHUNK && value < 1))
+    const bool settable = key <= FMC_ATTN_TUNE_MIN_CHUNK || key == FMC_ATTN_TUNE_CLUSTER_CTX;
+    if (value >= 0 && settable && !(key == FMC_ATTN_TUNE_MIN_CHUNK && value < 1))
         g_atune[key] = value;
     return old;
 }
@@ -459,8 +571,8 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
     AttnFn fn = dtype == FMC_F32 ? pick<float>((int)head_dim, s.G)
               : dtype == FMC_F16 ? pick<__half>((int)head_dim, s.G) : pick<__nv_bfloat16>((int)head_dim, s.G);
     if (!fn) return FMC_EINVAL;
-    int nsplit;
-    if ((rc = attn_splits(s, dtype, fn, dev, head_dim, kv_heads, n_ctx, &nsplit))) return rc;
+    int nsplit, ncl;
+    if ((rc = attn_splits(s, dtype, fn, dev, head_dim, kv_heads, n_ctx, &nsplit, &ncl))) return rc;
     AttnParams p = {};
     p.q = q; p.k = k; p.v = v; p.cos = cos; p.sin = sin;
     p.K = K; p.V = V; p.out = out; p.pos = pos;
@@ -471,15 +583,31 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
     p.window = window > (1 << 30) ? 0 : (int)window;
     p.min_chunk = (int)g_atune[FMC_ATTN_TUNE_MIN_CHUNK];
     p.scale = scale;
-    p.pdl = g_atune[FMC_ATTN_TUNE_PDL] && dev->cc_major >= 9;
+    p.pdl = dev->cc_major >= 9 && g_atune[FMC_ATTN_TUNE_PDL] <= 3 ? (int)g_atune[FMC_ATTN_TUNE_PDL] : 0;
+    p.ncl = ncl;
     g_atune[FMC_ATTN_TUNE_LAST_SPLITS] = nsplit;
+    g_atune[FMC_ATTN_TUNE_LAST_CLUSTER] = ncl;
     g_atune[FMC_ATTN_TUNE_LAST_GRID] = (int64_t)nsplit * s.hg * kv_heads;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)nsplit, (unsigned)s.hg, (unsigned)kv_heads);
     cfg.blockDim = dim3(NTH);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = (cudaStream_t)stream;
-    const cudaError_t err = fm_launch(cfg, fn, (const AttnParams)p, p.pdl);
+    cudaLaunchAttribute attr[2];
+    int na = 0;
+    if (p.pdl) {
+        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[na++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (ncl) {
+        attr[na].id = cudaLaunchAttributeClusterDimension;
+        attr[na].val.clusterDim.x = (unsigned)ncl;
+        attr[na].val.clusterDim.y = attr[na].val.clusterDim.z = 1;
+        ++na;
+    }
+    cfg.attrs = attr;
+    cfg.numAttrs = na;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, fn, (const AttnParams)p);
     return err == cudaSuccess ? FMC_OK : (int)err;
 }
 

@@ -36,12 +36,21 @@ int fmc_decode_attention(int dtype, int64_t heads, int64_t kv_heads, int64_t hea
                          void *workspace, size_t workspace_bytes, int device, void *stream);
 
 /* Knobs (process-wide, as fmc_tune): SPLITS position chunks per head group (0 = auto: enough
- * chunks of one tile for n_ctx, at most four blocks per SM, at most 128), PDL (1 = programmatic dependent
- * launch on sm_90+), MIN_CHUNK (fewest positions per chunk, default 16); read-only: the last
- * launch's splits and grid. */
+ * chunks of one tile for n_ctx, at most the blocks resident at once, at most 128; with clusters at
+ * most the cluster size), PDL (1 = programmatic dependent launch on sm_90+; 2: the next launch let
+ * start only after the wait, 3: also the loads only after it: measurements), MIN_CHUNK (fewest
+ * positions per chunk, default 16), CLUSTER_CTX (sm_90: up to this n_ctx a head group's chunks
+ * are one cluster of up to 16 blocks, merged in distributed shared memory; 0 = never); read-only:
+ * the last launch's splits, grid and cluster size (0 = none).
+ *
+ * With PDL the kernel reads the position, cos/sin and the cache rows other than the position's
+ * before it waits for the previous kernel: those must come from a kernel that ended before the
+ * previous one started (in a decode step: the position and tables at the step's start, the rows
+ * from earlier tokens; q, k and v are read after the wait). */
 enum fmc_attn_tune_key {
     FMC_ATTN_TUNE_SPLITS = 0, FMC_ATTN_TUNE_PDL = 1, FMC_ATTN_TUNE_MIN_CHUNK = 2,
-    FMC_ATTN_TUNE_LAST_SPLITS = 3, FMC_ATTN_TUNE_LAST_GRID = 4, FMC_ATTN_TUNE_NKEYS = 5
+    FMC_ATTN_TUNE_LAST_SPLITS = 3, FMC_ATTN_TUNE_LAST_GRID = 4, FMC_ATTN_TUNE_CLUSTER_CTX = 5,
+    FMC_ATTN_TUNE_LAST_CLUSTER = 6, FMC_ATTN_TUNE_NKEYS = 7
 };
 int64_t fmc_attn_tune(int key, int64_t value);
 
