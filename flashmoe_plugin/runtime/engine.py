@@ -142,7 +142,10 @@ class Engine:
         elif vram_budget > usable:
             raise ValueError(f"VRAM budget {format_size(vram_budget)} exceeds what is free on {self.device} after "
                              f"the dense weights and KV cache ({format_size(max(usable, 0))} usable)")
-        return vram_budget, min(ram_budget, max(0, total - vram_budget))
+        # the host tier takes what the VRAM's whole records leave (not the budget's bytes: Mixtral's
+        # 8G holds 86 records, and 26.6G - 8G made 169 more: one record short, read from disk per token)
+        held = vram_budget // self.store.layout.size * self.store.layout.size
+        return vram_budget, min(ram_budget, max(0, total - held))
 
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
@@ -292,15 +295,20 @@ class Engine:
     def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):
         """Grade the guesses made for this layer; guess the next layers' experts from h and
         prefetch those the cost model allows."""
-        pred = self.predictor
-        pred.observe(layer, chosen, self.pager.stats.read_seconds)
+        pred, p = self.predictor, self.pager
+        pred.observe(layer, chosen, p.stats.read_seconds)
         at = self._moe_pos[layer]
         js = self._moe_order[at + 1:at + 1 + pred.reach()]
+        # copies up that land in time (HostCompute.copies_ahead: none where the CPU is the faster way)
+        ups = [self.host_compute.copies_ahead(None if pred.busy_s is None else d * pred.busy_s)
+               for d in range(1, len(js) + 1)]
+        if not any(ups) and p.total_capacity >= p.total_records:
+            return  # nothing to read or copy: no guess (on a GPU each reads routing back)
         for d, (j, guess, margins) in enumerate(zip(js, *self.model.guess_scored(js, h)), 1):
-            pred.guessed(j, guess, d, self.pager.cold(j, guess), margins)
+            pred.guessed(j, guess, d, p.cold(j, guess), margins)
             # a disk read only for the guesses whose precision (at this distance and confidence) pays for it
             margin = dict(zip(guess, margins)) if margins is not None else {}
-            disk, host = {e for e in guess if pred.allow(d, True, margin.get(e))}, pred.allow(d, False)
+            disk, host = {e for e in guess if pred.allow(d, True, margin.get(e))}, pred.allow(d, False) and ups[d - 1]
             if disk or host:  # the layer needed soonest is read first; a newer guess replaces older ones
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 
