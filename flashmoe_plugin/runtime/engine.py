@@ -211,12 +211,14 @@ class Engine:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 h: torch.Tensor) -> torch.Tensor:
+                 h: torch.Tensor, host=None) -> torch.Tensor:
         """Routed experts of one layer. Decode: the token's k records are requested, the
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit.
-        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general."""
+        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general.
+        host: (x in fp32 on the host, the weights as floats) where the caller has them already
+        (runtime/hybrid_decode.py's packed row): a decode step then reads nothing back."""
         layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
@@ -239,8 +241,7 @@ class Engine:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
             # host-tier records are computed on the CPU while the GPU runs the others: x goes to
             # the host before the GPU work is queued, so neither waits for the other
-            xh = hc.to_host(x)
-            w = weights[0].tolist()
+            xh, w = host if host is not None else (hc.to_host(x), weights[0].tolist())
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
             out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
