@@ -31,4 +31,10 @@ MAIN=/tmp/d11-main; rm -rf "$MAIN"; cp -r "$ME" "$MAIN"; cp -r "$MAIN_FILES"/. "
 bench row2 "$ME" $ROW2 --drop-caches
 bench static24 "$ME" $STATIC
 bench main-row2 "$MAIN" $ROW2
+t=$(left)
+if [ "$t" -gt 30 ] && [ -z "${NO_TESTS:-}" ]; then  # the GPU tests of the pager and tiered step, in the time left
+  log "GPU tests ($t s left)"
+  timeout "$t" python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_pager.py tests/test_cuda_graph_decode.py \
+    > "$OUT/gpu-tests.log" 2>&1; log "GPU tests: rc $? $(tail -1 "$OUT/gpu-tests.log")"
+fi
 log "done in $(( $(date +%s) - T0 )) s"
