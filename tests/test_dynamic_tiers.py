@@ -63,7 +63,25 @@ def test_cost_model_counts_the_cpu_calls_fixed_time():
     assert hc.share(2) == 1 and hc.share(1) == 0
 
 
-def test_copies_up_only_where_they_land_in_time():
+def test_a_copy_into_a_full_device_tier_is_priced_as_a_swap():
+    """Measured on the H200 (h200-d11-row2.json): copy 1.79 ms, CPU 0.13 + n x 0.91. A layer's two
+    host records: a copy alone (1.79) looked cheaper than the CPU (1.95); as a swap (the victim
+    comes down beside it, over the same RAM) it is not, and both stay on the CPU."""
+    class Pager:
+        t0, capacity = [0] * 4, 4
+
+    hc = HostCompute.__new__(HostCompute)
+    hc.mode, hc.copy_s, hc.cpu_s, hc.cpu_o = "auto", 1.79e-3, 0.91e-3, 0.13e-3
+    assert hc.share(2) == 1          # no pager: a copy costs copy_s
+    hc._pager = Pager()
+    assert hc.share(2) == 2          # a full device tier: twice that
+    Pager.t0 = [0] * 3
+    assert hc.share(2) == 1          # a free slot: no victim
+
+
+def test_copies_up_only_beside_the_cpus_share():
+    """A guessed record of the next layer goes up only while the CPU computes this layer's host
+    records for at least a copy's time, and never behind another copy up (H200 costs)."""
     class Copies:
         idle = True
 
@@ -71,17 +89,23 @@ def test_copies_up_only_where_they_land_in_time():
             return self.idle
 
     class Pager:
-        copies = Copies()
+        copies, t0, capacity = Copies(), [0] * 4, 4  # a full device tier
 
     hc = HostCompute.__new__(HostCompute)
-    hc._pager, hc.mode, hc.copy_s, hc.cpu_s = Pager(), "auto", 1.8e-3, 0.5e-3
-    assert hc.copies_ahead(None) == 0          # the time per layer not measured yet
-    assert hc.copies_ahead(1.3e-3) == 0        # one layer ahead on the H200: it would land late
-    assert hc.copies_ahead(3.7e-3) == 2        # two copies fit, one after the other
+    hc._pager, hc.mode, hc.copy_s, hc.cpu_s, hc.cpu_o = Pager(), "auto", 1.8e-3, 0.91e-3, 0.13e-3
+    assert hc.copies_ahead(hc.cpu_time(0)) == 0   # nothing on the CPU: a copy would be waited for
+    assert hc.copies_ahead(hc.cpu_time(1)) == 0   # one record: 1.04 ms, shorter than a copy
+    assert hc.copies_ahead(hc.cpu_time(2)) == 1   # two: 1.95 ms, one copy fits beside them
+    assert hc.copies_ahead(3.7e-3) == 2           # two copies, one after the other
     Pager.copies.idle = False
-    assert hc.copies_ahead(3.7e-3) == 0        # a copy up still on the engine: none queued behind it
+    assert hc.copies_ahead(3.7e-3) == 0           # a copy up still on the engine: none queued behind it
+    Pager.copies.idle = True
+    hc.prefetch_up = False
+    assert hc.copies_ahead(3.7e-3) == 0           # the A/B switch: every host record on the CPU
+    hc.prefetch_up, hc.cpu_s = True, 5e-3
+    assert hc.copies_ahead(0.0) > 1000            # a slow CPU: copies are the way up, ahead of time too
     hc.mode = "off"
-    assert hc.copies_ahead(None) > 1000        # without host compute copies are the only way up
+    assert hc.copies_ahead(0.0) > 1000            # without host compute copies are the only way up
 
 
 def _prefetch_run(store, ids, steps, host_records, copy_s, monkeypatch):

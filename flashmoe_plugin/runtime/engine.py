@@ -232,8 +232,8 @@ class Engine:
                 and layout.size >= landed_mod.MIN_RECORD_BYTES
             ask = self.pager.ready_first(layer, chosen) if landed else chosen
             batch = self.pager.request(layer, ask, host_ok=hc.share if hc.mode != "off" else False)
-            if self.predictor is not None:
-                self._look_ahead(layer, chosen, h)
+            if self.predictor is not None:  # copies up only beside the CPU's share of this layer
+                self._look_ahead(layer, chosen, h, hc.cpu_time(len(batch.on_host)) if hc.mode != "off" else 0.0)
             if landed:  # resident experts computed while the missing ones are read (runtime/landed.py)
                 return landed_mod.moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
             got = dict(batch)
@@ -293,16 +293,16 @@ class Engine:
             out.add_(self.backend.expert_general(x, rec, layout, act), alpha=w)
         return out
 
-    def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):
+    def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor, beside_s: float = 0.0):
         """Grade the guesses made for this layer; guess the next layers' experts from h and
         prefetch those the cost model allows."""
         pred, p = self.predictor, self.pager
         pred.observe(layer, chosen, p.stats.read_seconds)
         at = self._moe_pos[layer]
         js = self._moe_order[at + 1:at + 1 + pred.reach()]
-        # copies up that land in time (HostCompute.copies_ahead: none where the CPU is the faster way)
-        ups = [self.host_compute.copies_ahead(None if pred.busy_s is None else d * pred.busy_s)
-               for d in range(1, len(js) + 1)]
+        # copies up for the next layer that run while the CPU computes this one's host records
+        # (HostCompute.copies_ahead; beside_s: that CPU time)
+        ups = [self.host_compute.copies_ahead(beside_s if d == 1 else 0.0) for d in range(1, len(js) + 1)]
         if not any(ups) and p.total_capacity >= p.total_records:
             return  # nothing to read or copy: no guess (on a GPU each reads routing back)
         for d, (j, guess, margins) in enumerate(zip(js, *self.model.guess_scored(js, h)), 1):

@@ -12,11 +12,16 @@ Two ways a record gets here:
   host records into a copy and a CPU call, 1.8 ms where the CPU alone takes 1.6); then the real
   CPU calls keep a running average. Modes: "auto" (the cost model; only on GPU runs with a host
   tier), "on" (every host record; also on the CPU twin, for tests), "off".
-  The predictor's copies up follow the same costs (`copies_ahead`): in "auto" a guessed host
-  record is copied up ahead of its layer only if the copy engine is idle and the copy lands in
-  the look-ahead's lead time; one that would land late puts the copy on the critical path, where
-  the CPU computes the record sooner (session 7 measured ~30 copies up per token, 248 of 969
-  unused, holding row 2 at 7.7 tok/s).
+  A copy up into a full device tier is a swap: its victim comes down at the same time, and both
+  transfers take the host RAM the C kernels stream, so the split prices a copy at twice copy_s
+  (the static path's tuner measured a layer with one of its two experts copied at 2.18 ms against
+  1.94 with both on the CPU, where copy_s alone predicted 1.80: h200-d11-static24.json).
+  The predictor's copies up run only beside the CPU's share (`copies_ahead`): in "auto" a guessed
+  host record of the next layer is copied up while the CPU computes this layer's host records,
+  if that takes at least a copy's time and no earlier copy up is still on the copy engine, so
+  a copy never delays a layer. Copies on the critical path held row 2 at 7.7 tok/s (main: ~30
+  per token, 248 of 969 unused), and at 11.5 with copies allowed within the look-ahead's measured
+  lead time (copies slow the layers, which lengthens the lead: h200-d11-row2.json).
 - static (`n_cpu_moe`, llama.cpp's --n-cpu-moe): every expert of the first N MoE layers is read
   into RAM at start, never paged, and computed on the CPU (runtime/cpu_layers.py, CpuLayers).
 
@@ -72,6 +77,7 @@ class HostCompute:
     # between any two calls (CpuLayers.spin_us, the static path's)
     spin_us = 5000
     cpu_o = 0.0  # the CPU side's fixed time per call (a call of n records: cpu_o + n x cpu_s)
+    prefetch_up = True  # False: no copies up ahead in "auto" (every host record on the CPU; an A/B switch)
 
     def __init__(self, mode, pager, layout, device: torch.device, act=None):
         if mode not in ("auto", "on", "off"):
@@ -103,21 +109,33 @@ class HostCompute:
             return m if self.mode == "on" else 0
         if self.copy_s is None:
             self._calibrate()
-        return cpu_share(m, self.copy_s, self.cpu_s, self.cpu_o)
+        return cpu_share(m, self.copy_s * self._swap(), self.cpu_s, self.cpu_o)
 
-    def copies_ahead(self, lead_s: float | None) -> int:
-        """How many guessed host-tier records a prefetch may copy up for a layer `lead_s` seconds
-        ahead (the look-ahead's distance x the measured time per layer; None: not measured yet).
-        "off": all of them (copies are the only way up); "on": all (the CPU takes whatever is
-        left in the host tier); "auto": none while an earlier copy up is still on the copy
-        engine, else those that land within lead_s, one copy after another."""
+    def _swap(self) -> int:
+        """2 where a copy up evicts a record to the host tier (the device tier is full), else 1."""
+        p = getattr(self, "_pager", None)
+        return 2 if p is not None and len(p.t0) >= p.capacity else 1
+
+    def cpu_time(self, n: int) -> float:
+        """The CPU's time for a call of n host records (0 for none)."""
+        return self.cpu_o + n * self.cpu_s if n and self.cpu_s is not None else 0.0
+
+    def copies_ahead(self, beside_s: float) -> int:
+        """How many guessed host-tier records a prefetch may copy up while the CPU computes for
+        beside_s seconds (this layer's host records). "off": all of them (copies are the only
+        way up); "on": all (the CPU takes whatever is left in the host tier); "auto": all where a
+        lone host record would be copied up anyway (copies are the cheaper way: ahead of time they
+        hide their latency), else none while an earlier copy up is still on the copy engine,
+        and otherwise those that land within beside_s."""
         if self.mode != "auto":
             return 1 << 30
-        if self.copy_s is None:
-            self._calibrate()
-        if lead_s is None or not self._pager.copies.up_idle():
+        if not self.prefetch_up:
             return 0
-        return int(lead_s // self.copy_s)
+        if self.share(1) == 0:
+            return 1 << 30
+        if not self._pager.copies.up_idle():
+            return 0
+        return int(beside_s // self.copy_s)
 
     def _calibrate(self):
         p = self._pager
