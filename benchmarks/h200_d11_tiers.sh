@@ -2,7 +2,7 @@
 # d11's H200 call (issue 10, row 2: dynamic tiers): `--vram-budget 8G --ram-budget 24G` on this
 # tree and on main's (the files this branch changes, main's versions in $MAIN_FILES, over a copy
 # of this tree: same compiled modules), and the static `--n-cpu-moe 24` once for reference, in one
-# call, one after the other (RUNS: which, in order; row2-noup: this tree without copies up ahead). Each run is cut short by the call's deadline (DEADLINE seconds).
+# call, one after the other (RUNS: which, in order; row2-up: this tree with copies up ahead beside the CPU's share). Each run is cut short by the call's deadline (DEADLINE seconds).
 # JSON to $OUT/h200-d11-*.json. Run from the tree's root, after prep.sh.
 source benchmarks/h200_common.sh
 T0=$(date +%s); DEADLINE=${DEADLINE:-170}
@@ -29,11 +29,11 @@ if [ ! -f "$ST/manifest.json" ]; then
 fi
 ME=$PWD
 MAIN=/tmp/d11-main; rm -rf "$MAIN"; cp -r "$ME" "$MAIN"; cp -r "$MAIN_FILES"/. "$MAIN"/
-NOUP="from flashmoe_plugin.runtime.host_compute import HostCompute; HostCompute.prefetch_up = False"
+UP="from flashmoe_plugin.runtime.host_compute import HostCompute; HostCompute.prefetch_up = True"
 for run in ${RUNS:-row2 static24 main-row2}; do
   case $run in
     row2) bench row2 "$ME" "" $ROW2 --drop-caches ;;
-    row2-noup) bench row2-noup "$ME" "$NOUP" $ROW2 ;;  # A/B: no copies up ahead at all
+    row2-up) bench row2-up "$ME" "$UP" $ROW2 ;;  # A/B: copies up ahead beside the CPU's share
     static24) bench static24 "$ME" "" $STATIC ;;
     main-row2) bench main-row2 "$MAIN" "" $ROW2 ;;
   esac

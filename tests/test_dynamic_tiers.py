@@ -79,9 +79,10 @@ def test_a_copy_into_a_full_device_tier_is_priced_as_a_swap():
     assert hc.share(2) == 1          # a free slot: no victim
 
 
-def test_copies_up_only_beside_the_cpus_share():
-    """A guessed record of the next layer goes up only while the CPU computes this layer's host
-    records for at least a copy's time, and never behind another copy up (H200 costs)."""
+def test_copies_up_ahead_only_where_copies_are_the_cheaper_way():
+    """H200 costs: no copy up ahead where the CPU is the cheaper way; with the A/B switch, a
+    guessed record of the next layer goes up only while the CPU computes this layer's host
+    records for at least a copy's time, and never behind another copy up."""
     class Copies:
         idle = True
 
@@ -93,16 +94,15 @@ def test_copies_up_only_beside_the_cpus_share():
 
     hc = HostCompute.__new__(HostCompute)
     hc._pager, hc.mode, hc.copy_s, hc.cpu_s, hc.cpu_o = Pager(), "auto", 1.8e-3, 0.91e-3, 0.13e-3
+    assert hc.copies_ahead(3.7e-3) == 0           # the default: the CPU is the cheaper way, no copies up
+    hc.prefetch_up = True                         # the A/B switch: copies beside the CPU's share
     assert hc.copies_ahead(hc.cpu_time(0)) == 0   # nothing on the CPU: a copy would be waited for
     assert hc.copies_ahead(hc.cpu_time(1)) == 0   # one record: 1.04 ms, shorter than a copy
     assert hc.copies_ahead(hc.cpu_time(2)) == 1   # two: 1.95 ms, one copy fits beside them
     assert hc.copies_ahead(3.7e-3) == 2           # two copies, one after the other
     Pager.copies.idle = False
     assert hc.copies_ahead(3.7e-3) == 0           # a copy up still on the engine: none queued behind it
-    Pager.copies.idle = True
-    hc.prefetch_up = False
-    assert hc.copies_ahead(3.7e-3) == 0           # the A/B switch: every host record on the CPU
-    hc.prefetch_up, hc.cpu_s = True, 5e-3
+    Pager.copies.idle, hc.prefetch_up, hc.cpu_s = True, False, 5e-3
     assert hc.copies_ahead(0.0) > 1000            # a slow CPU: copies are the way up, ahead of time too
     hc.mode = "off"
     assert hc.copies_ahead(0.0) > 1000            # without host compute copies are the only way up

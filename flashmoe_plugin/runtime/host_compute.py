@@ -7,28 +7,23 @@ Two ways a record gets here:
   so the step takes max(copied x copy_s, cpu_o + computed x cpu_s); `share(m)` picks how many of
   the m host records the CPU takes to make that smallest. The costs are measured, not assumed: on
   first use one record's copy is timed with CUDA events, and the CPU's affine cost (cpu_o + n x
-  cpu_s) from a call of one and a call of k host-tier records (on the H200, Mixtral q4: a copy
-  1.8 ms, one expert ~1.1 ms, two ~1.6: a per-record cost from one-record calls split a layer's two
-  host records into a copy and a CPU call, 1.8 ms where the CPU alone takes 1.6); then the real
-  CPU calls keep a running average. Modes: "auto" (the cost model; only on GPU runs with a host
-  tier), "on" (every host record; also on the CPU twin, for tests), "off".
+  cpu_s) from a call of one and a call of k host-tier records; then the real CPU calls keep a
+  running average (H200, Mixtral q4: a copy 1.79 ms, the CPU 0.13 + 0.91 per record, so one
+  record 1.04 and two 1.95). Modes: "auto" (the cost model; only on GPU runs with a host tier), "on" (every host
+  record; also on the CPU twin, for tests), "off".
   A copy up into a full device tier is a swap: its victim comes down at the same time, and both
   transfers take the host RAM the C kernels stream, so the split prices a copy at twice copy_s
   (the static path's tuner measured a layer with one of its two experts copied at 2.18 ms against
-  1.94 with both on the CPU, where copy_s alone predicted 1.80: h200-d11-static24.json).
-  The predictor's copies up run only beside the CPU's share (`copies_ahead`): in "auto" a guessed
-  host record of the next layer is copied up while the CPU computes this layer's host records,
-  if that takes at least a copy's time and no earlier copy up is still on the copy engine, so
-  a copy never delays a layer. Copies on the critical path held row 2 at 7.7 tok/s (main: ~30
-  per token, 248 of 969 unused), and at 11.5 with copies allowed within the look-ahead's measured
-  lead time (copies slow the layers, which lengthens the lead: h200-d11-row2.json).
-- static (`n_cpu_moe`, llama.cpp's --n-cpu-moe): every expert of the first N MoE layers is read
-  into RAM at start, never paged, and computed on the CPU (runtime/cpu_layers.py, CpuLayers).
-
-The GPU's work is queued first and the CPU computes while it runs: the activation is copied
-to the host before the GPU kernels are launched (a copy queued after them would wait for them).
-On a CUDA run the C kernels get every physical core (torch's own CPU threads idle while the GPU
-computes); on a CPU run they share torch's thread count, so the two pools take turns.
+  1.94 with both on the CPU, where copy_s alone predicted 1.80: h200-d11-call1-static24.json).
+  The predictor copies a guessed host record up ahead of its layer only where copies are the
+  cheaper way (`copies_ahead`). Where the CPU is, a copy up reads the record's bytes from RAM as
+  the C kernels would (at PCIe's 55 GB/s, beside kernels that stream ~100 of the H200 host's
+  ~130 GB/s), evicts a VRAM record that later tokens may use and writes it back to RAM, and on
+  the critical path the layer waits for it. Main's copies held row 2 at 7.7 tok/s (~31 per
+  token), a first version's copies within the measured time per layer at 11.5 (15 per token:
+  h200-d11-call1-row2.json). `prefetch_up = True` (an A/B switch) copies up beside the CPU's
+  share instead: while the CPU computes this layer's host records for at least a copy's time,
+  and never behind another copy up.
 """
 from __future__ import annotations
 
@@ -77,7 +72,7 @@ class HostCompute:
     # between any two calls (CpuLayers.spin_us, the static path's)
     spin_us = 5000
     cpu_o = 0.0  # the CPU side's fixed time per call (a call of n records: cpu_o + n x cpu_s)
-    prefetch_up = True  # False: no copies up ahead in "auto" (every host record on the CPU; an A/B switch)
+    prefetch_up = False  # True: in "auto", copies up ahead beside the CPU's share too (an A/B switch)
 
     def __init__(self, mode, pager, layout, device: torch.device, act=None):
         if mode not in ("auto", "on", "off"):
@@ -125,15 +120,13 @@ class HostCompute:
         beside_s seconds (this layer's host records). "off": all of them (copies are the only
         way up); "on": all (the CPU takes whatever is left in the host tier); "auto": all where a
         lone host record would be copied up anyway (copies are the cheaper way: ahead of time they
-        hide their latency), else none while an earlier copy up is still on the copy engine,
-        and otherwise those that land within beside_s."""
+        hide their latency), else none; with `prefetch_up`, none while an earlier copy up is still
+        on the copy engine, and otherwise those that land within beside_s."""
         if self.mode != "auto":
             return 1 << 30
-        if not self.prefetch_up:
-            return 0
         if self.share(1) == 0:
             return 1 << 30
-        if not self._pager.copies.up_idle():
+        if not self.prefetch_up or not self._pager.copies.up_idle():
             return 0
         return int(beside_s // self.copy_s)
 
