@@ -297,6 +297,9 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/cpu_layers.py)
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "cpu_o": cl.cpu_o, "cpu_alone": cl.alone, "decode_plan": cl.plan_of(k), "slice_s": cl.cut_s,
                                         "decode_experts_on_gpu": cl.split_up, "prefill_experts_on_gpu": cl.copied_up}
+        hc = eng.host_compute
+        if hc.mode != "off":  # dynamic tiers: the costs the copy-or-compute split used (runtime/host_compute.py)
+            graph["host_compute_costs"] = {"cpu_s": hc.cpu_s, "cpu_o": hc.cpu_o, "copy_s": hc.copy_s}
         eng.record(None)
         warm = warm_prefills(eng, ids)  # before the profiled steps below: bench/warm.py says why
         graph.update(decode_launches(eng, logits))

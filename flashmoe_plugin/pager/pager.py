@@ -70,7 +70,7 @@ class ExpertPager:
         reader_name = storage
         self.device = torch.device(device)
         size = self.record_size = store.layout.size
-        total = sum(l.experts for l in store.layers.values())
+        total = self.total_records = sum(l.experts for l in store.layers.values())
         need = self.need = store.config.top_k
         if budget is None:  # default: everything, or half the free RAM if that is less
             budget = min(total * size, max(available_ram() // 2, need * size))
@@ -259,12 +259,13 @@ class ExpertPager:
         self.stats.preloaded += len(keys)
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, layer: int, experts, from_disk=True, from_host: bool = True,
+    def prefetch(self, layer: int, experts, from_disk=True, from_host: bool | int = True,
                  priority: int = PREFETCH, replace: bool = False) -> int:
         """Start bringing `experts` of a later layer to the device tier at low priority: host-tier
         records are copied up, others read from disk (at most `prefetch_slots` reads in flight).
         from_disk: True, False, or the set of `experts` worth a disk read (the others are only
-        copied up from the host tier, and a replace keeps their reads).
+        copied up from the host tier, and a replace keeps their reads). from_host: True, False, or
+        how many host-tier records may be copied up (a copy budget: the first guesses first).
         Never evicts the current request's records. Returns how many were started.
         priority (<= PREFETCH): the reader serves higher first, so a caller can have the layer
         needed soonest read first. replace: this is a newer guess for `layer`: its unfinished
@@ -277,12 +278,14 @@ class ExpertPager:
             self._settle_prefetches(layer, keep={(layer, int(e)) for e in experts}, wait=False)
         started, reading = 0, sum(r.prefetch for r in self.reads.values())
         disk = (lambda e: from_disk) if isinstance(from_disk, bool) else from_disk.__contains__
+        ups = (1 << 30) if from_host is True else int(from_host)
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
             if key in self.t0 or key in self.reads:
                 continue
             if self.t1 is not None and key in self.t1:
-                if from_host and self._has_victim():
+                if ups > 0 and self._has_victim():
+                    ups -= 1
                     self._up(key, self.t1.slots[self.t1.slot_of[key]])
                     self.prefetched.add(key)
                     self.stats.prefetch_copies += 1

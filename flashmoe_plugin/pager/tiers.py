@@ -84,6 +84,9 @@ class HostCopies:
     def use(self, event):
         pass
 
+    def up_idle(self) -> bool:
+        return True
+
     @staticmethod
     def wait(event):
         pass
@@ -100,6 +103,7 @@ class CudaCopies:
     def __init__(self, device: torch.device):
         self.device = device
         self.up, self.down = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self._last_up = None  # the event of the last copy queued up (up_idle)
         self._registered: list = []
 
     def host_memory(self, nbytes: int) -> torch.Tensor:
@@ -129,7 +133,13 @@ class CudaCopies:
             dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
+        if dst.is_cuda:
+            self._last_up = ev
         return ev
+
+    def up_idle(self) -> bool:
+        """Whether every copy up queued so far is done (the host->device copy engine is idle)."""
+        return self._last_up is None or self._last_up.query()
 
     def use(self, event):
         """The compute stream waits for a copy (the host does not)."""

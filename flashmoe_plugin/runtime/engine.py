@@ -142,7 +142,10 @@ class Engine:
         elif vram_budget > usable:
             raise ValueError(f"VRAM budget {format_size(vram_budget)} exceeds what is free on {self.device} after "
                              f"the dense weights and KV cache ({format_size(max(usable, 0))} usable)")
-        return vram_budget, min(ram_budget, max(0, total - vram_budget))
+        # the host tier takes what the VRAM's whole records leave (not the budget's bytes: Mixtral's
+        # 8G holds 86 records, and 26.6G - 8G made 169 more: one record short, read from disk per token)
+        held = vram_budget // self.store.layout.size * self.store.layout.size
+        return vram_budget, min(ram_budget, max(0, total - held))
 
     def record(self, trace):
         """Attach a pager.trace.RoutingTrace (routes and pager requests are recorded into it);
@@ -208,12 +211,14 @@ class Engine:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _experts(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 h: torch.Tensor) -> torch.Tensor:
+                 h: torch.Tensor, host=None) -> torch.Tensor:
         """Routed experts of one layer. Decode: the token's k records are requested, the
         predictor's prefetches for the next layers go out behind them, then one fused call.
         Prefill: each expert used by the chunk is loaded once and runs all its tokens as a matrix
         product while the next ones load; experts go through the device tier in groups that fit.
-        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general."""
+        Experts the fused kernels do not compute (gpt-oss's) go through Backend.expert_general.
+        host: (x in fp32 on the host, the weights as floats) where the caller has them already
+        (runtime/hybrid_decode.py's packed row): a decode step then reads nothing back."""
         layout, be = self.store.layout_of(layer), self.backend
         if self.trace is not None:
             self.trace.route(layer, ids)
@@ -227,8 +232,8 @@ class Engine:
                 and layout.size >= landed_mod.MIN_RECORD_BYTES
             ask = self.pager.ready_first(layer, chosen) if landed else chosen
             batch = self.pager.request(layer, ask, host_ok=hc.share if hc.mode != "off" else False)
-            if self.predictor is not None:
-                self._look_ahead(layer, chosen, h)
+            if self.predictor is not None:  # copies up only beside the CPU's share of this layer
+                self._look_ahead(layer, chosen, h, hc.cpu_time(len(batch.on_host)) if hc.mode != "off" else 0.0)
             if landed:  # resident experts computed while the missing ones are read (runtime/landed.py)
                 return landed_mod.moe_as_landed(self.backend, x, batch, chosen, weights[0], layout)
             got = dict(batch)
@@ -236,8 +241,7 @@ class Engine:
                 return self._decode_sum(x, [got[e] for e in chosen], weights[0], layout)
             # host-tier records are computed on the CPU while the GPU runs the others: x goes to
             # the host before the GPU work is queued, so neither waits for the other
-            xh = hc.to_host(x)
-            w = weights[0].tolist()
+            xh, w = host if host is not None else (hc.to_host(x), weights[0].tolist())
             here = [i for i, e in enumerate(chosen) if e not in batch.on_host]
             out = self._decode_sum(x, [got[chosen[i]] for i in here], weights[0][here], layout) if here \
                 else torch.zeros_like(x)
@@ -289,18 +293,23 @@ class Engine:
             out.add_(self.backend.expert_general(x, rec, layout, act), alpha=w)
         return out
 
-    def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor):
+    def _look_ahead(self, layer: int, chosen: list[int], h: torch.Tensor, beside_s: float = 0.0):
         """Grade the guesses made for this layer; guess the next layers' experts from h and
         prefetch those the cost model allows."""
-        pred = self.predictor
-        pred.observe(layer, chosen, self.pager.stats.read_seconds)
+        pred, p = self.predictor, self.pager
+        pred.observe(layer, chosen, p.stats.read_seconds)
         at = self._moe_pos[layer]
         js = self._moe_order[at + 1:at + 1 + pred.reach()]
+        # copies up for the next layer that run while the CPU computes this one's host records
+        # (HostCompute.copies_ahead; beside_s: that CPU time)
+        ups = [self.host_compute.copies_ahead(beside_s if d == 1 else 0.0) for d in range(1, len(js) + 1)]
+        if not any(ups) and p.total_capacity >= p.total_records:
+            return  # nothing to read or copy: no guess (on a GPU each reads routing back)
         for d, (j, guess, margins) in enumerate(zip(js, *self.model.guess_scored(js, h)), 1):
-            pred.guessed(j, guess, d, self.pager.cold(j, guess), margins)
+            pred.guessed(j, guess, d, p.cold(j, guess), margins)
             # a disk read only for the guesses whose precision (at this distance and confidence) pays for it
             margin = dict(zip(guess, margins)) if margins is not None else {}
-            disk, host = {e for e in guess if pred.allow(d, True, margin.get(e))}, pred.allow(d, False)
+            disk, host = {e for e in guess if pred.allow(d, True, margin.get(e))}, pred.allow(d, False) and ups[d - 1]
             if disk or host:  # the layer needed soonest is read first; a newer guess replaces older ones
                 self.pager.prefetch(j, guess, from_disk=disk, from_host=host, priority=PREFETCH - at - d, replace=True)
 

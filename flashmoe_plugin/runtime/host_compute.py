@@ -4,18 +4,26 @@ Two ways a record gets here:
 - dynamic (Fiddler-style, `host_compute`): a decode step's records found in the pinned host tier.
   For each step the measured costs split them: a record copied up costs one host->device copy
   (the copy engine), one computed here costs one CPU expert call, and both sides run at once,
-  so the step takes max(copied x copy_s, computed x cpu_s); `share(m)` picks how many of the m
-  host records the CPU takes to make that smallest. The costs are measured, not assumed: on
-  first use one record's copy is timed with CUDA events and one CPU expert call on a record-sized
-  buffer, then the real CPU calls keep a running average. Modes: "auto" (the cost model; only
-  on GPU runs with a host tier), "on" (every host record; also on the CPU twin, for tests), "off".
-- static (`n_cpu_moe`, llama.cpp's --n-cpu-moe): every expert of the first N MoE layers is read
-  into RAM at start, never paged, and computed on the CPU (runtime/cpu_layers.py, CpuLayers).
-
-The GPU's work is queued first and the CPU computes while it runs: the activation is copied
-to the host before the GPU kernels are launched (a copy queued after them would wait for them).
-On a CUDA run the C kernels get every physical core (torch's own CPU threads idle while the GPU
-computes); on a CPU run they share torch's thread count, so the two pools take turns.
+  so the step takes max(copied x copy_s, cpu_o + computed x cpu_s); `share(m)` picks how many of
+  the m host records the CPU takes to make that smallest. The costs are measured, not assumed: on
+  first use one record's copy is timed with CUDA events, and the CPU's affine cost (cpu_o + n x
+  cpu_s) from a call of one and a call of k host-tier records; then the real CPU calls keep a
+  running average (H200, Mixtral q4: a copy 1.79 ms, the CPU 0.13 + 0.91 per record, so one
+  record 1.04 and two 1.95). Modes: "auto" (the cost model; only on GPU runs with a host tier), "on" (every host
+  record; also on the CPU twin, for tests), "off".
+  A copy up into a full device tier is a swap: its victim comes down at the same time, and both
+  transfers take the host RAM the C kernels stream, so the split prices a copy at twice copy_s
+  (the static path's tuner measured a layer with one of its two experts copied at 2.18 ms against
+  1.94 with both on the CPU, where copy_s alone predicted 1.80: h200-d11-call1-static24.json).
+  The predictor copies a guessed host record up ahead of its layer only where copies are the
+  cheaper way (`copies_ahead`). Where the CPU is, a copy up reads the record's bytes from RAM as
+  the C kernels would (at PCIe's 55 GB/s, beside kernels that stream ~100 of the H200 host's
+  ~130 GB/s), evicts a VRAM record that later tokens may use and writes it back to RAM, and on
+  the critical path the layer waits for it. Main's copies held row 2 at 7.7 tok/s (~31 per
+  token), a first version's copies within the measured time per layer at 11.5 (15 per token:
+  h200-d11-call1-row2.json). `prefetch_up = True` (an A/B switch) copies up beside the CPU's
+  share instead: while the CPU computes this layer's host records for at least a copy's time,
+  and never behind another copy up.
 """
 from __future__ import annotations
 
@@ -59,6 +67,13 @@ def cpu_share(m: int, copy_s: float, cpu_s: float, cpu_o: float = 0.0) -> int:
 
 
 class HostCompute:
+    # beside a GPU the C pool's idle threads spin this long for the next call (microseconds): a
+    # decode token's layers come ~1-2 ms apart, and the default 50 us would put them to sleep
+    # between any two calls (CpuLayers.spin_us, the static path's)
+    spin_us = 5000
+    cpu_o = 0.0  # the CPU side's fixed time per call (a call of n records: cpu_o + n x cpu_s)
+    prefetch_up = False  # True: in "auto", copies up ahead beside the CPU's share too (an A/B switch)
+
     def __init__(self, mode, pager, layout, device: torch.device, act=None):
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"host_compute must be auto, on or off, not {mode!r}")
@@ -66,6 +81,8 @@ class HostCompute:
         has_tier = pager.t1 is not None
         self.mode = mode if has_tier and (mode == "on" or device.type == "cuda") else "off"
         self.backend = cpu_backend(device) if self.mode != "off" else None
+        if self.backend is not None and device.type == "cuda" and hasattr(self.backend, "set_spin_us"):
+            self.backend.set_spin_us(self.spin_us)
         self.cpu_s: float | None = None
         self.copy_s: float | None = None
         self._pager = pager
@@ -87,17 +104,58 @@ class HostCompute:
             return m if self.mode == "on" else 0
         if self.copy_s is None:
             self._calibrate()
-        return cpu_share(m, self.copy_s, self.cpu_s)
+        return cpu_share(m, self.copy_s * self._swap(), self.cpu_s, self.cpu_o)
+
+    def _swap(self) -> int:
+        """2 where a copy up evicts a record to the host tier (the device tier is full), else 1."""
+        p = getattr(self, "_pager", None)
+        return 2 if p is not None and len(p.t0) >= p.capacity else 1
+
+    def cpu_time(self, n: int) -> float:
+        """The CPU's time for a call of n host records (0 for none)."""
+        return self.cpu_o + n * self.cpu_s if n and self.cpu_s is not None else 0.0
+
+    def copies_ahead(self, beside_s: float) -> int:
+        """How many guessed host-tier records a prefetch may copy up while the CPU computes for
+        beside_s seconds (this layer's host records). "off": all of them (copies are the only
+        way up); "on": all (the CPU takes whatever is left in the host tier); "auto": all where a
+        lone host record would be copied up anyway (copies are the cheaper way: ahead of time they
+        hide their latency), else none; with `prefetch_up`, none while an earlier copy up is still
+        on the copy engine, and otherwise those that land within beside_s."""
+        if self.mode != "auto":
+            return 1 << 30
+        if self.share(1) == 0:
+            return 1 << 30
+        if not self.prefetch_up or not self._pager.copies.up_idle():
+            return 0
+        return int(beside_s // self.copy_s)
 
     def _calibrate(self):
         p = self._pager
         src = p.staging[0]
         dst = torch.empty(p.record_size, dtype=torch.uint8, device=self.device)
         self.copy_s = min(event_times(lambda: dst.copy_(src, non_blocking=True), 3))
-        x, rec = torch.ones(1, self.layout.hidden), torch.zeros_like(src)
+        self.cpu_o, self.cpu_s = self._cpu_costs()
+
+    def _cpu_costs(self) -> tuple[float, float]:
+        """(cpu_o, cpu_s) from a call of one record and a call of k, each call on host-tier rows no
+        earlier call read (decode's records come from RAM; records called again would stay in the
+        host's L3 and measure the CPU too fast: CpuLayers.measure_cpu)."""
+        rows, k = self._pager.t1.slots, max(1, self._pager.need)
         # nonzero x: the integer-activation kernels treat all-zero groups apart; a cost measured too
         # high gives the CPU no work, and it is then never measured again to correct it
-        self.cpu_s = best_seconds(lambda: self._expert(x, rec))
+        x, turn = torch.ones(1, self.layout.hidden), [0]
+
+        def call(n: int):
+            i = turn[0]
+            turn[0] += n
+            self._sum(x, [rows[(i + j) % len(rows)] for j in range(n)], [1.0] * n, self.layout)
+        t1 = best_seconds(lambda: call(1))
+        if k == 1:
+            return 0.0, t1
+        tk = best_seconds(lambda: call(k))
+        cpu_s = min(max((tk - t1) / (k - 1), t1 / k), t1)
+        return t1 - cpu_s, cpu_s
 
     @staticmethod
     def to_host(x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +168,16 @@ class HostCompute:
         in a GGUF store)."""
         layout = layout or self.layout
         t0 = time.perf_counter()
-        if self.act is None:  # one native call for SwiGLU experts
-            out = self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), layout)
-        else:
-            out = torch.zeros_like(xh)
-            for rec, w in zip(records, weights):
-                out.add_(self._expert(xh, rec, layout), alpha=w)
-        if self.cpu_s is not None:
-            dt = (time.perf_counter() - t0) / max(1, len(records))
-            self.cpu_s = 0.9 * self.cpu_s + 0.1 * dt
+        out = self._sum(xh, records, weights, layout)
+        if self.cpu_s is not None and records:  # the per-record cost follows the calls (cpu_o stays)
+            dt = (time.perf_counter() - t0 - self.cpu_o) / len(records)
+            self.cpu_s = 0.9 * self.cpu_s + 0.1 * max(dt, 0.5 * self.cpu_s)
         return out.to(like.device, like.dtype)
+
+    def _sum(self, xh, records, weights, layout) -> torch.Tensor:
+        if self.act is None:  # one native call for SwiGLU experts
+            return self.backend.moe(xh, tuple(records), tuple(float(w) for w in weights), layout)
+        out = torch.zeros_like(xh)
+        for rec, w in zip(records, weights):
+            out.add_(self._expert(xh, rec, layout), alpha=w)
+        return out

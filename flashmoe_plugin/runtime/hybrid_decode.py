@@ -82,9 +82,9 @@ class HybridDecode(DeviceDecode):
                     H, k = c.hidden_size, c.top_k
                     self.h_buf.copy_(h)
                     self.x_buf.copy_(x)
-                    if self._on_cpu(i):  # the C kernels read x on the host
+                    if self._x_to_host(i):  # the C kernels read x on the host
                         self.pack[:H].copy_(x[0])
-                    else:  # the pager path takes the weights on the device
+                    if not self._on_cpu(i):  # the pager path takes the weights on the device
                         self.wts_buf.copy_(wts)
                     self.pack[H:H + k].copy_(wts[0])
                     self.pack[H + k:].copy_(ids[0])
@@ -104,20 +104,26 @@ class HybridDecode(DeviceDecode):
         split between the C kernels and the GPU, or the pager path of any other layer."""
         e, c = self.e, self.cfg
         H, k, layer = c.hidden_size, c.top_k, self.cpu[j]
-        on_cpu = self._on_cpu(layer)
+        on_cpu, with_x = self._on_cpu(layer), self._x_to_host(layer)
         # outside the graph: a plain copy to pinned memory (x only where the C kernels need it)
-        (self.pack_host if on_cpu else self.pick_host).copy_(self.pack if on_cpu else self.pack[H:], non_blocking=True)
+        (self.pack_host if with_x else self.pick_host).copy_(self.pack if with_x else self.pack[H:], non_blocking=True)
         if self.cuda:
             self.packed.record(self.stream)
             self.packed.synchronize()
         vals = self.pick_host.tolist()  # the weights, then the ids
         chosen = [int(v) for v in vals[k:]]  # ids < 2^24: exact in fp32
-        if not on_cpu:
-            self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf))
+        if not on_cpu:  # the pager path, given x and the weights on the host (no read-back of its own)
+            self.delta_buf.copy_(e._experts(layer, self.x_buf, torch.tensor([chosen]), self.wts_buf, self.h_buf,
+                                            host=(self.x_host, vals[:k]) if with_x else None))
             return
         if e.trace is not None:
             e.trace.route(layer, [chosen])
         e.cpu_layers.decode(layer, self.x_host, chosen, vals[:k], self.x_buf, out=self.delta_buf)
+
+    def _x_to_host(self, layer: int) -> bool:
+        """Whether the packed row carries the layer's FFN input: for the C kernels (an n_cpu_moe
+        layer, or a paged one whose host-tier records the CPU may compute)."""
+        return self._on_cpu(layer) or self.e.host_compute.mode != "off"
 
     def _on_cpu(self, layer: int) -> bool:
         """An n_cpu_moe layer (its experts split by CpuLayers), not a paged one."""
