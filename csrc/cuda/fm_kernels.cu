@@ -165,6 +165,8 @@ __device__ __forceinline__ void grid_wait(const unsigned *bar, unsigned old) {
     __syncthreads();
 }
 
+__device__ void grid_barrier(unsigned *bar) { grid_wait(bar, grid_arrive(bar)); }
+
 // ---------------------------------------------------------------- dot products: dot2 (fm_quant.cuh)
 
 // Position (piece, slot) of element i (0 <= i < EPC) of a chunk in its x image.
@@ -262,30 +264,18 @@ __device__ __forceinline__ void prep_task(bool valid, int j, int e8, const float
     if (sub == 0) meta[(size_t)j * nch + c] = make_float2(xs * wt, sum * wt);
 }
 
-// Every block reads the same values at once (phase A: x; phase B: all of h, from the L2): each
-// block starts at its own offset into the tasks (whole groups of 64 values), so the blocks' loads
-// spread over the L2's slices instead of queueing at the same few lines. mid() runs once, after
-// the warp's first loads are issued (phase A: the ring's first copies queue behind x's loads).
-struct NoMid {
-    __device__ __forceinline__ void operator()() const {}
-};
-
-template <int F, int LIMBS, class Mid = NoMid>
-__device__ __forceinline__ void prep_images(int nimg, int NT, int nt, int K, const void *src, int src_dtype, bool from_x, int t0,
-                            const float *swt, int4 *xdata, float2 *meta, int warp, int lane, Mid mid = Mid()) {
+template <int F, int LIMBS>
+__device__ void prep_images(int nimg, int NT, int nt, int K, const void *src, int src_dtype, bool from_x, int t0,
+                            const float *swt, int4 *xdata, float2 *meta, int warp, int lane) {
     const int nch = K / Fmt<F>::EPC, per_img = K / 8, total = nimg * per_img;
-    const int off = (int)(((int64_t)blockIdx.x * 8 * 97) % total) & ~7;  // a multiple of 8 below total
-    bool mid_done = false;
     for (int base = warp * 32; base < total; base += 2 * WARPS * 32) {
         float v[2][8];
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-            int task = base + q * WARPS * 32 + lane;
+            const int task = base + q * WARPS * 32 + lane;
 #pragma unroll
             for (int r = 0; r < 8; ++r) v[q][r] = 0.f;
             if (task < total) {
-                task += off;
-                if (task >= total) task -= total;
                 const int j = task / per_img, e8 = task - j * per_img;
                 if (j % NT < nt) {
                     const size_t row = from_x ? (size_t)(t0 + j) : (size_t)j;
@@ -293,25 +283,18 @@ __device__ __forceinline__ void prep_images(int nimg, int NT, int nt, int K, con
                 }
             }
         }
-        if (!mid_done) {
-            mid();
-            mid_done = true;
-        }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
             const int b = base + q * WARPS * 32;
             if (b < total) {  // warp-uniform
-                int task = b + lane;
+                const int task = b + lane;
                 const bool valid = task < total;
-                task += off;
-                if (task >= total) task -= total;
                 const int j = valid ? task / per_img : 0, e8 = valid ? task - j * per_img : 0;
                 prep_task<F, LIMBS>(valid, j, e8, v[q], (from_x || !valid) ? 1.f : swt[j / NT], nch, xdata, meta,
                                     lane);
             }
         }
     }
-    if (!mid_done) mid();
 }
 
 __device__ __forceinline__ size_t image_int4(int F, int LIMBS, int K) {
@@ -611,22 +594,10 @@ __device__ void phase_a(const Params &p, const uint8_t *const *srec, const float
     if (ib >= ie) return;
     Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
-    // x is the previous kernel's output: with PDL the ring's first copies go out before the wait,
-    // else (one token) right after x's loads: copies issued first delayed x's image to 4.6 us into
-    // the Mixtral layer. (Four tokens keep the first order: the other took their kernels' stack
-    // frames from 0 to 32 bytes.)
-    const bool x_first = NT == 1 && !p.pdl;
-    if (!x_first) pp.prime();
-    if (p.pdl) pdl_wait();
+    pp.prime();
+    if (p.pdl) pdl_wait();  // x is the previous kernel's output
     float2 *meta = (float2 *)(xdata + NT * image_int4(F, LIMBS, K));
-    if constexpr (NT == 1) {
-        auto prime = [&]() {
-            if (x_first) pp.prime();
-        };
-        prep_images<F, LIMBS>(NT, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane, prime);
-    } else {
-        prep_images<F, LIMBS>(NT, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane);
-    }
+    prep_images<F, LIMBS>(NT, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane);
     __syncthreads();
     pp.run(xdata, meta);
 }
@@ -639,15 +610,11 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
     Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
-    // Phase-B weights do not depend on phase A: load them during the barrier. Warp 0 (whose thread
-    // 0 arrives for the block) issues its copies after the arrival, the others before it.
-    if (ib < ie && warp != 0) pp.prime();
-    const unsigned ticket = barrier ? grid_arrive(p.bar) : 0u;
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
-        if (warp == 0) pp.prime();
+        pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
     }
-    if (barrier) grid_wait(p.bar, ticket);
+    if (barrier) grid_barrier(p.bar);
     if (p.pdl) pdl_wait();  // x (or h: phase A's launch) is the previous kernel's output
     if (ib >= ie) return;
     const int nimg = p.b_from_x ? NT : p.k * NT;
