@@ -610,11 +610,13 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
     Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
+    if (ib < ie && warp != 0) pp.prime();
+    const unsigned ticket = barrier ? grid_arrive(p.bar) : 0u;
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
-        pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
+        if (warp == 0) pp.prime();
     }
-    if (barrier) grid_barrier(p.bar);
+    if (barrier) grid_wait(p.bar, ticket);
     if (p.pdl) pdl_wait();  // x (or h: phase A's launch) is the previous kernel's output
     if (ib >= ie) return;
     const int nimg = p.b_from_x ? NT : p.k * NT;
