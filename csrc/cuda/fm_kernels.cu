@@ -133,39 +133,24 @@ __device__ void prefetch_items_b(const Params &p, const uint8_t *const *srec, in
 }
 
 // ---------------------------------------------------------------- grid barrier (cooperative launch only)
-// One atomic per block on one counter (bar[0]), as cooperative groups' grid sync does: block 0 adds
-// 2^31 - (grid - 1), the others 1, so the counter's top bit flips exactly when the last block
-// arrives and its low bits are back where they were (0: the workspace is zeroed at birth), whatever
-// the grid of the launches before. A waiting block polls for the flip; the last to arrive does no
-// more round trips (the former count-and-generation barrier reset the count and bumped the
-// generation behind a fence: two more). Split in arrive and wait so that a block may issue work that
-// does not depend on the others between the two.
-__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// Every thread of the block has written what other blocks read after the barrier (__syncthreads,
-// then thread 0's fence); thread 0 arrives and returns the counter before its arrival.
-__device__ __forceinline__ unsigned grid_arrive(unsigned *bar) {
+__device__ void grid_barrier(unsigned *bar) {
     __syncthreads();
-    unsigned old = 0;
     if (threadIdx.x == 0) {
-        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        volatile unsigned *vgen = bar + 1;
+        unsigned gen = *vgen;
         __threadfence();
-        old = atomicAdd(bar, add);
+        unsigned arrived = atomicAdd(bar, 1u);
+        if (arrived == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*vgen == gen) __nanosleep(40);
+        }
+        __threadfence();
     }
-    return old;
-}
-
-__device__ __forceinline__ void grid_wait(const unsigned *bar, unsigned old) {
-    if (threadIdx.x == 0)
-        while (((ld_acquire(bar) ^ old) & 0x80000000u) == 0) __nanosleep(32);
     __syncthreads();
 }
-
-__device__ void grid_barrier(unsigned *bar) { grid_wait(bar, grid_arrive(bar)); }
 
 // ---------------------------------------------------------------- dot products: dot2 (fm_quant.cuh)
 
@@ -610,13 +595,11 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
     Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
-    if (ib < ie && warp != 0) pp.prime();
-    const unsigned ticket = barrier ? grid_arrive(p.bar) : 0u;
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
-        if (warp == 0) pp.prime();
+        pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
     }
-    if (barrier) grid_wait(p.bar, ticket);
+    if (barrier) grid_barrier(p.bar);
     if (p.pdl) pdl_wait();  // x (or h: phase A's launch) is the previous kernel's output
     if (ib >= ie) return;
     const int nimg = p.b_from_x ? NT : p.k * NT;
