@@ -52,6 +52,14 @@ def bench_pid() -> int | None:
     return None
 
 
+def _cmd(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")[:160].decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def huge_kb(pid) -> int | None:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -81,7 +89,7 @@ def main(out: str, period: float = 0.25):
                 rec["bench_threads"] = sorted(([v[0], k[1], round(v[1], 2)] for k, v in mine.items() if v[1] > 0.2),
                                               key=lambda r: -r[2])[:24]
                 rec["bench_anon_huge_mib"] = (huge_kb(pid) or 0) // 1024
-            rec["others"] = [[n, p, round(s, 2)] for s, n, p in rest[:8]]
+            rec["others"] = [[n, p, round(s, 2), _cmd(p)] for s, n, p in rest[:8]]
             f.write(json.dumps(rec) + "\n")
             f.flush()
             prev_c, prev_t, prev_time = c, t, now

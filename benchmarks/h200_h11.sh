@@ -13,8 +13,8 @@ el() { echo $(( $(date +%s) - T0 )); }
   grep MHz /proc/cpuinfo | sort | uniq -c; free -g; cat /proc/loadavg; } > "$OUT/host.txt" 2>&1
 W=/tmp/rival
 synth_store $W/mixtral-q4-32l "$OUT/synth.log"
-wait $SYNTH; log "synth $(el) s: $(tail -2 "$OUT/synth.log" | head -1)"
-python3 benchmarks/h11_huge_pages.py $W/mixtral-q4-32l "$OUT/thp.json" 12 > "$OUT/thp.log" 2>&1; log "thp $(el) s"
+wait $SYNTH; sync; log "synth and sync $(el) s: $(tail -2 "$OUT/synth.log" | head -1)"
+[ "${THP:-1}" = 1 ] && { python3 benchmarks/h11_huge_pages.py $W/mixtral-q4-32l "$OUT/thp.json" 12 > "$OUT/thp.log" 2>&1; log "thp $(el) s"; }
 python3 benchmarks/h11_merge.py "$OUT"
 row() {  # TREE LABEL ROW: rival.py --rows ROW with TREE's code, the sampler beside it
   local left=$(( LIMIT - $(el) )); [ $left -lt 40 ] && { log "$2 skipped ($left s left)"; return; }
@@ -27,8 +27,7 @@ row() {  # TREE LABEL ROW: rival.py --rows ROW with TREE's code, the sampler bes
 print({k: (r.get('flashmoe',{}).get('decode_tok_s'), (r.get('flashmoe',{}).get('n_cpu_moe_split') or {}).get('decode_plan'), \
 r.get('flashmoe',{}).get('error','')[-300:]) for k, r in d.items()})" "$OUT/h200-h11-call.json" $2)"
 }
-row "$MINE" mine1 1
-row "$BASE" main1 1
-row "$MINE" mine3 3
-row "$BASE" main3 3
+for r in ${ROWS:-mine1 main1 mine3 main3}; do  # label: tree (mine/main) and row number
+  row "$([ ${r%?} = mine ] && echo "$MINE" || echo "$BASE")" $r ${r: -1}
+done
 python3 benchmarks/h11_merge.py "$OUT"; log "done $(el) s"
