@@ -37,8 +37,10 @@ def test_tuner_finds_the_fastest_share(cpu, copy, want):
     t = SplitTuner(16, samples=5)
     drive(t, cost, 200)
     assert not t.descending and t.best == best and t.c == best, t.report()
-    # it stopped two steps past the best (not a full sweep), unless it reached 0
-    assert min(t.times) == max(0, best - 2), sorted(t.times)
+    # it stopped two steps past the best (not a full sweep), one when that step was clearly slower,
+    # or at 0
+    clear = best > 0 and cost(best - 1) > 1.1 * cost(best)
+    assert min(t.times) == max(0, best - (1 if clear else 2)), sorted(t.times)
 
 
 def test_tuner_with_noise_and_a_drift():
@@ -52,7 +54,21 @@ def test_tuner_with_noise_and_a_drift():
     slow = curve(0.111, 0.45)  # the link at half speed: best 13 of 16
     drive(t, slow, 3000, noise=0.05, rng=rng)
     assert t.moves > 0 and slow(t.best) <= 1.02 * min(slow(c) for c in range(17)), t.report()
-    assert set(t.report()) == {"best", "descending", "moves", "ms_by_share"}
+    assert set(t.report()) == {"best", "descending", "moves", "ms_by_share", "median_ms_by_share"}
+
+
+def test_tuner_holds_its_best_through_bursts():
+    """Disturbances only add time and come in bursts (the H200: a share's median at 8 ms where its
+    other calls took 1.8): whole experts (top 2; 1 on the CPU 15% slower, 0 twice as slow) with
+    bursts of three calls stretched fourfold in every ten keep the best at 2 (a median of five
+    would move to 1 whenever a burst fell in the best's window and not in the neighbour's), and
+    the clearly slower step ends the descent without measuring 0."""
+    cost = {2: 1.8, 1: 2.1, 0: 3.7}
+    t = SplitTuner(2, samples=5, recheck=20)
+    for i in range(2000):
+        c = t.c
+        t.record(c, cost[c] * (4.0 if i % 10 < 3 else 1.0))
+    assert t.best == 2 and t.moves == 0 and 0 not in t.times, t.report()
 
 
 def test_tuner_ignores_stale_shares_and_bad_sizes():

@@ -71,8 +71,8 @@ class SlotPool:
 class HostCopies:
     """Synchronous copies (CPU twin): every copy is complete when it returns."""
 
-    def host_memory(self, nbytes: int) -> torch.Tensor:
-        return aligned_empty(nbytes)
+    def host_memory(self, nbytes: int, huge: bool = False) -> torch.Tensor:
+        return aligned_empty(nbytes, huge=huge)
 
     def fence(self):
         return None
@@ -106,9 +106,10 @@ class CudaCopies:
         self._last_up = None  # the event of the last copy queued up (up_idle)
         self._registered: list = []
 
-    def host_memory(self, nbytes: int) -> torch.Tensor:
-        """Page-aligned host memory registered with CUDA (pinned): O_DIRECT reads and DMA copies."""
-        t = aligned_empty(nbytes)
+    def host_memory(self, nbytes: int, huge: bool = False) -> torch.Tensor:
+        """Page-aligned host memory registered with CUDA (pinned): O_DIRECT reads and DMA copies
+        (huge: in transparent huge pages, io.aligned_empty)."""
+        t = aligned_empty(nbytes, huge=huge)
         if nbytes:
             err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
             if int(err) != 0:

@@ -191,6 +191,12 @@ class Ops:
                 # the memory a fusion saves (default: fuse only past 10 bytes shared)
                 if hasattr(ic, "score_fusion_memory_threshold"):
                     ic.score_fusion_memory_threshold = 1
+                # compile in this process: the decode step's few kernels compile before its pool of
+                # compile workers is warm, and that pool then took a core for ~10 s more, into
+                # the first decode tokens, where the C kernels of n_cpu_moe layers want all 16
+                # (H200, benchmarks/README.md, h11)
+                if hasattr(ic, "compile_threads"):
+                    ic.compile_threads = 1
                 fns = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in fns.items()}
                 self.compiled = True
             except Exception as e:  # noqa: BLE001 - no compiler here: run as written

@@ -79,6 +79,13 @@ class Engine:
                 "storage_options": storage_options, **(pager_options or {})}
         self.pager = ExpertPager(self.store, budget, policy=policy, io_threads=io_threads,
                                  direct_io=self._direct_default(free) if direct_io is None else direct_io, verify=verify, **opts)
+        if self.cpu_layers is not None:
+            # n_cpu_moe is a static placement: the other layers' experts go to the device tier at start when
+            # they all fit (llama.cpp's too), so no decode step waits on the disk for one the prompt never chose
+            paged = [(l, e) for l in sorted(self.store.layers) if l not in self.cpu_layers
+                     for e in range(self.store.layers[l].experts)]
+            if len(paged) <= self.pager.capacity:
+                self.pager._preload(paged)
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":

@@ -8,14 +8,22 @@ from its decode call to the next CPU layer's, which holds all of it (both sides,
 for RAM, the launches, the next layer's attention on the GPU).
 
 The tuner starts with every slice on the CPU (after a first token's calls, dropped) and moves one slice at a time to the GPU while that
-measures faster (the median of `samples` calls each), stops once two steps in a row did not beat
-the best, keeps the best, and every `recheck` calls measures the best's two neighbours again (the
-load and the routing drift; a neighbour that now measures faster is taken). On the H200's Mixtral
-rows (k = 2, 8 slices per expert, 24 CPU layers a token) the descent takes one or two tokens.
+measures faster, stops once two steps in a row did not beat the best (one, when that step was
+clearly slower: whole Mixtral experts, 2 on the CPU 1.8 ms, 1 2.1 ms, 0 3.7 ms), keeps the best,
+and every `recheck` calls measures the best's two neighbours again (the load and the routing
+drift; a neighbour that now measures faster by MARGIN is taken). A share's time is the lower
+quartile of its latest `samples` calls, not their median: what disturbs a CPU layer only adds
+time (another process's thread on a core the C kernels' barrier waits for), and came in bursts of
+several calls (h11's H200 calls: medians of 2.5 and 8 ms at the share whose other samples took
+1.8, and the tuner left it for a slower one). On the H200's Mixtral rows the descent takes one or
+two tokens.
 """
 from __future__ import annotations
 
 from statistics import median
+
+MARGIN = 0.03  # a recheck moves the best only to a neighbour this much faster (noise is not a move)
+CLEAR = 0.10   # a descent step this much slower than the best ends the descent at once
 
 
 class SplitTuner:
@@ -39,6 +47,11 @@ class SplitTuner:
     def median_of(self, c: int) -> float | None:
         t = self.times.get(c)
         return median(t) if t else None
+
+    def time_of(self, c: int) -> float | None:
+        """Share c's time: the lower quartile of its latest samples (disturbances only add time)."""
+        t = self.times.get(c)
+        return sorted(t)[(len(t) - 1) // 4] if t else None
 
     def record(self, c: int, seconds: float) -> None:
         """One CPU layer's wall time with share c (the share in use when that layer ran)."""
@@ -68,11 +81,11 @@ class SplitTuner:
         self.c, self._fresh = c, 0
 
     def _descend(self):
-        m, b = self.median_of(self.c), self.median_of(self.best)
+        m, b = self.time_of(self.c), self.time_of(self.best)
         if self.c != self.best and m < b:
             self.best, self._misses = self.c, 0
         elif self.c != self.best:
-            self._misses += 1
+            self._misses += 2 if m > (1 + CLEAR) * b else 1
         if self._misses >= 2 or self.c == 0:
             self.descending = False
             self._use(self.best)
@@ -81,7 +94,7 @@ class SplitTuner:
 
     def _next_neighbour(self, start: bool = False):
         if not start:  # self.c was just measured afresh: it becomes the best if it beats it
-            if self.median_of(self.c) < self.median_of(self.best):
+            if self.time_of(self.c) < (1 - MARGIN) * self.time_of(self.best):
                 self.best = self.c
                 self.moves += 1
         if self._queue:
@@ -91,6 +104,8 @@ class SplitTuner:
             self._use(self.best)
 
     def report(self) -> dict:
-        """For bench: the share in use, the best, and the measured medians (ms per CPU layer)."""
+        """For bench: the share in use, the best, and the measured times (ms per CPU layer: the lower
+        quartile the tuner decides by, and the median)."""
         return {"best": self.best, "descending": self.descending, "moves": self.moves,
-                "ms_by_share": {c: round(median(t) * 1e3, 4) for c, t in sorted(self.times.items()) if t}}
+                "ms_by_share": {c: round(self.time_of(c) * 1e3, 4) for c, t in sorted(self.times.items()) if t},
+                "median_ms_by_share": {c: round(median(t) * 1e3, 4) for c, t in sorted(self.times.items()) if t}}
