@@ -24,12 +24,15 @@ import os
 import torch
 
 from . import compiled
+from .packed import PackedStack
 
 _km = compiled("_kernels_cuda")[0]
 ENABLED = _km is not None and os.environ.get("FLASHMOE_DECODE_FUSE", "1") != "0"
 NORM, ROUTE = 1, 2  # the folds, as bits of decode_ops' static `fold` argument
 FOLDS = NORM | ROUTE if ENABLED else 0  # what the graph decode asks for (runtime/graph_decode.py)
 _ACT16 = (torch.bfloat16, torch.float16)
+# the compiled module's limits as plain ints (read while torch.compile traces the predicates)
+_MAX_PARTS, _ROUTE_MAX_H, _ROUTE_MAX_E = (_km.GEMV_MAX_PARTS, _km.ROUTE_MAX_H, _km.ROUTE_MAX_E) if _km else (0, 0, 0)
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -50,13 +53,12 @@ def takes_norm_qkv(h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, w
     """Whether norm_qkv computes rms_norm(h + delta) * norm_w @ wqkv.T: a one-token 16-bit row and
     q/k/v packed q8/q4 for the CUDA backend, a product the decode GEMV runs (static for
     torch.compile: types, dtypes and shapes only)."""
-    from .packed import PackedStack
     if not (_row(h) and isinstance(wqkv, PackedStack) and wqkv.uniform):
         return False
     parts, H = wqkv.parts, h.shape[1]
     p0 = parts[0]
     gemv = getattr(p0.backend, "_gemv_takes", None)
-    if p0.backend.name != "cuda" or gemv is None or len(parts) > _km.GEMV_MAX_PARTS or p0.shape[1] != H:
+    if p0.backend.name != "cuda" or gemv is None or len(parts) > _MAX_PARTS or p0.shape[1] != H:
         return False
     if delta.shape != h.shape or delta.dtype != h.dtype or norm_w.dtype != h.dtype or norm_w.numel() != H:
         return False
@@ -95,7 +97,7 @@ def takes_route(h: torch.Tensor, norm_w: torch.Tensor, router_w, top_k: int) -> 
         return False
     E, H = router_w.shape
     return (router_w.dtype == h.dtype and norm_w.dtype == h.dtype and H == h.shape[1] and H % 8 == 0
-            and H <= _km.ROUTE_MAX_H and E <= _km.ROUTE_MAX_E and 1 <= top_k <= min(32, E))
+            and H <= _ROUTE_MAX_H and E <= _ROUTE_MAX_E and 1 <= top_k <= min(32, E))
 
 
 def route(h, o, norm_w, router_w, ids_row, entries_row, base, stride: int, eps: float, top_k: int,
