@@ -82,7 +82,7 @@ def main():
         return r
 
     # folds (1: the attention norm in the q/k/v GEMV, 2: the routing kernel), coop_trigger
-    variants = [(0, 0), (1, 0), (3, 0), (1, 1), (3, 1), (0, 1)]
+    variants = [(0, 0), (3, 1), (3, 0), (1, 0), (1, 1), (0, 1)]
     for _ in range(a.rounds):
         for fold, trig in variants:
             out["runs"].append(run(fold, trig))
