@@ -35,9 +35,10 @@ constexpr int U = 4;          // gemv_kernel's chunks per lane per row per batch
 constexpr int MAXW = 8;       // most warps per block
 
 // fmc_gemv_norm's 1 / sqrt(mean((h + hd)^2) + eps), as models.layers.rms_norm computes it: fp32
-// squares (exact: 16-bit values) summed in fp64 (exact for any spread of magnitudes a residual
-// has, so the order of the sum does not matter), the mean rounded to fp32, eps added in fp32, a
-// correctly rounded fp64 sqrt and reciprocal, rounded to fp32. Block 0 also writes h + hd to hs.
+// squares (exact: 16-bit values) summed in fp64 (for bf16 exact at any spread of magnitudes a
+// residual has, so the order of the sum does not matter), the mean rounded to fp32, eps added in fp32, a
+// correctly rounded fp64 sqrt rounded to fp32, its fp32 reciprocal (torch computes 1.0 / t as
+// t.reciprocal()). Block 0 also writes h + hd to hs.
 // Every thread of the block calls it (it synchronises the block).
 __device__ __forceinline__ float norm_scale(const uint4 *h, const uint4 *hd, uint4 *hs, int K, int dt, float eps) {
     __shared__ double part[MAXW];
@@ -63,7 +64,7 @@ __device__ __forceinline__ float norm_scale(const uint4 *h, const uint4 *hd, uin
         double t = 0.0;
         for (int w = 0; w < nw; ++w) t += part[w];
         const float mean = (float)(t / (double)K);
-        scale = (float)(1.0 / sqrt((double)(mean + eps)));
+        scale = 1.0f / (float)sqrt((double)(mean + eps));  // torch: 1.0 / sqrt(..).float() = reciprocal in fp32
     }
     __syncthreads();
     return scale;

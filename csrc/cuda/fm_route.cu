@@ -6,7 +6,7 @@
 // flight before the wait for the o product; every write follows the wait.
 //
 // Rounded where the torch formula (decode_ops.route, models.layers.rms_norm) rounds: h2 and x are
-// those values bit for bit (the fp64 sum of squares is exact); the router's fp32 sums run in this
+// those values bit for bit (the fp64 sum of squares is exact for bf16); the router's fp32 sums run in this
 // kernel's order (a logit may differ from the formula's by one rounding of the dtype).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(RT, 1) route_kernel(const RouteParams p) {
         double t = 0.0;
         for (int w = 0; w < RW; ++w) t += part[w];
         const float mean = (float)(t / (double)p.H);
-        scale_s = (float)(1.0 / sqrt((double)(mean + p.eps)));
+        scale_s = 1.0f / (float)sqrt((double)(mean + p.eps));  // torch: reciprocal of the fp32 sqrt
     }
     __syncthreads();
     const float sc = scale_s;

@@ -126,5 +126,5 @@ def decode_route(h: torch.Tensor, o: torch.Tensor, norm_w: torch.Tensor, router_
 
 @decode_route.register_fake
 def _(h, o, norm_w, router_w, ids_row, entries_row, base, stride, eps, top_k, norm_topk):
-    return (torch.empty_like(h), torch.empty_like(h), h.new_empty((1, top_k)),
-            h.new_empty((1, top_k), dtype=torch.int64), h.new_empty((top_k,), dtype=torch.int64))
+    return (torch.empty_like(h), torch.empty_like(h), h.new_empty((1, top_k), dtype=torch.int64),
+            h.new_empty((1, top_k)), h.new_empty((top_k,), dtype=torch.int64))
