@@ -1,4 +1,4 @@
-# distutils: sources = csrc/cuda/fm_kernels.cu csrc/cuda/fm_gemv.cu
+# distutils: sources = csrc/cuda/fm_kernels.cu csrc/cuda/fm_gemv.cu csrc/cuda/fm_route.cu
 # distutils: include_dirs = csrc/cuda
 # distutils: depends = csrc/cuda/fm_cuda.h
 # cython: language_level=3, boundscheck=False, wraparound=False
@@ -20,6 +20,10 @@ GIL released.
     gemv(parts, fmt, rows, cols, x, out, stream=None)
                                              out[T, sum rows] = x @ [W_0; W_1; ...].T in one launch
         (csrc/cuda/fm_gemv.cu: q8/q4 parts, T = 1..4, bf16/f16 x; up to GEMV_MAX_PARTS parts)
+    gemv_norm(parts, fmt, rows, cols, h, hd, nw, eps, hs, out, stream=None)
+                                             gemv at one token of x = rms_norm(h + hd) * nw, h + hd into hs
+    route(h, o, nw, router, k, eps, norm_topk, entries, base, stride, h2, x, weights, ids, ids_row, addrs, stream=None)
+                                             a decode token's routing after attention (csrc/cuda/fm_route.cu)
     gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl, kernel, grid) and last launch figures
     moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
                                              out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
@@ -76,6 +80,16 @@ cdef extern from "fm_cuda.h" nogil:
     int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
                  int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream)
     int64_t fmc_gemv_tune(int key, int64_t value)
+    int fmc_gemv_norm(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *h,
+                      const void *hd, const void *nw, float eps, void *hs, int x_dtype, void *y, int y_dtype,
+                      int device, void *stream)
+    enum:
+        FMC_ROUTE_MAX_H
+        FMC_ROUTE_MAX_E
+    int fmc_route(const void *h, const void *o, const void *nw, const void *router, int64_t H, int64_t E, int k,
+                  float eps, int norm_topk, const int64_t *entries, const int64_t *base, int64_t stride, void *h2,
+                  void *x, void *weights, int64_t *ids, int64_t *ids_row, int64_t *addrs, int dtype, int device,
+                  void *stream)
 
 
 FORMATS = {"q8": FMC_Q8, "q4": FMC_Q4, "q2": FMC_Q2}
@@ -83,6 +97,8 @@ MAX_K = FMC_MAX_K
 MAX_TOKENS_PER_LAUNCH = FMC_MAX_NT
 GEMV_MAX_PARTS = FMC_GEMV_MAX_PARTS
 GEMV_MAX_TOKENS = 4
+ROUTE_MAX_H = FMC_ROUTE_MAX_H
+ROUTE_MAX_E = FMC_ROUTE_MAX_E
 _MODES = {"auto": FMC_MODE_AUTO, "coop": FMC_MODE_COOP, "two": FMC_MODE_TWO_LAUNCH}
 _DTYPES = {_torch.float32: FMC_F32, _torch.float16: FMC_F16, _torch.bfloat16: FMC_BF16}
 
@@ -141,7 +157,7 @@ def workspace_bytes(int k, int64_t inter):
 
 
 _TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4, "pdl": 5,
-              "stages": 6, "last_stages": 7, "auto_mode": 8}
+              "stages": 6, "last_stages": 7, "auto_mode": 8, "coop_trigger": 9}
 
 
 def tune(key, value=None):
@@ -149,7 +165,8 @@ def tune(key, value=None):
     keys: prefetch (phase-B L2 prefetch window per block, bytes; 0 = off, the default), max_blocks_per_sm
     (0: occupancy limit), pdl (1: programmatic dependent launch for plain launches on sm_90+, the
     default; 0 off), stages (weight ring depth per warp: 0 = auto, the default, or 3, 4, 6), auto_mode
-    (what moe's mode "auto" runs: 0 one cooperative launch, the default; 1 two launches); read-only:
+    (what moe's mode "auto" runs: 0 one cooperative launch, the default; 1 two launches), coop_trigger (1, the
+    default: a cooperative launch lets the next PDL launch start at its phase B; 0 off); read-only:
     last_grid, last_blocks_per_sm, last_smem, last_stages (what the last launch used). value None only reads."""
     try:
         k = _TUNE_KEYS[key]
@@ -267,6 +284,89 @@ def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
                       <void *>sp)
     _check(rc, "gemv")
     return out
+
+
+cdef _vec(t, name, int64_t n, dtype, int device):
+    """Check t is a contiguous CUDA tensor of n values of dtype on device, 16-byte aligned for 16-bit dtypes."""
+    _device(t, name, device)
+    if t.dtype != dtype or t.numel() != n:
+        raise ValueError(f"{name} must hold {n} values of {dtype}, got {t.numel()} of {t.dtype}")
+    if dtype != _torch.int64 and t.data_ptr() % 16:
+        raise ValueError(f"{name} must start on a 16-byte boundary (data_ptr {t.data_ptr():#x})")
+
+
+def gemv_norm(parts, fmt, rows, int64_t cols, h, hd, nw, float eps, hs, out, stream=None):
+    """out[1, sum(rows)] = x @ [W_0; W_1; ...].T for x = rms_norm(h + hd) * nw (models.layers.rms_norm's
+    rounding) computed inside the GEMV's blocks; h + hd also written to hs. h, hd, nw, hs: cols values of
+    one bfloat16/float16 dtype; out float32/bfloat16/float16 [1, sum(rows)]."""
+    cdef int f = _fmt(fmt)
+    if f == FMC_Q2:
+        raise ValueError("gemv_norm takes q8 and q4 parts")
+    cdef int n = len(parts), i
+    if n < 1 or n > FMC_GEMV_MAX_PARTS or len(rows) != n:
+        raise ValueError(f"gemv_norm takes 1..{FMC_GEMV_MAX_PARTS} parts with one row count each")
+    cdef int dev = _device(h, "h", -1)
+    xd = _act_dtype(h, "h")
+    if xd == FMC_F32:
+        raise ValueError("gemv_norm takes bfloat16/float16 activations")
+    for t, name in ((h, "h"), (hd, "hd"), (nw, "nw"), (hs, "hs")):
+        _vec(t, name, cols, h.dtype, dev)
+    cdef uintptr_t pp[FMC_GEMV_MAX_PARTS]
+    cdef int64_t rr[FMC_GEMV_MAX_PARTS]
+    total = 0
+    for i in range(n):
+        r = int(rows[i])
+        _check_part(parts[i], f"parts[{i}]", f, r, cols, part_nbytes(fmt, r, cols), dev)
+        pp[i] = parts[i].data_ptr()
+        rr[i] = r
+        total += r
+    _device(out, "out", dev)
+    T2, yd = _act2d(out, "out", total)
+    if T2 != 1:
+        raise ValueError(f"out must have one row, got {T2}")
+    cdef uintptr_t hp = h.data_ptr(), dp = hd.data_ptr(), wp = nw.data_ptr(), sp_ = hs.data_ptr(), yp = out.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int xdt = xd, ydt = yd, rc
+    with nogil:
+        rc = fmc_gemv_norm(f, n, <const void *const *>pp, rr, cols, <const void *>hp, <const void *>dp,
+                           <const void *>wp, eps, <void *>sp_, xdt, <void *>yp, ydt, dev, <void *>sp)
+    _check(rc, "gemv_norm")
+    return out
+
+
+def route(h, o, nw, router, int k, float eps, bint norm_topk, entries, base, int64_t stride, h2, x, weights, ids,
+          ids_row, addrs, stream=None):
+    """A decode token's routing after attention, one launch: h2 = h + o, x = rms_norm(h2) * nw, the
+    router [E, H] logits, softmax, the top k (weights divided by their sum if norm_topk) into weights [k]
+    (the activation dtype), ids and ids_row [k] (int64), addrs [k] = base[0] + entries[ids] * stride."""
+    cdef int dev = _device(h, "h", -1)
+    xd = _act_dtype(h, "h")
+    if xd == FMC_F32:
+        raise ValueError("route takes bfloat16/float16 activations")
+    if router.dim() != 2:
+        raise ValueError(f"router must be [E, H], got {tuple(router.shape)}")
+    cdef int64_t E = router.shape[0], H = router.shape[1]
+    if H % 8 or H > FMC_ROUTE_MAX_H or E > FMC_ROUTE_MAX_E or k < 1 or k > 32 or k > E:
+        raise ValueError(f"route takes H % 8 == 0, H <= {FMC_ROUTE_MAX_H}, E <= {FMC_ROUTE_MAX_E}, k <= min(32, E); "
+                         f"got H {H}, E {E}, k {k}")
+    for t, name in ((h, "h"), (o, "o"), (nw, "nw"), (h2, "h2"), (x, "x")):
+        _vec(t, name, H, h.dtype, dev)
+    _vec(router, "router", E * H, h.dtype, dev)
+    _vec(weights, "weights", k, h.dtype, dev)
+    _vec(entries, "entries", E, _torch.int64, dev)
+    _vec(base, "base", 1, _torch.int64, dev)
+    for t, name in ((ids, "ids"), (ids_row, "ids_row"), (addrs, "addrs")):
+        _vec(t, name, k, _torch.int64, dev)
+    cdef uintptr_t hp = h.data_ptr(), op = o.data_ptr(), wp = nw.data_ptr(), rp = router.data_ptr()
+    cdef uintptr_t ep = entries.data_ptr(), bp = base.data_ptr(), h2p = h2.data_ptr(), xp = x.data_ptr()
+    cdef uintptr_t wtp = weights.data_ptr(), ip = ids.data_ptr(), irp = ids_row.data_ptr(), ap = addrs.data_ptr()
+    cdef uintptr_t sp = _stream(stream, dev)
+    cdef int xdt = xd, rc, nt = norm_topk
+    with nogil:
+        rc = fmc_route(<const void *>hp, <const void *>op, <const void *>wp, <const void *>rp, H, E, k, eps, nt,
+                       <const int64_t *>ep, <const int64_t *>bp, stride, <void *>h2p, <void *>xp, <void *>wtp,
+                       <int64_t *>ip, <int64_t *>irp, <int64_t *>ap, xdt, dev, <void *>sp)
+    _check(rc, "route")
 
 
 _GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5, "kernel": 6,

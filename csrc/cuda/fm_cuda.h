@@ -73,11 +73,15 @@ typedef struct {
  *                       per SM and each warp streams more than 4 stages, else 3; or 3, 4 or 6 where it fits
  *   FMC_TUNE_LAST_STAGES  the ring depth of the last launch (read-only)
  *   FMC_TUNE_AUTO_MODE  what fmc_moe's FMC_MODE_AUTO runs where cooperative launch is supported:
- *                       0 (default) one cooperative launch, 1 two launches (PDL) */
+ *                       0 (default) one cooperative launch, 1 two launches (PDL)
+ *   FMC_TUNE_COOP_TRIGGER  1 (default): a cooperative launch lets the next launch (with programmatic
+ *                       dependent launch, sm_90+) start once its blocks reach phase B: the next
+ *                       layer's q/k/v GEMV streams its first weights under the experts' tail; 0 = off */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
     FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
-    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_NKEYS = 9
+    FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_COOP_TRIGGER = 9,
+    FMC_TUNE_NKEYS = 10
 };
 int64_t fmc_tune(int key, int64_t value);
 
@@ -123,6 +127,24 @@ int fmc_dequant(int fmt, const void *part, int64_t N, int64_t K, void *out, int 
 #define FMC_GEMV_MAX_PARTS 4
 int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
              int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream);
+/* fmc_gemv at one token of x = rms_norm(h + hd) * nw (h, hd, nw [K] of x_dtype, 16-byte aligned),
+ * computed inside the GEMV's blocks (no kernel of its own) and rounded as models.layers.rms_norm
+ * rounds: the same y as fmc_gemv on that x. h + hd is also written to hs [K] (16-byte aligned). */
+int fmc_gemv_norm(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *h,
+                  const void *hd, const void *nw, float eps, void *hs, int x_dtype, void *y, int y_dtype, int device,
+                  void *stream);
+/* One decode token's routing after attention, one block (csrc/cuda/fm_route.cu): h2 = h + o;
+ * x = rms_norm(h2) * nw; logits = router [E, H] · x (fp32 sums, rounded to the dtype); softmax;
+ * the top k (ties to the lower id), divided by their sum if norm_topk; ids (also into ids_row),
+ * weights (dtype) and addrs = base[0] + entries[id] * stride. h, o, nw, router, h2, x of dtype
+ * (bf16/f16), 16-byte aligned; H % 8 == 0, H <= FMC_ROUTE_MAX_H, E <= FMC_ROUTE_MAX_E, k <= E, k <= 32. */
+#define FMC_ROUTE_MAX_H 8192
+#define FMC_ROUTE_MAX_E 1024
+int fmc_route(const void *h, const void *o, const void *nw, const void *router, int64_t H, int64_t E, int k,
+              float eps, int norm_topk, const int64_t *entries, const int64_t *base, int64_t stride, void *h2,
+              void *x, void *weights, int64_t *ids, int64_t *ids_row, int64_t *addrs, int dtype, int device,
+              void *stream);
+
 /* Knobs of fmc_gemv (as fmc_tune): SPLIT warps per row pair (0 = auto), WARPS per block (0 = auto: 8),
  * PDL (1 = programmatic dependent launch on sm_90+), KERNEL (0 = auto: 1 where its blocks fit in one
  * wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent grid at 2 / 3 blocks

@@ -34,6 +34,42 @@ namespace {
 constexpr int U = 4;          // gemv_kernel's chunks per lane per row per batch
 constexpr int MAXW = 8;       // most warps per block
 
+// fmc_gemv_norm's 1 / sqrt(mean((h + hd)^2) + eps), as models.layers.rms_norm computes it: fp32
+// squares (exact: 16-bit values) summed in fp64 (for bf16 exact at any spread of magnitudes a
+// residual has, so the order of the sum does not matter), the mean rounded to fp32, eps added in fp32, a
+// correctly rounded fp64 sqrt rounded to fp32, its fp32 reciprocal (torch computes 1.0 / t as
+// t.reciprocal()). Block 0 also writes h + hd to hs.
+// Every thread of the block calls it (it synchronises the block).
+__device__ __forceinline__ float norm_scale(const uint4 *h, const uint4 *hd, uint4 *hs, int K, int dt, float eps) {
+    __shared__ double part[MAXW];
+    __shared__ float scale;
+    const int n8 = K >> 3, nw = blockDim.x >> 5, lane = threadIdx.x & 31;
+    double s = 0.0;
+    for (int c = threadIdx.x; c < n8; c += blockDim.x) {
+        float a[8], b[8];
+        act8(__ldg(h + c), dt, a);
+        act8(__ldg(hd + c), dt, b);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            a[i] = act_round(a[i] + b[i], dt);
+            s += (double)(a[i] * a[i]);
+        }
+        if (blockIdx.x == 0) hs[c] = act_pack8(a, dt);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+    if (lane == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < nw; ++w) t += part[w];
+        const float mean = (float)(t / (double)K);
+        scale = 1.0f / (float)sqrt((double)(mean + eps));  // torch: 1.0 / sqrt(..).float() = reciprocal in fp32
+    }
+    __syncthreads();
+    return scale;
+}
+
 // A lane's chunks base + 32u (u < N) below c_end of the row pair (q0, s0, b0) / (q1, s1, b1):
 // the weights, their groups' scales and (FM::BIAS) biases, into the arrays given.
 template <class FM, int N>
@@ -96,7 +132,8 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
     if (p.pdl) pdl_wait();
 
     // x's image, built by the whole block while the first batch is in flight.
-    build_image<F, NT>(p, nch, img, meta, warp, lane, nw);
+    const float nsc = p.norm ? norm_scale((const uint4 *)p.nh, (const uint4 *)p.nd, (uint4 *)p.hs, p.K, p.x_dtype, p.eps) : 0.f;
+    build_image<F, NT>(p, nch, img, meta, warp, lane, nw, nsc);
     __syncthreads();
 
     float acc[2][NT];
@@ -206,7 +243,8 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
         load(c_begin);
     }
     if (p.pdl) pdl_wait();
-    build_image<F, NT>(p, nch, img, meta, warp, lane, nw);
+    const float nsc = p.norm ? norm_scale((const uint4 *)p.nh, (const uint4 *)p.nd, (uint4 *)p.hs, p.K, p.x_dtype, p.eps) : 0.f;
+    build_image<F, NT>(p, nch, img, meta, warp, lane, nw, nsc);
     __syncthreads();
 
     for (int parity = 0; item < nitems; item += gridDim.x, pair += stride, parity ^= 1) {  // block-uniform
@@ -362,15 +400,17 @@ int64_t fmc_gemv_tune(int key, int64_t value) {
     return old;
 }
 
-int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
-             int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream) {
+}  // extern "C"
+
+// fmc_gemv and fmc_gemv_norm: p holds x (or the norm's inputs) on entry.
+static int gemv_run(GemvParams &p, int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K,
+                    int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream) {
     const int f = fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : -1);
-    if (f < 0 || nparts < 1 || nparts > NP || !parts || !rows || !x || !y || T < 1 || T > 4) return FMC_EINVAL;
+    if (f < 0 || nparts < 1 || nparts > NP || !parts || !rows || !y || T < 1 || T > 4) return FMC_EINVAL;
     if (K < 64 || K % 64 || K > (1 << 20)) return FMC_EINVAL;
     if (x_dtype != FMC_BF16 && x_dtype != FMC_F16) return FMC_EINVAL;
     if (y_dtype != FMC_F32 && y_dtype != FMC_BF16 && y_dtype != FMC_F16) return FMC_EINVAL;
-    if ((uintptr_t)x % 16 || (uintptr_t)y % 4) return FMC_EALIGN;
-    GemvParams p = {};
+    if ((uintptr_t)y % 4) return FMC_EALIGN;
     int64_t pairs = 0, n = 0;
     for (int i = 0; i < nparts; ++i) {
         int64_t off[3], nb;
@@ -414,7 +454,6 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     p.split = S;
     p.pairs_per_block = W / S;
     p.total_pairs = (int)pairs;
-    p.x = x;
     p.x_dtype = x_dtype;
     p.y = y;
     p.y_dtype = y_dtype;
@@ -437,6 +476,32 @@ int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows,
     cfg.stream = (cudaStream_t)stream;
     err = fm_launch(cfg, fn, (const GemvParams)p, p.pdl);
     return err == cudaSuccess ? FMC_OK : (int)err;
+}
+
+extern "C" {
+
+int fmc_gemv(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *x,
+             int x_dtype, int64_t T, void *y, int y_dtype, int device, void *stream) {
+    if (!x) return FMC_EINVAL;
+    if ((uintptr_t)x % 16) return FMC_EALIGN;
+    GemvParams p = {};
+    p.x = x;
+    return gemv_run(p, fmt, nparts, parts, rows, K, x_dtype, T, y, y_dtype, device, stream);
+}
+
+int fmc_gemv_norm(int fmt, int nparts, const void *const *parts, const int64_t *rows, int64_t K, const void *h,
+                  const void *hd, const void *nw, float eps, void *hs, int x_dtype, void *y, int y_dtype, int device,
+                  void *stream) {
+    if (!h || !hd || !nw || !hs) return FMC_EINVAL;
+    if ((uintptr_t)h % 16 || (uintptr_t)hd % 16 || (uintptr_t)nw % 16 || (uintptr_t)hs % 16) return FMC_EALIGN;
+    GemvParams p = {};
+    p.nh = h;
+    p.nd = hd;
+    p.nw = nw;
+    p.hs = hs;
+    p.eps = eps;
+    p.norm = 1;
+    return gemv_run(p, fmt, nparts, parts, rows, K, x_dtype, 1, y, y_dtype, device, stream);
 }
 
 }  // extern "C"

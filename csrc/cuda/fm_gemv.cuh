@@ -26,6 +26,12 @@ struct GemvParams {
     const void *x;
     int x_dtype, y_dtype;
     void *y;
+    // fmc_gemv_norm (norm = 1, one token): x = rms_norm(h + hd) * nw computed by every block, the
+    // sum h + hd written to hs by block 0 (x is then unused)
+    const void *nh, *nd, *nw;
+    void *hs;
+    float eps;
+    int norm;
 };
 
 __device__ __forceinline__ uint4 ld_stream(const void *p) {
@@ -75,10 +81,44 @@ __device__ __forceinline__ void prep8(bool valid, int t, int e8, const float (&v
     if (sub == 0) meta[(size_t)t * nch + c] = make_float2(xs, sum);
 }
 
+// 8 consecutive 16-bit activations (bf16 or f16) of a 16-byte chunk as floats.
+__device__ __forceinline__ void act8(const uint4 &u4, int dtype, float (&v)[8]) {
+    const unsigned wv[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (dtype == FMC_BF16) {
+            v[2 * i] = __uint_as_float(wv[i] << 16);
+            v[2 * i + 1] = __uint_as_float(wv[i] & 0xFFFF0000u);
+        } else {
+            v[2 * i] = __half2float(__ushort_as_half((unsigned short)(wv[i] & 0xFFFFu)));
+            v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(wv[i] >> 16)));
+        }
+    }
+}
+
+// v rounded to the activation dtype (as torch rounds every bf16/f16 op's fp32 result).
+__device__ __forceinline__ float act_round(float v, int dtype) {
+    return dtype == FMC_BF16 ? __bfloat162float(__float2bfloat16(v)) : __half2float(__float2half(v));
+}
+
+__device__ __forceinline__ unsigned short act_bits(float v, int dtype) {
+    return dtype == FMC_BF16 ? __bfloat16_as_ushort(__float2bfloat16(v)) : __half_as_ushort(__float2half(v));
+}
+
+// 8 floats (already rounded to dtype) as one 16-byte chunk of dtype.
+__device__ __forceinline__ uint4 act_pack8(const float (&v)[8], int dtype) {
+    unsigned u[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) u[i] = (unsigned)act_bits(v[2 * i], dtype) | ((unsigned)act_bits(v[2 * i + 1], dtype) << 16);
+    return make_uint4(u[0], u[1], u[2], u[3]);
+}
+
 // x's image (every token's), built by the whole block (then a __syncthreads by the caller).
+// With p.norm, x = rms_norm(h + hd) * nw from the block's scale `nsc` (norm_scale, fm_gemv.cu),
+// rounded where models.layers.rms_norm rounds: the values the unfused path feeds this kernel.
 template <int F, int NT>
 __device__ __forceinline__ void build_image(const GemvParams &p, int nch, int4 *img, float2 *meta, int warp, int lane,
-                                            int nw) {
+                                            int nw, float nsc) {
     const int K = p.K;
     const int per = K >> 3, total = NT * per;
     for (int base = warp * 32; base < total; base += nw * 32) {  // warp-uniform
@@ -88,19 +128,16 @@ __device__ __forceinline__ void build_image(const GemvParams &p, int nch, int4 *
         float v[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = 0.f;
-        if (valid) {
-            const uint4 u4 = __ldg((const uint4 *)((const uint16_t *)p.x + (size_t)t * K + 8 * (size_t)e8));
-            const unsigned wv[4] = {u4.x, u4.y, u4.z, u4.w};
+        if (valid && p.norm) {
+            float a[8], b[8], g[8];
+            act8(__ldg((const uint4 *)p.nh + e8), p.x_dtype, a);
+            act8(__ldg((const uint4 *)p.nd + e8), p.x_dtype, b);
+            act8(__ldg((const uint4 *)p.nw + e8), p.x_dtype, g);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                if (p.x_dtype == FMC_BF16) {
-                    v[2 * i] = __uint_as_float(wv[i] << 16);
-                    v[2 * i + 1] = __uint_as_float(wv[i] & 0xFFFF0000u);
-                } else {
-                    v[2 * i] = __half2float(__ushort_as_half((unsigned short)(wv[i] & 0xFFFFu)));
-                    v[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(wv[i] >> 16)));
-                }
-            }
+            for (int i = 0; i < 8; ++i)
+                v[i] = act_round(act_round(act_round(a[i] + b[i], p.x_dtype) * nsc, p.x_dtype) * g[i], p.x_dtype);
+        } else if (valid) {
+            act8(__ldg((const uint4 *)((const uint16_t *)p.x + (size_t)t * K + 8 * (size_t)e8)), p.x_dtype, v);
         }
         prep8<F>(valid, t, e8, v, nch, img, meta, lane);
     }

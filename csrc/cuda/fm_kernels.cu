@@ -60,6 +60,7 @@ struct Params {
     int64_t pf_ahead;                   // L2 prefetch window per block, bytes (0: off)
     int pd;                             // stages per warp's ring (see launch_shape)
     int pdl;                            // launched with programmatic dependent launch (see pdl_wait)
+    int trig;                           // cooperative launch: let the next (PDL) launch start at phase B
 };
 
 __device__ __forceinline__ float load_elem(const void *p, int dtype, size_t i) {
@@ -599,6 +600,7 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
         pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
     }
+    if (p.trig) pdl_trigger();  // the next layer's GEMV may start streaming its weights (FMC_TUNE_COOP_TRIGGER)
     if (barrier) grid_barrier(p.bar);
     if (p.pdl) pdl_wait();  // x (or h: phase A's launch) is the previous kernel's output
     if (ib >= ie) return;
@@ -722,7 +724,7 @@ struct DevInfo : FmDevice {
 };
 DevInfo g_dev[FM_MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0, 0};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0, 0, 1};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -873,7 +875,7 @@ int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
     const bool writable = key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES ||
-                          key == FMC_TUNE_AUTO_MODE;
+                          key == FMC_TUNE_AUTO_MODE || key == FMC_TUNE_COOP_TRIGGER;
     if (value >= 0 && writable) g_tune[key] = value;
     return old;
 }
@@ -989,6 +991,7 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
             if (coop) {
                 p.phase = 2;
                 p.pdl = 0;
+                p.trig = g_tune[FMC_TUNE_COOP_TRIGGER] && d->cc_major >= 9;
                 const int grid = (int)(ga > gb ? ga : gb);
                 g_tune[FMC_TUNE_LAST_GRID] = grid;
                 void *args[] = {(void *)&p};

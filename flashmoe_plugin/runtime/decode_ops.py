@@ -10,20 +10,25 @@ and torch.topk's sort + gather; RoPE has no cat. Per Mixtral layer on the H200 t
 routing from 19.8 to 7.1 us of device time (benchmarks/results/h200-s9-decode-ops-8l.json).
 
     h2 = attention(h, delta, hs_row, ...)   # h + delta (the previous layer's FFN output), saved to
-                                           # hs_row, then attention: on CUDA one kernel for RoPE,
+                                           # hs_row (on CUDA with a packed q/k/v inside the q/k/v
+                                           # GEMV, with the norm: kernels/decode_fuse.py), then
+                                           # attention: on CUDA one kernel for RoPE,
                                            # the K/V writes and positions 0..pos
                                            # (kernels/decode_attention.py), else over the whole
                                            # masked cache in torch (the CPU twin)
     x, ids, w = route(h2, ...)             # norm, router, softmax/top-k on the device
     addrs = addresses(...)                 # the routed experts' record addresses (slot table)
     missing(present, ids, out)             # per layer, its routed experts the table lacked
-    h2, x, ids, w, addrs = moe_layer(...)  # the three in one compiled function (MoE layers)
+    h2, x, ids, w, addrs = moe_layer(...)  # the three in one compiled function (MoE layers); on
+                                           # CUDA the add after attention, route and addresses
+                                           # in one kernel (kernels/decode_fuse.py)
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import decode_attention as fused_attention
+from ..kernels import decode_fuse as fuse
 from ..models.layers import linear, rms_norm
 
 
@@ -34,12 +39,30 @@ def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
 
 
 def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-              heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float):
+              heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float,
+              fold: int = 3):
     """The residual h + delta (kept in hs_row), then one token's attention block added to it."""
-    h = h + delta
-    hs_row.copy_(h)
-    x = rms_norm(h, norm_w, eps)
-    qkv = linear(x, wqkv, bqkv)
+    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale, fold)
+    return h + o
+
+
+def attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                    heads: int, kv_heads: int, head_dim: int, eps: float, qk_norm: str, clip, window, scale: float,
+                    fold: int = 3):
+    """(h + delta, the attention block's output o), h + delta also kept in hs_row. On CUDA with a
+    packed q/k/v (and the NORM bit of `fold`) the add and the norm run inside the q/k/v GEMV
+    (kernels/decode_fuse.py)."""
+    if fold & fuse.NORM and fuse.takes_norm_qkv(h, delta, norm_w, wqkv):
+        qkv = fuse.norm_qkv(h, delta, hs_row, norm_w, wqkv, eps)
+        if bqkv is not None:
+            qkv = qkv + bqkv
+        h = hs_row
+    else:
+        h = h + delta
+        hs_row.copy_(h)
+        x = rms_norm(h, norm_w, eps)
+        qkv = linear(x, wqkv, bqkv)
     nq, nk = heads * head_dim, kv_heads * head_dim
     q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
     if qk_norm == "full":
@@ -54,7 +77,7 @@ def attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K,
                                                pos, window or 0, scale)
     else:
         out = attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale)
-    return h + linear(out, wo)
+    return h, linear(out, wo)
 
 
 def attend(q, k, v, cos, sin, K, V, pos, kpos, window, scale: float):
@@ -139,11 +162,15 @@ def addresses(entries_row, ids, base, stride: int):
 
 def moe_layer(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
               ffn_norm, router_w, ids_row, entries_row, base, heads: int, kv_heads: int, head_dim: int, eps: float,
-              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int):
+              qk_norm: str, clip, window, scale: float, top_k: int, norm_topk: bool, stride: int, fold: int = 3):
     """attention, route and addresses of one MoE layer in one function (fused across their
-    boundaries: the residual add, the FFN norm and the router share kernels)."""
-    h = attention(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
-                  heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale)
+    boundaries: the residual add, the FFN norm and the router share kernels; on CUDA, with the
+    ROUTE bit of `fold`, one kernel: kernels/decode_fuse.py)."""
+    h, o = attention_parts(h, delta, hs_row, norm_w, wqkv, bqkv, q_norm, k_norm, cos, sin, K, V, pos, kpos, wo,
+                           heads, kv_heads, head_dim, eps, qk_norm, clip, window, scale, fold)
+    if fold & fuse.ROUTE and fuse.takes_route(h, ffn_norm, router_w, top_k):
+        return fuse.route(h, o, ffn_norm, router_w, ids_row, entries_row, base, stride, eps, top_k, norm_topk)
+    h = h + o
     x, ids, weights = route(h, ffn_norm, router_w, ids_row, top_k, norm_topk, eps)
     return h, x, ids, weights, addresses(entries_row, ids, base, stride)
 

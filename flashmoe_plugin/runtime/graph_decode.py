@@ -40,6 +40,7 @@ import math
 
 import torch
 
+from ..kernels import decode_fuse
 from ..kernels.packed import concat_rows
 from ..models.layers import embed
 from ..pager.slot_table import SlotTable
@@ -121,7 +122,8 @@ class DeviceDecode:
         self.args = [self._layer_args(i) for i in range(cfg.num_layers)]
         self.consts = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                            eps=cfg.rms_norm_eps, qk_norm=cfg.qk_norm, clip=cfg.clip_qkv,
-                           window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim))
+                           window=cfg.sliding_window or 0, scale=1.0 / math.sqrt(cfg.head_dim),
+                           fold=decode_fuse.FOLDS)  # kernels/decode_fuse.py's folds (a static argument)
         self.ops = Ops.get(compile=self.cuda and mode in ("on", "eager"))
         self.stream = torch.cuda.Stream(dev) if self.cuda else None
         self.ws = None
