@@ -17,7 +17,7 @@ from ..kernels.ggml_numerics import numerics_for
 from ..models.layers import decoder_for
 from ..pager.pager import PREFETCH, ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
-from ..sizes import available_ram, format_size, parse_size, ram_reserve
+from ..sizes import available_ram, format_size, parse_size, ram_reserve, working_set
 from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
@@ -125,12 +125,15 @@ class Engine:
         the VRAM budget (default: what is free after the dense part and the KV cache, less a
         reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to the
         RAM budget's default). The RAM default is what is free (MemAvailable, or the memory
-        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve()."""
+        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve() (on CPU: of
+        sizes.working_set, this engine's prefill chunk)."""
         total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
         if ram_budget is None:
             kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
             least = self.config.top_k * self.store.layout.size if self.device.type != "cuda" else 0
-            ram_budget = max(least, min(total, min(available_ram(), self._ram_free) - kv - ram_reserve()))
+            reserve = ram_reserve() if self.device.type == "cuda" else \
+                ram_reserve(working_set(self.config, self.n_batch, self.n_ctx))
+            ram_budget = max(least, min(total, min(available_ram(), self._ram_free) - kv - reserve))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
