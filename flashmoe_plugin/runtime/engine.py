@@ -22,6 +22,7 @@ from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .cpu_layers import CpuLayers
+from .torch_threads import torch_on_one_thread
 from .host_compute import HostCompute
 from .hybrid_decode import HybridDecode, cut_layers
 from . import landed as landed_mod
@@ -204,7 +205,9 @@ class Engine:
                 logits = self.fast.step(chunk[0], self.n_past)
             else:
                 t = torch.tensor(chunk, dtype=torch.long, device=self.device)
-                logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
+                # a CPU decode step: torch's share on one thread, the native kernels on all (torch_threads.py)
+                with torch_on_one_thread(len(chunk) == 1 and self.device.type == "cpu" and self.backend.name == "cpu"):
+                    logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())
