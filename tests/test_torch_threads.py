@@ -23,7 +23,9 @@ def two_threads():
 
 def test_decode_step_on_one_torch_thread(two_threads, monkeypatch):
     eng = Engine(DEMO, prefetch="off")
-    assert eng.backend.name == "cpu" and eng.backend.num_threads == 2
+    pool = eng.backend.num_threads  # the backend is shared: created with the session's torch threads
+    eng.backend.set_num_threads(2)
+    assert eng.backend.name == "cpu"
     seen = []
     experts = eng._experts
     monkeypatch.setattr(eng, "_experts", lambda *a: (seen.append(torch.get_num_threads()), experts(*a))[1])
@@ -39,6 +41,7 @@ def test_decode_step_on_one_torch_thread(two_threads, monkeypatch):
     eng.truncate(len(ids))
     torch.testing.assert_close(eng.forward([42]), step, atol=1e-5, rtol=1e-5)
     assert prefill.shape[0] == len(ids)
+    eng.backend.set_num_threads(pool)
     eng.close()
 
 
