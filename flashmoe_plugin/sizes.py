@@ -165,15 +165,28 @@ def _cgroups() -> list[tuple[int, int]]:
     return rooms
 
 
-def ram_reserve() -> int:
-    """RAM left free by the default budgets: 1 GiB for the process's own working set beyond its
-    weights and caches (Python, torch, activations; `flashmoe bench` reports it as
-    rss_overhead_bytes: 0.27 GB on the demo model; 6 MB on a 2-layer Mixtral-shaped store, whose
-    peak RSS of 2.28 GB is its bf16 dense part 0.69 GB + 16 records 1.59 GB) and for prefill's
-    activations, plus 2% of the machine (or cgroup) for
-    the kernel and other processes. FLASHMOE_RAM_RESERVE (a size) overrides it."""
+def ram_reserve(working_set: int = 1 << 30) -> int:
+    """RAM left free by the default budgets: `working_set` for the process's own growth beyond its
+    weights, caches and KV cache after it measured the free RAM (default 1 GiB, what a CUDA
+    engine's host side keeps; a CPU engine passes working_set(): its prefill chunk's
+    activations), plus 2% of the machine (or cgroup) for the kernel and other processes.
+    FLASHMOE_RAM_RESERVE (a size) overrides it."""
     forced = os.environ.get("FLASHMOE_RAM_RESERVE")
     if forced:
         return parse_size(forced)
     total = min(_meminfo("MemTotal") or (16 << 30), cgroup_limit() or 1 << 62)
-    return (1 << 30) + total // 50
+    return working_set + total // 50
+
+
+def working_set(config, n_batch: int, n_ctx: int) -> int:
+    """What a CPU engine allocates beyond its weights, expert cache and KV cache while it runs:
+    128 MiB (allocator slack, reader threads, the pager's and predictor's books) and one prefill
+    chunk's fp32 activations, per token 8 hidden vectors, 3 MLP intermediates, a score row per
+    head over the context and a row of logits. Measured on a 2-layer Mixtral-shaped store
+    (q8 dense): a 512-token chunk grew the peak RSS by 118 MB where this counts 254 MB; 16
+    tokens on the 32-layer store: ~50 MB (the former fixed 1 GiB left ~6 records of 94.5 MiB
+    idle on the 2-core machine: benchmarks/README.md, "Session 9")."""
+    inter = max(config.moe_intermediate_size, getattr(config, "dense_intermediate_size", 0) or 0,
+                getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    per_token = 8 * config.hidden_size + 3 * inter + config.num_heads * n_ctx + config.vocab_size
+    return (128 << 20) + 4 * per_token * min(n_batch, n_ctx)

@@ -17,11 +17,12 @@ from ..kernels.ggml_numerics import numerics_for
 from ..models.layers import decoder_for
 from ..pager.pager import PREFETCH, ExpertPager, default_direct_io
 from ..pager.predictor import Predictor
-from ..sizes import available_ram, format_size, parse_size, ram_reserve
+from ..sizes import available_ram, format_size, parse_size, ram_reserve, working_set
 from ..store.model import open_model
 from . import dense_quant as dense_quant_mod
 from .graph_decode import DeviceDecode, graph_mode
 from .cpu_layers import CpuLayers
+from .torch_threads import torch_on_one_thread
 from .host_compute import HostCompute
 from .hybrid_decode import HybridDecode, cut_layers
 from . import landed as landed_mod
@@ -132,12 +133,15 @@ class Engine:
         the VRAM budget (default: what is free after the dense part and the KV cache, less a
         reserve) over a pinned-RAM host tier (default: the experts VRAM cannot hold, up to the
         RAM budget's default). The RAM default is what is free (MemAvailable, or the memory
-        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve()."""
+        cgroup's room) less the KV cache pages not touched yet and sizes.ram_reserve() (on CPU: of
+        sizes.working_set, this engine's prefill chunk)."""
         total = self.store.expert_bytes - (self.cpu_layers.bytes if self.cpu_layers else 0)
         if ram_budget is None:
             kv = 0 if self.device.type == "cuda" else 2 * self.kv.k.numel() * self.kv.k.element_size()
             least = self.config.top_k * self.store.layout.size if self.device.type != "cuda" else 0
-            ram_budget = max(least, min(total, min(available_ram(), self._ram_free) - kv - ram_reserve()))
+            reserve = ram_reserve() if self.device.type == "cuda" else \
+                ram_reserve(working_set(self.config, self.n_batch, self.n_ctx))
+            ram_budget = max(least, min(total, min(available_ram(), self._ram_free) - kv - reserve))
         if self.device.type != "cuda":
             if vram_budget is not None:
                 raise ValueError(f"vram_budget applies to cuda devices; this engine runs on {self.device}")
@@ -211,7 +215,9 @@ class Engine:
                 logits = self.fast.step(chunk[0], self.n_past)
             else:
                 t = torch.tensor(chunk, dtype=torch.long, device=self.device)
-                logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
+                # a CPU decode step: torch's share on one thread, the native kernels on all (torch_threads.py)
+                with torch_on_one_thread(len(chunk) == 1 and self.device.type == "cpu" and self.backend.name == "cpu"):
+                    logits = self.model.forward(t, self.n_past, self.kv, self._experts, last_only=last, hidden=hidden)
             self.tokens += chunk
             if not last_only or last:
                 outs.append(logits.cpu())
