@@ -101,7 +101,9 @@ def test_tuned_split_on_the_twin(oracles):
     out = run_sequence(eng, ids, steps)
     eng.close()
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()
-    assert len(tuner.times) >= 2 and cl.split_up > 0, tuner.report()
+    # the descent (one sample per share) moved experts to the GPU and ended within a few calls;
+    # which shares' times are still held depends on where in a recheck the run stops
+    assert cl.split_up > 0 and not tuner.descending, tuner.report()
     assert cl.plan_of(k)["tuner"]["best"] == tuner.best
 
 

@@ -116,7 +116,7 @@ class ExpertPager:
         self.stats = PagerStats(verify=verify)
         self.trace = None      # a pager.trace.RoutingTrace while recording (Engine.record)
         self.predictor = None  # a pager.predictor.Predictor when prefetching (Engine sets it)
-        self._preload(self.policy.warm(store) if hasattr(self.policy, "warm") else [])
+        self.preload(self.policy.warm(store) if hasattr(self.policy, "warm") else [])
 
     # ------------------------------------------------------------------ facts
     @property
@@ -249,9 +249,9 @@ class ExpertPager:
             plan.append((key, state))
         return _Batch(self, plan, count)
 
-    def _preload(self, keys):
-        """Load the keys a policy asks for at start (static: its pinned experts); not counted as
-        hits or misses."""
+    def preload(self, keys):
+        """Load these keys into the device tier now (a policy's pinned experts at start, an
+        n_cpu_moe engine's other layers); not counted as hits or misses."""
         keys = [k for k in dict.fromkeys(keys) if k[0] in self.store.layers][:self.capacity]
         for _ in self._batch(keys, count=False):
             pass

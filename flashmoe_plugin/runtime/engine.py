@@ -86,7 +86,7 @@ class Engine:
             paged = [(l, e) for l in sorted(self.store.layers) if l not in self.cpu_layers
                      for e in range(self.store.layers[l].experts)]
             if len(paged) <= self.pager.capacity:
-                self.pager._preload(paged)
+                self.pager.preload(paged)
         self.predictor = None
         mode = {True: "auto", False: "off", None: "off"}.get(prefetch, prefetch)
         if mode != "off":
