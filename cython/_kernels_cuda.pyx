@@ -247,6 +247,20 @@ def linear(part, fmt, int64_t rows, int64_t cols, x, out, stream=None):
     return out
 
 
+cdef int64_t _stacked_parts(parts, fmt, int f, rows, int64_t cols, int dev, uintptr_t *pp,
+                            int64_t *rr) except -1:
+    """Check the stacked q8/q4 parts [rows[i], cols] on dev into pp/rr (gemv, gemv_norm): their rows in all."""
+    cdef int64_t total = 0
+    cdef int i
+    for i in range(len(parts)):
+        r = int(rows[i])
+        _check_part(parts[i], f"parts[{i}]", f, r, cols, part_nbytes(fmt, r, cols), dev)
+        pp[i] = parts[i].data_ptr()
+        rr[i] = r
+        total += r
+    return total
+
+
 def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
     """out[T, sum(rows)] = x[T, cols] @ [W_0; W_1; ...].T: the parts (uint8 tensors, each a q8/q4 part
     [rows[i], cols]) stacked along the rows in one launch of the decode GEMV; T <= GEMV_MAX_TOKENS,
@@ -254,20 +268,14 @@ def gemv(parts, fmt, rows, int64_t cols, x, out, stream=None):
     cdef int f = _fmt(fmt)
     if f == FMC_Q2:
         raise ValueError("gemv takes q8 and q4 parts (q2: linear)")
-    cdef int n = len(parts), i
+    cdef int n = len(parts)
     if n < 1 or n > FMC_GEMV_MAX_PARTS or len(rows) != n:
         raise ValueError(f"gemv takes 1..{FMC_GEMV_MAX_PARTS} parts with one row count each, got {n} parts, "
                          f"{len(rows)} row counts")
     cdef int dev = _device(x, "x", -1)
     cdef uintptr_t pp[FMC_GEMV_MAX_PARTS]
     cdef int64_t rr[FMC_GEMV_MAX_PARTS]
-    total = 0
-    for i in range(n):
-        r = int(rows[i])
-        _check_part(parts[i], f"parts[{i}]", f, r, cols, part_nbytes(fmt, r, cols), dev)
-        pp[i] = parts[i].data_ptr()
-        rr[i] = r
-        total += r
+    total = _stacked_parts(parts, fmt, f, rows, cols, dev, pp, rr)
     _device(out, "out", dev)
     T, xd = _act2d(x, "x", cols)
     T2, yd = _act2d(out, "out", total)
@@ -302,7 +310,7 @@ def gemv_norm(parts, fmt, rows, int64_t cols, h, hd, nw, float eps, hs, out, str
     cdef int f = _fmt(fmt)
     if f == FMC_Q2:
         raise ValueError("gemv_norm takes q8 and q4 parts")
-    cdef int n = len(parts), i
+    cdef int n = len(parts)
     if n < 1 or n > FMC_GEMV_MAX_PARTS or len(rows) != n:
         raise ValueError(f"gemv_norm takes 1..{FMC_GEMV_MAX_PARTS} parts with one row count each")
     cdef int dev = _device(h, "h", -1)
@@ -313,13 +321,7 @@ def gemv_norm(parts, fmt, rows, int64_t cols, h, hd, nw, float eps, hs, out, str
         _vec(t, name, cols, h.dtype, dev)
     cdef uintptr_t pp[FMC_GEMV_MAX_PARTS]
     cdef int64_t rr[FMC_GEMV_MAX_PARTS]
-    total = 0
-    for i in range(n):
-        r = int(rows[i])
-        _check_part(parts[i], f"parts[{i}]", f, r, cols, part_nbytes(fmt, r, cols), dev)
-        pp[i] = parts[i].data_ptr()
-        rr[i] = r
-        total += r
+    total = _stacked_parts(parts, fmt, f, rows, cols, dev, pp, rr)
     _device(out, "out", dev)
     T2, yd = _act2d(out, "out", total)
     if T2 != 1:
