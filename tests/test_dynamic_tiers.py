@@ -4,6 +4,8 @@ model with the CPU's fixed time per call, copies up only where they land in time
 copies_ahead), no look-ahead when nothing can be read or copied, and the host tier sized by the
 records VRAM really holds. Oracles: the all-resident run and the layer-by-layer path (same
 weights; the host's experts are summed after the others: tolerance 1e-4)."""
+import types
+
 import torch
 from conftest import run_sequence
 
@@ -11,6 +13,8 @@ from flashmoe_plugin.runtime.engine import Engine
 from flashmoe_plugin.runtime.graph_decode import unsupported
 from flashmoe_plugin.runtime.host_compute import HostCompute
 from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
+
+_Pager = types.SimpleNamespace  # the two fields HostCompute's swap price reads (t0, capacity)
 
 
 def _seq(seed=7, n=12, m=8):
@@ -54,7 +58,7 @@ def test_cost_model_counts_the_cpu_calls_fixed_time():
     0.5). A per-record cost from one-record calls (1.1) sent one of two host records up (1.8 ms
     for the layer); the affine cost keeps both on the CPU (1.6 ms)."""
     hc = HostCompute.__new__(HostCompute)
-    hc.mode, hc.copy_s = "auto", 1.8e-3
+    hc.mode, hc.copy_s, hc._pager = "auto", 1.8e-3, _Pager(t0=[], capacity=4)  # a free slot: copies cost copy_s
     hc.cpu_s, hc.cpu_o = 1.1e-3, 0.0
     assert hc.share(2) == 1
     hc.cpu_s, hc.cpu_o = 0.5e-3, 0.6e-3
@@ -67,16 +71,12 @@ def test_a_copy_into_a_full_device_tier_is_priced_as_a_swap():
     """Measured on the H200 (h200-d11-row2.json): copy 1.79 ms, CPU 0.13 + n x 0.91. A layer's two
     host records: a copy alone (1.79) looked cheaper than the CPU (1.95); as a swap (the victim
     comes down beside it, over the same RAM) it is not, and both stay on the CPU."""
-    class Pager:
-        t0, capacity = [0] * 4, 4
-
     hc = HostCompute.__new__(HostCompute)
     hc.mode, hc.copy_s, hc.cpu_s, hc.cpu_o = "auto", 1.79e-3, 0.91e-3, 0.13e-3
-    assert hc.share(2) == 1          # no pager: a copy costs copy_s
-    hc._pager = Pager()
-    assert hc.share(2) == 2          # a full device tier: twice that
-    Pager.t0 = [0] * 3
-    assert hc.share(2) == 1          # a free slot: no victim
+    hc._pager = _Pager(t0=[0] * 4, capacity=4)
+    assert hc.share(2) == 2          # a full device tier: twice copy_s
+    hc._pager.t0 = [0] * 3
+    assert hc.share(2) == 1          # a free slot: no victim, a copy costs copy_s
 
 
 def test_copies_up_ahead_only_where_copies_are_the_cheaper_way():

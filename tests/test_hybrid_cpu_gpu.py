@@ -1,6 +1,8 @@
 """Hybrid CPU+GPU experts on the CPU twin (four families): `n_cpu_moe` layers computed from RAM,
 host-tier records split between copy and compute by the cost model. Oracle: the logits of the
 all-resident run on the same store (same kernels, another summation order: tolerance 1e-5)."""
+import types
+
 import pytest
 import torch
 from conftest import run_sequence
@@ -96,7 +98,7 @@ def test_copy_or_compute_split_by_measured_costs(oracles, family):
 
 def test_share_balances_copy_and_compute():
     hc = HostCompute.__new__(HostCompute)
-    hc.mode = "auto"
+    hc.mode, hc._pager = "auto", types.SimpleNamespace(t0=[], capacity=1)  # a free slot: copies cost copy_s
     hc.copy_s, hc.cpu_s = 1.0, 3.0     # copies 3x cheaper: of 8 records the CPU takes 2 (ties go to the CPU)
     assert [hc.share(m) for m in range(0, 9)] == [0, 0, 0, 1, 1, 1, 1, 2, 2]
     hc.copy_s, hc.cpu_s = 2.0, 1.0     # CPU 2x cheaper: 2 of 3 on the CPU

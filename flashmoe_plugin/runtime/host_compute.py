@@ -108,8 +108,7 @@ class HostCompute:
 
     def _swap(self) -> int:
         """2 where a copy up evicts a record to the host tier (the device tier is full), else 1."""
-        p = getattr(self, "_pager", None)
-        return 2 if p is not None and len(p.t0) >= p.capacity else 1
+        return 2 if len(self._pager.t0) >= self._pager.capacity else 1
 
     def cpu_time(self, n: int) -> float:
         """The CPU's time for a call of n host records (0 for none)."""
@@ -122,9 +121,7 @@ class HostCompute:
         lone host record would be copied up anyway (copies are the cheaper way: ahead of time they
         hide their latency), else none; with `prefetch_up`, none while an earlier copy up is still
         on the copy engine, and otherwise those that land within beside_s."""
-        if self.mode != "auto":
-            return 1 << 30
-        if self.share(1) == 0:
+        if self.mode != "auto" or self.share(1) == 0:
             return 1 << 30
         if not self.prefetch_up or not self._pager.copies.up_idle():
             return 0
