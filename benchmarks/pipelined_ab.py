@@ -96,7 +96,8 @@ def measure(store, dense_quant, n, prompt, rounds) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         best = []
         eng.truncate(prompt)
-        for _ in range(3):
+        for _ in range(3):  # from the prompt's end each time: n + 1 positions, inside n_ctx
+            f.pos.fill_(prompt)
             f.graph.replay()
             start.record()
             for _ in range(n):
