@@ -6,6 +6,7 @@ Oracle: the unpipelined loop (FLASHMOE_PIPELINE=0: today's generate.tokens over 
 on a fresh engine of the same store: the same tokens, the same cached tokens after a stop, the
 same next logits (torch.equal: the speculative step's KV position is overwritten), the same hits
 and misses counted."""
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,44 @@ def test_device_sampler_is_the_host_chain(params):
         assert void == (i % 7 == 0 and 0 < params.top_k < 500 and params.temperature > 0)
         if not void:
             assert tok == want, i
+
+
+def _llama(monkeypatch, pipe, **kw):
+    from flashmoe_plugin import Llama
+    monkeypatch.setenv(pipelined.ENV, "1" if pipe else "0")
+    return Llama(model_path="demo", n_ctx=128, seed=7, verbose=False, decode_graph="on", prefetch="off", **kw)
+
+
+def test_llama_create_completion_pipelined(monkeypatch):
+    """Llama's completions (the adapter's own loop): the same dicts, and scores / input_ids filled
+    as eval fills them; a streamed stop string; the server's observing processor keeps it pipelined
+    and its cancellation still ends the run."""
+    from flashmoe_plugin.adapters.llama_cpp import LogitsProcessorList
+    res = {}
+    for pipe in (False, True):
+        llm = _llama(monkeypatch, pipe)
+        a = llm.create_completion("Once upon a time", max_tokens=14, seed=3)
+        n = llm.n_tokens
+        state = (llm.input_ids[:n].copy(), llm.scores[n - 1].copy(), n)
+        stop = a["choices"][0]["text"][8:11]
+        b = [c["choices"][0]["text"] for c in llm.create_completion("Once upon a time", max_tokens=14, seed=3,
+                                                                  stop=[stop], stream=True)]
+        seen = []
+
+        def watch(ids, scores):
+            seen.append(len(ids))
+            if len(seen) == 5:
+                raise KeyboardInterrupt  # a cancellation (the server raises its own)
+            return scores
+        lp = LogitsProcessorList([watch])
+        lp.observes_only = True
+        with pytest.raises(KeyboardInterrupt):
+            llm.create_completion("Once upon a time", max_tokens=14, seed=3, logits_processor=lp)
+        used = getattr(llm._engine.fast, "_pipeline", None) is not None
+        after = llm.create_completion("Once upon a time", max_tokens=4, seed=5)["choices"][0]["text"]
+        res[pipe] = (a["choices"][0], state, b, seen, used, after)
+        llm.close()
+    (a0, s0, b0, seen0, used0, after0), (a1, s1, b1, seen1, used1, after1) = res[False], res[True]
+    assert a1 == a0 and b1 == b0 and seen1 == seen0 and after1 == after0
+    assert (used0, used1) == (False, True)
+    assert np.array_equal(s1[0], s0[0]) and np.array_equal(s1[1], s0[1]) and s1[2] == s0[2]
