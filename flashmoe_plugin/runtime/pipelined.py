@@ -66,7 +66,7 @@ class DeviceSampler:
     (top-k ties at the k-th value: the host keeps every tie)."""
 
     def __init__(self, params):
-        self.p = params
+        self.p, self.zero = params, None
 
     @staticmethod
     def why_not(sampler) -> str:
@@ -88,7 +88,9 @@ class DeviceSampler:
     def pick(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """logits [1, V] float32, u [1] float64 (the draw); Sampler._pick's steps, in its order."""
         p, x = self.p, logits[0]
-        void = torch.zeros((), dtype=torch.long, device=x.device)
+        if self.zero is None:  # made once: no fill kernel per token
+            self.zero = torch.zeros((), dtype=torch.long, device=x.device)
+        void = self.zero
         if p.temperature <= 0:
             return torch.stack([torch.argmax(x), void])
         ids = None
