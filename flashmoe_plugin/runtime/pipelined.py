@@ -143,6 +143,7 @@ class Pipeline:
         first) pairs). Engine.tokens lists a token once the caller asks for the next one."""
         e, f = self.e, self.f
         pick, n = DeviceSampler(sampler.p), e.n_past
+        self.states = [None, None]  # the generator's state before each queued step's draw
         tok, s = sampler(logits, e.tokens), 0
         row = None
         f._tok_np[0] = tok  # nothing in flight: the prefill's step is done, the last generation drained
