@@ -178,3 +178,13 @@ def test_llama_create_completion_pipelined(monkeypatch):
     assert a1 == a0 and b1 == b0 and seen1 == seen0 and after1 == after0
     assert (used0, used1) == (False, True)
     assert np.array_equal(s1[0], s0[0]) and np.array_equal(s1[1], s0[1]) and s1[2] == s0[2]
+
+
+def test_bench_decodes_pipelined(monkeypatch):
+    """`flashmoe bench` decodes through the pipelined loop where it applies and says so."""
+    from flashmoe_plugin.bench.store import run_bench
+    for env, want in (("1", "on"), ("0", "FLASHMOE_PIPELINE=0")):
+        monkeypatch.setenv(pipelined.ENV, env)
+        r = run_bench(demo_model_path(), tokens=4, prompt_tokens=8, compute_bound=False, decode_graph="on",
+                      prefetch="off")
+        assert r["decode_pipelined"] == want and r["tokens"] == 4 and r["decode_tok_s"] > 0
