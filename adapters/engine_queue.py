@@ -36,6 +36,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.processor = LogitsProcessorList([self._check])
+        self.processor.observes_only = True  # never changes the scores: the decode stays pipelined
 
     def _check(self, input_ids, scores):
         if self.cancelled.is_set():

@@ -37,7 +37,10 @@ class Generation:
 
     def _make_sampler(self, params, logits_processor=None, constraint=None):
         from flashmoe_plugin.runtime.sampling import Sampler
-        sampler = Sampler(params, constraint)
+        return self._wrap(Sampler(params, constraint), logits_processor)
+
+    @staticmethod
+    def _wrap(sampler, logits_processor):
         if logits_processor is None:
             return sampler
 
@@ -87,8 +90,16 @@ class Generation:
         tokens = [int(t) for t in tokens]
         if not tokens and (reset or self.n_tokens == 0):
             raise ValueError("generate() needs at least one prompt token")
-        sampler = self._make_sampler(params, logits_processor, constraint)
+        from flashmoe_plugin.runtime import pipelined
+        from flashmoe_plugin.runtime.sampling import Sampler
+        base = Sampler(params, constraint)
+        sampler = self._wrap(base, logits_processor)
         eng = self._engine
+        # decode pipelined by one token (runtime/pipelined.py) where nothing needs the logits on the
+        # host before the next step: no stopping criteria, no logits processor but observers (the
+        # server's cancellation check), no echo rows; the sampler's own limits are why_not's
+        observes = getattr(logits_processor, "observes_only", False)
+        pipe = stopping_criteria is None and not rows and (logits_processor is None or observes)
         if reset and self.n_tokens > 0:
             cached = eng.tokens
             keep = self.longest_token_prefix(cached, tokens)
@@ -115,6 +126,10 @@ class Generation:
                 finally:
                     self._rows_wanted = False
             pos = self.n_tokens - 1
+            if pipe and not pipelined.why_not(eng, base):
+                token, extra = yield from self._pipelined(base, logits_processor if observes else None, pos, before, t0)
+                tokens, pipe = [token] + extra, False  # tokens sent in: today's loop from here
+                continue
             token = int(sampler(torch.from_numpy(self.scores[pos]), eng.tokens))
             stats = eng.pager.stats.delta(before)
             stats.update(token=token, n_past=self.n_tokens, seconds=time.perf_counter() - t0)
@@ -130,3 +145,30 @@ class Generation:
                     constraint.accept(forced)
                     tokens.append(forced)
                     yield forced
+
+    def _pipelined(self, sampler, observer, pos: int, before, t0):
+        """The tokens after position `pos` pipelined by one token, each yielded while its own
+        step runs; scores and input_ids filled as eval would (each row once the next token is
+        read). Returns (token, extra) when the caller sends tokens in (today's loop evaluates
+        them: the token's speculative step is not kept)."""
+        from flashmoe_plugin.runtime.pipelined import Pipeline
+        eng, hooks = self._engine, self._hooks
+        gen = Pipeline.of(eng).tokens(torch.from_numpy(self.scores[pos]), sampler, keep_logits=True)
+        try:
+            for token, row in gen:
+                n = self.n_tokens
+                if row is not None:  # the logits of the token before this one (engine.tokens' last)
+                    self.input_ids[n - 1] = eng.tokens[-1]
+                    self.scores[n - 1, :] = row.float().numpy()
+                    self._row_ok[n - 1] = True
+                if observer is not None:  # e.g. the server's cancellation check: it sees, never changes, the row
+                    observer(self.input_ids[:n], self.scores[n - 1])
+                stats = eng.pager.stats.delta(before)
+                stats.update(token=token, n_past=n, seconds=time.perf_counter() - t0)
+                hooks.on_token(stats=stats)
+                before, t0 = eng.pager.stats.snapshot(), time.perf_counter()
+                extra = yield token
+                if extra:
+                    return token, [int(t) for t in extra]
+        finally:
+            gen.close()

@@ -129,8 +129,11 @@ def peak_rss_bytes() -> int | None:
 def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0, progress=NO_PROGRESS) -> tuple[float, list[float]]:
     """n decode steps, greedy (temp <= 0) or sampled from the full distribution with a seeded
     generator (random-weight stores fall into greedy fixed points that would hide the pager)."""
+    from ..runtime import pipelined
     from ..runtime.sampling import Sampler, SamplingParams
     sample = Sampler(SamplingParams(temperature=temp, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
+    if not pipelined.why_not(engine, sample):  # as generate.tokens decodes: the next step queued first
+        return _decode_pipelined(engine, logits, n, sample, progress)
     times = []
     for _ in range(n):
         tok = sample(logits, engine.tokens)  # temp <= 0: argmax
@@ -139,6 +142,31 @@ def _decode(engine, logits, n: int, temp: float = 0.0, seed: int = 0, progress=N
         times.append(time.perf_counter() - t0)
         progress.advance()
     return sum(times), times
+
+
+def _pipelined_note(engine, temp: float) -> str:
+    from ..runtime.pipelined import why_not
+    from ..runtime.sampling import Sampler, SamplingParams
+    return why_not(engine, Sampler(SamplingParams(temperature=temp, top_k=0, top_p=1.0, min_p=0.0))) or "on"
+
+
+def _decode_pipelined(engine, logits, n: int, sample, progress) -> tuple[float, list[float]]:
+    """n steps pipelined by one token (runtime/pipelined.py): the wall time from the first
+    token's pick to the n-th step's token read (the host's sampling and settling included; the
+    speculative step left queued at the end is waited for outside it)."""
+    from ..runtime.pipelined import Pipeline
+    times, gen = [], Pipeline.of(engine).tokens(logits, sample)
+    t0 = last = time.perf_counter()
+    for i, _ in enumerate(gen):
+        if i:
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+            progress.advance()
+        if i == n:
+            break
+    gen.close()
+    return last - t0, times
 
 
 def _rate(hits: int, n: int) -> float | None:
@@ -291,6 +319,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  else eng.fast.why_not,
                  # steps redone layer by layer from a missing expert (n_cpu_moe layers never miss)
                  "decode_graph_fallbacks": None if eng.fast is None else eng.fast.fallbacks,
+                 # "on", or why the decode loop was not pipelined by one token (runtime/pipelined.py)
+                 "decode_pipelined": _pipelined_note(eng, temp),
                  # MoE layers whose experts the host handles between replays (runtime/hybrid_decode.py)
                  "decode_graph_cut_layers": None if eng.fast is None else len(getattr(eng.fast, "cpu", ()))}
         cl = eng.cpu_layers

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import pipelined
 from .sampling import Sampler, SamplingParams
 
 
@@ -27,6 +28,9 @@ def tokens(engine, prompt: list[int], sampler: Sampler, on_token=None) -> Iterat
         keep -= 1
     engine.truncate(keep)
     logits = engine.forward(prompt[keep:], last_only=True)[-1]
+    if not pipelined.why_not(engine, sampler):  # the next step queued before this one is read
+        yield from pipelined.Pipeline.of(engine).tokens(logits, sampler, on_token)
+        return
     while True:
         tok = sampler(logits, engine.tokens)
         if on_token:
