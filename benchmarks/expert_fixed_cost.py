@@ -8,7 +8,7 @@ fm_kernels.cu in ONE process, interleaved, over a sweep of layer sizes, distinct
 each is loaded as its own module (each .so keeps its own knobs and launch caches).
 --variants BUILD[:KEY=VALUE,...]: a build with `tune` knobs (default: every build, no knobs); the key
 "mode" picks fmc_moe's mode instead (1 cooperative, the default; 2 two launches with PDL).
-A case is SHAPE[@SETS]: SHAPE a layer (mixtral = 2 experts of 4096x14336 q4, mixtral1 = 1 of them;
+A case is SHAPE[@SETS]: SHAPE a layer (mixtral = 2 experts of 4096x14336 q4, mixtral1/4 = 1/4 of them;
 qwen35 = 4 of 4096x1024, qwen1/2/8 = 1/2/8 of them); SETS 0 (default) = every call of the graph
 reads distinct records (>= --total-gib in all, so the 50 MB L2 holds none of a call's weights),
 SETS n = the graph cycles over n record sets (n = 1: the same records every call, in the L2 where
@@ -31,10 +31,10 @@ import statistics
 import sys
 
 GiB = 1 << 30
-SHAPES = {"mixtral": ("q4", 4096, 14336, 2), "mixtral1": ("q4", 4096, 14336, 1),
+SHAPES = {"mixtral": ("q4", 4096, 14336, 2), "mixtral1": ("q4", 4096, 14336, 1), "mixtral4": ("q4", 4096, 14336, 4),
           "qwen35": ("q4", 4096, 1024, 4), "qwen1": ("q4", 4096, 1024, 1), "qwen2": ("q4", 4096, 1024, 2),
           "qwen8": ("q4", 4096, 1024, 8)}
-DEFAULT_CASES = "mixtral,mixtral1,qwen35,qwen1,qwen2,qwen8,qwen35@1,qwen1@1"
+DEFAULT_CASES = "mixtral,mixtral1,mixtral4,qwen35,qwen1,qwen2,qwen8,qwen35@1,qwen1@1"
 
 
 def load_build(directory: str):

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 9 scope 4 (session 12, e12): the cooperative expert kernel's fixed cost per layer, in ONE H200 call.
 # Run inside the shipped tree (/work/helpers/ship e12); the builds' _kernels_cuda .so lie in ../so-NAME
-# (built on the box with the tree's other sources and one fm_kernels.cu variant each; "main" is main's).
+# (or ../sos.txz; built on the box with the tree's other sources and one fm_kernels.cu variant each;
+# "main" is the tree's own, main's fm_kernels.cu).
 #   1. benchmarks/expert_fixed_cost.py: every build in one process, interleaved rounds: the Mixtral and
 #      Qwen3.5 layers, 1-vs-2 (Mixtral) and 1/2/4/8 (Qwen3.5) experts over distinct records (a line:
 #      fixed us + bytes / rate), and the Qwen3.5 layers over the same records every call (L2 resident)
@@ -10,7 +11,9 @@
 # Each step is cut by `timeout` so the call ends inside DEADLINE s. Results in $OUT.
 set -u
 OUT=${OUT:-/tmp/e12-out}; export OUT
-mkdir -p "$OUT" /tmp/rival
+LOGS=/tmp/e12-logs
+mkdir -p "$OUT" "$LOGS" /tmp/rival
+trap 'tar -C "$LOGS" -czf "$OUT/logs.tgz" . 2>/dev/null' EXIT  # at most 8 files come back from $OUT
 DEADLINE=${DEADLINE:-172}
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
@@ -19,13 +22,17 @@ so_of() { ls "$PWD"/../so-$1/_kernels_cuda*.so 2>/dev/null | head -1; }
 fm() { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import expert_kernels as k; k.swap(); from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" "$@"; }
 STORE=${STORE:-/tmp/rival/mixtral-q4-32l}
 BUILDS=${BUILDS:-main bar split prep4 cand}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
-(FMC_KERNELS_SO= fm synth ${SYNTH_ARGS:---like mixtral-8x7b --quant q4} $STORE > "$OUT/synth.log" 2>&1; echo "synth rc $?" >> "$OUT/synth.log") &
+VARIANTS=${VARIANTS:-main: bar: split: prep4: cand: main:mode=2}
+# the builds travel as ../sos.txz (the carry limit); main's is the tree's own
+[ -f ../sos.txz ] && tar xJf ../sos.txz -C ..
+[ -d ../so-main ] || { mkdir -p ../so-main && cp flashmoe_plugin/_kernels_cuda*.so ../so-main/; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$LOGS/gpu.txt" 2>&1
+(FMC_KERNELS_SO= fm synth ${SYNTH_ARGS:---like mixtral-8x7b --quant q4} $STORE > "$LOGS/synth.log" 2>&1; echo "synth rc $?" >> "$LOGS/synth.log") &
 SYN=$!
 log "fixed cost: $BUILDS"
 timeout ${AB_TIMEOUT:-75} python3 benchmarks/expert_fixed_cost.py --label e12 --json "$OUT/fixed-cost.json" \
   --builds $(for b in $BUILDS; do echo "$b=../so-$b"; done) ${VARIANTS:+--variants $VARIANTS} 2>&1 \
-  | grep -v Warning | tee "$OUT/fixed-cost.log" | grep -E " us |fit |copy |Error|error" | tee -a "$OUT/progress.log"
+  | grep -v Warning | tee "$LOGS/fixed-cost.log" | grep -E " us |fit |copy |Error|error" | tee -a "$OUT/progress.log"
 WIN=$(python3 -c "
 import json, os, sys
 c = json.load(open(os.environ['OUT'] + '/fixed-cost.json'))['cases']
@@ -46,18 +53,24 @@ TREE_SO=$(ls flashmoe_plugin/_kernels_cuda*.so); cp "$TREE_SO" /tmp/tree-kernels
 cp "$(so_of $WIN)" "$TREE_SO"
 log "tests $WIN"
 timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_ring_depth.py \
-  tests/test_cuda_pdl.py > "$OUT/tests-$WIN.log" 2>&1
-log "tests $WIN: $(tail -1 "$OUT/tests-$WIN.log")"
+  tests/test_cuda_pdl.py -k "not phase_b_ring_deeper" > "$LOGS/tests-$WIN.log" 2>&1
+log "tests $WIN: $(tail -1 "$LOGS/tests-$WIN.log")"
+if [ -n "$(so_of cand)" ]; then  # cand's own test (its deeper phase-B ring), whichever build won
+  cp "$(so_of cand)" "$TREE_SO"
+  timeout 30 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ring_depth.py -k phase_b_ring_deeper \
+    > "$LOGS/tests-cand-ring.log" 2>&1
+  log "cand's ring test: $(tail -1 "$LOGS/tests-cand-ring.log")"
+fi
 cp /tmp/tree-kernels.so "$TREE_SO"
 wait $SYN
-log "synth: $(tail -1 "$OUT/synth.log")"
+log "synth: $(tail -1 "$LOGS/synth.log")"
 bench() {  # bench BUILD
   local T=$(( $(left) - 2 ))
   [ $T -gt 15 ] || { log "no time for decode $1"; return; }
   log "decode $1 ($T s)"
   FMC_KERNELS_SO=$(so_of $1) timeout $T python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import expert_kernels as k; k.swap(); from flashmoe_plugin.cli import main; sys.argv[0]='flashmoe'; main()" \
     bench $STORE --json --prompt-tokens 512 --tokens 32 --no-compute-bound --device cuda --dense-quant q4 \
-    > "$OUT/decode-$1.json" 2> "$OUT/decode-$1.log"
+    > "$OUT/decode-$1.json" 2> "$LOGS/decode-$1.log"
   python3 -c "
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -69,8 +82,8 @@ bench $WIN
 bench main
 if [ $(left) -gt 25 ]; then  # time left: the graph-decode tests with the winner too
   cp "$(so_of $WIN)" "$TREE_SO"
-  timeout $(( $(left) - 2 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph_decode.py > "$OUT/tests-graph-$WIN.log" 2>&1
-  log "graph tests $WIN: $(tail -1 "$OUT/tests-graph-$WIN.log")"
+  timeout $(( $(left) - 2 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graph_decode.py > "$LOGS/tests-graph-$WIN.log" 2>&1
+  log "graph tests $WIN: $(tail -1 "$LOGS/tests-graph-$WIN.log")"
   cp /tmp/tree-kernels.so "$TREE_SO"
 fi
 log done
