@@ -134,24 +134,39 @@ __device__ void prefetch_items_b(const Params &p, const uint8_t *const *srec, in
 }
 
 // ---------------------------------------------------------------- grid barrier (cooperative launch only)
-__device__ void grid_barrier(unsigned *bar) {
+// One atomic per block on one counter (bar[0]), as cooperative groups' grid sync does: block 0 adds
+// 2^31 - (grid - 1), the others 1, so the counter's top bit flips exactly when the last block
+// arrives and its low bits are back where they were (0: the workspace is zeroed at birth), whatever
+// the grid of the launches before. A waiting block polls for the flip; the last to arrive does no
+// more round trips (a count-and-generation barrier resets the count and bumps the generation behind
+// a fence: two more). Split in arrive and wait so that a block may issue work that does not depend
+// on the others between the two.
+__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Every thread of the block has written what other blocks read after the barrier (__syncthreads,
+// then thread 0's fence); thread 0 arrives and returns the counter before its arrival.
+__device__ __forceinline__ unsigned grid_arrive(unsigned *bar) {
     __syncthreads();
+    unsigned old = 0;
     if (threadIdx.x == 0) {
-        volatile unsigned *vgen = bar + 1;
-        unsigned gen = *vgen;
+        const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();
-        unsigned arrived = atomicAdd(bar, 1u);
-        if (arrived == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            while (*vgen == gen) __nanosleep(40);
-        }
-        __threadfence();
+        old = atomicAdd(bar, add);
     }
+    return old;
+}
+
+__device__ __forceinline__ void grid_wait(const unsigned *bar, unsigned old) {
+    if (threadIdx.x == 0)
+        while (((ld_acquire(bar) ^ old) & 0x80000000u) == 0) __nanosleep(32);
     __syncthreads();
 }
+
+__device__ void grid_barrier(unsigned *bar) { grid_wait(bar, grid_arrive(bar)); }
 
 // ---------------------------------------------------------------- dot products: dot2 (fm_quant.cuh)
 
@@ -173,7 +188,7 @@ template <> __device__ __forceinline__ void slot_of<2>(int i, int &m, int &s) {
 // from_x ? x row (t0 + j) : h row j (workspace [k][NT][K]), scaled by weight swt[j / NT] (h only).
 // Images of tokens t >= nt are zero. A lane takes 8 consecutive values (one 16-byte piece of
 // the image for q8/q4); the 8 lanes of a group of 64 reduce its maximum and chunk sums with
-// shuffles. Two tasks per lane are loaded before either is processed.
+// shuffles. Q tasks per lane (2; 4 for the one-token decode's h) are loaded before any is processed.
 __device__ __forceinline__ void load8(const void *src, int dtype, size_t i, bool l2only, float (&v)[8]) {
     if (dtype == FMC_F32) {
         const float4 *q = (const float4 *)((const float *)src + i);
@@ -250,14 +265,14 @@ __device__ __forceinline__ void prep_task(bool valid, int j, int e8, const float
     if (sub == 0) meta[(size_t)j * nch + c] = make_float2(xs * wt, sum * wt);
 }
 
-template <int F, int LIMBS>
+template <int F, int LIMBS, int Q = 2>
 __device__ void prep_images(int nimg, int NT, int nt, int K, const void *src, int src_dtype, bool from_x, int t0,
                             const float *swt, int4 *xdata, float2 *meta, int warp, int lane) {
     const int nch = K / Fmt<F>::EPC, per_img = K / 8, total = nimg * per_img;
-    for (int base = warp * 32; base < total; base += 2 * WARPS * 32) {
-        float v[2][8];
+    for (int base = warp * 32; base < total; base += Q * WARPS * 32) {
+        float v[Q][8];
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
+        for (int q = 0; q < Q; ++q) {
             const int task = base + q * WARPS * 32 + lane;
 #pragma unroll
             for (int r = 0; r < 8; ++r) v[q][r] = 0.f;
@@ -270,7 +285,7 @@ __device__ void prep_images(int nimg, int NT, int nt, int K, const void *src, in
             }
         }
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
+        for (int q = 0; q < Q; ++q) {
             const int b = base + q * WARPS * 32;
             if (b < total) {  // warp-uniform
                 const int task = b + lane;
@@ -609,7 +624,10 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     if (p.b_from_x)
         prep_images<F, LIMBS>(nimg, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane);
     else
-        prep_images<F, LIMBS>(nimg, NT, p.nt, K, p.h, FMC_F32, false, 0, swt, xdata, meta, warp, lane);
+        // The one-token decode's h (Mixtral: 7 tasks per lane) with 4 tasks' loads in flight: 2 L2 round
+        // trips instead of 4 (the 4-token and fp32 kernels keep 2: their registers).
+        prep_images<F, LIMBS, (NT == 1 && LIMBS == 1) ? 4 : 2>(nimg, NT, p.nt, K, p.h, FMC_F32, false, 0, swt, xdata,
+                                                              meta, warp, lane);
     __syncthreads();
     pp.run(xdata, meta);
 }
