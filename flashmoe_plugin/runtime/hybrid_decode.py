@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import embed
+from . import hybrid_token
 from .graph_decode import DeviceDecode
 
 
@@ -58,6 +59,14 @@ class HybridDecode(DeviceDecode):
         # views made once (DeviceDecode's own route_host is the whole step's routing read-back)
         self.x_host, self.pick_host = self.pack_host[:H].view(1, H), self.pack_host[H:]
         super().__init__(engine, mode)
+        # the whole token as one graph and one host call while every CPU-layer expert stays on the CPU
+        # (runtime/hybrid_token.py); fused_why says why not where it cannot
+        self.fused, self.fused_why = None, hybrid_token.why_not(self)
+        if not self.fused_why and (self.cuda or hybrid_token.TWIN):
+            with torch.inference_mode():
+                self.fused = hybrid_token.FusedToken(self)
+        elif not self.fused_why:
+            self.fused_why = "CPU run (the twin runs only where hybrid_token.TWIN is set)"
 
     # ------------------------------------------------------------------ a segment
     def _segment(self, j: int, fast: bool = True):
@@ -134,6 +143,11 @@ class HybridDecode(DeviceDecode):
         """The segments replayed (or run) in turn, each CPU layer computed by the host between them."""
         if self.mode == "eager":
             return super()._run()
+        if self.fused is not None and self.fused.usable():
+            self.fused.run()
+            self.replays += self.fused.graph is not None
+            self._settle(skip=set(self.cpu))
+            return
         for j in range(len(self.cpu) + 1):
             if self.graphs:
                 self.graphs[j].replay()
