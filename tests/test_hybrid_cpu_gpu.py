@@ -332,14 +332,17 @@ def test_pool_spin_is_settable():
 def _fused_run(store, n, ids, steps, total, size, fused: bool, monkeypatch):
     from flashmoe_plugin.runtime import hybrid_token
     monkeypatch.setattr(hybrid_token, "TWIN", fused)
+    from flashmoe_plugin.pager.trace import RoutingTrace
     eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
+    trace = RoutingTrace()
+    eng.record(trace)  # as bench does: the fused token records the CPU layers' routing too
     out = [eng.forward(ids)]
     for layer in sorted(set(eng.store.layers) - set(eng.cpu_layers.layers)):  # no first-use misses
         list(eng.pager.request(layer, list(range(eng.config.num_experts))))
     out = torch.cat(out + [eng.forward([t]) for t in steps])
     fast = eng.fast
     eng.close()
-    return out, fast
+    return out, fast, [[a.tolist() for a in part] for part in (trace._route_layer, trace._route_pos, trace._route_ids)]
 
 
 def test_n_cpu_moe_fused_token_twin(oracles, family, monkeypatch):
@@ -358,8 +361,9 @@ def test_n_cpu_moe_fused_token_twin(oracles, family, monkeypatch):
     if why:
         pytest.skip(f"the device step does not implement {family}'s {why}")
     for n in sorted({1, n_moe}):
-        seg, fast0 = _fused_run(store, n, ids, steps, total, size, False, monkeypatch)
-        out, fast = _fused_run(store, n, ids, steps, total, size, True, monkeypatch)
+        seg, fast0, trace0 = _fused_run(store, n, ids, steps, total, size, False, monkeypatch)
+        out, fast, trace = _fused_run(store, n, ids, steps, total, size, True, monkeypatch)
+        assert trace == trace0  # the same routing recorded in the same order
         assert fast0.fused is None and fast.fused is not None, fast.fused_why
         assert fast.fused.tokens == len(steps) and fast.fallbacks == 0, (fast.fused.tokens, fast.fallbacks)
         assert torch.equal(out, seg), (family, n, (out - seg).abs().max())

@@ -14,8 +14,7 @@ H200's Mixtral rows do), none of that is needed per layer:
   write the sum, set done.
 The tuner stays honest: it gets each CPU layer's time from the host's own clock (from one row
 seen to the next: the C call, the hand-back and the next layer's segment), as decode measured it.
-A token whose tuner share is not "all on the CPU" (the descent, its rechecks), an attached trace,
-or a tiered engine (cut at every MoE layer) takes HybridDecode's segmented path. A wait past its
+A token whose tuner share is not "all on the CPU" (the descent, its rechecks) or a tiered engine (cut at every MoE layer) takes HybridDecode's segmented path. A wait past its
 timeout raises (the device's own wait gives up after as long and flags it).
 
 CPU twin (CI): the same host call, with a Python thread playing the device (the segments uncaptured,
@@ -133,9 +132,7 @@ class FusedToken:
     # ------------------------------------------------------------------ a token
     def usable(self) -> bool:
         """Whether this token runs fused: every expert of the CPU layers on the CPU (the tuner's
-        share in use is all of them) and no trace attached."""
-        if self.e.trace is not None:
-            return False
+        share in use is all of them)."""
         cl = self.cl
         if cl.tuners is None:
             return cl.plan(self.top, 1) == self.top
@@ -162,6 +159,9 @@ class FusedToken:
             if twin.error is not None:
                 raise twin.error
         self._feed_tuner()
+        if self.e.trace is not None:  # the CPU layers' routing, as the segmented path records it (bench's trace)
+            for layer, chosen in zip(self.dec.cpu, self.ids.tolist()):
+                self.e.trace.route(layer, [chosen])
 
     def _feed_tuner(self):
         """Each CPU layer's time, from its row seen to the next one's (the segmented path's
