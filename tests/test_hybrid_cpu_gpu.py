@@ -414,3 +414,38 @@ def test_hybrid_plan_runs_the_layers_and_releases_the_device_on_errors():
     assert done[:, 0].tolist() == [3] * n
     with pytest.raises(ValueError, match="packs"):
         K.HybridPlan(ready, done, packs[:, :H], outs, recs, spec, t_ready, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+def test_n_cpu_moe_fused_token_on_the_gpu(oracles, family, monkeypatch):
+    """runtime/hybrid_token.py on a GPU: every layer's experts on the CPU (the cost model's share,
+    pinned there), the token as one graph with a hand-off kernel per CPU layer and one host call;
+    its logits equal the segmented path's (FLASHMOE_FUSED_TOKEN=0; same kernels on the same rows)
+    and are within test_n_cpu_moe_on_the_gpu's tolerance of the all-resident run."""
+    monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(8)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    full = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off")
+    ref = run_sequence(full, ids, steps)
+    n = len(full.store.layers)
+    full.close()
+    outs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("FLASHMOE_FUSED_TOKEN", fused)
+        eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
+        if eng.fast is None or not eng.fast.captured:
+            eng.close()
+            pytest.skip(f"no captured device step for {family}")
+        cl = eng.cpu_layers
+        cl.tuners, cl.copy_s, cl._adapt = None, 1e9, False  # every expert on the CPU, every token
+        outs[fused] = run_sequence(eng, ids, steps)
+        fast = eng.fast
+        eng.close()
+        if fused == "1":
+            assert fast.fused is not None, fast.fused_why
+            assert fast.fused.tokens == len(steps) and fast.fallbacks == 0, (fast.fused.tokens, fast.fallbacks)
+        else:
+            assert fast.fused is None and fast.fused_why == "FLASHMOE_FUSED_TOKEN=0"
+    assert (outs["1"] - outs["0"]).abs().max() < 1e-4, (family, (outs["1"] - outs["0"]).abs().max())
+    assert (outs["1"] - ref).abs().max() < 2e-2, family

@@ -158,6 +158,11 @@ class HybridDecode(DeviceDecode):
         self.replays += bool(self.graphs)
         self._settle(skip=set(self.cpu))  # the cut layers' experts were handled by the host
 
+    def close(self):
+        super().close()
+        if self.fused is not None:
+            self.fused.close()
+
     def _pieces(self) -> list:
         """The segments between CPU layers, each captured as a graph of its own (DeviceDecode._capture)."""
         return [lambda j=j: self._segment(j) for j in range(len(self.cpu) + 1)]

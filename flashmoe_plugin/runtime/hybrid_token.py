@@ -129,11 +129,17 @@ class FusedToken:
             self._body()
         self.graph = g
 
+    def close(self):
+        """Drop the graph and the host call's plan (it holds the CPU layers' records); the counts stay."""
+        self.graph = self.plan = None
+
     # ------------------------------------------------------------------ a token
     def usable(self) -> bool:
         """Whether this token runs fused: every expert of the CPU layers on the CPU (the tuner's
         share in use is all of them)."""
         cl = self.cl
+        if self.plan is None:
+            return False
         if cl.tuners is None:
             return cl.plan(self.top, 1) == self.top
         return cl.tuner_of(self.top).c == self.top
