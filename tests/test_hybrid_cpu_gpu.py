@@ -449,3 +449,24 @@ def test_n_cpu_moe_fused_token_on_the_gpu(oracles, family, monkeypatch):
             assert fast.fused is None and fast.fused_why == "FLASHMOE_FUSED_TOKEN=0"
     assert (outs["1"] - outs["0"]).abs().max() < 1e-4, (family, (outs["1"] - outs["0"]).abs().max())
     assert (outs["1"] - ref).abs().max() < 2e-2, family
+
+
+def test_fused_token_failure_falls_back_to_the_segments(oracles, monkeypatch):
+    # a fused token that fails after it ran (a timeout, say) is run again segmented, and so is
+    # every later token: the logits stay the segmented path's, fused_why says what happened
+    from flashmoe_plugin.runtime import hybrid_token
+    store = oracles("mixtral").store("q4")
+    g = torch.Generator().manual_seed(9)
+    ids, steps = torch.randint(3, 384, (8,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
+    _, size, total, k = reference(store, ids, steps)
+    seg, _, _ = _fused_run(store, 2, ids, steps, total, size, False, monkeypatch)
+    real = hybrid_token.FusedToken.run
+
+    def flaky(self):
+        real(self)
+        if self.tokens == 2:
+            raise TimeoutError("a stand-in timeout")
+    monkeypatch.setattr(hybrid_token.FusedToken, "run", flaky)
+    out, fast, _ = _fused_run(store, 2, ids, steps, total, size, True, monkeypatch)
+    assert fast.fused is None and "stand-in timeout" in fast.fused_why
+    assert torch.equal(out, seg), (out - seg).abs().max()

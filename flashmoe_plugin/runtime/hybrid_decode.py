@@ -63,8 +63,11 @@ class HybridDecode(DeviceDecode):
         # (runtime/hybrid_token.py); fused_why says why not where it cannot
         self.fused, self.fused_why = None, hybrid_token.why_not(self)
         if not self.fused_why and (self.cuda or hybrid_token.TWIN):
-            with torch.inference_mode():
-                self.fused = hybrid_token.FusedToken(self)
+            try:
+                with torch.inference_mode():
+                    self.fused = hybrid_token.FusedToken(self)
+            except (RuntimeError, ValueError) as err:  # a capture or a launch the device refuses: segmented
+                self.fused_why = f"fused token not captured: {type(err).__name__}: {err}"[:500]
         elif not self.fused_why:
             self.fused_why = "CPU run (the twin runs only where hybrid_token.TWIN is set)"
 
@@ -144,10 +147,17 @@ class HybridDecode(DeviceDecode):
         if self.mode == "eager":
             return super()._run()
         if self.fused is not None and self.fused.usable():
-            self.fused.run()
-            self.replays += self.fused.graph is not None
-            self._settle(skip=set(self.cpu))
-            return
+            try:
+                self.fused.run()
+            except (RuntimeError, TimeoutError, ValueError) as err:
+                # not expected: this token again, segmented, and every later one (fused_why says why)
+                self.fused_why = f"fused token failed, segmented from then on: {type(err).__name__}: {err}"[:500]
+                self.fused = None
+                self.pos.fill_(self.pos_value - 1)
+            else:
+                self.replays += self.fused.graph is not None
+                self._settle(skip=set(self.cpu))
+                return
         for j in range(len(self.cpu) + 1):
             if self.graphs:
                 self.graphs[j].replay()
