@@ -1,7 +1,7 @@
 // flashmoe: the device side of a decode token's n_cpu_moe layers handed to the host inside one
 // captured graph (csrc/cpu/fm_handoff.h is the host side; runtime/hybrid_token.py drives both).
 //
-// One kernel per CPU layer, one block: copy the layer's packed row (x, routing weights, ids;
+// One kernel per CPU layer, one block of 1024 threads: copy the layer's packed row (x, routing weights, ids;
 // fp32) into mapped host memory, make it visible to the host (__threadfence_system), bump the
 // layer's device-side sequence number and write it to the host's `ready` flag, spin on the host's
 // `done` flag (system-scope acquire loads), then convert the host's fp32 sum into `delta` (the
@@ -55,8 +55,24 @@ __global__ void handoff_kernel(const float *__restrict__ pack, int n, float *hos
     }
     __syncthreads();
     __threadfence_system();
+    // the sum over PCIe: one 16-byte volatile load a thread where aligned (one round trip for
+    // H <= 4 x 1024), then the tail
+    int done4 = 0;
+    if (((uintptr_t)host_out & 15) == 0) {
+        done4 = H / 4;
+        for (int i = threadIdx.x; i < done4; i += blockDim.x) {
+            float a, b, c, d;
+            asm volatile("ld.volatile.global.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(a), "=f"(b), "=f"(c), "=f"(d)
+                         : "l"(host_out + 4 * i));
+            delta[4 * i] = from_f32<T>(a);
+            delta[4 * i + 1] = from_f32<T>(b);
+            delta[4 * i + 2] = from_f32<T>(c);
+            delta[4 * i + 3] = from_f32<T>(d);
+        }
+    }
     const volatile float *src = host_out;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) delta[i] = from_f32<T>(src[i]);
+    for (int i = 4 * done4 + threadIdx.x; i < H; i += blockDim.x) delta[i] = from_f32<T>(src[i]);
 }
 
 }  // namespace
@@ -66,7 +82,7 @@ __global__ void handoff_kernel(const float *__restrict__ pack, int n, float *hos
 extern "C" int fmc_handoff(const float *pack, int n, float *host_pack, unsigned *ready, const unsigned *done,
                            unsigned *seq, const float *host_out, void *delta, int dtype, int H,
                            long long timeout_cycles, int *err, void *stream) {
-    const dim3 grid(1), block(256);
+    const dim3 grid(1), block(1024);
     cudaStream_t st = (cudaStream_t)stream;
     switch (dtype) {
     case 0:
