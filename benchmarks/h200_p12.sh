@@ -9,7 +9,7 @@ set -u
 LIMIT=${1:-175}; T0=$(date +%s)
 source benchmarks/h200_common.sh
 el() { echo $(( $(date +%s) - T0 )); }
-{ nproc; cat /sys/kernel/mm/transparent_hugepage/enabled; free -g; cat /proc/loadavg; } > "$OUT/host.txt" 2>&1
+{ nproc; cat /sys/kernel/mm/transparent_hugepage/enabled; free -g; cat /proc/loadavg; } >> "$OUT/progress.log" 2>&1
 W=/tmp/rival
 synth_store $W/mixtral-q4-32l "$OUT/synth.log"
 timeout 60 python3 -m pytest -q -x tests/test_hybrid_cpu_gpu.py -k "gpu or fused or hybrid_plan" -rs > "$OUT/tests.log" 2>&1
