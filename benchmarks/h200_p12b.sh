@@ -5,7 +5,7 @@
 # 3 on MAIN_TREE (main's checkout, its compiled modules copied in from MAIN_SO).
 # usage (in .device/p12/src after `source prep.sh`): bash benchmarks/h200_p12b.sh MAIN_TREE MAIN_SO [LIMIT_S]
 set -u
-MINE=$PWD; BASE=$(cd "$1" && pwd); cp "$2"/*.so "$BASE/flashmoe_plugin/"; LIMIT=${3:-175}; T0=$(date +%s)
+MINE=$PWD; BASE=$(cd "$1" && pwd); [ -d "$2" ] && cp "$2"/*.so "$BASE/flashmoe_plugin/"; LIMIT=${3:-175}; T0=$(date +%s)
 source benchmarks/h200_common.sh
 el() { echo $(( $(date +%s) - T0 )); }
 { nproc; free -g; cat /proc/loadavg; (cd "$BASE" && git log --oneline -1 2>/dev/null); } >> "$OUT/progress.log" 2>&1
