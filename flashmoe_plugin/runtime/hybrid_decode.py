@@ -11,6 +11,10 @@ between the CPU's C kernels and the GPU (record copied into a VRAM ring slot), b
 layer is relaunched op by op from Python and no step is thrown away (the whole-token graph with a
 fallback at the first CPU layer recomputed the token from there, layer by layer).
 
+While the split tuner keeps every expert of the CPU layers on the CPU, a token runs instead as one
+graph and one host call (runtime/hybrid_token.py: no Python, launch or event wait between two CPU
+layers); the segments stay for the other shares, tiered runs and a fused token that failed.
+
 Layers after the last CPU layer can still miss (their records are paged): the ids are checked after
 the step as DeviceDecode does, and the step resumes from the first miss through the pager path.
 On CPU (the twin) the same segments run uncaptured.
