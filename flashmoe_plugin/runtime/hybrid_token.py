@@ -29,7 +29,6 @@ import time
 import torch
 
 from ..kernels import handoff as dev_handoff
-from .split_tuner import SplitTuner
 
 TIMEOUT_S = 10.0  # a row or an answer not there within this: something is broken, not slow
 FLAG = 16  # int32s between two layers' flags (one cache line each)
