@@ -185,6 +185,7 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         # where a decode token's time goes (bench/launches.py) and the hybrid split's measured costs
         "host_ms_per_token", "launches_per_token", "kernels_per_token", "kernel_us_per_token", "kernel_us_by_name",
         "n_cpu_moe_split", "hbm_gbps", "h2d_gbps", "decode_graph_fallbacks", "decode_graph_cut_layers", "decode_pipelined",
+        "decode_fused_tokens", "decode_fused_note",
         # where a CPU row's decode waits: stalls, prefetches, the look-ahead's precision per distance
         "stall_ms_per_token", "prefetch_stats", "predictor_precision")
 

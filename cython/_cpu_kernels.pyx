@@ -1,6 +1,6 @@
-# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c
+# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c csrc/cpu/fm_handoff.c
 # distutils: include_dirs = csrc/cpu
-# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h csrc/cpu/fm_kernels_xi.h
+# distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h csrc/cpu/fm_kernels_xi.h csrc/cpu/fm_handoff.h
 # distutils: libraries = m
 # cython: language_level=3, boundscheck=False, wraparound=False
 """flashmoe_plugin._cpu_kernels: fused dequant kernels for CPU (csrc/cpu/fm_kernels*.c).
@@ -23,11 +23,14 @@ kernels run with the GIL released on the module's own thread pool.
     get_spin_us() / set_spin_us(us)          how long idle workers spin before they sleep
     isa() / max_isa() / set_isa(name) / isa_levels()   "portable" | "avx2" | "avx512"
                                          (env FLASHMOE_CPU_ISA picks the level at import)
+    HybridPlan(ready, done, packs, outs, records, spec, t_ready, ids).run(seq, timeout_s)
+                                         a decode token's n_cpu_moe layers in one call, handed
+                                         over through flags (csrc/cpu/fm_handoff.h)
     int_act() / set_int_act(on)          decode (one token) of q4 / q8 with 21-bit integer
                                          activations and integer dots (default; env
                                          FLASHMOE_CPU_ACT=f32 turns it off at import)
 """
-from libc.stdint cimport int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
 import torch as _torch
@@ -70,6 +73,23 @@ cdef extern from "fm_kernels.h" nogil:
     int fm_dequant(const fm_mat *w, int64_t r0, int64_t r1, void *out, int64_t ldo, int out_fmt)
     int fm_get_int_act()
     void fm_set_int_act(int on)
+
+cdef extern from "fm_handoff.h" nogil:
+    enum:
+        FMK_ETIMEDOUT
+    ctypedef struct fm_hybrid_layer:
+        uint32_t *ready
+        uint32_t *done
+        const float *pack
+        float *out
+        const uint8_t **records
+        int n_experts
+    ctypedef struct fm_hybrid_spec:
+        int w13_fmt, w2_fmt
+        int64_t w13_off, w2_off, H, I
+        int k
+    int fm_hybrid_token(const fm_hybrid_layer *layers, int n, const fm_hybrid_spec *spec, uint32_t seq,
+                        int64_t timeout_ns, int64_t *t_ready, int32_t *ids_out, int *bad_layer)
 
 cdef extern from "fm_kernels_internal.h":
     enum:
@@ -417,3 +437,82 @@ def int_act():
 def set_int_act(bint on):
     """Integer activations for decode of q4 / q8 (on, the default) or fp32 activations (off)."""
     fm_set_int_act(on)
+
+
+# ------------------------------------------------------------------------------ hybrid token
+
+cdef class HybridPlan:
+    """A decode token's n_cpu_moe layers as one host call (csrc/cpu/fm_handoff.h), built once:
+    ready, done: int32 [n, m] (layer j's flag at [j, 0], m spacing the flags apart); packs: fp32
+    [n, H + 2k] (x, weights, ids); outs: fp32 [n, H]; records: n sequences of the layer's expert
+    records (uint8, each at least spec.min_bytes); t_ready: int64 [n] (ns when each row was
+    seen); ids: int32 [n, k] (the experts run). The tensors are kept alive by the plan."""
+    cdef fm_hybrid_layer *layers
+    cdef const uint8_t **recs
+    cdef fm_hybrid_spec spec
+    cdef int n
+    cdef int64_t *t_ready
+    cdef int32_t *ids
+    cdef object keep
+
+    def __cinit__(self):
+        self.layers = NULL
+        self.recs = NULL
+
+    def __dealloc__(self):
+        free(self.layers)
+        free(self.recs)
+
+    def __init__(self, ready, done, packs, outs, records, ExpertSpec spec not None, t_ready, ids):
+        cdef int n = len(records)
+        cdef int k = (packs.shape[1] - spec.H) // 2 if packs.dim() == 2 else 0
+        if k < 1 or k > 64 or packs.shape[1] != spec.H + 2 * k:
+            raise ValueError(f"HybridPlan: packs: expected [n, H + 2k] with H {spec.H} and 1 <= k <= 64, got {list(packs.shape)}")
+        for name, t, shape in (("ready", ready, None), ("done", done, None), ("packs", packs, [n, spec.H + 2 * k]),
+                               ("outs", outs, [n, spec.H]), ("t_ready", t_ready, [n]), ("ids", ids, [n, k])):
+            if t.shape[0] != n or (shape is not None and list(t.shape) != shape):
+                raise ValueError(f"HybridPlan: {name}: expected {shape or [n, '*']}, got {list(t.shape)}")
+        _I32, _I64 = _torch.int32, _torch.int64
+        cdef uintptr_t rp = _ptr(ready, "HybridPlan: ready", _I32, True)
+        cdef uintptr_t dp = _ptr(done, "HybridPlan: done", _I32, True)
+        cdef uintptr_t pp = _ptr(packs, "HybridPlan: packs", _F32)
+        cdef uintptr_t op = _ptr(outs, "HybridPlan: outs", _F32, True)
+        self.t_ready = <int64_t *>_ptr(t_ready, "HybridPlan: t_ready", _I64, True)
+        self.ids = <int32_t *>_ptr(ids, "HybridPlan: ids", _I32, True)
+        cdef int64_t fs = ready.stride(0), ds = done.stride(0), total = sum(len(r) for r in records)
+        self.layers = <fm_hybrid_layer *>malloc(max(1, n) * sizeof(fm_hybrid_layer))
+        self.recs = <const uint8_t **>malloc(max(1, total) * sizeof(uint8_t *))
+        if self.layers == NULL or self.recs == NULL:
+            raise MemoryError("HybridPlan: cannot allocate its tables")
+        cdef int j, e, at = 0
+        for j in range(n):
+            self.layers[j].ready = <uint32_t *>(rp + 4 * j * fs)
+            self.layers[j].done = <uint32_t *>(dp + 4 * j * ds)
+            self.layers[j].pack = <const float *>(pp + 4 * j * (spec.H + 2 * k))
+            self.layers[j].out = <float *>(op + 4 * j * spec.H)
+            self.layers[j].records = self.recs + at
+            self.layers[j].n_experts = len(records[j])
+            for e, rec in enumerate(records[j]):
+                if rec.dim() != 1 or rec.numel() < spec.min_bytes:
+                    raise ValueError(f"HybridPlan: records[{j}][{e}]: expected a 1-D uint8 record of at least "
+                                     f"{spec.min_bytes} bytes, got shape {list(rec.shape)}")
+                self.recs[at] = <const uint8_t *>_ptr(rec, ("HybridPlan: records", e), _U8)
+                at += 1
+        self.spec.w13_fmt, self.spec.w2_fmt = spec.w13_fmt, spec.w2_fmt
+        self.spec.w13_off, self.spec.w2_off, self.spec.H, self.spec.I = spec.w13_off, spec.w2_off, spec.H, spec.I
+        self.spec.k = k
+        self.n = n
+        self.keep = (ready, done, packs, outs, list(map(list, records)), t_ready, ids)
+
+    def run(self, uint32_t seq, double timeout_s=10.0):
+        """Layers 0..n-1 of the token with sequence number seq (GIL released): each waited for
+        (its ready flag == seq), computed into its out row, released (done = seq)."""
+        cdef int bad = -1, rc
+        cdef int64_t t = <int64_t>(timeout_s * 1e9)
+        with nogil:
+            rc = fm_hybrid_token(self.layers, self.n, &self.spec, seq, t, self.t_ready, self.ids, &bad)
+        if rc == FMK_ETIMEDOUT:
+            raise TimeoutError(f"HybridPlan: CPU layer {bad} of the token (sequence {seq}): its row did not "
+                               f"arrive within {timeout_s} s")
+        if rc != FMK_OK:
+            _raise(rc, f"HybridPlan: CPU layer {bad} of the token (sequence {seq}; an expert id out of range?)")

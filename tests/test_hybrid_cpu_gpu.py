@@ -329,3 +329,146 @@ def test_pool_spin_is_settable():
         assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
     finally:
         be.set_spin_us(before)
+
+
+def _fused_run(store, n, ids, steps, total, size, fused: bool, monkeypatch):
+    from flashmoe_plugin.runtime import hybrid_token
+    monkeypatch.setattr(hybrid_token, "TWIN", fused)
+    from flashmoe_plugin.pager.trace import RoutingTrace
+    eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
+    trace = RoutingTrace()
+    eng.record(trace)  # as bench does: the fused token records the CPU layers' routing too
+    out = [eng.forward(ids)]
+    for layer in sorted(set(eng.store.layers) - set(eng.cpu_layers.layers)):  # no first-use misses
+        list(eng.pager.request(layer, list(range(eng.config.num_experts))))
+    out = torch.cat(out + [eng.forward([t]) for t in steps])
+    fast = eng.fast
+    eng.close()
+    return out, fast, [[a.tolist() for a in part] for part in (trace._route_layer, trace._route_pos, trace._route_ids)]
+
+
+def test_n_cpu_moe_fused_token_twin(oracles, family, monkeypatch):
+    # runtime/hybrid_token.py on the CPU twin: the token's CPU layers in ONE host call (the C
+    # kernels' HybridPlan, GIL released), a thread playing the device through the same flags and
+    # rows as the hand-off kernel: the logits equal the segmented path's bit for bit (the same
+    # kernels on the same rows) and the all-resident run's within 1e-5
+    from flashmoe_plugin.runtime.graph_decode import unsupported
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(6)
+    ids, steps = torch.randint(3, 384, (10,), generator=g).tolist(), torch.randint(3, 384, (5,), generator=g).tolist()
+    ref, size, total, k = reference(store, ids, steps)
+    probe = Engine(store, prefetch="off")
+    why, n_moe = unsupported(probe), len(probe.store.layers)
+    probe.close()
+    if why:
+        pytest.skip(f"the device step does not implement {family}'s {why}")
+    for n in sorted({1, n_moe}):
+        seg, fast0, trace0 = _fused_run(store, n, ids, steps, total, size, False, monkeypatch)
+        out, fast, trace = _fused_run(store, n, ids, steps, total, size, True, monkeypatch)
+        assert trace == trace0  # the same routing recorded in the same order
+        assert fast0.fused is None and fast.fused is not None, fast.fused_why
+        assert fast.fused.tokens == len(steps) and fast.fallbacks == 0, (fast.fused.tokens, fast.fallbacks)
+        assert torch.equal(out, seg), (family, n, (out - seg).abs().max())
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (family, n, (out - ref).abs().max())
+        # the experts the host call ran are the token's routing (the last token's, per CPU layer)
+        assert fast.fused.ids.shape == (n, k) and int(fast.fused.ids.min()) >= 0
+
+
+def test_hybrid_plan_runs_the_layers_and_releases_the_device_on_errors():
+    # the host call alone (csrc/cpu/fm_handoff.c), the device's flags and rows set by hand: each
+    # layer's sum equals the C kernels' moe() on the same row; a bad expert id or a row that never
+    # comes gives a clear error with every layer's done flag set (the device's waits end)
+    from test_cpu_kernels import make_record
+
+    from flashmoe_plugin import _cpu_kernels as K
+    from flashmoe_plugin.store.layout import RecordLayout
+    torch.manual_seed(7)
+    n, E, H, I, k = 3, 4, 192, 320, 2
+    lay = RecordLayout.build("q4", H, I)
+    spec = K.ExpertSpec.from_layout(lay)
+    recs = [[make_record(lay) for _ in range(E)] for _ in range(n)]
+    ready, done = torch.zeros(n, 16, dtype=torch.int32), torch.zeros(n, 16, dtype=torch.int32)
+    packs, outs = torch.zeros(n, H + 2 * k), torch.full((n, H), 7.0)
+    t_ready, got = torch.zeros(n, dtype=torch.int64), torch.zeros(n, k, dtype=torch.int32)
+    plan = K.HybridPlan(ready, done, packs, outs, recs, spec, t_ready, got)
+    chosen = [[1, 3], [0, 2], [3, 0]]
+    for j in range(n):
+        packs[j, :H] = torch.randn(H)
+        packs[j, H:H + k] = torch.rand(k)
+        packs[j, H + k:] = torch.tensor(chosen[j], dtype=torch.float32)
+    ready[:, 0] = 1
+    plan.run(1, 5.0)
+    assert done[:, 0].tolist() == [1] * n and got.tolist() == chosen
+    assert (t_ready[1:] >= t_ready[:-1]).all()
+    for j in range(n):
+        want = torch.zeros(1, H)
+        K.moe(packs[j, :H].view(1, H).clone(), [recs[j][e] for e in chosen[j]], packs[j, H:H + k].tolist(), spec, want)
+        assert torch.equal(outs[j], want[0]), j
+    packs[1, H + k + 1] = float(E)  # an expert id out of range at layer 1
+    ready[:, 0] = 2
+    with pytest.raises(ValueError, match="CPU layer 1"):
+        plan.run(2, 5.0)
+    assert done[:, 0].tolist() == [2] * n
+    packs[1, H + k + 1] = 0.0
+    ready[:2, 0] = 3  # layer 2's row never comes
+    with pytest.raises(TimeoutError, match="CPU layer 2"):
+        plan.run(3, 0.05)
+    assert done[:, 0].tolist() == [3] * n
+    with pytest.raises(ValueError, match="packs"):
+        K.HybridPlan(ready, done, packs[:, :H], outs, recs, spec, t_ready, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU visible to torch (none on this machine)")
+def test_n_cpu_moe_fused_token_on_the_gpu(oracles, family, monkeypatch):
+    """runtime/hybrid_token.py on a GPU: every layer's experts on the CPU (the cost model's share,
+    pinned there), the token as one graph with a hand-off kernel per CPU layer and one host call;
+    its logits equal the segmented path's (FLASHMOE_FUSED_TOKEN=0; same kernels on the same rows)
+    and are within test_n_cpu_moe_on_the_gpu's tolerance of the all-resident run."""
+    monkeypatch.delenv("FLASHMOE_SLICE_EXPERTS", raising=False)
+    store = oracles(family).store("q4")
+    g = torch.Generator().manual_seed(8)
+    ids, steps = torch.randint(3, 384, (20,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
+    full = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off")
+    ref = run_sequence(full, ids, steps)
+    n = len(full.store.layers)
+    full.close()
+    outs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("FLASHMOE_FUSED_TOKEN", fused)
+        eng = Engine(store, device="cuda", dtype=torch.float32, ram_budget=0, prefetch="off", n_cpu_moe=n)
+        if eng.fast is None or not eng.fast.captured:
+            eng.close()
+            pytest.skip(f"no captured device step for {family}")
+        cl = eng.cpu_layers
+        cl.tuners, cl.copy_s, cl._adapt = None, 1e9, False  # every expert on the CPU, every token
+        outs[fused] = run_sequence(eng, ids, steps)
+        fast = eng.fast
+        eng.close()
+        if fused == "1":
+            assert fast.fused is not None, fast.fused_why
+            assert fast.fused.tokens == len(steps) and fast.fallbacks == 0, (fast.fused.tokens, fast.fallbacks)
+        else:
+            assert fast.fused is None and fast.fused_why == "FLASHMOE_FUSED_TOKEN=0"
+    assert (outs["1"] - outs["0"]).abs().max() < 1e-4, (family, (outs["1"] - outs["0"]).abs().max())
+    assert (outs["1"] - ref).abs().max() < 2e-2, family
+
+
+def test_fused_token_failure_falls_back_to_the_segments(oracles, monkeypatch):
+    # a fused token that fails after it ran (a timeout, say) is run again segmented, and so is
+    # every later token: the logits stay the segmented path's, fused_why says what happened
+    from flashmoe_plugin.runtime import hybrid_token
+    store = oracles("mixtral").store("q4")
+    g = torch.Generator().manual_seed(9)
+    ids, steps = torch.randint(3, 384, (8,), generator=g).tolist(), torch.randint(3, 384, (4,), generator=g).tolist()
+    _, size, total, k = reference(store, ids, steps)
+    seg, _, _ = _fused_run(store, 2, ids, steps, total, size, False, monkeypatch)
+    real = hybrid_token.FusedToken.run
+
+    def flaky(self):
+        real(self)
+        if self.tokens == 2:
+            raise TimeoutError("a stand-in timeout")
+    monkeypatch.setattr(hybrid_token.FusedToken, "run", flaky)
+    out, fast, _ = _fused_run(store, 2, ids, steps, total, size, True, monkeypatch)
+    assert fast.fused is None and "stand-in timeout" in fast.fused_why
+    assert torch.equal(out, seg), (out - seg).abs().max()

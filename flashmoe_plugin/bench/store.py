@@ -323,6 +323,10 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
                  "decode_pipelined": _pipelined_note(eng, temp),
                  # MoE layers whose experts the host handles between replays (runtime/hybrid_decode.py)
                  "decode_graph_cut_layers": None if eng.fast is None else len(getattr(eng.fast, "cpu", ()))}
+        fused = getattr(eng.fast, "fused", None)  # n_cpu_moe tokens as one graph + one host call (runtime/hybrid_token.py)
+        if eng.fast is not None and hasattr(eng.fast, "fused_why"):
+            graph["decode_fused_tokens"] = 0 if fused is None else fused.tokens
+            graph["decode_fused_note"] = eng.fast.fused_why
         cl = eng.cpu_layers
         if cl is not None:  # n_cpu_moe: the measured costs and what went up to the GPU (runtime/cpu_layers.py)
             graph["n_cpu_moe_split"] = {"cpu_s": cl.cpu_s, "copy_s": cl.copy_s, "cpu_o": cl.cpu_o, "cpu_alone": cl.alone, "decode_plan": cl.plan_of(k), "slice_s": cl.cut_s,

@@ -281,14 +281,19 @@ class CpuLayers:
     def _tuned(self, layer: int, top: int, now: float) -> int:
         """The tuner's share for this decode call, after it got the time of the previous call
         when that was the CPU layer just before this one (the same token)."""
-        tuner = self.tuners.get(top)
-        if tuner is None:
-            tuner = self.tuners[top] = SplitTuner(top, warmup=len(self.layers))
+        tuner = self.tuner_of(top)
         last = self._last
         if last is not None and self._next_layer.get(last[0]) == layer:
             self.tuners[last[1]].record(last[2], now - last[3])
         self._last = (layer, top, tuner.c, now)
         return tuner.c
+
+    def tuner_of(self, top: int) -> SplitTuner:
+        """The decode split's tuner for calls of `top` slices (made on first use)."""
+        tuner = self.tuners.get(top)
+        if tuner is None:
+            tuner = self.tuners[top] = SplitTuner(top, warmup=len(self.layers))
+        return tuner
 
     def plan_of(self, k: int) -> dict:
         """The decode plan of the first CPU layer, for bench (beside a GPU: the tuner's best share

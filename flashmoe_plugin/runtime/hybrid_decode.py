@@ -11,6 +11,10 @@ between the CPU's C kernels and the GPU (record copied into a VRAM ring slot), b
 layer is relaunched op by op from Python and no step is thrown away (the whole-token graph with a
 fallback at the first CPU layer recomputed the token from there, layer by layer).
 
+While the split tuner keeps every expert of the CPU layers on the CPU, a token runs instead as one
+graph and one host call (runtime/hybrid_token.py: no Python, launch or event wait between two CPU
+layers); the segments stay for the other shares, tiered runs and a fused token that failed.
+
 Layers after the last CPU layer can still miss (their records are paged): the ids are checked after
 the step as DeviceDecode does, and the step resumes from the first miss through the pager path.
 On CPU (the twin) the same segments run uncaptured.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import embed
+from . import hybrid_token
 from .graph_decode import DeviceDecode
 
 
@@ -58,6 +63,17 @@ class HybridDecode(DeviceDecode):
         # views made once (DeviceDecode's own route_host is the whole step's routing read-back)
         self.x_host, self.pick_host = self.pack_host[:H].view(1, H), self.pack_host[H:]
         super().__init__(engine, mode)
+        # the whole token as one graph and one host call while every CPU-layer expert stays on the CPU
+        # (runtime/hybrid_token.py); fused_why says why not where it cannot
+        self.fused, self.fused_why = None, hybrid_token.why_not(self)
+        if not self.fused_why and (self.cuda or hybrid_token.TWIN):
+            try:
+                with torch.inference_mode():
+                    self.fused = hybrid_token.FusedToken(self)
+            except (RuntimeError, ValueError) as err:  # a capture or a launch the device refuses: segmented
+                self.fused_why = f"fused token not captured: {type(err).__name__}: {err}"[:500]
+        elif not self.fused_why:
+            self.fused_why = "CPU run (the twin runs only where hybrid_token.TWIN is set)"
 
     # ------------------------------------------------------------------ a segment
     def _segment(self, j: int, fast: bool = True):
@@ -134,6 +150,18 @@ class HybridDecode(DeviceDecode):
         """The segments replayed (or run) in turn, each CPU layer computed by the host between them."""
         if self.mode == "eager":
             return super()._run()
+        if self.fused is not None and self.fused.usable():
+            try:
+                self.fused.run()
+            except (RuntimeError, TimeoutError, ValueError) as err:
+                # not expected: this token again, segmented, and every later one (fused_why says why)
+                self.fused_why = f"fused token failed, segmented from then on: {type(err).__name__}: {err}"[:500]
+                self.fused = None
+                self.pos.fill_(self.pos_value - 1)
+            else:
+                self.replays += self.fused.graph is not None
+                self._settle(skip=set(self.cpu))
+                return
         for j in range(len(self.cpu) + 1):
             if self.graphs:
                 self.graphs[j].replay()
@@ -143,6 +171,11 @@ class HybridDecode(DeviceDecode):
                 self._host_layer(j)
         self.replays += bool(self.graphs)
         self._settle(skip=set(self.cpu))  # the cut layers' experts were handled by the host
+
+    def close(self):
+        super().close()
+        if self.fused is not None:
+            self.fused.close()
 
     def _pieces(self) -> list:
         """The segments between CPU layers, each captured as a graph of its own (DeviceDecode._capture)."""
