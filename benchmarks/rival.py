@@ -17,7 +17,7 @@ The steps, each skipped when its output exists in --work (default /tmp/rival):
    when none can be made the row says so and runs without one);
 5. writes --out (default benchmarks/results/rival-{h200,cpu}.json) after every row, so a run
    cut short keeps what it measured; each flashmoe bench's whole JSON goes to
-   --work/flashmoe-MACHINE-rowN.json (prefetch, predictor and tier statistics the row omits).
+   --work/flashmoe-MACHINE-rowN[-roundR].json (prefetch, predictor and tier statistics the row omits).
 --layers N makes all of it N layers deep (a smoke test; ratios then do not stand for Mixtral).
 
 The disk's speed drifts by the hour on a shared machine, and the 2-core rows are disk-bound, so
@@ -403,7 +403,7 @@ def main(argv=None):
         gate, dev = Gate([f for f in a.quiet_locks.split(",") if f]), disk_device(a.work)
         probe_files = [model] if model else sorted((st / "experts").iterdir()) if st else []
 
-        def one(side: str) -> dict:
+        def one(side: str, r: int) -> dict:
             """One run of one engine (inside the gate), with the disk's rate before and over it."""
             with gate:
                 probe = disk_probe(probe_files) if a.rounds else None
@@ -414,7 +414,8 @@ def main(argv=None):
                     res = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
                 else:
                     log(f"row {i}: flashmoe {' '.join(fargs)}")
-                    res = run_flashmoe(st, fargs, p, n, cg, raw=a.work / f"flashmoe-{machine}-row{i}.json")
+                    raw = f"flashmoe-{machine}-row{i}" + (f"-round{r}" if a.rounds else "") + ".json"
+                    res = run_flashmoe(st, fargs, p, n, cg, raw=a.work / raw)
                 if a.rounds:
                     res.update({"disk_probe_gbps_before": probe and round(probe, 3), "load_avg_1m_at_start": load,
                                 **disk_over(before, dev)})
@@ -428,7 +429,7 @@ def main(argv=None):
         for r in range(a.rounds or 1):
             pair = {"round": r, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             for side in (sides if r % 2 == 0 else sides[::-1]):  # L F, F L, ...: a drift weighs on both
-                row["llama_cpp" if side == "llama" else "flashmoe"] = pair[side] = one(side)
+                row["llama_cpp" if side == "llama" else "flashmoe"] = pair[side] = one(side, r)
             if a.rounds:
                 pair["order"] = [s for s in pair if s in ("llama", "flashmoe")]
                 ours, theirs = pair.get("flashmoe", {}).get("decode_tok_s"), pair.get("llama", {}).get("decode_tok_s")
