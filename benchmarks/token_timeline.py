@@ -8,7 +8,8 @@ experts' wall time and the stall in it (the pager's read_seconds); the rest (den
 attention, look-ahead) as wall less the layers; the bytes read (demand and prefetch), the misses;
 and the block device's own counters (/proc/diskstats: bytes read, busy time), so the reads'
 achieved GB/s and the disk's utilisation stand beside the disk's rate measured just before decode
-(an O_DIRECT read of records, bench.store.disk_bandwidth). --trace saves the routing trace for
+(an O_DIRECT read of records, bench.store.disk_bandwidth); /proc/vmstat's compaction, huge-page
+and reclaim counters over prefill and over decode. --trace saves the routing trace for
 replaying policies offline (policy_replay.py)."""
 from __future__ import annotations
 
@@ -29,6 +30,24 @@ def diskstats(dev: str | None = None) -> dict:
         if f"{f[0]}:{f[1]}" == dev or f[2] == dev:
             return {"read_bytes": int(f[5]) * 512, "busy_ms": int(f[12]), "read_ms": int(f[6])}
     return {"read_bytes": 0, "busy_ms": 0, "read_ms": 0}
+
+
+VMSTAT = ("compact_stall", "compact_fail", "compact_daemon_wake", "compact_migrate_scanned", "thp_fault_alloc",
+          "thp_fault_fallback", "pgmajfault", "pgscan_kswapd", "pgscan_direct", "allocstall_normal")
+
+
+def vmstat() -> dict:
+    """The kernel's counters that tell compaction, huge-page faults and reclaim (/proc/vmstat)."""
+    out = {}
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        k, v = line.split()
+        if k in VMSTAT:
+            out[k] = int(v)
+    return out
+
+
+def delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a.get(k, 0) for k in b}
 
 
 def main(argv=None):
@@ -68,9 +87,11 @@ def main(argv=None):
         return out
     eng._experts = timed
     ids = prompt_ids(eng.tokenizer, a.prompt_tokens, store.config.vocab_size)
+    v0 = vmstat()
     t0 = time.perf_counter()
     logits = eng.forward(ids, last_only=True)[-1]
     ttft = time.perf_counter() - t0
+    v1 = vmstat()
     probe1 = disk_bandwidth(store, direct=True, drop=False, io_threads=a.io_threads, max_seconds=1.0)
     tokens = []
     gen = torch.Generator().manual_seed(0)
@@ -93,6 +114,7 @@ def main(argv=None):
             "disk_gbps_over_token": rb / wall / 1e6, "disk_busy": (d2["busy_ms"] - d["busy_ms"]) / wall,
             "stall_by_layer_ms": [round(l["stall_ms"], 1) for l in layers if l["stall_ms"] > 0.5],
             "misses_by_layer": [l["misses"] for l in layers if l["misses"]]})
+    v2 = vmstat()
     probe2 = disk_bandwidth(store, direct=True, drop=False, io_threads=a.io_threads, max_seconds=1.0)
 
     def anon_huge_mib():
@@ -105,7 +127,7 @@ def main(argv=None):
            "capacity_records": p.capacity, "record_bytes": store.layout.size, "ttft_s": ttft, "anon_huge_mib": anon_huge_mib(), "peak_rss_bytes": peak_rss_bytes(),
            "disk_gbps_before_prefill": probe0["gbps"], "disk_gbps_before_decode": probe1["gbps"],
            "disk_gbps_after_decode": probe2["gbps"],
-           "decode_tok_s": 1e3 / mean("wall_ms"),
+           "decode_tok_s": 1e3 / mean("wall_ms"), "vmstat_prefill": delta(v0, v1), "vmstat_decode": delta(v1, v2),
            "mean": {k: mean(k) for k in ("wall_ms", "moe_wall_ms", "stall_ms", "compute_ms", "rest_ms", "misses",
                                          "prefetch_reads", "bytes_read", "disk_read_bytes", "disk_gbps_over_token",
                                          "disk_busy")},
