@@ -1,6 +1,6 @@
-"""The CPU expert tier in transparent huge pages (pager.ExpertPager(huge_pages=True), the default):
-the pool is 2 MiB aligned and advised before its first touch, records land in it by buffered and
-O_DIRECT reads alike, and the logits are bit-equal to a pool in 4 KiB pages."""
+"""The CPU expert tier in transparent huge pages (pager.ExpertPager(huge_pages=True), opt-in): the
+pool is 2 MiB aligned and advised before its first touch, records land in it by buffered and
+O_DIRECT reads alike, and the logits are bit-equal to a pool in 4 KiB pages (the default)."""
 import torch
 from conftest import run_sequence
 
