@@ -349,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="run each row N times as pairs of both engines, the "
                     "order swapped every round, a disk probe before each run; the row keeps every pair and the median")
     ap.add_argument("--quiet-locks", default="", help="comma-separated files to hold exclusive flock(2) locks on "
-                    "around each run (a shared machine's measurement gate)")
+                    "around each run (a shared machine's measurement gate; do not also run the script under it)")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds to sleep after each run (others' turn)")
     a = ap.parse_args(argv)
     if a.rounds is not None and a.rounds < 1:
