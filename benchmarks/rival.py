@@ -17,8 +17,20 @@ The steps, each skipped when its output exists in --work (default /tmp/rival):
    when none can be made the row says so and runs without one);
 5. writes --out (default benchmarks/results/rival-{h200,cpu}.json) after every row, so a run
    cut short keeps what it measured; each flashmoe bench's whole JSON goes to
-   --work/flashmoe-MACHINE-rowN.json (prefetch, predictor and tier statistics the row omits).
+   --work/flashmoe-MACHINE-rowN[-roundR].json (prefetch, predictor and tier statistics the row omits).
 --layers N makes all of it N layers deep (a smoke test; ratios then do not stand for Mixtral).
+
+The disk's speed drifts by the hour on a shared machine, and the 2-core rows are disk-bound, so
+one run of each engine compares two different disks. --rounds N runs each picked row N times as
+pairs, llama.cpp and flashmoe back to back, the order swapped every round (L F, F L, ...: a
+steady drift weighs on both sides alike), each run preceded by a short O_DIRECT read of records
+(disk_probe) and watched through /proc/diskstats (the bytes the device read over the run, its
+busy share). The row gets every pair (`pairs`: both figures, both disk rates, the ratio) and the
+median ratio (`ratio_decode_median`), which then is the row's `ratio_decode`; each pair is also
+appended to the row's `runs` history. --quiet-locks F,G holds exclusive flock(2) locks on these
+files around each probe and run (a shared machine's measurement gate, e.g. /tmp/box.gate,
+/tmp/box.lock), so the rounds need not hold the machine for the whole call; --pause S sleeps
+between runs (others' turn).
 """
 from __future__ import annotations
 
@@ -156,6 +168,88 @@ def flashmoe() -> list[str]:
     return [sys.executable, "-c", "import sys; from flashmoe_plugin.cli import main; sys.argv[0] = 'flashmoe'; main()"]
 
 
+# ---------------------------------------------------------------------------- the disk under a run
+def disk_device(path: Path) -> str:
+    st = os.stat(path).st_dev
+    return f"{os.major(st)}:{os.minor(st)}"
+
+
+def diskstats(dev: str) -> dict | None:
+    """The block device's counters (/proc/diskstats): bytes read, milliseconds busy; None if absent
+    (a partition's major:minor is listed too)."""
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if f"{f[0]}:{f[1]}" == dev:
+                return {"read_bytes": int(f[5]) * 512, "busy_ms": int(f[12]), "t": time.time()}
+    except OSError:
+        pass
+    return None
+
+
+def disk_over(before: dict | None, dev: str) -> dict:
+    """What the device did since `before`: GB read, its rate over the wall time, the busy share."""
+    after = diskstats(dev)
+    if not before or not after:
+        return {}
+    dt = after["t"] - before["t"]
+    gb = (after["read_bytes"] - before["read_bytes"]) / 1e9
+    return {"disk_read_gb": round(gb, 3), "disk_read_gbps_over_run": round(gb / dt, 3),
+            "disk_busy_over_run": round((after["busy_ms"] - before["busy_ms"]) / 1e3 / dt, 3)}
+
+
+def disk_probe(files: list[Path], chunk: int = 99 << 20, nbytes: int = 1 << 30, seconds: float = 2.0,
+               threads: int = 8) -> float | None:
+    """GB/s of O_DIRECT reads of `chunk`-sized pieces at random offsets of `files`, `threads` pieces in
+    flight (as the pager reads records), for at most nbytes or seconds: the disk's rate now,
+    whatever the page cache holds. None where O_DIRECT or the reader is not available."""
+    import random
+    try:
+        from flashmoe_plugin.io import DIRECT_ALIGN, AlignedBuffer, Reader
+    except ImportError:
+        return None
+    rng = random.Random()
+    files = [f for f in files if f.stat().st_size > chunk]
+    if not files:
+        return None
+    buf = AlignedBuffer(threads * chunk)
+    try:
+        with Reader(nthreads=threads, direct=True) as reader:
+            fids = [(reader.open(str(f)), f.stat().st_size) for f in files]
+            done, t0 = 0, time.perf_counter()
+            while done < nbytes and time.perf_counter() - t0 < seconds:
+                reqs = []
+                for j in range(threads):
+                    fid, size = rng.choice(fids)
+                    off = rng.randrange(0, size - chunk) // DIRECT_ALIGN * DIRECT_ALIGN
+                    reqs.append((fid, off, chunk, buf.address + j * chunk, None))
+                reader.read(reqs)
+                done += threads * chunk
+            return done / (time.perf_counter() - t0) / 1e9
+    except OSError:
+        return None
+
+
+class Gate:
+    """Exclusive flock(2) locks on the given files, taken in order (empty: no locks)."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.held = files, []
+
+    def __enter__(self):
+        import fcntl
+        for f in self.files:
+            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.held.append(fd)
+        return self
+
+    def __exit__(self, *exc):
+        for fd in reversed(self.held):
+            os.close(fd)  # releases the lock
+        self.held = []
+
+
 # ---------------------------------------------------------------------------- rows
 def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, threads: int, reps: int = 2) -> dict:
     cmd = [str(exe), "-m", str(model), "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json", "-t", str(threads),
@@ -211,6 +305,35 @@ def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | 
     return out
 
 
+def median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return None if not xs else xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def history(pair: dict, tree: str | None) -> dict:
+    """A pair as an entry of the row's `runs` (the figures earlier sessions recorded by hand)."""
+    ll, fm = pair.get("llama", {}), pair.get("flashmoe", {})
+    return {"date": pair["date"], "tree": tree, "round": pair["round"], "order": pair["order"],
+            "load_avg_1m_at_start": (ll if pair["order"][0] == "llama" else fm).get("load_avg_1m_at_start"),
+            "llama_cpp_decode_tok_s": ll.get("decode_tok_s"), "flashmoe_decode_tok_s": fm.get("decode_tok_s"),
+            "ratio_decode": pair["ratio_decode"], "flashmoe_hit_rate": fm.get("hit_rate"),
+            "flashmoe_bytes_read_per_token": fm.get("bytes_read_per_token"),
+            "disk_bandwidth_gbps": fm.get("disk_bandwidth_gbps"), "stall_ms_per_token": fm.get("stall_ms_per_token"),
+            "prefetch_stats": fm.get("prefetch_stats"), "capacity_records": fm.get("capacity_records"),
+            "peak_rss_bytes": fm.get("peak_rss_bytes"),
+            "disk_probe_gbps_before": {"llama_cpp": ll.get("disk_probe_gbps_before"),
+                                       "flashmoe": fm.get("disk_probe_gbps_before")},
+            "disk_read_gbps_over_run": {"llama_cpp": ll.get("disk_read_gbps_over_run"),
+                                        "flashmoe": fm.get("disk_read_gbps_over_run")}}
+
+
+def git_tree() -> str | None:
+    """The commit measured ("-dirty": with changes not committed) and its subject."""
+    d = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    r = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%s"], capture_output=True, text=True)
+    return f"{d.stdout.strip()} {r.stdout.strip()[:70]}" if d.returncode == 0 else None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", type=Path, required=True, help="llama.cpp source (prepare_llama_cpp_src.sh)")
@@ -224,7 +347,14 @@ def main(argv=None):
                          "JSON already there, so llama.cpp can be measured apart from a flashmoe build")
     ap.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/rival-MACHINE.json; "
                     "a copy stays in --work for merging the rows of later calls)")
+    ap.add_argument("--rounds", type=int, default=None, help="run each row N times as pairs of both engines, the "
+                    "order swapped every round, a disk probe before each run; the row keeps every pair and the median")
+    ap.add_argument("--quiet-locks", default="", help="comma-separated files to hold exclusive flock(2) locks on "
+                    "around each run (a shared machine's measurement gate; do not also run the script under it)")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to sleep after each run (others' turn)")
     a = ap.parse_args(argv)
+    if a.rounds is not None and a.rounds < 1:
+        raise SystemExit("--rounds: at least 1")
     import torch
     cuda = torch.cuda.is_available()
     machine = a.machine if a.machine != "auto" else ("h200" if cuda else "cpu")
@@ -258,6 +388,7 @@ def main(argv=None):
     if st:
         doc["store"] = str(st)
     rows = doc.setdefault("rows", {})
+    tree = git_tree() if a.rounds else None
     pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
     for i, (table, name, largs, fargs, limit, (p, n)) in enumerate(ROWS[machine]):
         if pick is not None and i not in pick:
@@ -270,13 +401,47 @@ def main(argv=None):
             row["cgroup"] = how if cg else f"none: {how}; the row ran without a memory limit"
         # llama.cpp reads its GGUF through mmap: the page cache is dropped only for the cgroup rows
         # (as REFERENCE.md measured); flashmoe bench drops it itself before each run
-        if exe:
-            row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
-            log(f"row {i}: llama.cpp {' '.join(largs)}")
-            row["llama_cpp"] = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
-        if st:
-            log(f"row {i}: flashmoe {' '.join(fargs)}")
-            row["flashmoe"] = run_flashmoe(st, fargs, p, n, cg, raw=a.work / f"flashmoe-{machine}-row{i}.json")
+        gate, dev = Gate([f for f in a.quiet_locks.split(",") if f]), disk_device(a.work)
+        probe_files = [model] if model else sorted((st / "experts").iterdir()) if st else []
+
+        def one(side: str, r: int) -> dict:
+            """One run of one engine (inside the gate), with the disk's rate before and over it."""
+            with gate:
+                probe = disk_probe(probe_files) if a.rounds else None
+                before, load = diskstats(dev), os.getloadavg()[0]
+                if side == "llama":
+                    row["page_cache_dropped_before_llama_cpp"] = drop_caches() if limit else False
+                    log(f"row {i}: llama.cpp {' '.join(largs)}")
+                    res = run_llama(exe, model, largs, p, n, cg, threads, reps=1 if limit else 2)
+                else:
+                    log(f"row {i}: flashmoe {' '.join(fargs)}")
+                    raw = f"flashmoe-{machine}-row{i}" + (f"-round{r}" if a.rounds else "") + ".json"
+                    res = run_flashmoe(st, fargs, p, n, cg, raw=a.work / raw)
+                if a.rounds:
+                    res.update({"disk_probe_gbps_before": probe and round(probe, 3), "load_avg_1m_at_start": load,
+                                **disk_over(before, dev)})
+            if a.pause:
+                time.sleep(a.pause)
+            return res
+
+        sides = [side for side, have in (("llama", exe), ("flashmoe", st)) if have]
+        if a.rounds:
+            row["pairs"] = []  # this call's pairs (earlier calls' stay in `runs`)
+        for r in range(a.rounds or 1):
+            pair = {"round": r, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            for side in (sides if r % 2 == 0 else sides[::-1]):  # L F, F L, ...: a drift weighs on both
+                row["llama_cpp" if side == "llama" else "flashmoe"] = pair[side] = one(side, r)
+            if a.rounds:
+                pair["order"] = [s for s in pair if s in ("llama", "flashmoe")]
+                ours, theirs = pair.get("flashmoe", {}).get("decode_tok_s"), pair.get("llama", {}).get("decode_tok_s")
+                pair["ratio_decode"] = ours / theirs if ours and theirs else None
+                row["pairs"].append(pair)
+                row.setdefault("runs", []).append(history(pair, tree))
+                log(f"row {i} round {r}: decode {ours} vs {theirs} tok/s")
+                if r + 1 < a.rounds:
+                    rows[str(i)] = row
+                    for f in {keep, out}:
+                        f.write_text(json.dumps(doc, indent=1) + "\n")
         if "llama_cpp" not in row:  # the same llama-bench command measured for another row counts here
             twin = next((j for j, r in enumerate(ROWS[machine]) if j != i and r[2] == largs and r[4] == limit
                          and "llama_cpp" in rows.get(str(j), {})), None)
@@ -285,6 +450,10 @@ def main(argv=None):
         for k in ("decode_tok_s", "prefill_tok_s"):
             ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
             row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
+        if a.rounds:  # the row's ratio is the median pair's; every pair stays beside it
+            ratios = sorted(q["ratio_decode"] for q in row["pairs"] if q.get("ratio_decode"))
+            row["ratio_decode_median"] = row["ratio_decode"] = median(ratios)
+            row["ratio_decode_min"] = ratios[0] if ratios else None
         rows[str(i)] = row
         log(f"row {i}: decode {row.get('flashmoe', {}).get('decode_tok_s')} vs "
             f"{row.get('llama_cpp', {}).get('decode_tok_s')} tok/s")

@@ -1,0 +1,63 @@
+"""benchmarks/rival.py's pairs (--rounds): the median of the pairs' ratios, a pair as a `runs` entry,
+the gate's exclusive locks, the disk's counters over a run and the O_DIRECT probe."""
+import fcntl
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("rival", Path(__file__).parent.parent / "benchmarks" / "rival.py")
+rival = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(rival)
+
+
+def test_median_of_pairs():
+    assert rival.median([]) is None
+    assert rival.median([2.0, 0.9, 1.5]) == 1.5
+    assert rival.median([2.0, 1.0, 1.5, 0.5]) == 1.25
+
+
+def test_a_pair_in_the_runs_history_keeps_both_sides_and_the_first_run_load():
+    pair = {"round": 1, "date": "d", "order": ["flashmoe", "llama"], "ratio_decode": 2.0,
+            "llama": {"decode_tok_s": 1.0, "load_avg_1m_at_start": 3.0, "disk_probe_gbps_before": 0.5},
+            "flashmoe": {"decode_tok_s": 2.0, "load_avg_1m_at_start": 1.0, "disk_probe_gbps_before": 0.7,
+                         "stall_ms_per_token": 90.0}}
+    h = rival.history(pair, "abc")
+    assert h["llama_cpp_decode_tok_s"] == 1.0 and h["flashmoe_decode_tok_s"] == 2.0 and h["ratio_decode"] == 2.0
+    assert h["load_avg_1m_at_start"] == 1.0  # flashmoe ran first in this round
+    assert h["disk_probe_gbps_before"] == {"llama_cpp": 0.5, "flashmoe": 0.7}
+    assert h["stall_ms_per_token"] == 90.0 and h["tree"] == "abc"
+
+
+def test_the_gate_holds_its_files_exclusively_until_it_ends(tmp_path):
+    files = [str(tmp_path / "gate"), str(tmp_path / "lock")]
+
+    def free(f) -> bool:
+        fd = os.open(f, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+    with rival.Gate(files):
+        assert not any(free(f) for f in files)
+    assert all(free(f) for f in files)
+    with rival.Gate([]):  # no files: no locks
+        pass
+
+
+def test_disk_counters_and_probe(tmp_path):
+    dev = rival.disk_device(tmp_path)
+    before = rival.diskstats(dev)
+    if before is None:
+        pytest.skip(f"{tmp_path} is on no block device listed in /proc/diskstats")
+    f = tmp_path / "data"
+    f.write_bytes(os.urandom(3 << 20))
+    over = rival.disk_over(before, dev)
+    assert over["disk_read_gb"] >= 0 and 0 <= over["disk_busy_over_run"]
+    gbps = rival.disk_probe([f], chunk=1 << 20, nbytes=4 << 20, seconds=1.0, threads=2)
+    assert gbps is None or gbps > 0  # None where the filesystem refuses O_DIRECT
+    assert rival.disk_probe([f], chunk=8 << 20) is None  # no file larger than a piece
