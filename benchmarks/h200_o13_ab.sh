@@ -1,10 +1,11 @@
 #!/bin/bash
 # Issue 9, o13: the decode GEMV's L2 prefetch knob (fm_gemv.cu, gemv_tune("l2"), FLASHMOE_GEMV_L2;
 # default off) inside the lead's H200 call, on a 32-layer Mixtral-shaped q4 store made earlier in
-# the same call: the GEMV tests: the knob's own, then the file with it on (bits 7: every GEMV launch,
-# mirror rows too; <= 30 s in all), then benchmarks/gemv_l2_ab.py in two processes (<= 40 s each), each alternating the
-# knob's values 0 (main), 1 (o-style GEMVs), 5 (also the mirror block's rows), 7 (also the q/k/v
-# GEMV with its norm) on one engine, `--dense-quant q4`: a JSON line each into $OUT/o13-ab.jsonl
+# the same call: the GEMV tests, the knob's own, then the file with it on (bits 7: every GEMV
+# launch, mirror rows too; <= 30 s in all), then benchmarks/gemv_l2_ab.py in two processes (<= 40 s
+# each), each alternating the knob's values 0 (main), 1 (o-style GEMVs), 5 (also the mirror block's
+# rows), 7 (also the q/k/v GEMV with its norm) on one engine, `--dense-quant q4`: a JSON line each
+# into $OUT/o13-ab.jsonl
 # (a process cut by its timeout leaves its runs' lines in $OUT/o13-ab-N.log).
 #   OUT=$OUT bash benchmarks/h200_o13_ab.sh [STORE]      (STORE default /tmp/rival/mixtral-q4-32l)
 # DEVICE=cpu runs the same steps on the CPU twin (the script's logic only: no capture, no GEMV).
