@@ -129,6 +129,17 @@ class Pipeline:
         self.queued = [False, False]
         self.states: list = [None, None]
         self.voided = 0  # steps recomputed (misses, host-only picks), for tests and benchmarks
+        self._warm()
+
+    def _warm(self):
+        """Every kernel a pick can launch, run once now: on CUDA a kernel's first launch loads its
+        module (lazy loading), which waits for the device, and would stall the first tokens'
+        pipeline instead of the engine's first generation setup."""
+        from .sampling import SamplingParams
+        for p in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05),
+                  SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)):
+            self.out[0].copy_(DeviceSampler(p).pick(self.f.logits, self.u), non_blocking=self.f.cuda)
+        self.out[0].zero_()
 
     @classmethod
     def of(cls, engine) -> "Pipeline":
