@@ -151,19 +151,21 @@ def _pipelined_note(engine, temp: float) -> str:
 
 
 def _decode_pipelined(engine, logits, n: int, sample, progress) -> tuple[float, list[float]]:
-    """n steps pipelined by one token (runtime/pipelined.py): the wall time from the first
-    token's pick to the n-th step's token read (the host's sampling and settling included; the
-    speculative step left queued at the end is waited for outside it)."""
+    """n steps pipelined by one token (runtime/pipelined.py): the wall time from the first token
+    (picked on the host from the prefill's logits, outside the clock as in the unpipelined loop)
+    to the n-th step's token read (the host's sampling and settling included; the speculative
+    step left queued at the end is waited for outside it)."""
     from ..runtime.pipelined import Pipeline
     pipe = Pipeline.of(engine)  # its buffers made and its kernels loaded before the clock starts
-    times, gen = [], pipe.tokens(logits, sample)
-    t0 = last = time.perf_counter()
+    times, gen, t0 = [], pipe.tokens(logits, sample), None
     for i, _ in enumerate(gen):
+        now = time.perf_counter()
         if i:
-            now = time.perf_counter()
             times.append(now - last)
-            last = now
             progress.advance()
+        else:
+            t0 = now
+        last = now
         if i == n:
             break
     gen.close()
