@@ -24,7 +24,7 @@ GIL released.
                                              gemv at one token of x = rms_norm(h + hd) * nw, h + hd into hs
     route(h, o, nw, router, k, eps, norm_topk, entries, base, stride, h2, x, weights, ids, ids_row, addrs, stream=None)
                                              a decode token's routing after attention (csrc/cuda/fm_route.cu)
-    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl, kernel, grid, l2) and last launch figures
+    gemv_tune(key, value=None) -> int        its knobs (split, warps, pdl, kernel, grid) and last launch figures
     moe(records, layout, weights, x, out, workspace, stream=None, mode="auto")
                                              out[T, H] = sum_e weights[e] * w2_e(silu(w1_e x) * w3_e x)
         records: list of uint8 CUDA tensors (k <= 32), or an int64 CUDA tensor of k record addresses
@@ -372,7 +372,7 @@ def route(h, o, nw, router, int k, float eps, bint norm_topk, entries, base, int
 
 
 _GEMV_KEYS = {"split": 0, "warps": 1, "pdl": 2, "last_split": 3, "last_warps": 4, "last_grid": 5, "kernel": 6,
-              "grid": 7, "last_kernel": 8, "persist": 9, "l2": 10}
+              "grid": 7, "last_kernel": 8, "persist": 9}
 
 
 def gemv_tune(key, value=None):
@@ -382,10 +382,7 @@ def gemv_tune(key, value=None):
     blocks fit in one wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent
     grid at 2 / 3 blocks per SM), grid (the persistent grid's most blocks; 0 = auto: the blocks
     resident at once), persist (the persistent variant auto takes, 2 or 3; 0 = per format and
-    tokens), l2 (bits, 0 = off, the default: 1 gemv's, 2 gemv_norm's blocks prefetch their rows'
-    weights past the first register batch into L2 before their PDL wait; 4 with them: a block per
-    item also its mirror block's; results unchanged); read-only: last_split, last_warps, last_grid,
-    last_kernel."""
+    tokens); read-only: last_split, last_warps, last_grid, last_kernel."""
     try:
         k = _GEMV_KEYS[key]
     except KeyError:

@@ -9,8 +9,6 @@ parts, each part alone (bit-identical at the same split). Skipped without a GPU 
 module; the CPU twin of the stacked product is tests/test_packed_stack.py."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -29,20 +27,11 @@ def K():
     return k
 
 
-def _env_l2() -> int:
-    """FLASHMOE_GEMV_L2 (the L2 prefetch knob): set, every test here runs with it (the GPU call
-    runs this file once with it on)."""
-    from flashmoe_plugin.kernels.cuda_backend import gemv_l2_bits
-    return gemv_l2_bits(os.environ.get("FLASHMOE_GEMV_L2", "0"))
-
-
 @pytest.fixture(autouse=True)
 def _auto_knobs():
-    K().gemv_tune("l2", _env_l2())
     yield
     for key in ("split", "warps", "kernel", "grid", "persist"):
         K().gemv_tune(key, 0)
-    K().gemv_tune("l2", _env_l2())
 
 
 def _case(fmt, shape, gen):
@@ -164,57 +153,11 @@ def test_auto_takes_a_block_per_item_in_one_wave_and_the_persistent_grid_past_it
     assert K().gemv_tune("last_kernel") == 2  # 2..4 tokens: 2 blocks per SM (no spills)
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
-def test_the_l2_prefetch_changes_no_bit(fmt):
-    """gemv_tune("l2") (bits 1 gemv, 2 gemv_norm, 4 the mirror block's rows): the blocks only ask
-    the L2 for weights before their PDL wait, so every kernel (a block per item, both persistent
-    grids, capped grids that leave several items to a block), every split, 1..4 tokens, stacked
-    parts with odd row counts and the norm GEMV give the same bits as with the knob off; the knob
-    reaches the launch only where the launch has PDL (on by default on sm_90+)."""
-    gen = torch.Generator().manual_seed(12)
-    assert K().gemv_tune("pdl") == 1
-    for rows, cols in (((4096,), 4096), ((4096, 1024, 1024), 4096), ((37, 1, 130, 64), 320), ((300,), 4160)):
-        parts = [_case(fmt, (r, cols), gen)[0] for r in rows]
-        n = sum(rows)
-        for T in (1, 2, 4):
-            x = torch.randn(T, cols, generator=gen).bfloat16().cuda()
-            for kernel, grid, split in ((0, 0, 0), (1, 0, 1), (1, 0, 4), (2, 3, 2), (3, 0, 1), (3, 1, 8)):
-                for key, v in (("kernel", kernel), ("grid", grid), ("split", split)):
-                    K().gemv_tune(key, v)
-                ys = {}
-                for l2 in (0, 1, 5, 2):  # 2: the plain GEMV's launches keep the knob off
-                    K().gemv_tune("l2", l2)
-                    ys[l2] = K().gemv(parts, fmt, list(rows), cols, x, torch.full((T, n), float("nan"), device="cuda"))
-                for l2 in (1, 5, 2):
-                    assert torch.equal(ys[l2], ys[0]), f"{fmt} {rows} T={T} kernel {kernel} split {split} l2 {l2}"
-    K().gemv_tune("l2", 0)
-    for key in ("kernel", "grid", "split"):
-        K().gemv_tune(key, 0)
-    H, rows = 4096, [4096, 1024, 1024]
-    parts = [_case(fmt, (r, H), gen)[0] for r in rows]
-    h, d = (torch.randn(H, generator=gen) * 3).bfloat16().cuda(), torch.randn(H, generator=gen).bfloat16().cuda()
-    w = (1 + 0.1 * torch.randn(H, generator=gen)).bfloat16().cuda()
-    for kernel in (0, 1, 2, 3):
-        K().gemv_tune("kernel", kernel)
-        ys = []
-        for l2 in (0, 2, 6, 1):
-            K().gemv_tune("l2", l2)
-            hs = torch.full((H,), float("nan"), dtype=torch.bfloat16, device="cuda")
-            y = torch.full((1, sum(rows)), float("nan"), dtype=torch.bfloat16, device="cuda")
-            K().gemv_norm(parts, fmt, rows, H, h, d, w, 1e-5, hs, y)
-            ys.append((y, hs))
-        for y, hs in ys[1:]:
-            assert torch.equal(y, ys[0][0]) and torch.equal(hs, ys[0][1]), f"{fmt} norm kernel {kernel}"
-
-
-@pytest.mark.parametrize("l2", [None, 5])  # None: as the environment says; 5: the L2 prefetch on
-def test_gemv_replays_in_a_cuda_graph_as_it_runs_eagerly(l2):
+def test_gemv_replays_in_a_cuda_graph_as_it_runs_eagerly():
     gen = torch.Generator().manual_seed(6)
     parts = [_case("q4", (r, 1024), gen)[0] for r in (512, 128, 128)]
     x = torch.randn(1, 1024, generator=gen).bfloat16().cuda()
     eager = K().gemv(parts, "q4", [512, 128, 128], 1024, x, torch.empty(1, 768, dtype=torch.bfloat16, device="cuda"))
-    if l2 is not None:
-        K().gemv_tune("l2", l2)  # captured with it: the graph replays the eager bits of the knob off
     y = torch.zeros(1, 768, dtype=torch.bfloat16, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -149,15 +149,13 @@ int fmc_route(const void *h, const void *o, const void *nw, const void *router, 
  * PDL (1 = programmatic dependent launch on sm_90+), KERNEL (0 = auto: 1 where its blocks fit in one
  * wave, else the persistent grid; 1 = a block per item, 2 / 3 = the persistent grid at 2 / 3 blocks
  * per SM), GRID (the persistent grid's most blocks; 0 = auto: the blocks resident at once), PERSIST
- * (the persistent variant auto takes, 2 or 3; 0 = per format and tokens), L2 (bits, 0 = off, the
- * default: 1 fmc_gemv's, 2 fmc_gemv_norm's blocks ask the L2, before their PDL wait, for their rows'
- * weights past the first register batch; 4 with 1 or 2: a block per item also for the whole slice of
- * its mirror block, gridDim - 1 - blockIdx; results unchanged); read-only: what the last launch used. */
+ * (the persistent variant auto takes, 2 or 3; 0 = per format and tokens); read-only: what the last
+ * launch used. */
 enum fmc_gemv_tune_key {
     FMC_GEMV_TUNE_SPLIT = 0, FMC_GEMV_TUNE_WARPS = 1, FMC_GEMV_TUNE_PDL = 2,
     FMC_GEMV_TUNE_LAST_SPLIT = 3, FMC_GEMV_TUNE_LAST_WARPS = 4, FMC_GEMV_TUNE_LAST_GRID = 5,
     FMC_GEMV_TUNE_KERNEL = 6, FMC_GEMV_TUNE_GRID = 7, FMC_GEMV_TUNE_LAST_KERNEL = 8, FMC_GEMV_TUNE_PERSIST = 9,
-    FMC_GEMV_TUNE_L2 = 10, FMC_GEMV_TUNE_NKEYS = 11
+    FMC_GEMV_TUNE_NKEYS = 10
 };
 int64_t fmc_gemv_tune(int key, int64_t value);
 

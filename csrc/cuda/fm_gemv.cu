@@ -95,18 +95,6 @@ __device__ __forceinline__ void load_pair(const uint8_t *q0, const uint8_t *q1, 
     }
 }
 
-// Chunks [c0, c_end) of row pair `pair` of the stack (its scales and biases too) into L2.
-template <class FM>
-__device__ __forceinline__ void prefetch_item(const GemvParams &p, int pair, int nch, int ngroups, int c0, int c_end) {
-    int part = 0;
-    while (part + 1 < p.nparts && pair >= p.pair_end[part]) ++part;
-    const int r0 = 2 * (pair - (part ? p.pair_end[part - 1] : 0)), r1 = r0 + 1 < p.rows[part] ? r0 + 1 : r0;
-    const unsigned short *s = p.s[part], *b = FM::BIAS ? p.b[part] : nullptr;
-    prefetch_pair<FM>(p.q[part] + (size_t)r0 * nch * 16, p.q[part] + (size_t)r1 * nch * 16, s + (size_t)r0 * ngroups,
-                      s + (size_t)r1 * ngroups, FM::BIAS ? b + (size_t)r0 * ngroups : nullptr,
-                      FM::BIAS ? b + (size_t)r1 * ngroups : nullptr, c0, c_end);
-}
-
 template <int F, int NT>
 __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) {
     using FM = Fmt<F>;
@@ -141,14 +129,6 @@ __global__ void __launch_bounds__(MAXW * 32, 2) gemv_kernel(const GemvParams p) 
     auto load = [&](int base) { load_pair<FM>(q0, q1, s0, s1, b0, b1, base, lane, c_end, w0, w1, sc0, sc1, bi0, bi1); };
     const bool work = active && cb < c_end;
     if (work) load(cb);  // weights never depend on the previous kernel: stream them first
-    if (p.l2 && lane == 0) {
-        if (work) prefetch_pair<FM>(q0, q1, s0, s1, b0, b1, cb + 32 * U, c_end);  // the rest of its rows
-        // l2 2: also the mirror block's (gridDim - 1 - blockIdx) whole slice: the last blocks of a
-        // grid that does not all fit beside the running kernel start only after it ends
-        const int mirror = (int)gridDim.x - 1 - (int)blockIdx.x, mp = mirror * p.pairs_per_block + warp / S;
-        if (p.l2 > 1 && mirror != (int)blockIdx.x && mp < p.total_pairs && cb < c_end)
-            prefetch_item<FM>(p, mp, nch, ngroups, cb, c_end);
-    }
     if (p.pdl) pdl_wait();
 
     // x's image, built by the whole block while the first batch is in flight.
@@ -261,12 +241,6 @@ __global__ void __launch_bounds__(MAXW * 32, MINB) gemv_persist(const GemvParams
     if (item < nitems && pair < p.total_pairs && c_begin < c_end) {  // weights first, as gemv_kernel
         aim(pair);
         load(c_begin);
-        if (p.l2 && lane == 0) {  // the rest of this warp's rows, this item's and the later items'
-            prefetch_pair<FM>(q0, q1, s0, s1, b0, b1, c_begin + 32 * UU, c_end);
-            for (int it = item + (int)gridDim.x, pr = pair + stride; it < nitems && pr < p.total_pairs;
-                 it += gridDim.x, pr += stride)
-                prefetch_item<FM>(p, pr, nch, ngroups, c_begin, c_end);
-        }
     }
     if (p.pdl) pdl_wait();
     const float nsc = p.norm ? norm_scale((const uint4 *)p.nh, (const uint4 *)p.nd, (uint4 *)p.hs, p.K, p.x_dtype, p.eps) : 0.f;
@@ -344,10 +318,8 @@ struct GemvDev : FmDevice {
 GemvDev g_gdev[FM_MAX_DEV];
 // FMC_GEMV_TUNE_*: split (0 auto), warps per block (0 auto), pdl (1 on), last split/warps/grid,
 // kernel (0 auto, 1 gemv_kernel, 2 / 3 gemv_persist's variants, see kGemv), grid cap (0 auto:
-// the resident blocks), last kernel, the persistent variant of auto (0: per format and tokens),
-// L2 (bits: 1 fmc_gemv's launches, 2 fmc_gemv_norm's prefetch their weights into L2, 4 gemv_kernel's
-// blocks also their mirror block's; 0 off).
-int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0};
+// the resident blocks), last kernel, the persistent variant of auto (0: per format and tokens).
+int64_t g_gtune[FMC_GEMV_TUNE_NKEYS] = {0, 0, 1, 0, 0, 0, 0, 0, 0, 0};
 
 int gemv_device(int device, GemvDev **info) { return fm_device(device, g_gdev, info); }
 
@@ -423,7 +395,7 @@ int64_t fmc_gemv_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_GEMV_TUNE_NKEYS) return -1;
     const int64_t old = g_gtune[key];
     const bool writable = key <= FMC_GEMV_TUNE_PDL || key == FMC_GEMV_TUNE_KERNEL || key == FMC_GEMV_TUNE_GRID ||
-                          key == FMC_GEMV_TUNE_PERSIST || key == FMC_GEMV_TUNE_L2;
+                          key == FMC_GEMV_TUNE_PERSIST;
     if (value >= 0 && writable) g_gtune[key] = value;
     return old;
 }
@@ -497,8 +469,6 @@ static int gemv_run(GemvParams &p, int fmt, int nparts, const void *const *parts
     g_gtune[FMC_GEMV_TUNE_LAST_WARPS] = W;
     g_gtune[FMC_GEMV_TUNE_LAST_GRID] = grid;
     p.pdl = g_gtune[FMC_GEMV_TUNE_PDL] && d->cc_major >= 9;
-    const int64_t l2 = g_gtune[FMC_GEMV_TUNE_L2];  // only over a PDL wait: nothing to hide it under else
-    p.l2 = p.pdl && (l2 & (p.norm ? 2 : 1)) ? (l2 & 4 ? 2 : 1) : 0;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)grid);
     cfg.blockDim = dim3(W * 32);

@@ -32,7 +32,6 @@ struct GemvParams {
     void *hs;
     float eps;
     int norm;
-    int l2;  // before the PDL wait, each warp asks the L2 for its rows' weights past its first batch
 };
 
 __device__ __forceinline__ uint4 ld_stream(const void *p) {
@@ -44,29 +43,6 @@ __device__ __forceinline__ uint4 ld_stream(const void *p) {
 }
 
 __device__ __forceinline__ float ld_half(const unsigned short *p) { return __half2float(__ushort_as_half(__ldg(p))); }
-
-// Chunks [c0, c_end) of a row pair (q0, s0, b0) / (q1, s1, b1) (q1 == q0: one row) and their
-// groups' scales (and FM::BIAS biases) into L2: up to six bulk prefetches from the calling lane.
-// GemvParams::l2: a block made resident under a latency-bound kernel (attention, with programmatic
-// dependent launch) streams what its registers do not hold yet while the HBM would idle, and its
-// later loads hit the L2. The loads and the arithmetic are unchanged: the results are bit-identical.
-template <class FM>
-__device__ __forceinline__ void prefetch_pair(const uint8_t *q0, const uint8_t *q1, const unsigned short *s0,
-                                              const unsigned short *s1, const unsigned short *b0,
-                                              const unsigned short *b1, int c0, int c_end) {
-    if (c0 >= c_end) return;
-    const size_t nq = (size_t)(c_end - c0) * 16;
-    const int g0 = c0 / FM::CPG, ng = (c_end - 1) / FM::CPG + 1 - g0;
-    const bool two = q1 != q0;
-    l2_prefetch(q0 + (size_t)c0 * 16, nq);
-    l2_prefetch(s0 + g0, (size_t)ng * 2);
-    if (FM::BIAS) l2_prefetch(b0 + g0, (size_t)ng * 2);
-    if (two) {
-        l2_prefetch(q1 + (size_t)c0 * 16, nq);
-        l2_prefetch(s1 + g0, (size_t)ng * 2);
-        if (FM::BIAS) l2_prefetch(b1 + g0, (size_t)ng * 2);
-    }
-}
 
 
 // One lane's 8 consecutive x values (t, 8*e8 ..) into the x image: piece (e8 % TPC) of chunk

@@ -91,7 +91,23 @@ __device__ __forceinline__ void store_elem(void *p, int dtype, size_t i, float v
     else ((__half *)p)[i] = __float2half(v);
 }
 
-// (l2_prefetch, the sm_90 bulk L2 prefetch: fm_quant.cuh)
+// ---------------------------------------------------------------- L2 prefetch (sm_90 bulk)
+__device__ __forceinline__ void l2_prefetch(const void *p, size_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Sections are 64-byte aligned and padded inside 16-byte aligned records, so rounding the
+    // range out to 16 bytes stays inside the section.
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)15;
+    const uintptr_t e = ((uintptr_t)p + n + 15) & ~(uintptr_t)15;
+    while (a < e) {
+        const uint32_t sz = (uint32_t)((e - a) > (1u << 20) ? (1u << 20) : (e - a));
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(sz) : "memory");
+        a += sz;
+    }
+#else
+    (void)p; (void)n;
+#endif
+}
+
 // Rows [r0, r1) of one part: packed weights, scales, biases.
 template <int F>
 __device__ __forceinline__ void prefetch_rows(const uint8_t *rb, int64_t q_off, int64_t s_off, int64_t b_off,

@@ -33,23 +33,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// [p, p + n) into L2 (cp.async.bulk.prefetch, sm_90+; a no-op before): a hint, nothing waits on it.
-__device__ __forceinline__ void l2_prefetch(const void *p, size_t n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Sections are 64-byte aligned and padded inside 16-byte aligned records, so rounding the
-    // range out to 16 bytes stays inside the section.
-    uintptr_t a = (uintptr_t)p & ~(uintptr_t)15;
-    const uintptr_t e = ((uintptr_t)p + n + 15) & ~(uintptr_t)15;
-    while (a < e) {
-        const uint32_t sz = (uint32_t)((e - a) > (1u << 20) ? (1u << 20) : (e - a));
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(sz) : "memory");
-        a += sz;
-    }
-#else
-    (void)p; (void)n;
-#endif
-}
-
 // V[2m], V[2m+1]: the two int8x4 operands of a 16-byte weight chunk that meet x piece m.
 template <int F> __device__ __forceinline__ void unpack(const uint4 &w, int (&V)[2 * Fmt<F>::P]);
 template <> __device__ __forceinline__ void unpack<0>(const uint4 &w, int (&V)[4]) {

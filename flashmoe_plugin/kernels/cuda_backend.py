@@ -34,31 +34,8 @@ from .base import Backend
 
 
 def kernels():
-    """The compiled module, or None (the import error is kept for available()); the first time it
-    is there, FLASHMOE_GEMV_L2 goes into its GEMV knob."""
-    global _l2_applied
-    k = compiled("_kernels_cuda")[0]
-    if k is not None and not _l2_applied:
-        _l2_applied = True
-        k.gemv_tune("l2", gemv_l2_bits(os.environ.get("FLASHMOE_GEMV_L2", "0")))
-    return k
-
-
-_l2_applied = False
-
-
-def gemv_l2_bits(value: str) -> int:
-    """FLASHMOE_GEMV_L2 (read once per process) as the decode GEMV's `l2` knob (fm_gemv.cu): before
-    its programmatic-dependent-launch wait each block asks the L2 for its rows' weights past its
-    first register batch, so the HBM streams them while a latency-bound kernel (attention) runs.
-    Bits: 1 the plain GEMV (o after attention), 2 the q/k/v GEMV with the norm (after the experts),
-    4 with them: a block per item also for its mirror block's rows (those that start after the
-    running kernel). 0 (default) off. Results are bit-identical either way."""
-    v = value.strip()
-    if not v.isdigit() or int(v) > 7:
-        raise ValueError(f"FLASHMOE_GEMV_L2={value!r}: expected 0..7 (bits: 1 o-style GEMVs, 2 the q/k/v GEMV "
-                         "with its norm, 4 also the mirror block's rows)")
-    return int(v)
+    """The compiled module, or None (the import error is kept for available())."""
+    return compiled("_kernels_cuda")[0]
 
 
 class CudaBackend(Backend):
