@@ -11,6 +11,17 @@ from flashmoe_plugin.runtime.engine import Engine
 from flashmoe_plugin.runtime.host_compute import HostCompute, physical_cores
 
 
+def device_step_layers(store, family) -> int:
+    """The store's MoE layer count; skips where the device step does not implement the family."""
+    from flashmoe_plugin.runtime.graph_decode import unsupported
+    probe = Engine(store, prefetch="off")
+    why, n_moe = unsupported(probe), len(probe.store.layers)
+    probe.close()
+    if why:
+        pytest.skip(f"the device step does not implement {family}'s {why}")
+    return n_moe
+
+
 def reference(store, ids, steps):
     eng = Engine(store, prefetch="off")
     out = run_sequence(eng, ids, steps)
@@ -44,7 +55,6 @@ def test_n_cpu_moe_through_the_device_step(oracles, family, monkeypatch):
     # two segments (here split with a stand-in "GPU": the CPU backend and a host ring); the
     # logits are the all-resident run's, and no step falls back
     from flashmoe_plugin.io import aligned_empty
-    from flashmoe_plugin.runtime.graph_decode import unsupported
     from flashmoe_plugin.runtime.hybrid_decode import HybridDecode
     monkeypatch.setenv("FLASHMOE_SLICE_EXPERTS", "1")  # slices on (opt-in), the test models' experts in 2
     monkeypatch.setattr("flashmoe_plugin.store.slices.SMALLEST", 64)
@@ -52,11 +62,7 @@ def test_n_cpu_moe_through_the_device_step(oracles, family, monkeypatch):
     g = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(3, 384, (12,), generator=g).tolist(), torch.randint(3, 384, (6,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
-    probe = Engine(store, prefetch="off")
-    why, n_moe = unsupported(probe), len(probe.store.layers)
-    probe.close()
-    if why:
-        pytest.skip(f"the device step does not implement {family}'s {why}")
+    n_moe = device_step_layers(store, family)
     for n, split in ((1, False), (min(2, n_moe), True), (n_moe, True)):
         eng = Engine(store, n_cpu_moe=n, ram_budget=total * size, prefetch="off", decode_graph="on")
         cl = eng.cpu_layers
@@ -352,16 +358,11 @@ def test_n_cpu_moe_fused_token_twin(oracles, family, monkeypatch):
     # kernels' HybridPlan, GIL released), a thread playing the device through the same flags and
     # rows as the hand-off kernel: the logits equal the segmented path's bit for bit (the same
     # kernels on the same rows) and the all-resident run's within 1e-5
-    from flashmoe_plugin.runtime.graph_decode import unsupported
     store = oracles(family).store("q4")
     g = torch.Generator().manual_seed(6)
     ids, steps = torch.randint(3, 384, (10,), generator=g).tolist(), torch.randint(3, 384, (5,), generator=g).tolist()
     ref, size, total, k = reference(store, ids, steps)
-    probe = Engine(store, prefetch="off")
-    why, n_moe = unsupported(probe), len(probe.store.layers)
-    probe.close()
-    if why:
-        pytest.skip(f"the device step does not implement {family}'s {why}")
+    n_moe = device_step_layers(store, family)
     for n in sorted({1, n_moe}):
         seg, fast0, trace0 = _fused_run(store, n, ids, steps, total, size, False, monkeypatch)
         out, fast, trace = _fused_run(store, n, ids, steps, total, size, True, monkeypatch)
