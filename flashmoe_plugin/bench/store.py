@@ -157,7 +157,7 @@ def _decode_pipelined(engine, logits, n: int, sample, progress) -> tuple[float, 
     step left queued at the end is waited for outside it)."""
     from ..runtime.pipelined import Pipeline
     pipe = Pipeline.of(engine)  # its buffers made and its kernels loaded before the clock starts
-    times, gen, t0 = [], pipe.tokens(logits, sample), None
+    times, gen, t0, last = [], pipe.tokens(logits, sample), None, None
     for i, _ in enumerate(gen):
         now = time.perf_counter()
         if i:
