@@ -76,12 +76,15 @@ typedef struct {
  *                       0 (default) one cooperative launch, 1 two launches (PDL)
  *   FMC_TUNE_COOP_TRIGGER  1 (default): a cooperative launch lets the next launch (with programmatic
  *                       dependent launch, sm_90+) start once its blocks reach phase B: the next
- *                       layer's q/k/v GEMV streams its first weights under the experts' tail; 0 = off */
+ *                       layer's q/k/v GEMV streams its first weights under the experts' tail; 0 = off
+ *   FMC_TUNE_BULK       1: the one-token MoE (fmc_moe, T = 1) streams its weights with Hopper bulk copies
+ *                       (cp.async.bulk + mbarrier, sm_90+) where hidden and inter are whole stages
+ *                       (q4: multiples of 1024); 0: the cp.async ring. Same results bit for bit. */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
     FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
     FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_COOP_TRIGGER = 9,
-    FMC_TUNE_NKEYS = 10
+    FMC_TUNE_BULK = 10, FMC_TUNE_NKEYS = 11
 };
 int64_t fmc_tune(int key, int64_t value);
 
