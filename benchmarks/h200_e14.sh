@@ -4,8 +4,9 @@
 # the stream microbenchmark (benchmarks/stream_ceiling.cu, built here) in ../bin/stream_ceiling.
 #   1. stream_ceiling: the Mixtral layer's bytes read by the kernel's access patterns with no math
 #      (plain loads; the cp.async ring at 3/4/6 stages; bulk copies at several stage sizes and depths)
-#   2. expert_fixed_cost.py: main's build and this tree's (bulk ring on by default, e12's 4-stage rule)
-#      in one process, interleaved: the tree with bulk=0 (the rule alone), bulk at the auto depth and 6
+#   2. expert_fixed_cost.py: main's build and this tree's (bulk stream where the ring runs one block per
+#      SM, e12's 4-stage rule) in one process, interleaved: the tree with bulk=0 (the rule alone), bulk=1
+#      (the default), bulk=2 (bulk wherever it fits)
 #   3. the CUDA kernel tests with this tree (bulk on: bit-identical to the ring)
 #   4. rival row 6's decode (32 layers q4, every expert in VRAM, --dense-quant q4) with this tree, then main's
 #   5. ncu of one Mixtral layer, bulk and ring, where time is left
@@ -32,7 +33,7 @@ timeout 30 ../bin/stream_ceiling --json "$OUT/stream.json" 2>&1 | tee "$LOGS/str
 log "fixed cost"
 timeout ${AB_TIMEOUT:-70} python3 benchmarks/expert_fixed_cost.py --label e14 --json "$OUT/fixed-cost.json" --rounds 7 \
   --builds main=../so-main e14=tree --cases ${CASES:-mixtral,mixtral4,mixtral1,qwen35,qwen1,qwen8} \
-  --variants ${VARIANTS:-main: e14:bulk=0 e14: e14:stages=6} 2>&1 \
+  --variants ${VARIANTS:-main: e14:bulk=0 e14: e14:bulk=2} 2>&1 \
   | grep -v Warning | tee "$LOGS/fixed-cost.log" | grep -E " us |fit |copy |Error|error" | tee -a "$OUT/progress.log"
 log "tests e14"
 timeout 45 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_bulk.py tests/test_cuda_kernels.py \

@@ -1,9 +1,11 @@
-"""The one-token MoE's weight ring in Hopper bulk copies (the kernels' `bulk` knob, sm_90+) moves the
-same bytes into the same places as the cp.async ring, so its outputs are bit-identical to the ring's:
-every format on shapes whose rows are whole stages (the bulk form's condition: q8 rows of 512k values,
-q4 of 1024k, q2 of 2048k), experts concatenated in phase B, fp32 and bf16 x, cooperative and two
-launches, ring depths 3/4/6, records as host or device addresses, many launches in a row; on a shape
-that is not whole stages the knob falls back to the ring. All also against the float64 reference.
+"""The one-token MoE's weight stream in Hopper bulk copies (the kernels' `bulk` knob, sm_90+: stages of
+128 chunks, 2 per warp) feeds each lane the same chunks in the same order as the cp.async ring, so its
+outputs are bit-identical to the ring's: every format on shapes whose rows are whole multiples of 32
+chunks (the bulk form's condition: q8 rows of 512k values, q4 of 1024k, q2 of 2048k), stages that end
+inside an expert's w2 rows and go on in the next's, partial last stages, fp32 and bf16 x, cooperative
+and two launches, the ring at depths 3/4/6, records as host or device addresses, many launches in a
+row; on a shape that is not whole the knob falls back to the ring. All also against the float64
+reference.
 Skips without a GPU, as tests/test_cuda_kernels.py."""
 from __future__ import annotations
 
@@ -26,29 +28,32 @@ def _knobs(**kv):
 
 
 def _bulk_and_ring(run, depth):
-    """run() under bulk=1 and bulk=0 at ring depth `depth`; both outputs."""
-    old = _knobs(stages=depth, bulk=1)
+    """run() under bulk=2 (wherever it fits) and bulk=0 (the ring at depth `depth`); both outputs, and
+    whether the bulk run took the bulk stream (its launches report 2 stages, the ring 3, 4 or 6)."""
+    old = _knobs(stages=depth, bulk=2)
     try:
         a = run()
         torch.cuda.synchronize()
+        took = K().tune("last_stages") == 2
         K().tune("bulk", 0)
         b = run()
         torch.cuda.synchronize()
     finally:
         _knobs(**old)
-    return a, b
+    return a, b, took
 
 
 @pytest.mark.cuda
 @needs_gpu
 def test_bulk_knob_round_trips():
-    old = K().tune("bulk", 1)
+    old = K().tune("bulk", 2)
     try:
-        assert K().tune("bulk") == 1
+        assert K().tune("bulk") == 2
         K().tune("bulk", 0)
         assert K().tune("bulk") == 0
     finally:
         K().tune("bulk", old)
+    assert old == 1, "auto (1) is the default"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -57,8 +62,9 @@ def test_bulk_knob_round_trips():
 def test_bulk_is_bit_identical_to_the_ring(fmt):
     gen = torch.Generator().manual_seed(31)
     wv = WHOLE[fmt]
-    # (H, I, k): whole stages in both phases (one and several experts); I not whole (fallback).
-    for (H, I, k) in ((wv, 2 * wv, 3), (2 * wv, wv, 1), (wv, wv + 64, 2)):
+    # (H, I, k): whole in both phases (3 experts: w2 stages cross experts; 4 * wv: 4 stages per row),
+    # one expert, and I not whole (the ring).
+    for (H, I, k) in ((wv, 2 * wv, 3), (4 * wv, wv, 1), (wv, wv + 64, 2)):
         layout = RecordLayout.build(fmt, H, I)
         recs = [rand_record(layout, gen) for _ in range(k)]
         drecs = [r.cuda() for r in recs]
@@ -67,9 +73,9 @@ def test_bulk_is_bit_identical_to_the_ring(fmt):
         w = torch.rand(k, generator=gen) + 0.1
         ws = torch.zeros(K().workspace_bytes(k, I), dtype=torch.uint8, device="cuda")
         x = torch.randn(1, H, generator=gen)
-        ref = sum(float(w[e]) * ref_expert(x, recs[e], layout) for e in range(k))
         for dtype in (torch.float32, torch.bfloat16):
             xd = x.to(dtype).cuda()
+            ref = sum(float(w[e]) * ref_expert(x.to(dtype).float(), recs[e], layout) for e in range(k))
             for mode in ("coop", "two"):
                 for depth in (3, 4, 6):
                     for on_dev in (False, True):
@@ -78,8 +84,9 @@ def test_bulk_is_bit_identical_to_the_ring(fmt):
                             K().moe(addrs if on_dev else drecs, lt, w.cuda(), xd, out, ws, stream(), mode=mode)
                             return out
 
-                        a, b = _bulk_and_ring(run, depth)
+                        a, b, took = _bulk_and_ring(run, depth)
                         where = f"{fmt} H={H} I={I} k={k} {dtype} {mode} depth {depth} dev={on_dev}"
+                        assert took == (I % wv == 0), where + ": bulk taken where it should not / not taken"
                         assert torch.equal(a, b), where
                 assert rel_err(a, ref) <= TOL[dtype], f"{fmt} H={H} I={I} k={k} {dtype} {mode}"
 
@@ -104,6 +111,7 @@ def test_bulk_over_many_launches():
             K().moe(drecs, lt, w, xs[i % 5], outs[i:i + 1], ws, stream(), mode="coop")
         return outs
 
-    a, b = _bulk_and_ring(run_all, 0)
+    a, b, took = _bulk_and_ring(run_all, 0)
+    assert took
     assert torch.equal(a, b)
     assert torch.isfinite(a).all()

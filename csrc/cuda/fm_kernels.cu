@@ -346,12 +346,20 @@ constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 
 constexpr int STAGE_BYTES = PU * USLOT;
 __host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
 constexpr int RING_BYTES = ring_bytes(PD);
-// The bulk ring (BULK = 1, FMC_TUNE_BULK; only where every stage is 32 whole chunks of one segment:
-// chunks per row a multiple of 32): a stage is 6 bulk copies (4 for q8) issued by lanes 0-5, of the
-// two rows' 512 B each and their scales' (and biases') 2 x 16 / 32 / 64 B, completed on the stage's
-// mbarrier at the slot's last 8 bytes. Same slot size, same weights at the same places; scales and
-// biases sit as the fp16 values of the stage's groups (lane l's at its group's index l / CPG).
-constexpr int MBAR_OFF = USLOT - 8;
+// The bulk ring (BULK = 1, FMC_TUNE_BULK; only where rows are whole multiples of 32 chunks): a stage
+// is BW = 128 chunks of the item (2 KB of each row where the item is one segment), 2 stages per warp
+// (one in flight while the warp computes the other). Its bulk copies are issued by up to 6 x BU lanes:
+// lane = kind * BU + run, kind 0/1 the two rows' packed weights, 2/3 their scales, 4/5 their biases,
+// run the piece of the stage in one segment (a stage may cross from one expert's w2 rows into the
+// next's; runs are whole multiples of 32 chunks, so every copy is 16-byte aligned). Slot: row 0's
+// chunks at 16 p (p the chunk's place in the stage), row 1's at 16 (BW + p), then the rows' fp16
+// scales and biases by group (p / CPG), then the stage's mbarrier in the slot's last 8 bytes.
+// Measured in the stream's microbenchmark (stream_ceiling.cu): per warp 512-byte bulk copies (one
+// ring stage) streamed far below the cp.async ring (2.6 against 3.8 TB/s), 2 KB ones above it.
+constexpr int BU = 4, BW = 32 * BU, BPD = 2;
+__host__ __device__ constexpr int bulk_sbytes(int cpg, int bias) { return 2 * BW / cpg * (bias ? 4 : 2); }
+__host__ __device__ constexpr int bulk_slot(int cpg, int bias) { return (32 * BW + bulk_sbytes(cpg, bias) + 8 + 127) / 128 * 128; }
+__host__ __device__ constexpr int bulk_ring_bytes(int cpg, int bias) { return WARPS * BPD * bulk_slot(cpg, bias); }
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -407,6 +415,9 @@ struct ItemCursor {
 
 template <int F, int LIMBS, int NT, int BULK>
 struct Pipe {
+    static constexpr int SLOT = BULK ? bulk_slot(Fmt<F>::CPG, Fmt<F>::BIAS) : STAGE_BYTES;
+    static constexpr int W = BULK ? BW : 32 * PU;  // chunks per stage
+    static constexpr int MBAR = SLOT - 8;
     const Params &p;
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
@@ -435,13 +446,13 @@ struct Pipe {
         qrow = (unsigned)nch * 16u;
         const int64_t first = ib + warp;
         nj = first < ie ? (int)((ie - first + WARPS - 1) / WARPS) : 0;
-        spi = (total + 32 * PU - 1) / (32 * PU);
+        spi = (total + W - 1) / W;
         ic.init(pa, (int)first, p.I);
         i_base = 0;
         i_st = 0;
         i_left = nj * spi;
         pd = p.pd;
-        ring = ring_all + (size_t)warp * pd * STAGE_BYTES;
+        ring = ring_all + (size_t)warp * pd * SLOT;
         ring_s = (uint32_t)__cvta_generic_to_shared(ring);
     }
 
@@ -452,37 +463,49 @@ struct Pipe {
         else if (c >= nch) { ++seg; c -= nch; }
     }
 
-    // Bulk: one stage (32 chunks of one segment) in 4 or 6 bulk copies by lanes 0-5; the warp's lanes
-    // have all read the slot's last use (__syncwarp) before it is overwritten.
+    // Bulk: one stage (chunks i_base .. i_base + BW of the item) in bulk copies, lane = kind * BU + run;
+    // the warp's lanes have all read the slot's last use (__syncwarp) before it is overwritten.
     __device__ __forceinline__ void issue_bulk() {
         if (i_left > 0) {
-            constexpr int SB = 64 / Fmt<F>::CPG;  // bytes of one row's scales in a stage
-            const uint32_t st = ring_s + (uint32_t)i_st * STAGE_BYTES, mb = st + MBAR_OFF;
+            using FM = Fmt<F>;
+            constexpr int GB = 2 * BW / FM::CPG;  // bytes of one row's scales in a full stage
+            const uint32_t st = ring_s + (uint32_t)i_st * SLOT, mb = st + MBAR;
             unsigned r0, r1;
             int seg0;
             ic.rows(pa, p.I, p.H, r0, r1, seg0);
-            int seg = 0, c = i_base;
-            if (nseg > 1) split(i_base, seg, c);
+            const int nst = total - i_base < BW ? total - i_base : BW;  // chunks in this stage
             __syncwarp();
-            if (lane == 0) mbar_expect(mb, 1024u + (Fmt<F>::BIAS ? 4u : 2u) * SB);
+            if (lane == 0) mbar_expect(mb, (uint32_t)nst * (32u + (FM::BIAS ? 8u : 4u) / FM::CPG));
             __syncwarp();
-            if (lane < (Fmt<F>::BIAS ? 6 : 4)) {
-                const uint8_t *rb = srec[seg0 + seg];
-                const unsigned r = (lane & 1) ? r1 : r0;
-                const uint8_t *src;
-                uint32_t dst, n;
-                if (lane < 2) {
-                    src = rb + q_off + (size_t)r * qrow + (unsigned)c * 16u;
-                    dst = st + lane * 512;
-                    n = 512;
-                } else {
-                    src = rb + (lane < 4 ? s_off : b_off) + 2 * ((size_t)r * ngroups + (unsigned)c / Fmt<F>::CPG);
-                    dst = st + 1024 + (lane - 2) * SB;
-                    n = SB;
+            const int kind = lane / BU, run = lane - kind * BU;
+            if (kind < (FM::BIAS ? 6 : 4)) {
+                int seg = 0, c = i_base;
+                if (nseg > 1) split(i_base, seg, c);
+                int pos = 0;
+                for (int t = 0; t < run && pos < nst; ++t) {
+                    pos += nch - c < nst - pos ? nch - c : nst - pos;
+                    ++seg;
+                    c = 0;
                 }
-                bulk_copy(dst, src, n, mb);
+                if (pos < nst) {
+                    const int len = nch - c < nst - pos ? nch - c : nst - pos;
+                    const uint8_t *rb = srec[seg0 + seg];
+                    const unsigned r = (kind & 1) ? r1 : r0;
+                    const uint8_t *src;
+                    uint32_t dst, n;
+                    if (kind < 2) {
+                        src = rb + q_off + (size_t)r * qrow + (unsigned)c * 16u;
+                        dst = st + (kind * BW + pos) * 16;
+                        n = 16u * len;
+                    } else {
+                        src = rb + (kind < 4 ? s_off : b_off) + 2 * ((size_t)r * ngroups + (unsigned)c / FM::CPG);
+                        dst = st + 32 * BW + (kind - 2) * GB + 2 * (pos / FM::CPG);
+                        n = 2u * len / FM::CPG;
+                    }
+                    bulk_copy(dst, src, n, mb);
+                }
             }
-            i_base += 32;
+            i_base += BW;
             if (i_base >= total) {
                 i_base = 0;
                 ic.next(pa, p.I);
@@ -536,33 +559,37 @@ struct Pipe {
         cp_commit();
     }
 
-    // One stage of the item with rows r0/r1: chunks base + 32u + lane.
+    // One stage of the item with rows r0/r1: chunks base + 32u + lane (u < W / 32), in that order
+    // for both rings, so that each lane accumulates its chunks in the same order.
     __device__ __forceinline__ void compute(int base, int st_idx, unsigned r0, unsigned r1, const int4 *xdata,
                                             const float2 *meta, float (&acc)[2][NT]) const {
         using FM = Fmt<F>;
-        constexpr int P = FM::P;
-        const unsigned char *st = ring + st_idx * STAGE_BYTES;
+        constexpr int P = FM::P, GB = 2 * BW / FM::CPG;
+        const unsigned char *st = ring + st_idx * SLOT;
         const size_t img_int4 = (size_t)LIMBS * P * nch;
 #pragma unroll
-        for (int u = 0; u < PU; ++u) {
+        for (int u = 0; u < W / 32; ++u) {
             const int f = base + 32 * u + lane;
             if (f < total) {
                 int seg = 0, c = f;
                 if (nseg > 1) split(f, seg, c);
-                const unsigned char *d = st + u * USLOT;
-                const uint4 w0 = *(const uint4 *)(d + lane * 16);
-                const uint4 w1 = *(const uint4 *)(d + 512 + lane * 16);
+                uint4 w0, w1;
                 float sc0, sc1, bi0 = 0.f, bi1 = 0.f;
                 if (BULK) {
-                    constexpr int SB = 64 / FM::CPG;
-                    const __half *sh = (const __half *)(d + 1024) + lane / FM::CPG;
+                    const int pos = 32 * u + lane;
+                    w0 = *(const uint4 *)(st + pos * 16);
+                    w1 = *(const uint4 *)(st + (BW + pos) * 16);
+                    const __half *sh = (const __half *)(st + 32 * BW) + pos / FM::CPG;
                     sc0 = __half2float(sh[0]);
-                    sc1 = __half2float(sh[SB / 2]);
+                    sc1 = __half2float(sh[GB / 2]);
                     if (FM::BIAS) {
-                        bi0 = __half2float(sh[SB]);
-                        bi1 = __half2float(sh[3 * SB / 2]);
+                        bi0 = __half2float(sh[GB]);
+                        bi1 = __half2float(sh[3 * GB / 2]);
                     }
                 } else {
+                    const unsigned char *d = st + u * USLOT;
+                    w0 = *(const uint4 *)(d + lane * 16);
+                    w1 = *(const uint4 *)(d + 512 + lane * 16);
                     const unsigned g = (unsigned)c / FM::CPG;
                     const unsigned odd0 = (r0 * (unsigned)ngroups + g) & 1u, odd1 = (r1 * (unsigned)ngroups + g) & 1u;
                     sc0 = half_of(*(const unsigned *)(d + 1024 + lane * 4), odd0);
@@ -615,10 +642,10 @@ struct Pipe {
             float acc[2][NT];
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
-            for (int base = 0; base < total; base += 32 * PU) {
+            for (int base = 0; base < total; base += W) {
                 issue();
                 if (BULK) {
-                    mbar_wait(ring_s + (uint32_t)c_st * STAGE_BYTES + MBAR_OFF, (ph >> c_st) & 1u);
+                    mbar_wait(ring_s + (uint32_t)c_st * SLOT + MBAR, (ph >> c_st) & 1u);
                     ph ^= 1u << c_st;
                 } else {
                     cp_wait_ring(pd);
@@ -715,7 +742,7 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     const uint8_t **srec = (const uint8_t **)smem;
     float *swt = (float *)(smem + FMC_MAX_K * 8);
     unsigned char *ring = smem + HDR_BYTES;
-    int4 *xdata = (int4 *)(smem + HDR_BYTES + ring_bytes(p.pd));
+    int4 *xdata = (int4 *)(smem + HDR_BYTES + (BULK ? bulk_ring_bytes(Fmt<F>::CPG, Fmt<F>::BIAS) : ring_bytes(p.pd)));
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (p.pdl) {
         pdl_trigger();
@@ -730,8 +757,9 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     }
     unsigned ph = 0;  // bulk: every stage's mbarrier starts in phase 0
     if (BULK) {
-        if (lane < p.pd)
-            mbar_init((uint32_t)__cvta_generic_to_shared(ring + ((size_t)warp * p.pd + lane) * STAGE_BYTES + MBAR_OFF), 1);
+        if (lane < BPD)
+            mbar_init((uint32_t)__cvta_generic_to_shared(ring + ((size_t)warp * BPD + lane + 1) *
+                                                                    Pipe<F, LIMBS, NT, 1>::SLOT - 8), 1);
         mbar_init_fence();
     }
     __syncthreads();
@@ -870,8 +898,9 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The bulk ring (FMC_TUNE_BULK, sm_90+) for rows of K values: every stage must be 32 whole chunks
-// of one row (chunks per row a multiple of 32), which also makes every bulk copy 16-byte aligned.
+// The bulk ring (FMC_TUNE_BULK, sm_90+) for rows of K values: chunks per row a multiple of 32, so that
+// every bulk copy is whole groups of 32 chunks, 16-byte aligned at both ends.
+constexpr int CPG_OF[3] = {Fmt<0>::CPG, Fmt<1>::CPG, Fmt<2>::CPG};
 bool use_bulk(const DevInfo *d, int f, int64_t K) {
     return g_tune[FMC_TUNE_BULK] && d->cc_major >= 9 && (K / epc_of(f)) % 32 == 0;
 }
@@ -1049,7 +1078,6 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
         }
     }
     if (n < 0) return FMC_ESMEM;
-    if (n == 0 && use_bulk(d, f, L->hidden) && use_bulk(d, f, L->inter)) n = 2;
     // AUTO stays cooperative: two PDL launches ran the Mixtral layer 5-9% faster on the H200 but
     // the q8 Qwen3.5 layer 6% slower, an 8-layer decode 703 -> 668 tok/s (one run each), and in
     // the 32-layer q4 decode (FMC_TUNE_AUTO_MODE 1) the expert kernels took 2169 us per token
@@ -1062,6 +1090,19 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     if ((rc = launch_shape(d, f, l, n, smem, (int64_t)kg * L->inter, (int)ceil_div(L->hidden / epc_of(f), 32), &pd,
                            &smem, &bps)))
         return rc;
+    // The bulk ring in place of the cp.async ring (FMC_TUNE_BULK): 1 where the ring's launch leaves
+    // one block per SM anyway (the bulk ring's shared memory leaves one), 2 wherever it fits.
+    if (n == 0 && use_bulk(d, f, L->hidden) && use_bulk(d, f, L->inter) && (bps == 1 || g_tune[FMC_TUNE_BULK] == 2)) {
+        const size_t sb = smem - (size_t)ring_bytes(pd) + (size_t)bulk_ring_bytes(CPG_OF[f], f != 0);
+        int bb = 0;
+        if (sb <= (size_t)d->smem_optin && prepare(d, f, l, 2, sb, &bb) == FMC_OK) {
+            n = 2;
+            pd = BPD;
+            smem = sb;
+            bps = bb;
+            g_tune[FMC_TUNE_LAST_STAGES] = pd;
+        }
+    }
     const int NT = n == 1 ? 4 : 1;
     const int64_t cap = (int64_t)bps * d->sms;
     cudaStream_t st = (cudaStream_t)stream;
