@@ -115,3 +115,35 @@ def test_bulk_over_many_launches():
     assert took
     assert torch.equal(a, b)
     assert torch.isfinite(a).all()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_bulk_is_the_default_where_rows_are_long():
+    """The default (bulk=1) takes the bulk stream on long rows at one block per SM (q4 4096 x 4096, 2
+    experts: e12's 4-stage rule gives the ring one block per SM) and gives the ring's bits there; with
+    rows of 1024 (the Qwen3.5 shape's w2) it keeps the ring."""
+    gen = torch.Generator().manual_seed(33)
+    assert K().tune("bulk") == 1
+    for (H, I, want) in ((4096, 4096, True), (4096, 1024, False)):
+        layout = RecordLayout.build("q4", H, I)
+        k = 2 if want else 8
+        drecs = [rand_record(layout, gen).cuda() for _ in range(k)]
+        lt = CudaBackend.layout_tuple(layout)
+        w = (torch.rand(k, generator=gen) + 0.1).cuda()
+        ws = torch.zeros(K().workspace_bytes(k, I), dtype=torch.uint8, device="cuda")
+        x = torch.randn(1, H, generator=gen).bfloat16().cuda()
+        outs = []
+        for bulk in (1, 0):
+            old = K().tune("bulk", bulk)
+            try:
+                out = torch.full((1, H), float("nan"), device="cuda")
+                K().moe(drecs, lt, w, x, out, ws, stream(), mode="coop")
+                torch.cuda.synchronize()
+                outs.append((out, K().tune("last_stages")))
+            finally:
+                K().tune("bulk", old)
+        assert (outs[0][1] == 2) == want, f"H={H} I={I} k={k}: stages {outs[0][1]}"
+        assert outs[1][1] != 2
+        assert torch.equal(outs[0][0], outs[1][0]), f"H={H} I={I} k={k}"
+        assert torch.isfinite(outs[0][0]).all()
