@@ -157,7 +157,8 @@ def workspace_bytes(int k, int64_t inter):
 
 
 _TUNE_KEYS = {"prefetch": 0, "max_blocks_per_sm": 1, "last_grid": 2, "last_blocks_per_sm": 3, "last_smem": 4, "pdl": 5,
-              "stages": 6, "last_stages": 7, "auto_mode": 8, "coop_trigger": 9}
+              "stages": 6, "last_stages": 7, "auto_mode": 8, "coop_trigger": 9,
+              "bulk": 10}
 
 
 def tune(key, value=None):
@@ -166,7 +167,9 @@ def tune(key, value=None):
     (0: occupancy limit), pdl (1: programmatic dependent launch for plain launches on sm_90+, the
     default; 0 off), stages (weight ring depth per warp: 0 = auto, the default, or 3, 4, 6), auto_mode
     (what moe's mode "auto" runs: 0 one cooperative launch, the default; 1 two launches), coop_trigger (1, the
-    default: a cooperative launch lets the next PDL launch start at its phase B; 0 off); read-only:
+    default: a cooperative launch lets the next PDL launch start at its phase B; 0 off), bulk (the one-token MoE's
+    weight stream: 1 sm_90 bulk copies where the ring would run one block per SM and rows are long (q4: hidden
+    and inter multiples of 1024, at least 4096), the default; 2 bulk wherever it fits; 0 the cp.async ring); read-only:
     last_grid, last_blocks_per_sm, last_smem, last_stages (what the last launch used). value None only reads."""
     try:
         k = _TUNE_KEYS[key]

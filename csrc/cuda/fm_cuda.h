@@ -76,12 +76,17 @@ typedef struct {
  *                       0 (default) one cooperative launch, 1 two launches (PDL)
  *   FMC_TUNE_COOP_TRIGGER  1 (default): a cooperative launch lets the next launch (with programmatic
  *                       dependent launch, sm_90+) start once its blocks reach phase B: the next
- *                       layer's q/k/v GEMV streams its first weights under the experts' tail; 0 = off */
+ *                       layer's q/k/v GEMV streams its first weights under the experts' tail; 0 = off
+ *   FMC_TUNE_BULK       the one-token MoE's (fmc_moe, T = 1) weight stream: 1 (default) Hopper bulk copies
+ *                       (cp.async.bulk + mbarrier, sm_90+) where the cp.async ring's launch leaves one block
+ *                       per SM and hidden and inter are whole multiples of 32 chunks of at least 128
+ *                       (q4: multiples of 1024, at least 4096); 2 bulk wherever the shapes allow and it
+ *                       fits; 0 the cp.async ring always. Same results bit for bit. */
 enum fmc_tune_key {
     FMC_TUNE_PREFETCH = 0, FMC_TUNE_MAX_BLOCKS_PER_SM = 1,
     FMC_TUNE_LAST_GRID = 2, FMC_TUNE_LAST_BPS = 3, FMC_TUNE_LAST_SMEM = 4, FMC_TUNE_PDL = 5,
     FMC_TUNE_STAGES = 6, FMC_TUNE_LAST_STAGES = 7, FMC_TUNE_AUTO_MODE = 8, FMC_TUNE_COOP_TRIGGER = 9,
-    FMC_TUNE_NKEYS = 10
+    FMC_TUNE_BULK = 10, FMC_TUNE_NKEYS = 11
 };
 int64_t fmc_tune(int key, int64_t value);
 

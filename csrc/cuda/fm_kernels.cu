@@ -1,6 +1,6 @@
 // flashmoe CUDA kernels (see fm_cuda.h for the contract and the arithmetic).
 //
-// One kernel template does all the quantized matrix work: moe_kernel<FMT, LIMBS, NT>.
+// One kernel template does all the quantized matrix work: moe_kernel<FMT, LIMBS, NT, BULK>.
 //   phase A: for each (expert e, intermediate row i): gate row i and up row I+i of w13_e against
 //            x (NT tokens), h[e][t][i] = silu(gate) * up  -> fp32 workspace
 //   phase B: for each pair of output rows (r, r+1): the dot product over the concatenation of
@@ -12,7 +12,9 @@
 //
 // Work split: a persistent grid; each block takes a contiguous range of items, its 8 warps take
 // the block's items round-robin; an item is two weight rows, streamed by the warp through a
-// cp.async ring in shared memory (coalesced 16-byte copies: lane l takes chunks l, l+32, ...).
+// cp.async ring in shared memory (coalesced 16-byte copies: lane l takes chunks l, l+32, ...), or, in
+// the one-token decode on long rows (BULK = 1, FMC_TUNE_BULK), through 2 stages of Hopper bulk copies
+// of 128 chunks (the same chunks reach each lane in the same order: bit-identical results).
 //
 // x in shared memory: per image (one token's input vector, K values) K int16 values per limb,
 // arranged so that lane l's 16-byte weight chunk meets its x values as 16-byte pieces at
@@ -30,6 +32,7 @@
 #include "fm_cuda.h"
 #include "fm_device.cuh"
 #include "fm_quant.cuh"
+#include "fm_bulk.cuh"
 
 #define FMC_VERSION_NUMBER 1
 
@@ -42,6 +45,11 @@ constexpr int HDR_BYTES = 512;            // record pointers (32 x 8) + expert w
 // Off: on the H200 it cost 1-2 us per call (q4 14336x4096 GEMV 13.0 us without, 14.6 with
 // 64 KiB; the Qwen3.5 layer 16.1 against 16.7 us), the cp.async rings already keep HBM busy.
 constexpr int64_t DEFAULT_PREFETCH = 0;
+// Default of FMC_TUNE_BULK (the one-token MoE's weight ring in bulk copies where shapes allow).
+#ifndef FMC_BULK_DEFAULT
+#define FMC_BULK_DEFAULT 1
+#endif
+constexpr int64_t DEFAULT_BULK = FMC_BULK_DEFAULT;
 
 struct Params {
     const uint8_t *rec[FMC_MAX_K];
@@ -340,6 +348,20 @@ constexpr int USLOT = 1536;                // per u: 2 rows x 32 lanes x 16 B + 
 constexpr int STAGE_BYTES = PU * USLOT;
 __host__ __device__ constexpr int ring_bytes(int pd) { return WARPS * pd * STAGE_BYTES; }
 constexpr int RING_BYTES = ring_bytes(PD);
+// The bulk ring (BULK = 1, FMC_TUNE_BULK; only where rows are whole multiples of 32 chunks): a stage
+// is BW = 128 chunks of the item (2 KB of each row where the item is one segment), 2 stages per warp
+// (one in flight while the warp computes the other). Its bulk copies are issued by up to 6 x BU lanes:
+// lane = kind * BU + run, kind 0/1 the two rows' packed weights, 2/3 their scales, 4/5 their biases,
+// run the piece of the stage in one segment (a stage may cross from one expert's w2 rows into the
+// next's; runs are whole multiples of 32 chunks, so every copy is 16-byte aligned). Slot: row 0's
+// chunks at 16 p (p the chunk's place in the stage), row 1's at 16 (BW + p), then the rows' fp16
+// scales and biases by group (p / CPG), then the stage's mbarrier in the slot's last 8 bytes.
+// Measured in the stream's microbenchmark (stream_ceiling.cu): per warp 512-byte bulk copies (one
+// ring stage) streamed far below the cp.async ring (2.6 against 3.8 TB/s), 2 KB ones above it.
+constexpr int BU = 4, BW = 32 * BU, BPD = 2;
+__host__ __device__ constexpr int bulk_sbytes(int cpg, int bias) { return 2 * BW / cpg * (bias ? 4 : 2); }
+__host__ __device__ constexpr int bulk_slot(int cpg, int bias) { return (32 * BW + bulk_sbytes(cpg, bias) + 8 + 127) / 128 * 128; }
+__host__ __device__ constexpr int bulk_ring_bytes(int cpg, int bias) { return WARPS * BPD * bulk_slot(cpg, bias); }
 
 __device__ __forceinline__ void cp16(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
@@ -393,8 +415,11 @@ struct ItemCursor {
     }
 };
 
-template <int F, int LIMBS, int NT>
+template <int F, int LIMBS, int NT, int BULK>
 struct Pipe {
+    static constexpr int SLOT = BULK ? bulk_slot(Fmt<F>::CPG, Fmt<F>::BIAS) : STAGE_BYTES;
+    static constexpr int W = BULK ? BW : 32 * PU;  // chunks per stage
+    static constexpr int MBAR = SLOT - 8;
     const Params &p;
     const uint8_t *const *srec;
     bool pa;                    // phase A (w13 row pairs) or B (w2 row pairs over all experts)
@@ -406,6 +431,7 @@ struct Pipe {
     uint32_t ring_s;
     ItemCursor ic;              // issue cursor
     int i_base, i_st, i_left;
+    unsigned ph;                // bulk: the parity each stage's mbarrier completes next (bit per stage)
 
     __device__ Pipe(const Params &p_, const uint8_t *const *srec_, bool pa_, int64_t ib, int64_t ie, int K,
                     unsigned char *ring_all, int warp_, int lane_)
@@ -422,13 +448,13 @@ struct Pipe {
         qrow = (unsigned)nch * 16u;
         const int64_t first = ib + warp;
         nj = first < ie ? (int)((ie - first + WARPS - 1) / WARPS) : 0;
-        spi = (total + 32 * PU - 1) / (32 * PU);
+        spi = (total + W - 1) / W;
         ic.init(pa, (int)first, p.I);
         i_base = 0;
         i_st = 0;
         i_left = nj * spi;
         pd = p.pd;
-        ring = ring_all + (size_t)warp * pd * STAGE_BYTES;
+        ring = ring_all + (size_t)warp * pd * SLOT;
         ring_s = (uint32_t)__cvta_generic_to_shared(ring);
     }
 
@@ -439,7 +465,63 @@ struct Pipe {
         else if (c >= nch) { ++seg; c -= nch; }
     }
 
+    // Bulk: one stage (chunks i_base .. i_base + BW of the item) in bulk copies, lane = kind * BU + run;
+    // the warp's lanes have all read the slot's last use (__syncwarp) before it is overwritten.
+    __device__ __forceinline__ void issue_bulk() {
+        if (i_left > 0) {
+            using FM = Fmt<F>;
+            constexpr int GB = 2 * BW / FM::CPG;  // bytes of one row's scales in a full stage
+            const uint32_t st = ring_s + (uint32_t)i_st * SLOT, mb = st + MBAR;
+            unsigned r0, r1;
+            int seg0;
+            ic.rows(pa, p.I, p.H, r0, r1, seg0);
+            const int nst = total - i_base < BW ? total - i_base : BW;  // chunks in this stage
+            __syncwarp();
+            if (lane == 0) mbar_expect(mb, (uint32_t)nst * (32u + (FM::BIAS ? 8u : 4u) / FM::CPG));
+            __syncwarp();
+            const int kind = lane / BU, run = lane - kind * BU;
+            if (kind < (FM::BIAS ? 6 : 4)) {
+                int seg = 0, c = i_base;
+                if (nseg > 1) split(i_base, seg, c);
+                int pos = 0;
+                for (int t = 0; t < run && pos < nst; ++t) {
+                    pos += nch - c < nst - pos ? nch - c : nst - pos;
+                    ++seg;
+                    c = 0;
+                }
+                if (pos < nst) {
+                    const int len = nch - c < nst - pos ? nch - c : nst - pos;
+                    const uint8_t *rb = srec[seg0 + seg];
+                    const unsigned r = (kind & 1) ? r1 : r0;
+                    const uint8_t *src;
+                    uint32_t dst, n;
+                    if (kind < 2) {
+                        src = rb + q_off + (size_t)r * qrow + (unsigned)c * 16u;
+                        dst = st + (kind * BW + pos) * 16;
+                        n = 16u * len;
+                    } else {
+                        src = rb + (kind < 4 ? s_off : b_off) + 2 * ((size_t)r * ngroups + (unsigned)c / FM::CPG);
+                        dst = st + 32 * BW + (kind - 2) * GB + 2 * (pos / FM::CPG);
+                        n = 2u * len / FM::CPG;
+                    }
+                    bulk_copy(dst, src, n, mb);
+                }
+            }
+            i_base += BW;
+            if (i_base >= total) {
+                i_base = 0;
+                ic.next(pa, p.I);
+            }
+            i_st = i_st + 1 == pd ? 0 : i_st + 1;
+            --i_left;
+        }
+    }
+
     __device__ __forceinline__ void issue() {
+        if (BULK) {
+            issue_bulk();
+            return;
+        }
         if (i_left > 0) {
             const uint32_t st = ring_s + (uint32_t)i_st * STAGE_BYTES;
             unsigned r0, r1;
@@ -479,30 +561,45 @@ struct Pipe {
         cp_commit();
     }
 
-    // One stage of the item with rows r0/r1: chunks base + 32u + lane.
+    // One stage of the item with rows r0/r1: chunks base + 32u + lane (u < W / 32), in that order
+    // for both rings, so that each lane accumulates its chunks in the same order.
     __device__ __forceinline__ void compute(int base, int st_idx, unsigned r0, unsigned r1, const int4 *xdata,
                                             const float2 *meta, float (&acc)[2][NT]) const {
         using FM = Fmt<F>;
-        constexpr int P = FM::P;
-        const unsigned char *st = ring + st_idx * STAGE_BYTES;
+        constexpr int P = FM::P, GB = 2 * BW / FM::CPG;
+        const unsigned char *st = ring + st_idx * SLOT;
         const size_t img_int4 = (size_t)LIMBS * P * nch;
 #pragma unroll
-        for (int u = 0; u < PU; ++u) {
+        for (int u = 0; u < W / 32; ++u) {
             const int f = base + 32 * u + lane;
             if (f < total) {
                 int seg = 0, c = f;
                 if (nseg > 1) split(f, seg, c);
-                const unsigned char *d = st + u * USLOT;
-                const uint4 w0 = *(const uint4 *)(d + lane * 16);
-                const uint4 w1 = *(const uint4 *)(d + 512 + lane * 16);
-                const unsigned g = (unsigned)c / FM::CPG;
-                const unsigned odd0 = (r0 * (unsigned)ngroups + g) & 1u, odd1 = (r1 * (unsigned)ngroups + g) & 1u;
-                const float sc0 = half_of(*(const unsigned *)(d + 1024 + lane * 4), odd0);
-                const float sc1 = half_of(*(const unsigned *)(d + 1152 + lane * 4), odd1);
-                float bi0 = 0.f, bi1 = 0.f;
-                if (FM::BIAS) {
-                    bi0 = half_of(*(const unsigned *)(d + 1280 + lane * 4), odd0);
-                    bi1 = half_of(*(const unsigned *)(d + 1408 + lane * 4), odd1);
+                uint4 w0, w1;
+                float sc0, sc1, bi0 = 0.f, bi1 = 0.f;
+                if (BULK) {
+                    const int pos = 32 * u + lane;
+                    w0 = *(const uint4 *)(st + pos * 16);
+                    w1 = *(const uint4 *)(st + (BW + pos) * 16);
+                    const __half *sh = (const __half *)(st + 32 * BW) + pos / FM::CPG;
+                    sc0 = __half2float(sh[0]);
+                    sc1 = __half2float(sh[GB / 2]);
+                    if (FM::BIAS) {
+                        bi0 = __half2float(sh[GB]);
+                        bi1 = __half2float(sh[3 * GB / 2]);
+                    }
+                } else {
+                    const unsigned char *d = st + u * USLOT;
+                    w0 = *(const uint4 *)(d + lane * 16);
+                    w1 = *(const uint4 *)(d + 512 + lane * 16);
+                    const unsigned g = (unsigned)c / FM::CPG;
+                    const unsigned odd0 = (r0 * (unsigned)ngroups + g) & 1u, odd1 = (r1 * (unsigned)ngroups + g) & 1u;
+                    sc0 = half_of(*(const unsigned *)(d + 1024 + lane * 4), odd0);
+                    sc1 = half_of(*(const unsigned *)(d + 1152 + lane * 4), odd1);
+                    if (FM::BIAS) {
+                        bi0 = half_of(*(const unsigned *)(d + 1280 + lane * 4), odd0);
+                        bi1 = half_of(*(const unsigned *)(d + 1408 + lane * 4), odd1);
+                    }
                 }
                 int V0[2 * P], V1[2 * P];
                 unpack<F>(w0, V0);
@@ -547,9 +644,14 @@ struct Pipe {
             float acc[2][NT];
 #pragma unroll
             for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = 0.f;
-            for (int base = 0; base < total; base += 32 * PU) {
+            for (int base = 0; base < total; base += W) {
                 issue();
-                cp_wait_ring(pd);
+                if (BULK) {
+                    mbar_wait(ring_s + (uint32_t)c_st * SLOT + MBAR, (ph >> c_st) & 1u);
+                    ph ^= 1u << c_st;
+                } else {
+                    cp_wait_ring(pd);
+                }
                 compute(base, c_st, r0, r1, xdata, meta, acc);
                 c_st = c_st + 1 == pd ? 0 : c_st + 1;
             }
@@ -575,7 +677,7 @@ struct Pipe {
             }
             cc.next(pa, p.I);
         }
-        cp_wait<0>();
+        if (!BULK) cp_wait<0>();  // (bulk: every stage issued was waited for above)
     }
 
     int first_item;
@@ -586,31 +688,35 @@ struct Pipe {
     }
 };
 
-template <int F, int LIMBS, int NT>
-__device__ void phase_a(const Params &p, const uint8_t *const *srec, const float *swt, unsigned char *ring,
-                        int4 *xdata, int warp, int lane) {
+// Returns the bulk ring's stage parities after phase A (phase B's ring continues them).
+template <int F, int LIMBS, int NT, int BULK>
+__device__ unsigned phase_a(const Params &p, const uint8_t *const *srec, const float *swt, unsigned char *ring,
+                            int4 *xdata, int warp, int lane) {
     const int K = p.H;
     int64_t ib, ie;
     block_range((int64_t)p.k * p.I, ib, ie);
-    if (ib >= ie) return;
-    Pipe<F, LIMBS, NT> pp(p, srec, true, ib, ie, K, ring, warp, lane);
+    if (ib >= ie) return 0;
+    Pipe<F, LIMBS, NT, BULK> pp(p, srec, true, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
+    pp.ph = 0;
     pp.prime();
     if (p.pdl) pdl_wait();  // x is the previous kernel's output
     float2 *meta = (float2 *)(xdata + NT * image_int4(F, LIMBS, K));
     prep_images<F, LIMBS>(NT, NT, p.nt, K, p.x, p.x_dtype, true, p.t0, swt, xdata, meta, warp, lane);
     __syncthreads();
     pp.run(xdata, meta);
+    return pp.ph;
 }
 
-template <int F, int LIMBS, int NT>
+template <int F, int LIMBS, int NT, int BULK>
 __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float *swt, unsigned char *ring,
-                        int4 *xdata, int warp, int lane, bool barrier) {
+                        int4 *xdata, int warp, int lane, bool barrier, unsigned ph) {
     const int K = p.I;
     int64_t ib, ie;
     block_range((int64_t)(p.H + 1) / 2, ib, ie);
-    Pipe<F, LIMBS, NT> pp(p, srec, false, ib, ie, K, ring, warp, lane);
+    Pipe<F, LIMBS, NT, BULK> pp(p, srec, false, ib, ie, K, ring, warp, lane);
     pp.first_item = (int)(ib + warp);
+    pp.ph = ph;
     if (ib < ie) {
         if (threadIdx.x == 0) prefetch_b_first<F>(p, srec);  // L2 window beyond the ring's stages
         pp.prime();  // phase-B weights do not depend on phase A: load them during the barrier
@@ -632,13 +738,13 @@ __device__ void phase_b(const Params &p, const uint8_t *const *srec, const float
     pp.run(xdata, meta);
 }
 
-template <int F, int LIMBS, int NT>
+template <int F, int LIMBS, int NT, int BULK>
 __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char smem[];
     const uint8_t **srec = (const uint8_t **)smem;
     float *swt = (float *)(smem + FMC_MAX_K * 8);
     unsigned char *ring = smem + HDR_BYTES;
-    int4 *xdata = (int4 *)(smem + HDR_BYTES + ring_bytes(p.pd));
+    int4 *xdata = (int4 *)(smem + HDR_BYTES + (BULK ? bulk_ring_bytes(Fmt<F>::CPG, Fmt<F>::BIAS) : ring_bytes(p.pd)));
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (p.pdl) {
         pdl_trigger();
@@ -651,9 +757,16 @@ __global__ void __launch_bounds__(THREADS) moe_kernel(const Params p) {
         else if (p.has_w == 2) w = load_elem(p.w_dev, p.w_dtype, tid);
         swt[tid] = w;
     }
+    unsigned ph = 0;  // bulk: every stage's mbarrier starts in phase 0
+    if (BULK) {
+        if (lane < BPD)
+            mbar_init((uint32_t)__cvta_generic_to_shared(ring + ((size_t)warp * BPD + lane + 1) *
+                                                                    Pipe<F, LIMBS, NT, 1>::SLOT - 8), 1);
+        mbar_init_fence();
+    }
     __syncthreads();
-    if (p.phase != 1) phase_a<F, LIMBS, NT>(p, srec, swt, ring, xdata, warp, lane);
-    if (p.phase != 0) phase_b<F, LIMBS, NT>(p, srec, swt, ring, xdata, warp, lane, p.phase == 2);
+    if (p.phase != 1) ph = phase_a<F, LIMBS, NT, BULK>(p, srec, swt, ring, xdata, warp, lane);
+    if (p.phase != 0) phase_b<F, LIMBS, NT, BULK>(p, srec, swt, ring, xdata, warp, lane, p.phase == 2, ph);
 }
 
 // ---------------------------------------------------------------- dequantize (prefill via cuBLAS)
@@ -716,10 +829,16 @@ __global__ void __launch_bounds__(256) dequant_kernel(const uint8_t *part, int64
 // ---------------------------------------------------------------- host side
 typedef void (*MoeFn)(const Params);
 
-const MoeFn kMoe[3][2][2] = {
-    {{moe_kernel<0, 1, 1>, moe_kernel<0, 1, 4>}, {moe_kernel<0, 2, 1>, moe_kernel<0, 2, 4>}},
-    {{moe_kernel<1, 1, 1>, moe_kernel<1, 1, 4>}, {moe_kernel<1, 2, 1>, moe_kernel<1, 2, 4>}},
-    {{moe_kernel<2, 1, 1>, moe_kernel<2, 1, 4>}, {moe_kernel<2, 2, 1>, moe_kernel<2, 2, 4>}},
+// [format][limbs - 1][n]: n 0 one token, 1 four tokens, 2 one token with the bulk ring (NB: kernels
+// per (f, l); the one-token decode alone has a bulk form).
+constexpr int NB = 3;
+const MoeFn kMoe[3][2][NB] = {
+    {{moe_kernel<0, 1, 1, 0>, moe_kernel<0, 1, 4, 0>, moe_kernel<0, 1, 1, 1>},
+     {moe_kernel<0, 2, 1, 0>, moe_kernel<0, 2, 4, 0>, moe_kernel<0, 2, 1, 1>}},
+    {{moe_kernel<1, 1, 1, 0>, moe_kernel<1, 1, 4, 0>, moe_kernel<1, 1, 1, 1>},
+     {moe_kernel<1, 2, 1, 0>, moe_kernel<1, 2, 4, 0>, moe_kernel<1, 2, 1, 1>}},
+    {{moe_kernel<2, 1, 1, 0>, moe_kernel<2, 1, 4, 0>, moe_kernel<2, 1, 1, 1>},
+     {moe_kernel<2, 2, 1, 0>, moe_kernel<2, 2, 4, 0>, moe_kernel<2, 2, 1, 1>}},
 };
 
 typedef void (*DqFn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, void *);
@@ -735,14 +854,14 @@ const DqFn kDq[2][3][3] = {  // [64-bit index][format][output dtype]
 struct LaunchShape { int smem3, items, spi, tune, mbps, pd, smem, bps; };
 constexpr int NSHAPES = 8;
 struct DevInfo : FmDevice {
-    LaunchShape shapes[3][2][2][NSHAPES];        // launch_shape's last decisions per kernel
-    int shape_next[3][2][2];
-    int smem_set[3][2][2];                       // dynamic smem limit raised so far per kernel
-    int occ_smem[3][2][2], occ_blocks[3][2][2];  // last occupancy query per kernel
+    LaunchShape shapes[3][2][NB][NSHAPES];         // launch_shape's last decisions per kernel
+    int shape_next[3][2][NB];
+    int smem_set[3][2][NB];                        // dynamic smem limit raised so far per kernel
+    int occ_smem[3][2][NB], occ_blocks[3][2][NB];  // last occupancy query per kernel
 };
 DevInfo g_dev[FM_MAX_DEV];
 // Tuning knobs (fmc_tune) and what the last launch used.
-int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0, 0, 1};
+int64_t g_tune[FMC_TUNE_NKEYS] = {DEFAULT_PREFETCH, 0, 0, 0, 0, 1, 0, 0, 0, 1, DEFAULT_BULK};
 
 int epc_of(int f) { return f == 0 ? 16 : (f == 1 ? 32 : 64); }
 int fidx(int fmt) { return fmt == FMC_Q8 ? 0 : (fmt == FMC_Q4 ? 1 : (fmt == FMC_Q2 ? 2 : -1)); }
@@ -781,6 +900,13 @@ int prepare(DevInfo *d, int f, int l, int n, size_t smem, int *blocks_per_sm) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The bulk ring (FMC_TUNE_BULK, sm_90+) for rows of K values: chunks per row a multiple of 32, so that
+// every bulk copy is whole groups of 32 chunks, 16-byte aligned at both ends.
+constexpr int CPG_OF[3] = {Fmt<0>::CPG, Fmt<1>::CPG, Fmt<2>::CPG};
+bool use_bulk(const DevInfo *d, int f, int64_t K) {
+    return g_tune[FMC_TUNE_BULK] && d->cc_major >= 9 && (K / epc_of(f)) % 32 == 0;
+}
+
 // The ring depth, shared bytes and blocks per SM of a launch of kernel (f, l, n) that needs smem3
 // bytes of shared memory with PD stages for `items` items of `spi` stages each: with
 // FMC_TUNE_STAGES 0, 4 stages where the grid leaves one block (16 warps) per SM and each warp
@@ -803,6 +929,14 @@ int launch_shape(DevInfo *d, int f, int l, int n, size_t smem3, int64_t items, i
             const int64_t want = ceil_div(items, WARPS), grid = want < (int64_t)b * d->sms ? want : (int64_t)b * d->sms;
             const int64_t chain = ceil_div(items, grid * WARPS) * spi;  // stages per warp
             cand = ceil_div(grid, d->sms) <= 1 && chain > 4 ? 4 : PD;
+            // e12's rule: where 4 stages leave one block per SM anyway and each warp of such a grid
+            // streams more than 8 stages, one block per SM at 4 stages (measured on the H200: one
+            // Mixtral expert 37.8 -> 35.7 us, 8 Qwen3.5 experts 25.3 -> 24.4, through the knob).
+            const size_t s4 = smem3 + (size_t)ring_bytes(4) - (size_t)RING_BYTES;
+            int b4 = 0;
+            if (cand == PD && b > 1 && s4 <= (size_t)d->smem_optin && prepare(d, f, l, n, s4, &b4) == FMC_OK &&
+                b4 == 1 && ceil_div(items, (int64_t)d->sms * WARPS) * spi > 8)
+                cand = 4;
         }
         LaunchShape r = {(int)smem3, it, spi, tune, mbps, PD, (int)smem3, b};
         if (cand != PD && cand > 0) {
@@ -893,7 +1027,7 @@ int64_t fmc_tune(int key, int64_t value) {
     if (key < 0 || key >= FMC_TUNE_NKEYS) return -1;
     const int64_t old = g_tune[key];
     const bool writable = key < FMC_TUNE_LAST_GRID || key == FMC_TUNE_PDL || key == FMC_TUNE_STAGES ||
-                          key == FMC_TUNE_AUTO_MODE || key == FMC_TUNE_COOP_TRIGGER;
+                          key == FMC_TUNE_AUTO_MODE || key == FMC_TUNE_COOP_TRIGGER || key == FMC_TUNE_BULK;
     if (value >= 0 && writable) g_tune[key] = value;
     return old;
 }
@@ -958,7 +1092,26 @@ int fmc_moe(const fmc_layout *L, int k, const uint64_t *recs, int recs_on_device
     if ((rc = launch_shape(d, f, l, n, smem, (int64_t)kg * L->inter, (int)ceil_div(L->hidden / epc_of(f), 32), &pd,
                            &smem, &bps)))
         return rc;
-    const int NT = n ? 4 : 1;
+    // The bulk stream in place of the cp.async ring (FMC_TUNE_BULK). 1: where the ring's launch leaves
+    // one block per SM anyway (the bulk ring's shared memory leaves one) and both parts' rows fill a
+    // bulk stage (q4: 4096 values), so copies are 2 KB. Measured on the H200 (e14): the Mixtral layer
+    // 64.5 -> 63.0 us, one Mixtral expert 35.9 -> 34.5; with 8 Qwen3.5 experts (rows of 1024: 512-byte
+    // copies) 24.7 -> 26.2, and everywhere with 512-byte stages 17-26% slower. 2: wherever it fits.
+    const int64_t bvals = (int64_t)BW * epc_of(f);  // values of a row in one bulk stage
+    const bool whole = L->hidden >= bvals && L->inter >= bvals;
+    if (n == 0 && use_bulk(d, f, L->hidden) && use_bulk(d, f, L->inter) &&
+        (g_tune[FMC_TUNE_BULK] == 2 || (bps == 1 && whole))) {
+        const size_t sb = smem - (size_t)ring_bytes(pd) + (size_t)bulk_ring_bytes(CPG_OF[f], f != 0);
+        int bb = 0;
+        if (sb <= (size_t)d->smem_optin && prepare(d, f, l, 2, sb, &bb) == FMC_OK) {
+            n = 2;
+            pd = BPD;
+            smem = sb;
+            bps = bb;
+            g_tune[FMC_TUNE_LAST_STAGES] = pd;
+        }
+    }
+    const int NT = n == 1 ? 4 : 1;
     const int64_t cap = (int64_t)bps * d->sms;
     cudaStream_t st = (cudaStream_t)stream;
     MoeFn fn = kMoe[f][l][n];
