@@ -3,6 +3,7 @@
 #ifndef FM_KERNELS_INTERNAL_H
 #define FM_KERNELS_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -55,6 +56,36 @@ fm_rows_fn fm_xi_rows(int level, int fmt);
 /* Software prefetch distance in bytes for the packed-weight stream (default 4096; 0: rely on
  * the hardware prefetchers alone); env FLASHMOE_CPU_PREFETCH sets it at first use. */
 extern int fm_prefetch_bytes;
+
+/* The thread pool (fm_kernels.c): fn(ctx, task, tid) for every task in [0, ntasks), on the pool's
+ * threads and the caller; returns when all are done. p may be NULL (the caller alone). */
+typedef void (*fm_task_fn)(void *ctx, int64_t task, int tid);
+typedef struct fm_pool fm_pool;
+void fm_pool_run(fm_pool *p, int64_t ntasks, fm_task_fn fn, void *ctx);
+
+/* The one-pass decode of fm_moe (fm_moe1.c): one token, integer activations in both phases.
+ * Task (slice j, expert e) computes its slice [i0, i1) of the expert's intermediate rows (gate /
+ * up rows, SwiGLU, the slice's preparation for w2), then w2's column window [i0, i1) into its own
+ * partial y (scaled by the expert's weight); one reduction in task order adds the partials to y.
+ * No barrier between the phases: a thread streams w2 as soon as its slice of w13 is done. */
+typedef struct {
+    fm_rows_fn rows1;     /* w13's row kernel (integer activations) */
+    int xi2;              /* w2's integer-activation level */
+    const fm_expert *ex;
+    const float *wts;
+    int k, slices;        /* experts; slices per expert (fm_moe1_slices) */
+    int64_t H, I;
+    const float *xp, *xs; /* x prepared for w13 */
+    float *act;           /* [k][I] SwiGLU activations */
+    float *ap, *as;       /* [k] w2's prepared activations (ldap, ldas floats apart) */
+    int64_t ldap, ldas;
+    float *part;          /* [k * slices][H] partial outputs */
+    float *y;             /* [H], added to */
+} fm_moe1_ctx;
+int fm_moe1_slices(int nthreads, int tasks_per_thread, int k, int64_t I);
+void fm_moe1_run(fm_pool *p, fm_moe1_ctx *c);
+
+static inline float fm_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 /* Largest column count a kernel accepts (keeps per-row stack scratch bounded). */
 #define FM_MAX_COLS (1 << 18)
