@@ -31,7 +31,8 @@ kernels run with the GIL released on the module's own thread pool.
                                          FLASHMOE_CPU_ACT=f32 turns it off at import)
     moe1() / set_moe1(n)                 moe()'s decode in one pass without phase barriers
                                          (csrc/cpu/fm_moe1.c), ~n tasks a thread; 0: two phases
-                                         (default 4; env FLASHMOE_CPU_MOE1=n at import)
+                                         (default 4; env FLASHMOE_CPU_MOE1=n at import);
+                                         moe1_count(): calls that took it
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -99,6 +100,7 @@ cdef extern from "fm_handoff.h" nogil:
 cdef extern from "fm_kernels_internal.h":
     enum:
         FM_MAX_COLS
+    int64_t fm_moe1_count()
 
 FORMATS = {"f32": FM_F32, "f16": FM_F16, "bf16": FM_BF16, "q8": FM_Q8, "q4": FM_Q4, "q2": FM_Q2}
 MAX_COLS = FM_MAX_COLS
@@ -451,9 +453,14 @@ def moe1():
 
 def set_moe1(int tasks_per_thread):
     """moe()'s decode (one token, q4 / q8 with integer activations, 2+ threads) in one pass
-    without a barrier between gate/up and down, ~tasks_per_thread slices a thread; 0: the two
-    phases of prefill (the path before session 11)."""
+    without a barrier between gate/up and down, ~tasks_per_thread tasks a thread in each phase;
+    0: the two phases of prefill (the path before session 11). Same bits either way."""
     fm_set_moe1(tasks_per_thread)
+
+
+def moe1_count():
+    """How many moe() calls took the one-pass decode so far (tests check that it ran)."""
+    return fm_moe1_count()
 
 
 # ------------------------------------------------------------------------------ hybrid token

@@ -814,10 +814,9 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
     int rc = FMK_OK;
     const int64_t per_tok = ldxp + ldxs + (int64_t)k * (I + ldap + ldas);
     const int m1 = atomic_load(&g_moe1);
-    if (T == 1 && xi1 >= 0 && xi2 >= 0 && nth > 1 && m1 > 0) {
+    if (T == 1 && xi1 >= 0 && xi2 >= 0 && nth > 1 && m1 > 0 && k <= FM_MOE1_MAXK) {
         /* decode: one pass, no barrier between the phases (fm_moe1.c) */
-        const int s = fm_moe1_slices(nth, m1, k, I);
-        float *w1 = workspace((size_t)(per_tok + (int64_t)k * s * H));
+        float *w1 = workspace((size_t)(per_tok + (int64_t)k * H));
         if (!w1) {
             rc = FMK_ENOMEM;
             goto out;
@@ -825,10 +824,12 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
         prep_ctx pc = {impl, ex[0].w13.fmt, x, H, H, w1, w1 + ldxp, ldxp, ldxs, xi1};
         run_prep(p, &pc, 1);
         float *act = w1 + ldxp + ldxs, *ap = act + (int64_t)k * I, *as = ap + (int64_t)k * ldap;
-        fm_moe1_ctx c1 = {rows_for(impl, ex[0].w13.fmt, xi1), xi2, ex, wts, k, s, H, I, w1, w1 + ldxp, act, ap, as,
-                          ldap, ldas, as + (int64_t)k * ldas, y};
-        fm_moe1_run(p, &c1);
-        goto out;
+        fm_moe1_ctx c1 = {rows_for(impl, ex[0].w13.fmt, xi1), rows_for(impl, ex[0].w2.fmt, xi2), xi2, ex, wts, k, H, I,
+                          w1, w1 + ldxp, act, ap, as, ldap, ldas, as + (int64_t)k * ldas, y, 0, 0, 0, 0};
+        if (fm_moe1_plan(&c1, nth, m1)) {
+            fm_moe1_run(p, &c1);
+            goto out;
+        }
     }
     int64_t Tc = (int64_t)(8 << 20) / per_tok;
     if (Tc < 1) Tc = 1;

@@ -73,7 +73,6 @@ static inline void digits(int32_t X, int8_t d[3])
 static void xi_prepare_scalar(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)
 {
     const int64_t G = gb;
-    (void)K;
     int8_t *dg = (int8_t *)xp;
     int32_t *corr = (int32_t *)((uint8_t *)xp + 3 * K);
     float *steps = (float *)((uint8_t *)xp + 4 * K);
@@ -109,14 +108,15 @@ static void xi_prepare_scalar(int level, int fmt, const float *x, int64_t K, int
 
 static inline int32_t xi_value(const int8_t *d, int stride) { return d[0] * 16384 + d[stride] * 128 + d[2 * stride]; }
 
-static void win_xi_portable(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a, float *out)
+static void rows_xi_portable(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
 {
+    (void)ldo;
     const int64_t K = w->cols, G = K / 64;
     const int8_t *dg = xi_digits(a);
     const float *st = xi_steps(a, K);
     for (int64_t r = r0; r < r1; r++) {
         float acc = 0.0f, bacc = 0.0f;
-        for (int64_t g = g0; g < g1; g++) {
+        for (int64_t g = 0; g < G; g++) {
             const int8_t *d = dg + g * XI_GROUP_BYTES;
             int64_t D = 0;
             if (w->fmt == FM_Q4) { /* blocks of one group: even elements at 64p + c, odd at 64p + 32 + c */
@@ -134,12 +134,6 @@ static void win_xi_portable(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0,
     }
 }
 
-static void rows_xi_portable(const fm_mat *w, int64_t r0, int64_t r1, const fm_act *a, float *out, int64_t ldo)
-{
-    (void)ldo;
-    win_xi_portable(w, r0, r1, 0, w->cols / 64, a, out);
-}
-
 fm_rows_fn fm_xi_rows(int level, int fmt)
 {
     if (fmt != FM_Q4 && fmt != FM_Q8) return NULL;
@@ -148,16 +142,6 @@ fm_rows_fn fm_xi_rows(int level, int fmt)
 #endif
     (void)level;
     return rows_xi_portable;
-}
-
-fm_xi_win_fn fm_xi_window(int level, int fmt)
-{
-    if (fmt != FM_Q4 && fmt != FM_Q8) return NULL;
-#ifdef FM_HAVE_X86
-    if (level >= FM_ISA_AVX2) return fm_xi_window_x86(level, fmt);
-#endif
-    (void)level;
-    return win_xi_portable;
 }
 
 void fm_xi_prepare_groups(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)

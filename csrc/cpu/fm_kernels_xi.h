@@ -38,19 +38,12 @@
 /* quantize one group of 64 (X and its step d; zeros, NaN / inf and tiny groups handled) */
 void fm_xi_quantize_group(const float *v, int32_t *X, float *step);
 
-/* A column window of rows: out[r - r0] = W[r, groups [g0, g1)] · x for r in [r0, r1), with x
- * prepared in the whole row's layout (digits, corrections, steps and a->xs at their group g).
- * g0 must start a preparation block (even for q4 at the AVX-512 level) and g1 end one (even, or
- * the last group). The one-pass decode of fm_moe (fm_moe1.c) computes w2 by column windows. */
-typedef void (*fm_xi_win_fn)(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a,
-                             float *out);
-fm_xi_win_fn fm_xi_window(int level, int fmt);
-/* Prepare groups [ga, gb) of x [K] into xp's whole-vector layout (fm_xi_prepare: all groups);
- * ga and gb on block boundaries as above. */
+/* Prepare groups [ga, gb) of x [K] into xp's whole-vector layout (fm_xi_prepare: all groups):
+ * ga and gb on the preparation's block boundaries (even for q4 at the AVX-512 level, or gb the
+ * last group). fm_moe1.c prepares each gate/up chunk's groups on its own. */
 void fm_xi_prepare_groups(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp);
 #ifdef FM_HAVE_X86
 fm_rows_fn fm_xi_rows_x86(int level, int fmt);
-fm_xi_win_fn fm_xi_window_x86(int level, int fmt);
 void fm_xi_prepare_avx512(int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp);
 #endif
 
@@ -116,28 +109,6 @@ static inline xi_pf xi_prefetch(int64_t ahead_rows_bytes, int blocked)
             for (; r < r1; r++) {                                                                 \
                 RANGE(w, r, g0, g1, a, 1, pf1, part);                                             \
                 out[r - r0] = g0 == 0 ? part[0] : out[r - r0] + part[0];                          \
-            }                                                                                     \
-        }                                                                                         \
-    } while (0)
-
-/* A window [g0, g1) of rows r0..r1 in pieces of at most XI_MAXGB groups (the kernels' scale
- * scratch), NR rows at a time; prefetch as a column block (the same columns NR rows ahead). */
-#define XI_WIN_DRIVER(RANGE, NR)                                                                  \
-    do {                                                                                          \
-        const int64_t rb_ = xi_row_bytes(w);                                                     \
-        const xi_pf pfn = xi_prefetch((NR) * rb_, 1), pf1 = xi_prefetch(rb_, 1);                  \
-        for (int64_t gs = g0; gs < g1; gs += XI_MAXGB) {                                          \
-            const int64_t ge = gs + XI_MAXGB < g1 ? gs + XI_MAXGB : g1;                           \
-            int64_t r = r0;                                                                       \
-            float part[NR];                                                                       \
-            for (; r + (NR) <= r1; r += (NR)) {                                                   \
-                RANGE(w, r, gs, ge, a, NR, pfn, part);                                            \
-                for (int i_ = 0; i_ < (NR); i_++)                                                 \
-                    out[r + i_ - r0] = gs == g0 ? part[i_] : out[r + i_ - r0] + part[i_];         \
-            }                                                                                     \
-            for (; r < r1; r++) {                                                                 \
-                RANGE(w, r, gs, ge, a, 1, pf1, part);                                             \
-                out[r - r0] = gs == g0 ? part[0] : out[r - r0] + part[0];                         \
             }                                                                                     \
         }                                                                                         \
     } while (0)

@@ -342,30 +342,6 @@ T_XI512 static void rows_q8_xi_avx512(const fm_mat *w, int64_t r0, int64_t r1, c
     (void)ldo;
     XI_DRIVER(Q8_XI_512, XI_NR512);
 }
-T_XI2 static void win_q4_xi_avx2(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a, float *out)
-{
-    XI_WIN_DRIVER(Q4_XI_AVX2, 2);
-}
-T_XI2 static void win_q8_xi_avx2(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a, float *out)
-{
-    XI_WIN_DRIVER(Q8_XI_AVX2, 2);
-}
-T_XI512 static void win_q4_xi_avx512(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a,
-                                     float *out)
-{
-    XI_WIN_DRIVER(Q4_XI_512, XI_NR512);
-}
-T_XI512 static void win_q8_xi_avx512(const fm_mat *w, int64_t r0, int64_t r1, int64_t g0, int64_t g1, const fm_act *a,
-                                     float *out)
-{
-    XI_WIN_DRIVER(Q8_XI_512, XI_NR512);
-}
-fm_xi_win_fn fm_xi_window_x86(int level, int fmt)
-{
-    if (level == FM_ISA_AVX512) return fmt == FM_Q4 ? win_q4_xi_avx512 : win_q8_xi_avx512;
-    return fmt == FM_Q4 ? win_q4_xi_avx2 : win_q8_xi_avx2;
-}
-
 fm_rows_fn fm_xi_rows_x86(int level, int fmt)
 {
     if (level == FM_ISA_AVX512) return fmt == FM_Q4 ? rows_q4_xi_avx512 : rows_q8_xi_avx512;
