@@ -1,4 +1,4 @@
-# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c csrc/cpu/fm_handoff.c
+# distutils: sources = csrc/cpu/fm_kernels.c csrc/cpu/fm_kernels_x86.c csrc/cpu/fm_kernels_xi.c csrc/cpu/fm_kernels_xi_x86.c csrc/cpu/fm_moe1.c csrc/cpu/fm_handoff.c
 # distutils: include_dirs = csrc/cpu
 # distutils: depends = csrc/cpu/fm_kernels.h csrc/cpu/fm_kernels_internal.h csrc/cpu/fm_kernels_xi.h csrc/cpu/fm_handoff.h
 # distutils: libraries = m
@@ -29,6 +29,10 @@ kernels run with the GIL released on the module's own thread pool.
     int_act() / set_int_act(on)          decode (one token) of q4 / q8 with 21-bit integer
                                          activations and integer dots (default; env
                                          FLASHMOE_CPU_ACT=f32 turns it off at import)
+    moe1() / set_moe1(n)                 moe()'s decode in one pass without phase barriers
+                                         (csrc/cpu/fm_moe1.c), ~n tasks a thread; 0: two phases
+                                         (default 4; env FLASHMOE_CPU_MOE1=n at import);
+                                         moe1_count(): calls that took it
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -73,6 +77,8 @@ cdef extern from "fm_kernels.h" nogil:
     int fm_dequant(const fm_mat *w, int64_t r0, int64_t r1, void *out, int64_t ldo, int out_fmt)
     int fm_get_int_act()
     void fm_set_int_act(int on)
+    int fm_get_moe1()
+    void fm_set_moe1(int tasks_per_thread)
 
 cdef extern from "fm_handoff.h" nogil:
     enum:
@@ -94,6 +100,7 @@ cdef extern from "fm_handoff.h" nogil:
 cdef extern from "fm_kernels_internal.h":
     enum:
         FM_MAX_COLS
+    int64_t fm_moe1_count()
 
 FORMATS = {"f32": FM_F32, "f16": FM_F16, "bf16": FM_BF16, "q8": FM_Q8, "q4": FM_Q4, "q2": FM_Q2}
 MAX_COLS = FM_MAX_COLS
@@ -437,6 +444,23 @@ def int_act():
 def set_int_act(bint on):
     """Integer activations for decode of q4 / q8 (on, the default) or fp32 activations (off)."""
     fm_set_int_act(on)
+
+
+def moe1():
+    """Tasks a thread of moe()'s one-pass decode (csrc/cpu/fm_moe1.c); 0: the two-phase path."""
+    return fm_get_moe1()
+
+
+def set_moe1(int tasks_per_thread):
+    """moe()'s decode (one token, q4 / q8 with integer activations, 2+ threads) in one pass
+    without a barrier between gate/up and down, ~tasks_per_thread tasks a thread in each phase;
+    0: the two phases of prefill (the path before session 11). Same bits either way."""
+    fm_set_moe1(tasks_per_thread)
+
+
+def moe1_count():
+    """How many moe() calls took the one-pass decode so far (tests check that it ran)."""
+    return fm_moe1_count()
 
 
 # ------------------------------------------------------------------------------ hybrid token

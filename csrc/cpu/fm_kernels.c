@@ -94,6 +94,7 @@ int fm_prefetch_bytes = 4096;
 static int g_max_isa = FM_ISA_PORTABLE;
 static _Atomic int g_isa = FM_ISA_PORTABLE;
 static _Atomic int g_int_act = 1;
+static _Atomic int g_moe1 = 4; /* one-pass decode of fm_moe: tasks per thread, 0 = off */
 
 static const fm_isa_impl *impl_of(int isa)
 {
@@ -139,6 +140,8 @@ static void global_init(void)
     atomic_store(&g_isa, isa);
     const char *act = getenv("FLASHMOE_CPU_ACT");
     if (act && !strcmp(act, "f32")) atomic_store(&g_int_act, 0);
+    const char *m1 = getenv("FLASHMOE_CPU_MOE1");
+    if (m1 && *m1) atomic_store(&g_moe1, atoi(m1) < 0 ? 0 : atoi(m1) > 64 ? 64 : atoi(m1));
     const char *pf = getenv("FLASHMOE_CPU_PREFETCH");
     if (pf && *pf) {
         long v = atol(pf);
@@ -179,6 +182,18 @@ void fm_set_int_act(int on)
     atomic_store(&g_int_act, on ? 1 : 0);
 }
 
+int fm_get_moe1(void)
+{
+    pthread_once(&g_once, global_init);
+    return atomic_load(&g_moe1);
+}
+
+void fm_set_moe1(int tasks_per_thread)
+{
+    pthread_once(&g_once, global_init);
+    atomic_store(&g_moe1, tasks_per_thread < 0 ? 0 : tasks_per_thread > 64 ? 64 : tasks_per_thread);
+}
+
 /* The integer-activation level for a T-token product with weights of format fmt, or -1 for the
  * fp32 path (fm_kernels_xi.c covers decode of q4 and q8). */
 static int xi_level_for(int isa, int fmt, int64_t T)
@@ -198,9 +213,7 @@ static fm_rows_fn rows_for(const fm_isa_impl *impl, int fmt, int xi)
  * issues many small jobs back to back), then sleep on a condition variable so that they do
  * not compete with torch's own threads between calls. */
 
-typedef void (*fm_task_fn)(void *ctx, int64_t task, int tid);
-
-typedef struct {
+struct fm_pool {
     int n;
     pthread_t *threads;
     pthread_mutex_t mu;
@@ -212,7 +225,7 @@ typedef struct {
     fm_task_fn fn;
     void *ctx;
     int stop;
-} fm_pool;
+};
 
 static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* serialises kernel calls */
 static fm_pool *g_pool = NULL;
@@ -411,6 +424,8 @@ static void pool_run(fm_pool *p, int64_t ntasks, fm_task_fn fn, void *ctx)
     }
 }
 
+void fm_pool_run(fm_pool *p, int64_t ntasks, fm_task_fn fn, void *ctx) { pool_run(p, ntasks, fn, ctx); }
+
 /* ------------------------------------------------------------------ workspace */
 
 static void *g_ws = NULL;
@@ -590,7 +605,6 @@ static int64_t chunk_rows(const fm_mat *w, int64_t rows, int nthreads, int64_t T
     return c;
 }
 
-static float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 /* --- fm_linear */
 
@@ -737,7 +751,7 @@ static void moe_phase1(void *vctx, int64_t task, int tid)
         for (int t = 0; t < a.nt; t++) {
             float *dst = c->act + (e * c->T + t0 + t) * c->I;
             for (int64_t i = i0; i < i1; i++)
-                dst[i] = silu_mul(g[t * FM_TMP_ROWS + i - i0], u[t * FM_TMP_ROWS + i - i0]);
+                dst[i] = fm_silu_mul(g[t * FM_TMP_ROWS + i - i0], u[t * FM_TMP_ROWS + i - i0]);
         }
     }
 }
@@ -799,6 +813,24 @@ int fm_moe(const fm_expert *ex, const float *wts, int k, const float *x, int64_t
     const int nth = p ? p->n : 1;
     int rc = FMK_OK;
     const int64_t per_tok = ldxp + ldxs + (int64_t)k * (I + ldap + ldas);
+    const int m1 = atomic_load(&g_moe1);
+    if (T == 1 && xi1 >= 0 && xi2 >= 0 && nth > 1 && m1 > 0 && k <= FM_MOE1_MAXK) {
+        /* decode: one pass, no barrier between the phases (fm_moe1.c) */
+        float *w1 = workspace((size_t)(per_tok + (int64_t)k * H));
+        if (!w1) {
+            rc = FMK_ENOMEM;
+            goto out;
+        }
+        prep_ctx pc = {impl, ex[0].w13.fmt, x, H, H, w1, w1 + ldxp, ldxp, ldxs, xi1};
+        run_prep(p, &pc, 1);
+        float *act = w1 + ldxp + ldxs, *ap = act + (int64_t)k * I, *as = ap + (int64_t)k * ldap;
+        fm_moe1_ctx c1 = {rows_for(impl, ex[0].w13.fmt, xi1), rows_for(impl, ex[0].w2.fmt, xi2), xi2, ex, wts, k, H, I,
+                          w1, w1 + ldxp, act, ap, as, ldap, ldas, as + (int64_t)k * ldas, y, 0, 0, 0, 0};
+        if (fm_moe1_plan(&c1, nth, m1)) {
+            fm_moe1_run(p, &c1);
+            goto out;
+        }
+    }
     int64_t Tc = (int64_t)(8 << 20) / per_tok;
     if (Tc < 1) Tc = 1;
     if (Tc > T) Tc = T;

@@ -77,6 +77,13 @@ void fm_set_spin_us(long us);    /* (default 50, or FLASHMOE_CPU_SPIN_US): a cal
 int fm_get_int_act(void);
 void fm_set_int_act(int on);
 
+/* fm_moe's decode (T = 1, integer activations in both phases, 2+ threads) in one pass over the
+ * experts without a barrier between gate/up and down (fm_moe1.c), in about tasks_per_thread
+ * slices a thread; 0: the two-phase path (prefill's). Env FLASHMOE_CPU_MOE1=N sets the start value
+ * (default 4). */
+int fm_get_moe1(void);
+void fm_set_moe1(int tasks_per_thread);
+
 /* ---- kernels -------------------------------------------------------------------------------- */
 /* Y[t, r] = alpha * W[r]·X[t] (+ Y[t, r] if accumulate), t < T; X rows stride ldx, Y rows ldy.
  * T = 1 is the decode GEMV; T > 1 reuses each dequantized register tile for a block of tokens. */

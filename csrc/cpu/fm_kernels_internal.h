@@ -3,6 +3,7 @@
 #ifndef FM_KERNELS_INTERNAL_H
 #define FM_KERNELS_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -55,6 +56,41 @@ fm_rows_fn fm_xi_rows(int level, int fmt);
 /* Software prefetch distance in bytes for the packed-weight stream (default 4096; 0: rely on
  * the hardware prefetchers alone); env FLASHMOE_CPU_PREFETCH sets it at first use. */
 extern int fm_prefetch_bytes;
+
+/* The thread pool (fm_kernels.c): fn(ctx, task, tid) for every task in [0, ntasks), on the pool's
+ * threads and the caller; returns when all are done. p may be NULL (the caller alone). */
+typedef void (*fm_task_fn)(void *ctx, int64_t task, int tid);
+typedef struct fm_pool fm_pool;
+void fm_pool_run(fm_pool *p, int64_t ntasks, fm_task_fn fn, void *ctx);
+
+/* The one-pass decode of fm_moe (fm_moe1.c): one token, integer activations in both phases, one
+ * pool run whose task list is every expert's gate/up chunks (SwiGLU and the chunk's preparation
+ * for w2 included), then every expert's down-projection row blocks; a down task of expert e waits
+ * only for e's gate/up chunks (handed out before it), so RAM streams w2 while other experts'
+ * w13 still runs: no barrier between the phases, one join at the end. */
+#define FM_MOE1_MAXK 256
+typedef struct {
+    fm_rows_fn rows1, rows2; /* w13's and w2's row kernels (integer activations) */
+    int xi2;                 /* w2's integer-activation level */
+    const fm_expert *ex;
+    const float *wts;
+    int k;
+    int64_t H, I;
+    const float *xp, *xs;    /* x prepared for w13 */
+    float *act;              /* [k][I] SwiGLU activations */
+    float *ap, *as;          /* [k] w2's prepared activations (ldap, ldas floats apart) */
+    int64_t ldap, ldas;
+    float *part;             /* [k][H] each expert's down projection */
+    float *y;                /* [H], added to */
+    int64_t chunk1, n1, chunk2, n2; /* per expert: gate/up chunks of i, down blocks of rows */
+} fm_moe1_ctx;
+/* Chunk the work for nthreads threads at ~tasks_per_thread tasks each (both phases); 0 when k is
+ * above FM_MOE1_MAXK (the two-phase path then). */
+int fm_moe1_plan(fm_moe1_ctx *c, int nthreads, int tasks_per_thread);
+void fm_moe1_run(fm_pool *p, fm_moe1_ctx *c);
+int64_t fm_moe1_count(void); /* calls that took the one-pass path (tests see that it ran) */
+
+static inline float fm_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 /* Largest column count a kernel accepts (keeps per-row stack scratch bounded). */
 #define FM_MAX_COLS (1 << 18)

@@ -70,16 +70,16 @@ static inline void digits(int32_t X, int8_t d[3])
     d[2] = (int8_t)d0;
 }
 
-static void xi_prepare_scalar(int level, int fmt, const float *x, int64_t K, float *xp)
+static void xi_prepare_scalar(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)
 {
-    const int64_t G = K / 64;
+    const int64_t G = gb;
     int8_t *dg = (int8_t *)xp;
     int32_t *corr = (int32_t *)((uint8_t *)xp + 3 * K);
     float *steps = (float *)((uint8_t *)xp + 4 * K);
     const int nb = fmt == FM_Q4 ? q4_block(level) : 1;
     int32_t X[64];
     int8_t d[3];
-    for (int64_t g0 = 0; g0 < G;) {
+    for (int64_t g0 = ga; g0 < G;) {
         const int n = G - g0 >= nb ? nb : 1;
         for (int j = 0; j < n; j++) {
             const int64_t g = g0 + j;
@@ -144,13 +144,18 @@ fm_rows_fn fm_xi_rows(int level, int fmt)
     return rows_xi_portable;
 }
 
-void fm_xi_prepare(int level, int fmt, const float *x, int64_t K, float *xp)
+void fm_xi_prepare_groups(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)
 {
 #ifdef FM_HAVE_X86
     if (level == FM_ISA_AVX512) {
-        fm_xi_prepare_avx512(fmt, x, K, xp);
+        fm_xi_prepare_avx512(fmt, x, K, ga, gb, xp);
         return;
     }
 #endif
-    xi_prepare_scalar(level, fmt, x, K, xp);
+    xi_prepare_scalar(level, fmt, x, K, ga, gb, xp);
+}
+
+void fm_xi_prepare(int level, int fmt, const float *x, int64_t K, float *xp)
+{
+    fm_xi_prepare_groups(level, fmt, x, K, 0, K / 64, xp);
 }

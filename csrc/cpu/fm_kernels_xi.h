@@ -37,9 +37,14 @@
 
 /* quantize one group of 64 (X and its step d; zeros, NaN / inf and tiny groups handled) */
 void fm_xi_quantize_group(const float *v, int32_t *X, float *step);
+
+/* Prepare groups [ga, gb) of x [K] into xp's whole-vector layout (fm_xi_prepare: all groups):
+ * ga and gb on the preparation's block boundaries (even for q4 at the AVX-512 level, or gb the
+ * last group). fm_moe1.c prepares each gate/up chunk's groups on its own. */
+void fm_xi_prepare_groups(int level, int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp);
 #ifdef FM_HAVE_X86
 fm_rows_fn fm_xi_rows_x86(int level, int fmt);
-void fm_xi_prepare_avx512(int fmt, const float *x, int64_t K, float *xp);
+void fm_xi_prepare_avx512(int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp);
 #endif
 
 static inline const int8_t *xi_digits(const fm_act *a) { return (const int8_t *)a->xp; }

@@ -265,16 +265,16 @@ INL_XI512 void xi_pack512(const __m512i X[4], __m512i out[3])
     }
 }
 
-T_XI512 static void xi_prepare_avx512(int fmt, const float *x, int64_t K, float *xp)
+T_XI512 static void xi_prepare_avx512(int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)
 {
-    const int64_t G = K / 64;
+    const int64_t G = gb;
     int8_t *dg = (int8_t *)xp;
     int32_t *corr = (int32_t *)((uint8_t *)xp + 3 * K);
     float *steps = (float *)((uint8_t *)xp + 4 * K);
     const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
     const __m512i ones = _mm512_set1_epi8(1);
-    for (int64_t g0 = 0; g0 < G;) {
+    for (int64_t g0 = ga; g0 < G;) {
         const int n = fmt == FM_Q4 && G - g0 >= 2 ? 2 : 1;
         __m512i D[2][3]; /* q4: per group of the block, the 64 bytes [even 32 | odd 32] of each digit */
         for (int j = 0; j < n; j++) {
@@ -348,5 +348,8 @@ fm_rows_fn fm_xi_rows_x86(int level, int fmt)
     return fmt == FM_Q4 ? rows_q4_xi_avx2 : rows_q8_xi_avx2;
 }
 
-void fm_xi_prepare_avx512(int fmt, const float *x, int64_t K, float *xp) { xi_prepare_avx512(fmt, x, K, xp); }
+void fm_xi_prepare_avx512(int fmt, const float *x, int64_t K, int64_t ga, int64_t gb, float *xp)
+{
+    xi_prepare_avx512(fmt, x, K, ga, gb, xp);
+}
 #endif /* FM_HAVE_X86 */

@@ -9,6 +9,8 @@ FLASHMOE_CPU_ISA=portable|avx2|avx512 forces an instruction-set level (for compa
 Decode (one token) of q4 / q8 weights takes the activations as 21-bit integers per group of 64 and
 dots them with the codes in integers (csrc/cpu/fm_kernels_xi.c; error at fp32 rounding's level);
 FLASHMOE_CPU_ACT=f32 (or the module's set_int_act(False)) keeps fp32 activations there too.
+A decode MoE layer is one pass without a barrier between gate/up and down (csrc/cpu/fm_moe1.c,
+same bits); FLASHMOE_CPU_MOE1=0 (or set_moe1(0)) keeps the two-phase path.
 
 llama.cpp's block formats (a GGUF store's parts, csrc/cpu/fm_gguf*.c) compute as llama.cpp's CPU
 matmuls do by default: each activation row is quantized to the weight type's Q8_0 / Q8_1 / Q8_K
