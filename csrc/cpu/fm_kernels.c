@@ -469,13 +469,7 @@ static void fm_prepare(const fm_isa_impl *impl, int fmt, const float *x, int64_t
         return;
     }
     const int64_t G = K / FM_GROUP;
-    for (int64_t g = 0; g < G; g++) {
-        const float *v = x + g * 64;
-        float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int i = 0; i < 64; i += 8)
-            for (int l = 0; l < 8; l++) a[l] += v[i + l];
-        xs[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-    }
+    fm_group_sums(x, 0, G, xs);
     if (xi >= 0) {
         fm_xi_prepare(xi, fmt, x, K, xp);
         return;

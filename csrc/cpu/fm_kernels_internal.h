@@ -92,6 +92,19 @@ int64_t fm_moe1_count(void); /* calls that took the one-pass path (tests see tha
 
 static inline float fm_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
+/* xs[g] = the sum of x's group g of 64 values, for g in [ga, gb), in the order every kernel's
+ * preparation uses (eight lanes, then a fixed tree): fm_prepare and fm_moe1's chunks agree bit for bit. */
+static inline void fm_group_sums(const float *x, int64_t ga, int64_t gb, float *xs)
+{
+    for (int64_t g = ga; g < gb; g++) {
+        const float *v = x + g * 64;
+        float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int i = 0; i < 64; i += 8)
+            for (int l = 0; l < 8; l++) a[l] += v[i + l];
+        xs[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
+}
+
 /* Largest column count a kernel accepts (keeps per-row stack scratch bounded). */
 #define FM_MAX_COLS (1 << 18)
 

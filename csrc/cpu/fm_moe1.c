@@ -59,15 +59,9 @@ static void gate_up(const fm_moe1_ctx *c, int e, int64_t j)
         c->rows1(&E->w13, I + r, I + r1, &a1, u, MOE1_ROWS);
         for (int64_t i = r; i < r1; i++) act[i] = fm_silu_mul(g[i - r], u[i - r]);
     }
-    /* the chunk's preparation for w2: group sums (fm_prepare's order) and integer digits */
+    /* the chunk's preparation for w2: group sums and integer digits, as fm_prepare makes them */
     float *ap = c->ap + e * c->ldap, *as = c->as + e * c->ldas;
-    for (int64_t gr = i0 / 64; gr < i1 / 64; gr++) {
-        const float *v = act + gr * 64;
-        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int i = 0; i < 64; i += 8)
-            for (int l = 0; l < 8; l++) s[l] += v[i + l];
-        as[gr] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    }
+    fm_group_sums(act, i0 / 64, i1 / 64, as);
     fm_xi_prepare_groups(c->xi2, E->w2.fmt, act, I, i0 / 64, i1 / 64, ap);
 }
 
