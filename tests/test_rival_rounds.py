@@ -61,3 +61,19 @@ def test_disk_counters_and_probe(tmp_path):
     gbps = rival.disk_probe([f], chunk=1 << 20, nbytes=4 << 20, seconds=1.0, threads=2)
     assert gbps is None or gbps > 0  # None where the filesystem refuses O_DIRECT
     assert rival.disk_probe([f], chunk=8 << 20) is None  # no file larger than a piece
+
+
+def test_an_h200_row_takes_our_decode_from_an_empty_context_as_llama_bench(tmp_path):
+    """llama-bench's tg test decodes from an empty context; the H200 rows run `flashmoe bench --depth 0`
+    and the row's decode figure is that one, the decode after the prompt kept beside it."""
+    from flashmoe_plugin.convert.synth import synth
+    assert all(r[3][:2] == rival.DEPTH0 for r in rival.ROWS["h200"])
+    assert not any("--depth" in r[3] for r in rival.ROWS["cpu"])
+    st = synth(tmp_path / "tiny", "tiny", quant="q4")
+    out = rival.run_flashmoe(st, [*rival.DEPTH0, "--device", "cpu", "--no-verify"], 4, 2, None,
+                             raw=tmp_path / "raw.json")
+    assert "error" not in out, out.get("error")
+    import json
+    res = json.loads((tmp_path / "raw.json").read_text())
+    assert out["decode_depth"] == 0 and out["decode_tok_s"] == res["decode_at_depth"]["tok_s"]
+    assert out["decode_after_prompt_tok_s"] == res["decode_tok_s"]

@@ -144,3 +144,20 @@ def test_belady_policy_replays_a_saved_bench_run(tiny):
     # same prompt and seed: the same requests, and the replay reaches the simulated optimum
     assert opt["requests"] == lru["requests"] and opt["belady_hit_rate"] == lru["belady_hit_rate"]
     assert opt["hit_rate_run"] == opt["belady_hit_rate"] >= lru["hit_rate_run"]
+
+
+def test_bench_decode_at_depth(tiny, runner):
+    """--depth times the decode again from that many tokens of context (llama-bench's -d / tg): the
+    steps run at the positions it reports, and the main figure stays the decode after the prompt."""
+    out = run_bench(tiny, tokens=3, prompt_tokens=8, compute_bound=False, depth=0)
+    d = out["decode_at_depth"]
+    assert d["depth"] == 0 and d["positions"] == [1, 3] and len(d["token_ms"]) == 3 and d["tok_s"] > 0
+    assert out["prompt_tokens"] == 8 and len(out["decode_token_ms"]) == 3
+    d = run_bench(tiny, tokens=2, prompt_tokens=4, compute_bound=False, depth=11)["decode_at_depth"]
+    assert d["positions"] == [11, 12]  # past the prompt's length: its ids repeated, n_ctx grown to hold them
+    assert "decode_at_depth" not in run_bench(tiny, tokens=1, prompt_tokens=4, compute_bound=False)
+    with pytest.raises(ValueError, match="--depth"):
+        run_bench(tiny, tokens=1, prompt_tokens=4, depth=-1)
+    r = runner.invoke(cli, ["bench", str(tiny), "--tokens", "2", "--prompt-tokens", "4", "--depth", "0",
+                            "--no-compute-bound"])
+    assert r.exit_code == 0 and "from depth 0 (llama-bench's way)" in r.output, r.output

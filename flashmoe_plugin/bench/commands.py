@@ -29,6 +29,9 @@ def register_commands(cli):
     @click.option("--policy", default="auto", show_default=True, help="expert cache policy")
     @click.option("--tokens", default=32, show_default=True, help="decode steps measured")
     @click.option("--prompt-tokens", default=512, show_default=True, help="prompt length for TTFT and prefill")
+    @click.option("--depth", type=int, default=None, help="also time the decode from this many tokens of context "
+                  "(llama-bench -d; 0: an empty context, as llama-bench's tg test); the main figure stays the "
+                  "decode after the prompt")
     @click.option("--vram-budget", type=SIZE, default=None, help="CUDA: bytes of expert records kept in GPU memory")
     @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="predictor-driven prefetch (auto: only while it pays)")
@@ -60,7 +63,7 @@ def register_commands(cli):
                   "with a q8/q4/q2 store); eager: the same step uncaptured; off: the layer-by-layer path")
     @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
                   help="dense weights and activations (auto: the engine's default for the device)")
-    def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, vram_budget, prefetch,
+    def bench(store, kernels, device, quick, as_json, ram_budget, policy, tokens, prompt_tokens, depth, vram_budget, prefetch,
               prefetch_depth, host_compute, n_cpu_moe, io_threads, direct_io, drop_caches, no_verify, no_compute_bound, backend,
               temp, seed, save_trace, experts_per_token, dense_quant, decode_graph, dtype):
         """Measure a STORE end to end (tok/s against the I/O and compute bounds, hit rate against
@@ -81,7 +84,7 @@ def register_commands(cli):
         try:
             with progress_bar("bench") as bar:
                 result = run_bench(store, device=device, ram_budget=ram_budget, policy=policy, tokens=tokens,
-                                   prompt_tokens=prompt_tokens, direct_io=tri(direct_io), drop_caches=drop_caches,
+                                   prompt_tokens=prompt_tokens, depth=depth, direct_io=tri(direct_io), drop_caches=drop_caches,
                                    verify=not no_verify, backend=backend, temp=temp, seed=seed, save_trace=save_trace,
                                    vram_budget=vram_budget, prefetch=prefetch, prefetch_depth=prefetch_depth,
                                    host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
@@ -164,6 +167,8 @@ def _store_table(r: dict) -> str:
         f"{f(r.get('prefill_warm_tok_s'))} tok/s (median of {len(r.get('prefill_warm_tok_s_all') or [])})",
         f"decode {r['tokens']} tokens: {f(r['decode_tok_s'])} tok/s | I/O bound {f(r['io_bound_tok_s'])} "
         f"(efficiency {f(r['io_efficiency'])}) | compute bound {f(r['compute_bound_tok_s'])}",
+        *([f"decode {r['tokens']} tokens from depth {d['depth']} (llama-bench's way): {f(d['tok_s'])} tok/s"]
+          if (d := r.get("decode_at_depth")) else []),
         f"decode graph {r.get('decode_graph')} | per token: host {f(r.get('host_ms_per_token'))} ms, "
         f"{f(r.get('launches_per_token'), '{:.0f}')} launch calls, {f(r.get('kernels_per_token'), '{:.0f}')} kernels",
         f"hit rate {f(r['hit_rate'], '{:.1%}')} decode ({tiers}), {f(r['hit_rate_run'], '{:.1%}')} run vs Belady "

@@ -11,7 +11,9 @@ run_bench, in order:
    expert files evicted again; prefill of a `prompt_tokens` prompt (TTFT, prefill tok/s), then
    `tokens` decode steps, sampled at `temp` with a fixed seed so runs repeat (0 = greedy):
    decode tok/s, hit rate per tier, bytes read and copied and stall per token, predictor
-   precision/recall; then the same prompt again, warm (bench/warm.py: the median of a few);
+   precision/recall; with `depth`, the decode again from that many tokens of context, as
+   llama-bench times it (bench/depth.py); then the same prompt again, warm (bench/warm.py: the
+   median of a few);
 3. I/O bound = disk bandwidth / bytes read from disk per decode token (prefetches included);
    io_efficiency = tok/s / bound; on CUDA likewise the copy bound (h2d bandwidth / bytes
    copied per token);
@@ -37,6 +39,7 @@ import torch
 from ..progress import NO_PROGRESS
 from ..runtime.dense_quant import dense_bytes
 from ..sizes import available_ram, format_size, parse_size
+from .depth import decode_at_depth
 from .launches import decode_launches
 from .warm import METHOD as WARM_METHOD
 from .warm import median, warm_prefills
@@ -267,7 +270,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
               compute_bound: bool = True, temp: float = 1.0, seed: int = 0, save_trace=None,
               vram_budget=None, prefetch: str = "auto", prefetch_depth: int | None = None, host_compute: str = "auto",
               n_cpu_moe: int = 0, experts_per_token: int | None = None, decode_graph: str = "auto",
-              dtype: str = "auto", progress=NO_PROGRESS, dense_quant: str = "auto") -> dict:
+              dtype: str = "auto", progress=NO_PROGRESS, dense_quant: str = "auto", depth: int | None = None) -> dict:
     from ..pager.belady import belady
     from ..pager.pager import default_direct_io
     from ..pager.stats import COUNTERS
@@ -281,6 +284,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     store = open_model(store_path)
     if tokens < 1 or prompt_tokens < 1:
         raise ValueError("--tokens and --prompt-tokens must be at least 1")
+    if depth is not None and depth < 0:
+        raise ValueError(f"--depth must be at least 0, not {depth}")
     direct_io = default_direct_io(store.expert_bytes + stored_bytes(store), available_ram()) if direct_io is None else direct_io
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -295,7 +300,7 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
     progress.stage("loading the model")
     eng = Engine(store, device=device, ram_budget=ram_budget, vram_budget=vram_budget,
                  policy=policy, io_threads=io_threads, direct_io=direct_io, verify=verify, backend=backend,
-                 n_ctx=prompt_tokens + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
+                 n_ctx=max(prompt_tokens, depth or 1) + tokens + 8, prefetch=prefetch, prefetch_depth=prefetch_depth,
                  host_compute=host_compute, n_cpu_moe=n_cpu_moe, experts_per_token=experts_per_token,
                  decode_graph=decode_graph, dense_quant=dense_quant, dtype=torch_dtype)
     k, act_dtype = eng.config.top_k, str(eng.dtype).removeprefix("torch.")
@@ -338,6 +343,8 @@ def run_bench(store_path, device: str = "cpu", ram_budget=None, policy: str = "a
         if hc.mode != "off":  # dynamic tiers: the costs the copy-or-compute split used (runtime/host_compute.py)
             graph["host_compute_costs"] = {"cpu_s": hc.cpu_s, "cpu_o": hc.cpu_o, "copy_s": hc.copy_s}
         eng.record(None)
+        if depth is not None:  # the decode again, from `depth` tokens of context (llama-bench's way)
+            graph["decode_at_depth"] = decode_at_depth(eng, ids, depth, tokens, temp, seed, progress)
         warm = warm_prefills(eng, ids)  # before the profiled steps below: bench/warm.py says why
         graph.update(decode_launches(eng, logits))
         # the same after torch.profiler ran (what the warm figure was before issue 9 moved it)
