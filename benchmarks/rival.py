@@ -19,6 +19,8 @@ The steps, each skipped when its output exists in --work (default /tmp/rival):
    cut short keeps what it measured; each flashmoe bench's whole JSON goes to
    --work/flashmoe-MACHINE-rowN[-roundR].json (prefetch, predictor and tier statistics the row omits).
 --layers N makes all of it N layers deep (a smoke test; ratios then do not stand for Mixtral).
+--from-raw DIR runs nothing: it rebuilds the picked rows' flashmoe side in --out from the bench
+JSONs a device call brought back (DIR/flashmoe-MACHINE-rowN.json), llama.cpp's figures kept.
 
 The disk's speed drifts by the hour on a shared machine, and the 2-core rows are disk-bound, so
 one run of each engine compares two different disks. --rounds N runs each picked row N times as
@@ -277,7 +279,7 @@ def run_llama(exe: Path, model: Path, args: list[str], p: int, n: int, cgroup, t
     return out
 
 
-KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok_s_all", "prefill_warm_method",
+KEEP = ("decode_tok_s", "decode_token_ms", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok_s_all", "prefill_warm_method",
         "prefill_warm_after_profiler_tok_s", "ttft_s", "hit_rate", "belady_hit_rate",
         "hit_rate_vs_belady", "io_bound_tok_s", "io_efficiency", "bytes_read_per_token", "disk_bandwidth_gbps",
         "tiers", "capacity_records", "host_capacity_records", "budget_note", "peak_rss_bytes", "host_compute",
@@ -290,29 +292,59 @@ KEEP = ("decode_tok_s", "prefill_tok_s", "prefill_warm_tok_s", "prefill_warm_tok
         "stall_ms_per_token", "prefetch_stats", "predictor_precision")
 
 
+def bench_cmd(st: Path, args: list[str], p: int, n: int) -> list[str]:
+    return flashmoe() + ["bench", str(st), "--json", "--prompt-tokens", str(p), "--tokens", str(n),
+                         "--no-compute-bound", "--drop-caches", "--io-threads", "8", *args]
+
+
+def figures(res: dict) -> dict:
+    """A row's flashmoe figures from flashmoe bench's whole JSON: KEEP, and the two mapped below."""
+    out = {k: res.get(k) for k in KEEP}
+    out["predictor_by_distance"] = (res.get("predictor") or {}).get("by_distance")
+    d = res.get("decode_at_depth")
+    if d:  # from an empty context, as llama-bench's tg test: like for like (DEPTH0)
+        out.update(decode_after_prompt_tok_s=out["decode_tok_s"], decode_tok_s=d["tok_s"], decode_depth=d["depth"],
+                   decode_at_depth_token_ms=d["token_ms"])
+    # prefill: warm (experts resident where they fit) to compare with llama-bench's warm repetitions
+    out["prefill_cold_tok_s"] = res.get("prefill_tok_s")
+    out["prefill_tok_s"] = res.get("prefill_warm_tok_s") or res.get("prefill_tok_s")
+    return out
+
+
 def run_flashmoe(st: Path, args: list[str], p: int, n: int, cgroup, raw: Path | None = None) -> dict:
-    """flashmoe bench's figures for a row (KEEP), its whole JSON written to `raw`."""
-    cmd = flashmoe() + ["bench", str(st), "--json", "--prompt-tokens", str(p), "--tokens", str(n),
-                        "--no-compute-bound", "--drop-caches", "--io-threads", "8", *args]
+    """flashmoe bench's figures for a row (figures), its whole JSON written to `raw`."""
+    cmd = bench_cmd(st, args, p, n)
     t0 = time.time()
     r = sh(cmd, cgroup=cgroup, timeout=900)
     out = {"command": "flashmoe " + " ".join(cmd[3:]), "seconds": round(time.time() - t0, 1)}
     if r.returncode:
         return {**out, "error": (r.stderr or r.stdout)[-1500:]}
-    res = json.loads(r.stdout)
     if raw is not None:
         raw.write_text(r.stdout)
-    out.update({k: res.get(k) for k in KEEP})
-    pred = res.get("predictor") or {}
-    out["predictor_by_distance"] = pred.get("by_distance")
-    # prefill: warm (experts resident where they fit) to compare with llama-bench's warm repetitions
-    d = res.get("decode_at_depth")
-    if d:  # from an empty context, as llama-bench's tg test: like for like (DEPTH0)
-        out.update(decode_after_prompt_tok_s=out["decode_tok_s"], decode_tok_s=d["tok_s"], decode_depth=d["depth"],
-                   decode_at_depth_token_ms=d["token_ms"])
-    out["prefill_cold_tok_s"] = res.get("prefill_tok_s")
-    out["prefill_tok_s"] = res.get("prefill_warm_tok_s") or res.get("prefill_tok_s")
-    return out
+    return {**out, **figures(json.loads(r.stdout))}
+
+
+def set_ratios(row: dict) -> None:
+    for k in ("decode_tok_s", "prefill_tok_s"):
+        ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
+        row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
+
+
+def merge_raw(raw: Path, out: Path, machine: str, pick: set[int] | None, st: Path) -> None:
+    """The picked rows' flashmoe side rebuilt from the bench JSONs of a call made elsewhere
+    (RAW/flashmoe-MACHINE-rowN.json, as run_flashmoe writes them), llama.cpp's figures kept."""
+    doc = json.loads(out.read_text())
+    for f in sorted(raw.glob(f"flashmoe-{machine}-row*.json")):
+        i = int(f.stem.rsplit("row", 1)[1])
+        if pick is not None and i not in pick:
+            continue
+        res, (table, name, _, fargs, _, (p, n)) = json.loads(f.read_text()), ROWS[machine][i]
+        row = doc["rows"].setdefault(str(i), {"table": table, "row": name})
+        row["flashmoe"] = {"command": "flashmoe " + " ".join(bench_cmd(st, fargs, p, n)[3:]), "seconds": None,
+                           "measured_in": f"{f} (bench JSON brought back from the call)", **figures(res)}
+        set_ratios(row)
+        log(f"row {i}: decode {row['flashmoe']['decode_tok_s']} vs {row.get('llama_cpp', {}).get('decode_tok_s')}")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def median(xs: list[float]) -> float | None:
@@ -346,7 +378,7 @@ def git_tree() -> str | None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--src", type=Path, required=True, help="llama.cpp source (prepare_llama_cpp_src.sh)")
+    ap.add_argument("--src", type=Path, help="llama.cpp source (prepare_llama_cpp_src.sh); needed to build llama-bench")
     ap.add_argument("--work", type=Path, default=Path("/tmp/rival"))
     ap.add_argument("--machine", choices=["auto", "h200", "cpu"], default="auto")
     ap.add_argument("--layers", type=int, default=32)
@@ -362,6 +394,8 @@ def main(argv=None):
     ap.add_argument("--quiet-locks", default="", help="comma-separated files to hold exclusive flock(2) locks on "
                     "around each run (a shared machine's measurement gate; do not also run the script under it)")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds to sleep after each run (others' turn)")
+    ap.add_argument("--from-raw", type=Path, default=None, help="run nothing: rebuild the picked rows' flashmoe "
+                    "side in --out from DIR/flashmoe-MACHINE-rowN.json (a call's bench JSONs brought back)")
     a = ap.parse_args(argv)
     if a.rounds is not None and a.rounds < 1:
         raise SystemExit("--rounds: at least 1")
@@ -369,12 +403,17 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     machine = a.machine if a.machine != "auto" else ("h200" if cuda else "cpu")
     out = a.out or HERE / "results" / f"rival-{machine}{'' if a.layers == 32 else f'-{a.layers}l'}.json"
+    pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
+    if a.from_raw:
+        return merge_raw(a.from_raw, out, machine, pick, a.work / f"mixtral-q4-{a.layers}l")
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
     engines = set(a.engines.split(","))
     if not engines or engines - {"llama", "flashmoe"}:
         raise SystemExit(f"--engines: llama, flashmoe or both, not {a.engines!r}")
+    if "llama" in engines and a.src is None:
+        raise SystemExit("--src: llama.cpp's source is needed to build llama-bench (or --engines flashmoe)")
     with ThreadPoolExecutor(2) as pool:  # the build takes the cores, the writers the disk
         built = pool.submit(build, a.src.resolve(), a.work, cuda and machine == "h200") if "llama" in engines else None
         model = gguf(a.src.resolve(), a.work, a.layers) if "llama" in engines else None
@@ -399,7 +438,6 @@ def main(argv=None):
         doc["store"] = str(st)
     rows = doc.setdefault("rows", {})
     tree = git_tree() if a.rounds else None
-    pick = set(int(i) for i in a.rows.split(",")) if a.rows else None
     for i, (table, name, largs, fargs, limit, (p, n)) in enumerate(ROWS[machine]):
         if pick is not None and i not in pick:
             continue
@@ -457,9 +495,7 @@ def main(argv=None):
                          and "llama_cpp" in rows.get(str(j), {})), None)
             if twin is not None:
                 row["llama_cpp"] = {**rows[str(twin)]["llama_cpp"], "same_command_as_row": twin}
-        for k in ("decode_tok_s", "prefill_tok_s"):
-            ours, theirs = row.get("flashmoe", {}).get(k), row.get("llama_cpp", {}).get(k)
-            row[f"ratio_{k.split('_')[0]}"] = ours / theirs if ours and theirs else None
+        set_ratios(row)
         if a.rounds:  # the row's ratio is the median pair's; every pair stays beside it
             ratios = sorted(q["ratio_decode"] for q in row["pairs"] if q.get("ratio_decode"))
             row["ratio_decode_median"] = row["ratio_decode"] = median(ratios)

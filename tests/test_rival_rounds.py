@@ -77,3 +77,14 @@ def test_an_h200_row_takes_our_decode_from_an_empty_context_as_llama_bench(tmp_p
     res = json.loads((tmp_path / "raw.json").read_text())
     assert out["decode_depth"] == 0 and out["decode_tok_s"] == res["decode_at_depth"]["tok_s"]
     assert out["decode_after_prompt_tok_s"] == res["decode_tok_s"]
+    # the same JSON brought back from a device call: --from-raw rebuilds the row, llama.cpp's side kept
+    raw = tmp_path / "call"
+    raw.mkdir()
+    (raw / "flashmoe-h200-row6.json").write_text((tmp_path / "raw.json").read_text())
+    doc = tmp_path / "rival-h200.json"
+    doc.write_text(json.dumps({"rows": {"6": {"llama_cpp": {"decode_tok_s": 2.0, "prefill_tok_s": 4.0}}}}))
+    rival.main(["--machine", "h200", "--from-raw", str(raw), "--rows", "6", "--out", str(doc)])
+    row = json.loads(doc.read_text())["rows"]["6"]
+    assert row["llama_cpp"] == {"decode_tok_s": 2.0, "prefill_tok_s": 4.0}
+    assert row["flashmoe"]["decode_tok_s"] == out["decode_tok_s"] and row["ratio_decode"] == out["decode_tok_s"] / 2
+    assert row["ratio_prefill"] == out["prefill_tok_s"] / 4 and "--depth 0" in row["flashmoe"]["command"]
